@@ -1,0 +1,150 @@
+/*
+ * vppo_params.h: the one contract between the kernels and Rust.
+ *
+ * Every kernel takes exactly one of these structs by value. The Rust mirror (src/params.rs) is made
+ * from this header by bindgen (`cargo build --features bindgen` regenerates it and fails when the
+ * committed copy differs), so the two cannot drift. Plain C: fixed-width integers, no bool, explicit
+ * padding, so the layout is the same for nvcc, the host C++ of the SIMT executor and rustc.
+ *
+ * Pointers are device addresses on a GPU and host addresses on the SIMT executor. Shapes:
+ *   N = n_tokens, V = vocab, B = n_responses.
+ */
+#ifndef VPPO_PARAMS_H
+#define VPPO_PARAMS_H
+
+#include <stdint.h>
+
+/* Which per-token score drives the mask and the shaping (SPEC section 2). */
+typedef enum VppoPerception {
+    VPPO_PERCEPTION_FULL_KL = 0, /* clamp(kl, 0, score_clamp): exact, full vocabulary */
+    VPPO_PERCEPTION_K3 = 1       /* clamp(k3, 0, score_clamp): the official single-sample estimate */
+} VppoPerception;
+
+/* Trajectory-level advantage shaping (SPEC section 4). */
+typedef enum VppoShaping {
+    VPPO_SHAPING_MEAN_PRESERVING = 0,
+    VPPO_SHAPING_LINEAR = 1,
+    VPPO_SHAPING_NONE = 2
+} VppoShaping;
+
+/* Over which responses lo = min Sbar and hi = max Sbar are taken. */
+typedef enum VppoScope {
+    VPPO_SCOPE_BATCH = 0,
+    VPPO_SCOPE_GROUP = 1
+} VppoScope;
+
+/* How the masked per-token losses are reduced (SPEC section 5). */
+typedef enum VppoAggregation {
+    VPPO_AGG_TOKEN_MEAN = 0,
+    VPPO_AGG_SEQ_MEAN_TOKEN_MEAN = 1,
+    VPPO_AGG_SEQ_MEAN_TOKEN_SUM = 2
+} VppoAggregation;
+
+/*
+ * Errors a kernel finds in the data. The perception kernel reports the first bad row: the status word
+ * keeps the minimum of (row << 8 | code) over all bad rows (an integer atomicMin, so the report does
+ * not depend on scheduling), and the codes are numbered in the order the CPU reference checks a row.
+ */
+typedef enum VppoErrorCode {
+    VPPO_ERR_NONE = 0,
+    VPPO_ERR_TARGET_OUT_OF_RANGE = 1,    /* targets[t] outside [0, V) */
+    VPPO_ERR_LOGITS_NONFINITE = 2,       /* NaN or +inf in logits row t */
+    VPPO_ERR_LOGITS_ALL_NEG_INF = 3,     /* logits row t is all -inf */
+    VPPO_ERR_TARGET_NEG_INF = 4,         /* logits[t, targets[t]] = -inf */
+    VPPO_ERR_MASKED_NONFINITE = 5,       /* NaN or +inf in logits_masked row t */
+    VPPO_ERR_MASKED_ALL_NEG_INF = 6      /* logits_masked row t is all -inf */
+} VppoErrorCode;
+
+/* "No error" value of the status word: every real report (row << 8 | code) is smaller. */
+#define VPPO_STATUS_CLEAR 0x7fffffffffffffffLL
+
+/* Pass 1, kernels/perception.cu: one block per token row, grid-stride over rows. */
+typedef struct VppoPerceptionParams {
+    const void *logits;        /* [N, V], the kernel's dtype */
+    const void *logits_masked; /* [N, V], same dtype */
+    const int32_t *targets;    /* [N] */
+    const float *old_logp;     /* [N] */
+    float *lse;                /* [N] out: logsumexp(logits[t] / tau) */
+    float *lse_masked;         /* [N] out: logsumexp(logits_masked[t] / tau) */
+    float *logp;               /* [N] out */
+    float *logp_masked;        /* [N] out */
+    float *kl;                 /* [N] out: KL(p || p_masked), may be +inf */
+    float *k3;                 /* [N] out */
+    float *entropy;            /* [N] out */
+    float *score;              /* [N] out: the clamped visual-dependency score */
+    long long *status;         /* [1] in/out: VPPO_STATUS_CLEAR or min(row << 8 | code) */
+    int64_t n_tokens;          /* N */
+    int64_t vocab;             /* V */
+    float inv_temperature;     /* 1 / tau */
+    float score_clamp;
+    int32_t perception;        /* VppoPerception */
+    int32_t pad0;
+} VppoPerceptionParams;
+
+/* Pass 2a, kernels/select_loss.cu: one block per response: top-k mask, k_b and Sbar_b. */
+typedef struct VppoSelectParams {
+    const float *score;         /* [N] */
+    const int32_t *cu_seqlens;  /* [B + 1] */
+    uint8_t *mask;              /* [N] out: 1 for the k_b highest scores of each response */
+    int32_t *k;                 /* [B] out: k_b = ceil(top_fraction * L_b) */
+    float *sbar;                /* [B] out: mean score of response b (0 when L_b = 0) */
+    int64_t n_responses;        /* B */
+    uint64_t frac_num;          /* top_fraction = frac_num / frac_den exactly, 0 < num <= den */
+    uint64_t frac_den;
+} VppoSelectParams;
+
+/* Totals of pass 2b; every sum is taken in a fixed order, so the loss is bit-identical run to run. */
+typedef struct VppoLossTotals {
+    double loss;           /* pg + logp_penalty * (-sum logp) / Z */
+    double pg;             /* the clipped-surrogate part */
+    double logp_sum;       /* sum over all tokens of logp */
+    double ratio_sum;      /* sum over all tokens of r */
+    int64_t n_selected;    /* tokens with mask = 1 */
+    int64_t n_clipped;     /* masked tokens where a clip is active */
+} VppoLossTotals;
+
+/* Pass 2b, kernels/select_loss.cu: one block: TAS alpha, the clipped surrogate, dloss/dlogp, totals. */
+typedef struct VppoLossParams {
+    const float *logp;          /* [N] */
+    const float *old_logp;      /* [N] */
+    const uint8_t *mask;        /* [N] */
+    const float *sbar;          /* [B] */
+    const int32_t *cu_seqlens;  /* [B + 1] */
+    const float *advantages;    /* [B] */
+    float *alpha;               /* [B] out */
+    float *dlogp;               /* [N] out: dloss/dlogp */
+    VppoLossTotals *totals;     /* [1] out */
+    int64_t n_tokens;           /* N */
+    int64_t n_responses;        /* B */
+    int64_t group_size;         /* G, the scope of VPPO_SCOPE_GROUP */
+    double token_normalizer;    /* Z */
+    float beta_min;
+    float beta_max;             /* used by VPPO_SHAPING_LINEAR */
+    float range_lo;             /* caller-given (lo, hi) when has_range */
+    float range_hi;
+    float eps_low;
+    float eps_high;
+    float dual_clip;            /* used when has_dual_clip */
+    float logp_penalty;
+    int32_t shaping;            /* VppoShaping */
+    int32_t scope;              /* VppoScope */
+    int32_t aggregation;        /* VppoAggregation */
+    int32_t has_range;
+    int32_t has_dual_clip;
+    int32_t pad0;
+} VppoLossParams;
+
+/* Pass 3, kernels/backward.cu: dloss/dlogits[t, v] = g_t (1[v = y] - softmax(a_t)_v) / tau. */
+typedef struct VppoBackwardParams {
+    const void *logits;      /* [N, V], the kernel's input dtype; may alias grad (in place) */
+    const float *lse;        /* [N] from pass 1 */
+    const float *dlogp;      /* [N] g_t from pass 2b */
+    const int32_t *targets;  /* [N] */
+    void *grad;              /* [N, V] out, the kernel's output dtype */
+    int64_t n_tokens;        /* N */
+    int64_t vocab;           /* V */
+    float inv_temperature;   /* 1 / tau */
+    int32_t pad0;
+} VppoBackwardParams;
+
+#endif /* VPPO_PARAMS_H */

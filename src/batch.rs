@@ -1,0 +1,247 @@
+//! A packed batch (SPEC section 1): borrowed host tensors with their dtype, and the shape checks that
+//! run before any computation.
+
+use half::{bf16, f16};
+
+use crate::error::{Location, Result, Tensor, VppoError};
+
+/// The element type of a logits tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    /// IEEE binary32.
+    F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl Dtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+        }
+    }
+
+    /// Lower-case name as used in kernel names and messages ("f32", "f16", "bf16").
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// A borrowed [N, V] logits tensor in one of the three supported dtypes, row-major.
+#[derive(Debug, Clone, Copy)]
+pub enum Logits<'a> {
+    /// f32 logits.
+    F32(&'a [f32]),
+    /// f16 logits.
+    F16(&'a [f16]),
+    /// bf16 logits.
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> Logits<'a> {
+    /// The dtype of the elements.
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            Logits::F32(_) => Dtype::F32,
+            Logits::F16(_) => Dtype::F16,
+            Logits::Bf16(_) => Dtype::Bf16,
+        }
+    }
+
+    /// Number of elements (N * V).
+    pub fn len(&self) -> usize {
+        match self {
+            Logits::F32(x) => x.len(),
+            Logits::F16(x) => x.len(),
+            Logits::Bf16(x) => x.len(),
+        }
+    }
+
+    /// True when there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Element `i`, widened exactly to f64.
+    #[inline]
+    pub fn get(&self, i: usize) -> f64 {
+        match self {
+            Logits::F32(x) => x[i] as f64,
+            Logits::F16(x) => x[i].to_f64(),
+            Logits::Bf16(x) => x[i].to_f64(),
+        }
+    }
+
+    /// Row `t` of a [N, V] tensor, widened exactly to f64.
+    pub fn row_f64(&self, t: usize, vocab: usize) -> Vec<f64> {
+        (t * vocab..(t + 1) * vocab).map(|i| self.get(i)).collect()
+    }
+
+    /// The raw bytes (little-endian, as the GPU and safetensors store them).
+    pub fn as_bytes(&self) -> &'a [u8] {
+        match *self {
+            Logits::F32(x) => bytemuck::cast_slice(x),
+            Logits::F16(x) => bytemuck::cast_slice(x),
+            Logits::Bf16(x) => bytemuck::cast_slice(x),
+        }
+    }
+}
+
+/// A packed batch of B responses with N tokens in all over a vocabulary of V (SPEC section 1).
+///
+/// Response b owns tokens `cu_seqlens[b] .. cu_seqlens[b+1]`. Nothing is copied: the batch borrows.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    /// [N, V] logits given the real image.
+    pub logits: Logits<'a>,
+    /// [N, V] logits given the masked image; same dtype as `logits`.
+    pub logits_masked: Logits<'a>,
+    /// [N] sampled token ids.
+    pub targets: &'a [i32],
+    /// [N] log-prob of each target under the rollout (old) policy.
+    pub old_logp: &'a [f32],
+    /// [B] one advantage per response.
+    pub advantages: &'a [f32],
+    /// [B+1] response boundaries.
+    pub cu_seqlens: &'a [i32],
+    /// V, the vocabulary size (the row length of the logits).
+    pub vocab: usize,
+}
+
+impl<'a> Batch<'a> {
+    /// N, the number of response tokens.
+    pub fn n_tokens(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// B, the number of responses.
+    pub fn n_responses(&self) -> usize {
+        self.advantages.len()
+    }
+
+    /// The token range of response `b` (valid after `validate_shapes`).
+    pub fn response(&self, b: usize) -> std::ops::Range<usize> {
+        self.cu_seqlens[b] as usize..self.cu_seqlens[b + 1] as usize
+    }
+
+    /// Checks everything about the batch that is O(N + B): lengths and dtypes agree, cu_seqlens is
+    /// well formed, B is a multiple of `group_size` when `need_groups`, targets lie in [0, V), and
+    /// old_logp and advantages are finite. The O(N V) checks of the logits rows are done by the pass
+    /// that reads them (the reference or the perception kernel).
+    pub fn validate_small(&self, group_size: usize, need_groups: bool) -> Result<()> {
+        let n = self.n_tokens();
+        let b = self.n_responses();
+        let v = self.vocab;
+        if self.logits.dtype() != self.logits_masked.dtype() {
+            return Err(VppoError::Shape {
+                tensor: Tensor::LogitsMasked,
+                detail: format!(
+                    "dtype {} differs from logits dtype {}",
+                    self.logits_masked.dtype().name(),
+                    self.logits.dtype().name()
+                ),
+            });
+        }
+        let nv = n.checked_mul(v).ok_or_else(|| VppoError::Shape {
+            tensor: Tensor::Logits,
+            detail: format!("N * V = {n} * {v} overflows"),
+        })?;
+        if n > 0 && v == 0 {
+            return Err(VppoError::Shape {
+                tensor: Tensor::Logits,
+                detail: "vocabulary size V is 0".into(),
+            });
+        }
+        for (tensor, len) in [
+            (Tensor::Logits, self.logits.len()),
+            (Tensor::LogitsMasked, self.logits_masked.len()),
+        ] {
+            if len != nv {
+                return Err(VppoError::Shape {
+                    tensor,
+                    detail: format!("has {len} elements, expected N * V = {n} * {v} = {nv}"),
+                });
+            }
+        }
+        if self.old_logp.len() != n {
+            return Err(VppoError::Shape {
+                tensor: Tensor::OldLogp,
+                detail: format!("has {} elements, expected N = {n} (the length of targets)", self.old_logp.len()),
+            });
+        }
+        if self.cu_seqlens.len() != b + 1 {
+            return Err(VppoError::Shape {
+                tensor: Tensor::CuSeqlens,
+                detail: format!(
+                    "has {} elements, expected B + 1 = {} (B = {b} advantages)",
+                    self.cu_seqlens.len(),
+                    b + 1
+                ),
+            });
+        }
+        if n > i32::MAX as usize {
+            return Err(VppoError::Shape {
+                tensor: Tensor::Targets,
+                detail: format!("N = {n} exceeds the i32 range of cu_seqlens"),
+            });
+        }
+        validate_cu_seqlens(self.cu_seqlens, n)?;
+        if need_groups && b % group_size != 0 {
+            return Err(VppoError::GroupSize { tensor: Tensor::Advantages, n_responses: b, group_size });
+        }
+        for (row, &y) in self.targets.iter().enumerate() {
+            if y < 0 || y as usize >= v {
+                return Err(VppoError::TargetOutOfRange { row, target: y, vocab: v });
+            }
+        }
+        for (row, &x) in self.old_logp.iter().enumerate() {
+            if !x.is_finite() {
+                return Err(VppoError::NonFinite {
+                    tensor: Tensor::OldLogp,
+                    location: Location::Row(row),
+                    value: x as f64,
+                });
+            }
+        }
+        for (resp, &x) in self.advantages.iter().enumerate() {
+            if !x.is_finite() {
+                return Err(VppoError::NonFinite {
+                    tensor: Tensor::Advantages,
+                    location: Location::Response(resp),
+                    value: x as f64,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// cu_seqlens starts at 0, never decreases, and ends at N.
+pub fn validate_cu_seqlens(cu_seqlens: &[i32], n_tokens: usize) -> Result<()> {
+    let Some(&first) = cu_seqlens.first() else {
+        return Err(VppoError::CuSeqlens { detail: "is empty; it needs B + 1 >= 1 entries".into() });
+    };
+    if first != 0 {
+        return Err(VppoError::CuSeqlens { detail: format!("starts at {first}, expected 0") });
+    }
+    for (b, w) in cu_seqlens.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return Err(VppoError::CuSeqlens {
+                detail: format!("decreases at response {b}: {} then {}", w[0], w[1]),
+            });
+        }
+    }
+    let last = *cu_seqlens.last().unwrap_or(&0);
+    if last as i64 != n_tokens as i64 {
+        return Err(VppoError::CuSeqlens { detail: format!("ends at {last}, expected N = {n_tokens}") });
+    }
+    Ok(())
+}

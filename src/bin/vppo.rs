@@ -1,0 +1,2 @@
+//! The `vppo` command line (SPEC section 9).
+fn main() {}

@@ -1,0 +1,164 @@
+//! The one error type of the crate. Every variant names the tensor and, where there is one, the row
+//! (token) or response, so a caller can find the bad value without a debugger (SPEC section 7).
+
+use std::fmt;
+
+/// The input and output tensors of the VPPO loss, by their SPEC names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tensor {
+    /// `logits` [N, V]: policy logits given the real image.
+    Logits,
+    /// `logits_masked` [N, V]: logits given the masked image.
+    LogitsMasked,
+    /// `targets` [N]: the sampled tokens.
+    Targets,
+    /// `old_logp` [N]: log-probs under the rollout policy.
+    OldLogp,
+    /// `advantages` [B]: one advantage per response.
+    Advantages,
+    /// `cu_seqlens` [B+1]: response boundaries.
+    CuSeqlens,
+    /// `rewards` [B]: input of the GRPO advantage helper.
+    Rewards,
+    /// `scores` [N]: per-token scores given to the top-k selection directly.
+    Scores,
+    /// The caller's buffer for dloss/dlogits [N, V].
+    GradLogits,
+}
+
+impl Tensor {
+    /// The SPEC name of the tensor, as it appears in safetensors files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tensor::Logits => "logits",
+            Tensor::LogitsMasked => "logits_masked",
+            Tensor::Targets => "targets",
+            Tensor::OldLogp => "old_logp",
+            Tensor::Advantages => "advantages",
+            Tensor::CuSeqlens => "cu_seqlens",
+            Tensor::Rewards => "rewards",
+            Tensor::Scores => "scores",
+            Tensor::GradLogits => "grad_logits",
+        }
+    }
+}
+
+impl fmt::Display for Tensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Everything that can go wrong, on every executor (CPU reference, SIMT executor, CUDA).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum VppoError {
+    /// A tensor's length or dtype does not agree with the others.
+    #[error("shape mismatch in {tensor}: {detail}")]
+    Shape {
+        /// The tensor whose shape is wrong.
+        tensor: Tensor,
+        /// What was expected and what was found.
+        detail: String,
+    },
+    /// A NaN or +inf (or, where only finite values make sense, -inf) in a tensor.
+    #[error("{tensor} has a non-finite value ({value}) at {location}")]
+    NonFinite {
+        /// The tensor holding the value.
+        tensor: Tensor,
+        /// Row (token), response, or element.
+        location: Location,
+        /// The offending value.
+        value: f64,
+    },
+    /// A logits row in which every entry is -inf: no distribution.
+    #[error("{tensor} row {row} is all -inf")]
+    AllNegInf {
+        /// `logits` or `logits_masked`.
+        tensor: Tensor,
+        /// The token row.
+        row: usize,
+    },
+    /// `logits[t, targets[t]] = -inf`: the sampled token cannot have probability 0.
+    #[error("logits row {row}: the target token {target} has logit -inf (probability 0)")]
+    TargetNegInf {
+        /// The token row.
+        row: usize,
+        /// The target token id.
+        target: i32,
+    },
+    /// A target token id outside [0, V).
+    #[error("targets row {row}: token id {target} is outside [0, {vocab})")]
+    TargetOutOfRange {
+        /// The token row.
+        row: usize,
+        /// The bad token id.
+        target: i32,
+        /// The vocabulary size V.
+        vocab: usize,
+    },
+    /// `cu_seqlens` is malformed.
+    #[error("cu_seqlens: {detail}")]
+    CuSeqlens {
+        /// What is wrong, naming the response.
+        detail: String,
+    },
+    /// The number of responses is not a multiple of the group size where a group is needed.
+    #[error("{tensor}: {n_responses} responses are not a whole number of groups of {group_size}")]
+    GroupSize {
+        /// The tensor whose length must be a multiple of G.
+        tensor: Tensor,
+        /// B.
+        n_responses: usize,
+        /// G.
+        group_size: usize,
+    },
+    /// A configuration value outside its range.
+    #[error("config: {field} = {value} is out of range: {expected}")]
+    Config {
+        /// The config field (as the CLI option names it).
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// The valid range.
+        expected: &'static str,
+    },
+    /// The GPU was asked for, but the kernels were not compiled (no nvcc at build time).
+    #[error("kernels not built: this build of vppo found no nvcc; install the CUDA toolkit or the nvidia-cuda-nvcc wheels and rebuild (see README)")]
+    KernelsNotBuilt,
+    /// The GPU was asked for, but there is no CUDA driver library on this machine.
+    #[error("no CUDA driver: libcuda could not be loaded")]
+    NoCudaDriver,
+    /// The CUDA driver is present but reports no usable GPU.
+    #[error("no GPU: {0}")]
+    NoGpu(String),
+    /// An error from the CUDA driver during a launch or a copy.
+    #[error("CUDA error: {0}")]
+    Cuda(String),
+    /// The SIMT executor stopped a kernel (deadlock, divergent barrier, bad warp intrinsic use).
+    #[error("kernel error: {0}")]
+    Kernel(String),
+    /// A file could not be read or written, or is not a valid safetensors file.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Where in a tensor a bad value sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    /// A token row of an [N] or [N, V] tensor.
+    Row(usize),
+    /// A response of a [B] tensor.
+    Response(usize),
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Row(r) => write!(f, "row {r}"),
+            Location::Response(b) => write!(f, "response {b}"),
+        }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = VppoError> = std::result::Result<T, E>;

@@ -1,0 +1,65 @@
+//! What the loss returns (SPEC section 8).
+
+/// Per-token outputs, each of length N.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenOutputs {
+    /// The visual-dependency score that drives the mask and the shaping (clamped to [0, score_clamp]).
+    pub score: Vec<f32>,
+    /// Exact KL(softmax(a) || softmax(b)) over the full vocabulary; +inf where p_v > 0 and b_v = -inf.
+    pub kl: Vec<f32>,
+    /// exp(d) - d - 1 with d = clamp(logp_masked - old_logp, -20, 20).
+    pub k3: Vec<f32>,
+    /// Entropy of softmax(a).
+    pub entropy: Vec<f32>,
+    /// log softmax(a)[y]: the target's log-prob under the policy, real image.
+    pub logp: Vec<f32>,
+    /// log softmax(b)[y]: the target's log-prob given the masked image (may be -inf).
+    pub logp_masked: Vec<f32>,
+    /// logsumexp(a), kept for the backward.
+    pub lse: Vec<f32>,
+    /// logsumexp(b).
+    pub lse_masked: Vec<f32>,
+    /// 1 for the tokens that carry gradient (top-k of each response), else 0.
+    pub mask: Vec<u8>,
+    /// dloss/dlogp_t.
+    pub dlogp: Vec<f32>,
+}
+
+/// Per-response outputs, each of length B.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResponseOutputs {
+    /// Mean score over the response's tokens (0 for an empty response).
+    pub sbar: Vec<f32>,
+    /// k_b = ceil(top_fraction * L_b), the number of masked-in tokens.
+    pub k: Vec<u32>,
+    /// The TAS factor alpha_b; the shaped advantage is alpha_b * advantages[b].
+    pub alpha: Vec<f32>,
+}
+
+/// Statistics a trainer logs.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stats {
+    /// Among masked-in tokens, the fraction where a clip (PPO or dual) is active.
+    pub clip_fraction: f64,
+    /// Mean of the ratio r = exp(clamp(logp - old_logp, -20, 20)) over all tokens.
+    pub mean_ratio: f64,
+    /// sum(mask) / N.
+    pub selected_fraction: f64,
+}
+
+/// Everything one evaluation of the VPPO loss produces.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VppoOutput {
+    /// The loss: pg + logp_penalty * (-sum_t logp_t) / Z.
+    pub loss: f64,
+    /// The clipped-surrogate part of the loss.
+    pub pg_loss: f64,
+    /// The normalizer Z that was used (N, or the caller's token_normalizer).
+    pub token_normalizer: f64,
+    /// Per-token outputs.
+    pub tokens: TokenOutputs,
+    /// Per-response outputs.
+    pub responses: ResponseOutputs,
+    /// Logged statistics.
+    pub stats: Stats,
+}
