@@ -1,0 +1,173 @@
+//! A random packed-batch generator shared by the integration tests (and by the kernel tests).
+//!
+//! Use from a test file with `mod common;` then either
+//!
+//! ```ignore
+//! let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+//! let owned = common::random_batch(&mut rng, &common::BatchSpec::default());
+//! let batch = owned.batch();
+//! ```
+//!
+//! or, in a proptest, `common::batch_strategy(spec)` (a seed drawn by proptest drives the generator,
+//! so a failure is reproduced by its seed; shrinking only shrinks the seed).
+//!
+//! What a batch holds: B = G * groups responses with lengths drawn from 0..=max_len (empty and
+//! one-token responses are made often on purpose), logits on a grid of 1/256 in [-8, 8] (so adding a
+//! small integer to a row is exact in f32), `logits_masked` a perturbed copy (sometimes equal, sometimes
+//! with -inf entries), old_logp near the current logp (ratios on both sides of the clip range) and
+//! advantages of both signs (and some 0). With `ties`, rows repeat within a response, so scores tie.
+#![allow(dead_code)]
+
+use half::{bf16, f16};
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use vppo::{Dtype, OwnedBatch, OwnedLogits};
+
+/// What [`random_batch`] draws.
+#[derive(Debug, Clone)]
+pub struct BatchSpec {
+    /// Range of V (inclusive).
+    pub vocab: (usize, usize),
+    /// Range of the number of groups (inclusive).
+    pub groups: (usize, usize),
+    /// G: responses per group.
+    pub group_size: usize,
+    /// Longest response.
+    pub max_len: usize,
+    /// Dtype of both logits tensors (f32 values are rounded to it).
+    pub dtype: Dtype,
+    /// Probability of a -inf entry (never at the target of `logits`; anywhere in `logits_masked`).
+    pub neg_inf_prob: f64,
+    /// Probability that a `logits_masked` row equals its `logits` row.
+    pub equal_row_prob: f64,
+    /// Repeat rows within a response so that scores tie.
+    pub ties: bool,
+    /// Scale of old_logp - logp, drawn uniformly in [-x, x].
+    pub log_ratio_spread: f64,
+}
+
+impl Default for BatchSpec {
+    fn default() -> Self {
+        BatchSpec {
+            vocab: (1, 9),
+            groups: (1, 3),
+            group_size: 2,
+            max_len: 7,
+            dtype: Dtype::F32,
+            neg_inf_prob: 0.05,
+            equal_row_prob: 0.1,
+            ties: false,
+            log_ratio_spread: 0.6,
+        }
+    }
+}
+
+fn logsumexp(row: &[f64]) -> f64 {
+    let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+}
+
+fn to_dtype(x: Vec<f32>, dtype: Dtype) -> OwnedLogits {
+    match dtype {
+        Dtype::F32 => OwnedLogits::F32(x),
+        Dtype::F16 => OwnedLogits::F16(x.into_iter().map(f16::from_f32).collect()),
+        Dtype::Bf16 => OwnedLogits::Bf16(x.into_iter().map(bf16::from_f32).collect()),
+    }
+}
+
+/// A random valid batch (see the module docs).
+pub fn random_batch(rng: &mut impl Rng, spec: &BatchSpec) -> OwnedBatch {
+    let v = rng.gen_range(spec.vocab.0..=spec.vocab.1);
+    let g = spec.group_size.max(1);
+    let b_count = g * rng.gen_range(spec.groups.0..=spec.groups.1);
+    let mut cu = vec![0i32];
+    for _ in 0..b_count {
+        let len = match rng.gen_range(0..6) {
+            0 => 0,
+            1 => 1,
+            _ => rng.gen_range(0..=spec.max_len),
+        };
+        cu.push(cu.last().unwrap() + len as i32);
+    }
+    let n = *cu.last().unwrap() as usize;
+    let grid = |rng: &mut dyn rand::RngCore| (rng.gen_range(-2048i32..=2048) as f32) / 256.0;
+    let mut logits = Vec::with_capacity(n * v);
+    let mut masked = Vec::with_capacity(n * v);
+    let mut targets = Vec::with_capacity(n);
+    for b in 0..b_count {
+        let (start, end) = (cu[b] as usize, cu[b + 1] as usize);
+        for t in start..end {
+            if spec.ties && t > start && rng.gen_bool(0.5) {
+                // repeat an earlier row of this response (logits, masked and target), so scores tie
+                let s = rng.gen_range(start..t);
+                logits.extend_from_within(s * v..(s + 1) * v);
+                masked.extend_from_within(s * v..(s + 1) * v);
+                targets.push(targets[s]);
+                continue;
+            }
+            let y = rng.gen_range(0..v);
+            targets.push(y as i32);
+            let row: Vec<f32> = (0..v)
+                .map(|i| {
+                    if i != y && rng.gen_bool(spec.neg_inf_prob) {
+                        f32::NEG_INFINITY
+                    } else {
+                        grid(rng)
+                    }
+                })
+                .collect();
+            let equal = rng.gen_bool(spec.equal_row_prob);
+            let mrow: Vec<f32> = row
+                .iter()
+                .map(|&x| {
+                    if equal {
+                        x
+                    } else if rng.gen_bool(spec.neg_inf_prob) {
+                        f32::NEG_INFINITY
+                    } else if x == f32::NEG_INFINITY {
+                        grid(rng)
+                    } else {
+                        x + (rng.gen_range(-256i32..=256) as f32) / 256.0
+                    }
+                })
+                .collect();
+            let mrow = if mrow.iter().all(|x| *x == f32::NEG_INFINITY) { row.clone() } else { mrow };
+            logits.extend_from_slice(&row);
+            masked.extend_from_slice(&mrow);
+        }
+    }
+    let logits = to_dtype(logits, spec.dtype);
+    let masked = to_dtype(masked, spec.dtype);
+    // old_logp: the current logp (of the rounded logits) plus a spread, so ratios fall on both sides
+    let wide = logits.to_f32();
+    let old_logp = (0..n)
+        .map(|t| {
+            let row: Vec<f64> = wide[t * v..(t + 1) * v].iter().map(|&x| x as f64).collect();
+            let logp = row[targets[t] as usize] - logsumexp(&row);
+            (logp + rng.gen_range(-spec.log_ratio_spread..=spec.log_ratio_spread)) as f32
+        })
+        .collect();
+    let advantages = (0..b_count)
+        .map(|_| if rng.gen_bool(0.15) { 0.0 } else { rng.gen_range(-2.0f32..2.0) })
+        .collect();
+    OwnedBatch {
+        logits,
+        logits_masked: masked,
+        targets,
+        old_logp,
+        advantages,
+        cu_seqlens: cu,
+        vocab: v,
+    }
+}
+
+/// A random batch from a seed.
+pub fn seeded_batch(seed: u64, spec: &BatchSpec) -> OwnedBatch {
+    random_batch(&mut ChaCha8Rng::seed_from_u64(seed), spec)
+}
+
+/// A proptest strategy of random batches drawn with `spec`.
+pub fn batch_strategy(spec: BatchSpec) -> impl Strategy<Value = OwnedBatch> {
+    any::<u64>().prop_map(move |seed| seeded_batch(seed, &spec))
+}

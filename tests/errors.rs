@@ -1,0 +1,582 @@
+//! One test for every error of SPEC section 7 (the GPU ones are tested with the kernels), through the
+//! public API, checking the variant names the tensor and the row or response.
+
+use half::bf16;
+use vppo::reference::{perception, select, shaping};
+use vppo::{
+    grpo_advantages, Batch, Device, GradMut, Location, Logits, Shaping, Tensor, TopFraction, Vppo,
+    VppoConfig, VppoError,
+};
+
+/// A valid batch: N = 4 tokens, V = 3, B = 2 responses of 3 and 1 tokens.
+struct Owned {
+    logits: Vec<f32>,
+    masked: Vec<f32>,
+    targets: Vec<i32>,
+    old_logp: Vec<f32>,
+    advantages: Vec<f32>,
+    cu: Vec<i32>,
+    vocab: usize,
+}
+
+impl Owned {
+    fn new() -> Owned {
+        Owned {
+            logits: vec![0.1, 0.2, 0.3, 1.0, -1.0, 0.0, 0.5, 0.5, 0.5, 2.0, 1.0, 0.0],
+            masked: vec![0.0, 0.2, 0.1, 1.0, 0.0, 0.0, 0.5, 0.4, 0.5, 1.0, 1.0, 0.0],
+            targets: vec![0, 1, 2, 0],
+            old_logp: vec![-1.0, -2.0, -1.1, -0.5],
+            advantages: vec![1.0, -1.0],
+            cu: vec![0, 3, 4],
+            vocab: 3,
+        }
+    }
+
+    fn batch(&self) -> Batch<'_> {
+        Batch {
+            logits: Logits::F32(&self.logits),
+            logits_masked: Logits::F32(&self.masked),
+            targets: &self.targets,
+            old_logp: &self.old_logp,
+            advantages: &self.advantages,
+            cu_seqlens: &self.cu,
+            vocab: self.vocab,
+        }
+    }
+
+    /// The error of a forward with the default config on the reference.
+    fn err(&self) -> VppoError {
+        self.err_with(VppoConfig::default())
+    }
+
+    fn err_with(&self, cfg: VppoConfig) -> VppoError {
+        let vppo = Vppo::new(cfg, Device::Reference).unwrap();
+        let e = vppo.forward(&self.batch()).unwrap_err();
+        // loss_and_grad reports the same error
+        assert_eq!(
+            vppo.loss_and_grad(&self.batch()).unwrap_err().to_string(),
+            e.to_string()
+        );
+        e
+    }
+}
+
+#[test]
+fn the_valid_batch_is_valid() {
+    let o = Owned::new();
+    let vppo = Vppo::new(VppoConfig::default(), Device::Reference).unwrap();
+    vppo.loss_and_grad(&o.batch()).unwrap();
+}
+
+#[test]
+fn nan_in_logits() {
+    let mut o = Owned::new();
+    o.logits[2 * 3 + 1] = f32::NAN;
+    let e = o.err();
+    assert!(
+        matches!(
+            e,
+            VppoError::NonFinite {
+                tensor: Tensor::Logits,
+                location: Location::Row(2),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "logits has a non-finite value (NaN) at row 2"
+    );
+}
+
+#[test]
+fn pos_inf_in_logits() {
+    let mut o = Owned::new();
+    o.logits[3 * 3] = f32::INFINITY;
+    let e = o.err();
+    assert!(
+        matches!(
+            e,
+            VppoError::NonFinite {
+                tensor: Tensor::Logits,
+                location: Location::Row(3),
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn nan_or_inf_in_logits_masked() {
+    let mut o = Owned::new();
+    o.masked[1 * 3 + 2] = f32::NAN;
+    let e = o.err();
+    assert!(matches!(
+        e,
+        VppoError::NonFinite {
+            tensor: Tensor::LogitsMasked,
+            location: Location::Row(1),
+            ..
+        }
+    ));
+    let mut o = Owned::new();
+    o.masked[0] = f32::INFINITY;
+    let e = o.err();
+    assert!(matches!(
+        e,
+        VppoError::NonFinite {
+            tensor: Tensor::LogitsMasked,
+            location: Location::Row(0),
+            ..
+        }
+    ));
+}
+
+#[test]
+fn nan_or_inf_in_old_logp() {
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut o = Owned::new();
+        o.old_logp[3] = bad;
+        let e = o.err();
+        assert!(
+            matches!(
+                e,
+                VppoError::NonFinite {
+                    tensor: Tensor::OldLogp,
+                    location: Location::Row(3),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn nan_or_inf_in_advantages() {
+    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let mut o = Owned::new();
+        o.advantages[1] = bad;
+        let e = o.err();
+        assert!(matches!(
+            e,
+            VppoError::NonFinite {
+                tensor: Tensor::Advantages,
+                location: Location::Response(1),
+                ..
+            }
+        ));
+        assert!(e.to_string().contains("advantages") && e.to_string().contains("response 1"));
+    }
+}
+
+#[test]
+fn logits_row_all_neg_inf() {
+    let mut o = Owned::new();
+    o.logits[3..6].fill(f32::NEG_INFINITY);
+    assert_eq!(
+        o.err(),
+        VppoError::AllNegInf {
+            tensor: Tensor::Logits,
+            row: 1
+        }
+    );
+}
+
+#[test]
+fn logits_masked_row_all_neg_inf() {
+    let mut o = Owned::new();
+    o.masked[9..12].fill(f32::NEG_INFINITY);
+    assert_eq!(
+        o.err(),
+        VppoError::AllNegInf {
+            tensor: Tensor::LogitsMasked,
+            row: 3
+        }
+    );
+}
+
+#[test]
+fn target_logit_neg_inf() {
+    let mut o = Owned::new();
+    o.logits[2 * 3 + 2] = f32::NEG_INFINITY; // targets[2] = 2
+    assert_eq!(o.err(), VppoError::TargetNegInf { row: 2, target: 2 });
+    // ... but logits_masked[t, y] = -inf is allowed: logp_masked = -inf, kl = +inf, score = clamp.
+    let mut o = Owned::new();
+    o.masked[2 * 3 + 2] = f32::NEG_INFINITY;
+    let vppo = Vppo::new(VppoConfig::default(), Device::Reference).unwrap();
+    let out = vppo.forward(&o.batch()).unwrap();
+    assert_eq!(out.tokens.logp_masked[2], f32::NEG_INFINITY);
+    assert_eq!(out.tokens.kl[2], f32::INFINITY);
+    assert_eq!(out.tokens.score[2], 10.0);
+    assert!(out.loss.is_finite());
+}
+
+#[test]
+fn target_out_of_range() {
+    for bad in [-1, 3, i32::MAX, i32::MIN] {
+        let mut o = Owned::new();
+        o.targets[1] = bad;
+        assert_eq!(
+            o.err(),
+            VppoError::TargetOutOfRange {
+                row: 1,
+                target: bad,
+                vocab: 3
+            }
+        );
+    }
+}
+
+#[test]
+fn the_first_bad_row_is_reported_in_the_kernel_order() {
+    // Row 3 has a NaN in logits, row 1 a target of -inf logit: row 1 is reported.
+    let mut o = Owned::new();
+    o.logits[3 * 3 + 1] = f32::NAN;
+    o.logits[1 * 3 + 1] = f32::NEG_INFINITY;
+    assert_eq!(o.err(), VppoError::TargetNegInf { row: 1, target: 1 });
+    // Within a row: a NaN in logits comes before a bad logits_masked row (codes 2 < 6).
+    let mut o = Owned::new();
+    o.logits[0] = f32::NAN;
+    o.masked[0..3].fill(f32::NEG_INFINITY);
+    let cfg = VppoConfig::default();
+    let e = perception::perception(&o.batch(), &cfg).unwrap_err();
+    assert!(matches!(
+        e,
+        VppoError::NonFinite {
+            tensor: Tensor::Logits,
+            location: Location::Row(0),
+            ..
+        }
+    ));
+    // An all -inf logits row is reported as such, not as its target being -inf (codes 3 < 4).
+    let mut o = Owned::new();
+    o.logits[0..3].fill(f32::NEG_INFINITY);
+    assert_eq!(
+        perception::perception(&o.batch(), &cfg).unwrap_err(),
+        VppoError::AllNegInf {
+            tensor: Tensor::Logits,
+            row: 0
+        }
+    );
+}
+
+#[test]
+fn shapes_that_do_not_agree() {
+    let shape_of = |e: VppoError| match e {
+        VppoError::Shape { tensor, .. } => tensor,
+        other => panic!("expected a shape error, got {other}"),
+    };
+    let mut o = Owned::new();
+    o.logits.pop();
+    assert_eq!(shape_of(o.err()), Tensor::Logits);
+    let mut o = Owned::new();
+    o.masked.push(0.0);
+    assert_eq!(shape_of(o.err()), Tensor::LogitsMasked);
+    let mut o = Owned::new();
+    o.old_logp.pop();
+    assert_eq!(shape_of(o.err()), Tensor::OldLogp);
+    let mut o = Owned::new();
+    o.advantages.push(0.0); // B = 3 but cu_seqlens has 3 entries
+    assert_eq!(shape_of(o.err()), Tensor::CuSeqlens);
+    let mut o = Owned::new();
+    o.vocab = 0;
+    assert_eq!(shape_of(o.err()), Tensor::Logits);
+    // logits_masked in another dtype than logits
+    let o = Owned::new();
+    let masked_bf16: Vec<bf16> = o.masked.iter().map(|&x| bf16::from_f32(x)).collect();
+    let b = Batch {
+        logits_masked: Logits::Bf16(&masked_bf16),
+        ..o.batch()
+    };
+    let vppo = Vppo::new(VppoConfig::default(), Device::Reference).unwrap();
+    assert_eq!(
+        shape_of(vppo.forward(&b).unwrap_err()),
+        Tensor::LogitsMasked
+    );
+}
+
+#[test]
+fn gradient_buffer_of_the_wrong_size_or_dtype() {
+    let o = Owned::new();
+    let vppo = Vppo::new(VppoConfig::default(), Device::Reference).unwrap();
+    let out = vppo.forward(&o.batch()).unwrap();
+    let mut small = vec![0.0f32; 11];
+    let e = vppo
+        .backward_into(&o.batch(), &out, GradMut::F32(&mut small))
+        .unwrap_err();
+    assert!(matches!(
+        e,
+        VppoError::Shape {
+            tensor: Tensor::GradLogits,
+            ..
+        }
+    ));
+    let mut wrong_dtype = vec![bf16::ZERO; 12]; // logits are f32: a bf16 gradient is refused
+    let e = vppo
+        .backward_into(&o.batch(), &out, GradMut::Bf16(&mut wrong_dtype))
+        .unwrap_err();
+    assert!(matches!(
+        e,
+        VppoError::Shape {
+            tensor: Tensor::GradLogits,
+            ..
+        }
+    ));
+    // an output of another batch
+    let mut grad = vec![0.0f32; 12];
+    let other = vppo
+        .forward(&Batch {
+            cu_seqlens: &[0, 4],
+            advantages: &[1.0],
+            ..o.batch()
+        })
+        .unwrap();
+    assert!(vppo
+        .backward_into(&o.batch(), &other, GradMut::F32(&mut grad))
+        .is_err());
+}
+
+#[test]
+fn cu_seqlens_malformed() {
+    for (cu, what) in [
+        (vec![1, 3, 4], "starts at 1"),
+        (vec![0, 3, 2], "decreases"),
+        (vec![0, 3, 5], "ends at 5"),
+        (vec![0, 3, 3], "ends at 3"),
+    ] {
+        let mut o = Owned::new();
+        o.cu = cu;
+        let e = o.err();
+        assert!(matches!(e, VppoError::CuSeqlens { .. }), "{e}");
+        assert!(e.to_string().contains(what), "{e}");
+    }
+    // The stage functions check it too.
+    let f = TopFraction::new(0.4).unwrap();
+    assert!(select::topk_mask(&[0.0; 3], &[0, 4], f).is_err());
+    assert!(shaping::sbar(&[0.0; 3], &[0, 2, 1]).is_err());
+}
+
+#[test]
+fn responses_not_a_whole_number_of_groups() {
+    // B = 2, G = 3, with group-scope shaping (the paper's linear variant): an error.
+    let o = Owned::new();
+    let e = o.err_with(VppoConfig::paper(3));
+    assert_eq!(
+        e,
+        VppoError::GroupSize {
+            tensor: Tensor::Advantages,
+            n_responses: 2,
+            group_size: 3
+        }
+    );
+    // With batch-scope shaping G is not needed, so it is no error.
+    let cfg = VppoConfig {
+        group_size: 3,
+        ..VppoConfig::default()
+    };
+    Vppo::new(cfg, Device::Reference)
+        .unwrap()
+        .forward(&o.batch())
+        .unwrap();
+    // Nor with no shaping in a group scope.
+    let cfg = VppoConfig {
+        shaping: Shaping::None,
+        ..VppoConfig::paper(3)
+    };
+    Vppo::new(cfg, Device::Reference)
+        .unwrap()
+        .forward(&o.batch())
+        .unwrap();
+    // GRPO advantages need G.
+    assert_eq!(
+        grpo_advantages(&[1.0, 2.0, 3.0], 2).unwrap_err(),
+        VppoError::GroupSize {
+            tensor: Tensor::Rewards,
+            n_responses: 3,
+            group_size: 2
+        }
+    );
+    assert!(matches!(
+        grpo_advantages(&[1.0], 0).unwrap_err(),
+        VppoError::Config { .. }
+    ));
+}
+
+#[test]
+fn grpo_reward_not_finite() {
+    let e = grpo_advantages(&[1.0, f32::NAN, 0.0, 1.0], 2).unwrap_err();
+    assert!(matches!(
+        e,
+        VppoError::NonFinite {
+            tensor: Tensor::Rewards,
+            location: Location::Response(1),
+            ..
+        }
+    ));
+    assert!(grpo_advantages(&[f32::INFINITY, 0.0], 2).is_err());
+}
+
+#[test]
+fn config_out_of_range() {
+    let d = VppoConfig::default;
+    let cases: Vec<(VppoConfig, &str)> = vec![
+        (
+            VppoConfig {
+                top_fraction: 0.0,
+                ..d()
+            },
+            "top-fraction",
+        ),
+        (
+            VppoConfig {
+                top_fraction: 1.01,
+                ..d()
+            },
+            "top-fraction",
+        ),
+        (
+            VppoConfig {
+                top_fraction: f64::NAN,
+                ..d()
+            },
+            "top-fraction",
+        ),
+        (
+            VppoConfig {
+                eps_low: -0.1,
+                ..d()
+            },
+            "eps-low",
+        ),
+        (
+            VppoConfig {
+                eps_high: -1e-9,
+                ..d()
+            },
+            "eps-high",
+        ),
+        (
+            VppoConfig {
+                dual_clip: Some(1.0),
+                ..d()
+            },
+            "dual-clip",
+        ),
+        (
+            VppoConfig {
+                dual_clip: Some(0.5),
+                ..d()
+            },
+            "dual-clip",
+        ),
+        (
+            VppoConfig {
+                temperature: 0.0,
+                ..d()
+            },
+            "temperature",
+        ),
+        (
+            VppoConfig {
+                temperature: -1.0,
+                ..d()
+            },
+            "temperature",
+        ),
+        (
+            VppoConfig {
+                beta_min: -0.1,
+                ..d()
+            },
+            "beta-min",
+        ),
+        (
+            VppoConfig {
+                beta_min: 1.5,
+                ..d()
+            },
+            "beta-min",
+        ),
+        (
+            VppoConfig {
+                beta_max: 0.8,
+                ..d()
+            },
+            "beta-max",
+        ),
+        (
+            VppoConfig {
+                group_size: 0,
+                ..d()
+            },
+            "group-size",
+        ),
+        (
+            VppoConfig {
+                score_clamp: 0.0,
+                ..d()
+            },
+            "score-clamp",
+        ),
+        (
+            VppoConfig {
+                token_normalizer: Some(0.0),
+                ..d()
+            },
+            "token-normalizer",
+        ),
+        (
+            VppoConfig {
+                tas_range: Some((1.0, 0.0)),
+                ..d()
+            },
+            "tas-range",
+        ),
+    ];
+    for (cfg, field) in cases {
+        let e = Vppo::new(cfg.clone(), Device::Reference).unwrap_err();
+        assert!(
+            matches!(e, VppoError::Config { field: f, .. } if f == field),
+            "{field}: {e}"
+        );
+        // The reference entry point validates too.
+        assert!(vppo::reference::forward(&Owned::new().batch(), &cfg).is_err());
+    }
+    // The edges that are allowed: top_fraction = 1, eps = 0, beta_min 0 and 1, beta_max = beta_min.
+    for cfg in [
+        VppoConfig {
+            top_fraction: 1.0,
+            eps_low: 0.0,
+            eps_high: 0.0,
+            ..d()
+        },
+        VppoConfig {
+            beta_min: 0.0,
+            ..d()
+        },
+        VppoConfig {
+            beta_min: 1.0,
+            beta_max: 1.0,
+            ..d()
+        },
+    ] {
+        Vppo::new(cfg, Device::Reference).unwrap();
+    }
+}
+
+#[test]
+fn kernel_devices_report_errors_not_panics() {
+    // Validation runs before dispatch on every device: a bad batch gives its own error there too.
+    let mut o = Owned::new();
+    o.targets[0] = 7;
+    for device in [Device::Cuda(0), Device::Simt(vppo::LaneOrder::Forward)] {
+        let vppo = Vppo::new(VppoConfig::default(), device).unwrap();
+        assert!(matches!(
+            vppo.forward(&o.batch()).unwrap_err(),
+            VppoError::TargetOutOfRange { row: 0, .. }
+        ));
+    }
+}
