@@ -132,7 +132,11 @@ pub fn random_batch(rng: &mut impl Rng, spec: &BatchSpec) -> OwnedBatch {
                     }
                 })
                 .collect();
-            let mrow = if mrow.iter().all(|x| *x == f32::NEG_INFINITY) { row.clone() } else { mrow };
+            let mrow = if mrow.iter().all(|x| *x == f32::NEG_INFINITY) {
+                row.clone()
+            } else {
+                mrow
+            };
             logits.extend_from_slice(&row);
             masked.extend_from_slice(&mrow);
         }
@@ -149,7 +153,13 @@ pub fn random_batch(rng: &mut impl Rng, spec: &BatchSpec) -> OwnedBatch {
         })
         .collect();
     let advantages = (0..b_count)
-        .map(|_| if rng.gen_bool(0.15) { 0.0 } else { rng.gen_range(-2.0f32..2.0) })
+        .map(|_| {
+            if rng.gen_bool(0.15) {
+                0.0
+            } else {
+                rng.gen_range(-2.0f32..2.0)
+            }
+        })
         .collect();
     OwnedBatch {
         logits,
