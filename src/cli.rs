@@ -85,13 +85,17 @@ impl DeviceArg {
     }
 }
 
+/// The value of `--dual-clip`: a number, or `none` (the dual clip off).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DualClipArg(pub Option<f64>);
+
 /// Parses `--dual-clip`: a number, or `none` to turn the dual clip off.
-pub fn parse_dual_clip(s: &str) -> std::result::Result<Option<f64>, String> {
+pub fn parse_dual_clip(s: &str) -> std::result::Result<DualClipArg, String> {
     if s.eq_ignore_ascii_case("none") {
-        return Ok(None);
+        return Ok(DualClipArg(None));
     }
     s.parse::<f64>()
-        .map(Some)
+        .map(|c| DualClipArg(Some(c)))
         .map_err(|_| format!("`{s}` is neither a number nor `none`"))
 }
 
@@ -143,7 +147,7 @@ pub struct LossArgs {
     pub eps_high: f64,
     /// Dual clip for negative advantages (> 1), or `none` to turn it off.
     #[arg(long, value_name = "X|none", value_parser = parse_dual_clip, default_value = "3")]
-    pub dual_clip: Option<f64>,
+    pub dual_clip: DualClipArg,
     /// How the masked per-token losses are reduced.
     #[arg(long, value_enum, default_value_t = AggregationArg::TokenMean)]
     pub aggregation: AggregationArg,
@@ -187,7 +191,7 @@ impl LossArgs {
             tas_range: None,
             eps_low: self.eps_low,
             eps_high: self.eps_high,
-            dual_clip: self.dual_clip,
+            dual_clip: self.dual_clip.0,
             aggregation: match self.aggregation {
                 AggregationArg::TokenMean => Aggregation::TokenMean,
                 AggregationArg::SeqMeanTokenMean => Aggregation::SeqMeanTokenMean,
