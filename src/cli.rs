@@ -103,8 +103,8 @@ pub fn parse_dual_clip(s: &str) -> std::result::Result<DualClipArg, String> {
 /// unit test checks that parsing no options gives exactly that config).
 #[derive(Debug, Clone, Args)]
 pub struct LossArgs {
-    /// Input safetensors file with `logits`, `logits_masked` ([N, V], f32/f16/bf16), `targets` ([N],
-    /// i32), `old_logp` ([N], f32), `advantages` ([B], f32) and `cu_seqlens` ([B+1], i32).
+    /// Input safetensors file with `logits`, `logits_masked` (`[N, V]`, f32/f16/bf16), `targets` (`[N]`,
+    /// i32), `old_logp` (`[N]`, f32), `advantages` (`[B]`, f32) and `cu_seqlens` (`[B+1]`, i32).
     #[arg(long, value_name = "IN.safetensors")]
     pub input: PathBuf,
     /// Output safetensors file: `loss`, `score`, `kl`, `k3`, `entropy`, `logp`, `mask` (u8), `sbar`,

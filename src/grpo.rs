@@ -5,7 +5,7 @@ use crate::error::{Location, Result, Tensor, VppoError};
 /// Added to the group's standard deviation (EasyR1's eps).
 pub const GRPO_EPS: f64 = 1e-6;
 
-/// advantages[i] = (r_i - mean_g) / (std_g + 1e-6) over each group g of `group_size` consecutive
+/// `advantages[i] = (r_i - mean_g) / (std_g + 1e-6)` over each group g of `group_size` consecutive
 /// rewards, with the unbiased standard deviation (divisor G - 1), computed in f64.
 ///
 /// As EasyR1's `compute_grpo_outcome_advantage`: a group of one gets mean 0 and std 1, so its advantage

@@ -1,12 +1,12 @@
 //! Reading a packed batch from, and writing the outputs to, safetensors files (SPEC section 9).
 //!
 //! Input tensors, by name: `logits` and `logits_masked` ([N, V], F32, F16 or BF16, the same dtype),
-//! `targets` ([N]) and `cu_seqlens` ([B + 1]) in I32 (I64 is accepted when every value fits in i32),
-//! `old_logp` ([N]) and `advantages` ([B]) in F32. Other tensors in the file are ignored.
+//! `targets` (`[N]`) and `cu_seqlens` (`[B + 1]`) in I32 (I64 is accepted when every value fits in i32),
+//! `old_logp` (`[N]`) and `advantages` (`[B]`) in F32. Other tensors in the file are ignored.
 //!
-//! Output tensors: `loss` (F32, [1]), `score`, `kl`, `k3`, `entropy`, `logp` (F32, [N]), `mask`
-//! (U8, [N]), `sbar`, `alpha` (F32, [B]) and, when given, `grad_logits` (F32, [N, V]); also `lse`,
-//! `logp_masked`, `dlogp` (F32, [N]) and `k` (I32, [B]). A file is written to a temporary name in the
+//! Output tensors: `loss` (F32, `[1]`), `score`, `kl`, `k3`, `entropy`, `logp` (F32, `[N]`), `mask`
+//! (U8, `[N]`), `sbar`, `alpha` (F32, `[B]`) and, when given, `grad_logits` (F32, `[N, V]`); also `lse`,
+//! `logp_masked`, `dlogp` (F32, `[N]`) and `k` (I32, `[B]`). A file is written to a temporary name in the
 //! same folder and renamed over the target only once it is complete.
 
 use std::collections::HashMap;
@@ -59,11 +59,11 @@ pub struct OwnedBatch {
     pub logits: OwnedLogits,
     /// [N, V] logits given the masked image.
     pub logits_masked: OwnedLogits,
-    /// [N] sampled token ids.
+    /// `[N]` sampled token ids.
     pub targets: Vec<i32>,
-    /// [N] old-policy log-probs.
+    /// `[N]` old-policy log-probs.
     pub old_logp: Vec<f32>,
-    /// [B] advantages.
+    /// `[B]` advantages.
     pub advantages: Vec<f32>,
     /// [B + 1] response boundaries.
     pub cu_seqlens: Vec<i32>,

@@ -1,6 +1,8 @@
 //! One test for every error of SPEC section 7 (the GPU ones are tested with the kernels), through the
 //! public API, checking the variant names the tensor and the row or response.
 
+#![allow(clippy::identity_op)] // row * V + column reads clearer as written
+
 use half::bf16;
 use vppo::reference::{perception, select, shaping};
 use vppo::{

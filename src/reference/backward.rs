@@ -6,11 +6,11 @@ use crate::api::GradMut;
 use crate::batch::Logits;
 use crate::error::{Result, Tensor, VppoError};
 
-/// Writes dloss/dlogits[t, v] = g_t (1[v = y_t] - exp(a_v - lse_t)) / tau, a = logits[t] / tau, into
+/// Writes `dloss/dlogits[t, v] = g_t (1[v = y_t] - exp(a_v - lse_t)) / tau`, `a = logits[t] / tau`, into
 /// `grad` ([N, V], f32, f16 or bf16), computing in f64 and rounding once to the buffer's dtype.
 ///
 /// A row with g_t = 0 is written as zeros without reading the logits. `lse` is
-/// logsumexp(logits[t] / tau) (from the perception pass), `dlogp` is g_t (from the surrogate),
+/// `logsumexp(logits[t] / tau)` (from the perception pass), `dlogp` is g_t (from the surrogate),
 /// `targets`, `lse` and `dlogp` have N entries, `logits` and `grad` N * V. Any dtype of `grad` is
 /// accepted here; [`crate::Vppo`] restricts it to f32 or the logits dtype.
 pub fn grad_logits(

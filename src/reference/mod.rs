@@ -39,13 +39,13 @@ use crate::output::{ResponseOutputs, TokenOutputs, VppoOutput};
 pub struct ForwardF64 {
     /// Pass 1: per-token values.
     pub perception: PerceptionF64,
-    /// The top-k mask [N].
+    /// The top-k mask `[N]`.
     pub mask: Vec<u8>,
-    /// k_b [B].
+    /// k_b `[B]`.
     pub k: Vec<u32>,
-    /// Sbar_b [B].
+    /// Sbar_b `[B]`.
     pub sbar: Vec<f64>,
-    /// alpha_b [B].
+    /// alpha_b `[B]`.
     pub alpha: Vec<f64>,
     /// Loss, dloss/dlogp and statistics.
     pub surrogate: SurrogateF64,

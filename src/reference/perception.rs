@@ -12,13 +12,13 @@ use crate::error::{Location, Result, Tensor, VppoError};
 /// The per-token results of the perception pass, in f64, each of length N.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PerceptionF64 {
-    /// lse_a = logsumexp(logits[t] / tau).
+    /// `lse_a = logsumexp(logits[t] / tau)`.
     pub lse: Vec<f64>,
-    /// lse_b = logsumexp(logits_masked[t] / tau).
+    /// `lse_b = logsumexp(logits_masked[t] / tau)`.
     pub lse_masked: Vec<f64>,
-    /// logp = a[y] - lse_a (always finite: a[y] = -inf is an error).
+    /// `logp = a[y] - lse_a` (always finite: `a[y] = -inf` is an error).
     pub logp: Vec<f64>,
-    /// logp_masked = b[y] - lse_b (may be -inf).
+    /// `logp_masked = b[y] - lse_b` (may be -inf).
     pub logp_masked: Vec<f64>,
     /// Exact KL(softmax(a) || softmax(b)) over the full vocabulary; +inf where some a_v > -inf has
     /// b_v = -inf. Never negative: rounding can leave a sum of order -1e-16 where the two
@@ -127,7 +127,7 @@ fn logsumexp(row: &[f64]) -> f64 {
 /// error codes (`VppoErrorCode` in kernels/vppo_params.h), reporting the first bad row; then that old_logp
 /// is finite. `cu_seqlens` and `advantages` are not read here.
 ///
-/// Per row, with a = logits[t] / tau, b = logits_masked[t] / tau, y = targets[t]:
+/// Per row, with `a = logits[t] / tau`, `b = logits_masked[t] / tau`, `y = targets[t]`:
 /// a term with a_v = -inf has p_v = 0 exactly and contributes 0 to kl and entropy (never 0 * inf);
 /// kl = +inf when some v has a_v > -inf (so p_v > 0 in exact arithmetic) and b_v = -inf.
 pub fn perception(batch: &Batch, cfg: &VppoConfig) -> Result<PerceptionF64> {

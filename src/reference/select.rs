@@ -21,7 +21,7 @@ fn higher_first(x: f64, y: f64) -> Ordering {
 ///
 /// For response b (tokens `cu_seqlens[b] .. cu_seqlens[b+1]`, length L_b):
 /// k_b = ceil(top_fraction * L_b) in exact integer arithmetic ([`TopFraction::k_for`]: 0.4 x 10 is 4),
-/// and mask[t] = 1 for exactly the k_b tokens of b with the highest score, else 0. Ties go to the lower
+/// and `mask[t] = 1` for exactly the k_b tokens of b with the highest score, else 0. Ties go to the lower
 /// token index: the tokens are sorted by score descending with a stable sort, so equal scores keep their
 /// index order, and the first k_b are taken.
 ///

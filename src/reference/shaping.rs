@@ -10,7 +10,7 @@ pub const TAS_MIN_SPREAD: f64 = 1e-6;
 /// Added to the mean of n_b in mean-preserving shaping (the official code's 1e-8).
 pub const TAS_MEAN_EPS: f64 = 1e-8;
 
-/// Sbar_b = (1 / L_b) sum_{t in b} score[t]; 0 for an empty response (which takes no part in TAS).
+/// `Sbar_b = (1 / L_b) sum_{t in b} score[t]`; 0 for an empty response (which takes no part in TAS).
 ///
 /// Errors when `cu_seqlens` is malformed for N = `score.len()`.
 pub fn sbar(score: &[f64], cu_seqlens: &[i32]) -> Result<Vec<f64>> {

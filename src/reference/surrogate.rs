@@ -29,7 +29,7 @@ pub struct SurrogateF64 {
     pub pg_loss: f64,
     /// Z: `cfg.token_normalizer`, or N.
     pub token_normalizer: f64,
-    /// dloss/dlogp_t, [N].
+    /// dloss/dlogp_t, `[N]`.
     pub dlogp: Vec<f64>,
     /// clip fraction, mean ratio, selected fraction.
     pub stats: Stats,
@@ -45,7 +45,7 @@ fn shape_err(tensor: Tensor, len: usize, what: &str, want: usize) -> VppoError {
 /// The clipped surrogate over a packed batch.
 ///
 /// `logp`, `old_logp`, `mask` have N entries, `alpha` and `advantages` B, `cu_seqlens` B + 1. With
-/// A'_b = alpha_b * advantages[b] and, for token t of response b,
+/// `A'_b = alpha_b * advantages[b]` and, for token t of response b,
 /// r = exp(clamp(logp - old_logp, -20, 20)), r_clip = clamp(r, 1 - eps_low, 1 + eps_high):
 ///
 /// ```text
