@@ -134,8 +134,10 @@ impl Vppo {
         }
     }
 
-    /// dloss/dlogits into the caller's buffer `grad` ([N, V], f32 or the logits dtype), given `out`,
-    /// the output of [`Vppo::forward`] on the same batch.
+    /// dloss/dlogits into the caller's buffer `grad` (`[N, V]`, f32 or the logits dtype), given `out`,
+    /// the output of [`Vppo::forward`] on the same batch and this config. Rows whose dloss/dlogp is 0
+    /// are written as zeros. (The borrowed [`Batch`] holds `logits` immutably, so this API never
+    /// writes over the logits; an in-place variant is for the kernel pipeline.)
     pub fn backward_into(&self, batch: &Batch, out: &VppoOutput, grad: GradMut) -> Result<()> {
         self.validate(batch)?;
         grad.check(batch)?;

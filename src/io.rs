@@ -336,3 +336,145 @@ pub fn write_outputs(
     let bytes = outputs_to_bytes(out, grad, vocab)?;
     write_atomic(path, &bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor_bytes(views: Vec<(&str, StDtype, Vec<usize>, Vec<u8>)>) -> Vec<u8> {
+        let v: Vec<(String, TensorView)> = views
+            .iter()
+            .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize(v, &None).unwrap()
+    }
+
+    fn le<T: Copy, const K: usize>(x: &[T], f: impl Fn(T) -> [u8; K]) -> Vec<u8> {
+        x.iter().flat_map(|&v| f(v)).collect()
+    }
+
+    #[test]
+    fn reads_bf16_logits_and_i64_indices() {
+        let logits = [
+            bf16::from_f32(0.5),
+            bf16::from_f32(-1.25),
+            bf16::NEG_INFINITY,
+            bf16::ONE,
+        ];
+        let bytes = tensor_bytes(vec![
+            (
+                "logits",
+                StDtype::BF16,
+                vec![2, 2],
+                le(&logits, |v| v.to_bits().to_le_bytes()),
+            ),
+            (
+                "logits_masked",
+                StDtype::BF16,
+                vec![2, 2],
+                le(&logits, |v| v.to_bits().to_le_bytes()),
+            ),
+            (
+                "targets",
+                StDtype::I64,
+                vec![2],
+                le(&[1i64, 1], i64::to_le_bytes),
+            ),
+            (
+                "old_logp",
+                StDtype::F32,
+                vec![2],
+                le(&[-0.5f32, -0.25], f32::to_le_bytes),
+            ),
+            (
+                "advantages",
+                StDtype::F32,
+                vec![1],
+                le(&[1.0f32], f32::to_le_bytes),
+            ),
+            (
+                "cu_seqlens",
+                StDtype::I64,
+                vec![2],
+                le(&[0i64, 2], i64::to_le_bytes),
+            ),
+        ]);
+        let b = batch_from_bytes(&bytes).unwrap();
+        assert_eq!(b.logits, OwnedLogits::Bf16(logits.to_vec()));
+        assert_eq!(b.targets, vec![1, 1]);
+        assert_eq!(b.cu_seqlens, vec![0, 2]);
+        assert_eq!(b.vocab, 2);
+        b.batch().validate_small(1, false).unwrap();
+
+        // An I64 value outside i32 is an error naming the tensor.
+        let bytes = tensor_bytes(vec![
+            (
+                "logits",
+                StDtype::BF16,
+                vec![2, 2],
+                le(&logits, |v| v.to_bits().to_le_bytes()),
+            ),
+            (
+                "logits_masked",
+                StDtype::BF16,
+                vec![2, 2],
+                le(&logits, |v| v.to_bits().to_le_bytes()),
+            ),
+            (
+                "targets",
+                StDtype::I64,
+                vec![2],
+                le(&[1i64 << 40, 1], i64::to_le_bytes),
+            ),
+        ]);
+        let e = batch_from_bytes(&bytes).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                VppoError::Shape {
+                    tensor: Tensor::Targets,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // logits_masked of another dtype
+        let bytes = tensor_bytes(vec![
+            (
+                "logits",
+                StDtype::BF16,
+                vec![2, 2],
+                le(&logits, |v| v.to_bits().to_le_bytes()),
+            ),
+            ("logits_masked", StDtype::F16, vec![2, 2], vec![0; 8]),
+        ]);
+        let e = batch_from_bytes(&bytes).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                VppoError::Shape {
+                    tensor: Tensor::LogitsMasked,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_outputs_serialize() {
+        let out = VppoOutput {
+            responses: crate::output::ResponseOutputs {
+                sbar: vec![0.0],
+                k: vec![0],
+                alpha: vec![1.0],
+            },
+            ..VppoOutput::default()
+        };
+        let bytes = outputs_to_bytes(&out, Some(&[]), 7).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.tensor("grad_logits").unwrap().shape(), &[0, 7]);
+        assert_eq!(st.tensor("alpha").unwrap().shape(), &[1]);
+        assert_eq!(st.tensor("loss").unwrap().data(), &0f32.to_le_bytes());
+    }
+}

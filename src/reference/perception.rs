@@ -122,7 +122,7 @@ fn logsumexp(row: &[f64]) -> f64 {
 
 /// Runs pass 1 of the reference over every token row of `batch`.
 ///
-/// Checks, before computing anything: the lengths of logits, logits_masked and old_logp and the
+/// Checks, before computing anything: the config ([`VppoConfig::validate`]), the lengths of logits, logits_masked and old_logp and the
 /// dtypes; then for each row t ascending the row checks of SPEC section 7 in the order of the kernel's
 /// error codes (`VppoErrorCode` in kernels/vppo_params.h), reporting the first bad row; then that old_logp
 /// is finite. `cu_seqlens` and `advantages` are not read here.
@@ -131,6 +131,7 @@ fn logsumexp(row: &[f64]) -> f64 {
 /// a term with a_v = -inf has p_v = 0 exactly and contributes 0 to kl and entropy (never 0 * inf);
 /// kl = +inf when some v has a_v > -inf (so p_v > 0 in exact arithmetic) and b_v = -inf.
 pub fn perception(batch: &Batch, cfg: &VppoConfig) -> Result<PerceptionF64> {
+    cfg.validate()?;
     check_lengths(batch)?;
     let n = batch.n_tokens();
     let v = batch.vocab;

@@ -42,8 +42,10 @@ pub fn sbar(score: &[f64], cu_seqlens: &[i32]) -> Result<Vec<f64>> {
 ///   alpha_b = beta_min + n_b (beta_max - beta_min).
 /// - Shaping `None`: alpha = 1 everywhere.
 ///
-/// `sbar` has B entries and `cu_seqlens` B + 1 (only the lengths L_b are read from it).
+/// `sbar` has B entries and `cu_seqlens` B + 1 (only the lengths L_b are read from it). The config is
+/// validated first.
 pub fn alpha(sbar: &[f64], cu_seqlens: &[i32], cfg: &VppoConfig) -> Result<Vec<f64>> {
+    cfg.validate()?;
     let b_count = sbar.len();
     if cu_seqlens.len() != b_count + 1 {
         return Err(VppoError::Shape {

@@ -58,7 +58,7 @@ fn shape_err(tensor: Tensor, len: usize, what: &str, want: usize) -> VppoError {
 ///
 /// B' is the number of responses with L_b > 0; Z is `cfg.token_normalizer` or N. With N = 0 the loss is
 /// 0, the statistics are 0 and Z is reported as the configured value or 0. See the module docs for the
-/// gradient convention at the clip boundaries.
+/// gradient convention at the clip boundaries. The config and every length are checked first.
 pub fn surrogate(
     logp: &[f64],
     old_logp: &[f32],
@@ -68,6 +68,7 @@ pub fn surrogate(
     cu_seqlens: &[i32],
     cfg: &VppoConfig,
 ) -> Result<SurrogateF64> {
+    cfg.validate()?;
     let n = logp.len();
     let b_count = advantages.len();
     if old_logp.len() != n {
