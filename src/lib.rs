@@ -11,6 +11,7 @@ pub use config::{Aggregation, Perception, Shaping, TasScope, TopFraction, VppoCo
 pub use error::{Location, Result, Tensor, VppoError};
 pub mod api;
 pub mod output;
+pub mod train;
 
 pub use api::{Device, GradMut, LaneOrder};
 pub use output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};

@@ -1,0 +1,4 @@
+//! The built-in trainer.
+pub mod model;
+pub mod optim;
+pub mod task;
