@@ -2,3 +2,5 @@
 pub mod model;
 pub mod optim;
 pub mod task;
+pub mod checkpoint;
+pub mod plot;
