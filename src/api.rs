@@ -84,3 +84,78 @@ impl GradMut<'_> {
         Ok(())
     }
 }
+
+/// The VPPO loss bound to a validated configuration and an executor.
+///
+/// Every call validates the batch (shapes, cu_seqlens, targets, finite old_logp and advantages, and
+/// B % G where group-scope shaping needs G) before dispatching to the executor, for every device; the
+/// O(N V) checks of the logits rows are made by the executor's first pass before anything is computed.
+/// A batch with N = 0 is not an error: the loss is 0, the per-token outputs are empty and there is no
+/// gradient (it is answered on the CPU for every device).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vppo {
+    config: VppoConfig,
+    device: Device,
+}
+
+impl Vppo {
+    /// Checks `config` ([`VppoConfig::validate`]) and binds it to `device`.
+    pub fn new(config: VppoConfig, device: Device) -> Result<Vppo> {
+        config.validate()?;
+        Ok(Vppo { config, device })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VppoConfig {
+        &self.config
+    }
+
+    /// The executor.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    fn validate(&self, batch: &Batch) -> Result<()> {
+        batch.validate_small(
+            self.config.group_size,
+            crate::reference::needs_groups(&self.config),
+        )
+    }
+
+    /// The loss and every output of SPEC section 8 except dloss/dlogits.
+    pub fn forward(&self, batch: &Batch) -> Result<VppoOutput> {
+        self.validate(batch)?;
+        match self.device {
+            Device::Reference => crate::reference::forward(batch, &self.config),
+            _ if batch.n_tokens() == 0 => crate::reference::forward(batch, &self.config),
+            Device::Simt(_) | Device::Cuda(_) => {
+                crate::kernels::forward(batch, &self.config, self.device)
+            }
+        }
+    }
+
+    /// dloss/dlogits into the caller's buffer `grad` ([N, V], f32 or the logits dtype), given `out`,
+    /// the output of [`Vppo::forward`] on the same batch.
+    pub fn backward_into(&self, batch: &Batch, out: &VppoOutput, grad: GradMut) -> Result<()> {
+        self.validate(batch)?;
+        grad.check(batch)?;
+        crate::reference::check_output(batch, out)?;
+        if batch.n_tokens() == 0 {
+            return Ok(());
+        }
+        match self.device {
+            Device::Reference => crate::reference::backward_into(batch, &self.config, out, grad),
+            Device::Simt(_) | Device::Cuda(_) => {
+                crate::kernels::backward_into(batch, &self.config, out, grad, self.device)
+            }
+        }
+    }
+
+    /// The forward outputs and dloss/dlogits as a new f32 [N, V] vector.
+    pub fn loss_and_grad(&self, batch: &Batch) -> Result<(VppoOutput, Vec<f32>)> {
+        let out = self.forward(batch)?;
+        let mut grad = vec![0.0f32; batch.n_tokens() * batch.vocab];
+        self.backward_into(batch, &out, GradMut::F32(&mut grad))?;
+        Ok((out, grad))
+    }
+}

@@ -1,2 +1,41 @@
-//! The `vppo` command line (SPEC section 9).
-fn main() {}
+//! The `vppo` command line (SPEC section 9). Each subcommand is one variant of [`Command`] and one
+//! function; the logic lives in the library (`vppo::cli`) so that it can be tested.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vppo::cli::{run_loss, LossArgs};
+
+/// VPPO (Visually-Perceptive Policy Optimization) loss: fused CUDA kernels with a CPU reference.
+#[derive(Debug, Parser)]
+#[command(name = "vppo", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compute the VPPO loss, every per-token and per-response output and dloss/dlogits for a packed
+    /// batch in a safetensors file; print a one-line JSON summary. Defaults are the official VPPO setting.
+    Loss(LossArgs),
+}
+
+fn loss(args: LossArgs) -> ExitCode {
+    match run_loss(&args) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vppo loss: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Loss(args) => loss(args),
+    }
+}

@@ -1,0 +1,338 @@
+//! Reading a packed batch from, and writing the outputs to, safetensors files (SPEC section 9).
+//!
+//! Input tensors, by name: `logits` and `logits_masked` ([N, V], F32, F16 or BF16, the same dtype),
+//! `targets` ([N]) and `cu_seqlens` ([B + 1]) in I32 (I64 is accepted when every value fits in i32),
+//! `old_logp` ([N]) and `advantages` ([B]) in F32. Other tensors in the file are ignored.
+//!
+//! Output tensors: `loss` (F32, [1]), `score`, `kl`, `k3`, `entropy`, `logp` (F32, [N]), `mask`
+//! (U8, [N]), `sbar`, `alpha` (F32, [B]) and, when given, `grad_logits` (F32, [N, V]); also `lse`,
+//! `logp_masked`, `dlogp` (F32, [N]) and `k` (I32, [B]). A file is written to a temporary name in the
+//! same folder and renamed over the target only once it is complete.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use half::{bf16, f16};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype as StDtype, SafeTensors};
+
+use crate::batch::{Batch, Logits};
+use crate::error::{Result, Tensor, VppoError};
+use crate::output::VppoOutput;
+
+/// An owned [N, V] logits tensor in one of the three supported dtypes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OwnedLogits {
+    /// f32 logits.
+    F32(Vec<f32>),
+    /// f16 logits.
+    F16(Vec<f16>),
+    /// bf16 logits.
+    Bf16(Vec<bf16>),
+}
+
+impl OwnedLogits {
+    /// A borrowed view.
+    pub fn view(&self) -> Logits<'_> {
+        match self {
+            OwnedLogits::F32(x) => Logits::F32(x),
+            OwnedLogits::F16(x) => Logits::F16(x),
+            OwnedLogits::Bf16(x) => Logits::Bf16(x),
+        }
+    }
+
+    /// Every element widened exactly to f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            OwnedLogits::F32(x) => x.clone(),
+            OwnedLogits::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
+            OwnedLogits::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
+        }
+    }
+}
+
+/// A packed batch that owns its tensors (read from a file, or built by a test). [`OwnedBatch::batch`]
+/// lends it as a [`Batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct OwnedBatch {
+    /// [N, V] logits given the real image.
+    pub logits: OwnedLogits,
+    /// [N, V] logits given the masked image.
+    pub logits_masked: OwnedLogits,
+    /// [N] sampled token ids.
+    pub targets: Vec<i32>,
+    /// [N] old-policy log-probs.
+    pub old_logp: Vec<f32>,
+    /// [B] advantages.
+    pub advantages: Vec<f32>,
+    /// [B + 1] response boundaries.
+    pub cu_seqlens: Vec<i32>,
+    /// V.
+    pub vocab: usize,
+}
+
+impl OwnedBatch {
+    /// The borrowed batch.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch {
+            logits: self.logits.view(),
+            logits_masked: self.logits_masked.view(),
+            targets: &self.targets,
+            old_logp: &self.old_logp,
+            advantages: &self.advantages,
+            cu_seqlens: &self.cu_seqlens,
+            vocab: self.vocab,
+        }
+    }
+
+    /// The same batch with its logits widened exactly to f32.
+    pub fn to_f32(&self) -> OwnedBatch {
+        OwnedBatch {
+            logits: OwnedLogits::F32(self.logits.to_f32()),
+            logits_masked: OwnedLogits::F32(self.logits_masked.to_f32()),
+            ..self.clone()
+        }
+    }
+}
+
+fn tensor_of(name: &str) -> Tensor {
+    match name {
+        "logits" => Tensor::Logits,
+        "logits_masked" => Tensor::LogitsMasked,
+        "targets" => Tensor::Targets,
+        "old_logp" => Tensor::OldLogp,
+        "advantages" => Tensor::Advantages,
+        _ => Tensor::CuSeqlens,
+    }
+}
+
+fn get<'a>(st: &'a SafeTensors<'a>, name: &str, rank: usize) -> Result<TensorView<'a>> {
+    let view = st
+        .tensor(name)
+        .map_err(|_| VppoError::Io(format!("input has no tensor named `{name}`")))?;
+    if view.shape().len() != rank {
+        return Err(VppoError::Shape {
+            tensor: tensor_of(name),
+            detail: format!("has shape {:?}, expected {rank} dimensions", view.shape()),
+        });
+    }
+    Ok(view)
+}
+
+fn wrong_dtype(name: &str, found: StDtype, expected: &str) -> VppoError {
+    VppoError::Shape {
+        tensor: tensor_of(name),
+        detail: format!("has dtype {found:?}, expected {expected}"),
+    }
+}
+
+// Little-endian element decoding; safetensors data need not be aligned, so bytes are copied.
+fn f32s(data: &[u8]) -> Vec<f32> {
+    data.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn u16s(data: &[u8]) -> impl Iterator<Item = u16> + '_ {
+    data.chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+}
+
+fn read_f32(st: &SafeTensors, name: &str) -> Result<Vec<f32>> {
+    let view = get(st, name, 1)?;
+    match view.dtype() {
+        StDtype::F32 => Ok(f32s(view.data())),
+        d => Err(wrong_dtype(name, d, "F32")),
+    }
+}
+
+fn read_i32(st: &SafeTensors, name: &str) -> Result<Vec<i32>> {
+    let view = get(st, name, 1)?;
+    match view.dtype() {
+        StDtype::I32 => Ok(view
+            .data()
+            .chunks_exact(4)
+            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()),
+        StDtype::I64 => view
+            .data()
+            .chunks_exact(8)
+            .enumerate()
+            .map(|(i, c)| {
+                let x = i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                i32::try_from(x).map_err(|_| VppoError::Shape {
+                    tensor: tensor_of(name),
+                    detail: format!("I64 value {x} at element {i} does not fit in i32"),
+                })
+            })
+            .collect(),
+        d => Err(wrong_dtype(name, d, "I32 (or I64 within the i32 range)")),
+    }
+}
+
+fn read_logits(st: &SafeTensors, name: &str) -> Result<(OwnedLogits, [usize; 2])> {
+    let view = get(st, name, 2)?;
+    let shape = [view.shape()[0], view.shape()[1]];
+    let logits = match view.dtype() {
+        StDtype::F32 => OwnedLogits::F32(f32s(view.data())),
+        StDtype::F16 => OwnedLogits::F16(u16s(view.data()).map(f16::from_bits).collect()),
+        StDtype::BF16 => OwnedLogits::Bf16(u16s(view.data()).map(bf16::from_bits).collect()),
+        d => return Err(wrong_dtype(name, d, "F32, F16 or BF16")),
+    };
+    Ok((logits, shape))
+}
+
+/// Parses a batch from the bytes of a safetensors file. Shapes are checked against each other here
+/// only as far as the file format needs (logits and logits_masked are 2-D with the same shape and
+/// dtype); the rest is checked by [`Batch::validate_small`] when the loss is computed.
+pub fn batch_from_bytes(bytes: &[u8]) -> Result<OwnedBatch> {
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| VppoError::Io(format!("not a valid safetensors file: {e}")))?;
+    let (logits, shape) = read_logits(&st, "logits")?;
+    let (logits_masked, shape_m) = read_logits(&st, "logits_masked")?;
+    if shape_m != shape {
+        return Err(VppoError::Shape {
+            tensor: Tensor::LogitsMasked,
+            detail: format!("has shape {shape_m:?}, logits has {shape:?}"),
+        });
+    }
+    if std::mem::discriminant(&logits) != std::mem::discriminant(&logits_masked) {
+        return Err(VppoError::Shape {
+            tensor: Tensor::LogitsMasked,
+            detail: format!(
+                "dtype {} differs from logits dtype {}",
+                logits_masked.view().dtype().name(),
+                logits.view().dtype().name()
+            ),
+        });
+    }
+    let targets = read_i32(&st, "targets")?;
+    if targets.len() != shape[0] {
+        return Err(VppoError::Shape {
+            tensor: Tensor::Targets,
+            detail: format!(
+                "has {} elements, logits has N = {} rows",
+                targets.len(),
+                shape[0]
+            ),
+        });
+    }
+    Ok(OwnedBatch {
+        logits,
+        logits_masked,
+        targets,
+        old_logp: read_f32(&st, "old_logp")?,
+        advantages: read_f32(&st, "advantages")?,
+        cu_seqlens: read_i32(&st, "cu_seqlens")?,
+        vocab: shape[1],
+    })
+}
+
+/// Reads a batch from a safetensors file (see the module docs for the tensor names and dtypes).
+pub fn read_batch(path: &Path) -> Result<OwnedBatch> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| VppoError::Io(format!("cannot read {}: {e}", path.display())))?;
+    batch_from_bytes(&bytes)
+}
+
+/// An owned tensor to serialize.
+struct Out {
+    dtype: StDtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+fn f32_tensor(x: &[f32], shape: Vec<usize>) -> Out {
+    Out {
+        dtype: StDtype::F32,
+        shape,
+        data: x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+/// Serializes the outputs of one evaluation to safetensors bytes: `loss`, the per-token and
+/// per-response tensors and, when `grad` is given, `grad_logits` [N, `vocab`].
+pub fn outputs_to_bytes(out: &VppoOutput, grad: Option<&[f32]>, vocab: usize) -> Result<Vec<u8>> {
+    let n = out.tokens.logp.len();
+    let b = out.responses.alpha.len();
+    let t = &out.tokens;
+    let r = &out.responses;
+    let mut tensors: Vec<(&str, Out)> = vec![
+        ("loss", f32_tensor(&[out.loss as f32], vec![1])),
+        ("score", f32_tensor(&t.score, vec![n])),
+        ("kl", f32_tensor(&t.kl, vec![n])),
+        ("k3", f32_tensor(&t.k3, vec![n])),
+        ("entropy", f32_tensor(&t.entropy, vec![n])),
+        ("logp", f32_tensor(&t.logp, vec![n])),
+        ("logp_masked", f32_tensor(&t.logp_masked, vec![n])),
+        ("lse", f32_tensor(&t.lse, vec![n])),
+        ("dlogp", f32_tensor(&t.dlogp, vec![n])),
+        (
+            "mask",
+            Out {
+                dtype: StDtype::U8,
+                shape: vec![n],
+                data: t.mask.clone(),
+            },
+        ),
+        ("sbar", f32_tensor(&r.sbar, vec![b])),
+        ("alpha", f32_tensor(&r.alpha, vec![b])),
+        (
+            "k",
+            Out {
+                dtype: StDtype::I32,
+                shape: vec![b],
+                data: r
+                    .k
+                    .iter()
+                    .flat_map(|&k| (k.min(i32::MAX as u32) as i32).to_le_bytes())
+                    .collect(),
+            },
+        ),
+    ];
+    if let Some(g) = grad {
+        tensors.push(("grad_logits", f32_tensor(g, vec![n, vocab])));
+    }
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, o) in &tensors {
+        let view = TensorView::new(o.dtype, o.shape.clone(), &o.data)
+            .map_err(|e| VppoError::Io(format!("cannot build output tensor `{name}`: {e}")))?;
+        views.push((name.to_string(), view));
+    }
+    let meta: Option<HashMap<String, String>> = None;
+    safetensors::serialize(views, &meta)
+        .map_err(|e| VppoError::Io(format!("cannot serialize the outputs: {e}")))
+}
+
+/// Writes `bytes` to `path` atomically: to a temporary file in the same folder, then renamed over
+/// `path`. On any error the temporary file is removed and `path` is left untouched.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| VppoError::Io(format!("output path {} has no file name", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        VppoError::Io(format!("cannot write {}: {e}", path.display()))
+    })
+}
+
+/// Writes the outputs (and `grad_logits` when given) to the safetensors file `path`, atomically.
+pub fn write_outputs(
+    path: &Path,
+    out: &VppoOutput,
+    grad: Option<&[f32]>,
+    vocab: usize,
+) -> Result<()> {
+    let bytes = outputs_to_bytes(out, grad, vocab)?;
+    write_atomic(path, &bytes)
+}

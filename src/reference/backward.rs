@@ -1,0 +1,86 @@
+//! dloss/dlogits from lse and dloss/dlogp (SPEC section 6).
+
+use half::{bf16, f16};
+
+use crate::api::GradMut;
+use crate::batch::Logits;
+use crate::error::{Result, Tensor, VppoError};
+
+/// Writes dloss/dlogits[t, v] = g_t (1[v = y_t] - exp(a_v - lse_t)) / tau, a = logits[t] / tau, into
+/// `grad` ([N, V], f32, f16 or bf16), computing in f64 and rounding once to the buffer's dtype.
+///
+/// A row with g_t = 0 is written as zeros without reading the logits. `lse` is
+/// logsumexp(logits[t] / tau) (from the perception pass), `dlogp` is g_t (from the surrogate),
+/// `targets`, `lse` and `dlogp` have N entries, `logits` and `grad` N * V. Any dtype of `grad` is
+/// accepted here; [`crate::Vppo`] restricts it to f32 or the logits dtype.
+pub fn grad_logits(
+    logits: Logits,
+    vocab: usize,
+    targets: &[i32],
+    lse: &[f64],
+    dlogp: &[f64],
+    temperature: f64,
+    mut grad: GradMut,
+) -> Result<()> {
+    let n = targets.len();
+    let nv = n.checked_mul(vocab).ok_or_else(|| VppoError::Shape {
+        tensor: Tensor::Logits,
+        detail: format!("N * V = {n} * {vocab} overflows"),
+    })?;
+    for (tensor, what, len, want) in [
+        (Tensor::Logits, "logits", logits.len(), nv),
+        (Tensor::GradLogits, "grad_logits", grad.len(), nv),
+        (Tensor::Targets, "lse", lse.len(), n),
+        (Tensor::Targets, "dlogp", dlogp.len(), n),
+    ] {
+        if len != want {
+            return Err(VppoError::Shape {
+                tensor,
+                detail: format!(
+                    "{what} has {len} elements, expected {want} (N = {n} targets, V = {vocab})"
+                ),
+            });
+        }
+    }
+    for (row, &y) in targets.iter().enumerate() {
+        if y < 0 || y as usize >= vocab {
+            return Err(VppoError::TargetOutOfRange {
+                row,
+                target: y,
+                vocab,
+            });
+        }
+    }
+    let mut row = vec![0.0f64; vocab];
+    for t in 0..n {
+        let g = dlogp[t];
+        if g == 0.0 {
+            row.iter_mut().for_each(|x| *x = 0.0);
+        } else {
+            let y = targets[t] as usize;
+            for (v, out) in row.iter_mut().enumerate() {
+                // softmax(a)_v = exp(a_v - lse_t), a_v = logits[t, v] / tau
+                let p = (logits.get(t * vocab + v) / temperature - lse[t]).exp();
+                let onehot = if v == y { 1.0 } else { 0.0 };
+                // g_t (1[v = y] - p_v) / tau
+                *out = g * (onehot - p) / temperature;
+            }
+        }
+        let dst = t * vocab..(t + 1) * vocab;
+        match &mut grad {
+            GradMut::F32(buf) => buf[dst]
+                .iter_mut()
+                .zip(&row)
+                .for_each(|(o, &x)| *o = x as f32),
+            GradMut::F16(buf) => buf[dst]
+                .iter_mut()
+                .zip(&row)
+                .for_each(|(o, &x)| *o = f16::from_f64(x)),
+            GradMut::Bf16(buf) => buf[dst]
+                .iter_mut()
+                .zip(&row)
+                .for_each(|(o, &x)| *o = bf16::from_f64(x)),
+        }
+    }
+    Ok(())
+}

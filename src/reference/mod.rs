@@ -1,0 +1,174 @@
+//! The CPU reference: the oracle every executor is tested against.
+//!
+//! Every formula of SPEC sections 2 to 6, in f64, for logits in bf16, f16 and f32 (each element is
+//! widened exactly to f64). Written for clarity: plain loops, two passes where that is clearer, the
+//! formula in a comment over each step. One file per stage, each public with plain slice signatures so
+//! a kernel can be tested stage by stage:
+//!
+//! | stage | function | kernel |
+//! | --- | --- | --- |
+//! | per token: lse, logp, kl, k3, entropy, score, row checks | [`perception::perception`] | kernels/perception.cu |
+//! | per response: top-k mask and k | [`select::topk_mask`] | kernels/select_loss.cu |
+//! | per response: Sbar and alpha | [`shaping::sbar`], [`shaping::alpha`] | kernels/select_loss.cu |
+//! | loss, dloss/dlogp, statistics | [`surrogate::surrogate`] | kernels/select_loss.cu |
+//! | dloss/dlogits | [`backward::grad_logits`] | kernels/backward.cu |
+//!
+//! The reference selects the top-k on its f64 scores. [`forward`] rounds the per-token and per-response
+//! values of [`VppoOutput`] to f32; the loss stays f64. [`backward_into`] recomputes lse and dloss/dlogp
+//! in f64 rather than reading the f32 copies of the output, so the gradient is the f64 one rounded once.
+//!
+//! Every stage function validates its own inputs and returns an error rather than panicking.
+
+pub mod backward;
+pub mod perception;
+pub mod select;
+pub mod shaping;
+pub mod surrogate;
+
+pub use perception::PerceptionF64;
+pub use surrogate::SurrogateF64;
+
+use crate::api::GradMut;
+use crate::batch::Batch;
+use crate::config::{Shaping, TasScope, VppoConfig};
+use crate::error::{Result, Tensor, VppoError};
+use crate::output::{ResponseOutputs, TokenOutputs, VppoOutput};
+
+/// Every f64 intermediate of one reference evaluation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ForwardF64 {
+    /// Pass 1: per-token values.
+    pub perception: PerceptionF64,
+    /// The top-k mask [N].
+    pub mask: Vec<u8>,
+    /// k_b [B].
+    pub k: Vec<u32>,
+    /// Sbar_b [B].
+    pub sbar: Vec<f64>,
+    /// alpha_b [B].
+    pub alpha: Vec<f64>,
+    /// Loss, dloss/dlogp and statistics.
+    pub surrogate: SurrogateF64,
+}
+
+/// Whether the configuration needs B to be a whole number of groups of G (group-scope shaping).
+pub fn needs_groups(cfg: &VppoConfig) -> bool {
+    cfg.scope() == TasScope::Group && cfg.shaping != Shaping::None
+}
+
+/// Validates the config and the batch (all of SPEC section 7 that is O(N + B)), then runs every stage
+/// in f64. The O(N V) row checks happen in [`perception::perception`] before it computes anything.
+pub fn forward_f64(batch: &Batch, cfg: &VppoConfig) -> Result<ForwardF64> {
+    cfg.validate()?;
+    batch.validate_small(cfg.group_size, needs_groups(cfg))?;
+    let perception = perception::perception(batch, cfg)?;
+    let (mask, k) = select::topk_mask(
+        &perception.score,
+        batch.cu_seqlens,
+        cfg.top_fraction_exact()?,
+    )?;
+    let sbar = shaping::sbar(&perception.score, batch.cu_seqlens)?;
+    let alpha = shaping::alpha(&sbar, batch.cu_seqlens, cfg)?;
+    let surrogate = surrogate::surrogate(
+        &perception.logp,
+        batch.old_logp,
+        &mask,
+        &alpha,
+        batch.advantages,
+        batch.cu_seqlens,
+        cfg,
+    )?;
+    Ok(ForwardF64 {
+        perception,
+        mask,
+        k,
+        sbar,
+        alpha,
+        surrogate,
+    })
+}
+
+fn to_f32(x: &[f64]) -> Vec<f32> {
+    x.iter().map(|&v| v as f32).collect()
+}
+
+/// The loss and every output of SPEC section 8 (without dloss/dlogits), computed by the reference.
+///
+/// N = 0 is not an error: the loss is 0 and the per-token outputs are empty.
+pub fn forward(batch: &Batch, cfg: &VppoConfig) -> Result<VppoOutput> {
+    let f = forward_f64(batch, cfg)?;
+    let p = &f.perception;
+    Ok(VppoOutput {
+        loss: f.surrogate.loss,
+        pg_loss: f.surrogate.pg_loss,
+        token_normalizer: f.surrogate.token_normalizer,
+        tokens: TokenOutputs {
+            score: to_f32(&p.score),
+            kl: to_f32(&p.kl),
+            k3: to_f32(&p.k3),
+            entropy: to_f32(&p.entropy),
+            logp: to_f32(&p.logp),
+            logp_masked: to_f32(&p.logp_masked),
+            lse: to_f32(&p.lse),
+            lse_masked: to_f32(&p.lse_masked),
+            mask: f.mask,
+            dlogp: to_f32(&f.surrogate.dlogp),
+        },
+        responses: ResponseOutputs {
+            sbar: to_f32(&f.sbar),
+            k: f.k,
+            alpha: to_f32(&f.alpha),
+        },
+        stats: f.surrogate.stats,
+    })
+}
+
+/// Checks that `out` has the lengths of a forward over `batch` (N per-token values, B per-response).
+pub fn check_output(batch: &Batch, out: &VppoOutput) -> Result<()> {
+    let n = batch.n_tokens();
+    let b = batch.n_responses();
+    let t = &out.tokens;
+    let r = &out.responses;
+    let token_ok = [t.lse.len(), t.dlogp.len(), t.logp.len(), t.mask.len()]
+        .iter()
+        .all(|&l| l == n);
+    let resp_ok = [r.sbar.len(), r.alpha.len(), r.k.len()]
+        .iter()
+        .all(|&l| l == b);
+    if !token_ok || !resp_ok {
+        return Err(VppoError::Shape {
+            tensor: Tensor::Logits,
+            detail: format!(
+                "the forward output given to backward is for another batch: it has {} tokens and {} \
+                 responses, the batch N = {n} and B = {b}",
+                t.dlogp.len(),
+                r.alpha.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// dloss/dlogits into `grad` ([N, V], any of f32, f16, bf16), computed by the reference.
+///
+/// `out` must be the forward output of the same batch and config (its lengths are checked). The
+/// reference recomputes lse and dloss/dlogp in f64 instead of reading the f32 copies in `out`, so the
+/// gradient is the f64 value rounded once to the buffer's dtype.
+pub fn backward_into(
+    batch: &Batch,
+    cfg: &VppoConfig,
+    out: &VppoOutput,
+    grad: GradMut,
+) -> Result<()> {
+    check_output(batch, out)?;
+    let f = forward_f64(batch, cfg)?;
+    backward::grad_logits(
+        batch.logits,
+        batch.vocab,
+        batch.targets,
+        &f.perception.lse,
+        &f.surrogate.dlogp,
+        cfg.temperature,
+        grad,
+    )
+}

@@ -1,0 +1,50 @@
+//! Token-level Gradient Filtering (SPEC section 3): the per-response top-k mask.
+
+use std::cmp::Ordering;
+
+use crate::batch::validate_cu_seqlens;
+use crate::config::TopFraction;
+use crate::error::Result;
+
+/// The rank order of two scores: higher first; NaN (which the perception pass never produces) ranks
+/// below every number; -0.0 and +0.0 are equal.
+fn higher_first(x: f64, y: f64) -> Ordering {
+    match (x.is_nan(), y.is_nan()) {
+        (true, true) => Ordering::Equal,
+        (true, false) => Ordering::Greater,
+        (false, true) => Ordering::Less,
+        (false, false) => y.partial_cmp(&x).unwrap_or(Ordering::Equal),
+    }
+}
+
+/// The top-k mask of each response and its k.
+///
+/// For response b (tokens `cu_seqlens[b] .. cu_seqlens[b+1]`, length L_b):
+/// k_b = ceil(top_fraction * L_b) in exact integer arithmetic ([`TopFraction::k_for`]: 0.4 x 10 is 4),
+/// and mask[t] = 1 for exactly the k_b tokens of b with the highest score, else 0. Ties go to the lower
+/// token index: the tokens are sorted by score descending with a stable sort, so equal scores keep their
+/// index order, and the first k_b are taken.
+///
+/// Returns `(mask [N], k [B])`. Errors when `cu_seqlens` is malformed for N = `score.len()`.
+pub fn topk_mask(
+    score: &[f64],
+    cu_seqlens: &[i32],
+    frac: TopFraction,
+) -> Result<(Vec<u8>, Vec<u32>)> {
+    validate_cu_seqlens(cu_seqlens, score.len())?;
+    let mut mask = vec![0u8; score.len()];
+    let mut ks = Vec::with_capacity(cu_seqlens.len() - 1);
+    for w in cu_seqlens.windows(2) {
+        let (start, end) = (w[0] as usize, w[1] as usize);
+        // k_b = ceil(top_fraction * L_b), exact
+        let k = frac.k_for(end - start);
+        // indices of response b, highest score first, ties in index order (stable sort)
+        let mut order: Vec<usize> = (start..end).collect();
+        order.sort_by(|&i, &j| higher_first(score[i], score[j]));
+        for &t in &order[..k] {
+            mask[t] = 1;
+        }
+        ks.push(k as u32);
+    }
+    Ok((mask, ks))
+}
