@@ -8,8 +8,8 @@
 
 use std::path::Path;
 
-use rand_chacha::ChaCha8Rng;
 use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, VppoError};
@@ -29,7 +29,11 @@ impl RngState {
     /// Captures `rng`.
     pub fn of(rng: &ChaCha8Rng) -> RngState {
         let seed = rng.get_seed().iter().map(|b| format!("{b:02x}")).collect();
-        RngState { seed, stream: rng.get_stream(), word_pos: rng.get_word_pos().to_string() }
+        RngState {
+            seed,
+            stream: rng.get_stream(),
+            word_pos: rng.get_word_pos().to_string(),
+        }
     }
 
     /// Rebuilds the generator at the captured position.
@@ -88,21 +92,33 @@ impl Checkpoint {
     /// Writes the checkpoint atomically (temporary file, then rename).
     pub fn save(&self, path: &Path) -> Result<()> {
         let tmp = path.with_extension("json.tmp");
-        let text = serde_json::to_string(self).map_err(|e| VppoError::Io(format!("checkpoint: {e}")))?;
-        std::fs::write(&tmp, text).map_err(|e| VppoError::Io(format!("writing {}: {e}", tmp.display())))?;
-        std::fs::rename(&tmp, path).map_err(|e| VppoError::Io(format!("writing {}: {e}", path.display())))
+        let text =
+            serde_json::to_string(self).map_err(|e| VppoError::Io(format!("checkpoint: {e}")))?;
+        std::fs::write(&tmp, text)
+            .map_err(|e| VppoError::Io(format!("writing {}: {e}", tmp.display())))?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| VppoError::Io(format!("writing {}: {e}", path.display())))
     }
 
     /// Reads a checkpoint.
     pub fn load(path: &Path) -> Result<Checkpoint> {
-        let text = std::fs::read_to_string(path).map_err(|e| VppoError::Io(format!("reading {}: {e}", path.display())))?;
-        let ck: Checkpoint =
-            serde_json::from_str(&text).map_err(|e| VppoError::Io(format!("{} is not a vppo checkpoint: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| VppoError::Io(format!("reading {}: {e}", path.display())))?;
+        let ck: Checkpoint = serde_json::from_str(&text).map_err(|e| {
+            VppoError::Io(format!("{} is not a vppo checkpoint: {e}", path.display()))
+        })?;
         if ck.version != 1 {
-            return Err(VppoError::Io(format!("{}: checkpoint version {} (expected 1)", path.display(), ck.version)));
+            return Err(VppoError::Io(format!(
+                "{}: checkpoint version {} (expected 1)",
+                path.display(),
+                ck.version
+            )));
         }
         if ck.adam_m.len() != ck.params.len() || ck.adam_v.len() != ck.params.len() {
-            return Err(VppoError::Io(format!("{}: parameter and optimizer sizes differ", path.display())));
+            return Err(VppoError::Io(format!(
+                "{}: parameter and optimizer sizes differ",
+                path.display()
+            )));
         }
         Ok(ck)
     }
@@ -150,7 +166,13 @@ mod tests {
         ck.save(&path).unwrap();
         let back = Checkpoint::load(&path).unwrap();
         assert_eq!(back, ck);
-        assert_eq!(from_bits(&back.params).iter().map(|v| v.to_bits()).collect::<Vec<_>>(), to_bits(&weird));
+        assert_eq!(
+            from_bits(&back.params)
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>(),
+            to_bits(&weird)
+        );
         std::fs::write(&path, "{not json").unwrap();
         assert!(matches!(Checkpoint::load(&path), Err(VppoError::Io(_))));
     }

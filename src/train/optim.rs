@@ -17,7 +17,13 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig { lr: 3e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01 }
+        AdamWConfig {
+            lr: 3e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
     }
 }
 
@@ -37,7 +43,12 @@ pub struct AdamW {
 impl AdamW {
     /// Zero state for `n` parameters.
     pub fn new(config: AdamWConfig, n: usize) -> AdamW {
-        AdamW { config, m: vec![0.0; n], v: vec![0.0; n], t: 0 }
+        AdamW {
+            config,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            t: 0,
+        }
     }
 
     /// One update of `params` with `grad`.
@@ -63,7 +74,11 @@ impl AdamW {
 
 /// Scales `grad` so its L2 norm is at most `max_norm`; returns the norm before clipping (computed in f64).
 pub fn clip_global_norm(grad: &mut [f32], max_norm: f64) -> f64 {
-    let norm = grad.iter().map(|&g| g as f64 * g as f64).sum::<f64>().sqrt();
+    let norm = grad
+        .iter()
+        .map(|&g| g as f64 * g as f64)
+        .sum::<f64>()
+        .sqrt();
     if norm > max_norm && norm > 0.0 {
         let s = (max_norm / norm) as f32;
         grad.iter_mut().for_each(|g| *g *= s);
@@ -78,7 +93,11 @@ mod tests {
     #[test]
     fn adamw_first_step_moves_each_parameter_by_lr() {
         // With bias correction the first Adam step is lr * sign(g) (up to eps), plus the decay.
-        let cfg = AdamWConfig { lr: 0.1, weight_decay: 0.5, ..Default::default() };
+        let cfg = AdamWConfig {
+            lr: 0.1,
+            weight_decay: 0.5,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(cfg, 3);
         let mut p = vec![1.0f32, -2.0, 0.5];
         opt.step(&mut p, &[0.3, -4.0, 0.0]);
@@ -91,13 +110,23 @@ mod tests {
 
     #[test]
     fn adamw_minimises_a_quadratic() {
-        let mut opt = AdamW::new(AdamWConfig { lr: 0.05, weight_decay: 0.0, ..Default::default() }, 2);
+        let mut opt = AdamW::new(
+            AdamWConfig {
+                lr: 0.05,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+            2,
+        );
         let mut p = vec![3.0f32, -1.0];
         for _ in 0..500 {
             let g = [2.0 * (p[0] - 1.0), 2.0 * (p[1] + 2.0)];
             opt.step(&mut p, &g);
         }
-        assert!((p[0] - 1.0).abs() < 1e-2 && (p[1] + 2.0).abs() < 1e-2, "{p:?}");
+        assert!(
+            (p[0] - 1.0).abs() < 1e-2 && (p[1] + 2.0).abs() < 1e-2,
+            "{p:?}"
+        );
     }
 
     #[test]

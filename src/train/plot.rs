@@ -13,7 +13,12 @@ fn io<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> VppoError + '_ {
 
 /// Colour of series `i` (a fixed palette, so an algorithm keeps its colour across pictures).
 fn colour(i: usize) -> RGBColor {
-    const PALETTE: [RGBColor; 4] = [RGBColor(214, 39, 40), RGBColor(31, 119, 180), RGBColor(44, 160, 44), RGBColor(148, 103, 189)];
+    const PALETTE: [RGBColor; 4] = [
+        RGBColor(214, 39, 40),
+        RGBColor(31, 119, 180),
+        RGBColor(44, 160, 44),
+        RGBColor(148, 103, 189),
+    ];
     PALETTE[i % PALETTE.len()]
 }
 
@@ -44,7 +49,12 @@ pub struct RewardSeries {
 /// 10-step moving average as a thick line.
 pub fn reward_plot(path: &Path, title: &str, series: &[RewardSeries]) -> Result<()> {
     let err = io(path);
-    let steps = series.iter().flat_map(|s| s.runs.iter().map(|r| r.len())).max().unwrap_or(0).max(1);
+    let steps = series
+        .iter()
+        .flat_map(|s| s.runs.iter().map(|r| r.len()))
+        .max()
+        .unwrap_or(0)
+        .max(1);
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(&err)?;
     let mut chart = ChartBuilder::on(&root)
@@ -54,17 +64,37 @@ pub fn reward_plot(path: &Path, title: &str, series: &[RewardSeries]) -> Result<
         .y_label_area_size(55)
         .build_cartesian_2d(0f64..steps as f64, 0f64..1.0)
         .map_err(&err)?;
-    chart.configure_mesh().x_desc("step").y_desc("mean reward (accuracy of the samples)").draw().map_err(&err)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("mean reward (accuracy of the samples)")
+        .draw()
+        .map_err(&err)?;
     for (i, s) in series.iter().enumerate() {
         let c = colour(i);
         for run in &s.runs {
             let pts = run.iter().enumerate().map(|(t, &r)| ((t + 1) as f64, r));
-            chart.draw_series(LineSeries::new(pts, c.mix(0.25))).map_err(&err)?;
+            chart
+                .draw_series(LineSeries::new(pts, c.mix(0.25)))
+                .map_err(&err)?;
         }
         let smoothed: Vec<Vec<f64>> = s.runs.iter().map(|r| moving_average(r, 10)).collect();
         let len = smoothed.iter().map(|r| r.len()).min().unwrap_or(0);
-        let mean = (0..len).map(|t| ((t + 1) as f64, smoothed.iter().map(|r| r[t]).sum::<f64>() / smoothed.len() as f64));
-        let label = if s.runs.len() > 1 { format!("{} (mean of {} seeds, 10-step average)", s.label, s.runs.len()) } else { format!("{} (10-step average)", s.label) };
+        let mean = (0..len).map(|t| {
+            (
+                (t + 1) as f64,
+                smoothed.iter().map(|r| r[t]).sum::<f64>() / smoothed.len() as f64,
+            )
+        });
+        let label = if s.runs.len() > 1 {
+            format!(
+                "{} (mean of {} seeds, 10-step average)",
+                s.label,
+                s.runs.len()
+            )
+        } else {
+            format!("{} (10-step average)", s.label)
+        };
         chart
             .draw_series(LineSeries::new(mean, c.stroke_width(3)))
             .map_err(&err)?
@@ -87,7 +117,12 @@ pub fn reward_plot(path: &Path, title: &str, series: &[RewardSeries]) -> Result<
 pub fn score_histogram(path: &Path, title: &str, scores: &[(f32, bool)]) -> Result<()> {
     let err = io(path);
     let bins = 30usize;
-    let max = scores.iter().map(|s| s.0 as f64).fold(0.0f64, f64::max).max(1e-3) * 1.0001;
+    let max = scores
+        .iter()
+        .map(|s| s.0 as f64)
+        .fold(0.0f64, f64::max)
+        .max(1e-3)
+        * 1.0001;
     let width = max / bins as f64;
     let n = scores.len().max(1) as f64;
     let mut counts = vec![[0usize; 2]; bins];
@@ -95,13 +130,24 @@ pub fn score_histogram(path: &Path, title: &str, scores: &[(f32, bool)]) -> Resu
         let b = ((s as f64 / width) as usize).min(bins - 1);
         counts[b][answer as usize] += 1;
     }
-    let top = counts.iter().flat_map(|c| c.iter()).map(|&c| c as f64 / n).fold(0.0, f64::max).max(1e-3) * 1.1;
+    let top = counts
+        .iter()
+        .flat_map(|c| c.iter())
+        .map(|&c| c as f64 / n)
+        .fold(0.0, f64::max)
+        .max(1e-3)
+        * 1.1;
     let small = 0.05 * max;
     let frac_small = scores.iter().filter(|s| (s.0 as f64) < small).count() as f64 / n;
     let n_answer = scores.iter().filter(|s| s.1).count() as f64;
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(&err)?;
-    let caption = format!("{title}: {:.0}% of {} tokens score below {:.3}", 100.0 * frac_small, scores.len(), small);
+    let caption = format!(
+        "{title}: {:.0}% of {} tokens score below {:.3}",
+        100.0 * frac_small,
+        scores.len(),
+        small
+    );
     let mut chart = ChartBuilder::on(&root)
         .caption(caption, ("sans-serif", 20))
         .margin(16)
@@ -115,13 +161,23 @@ pub fn score_histogram(path: &Path, title: &str, scores: &[(f32, bool)]) -> Resu
         .y_desc("fraction of tokens")
         .draw()
         .map_err(&err)?;
-    for (kind, label) in [(0usize, "template / reasoning tokens"), (1, "answer tokens")] {
+    for (kind, label) in [
+        (0usize, "template / reasoning tokens"),
+        (1, "answer tokens"),
+    ] {
         let c = colour(kind + 1);
-        let share = if kind == 1 { n_answer / n } else { 1.0 - n_answer / n };
+        let share = if kind == 1 {
+            n_answer / n
+        } else {
+            1.0 - n_answer / n
+        };
         chart
             .draw_series(counts.iter().enumerate().map(|(b, cnt)| {
                 let x0 = b as f64 * width + kind as f64 * width / 2.0;
-                Rectangle::new([(x0, 0.0), (x0 + width / 2.0, cnt[kind] as f64 / n)], c.filled())
+                Rectangle::new(
+                    [(x0, 0.0), (x0 + width / 2.0, cnt[kind] as f64 / n)],
+                    c.filled(),
+                )
             }))
             .map_err(&err)?
             .label(format!("{label} ({:.0}% of tokens)", 100.0 * share))
@@ -144,7 +200,10 @@ mod tests {
 
     #[test]
     fn moving_average_is_trailing() {
-        assert_eq!(moving_average(&[1.0, 3.0, 5.0, 7.0], 2), vec![1.0, 2.0, 4.0, 6.0]);
+        assert_eq!(
+            moving_average(&[1.0, 3.0, 5.0, 7.0], 2),
+            vec![1.0, 2.0, 4.0, 6.0]
+        );
     }
 
     #[test]
@@ -152,8 +211,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = dir.path().join("reward.svg");
         let series = vec![
-            RewardSeries { label: "vppo".into(), runs: vec![vec![0.2, 0.4, 0.5], vec![0.3, 0.3, 0.6]] },
-            RewardSeries { label: "dapo".into(), runs: vec![vec![0.2, 0.3, 0.4]] },
+            RewardSeries {
+                label: "vppo".into(),
+                runs: vec![vec![0.2, 0.4, 0.5], vec![0.3, 0.3, 0.6]],
+            },
+            RewardSeries {
+                label: "dapo".into(),
+                runs: vec![vec![0.2, 0.3, 0.4]],
+            },
         ];
         reward_plot(&r, "reward", &series).unwrap();
         let text = std::fs::read_to_string(&r).unwrap();

@@ -10,8 +10,8 @@
 //! | same | `Q_SAME CELL_i CELL_j` | `COMPARE CELL_i AND CELL_j ANSWER IS <yes/no> EOS` |
 //!
 //! Every token but the answer is fixed by the question alone (the paper's finding: visual dependency is
-//! sparse). The reward is verifiable: 1 when the token right after the first `IS` is the right answer,
-//! else 0. The masked image I' blackens each cell (all its features 0) with probability 0.5, drawn afresh
+//! sparse). The reward is verifiable: 1 when the token right after the first `IS` is the right answer
+//! and the response is otherwise the question's template (format and answer), else 0. The masked image I' blackens each cell (all its features 0) with probability 0.5, drawn afresh
 //! for every rollout, as the official code blackens 14x14 patches.
 
 use rand::Rng;
@@ -56,12 +56,21 @@ pub struct TaskConfig {
 
 impl Default for TaskConfig {
     fn default() -> Self {
-        TaskConfig { rows: 3, cols: 3, colours: 3, kinds: vec![Kind::ColourAt, Kind::Count, Kind::Same], mask_prob: 0.5 }
+        TaskConfig {
+            rows: 3,
+            cols: 3,
+            colours: 3,
+            kinds: vec![Kind::ColourAt, Kind::Count, Kind::Same],
+            mask_prob: 0.5,
+        }
     }
 }
 
 /// Fixed word tokens, in vocabulary order after the specials.
-const WORDS: [&str; 12] = ["LOOK", "COLOUR", "IS", "COUNT", "CELLS", "NUMBER", "COMPARE", "AND", "ANSWER", "YES", "NO", "EOS"];
+const WORDS: [&str; 12] = [
+    "LOOK", "COLOUR", "IS", "COUNT", "CELLS", "NUMBER", "COMPARE", "AND", "ANSWER", "YES", "NO",
+    "EOS",
+];
 
 /// Token ids of the task's vocabulary.
 #[derive(Debug, Clone, PartialEq)]
@@ -154,23 +163,46 @@ pub struct Task {
 impl Task {
     /// Builds the task; the config must have at least one cell, two colours and one kind.
     pub fn new(config: TaskConfig) -> crate::Result<Task> {
-        let bad = |field, value: String, expected| crate::VppoError::Config { field, value, expected };
+        let bad = |field, value: String, expected| crate::VppoError::Config {
+            field,
+            value,
+            expected,
+        };
         if config.rows * config.cols == 0 || config.rows * config.cols > 64 {
-            return Err(bad("grid", format!("{}x{}", config.rows, config.cols), "1 to 64 cells"));
+            return Err(bad(
+                "grid",
+                format!("{}x{}", config.rows, config.cols),
+                "1 to 64 cells",
+            ));
         }
         if config.colours < 2 || config.colours > 16 {
-            return Err(bad("colours", config.colours.to_string(), "2 to 16 colours"));
+            return Err(bad(
+                "colours",
+                config.colours.to_string(),
+                "2 to 16 colours",
+            ));
         }
         if config.kinds.is_empty() {
             return Err(bad("kinds", "[]".into(), "at least one question kind"));
         }
         if config.kinds.contains(&Kind::Same) && config.rows * config.cols < 2 {
-            return Err(bad("kinds", "same".into(), "two cells or more for same-colour questions"));
+            return Err(bad(
+                "kinds",
+                "same".into(),
+                "two cells or more for same-colour questions",
+            ));
         }
         if !(0.0..=1.0).contains(&config.mask_prob) {
-            return Err(bad("mask-prob", config.mask_prob.to_string(), "0 <= p <= 1"));
+            return Err(bad(
+                "mask-prob",
+                config.mask_prob.to_string(),
+                "0 <= p <= 1",
+            ));
         }
-        let vocab = Vocab { cells: config.rows * config.cols, colours: config.colours };
+        let vocab = Vocab {
+            cells: config.rows * config.cols,
+            colours: config.colours,
+        };
         Ok(Task { config, vocab })
     }
 
@@ -200,12 +232,31 @@ impl Task {
         let (prompt, response) = match kind {
             Kind::ColourAt => {
                 let i = rng.gen_range(0..n);
-                ([Vocab::Q_COLOUR, v.cell(i), Vocab::PAD], vec![w("LOOK"), v.cell(i), w("COLOUR"), w("IS"), v.colour(grid[i])])
+                (
+                    [Vocab::Q_COLOUR, v.cell(i), Vocab::PAD],
+                    vec![
+                        w("LOOK"),
+                        v.cell(i),
+                        w("COLOUR"),
+                        w("IS"),
+                        v.colour(grid[i]),
+                    ],
+                )
             }
             Kind::Count => {
                 let c = rng.gen_range(0..k);
                 let count = grid.iter().filter(|&&g| g == c).count();
-                ([Vocab::Q_COUNT, v.colour(c), Vocab::PAD], vec![w("COUNT"), v.colour(c), w("CELLS"), w("NUMBER"), w("IS"), v.digit(count)])
+                (
+                    [Vocab::Q_COUNT, v.colour(c), Vocab::PAD],
+                    vec![
+                        w("COUNT"),
+                        v.colour(c),
+                        w("CELLS"),
+                        w("NUMBER"),
+                        w("IS"),
+                        v.digit(count),
+                    ],
+                )
             }
             Kind::Same => {
                 let i = rng.gen_range(0..n);
@@ -214,14 +265,35 @@ impl Task {
                 if rng.gen_bool(0.5) {
                     grid[j] = grid[i];
                 }
-                let ans = if grid[i] == grid[j] { w("YES") } else { w("NO") };
-                ([Vocab::Q_SAME, v.cell(i), v.cell(j)], vec![w("COMPARE"), v.cell(i), w("AND"), v.cell(j), w("ANSWER"), w("IS"), ans])
+                let ans = if grid[i] == grid[j] {
+                    w("YES")
+                } else {
+                    w("NO")
+                };
+                (
+                    [Vocab::Q_SAME, v.cell(i), v.cell(j)],
+                    vec![
+                        w("COMPARE"),
+                        v.cell(i),
+                        w("AND"),
+                        v.cell(j),
+                        w("ANSWER"),
+                        w("IS"),
+                        ans,
+                    ],
+                )
             }
         };
         let answer_pos = response.len() - 1;
         let mut response = response;
         response.push(v.eos());
-        Problem { grid, kind, prompt, response, answer_pos }
+        Problem {
+            grid,
+            kind,
+            prompt,
+            response,
+            answer_pos,
+        }
     }
 
     /// The answers a question of this kind can have (what the base model is taught to guess among).
@@ -244,13 +316,36 @@ impl Task {
         x
     }
 
+    /// Number of glimpse features: the features of the (up to two) cells a question names.
+    pub fn glimpse_dim(&self) -> usize {
+        2 * self.config.colours
+    }
+
+    /// The glimpse: the features, in `image` (real or masked), of the cells the question's second and
+    /// third tokens name, zeros for a slot that names no cell. It is how the policy attends to the cells
+    /// a question is about; a count question names none and must read the whole image.
+    pub fn glimpse(&self, prompt: &[u32; 3], image: &[f32]) -> Vec<f32> {
+        let k = self.config.colours;
+        let mut g = vec![0.0f32; 2 * k];
+        for slot in 0..2 {
+            let t = prompt[slot + 1];
+            if t >= self.vocab.cell(0) && t < self.vocab.cell(self.cells()) {
+                let cell = (t - self.vocab.cell(0)) as usize;
+                g[slot * k..(slot + 1) * k].copy_from_slice(&image[cell * k..(cell + 1) * k]);
+            }
+        }
+        g
+    }
+
     /// The masked image I': each cell blackened (features 0) with probability `mask_prob`.
     pub fn masked_image(&self, image: &[f32], rng: &mut ChaCha8Rng) -> Vec<f32> {
         let k = self.config.colours;
         let mut x = image.to_vec();
         for cell in 0..self.cells() {
             if rng.gen_bool(self.config.mask_prob) {
-                x[cell * k..(cell + 1) * k].iter_mut().for_each(|f| *f = 0.0);
+                x[cell * k..(cell + 1) * k]
+                    .iter_mut()
+                    .for_each(|f| *f = 0.0);
             }
         }
         x
@@ -259,13 +354,20 @@ impl Task {
     /// Position of the answer in a sampled response: the token right after the first `IS`.
     pub fn answer_position(&self, response: &[u32]) -> Option<usize> {
         let is = self.vocab.word("IS");
-        response.iter().position(|&t| t == is).map(|i| i + 1).filter(|&i| i < response.len())
+        response
+            .iter()
+            .position(|&t| t == is)
+            .map(|i| i + 1)
+            .filter(|&i| i < response.len())
     }
 
-    /// The verifiable reward: 1 when the token after the first `IS` is the right answer, else 0.
+    /// The verifiable reward: 1 when the response is well formed and right: the token after the first
+    /// `IS` is the right answer and the rest is the question's template, ending with EOS; else 0.
+    /// (A looser check, the answer alone, let the tokens after it drift into noise once the answers were
+    /// right, since nothing rewarded stopping: measured, responses grew to the length limit.)
     pub fn reward(&self, p: &Problem, response: &[u32]) -> f32 {
         match self.answer_position(response) {
-            Some(i) if response[i] == p.answer() => 1.0,
+            Some(i) if response[i] == p.answer() && response == p.response.as_slice() => 1.0,
             _ => 0.0,
         }
     }
@@ -302,10 +404,18 @@ mod tests {
             assert!(t.answer_set(p.kind).contains(&p.answer()));
             assert!(p.response.len() <= t.max_response_len());
             let mut wrong = p.response.clone();
-            let alt = t.answer_set(p.kind).into_iter().find(|&a| a != p.answer()).unwrap();
+            let alt = t
+                .answer_set(p.kind)
+                .into_iter()
+                .find(|&a| a != p.answer())
+                .unwrap();
             wrong[p.answer_pos] = alt;
             assert_eq!(t.reward(&p, &wrong), 0.0);
             assert_eq!(t.reward(&p, &p.response[..p.answer_pos]), 0.0);
+            assert_eq!(t.reward(&p, &p.response[..p.answer_pos + 1]), 0.0, "no EOS");
+            let mut bad_format = p.response.clone();
+            bad_format[0] = t.vocab.word("AND");
+            assert_eq!(t.reward(&p, &bad_format), 0.0);
             let x = t.image(&p);
             assert_eq!(x.iter().sum::<f32>(), t.cells() as f32);
             let m = t.masked_image(&x, &mut rng);
@@ -319,8 +429,20 @@ mod tests {
 
     #[test]
     fn bad_configs_are_errors() {
-        assert!(Task::new(TaskConfig { colours: 1, ..Default::default() }).is_err());
-        assert!(Task::new(TaskConfig { kinds: vec![], ..Default::default() }).is_err());
-        assert!(Task::new(TaskConfig { rows: 0, ..Default::default() }).is_err());
+        assert!(Task::new(TaskConfig {
+            colours: 1,
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Task::new(TaskConfig {
+            kinds: vec![],
+            ..Default::default()
+        })
+        .is_err());
+        assert!(Task::new(TaskConfig {
+            rows: 0,
+            ..Default::default()
+        })
+        .is_err());
     }
 }
