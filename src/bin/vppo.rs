@@ -19,6 +19,10 @@ enum Command {
     /// Compute the VPPO loss, every per-token and per-response output and dloss/dlogits for a packed
     /// batch in a safetensors file; print a one-line JSON summary. Defaults are the official VPPO setting.
     Loss(LossArgs),
+    /// Train a small vision-language policy with VPPO (or DAPO, GRPO) on a synthetic grid task, on the
+    /// CPU by default; writes metrics.jsonl, checkpoint.json, reward.svg and scores.svg and prints a
+    /// one-line JSON summary. `--compare` runs vppo and dapo on the same seeds.
+    Train(vppo::train::TrainArgs),
 }
 
 fn loss(args: LossArgs) -> ExitCode {
@@ -34,8 +38,22 @@ fn loss(args: LossArgs) -> ExitCode {
     }
 }
 
+fn train(args: vppo::train::TrainArgs) -> ExitCode {
+    match vppo::train::run_cli(&args) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vppo train: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Loss(args) => loss(args),
+        Command::Train(args) => train(args),
     }
 }
