@@ -5,6 +5,7 @@ pub mod batch;
 pub mod config;
 pub mod error;
 pub mod params;
+pub mod simt;
 
 pub use batch::{Batch, Dtype, Logits};
 pub use config::{Aggregation, Perception, Shaping, TasScope, TopFraction, VppoConfig};
