@@ -174,7 +174,10 @@ impl<'a> Batch<'a> {
         if self.old_logp.len() != n {
             return Err(VppoError::Shape {
                 tensor: Tensor::OldLogp,
-                detail: format!("has {} elements, expected N = {n} (the length of targets)", self.old_logp.len()),
+                detail: format!(
+                    "has {} elements, expected N = {n} (the length of targets)",
+                    self.old_logp.len()
+                ),
             });
         }
         if self.cu_seqlens.len() != b + 1 {
@@ -195,11 +198,19 @@ impl<'a> Batch<'a> {
         }
         validate_cu_seqlens(self.cu_seqlens, n)?;
         if need_groups && b % group_size != 0 {
-            return Err(VppoError::GroupSize { tensor: Tensor::Advantages, n_responses: b, group_size });
+            return Err(VppoError::GroupSize {
+                tensor: Tensor::Advantages,
+                n_responses: b,
+                group_size,
+            });
         }
         for (row, &y) in self.targets.iter().enumerate() {
             if y < 0 || y as usize >= v {
-                return Err(VppoError::TargetOutOfRange { row, target: y, vocab: v });
+                return Err(VppoError::TargetOutOfRange {
+                    row,
+                    target: y,
+                    vocab: v,
+                });
             }
         }
         for (row, &x) in self.old_logp.iter().enumerate() {
@@ -227,10 +238,14 @@ impl<'a> Batch<'a> {
 /// cu_seqlens starts at 0, never decreases, and ends at N.
 pub fn validate_cu_seqlens(cu_seqlens: &[i32], n_tokens: usize) -> Result<()> {
     let Some(&first) = cu_seqlens.first() else {
-        return Err(VppoError::CuSeqlens { detail: "is empty; it needs B + 1 >= 1 entries".into() });
+        return Err(VppoError::CuSeqlens {
+            detail: "is empty; it needs B + 1 >= 1 entries".into(),
+        });
     };
     if first != 0 {
-        return Err(VppoError::CuSeqlens { detail: format!("starts at {first}, expected 0") });
+        return Err(VppoError::CuSeqlens {
+            detail: format!("starts at {first}, expected 0"),
+        });
     }
     for (b, w) in cu_seqlens.windows(2).enumerate() {
         if w[1] < w[0] {
@@ -241,7 +256,9 @@ pub fn validate_cu_seqlens(cu_seqlens: &[i32], n_tokens: usize) -> Result<()> {
     }
     let last = *cu_seqlens.last().unwrap_or(&0);
     if last as i64 != n_tokens as i64 {
-        return Err(VppoError::CuSeqlens { detail: format!("ends at {last}, expected N = {n_tokens}") });
+        return Err(VppoError::CuSeqlens {
+            detail: format!("ends at {last}, expected N = {n_tokens}"),
+        });
     }
     Ok(())
 }

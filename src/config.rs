@@ -76,14 +76,21 @@ impl TopFraction {
         // k_b larger by at most one token for a response of 10^18 tokens.
         let digits: String = frac_part.chars().take(18).collect();
         let den = 10u64.pow(digits.len() as u32);
-        let frac: u64 = if digits.is_empty() { 0 } else { digits.parse().unwrap_or(0) };
+        let frac: u64 = if digits.is_empty() {
+            0
+        } else {
+            digits.parse().unwrap_or(0)
+        };
         let whole: u64 = int_part.parse().unwrap_or(0);
         let mut num = whole * den + frac;
         if num == 0 {
             num = 1; // x > 0 but below 1e-18: the smallest representable positive fraction
         }
         let g = gcd(num, den);
-        Ok(TopFraction { num: num / g, den: den / g })
+        Ok(TopFraction {
+            num: num / g,
+            den: den / g,
+        })
     }
 
     /// Numerator of the exact fraction.
@@ -175,12 +182,20 @@ impl Default for VppoConfig {
 impl VppoConfig {
     /// The variant the paper's text describes: linear shaping with beta in [0.9, 1.1] per group of G.
     pub fn paper(group_size: usize) -> Self {
-        VppoConfig { group_size, shaping: Shaping::Linear, ..Self::default() }
+        VppoConfig {
+            group_size,
+            shaping: Shaping::Linear,
+            ..Self::default()
+        }
     }
 
     /// DAPO with the same clipping: every token carries gradient, no advantage shaping.
     pub fn dapo() -> Self {
-        VppoConfig { top_fraction: 1.0, shaping: Shaping::None, ..Self::default() }
+        VppoConfig {
+            top_fraction: 1.0,
+            shaping: Shaping::None,
+            ..Self::default()
+        }
     }
 
     /// The scope in force: the configured one, or the shaping's own default.
@@ -199,7 +214,11 @@ impl VppoConfig {
     /// Checks every field's range (SPEC section 7). Called before any computation.
     pub fn validate(&self) -> Result<()> {
         fn bad(field: &'static str, value: impl ToString, expected: &'static str) -> VppoError {
-            VppoError::Config { field, value: value.to_string(), expected }
+            VppoError::Config {
+                field,
+                value: value.to_string(),
+                expected,
+            }
         }
         if self.group_size == 0 {
             return Err(bad("group-size", 0, "G >= 1"));

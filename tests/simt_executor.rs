@@ -4,6 +4,7 @@
 //! Every expected value is computed here from the rule it tests (the CUDA Programming Guide, or the PTX
 //! ISA definition of shfl.sync / vote.sync), written in a comment above the check; none is taken from
 //! the executor's own output.
+#![allow(clippy::needless_range_loop)]
 
 use std::ptr;
 
@@ -47,6 +48,7 @@ fn mut_or_null<T>(v: &mut [T]) -> *mut T {
 
 /// Runs a self-test kernel over `bufs`. Each test sizes the buffers for what its kernel touches (the
 /// kernel's comment in kernels/simt/tests/ says which).
+#[allow(clippy::too_many_arguments)]
 fn run(
     entry: SimtEntry,
     grid: [u32; 3],

@@ -10,13 +10,14 @@
  * not touch the signal mask. A switch is a few nanoseconds instead of the ~0.3 us of swapcontext's
  * sigprocmask system call.
  *
- * Scheduling: the scheduler passes over the block's threads in forward (0 .. T-1) or reverse order and
- * runs each runnable thread until it blocks at a synchronizing call or exits. When no thread can run:
- * threads waiting at __activemask get the lanes of their warp waiting at the same call; otherwise, when
- * every thread that has not exited waits at __syncthreads, the barrier opens if they all wait at the
- * same call site and the launch stops with "divergent __syncthreads" if not; otherwise it is a deadlock.
- * A warp collective completes as soon as the last lane of its mask arrives; that lane carries on
- * without a switch.
+ * Scheduling: threads run in forward (0 .. T-1) or reverse order, each until it blocks at a
+ * synchronizing call or exits; then it hands the OS thread straight to the next runnable thread in that
+ * order (wrapping around: one pass after another), found in a bitmap of runnable threads. When no thread
+ * can run, control returns to the scheduler: threads waiting at __activemask get the lanes of their warp
+ * waiting at the same call; otherwise, when every thread that has not exited waits at __syncthreads, the
+ * barrier opens if they all wait at the same call site and the launch stops with "divergent
+ * __syncthreads" if not; otherwise it is a deadlock. A warp collective completes as soon as the last lane
+ * of its mask arrives; that lane carries on without a switch.
  */
 #undef _FORTIFY_SOURCE /* __longjmp_chk would refuse to jump between fiber stacks */
 
@@ -90,6 +91,7 @@ struct Block {
     uint32_t nthreads;
     bool reverse;
     std::vector<Lane> lanes;
+    std::vector<uint64_t> runnable; /* bit i: lanes[i].state == RUNNABLE */
     std::vector<WarpBits> warps;
     std::vector<uint3> tids;
     uint32_t n_exited;
@@ -192,29 +194,104 @@ void append_wait(std::string &s, const Lane &l) {
 
 void fiber_main();
 
-__attribute__((noinline)) void yield_to_scheduler(Block &b) {
-    if (_setjmp(b.fiber->jb) == 0) {
-        _longjmp(b.sched_jb, 1);
+inline void set_state(Block &b, uint32_t i, State st) {
+    b.lanes[i].state = st;
+    uint64_t bit = uint64_t{1} << (i & 63);
+    if (st == RUNNABLE) {
+        b.runnable[i >> 6] |= bit;
+    } else {
+        b.runnable[i >> 6] &= ~bit;
     }
 }
 
-__attribute__((noinline)) void resume(Block &b, uint32_t i) {
+/* The first runnable thread in the block's order strictly after `from` (-1: from the start), wrapping
+ * around; -1 when none. Passing over the threads in order this way is one scheduler pass after another. */
+int64_t next_runnable(const Block &b, int64_t from) {
+    const int64_t n = b.nthreads;
+    const int64_t words = static_cast<int64_t>(b.runnable.size());
+    if (!b.reverse) {
+        int64_t start = from + 1 >= n ? 0 : from + 1;
+        for (int64_t pass = 0; pass < 2; pass++) {
+            int64_t w = start >> 6;
+            uint64_t bits = b.runnable[w] & (~uint64_t{0} << (start & 63));
+            for (;;) {
+                if (bits) {
+                    return (w << 6) + __builtin_ctzll(bits);
+                }
+                if (++w >= words) {
+                    break;
+                }
+                bits = b.runnable[w];
+            }
+            if (start == 0) {
+                break;
+            }
+            start = 0;
+        }
+    } else {
+        int64_t start = from < 0 || from - 1 < 0 ? n - 1 : from - 1;
+        for (int64_t pass = 0; pass < 2; pass++) {
+            int64_t w = start >> 6;
+            int sh = 63 - static_cast<int>(start & 63);
+            uint64_t bits = b.runnable[w] & (~uint64_t{0} >> sh);
+            for (;;) {
+                if (bits) {
+                    return (w << 6) + 63 - __builtin_clzll(bits);
+                }
+                if (--w < 0) {
+                    break;
+                }
+                bits = b.runnable[w];
+            }
+            if (start == n - 1) {
+                break;
+            }
+            start = n - 1;
+        }
+    }
+    return -1;
+}
+
+/* Switches to thread i: its fiber is entered from the top when fresh, else where it left off. */
+[[noreturn]] void enter(Block &b, uint32_t i) {
     Fiber *f = b.fibers[i];
     b.fiber = f;
-    t_thread_idx = b.tids[i];
     b.cur = i;
+    t_thread_idx = b.tids[i];
+    if (f->fresh) {
+        f->fresh = false;
+        getcontext(&f->uc);
+        f->uc.uc_stack.ss_sp = f->mapping + static_cast<size_t>(sysconf(_SC_PAGESIZE));
+        f->uc.uc_stack.ss_size = kStackBytes;
+        f->uc.uc_link = nullptr;
+        makecontext(&f->uc, fiber_main, 0);
+        setcontext(&f->uc);
+        std::abort(); /* setcontext returns only on failure, which cannot happen for a made context */
+    }
+    _longjmp(f->jb, 1);
+}
+
+/* The running thread has blocked or exited (its state says which): hand the OS thread straight to the
+ * next runnable thread, or back to the scheduler when there is none. Returns when this thread is
+ * resumed. */
+[[noreturn]] void hand_over(Block &b) {
+    int64_t next = b.failed ? -1 : next_runnable(b, b.cur);
+    if (next < 0) {
+        _longjmp(b.sched_jb, 1);
+    }
+    enter(b, static_cast<uint32_t>(next));
+}
+
+__attribute__((noinline)) void yield_to_scheduler(Block &b) {
+    if (_setjmp(b.fiber->jb) == 0) {
+        hand_over(b);
+    }
+}
+
+/* From the scheduler: runs thread i and whatever it hands over to, until control comes back. */
+__attribute__((noinline)) void resume(Block &b, uint32_t i) {
     if (_setjmp(b.sched_jb) == 0) {
-        if (f->fresh) {
-            f->fresh = false;
-            getcontext(&f->uc);
-            f->uc.uc_stack.ss_sp = f->mapping + static_cast<size_t>(sysconf(_SC_PAGESIZE));
-            f->uc.uc_stack.ss_size = kStackBytes;
-            f->uc.uc_link = nullptr;
-            makecontext(&f->uc, fiber_main, 0);
-            setcontext(&f->uc);
-        } else {
-            _longjmp(f->jb, 1);
-        }
+        enter(b, i);
     }
 }
 
@@ -225,8 +302,8 @@ __attribute__((noinline)) void resume(Block &b, uint32_t i) {
         b.failed = true;
         b.error = std::move(msg);
     }
-    b.lanes[b.cur].state = FAULTED;
-    yield_to_scheduler(b);
+    set_state(b, b.cur, FAULTED);
+    yield_to_scheduler(b); /* b.failed: straight back to the scheduler */
     /* The scheduler never resumes a faulted fiber (it is restarted from the top on its next use). */
     std::abort();
 }
@@ -241,7 +318,7 @@ std::string thread_error(const Block &b, uint32_t i, const char *what, const cha
 void thread_exit() {
     Block &b = *t_blk;
     uint32_t i = b.cur;
-    b.lanes[i].state = EXITED;
+    set_state(b, i, EXITED);
     b.n_exited++;
     uint32_t base = i & ~31u;
     WarpBits &w = b.warps[i >> 5];
@@ -377,7 +454,7 @@ void complete_warp_op(Block &b, uint32_t base, unsigned int mask) {
         }
     }
     for (unsigned int m = mask; m; m &= m - 1) {
-        b.lanes[base + static_cast<uint32_t>(__builtin_ctz(m))].state = RUNNABLE;
+        set_state(b, base + static_cast<uint32_t>(__builtin_ctz(m)), RUNNABLE);
     }
     b.warps[base >> 5].arrived &= ~mask;
 }
@@ -459,7 +536,7 @@ uint64_t warp_op(int op, unsigned int mask, uint64_t value, int size, int b_arg,
     me.value = value;
     me.file = file;
     me.line = line;
-    me.state = AT_WARP;
+    set_state(b, i, AT_WARP);
     w.arrived |= 1u << lane;
 
     if ((w.arrived & mask) == mask) {
@@ -476,7 +553,7 @@ unsigned int activemask(const char *file, int line) {
     Lane &me = b.lanes[b.cur];
     me.file = file;
     me.line = line;
-    me.state = AT_ACTIVEMASK;
+    set_state(b, b.cur, AT_ACTIVEMASK);
     uint32_t i = b.cur;
     yield_to_scheduler(b);
     return static_cast<unsigned int>(b.lanes[i].result);
@@ -487,7 +564,7 @@ void syncthreads(const char *file, int line) {
     Lane &me = b.lanes[b.cur];
     me.file = file;
     me.line = line;
-    me.state = AT_BARRIER;
+    set_state(b, b.cur, AT_BARRIER);
     yield_to_scheduler(b);
 }
 
@@ -512,9 +589,9 @@ bool resolve_quiescent(Block &b) {
             }
         }
         for (unsigned int m = group; m; m &= m - 1) {
-            Lane &o = b.lanes[base + static_cast<uint32_t>(__builtin_ctz(m))];
-            o.result = group;
-            o.state = RUNNABLE;
+            uint32_t j = base + static_cast<uint32_t>(__builtin_ctz(m));
+            b.lanes[j].result = group;
+            set_state(b, j, RUNNABLE);
         }
         released = true;
     }
@@ -542,9 +619,9 @@ bool resolve_quiescent(Block &b) {
         }
     }
     if (all_at_barrier && same_site) {
-        for (Lane &l : b.lanes) {
-            if (l.state == AT_BARRIER) {
-                l.state = RUNNABLE;
+        for (uint32_t i = 0; i < b.nthreads; i++) {
+            if (b.lanes[i].state == AT_BARRIER) {
+                set_state(b, i, RUNNABLE);
             }
         }
         return true;
@@ -593,8 +670,8 @@ bool resolve_quiescent(Block &b) {
 
 /* Runs the current block (t_block_idx) to completion. */
 bool run_block(Block &b) {
-    for (Lane &l : b.lanes) {
-        l.state = RUNNABLE;
+    for (uint32_t i = 0; i < b.nthreads; i++) {
+        set_state(b, i, RUNNABLE);
     }
     for (WarpBits &w : b.warps) {
         w.arrived = 0;
@@ -603,21 +680,20 @@ bool run_block(Block &b) {
     b.n_exited = 0;
     b.failed = false;
     for (;;) {
-        bool ran = false;
-        for (uint32_t k = 0; k < b.nthreads; k++) {
-            uint32_t i = b.reverse ? b.nthreads - 1 - k : k;
-            if (b.lanes[i].state == RUNNABLE) {
-                resume(b, i);
-                ran = true;
-                if (b.failed) {
-                    return false;
-                }
+        /* A new pass from the first thread in order; the threads hand over to each other directly and
+         * control comes back here only when none can run. */
+        int64_t first = next_runnable(b, -1);
+        if (first >= 0) {
+            resume(b, static_cast<uint32_t>(first));
+            if (b.failed) {
+                return false;
             }
+            continue;
         }
         if (b.n_exited == b.nthreads) {
             return true;
         }
-        if (!ran && !resolve_quiescent(b)) {
+        if (!resolve_quiescent(b)) {
             return false;
         }
     }
@@ -674,6 +750,7 @@ int run_launch(const char *kernel, const VppoSimtLaunch *launch, void (*body)(co
     b.nthreads = static_cast<uint32_t>(nthreads);
     b.reverse = L.reverse_lanes != 0;
     b.lanes.assign(b.nthreads, Lane{});
+    b.runnable.assign((b.nthreads + 63) / 64, 0);
     b.warps.assign((b.nthreads + 31) / 32, WarpBits{});
     b.fibers = t_pool.fibers.data();
     b.fiber = nullptr;
