@@ -12,6 +12,11 @@
  * disagree, a shuffle reading a lane outside the mask, a width that is not a power of two in [1, 32],
  * lanes meeting at different warp operations, __syncthreads reached at different call sites, and a
  * deadlock (no thread can run while some have not exited).
+ *
+ * Limits: each thread has a 64 KiB stack (a guard page below it: overflowing it faults); threads are not
+ * preempted, so a spin loop waiting for another thread's write without a synchronizing call in it never
+ * ends (write such code with __syncthreads or warp collectives); a launch from inside a kernel is an
+ * error; at most 227 KiB of dynamic shared memory per block, as on sm_90.
  */
 #ifndef VPPO_SIMT_H
 #define VPPO_SIMT_H
