@@ -37,6 +37,7 @@ pub mod kernels;
 pub mod output;
 pub mod params;
 pub mod reference;
+pub mod simt;
 pub mod train;
 
 pub use api::{Device, GradMut, LaneOrder, Vppo};
