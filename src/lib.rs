@@ -3,6 +3,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod cuda;
 pub mod error;
 pub mod params;
 
