@@ -30,6 +30,7 @@ pub mod api;
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod cuda;
 pub mod error;
 pub mod grpo;
 pub mod io;
