@@ -87,7 +87,7 @@ __device__ void backward(const VppoBackwardParams &p) {
         const int64_t y = p.targets[t];
         /* grad of one element; (1 - p) for the target in f32, then one rounding to O */
         auto one = [&](float a, int64_t v) -> float {
-            const float prob = expf(a * inv_tau - lse);
+            const float prob = VPPO_EXP(a * inv_tau - lse);
             return scale * (v == y ? 1.0f - prob : -prob);
         };
 

@@ -96,13 +96,13 @@ __device__ __forceinline__ void fold_chunk(RowState &st, const float *a, const f
     for (int i = 0; i < K; ++i) {
         const float av = a[i], bv = b[i];
         if (av > -INFINITY && !is_bad(av)) {
-            const float e = expf(av - st.m_a);
+            const float e = VPPO_EXP(av - st.m_a);
             st.s_a += e;
             st.e_a += e * (av - st.m_a);
             if (bv == -INFINITY) st.flags |= kFlagKlInf;
             else if (!is_bad(bv)) st.w += e * (av - bv);
         }
-        if (bv > -INFINITY && !is_bad(bv)) st.s_b += expf(bv - st.m_b);
+        if (bv > -INFINITY && !is_bad(bv)) st.s_b += VPPO_EXP(bv - st.m_b);
     }
 }
 
@@ -250,7 +250,8 @@ __device__ void perception(const VppoPerceptionParams &p) {
                 const float lse_b = st.m_b + logf(st.s_b);
                 const float logp = ay - lse_a;
                 const float logp_masked = by - lse_b; /* -inf when b_y = -inf: allowed */
-                const float kl = (st.flags & kFlagKlInf) ? INFINITY : st.w / st.s_a - lse_a + lse_b;
+                /* KL >= 0; the rounding of the last subtraction can make a near-zero value negative. */
+                const float kl = (st.flags & kFlagKlInf) ? INFINITY : fmaxf(st.w / st.s_a - lse_a + lse_b, 0.0f);
                 /* k3 in double: exp(d) - d - 1 cancels for small d, and it is one exp per token. */
                 const double d = fmin(fmax((double)logp_masked - (double)p.old_logp[t], -20.0), 20.0);
                 const float k3 = (float)(expm1(d) - d);

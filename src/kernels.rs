@@ -57,6 +57,10 @@ kernel_table! {
     BACKWARD_F16_F16 => vppo_backward_f16_f16 / vppo_simt_vppo_backward_f16_f16;
     BACKWARD_BF16_F32 => vppo_backward_bf16_f32 / vppo_simt_vppo_backward_bf16_f32;
     BACKWARD_BF16_BF16 => vppo_backward_bf16_bf16 / vppo_simt_vppo_backward_bf16_bf16;
+    // Built for the SIMT executor only, with VPPO_MUTANT (every exp times 1.001): see `mutant_perception`.
+    PERCEPTION_F32_MUTANT => vppo_perception_f32_mutant / vppo_simt_vppo_perception_f32_mutant;
+    PERCEPTION_F16_MUTANT => vppo_perception_f16_mutant / vppo_simt_vppo_perception_f16_mutant;
+    PERCEPTION_BF16_MUTANT => vppo_perception_bf16_mutant / vppo_simt_vppo_perception_bf16_mutant;
 }
 
 /// Launch configuration of each kernel; must match the `__launch_bounds__` in the .cu files.
@@ -70,8 +74,11 @@ const LOSS_THREADS: u32 = 512;
 /// sizeof(LossShared) in select_loss.cu: 32 doubles, 32 long longs, 32 floats.
 const LOSS_SHARED_BYTES: u32 = 32 * 8 + 32 * 8 + 32 * 4;
 const BACKWARD_THREADS: u32 = 256;
-/// Blocks of the row kernels loop over rows, so the grid is capped and any N runs.
-const MAX_ROW_BLOCKS: usize = 65_535;
+/// Blocks of the row kernels loop over rows, so the grid is capped and any N runs. On the GPU the cap
+/// is far above the blocks that fit at once (132 SMs x 8 blocks on an H100); on the SIMT executor a
+/// small cap makes every test with more than 64 rows exercise the grid-stride loop.
+const MAX_ROW_BLOCKS_GPU: usize = 65_535;
+const MAX_ROW_BLOCKS_SIMT: usize = 64;
 
 fn perception_kernel(dtype: Dtype) -> Kernel {
     match dtype {
@@ -131,6 +138,12 @@ impl Launcher {
             Device::Cuda(ordinal) => Ok(Launcher::Cuda(Gpu::shared(ordinal)?)),
             Device::Reference => Err(VppoError::Kernel("the reference runs no kernels".into())),
         }
+    }
+
+    /// Blocks for a kernel that loops over `rows` rows (or responses).
+    fn row_grid(&self, rows: usize) -> u32 {
+        let cap = if self.is_host() { MAX_ROW_BLOCKS_SIMT } else { MAX_ROW_BLOCKS_GPU };
+        rows.clamp(1, cap) as u32
     }
 
     fn is_host(&self) -> bool {
@@ -372,18 +385,31 @@ fn status_error(status: i64, batch: &Batch) -> Option<VppoError> {
     })
 }
 
-fn row_grid(rows: usize) -> u32 {
-    rows.clamp(1, MAX_ROW_BLOCKS) as u32
-}
 
 /// Pass 1 only: the per-token perception outputs (lse, logp, kl, k3, entropy, score), as the
-/// reference's `perception` stage computes them. For stage-by-stage tests and benchmarks.
+/// reference's `perception` stage computes them. For stage-by-stage tests and benchmarks. The batch
+/// and config must have been validated.
 pub fn perception(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<TokenOutputs> {
-    let l = Launcher::for_device(device)?;
+    perception_with(Launcher::for_device(device)?, perception_kernel(batch.logits.dtype()), batch, cfg)
+}
+
+/// Pass 1 through a deliberately wrong build of the perception kernel (every exp times 1.001), on the
+/// SIMT executor. It exists so the tests can show that their tolerances catch a wrong kernel.
+#[doc(hidden)]
+pub fn mutant_perception(batch: &Batch, cfg: &VppoConfig, order: LaneOrder) -> Result<TokenOutputs> {
+    let kernel = match batch.logits.dtype() {
+        Dtype::F32 => PERCEPTION_F32_MUTANT,
+        Dtype::F16 => PERCEPTION_F16_MUTANT,
+        Dtype::Bf16 => PERCEPTION_BF16_MUTANT,
+    };
+    perception_with(Launcher::Simt(order), kernel, batch, cfg)
+}
+
+fn perception_with(l: Launcher, kernel: Kernel, batch: &Batch, cfg: &VppoConfig) -> Result<TokenOutputs> {
     let n = batch.n_tokens();
     let ws = Workspace::new(&l, n, batch.n_responses())?;
     let inputs = Inputs::new(&l, batch)?;
-    run_perception(&l, batch, cfg, &inputs, &ws)?;
+    run_perception(&l, kernel, batch, cfg, &inputs, &ws)?;
     let f = |b: &Buffer| l.download::<f32>(b, n);
     Ok(TokenOutputs {
         score: f(&ws.score)?,
@@ -432,7 +458,7 @@ pub fn select(
         };
         // SAFETY: score [N], cu_seqlens [B+1] (validated: within [0, N], non-decreasing), mask [N],
         // k and sbar [B] are live buffers of this launcher's memory for the whole launch.
-        unsafe { l.launch(SELECT, row_grid(b), SELECT_THREADS, SELECT_SHARED_BYTES, &p)? };
+        unsafe { l.launch(SELECT, l.row_grid(b), SELECT_THREADS, SELECT_SHARED_BYTES, &p)? };
     }
     let kk: Vec<i32> = l.download(&k, b)?;
     Ok((l.download(&mask, n)?, kk.into_iter().map(|x| x as u32).collect(), l.download(&sbar, b)?))
@@ -461,7 +487,14 @@ impl<'a> Inputs<'a> {
     }
 }
 
-fn run_perception(l: &Launcher, batch: &Batch, cfg: &VppoConfig, inp: &Inputs, ws: &Workspace) -> Result<()> {
+fn run_perception(
+    l: &Launcher,
+    kernel: Kernel,
+    batch: &Batch,
+    cfg: &VppoConfig,
+    inp: &Inputs,
+    ws: &Workspace,
+) -> Result<()> {
     let n = batch.n_tokens();
     if n == 0 {
         return Ok(());
@@ -495,8 +528,8 @@ fn run_perception(l: &Launcher, batch: &Batch, cfg: &VppoConfig, inp: &Inputs, w
     // validate_small), targets and old_logp N, every output N, status 1; all live for the launch.
     unsafe {
         l.launch(
-            perception_kernel(batch.logits.dtype()),
-            row_grid(n),
+            kernel,
+            l.row_grid(n),
             PERCEPTION_THREADS,
             PERCEPTION_THREADS * PERCEPTION_STATE_BYTES,
             &p,
@@ -524,7 +557,7 @@ fn run_select_loss(l: &Launcher, batch: &Batch, cfg: &VppoConfig, inp: &Inputs, 
             frac_den: frac.denominator(),
         };
         // SAFETY: score and mask [N], cu_seqlens [B+1] validated, k and sbar [B]; all live.
-        unsafe { l.launch(SELECT, row_grid(b), SELECT_THREADS, SELECT_SHARED_BYTES, &p)? };
+        unsafe { l.launch(SELECT, l.row_grid(b), SELECT_THREADS, SELECT_SHARED_BYTES, &p)? };
     }
     let p = VppoLossParams {
         logp: l.addr(&ws.logp) as *const f32,
@@ -558,7 +591,7 @@ pub fn forward(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<VppoOu
     }
     let inputs = Inputs::new(&l, batch)?;
     let ws = Workspace::new(&l, n, b)?;
-    run_perception(&l, batch, cfg, &inputs, &ws)?;
+    run_perception(&l, perception_kernel(batch.logits.dtype()), batch, cfg, &inputs, &ws)?;
     run_select_loss(&l, batch, cfg, &inputs, &ws)?;
     collect(&l, &ws, z)
 }
@@ -642,7 +675,7 @@ pub fn backward_into(batch: &Batch, cfg: &VppoConfig, out: &VppoOutput, mut grad
     // out comes from a forward over this batch), grad [N, V] of the output dtype (GradMut::check);
     // the caller's grad slice is borrowed mutably for this whole function, so nothing else reads or
     // writes it while the kernel does.
-    unsafe { l.launch(kernel, row_grid(n), BACKWARD_THREADS, 0, &p)? };
+    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p)? };
     if let Some(buf) = device_grad {
         match grad {
             GradMut::F32(g) => g.copy_from_slice(&l.download::<f32>(&buf, nv)?),
