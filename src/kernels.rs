@@ -1,24 +1,687 @@
-//! The kernel pipeline (SIMT executor and CUDA).
-// Replaced by the kernel pipeline (lead).
+//! The kernel pipeline: the one place where kernels are launched, on a GPU through cudarc or on the CPU
+//! through the SIMT executor, with the same kernel, launch configuration and parameter struct.
+//!
+//! Pass 1 `vppo_perception_*` (kernels/perception.cu) -> pass 2a `vppo_select` and 2b `vppo_loss`
+//! (kernels/select_loss.cu) -> pass 3 `vppo_backward_*` (kernels/backward.cu). Extra memory is O(N + B):
+//! per-token and per-response vectors, never an [N, V] temporary.
+//!
+//! Everything here works on raw addresses (`u64`): device pointers on a GPU, host pointers on the SIMT
+//! executor. The owners of the memory (the caller's slices, or the [`Buffer`]s made here) outlive every
+//! launch that uses them; that is the invariant every `unsafe` block below relies on.
 
-use crate::api::{Device, GradMut};
-use crate::batch::Batch;
-use crate::config::VppoConfig;
-use crate::error::{Result, VppoError};
-use crate::output::VppoOutput;
+use std::ffi::{c_char, c_int, c_void};
+use std::sync::Arc;
 
-/// Runs the forward kernels on `device` (not built in this build).
-pub fn forward(_batch: &Batch, _cfg: &VppoConfig, _device: Device) -> Result<VppoOutput> {
-    Err(VppoError::KernelsNotBuilt)
+use half::{bf16, f16};
+
+use crate::api::{Device, GradMut, LaneOrder};
+use crate::batch::{Batch, Dtype, Logits};
+use crate::config::{Aggregation, Perception, Shaping, TasScope, VppoConfig};
+use crate::cuda::Gpu;
+use crate::error::{Location, Result, Tensor, VppoError};
+use crate::output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
+use crate::params::{
+    VppoBackwardParams, VppoErrorCode, VppoLossParams, VppoLossTotals, VppoPerceptionParams,
+    VppoSelectParams, VPPO_STATUS_CLEAR,
+};
+use crate::simt::{self, SimtEntry, SimtLaunch};
+
+// -------------------------------------------------------------------------------------------------
+// Kernel table
+// -------------------------------------------------------------------------------------------------
+
+/// A kernel: its name in the fatbin and its entry point in the SIMT build.
+#[derive(Clone, Copy)]
+pub(crate) struct Kernel {
+    pub name: &'static str,
+    pub simt: SimtEntry,
 }
 
-/// Runs the backward kernel on `device` (not built in this build).
-pub fn backward_into(
-    _batch: &Batch,
-    _cfg: &VppoConfig,
-    _out: &VppoOutput,
-    _grad: GradMut,
-    _device: Device,
+macro_rules! kernel_table {
+    ($($konst:ident => $name:ident / $sym:ident;)*) => {
+        extern "C" {
+            $(fn $sym(launch: *const SimtLaunch, params: *const c_void, err: *mut c_char, err_len: usize) -> c_int;)*
+        }
+        $(pub(crate) const $konst: Kernel = Kernel { name: stringify!($name), simt: $sym };)*
+    };
+}
+
+kernel_table! {
+    PERCEPTION_F32 => vppo_perception_f32 / vppo_simt_vppo_perception_f32;
+    PERCEPTION_F16 => vppo_perception_f16 / vppo_simt_vppo_perception_f16;
+    PERCEPTION_BF16 => vppo_perception_bf16 / vppo_simt_vppo_perception_bf16;
+    SELECT => vppo_select / vppo_simt_vppo_select;
+    LOSS => vppo_loss / vppo_simt_vppo_loss;
+    BACKWARD_F32_F32 => vppo_backward_f32_f32 / vppo_simt_vppo_backward_f32_f32;
+    BACKWARD_F16_F32 => vppo_backward_f16_f32 / vppo_simt_vppo_backward_f16_f32;
+    BACKWARD_F16_F16 => vppo_backward_f16_f16 / vppo_simt_vppo_backward_f16_f16;
+    BACKWARD_BF16_F32 => vppo_backward_bf16_f32 / vppo_simt_vppo_backward_bf16_f32;
+    BACKWARD_BF16_BF16 => vppo_backward_bf16_bf16 / vppo_simt_vppo_backward_bf16_bf16;
+    // Built for the SIMT executor only, with VPPO_MUTANT (every exp times 1.001): see `mutant_perception`.
+    PERCEPTION_F32_MUTANT => vppo_perception_f32_mutant / vppo_simt_vppo_perception_f32_mutant;
+    PERCEPTION_F16_MUTANT => vppo_perception_f16_mutant / vppo_simt_vppo_perception_f16_mutant;
+    PERCEPTION_BF16_MUTANT => vppo_perception_bf16_mutant / vppo_simt_vppo_perception_bf16_mutant;
+}
+
+/// Launch configuration of each kernel; must match the `__launch_bounds__` in the .cu files.
+const PERCEPTION_THREADS: u32 = 256;
+/// sizeof(RowState) in perception.cu: six floats and a flag word.
+const PERCEPTION_STATE_BYTES: u32 = 28;
+const SELECT_THREADS: u32 = 256;
+/// sizeof(SelectShared) in select_loss.cu: 32 x 16 ints, 32 ints, 32 doubles, two words.
+const SELECT_SHARED_BYTES: u32 = 32 * 16 * 4 + 32 * 4 + 32 * 8 + 8;
+const LOSS_THREADS: u32 = 512;
+/// sizeof(LossShared) in select_loss.cu: 32 doubles, 32 long longs, 32 floats.
+const LOSS_SHARED_BYTES: u32 = 32 * 8 + 32 * 8 + 32 * 4;
+const BACKWARD_THREADS: u32 = 256;
+/// Blocks of the row kernels loop over rows, so the grid is capped and any N runs. On the GPU the cap
+/// is far above the blocks that fit at once (132 SMs x 8 blocks on an H100); on the SIMT executor a
+/// small cap makes every test with more than 64 rows exercise the grid-stride loop.
+const MAX_ROW_BLOCKS_GPU: usize = 65_535;
+const MAX_ROW_BLOCKS_SIMT: usize = 64;
+
+fn perception_kernel(dtype: Dtype) -> Kernel {
+    match dtype {
+        Dtype::F32 => PERCEPTION_F32,
+        Dtype::F16 => PERCEPTION_F16,
+        Dtype::Bf16 => PERCEPTION_BF16,
+    }
+}
+
+fn backward_kernel(input: Dtype, output: Dtype) -> Result<Kernel> {
+    Ok(match (input, output) {
+        (Dtype::F32, Dtype::F32) => BACKWARD_F32_F32,
+        (Dtype::F16, Dtype::F32) => BACKWARD_F16_F32,
+        (Dtype::F16, Dtype::F16) => BACKWARD_F16_F16,
+        (Dtype::Bf16, Dtype::F32) => BACKWARD_BF16_F32,
+        (Dtype::Bf16, Dtype::Bf16) => BACKWARD_BF16_BF16,
+        (i, o) => {
+            return Err(VppoError::Shape {
+                tensor: Tensor::GradLogits,
+                detail: format!("dtype {} is neither f32 nor the logits dtype {}", o.name(), i.name()),
+            })
+        }
+    })
+}
+
+/// Marker for the parameter structs of kernels/vppo_params.h.
+pub(crate) trait KernelParams: cudarc::driver::DeviceRepr {}
+impl KernelParams for VppoPerceptionParams {}
+impl KernelParams for VppoSelectParams {}
+impl KernelParams for VppoLossParams {}
+impl KernelParams for VppoBackwardParams {}
+
+// -------------------------------------------------------------------------------------------------
+// The launcher and its memory
+// -------------------------------------------------------------------------------------------------
+
+/// Where kernels run.
+#[derive(Clone)]
+pub(crate) enum Launcher {
+    /// On the CPU, through the SIMT executor, in the given lane order.
+    Simt(LaneOrder),
+    /// On a GPU.
+    Cuda(Arc<Gpu>),
+}
+
+/// Memory made by the pipeline: host memory for the SIMT executor (16-byte aligned, as cudaMalloc's
+/// is at least), device memory on a GPU.
+pub(crate) enum Buffer {
+    Host(Vec<u128>),
+    Cuda(cudarc::driver::CudaSlice<u8>),
+}
+
+impl Launcher {
+    pub(crate) fn for_device(device: Device) -> Result<Launcher> {
+        match device {
+            Device::Simt(order) => Ok(Launcher::Simt(order)),
+            Device::Cuda(ordinal) => Ok(Launcher::Cuda(Gpu::shared(ordinal)?)),
+            Device::Reference => Err(VppoError::Kernel("the reference runs no kernels".into())),
+        }
+    }
+
+    /// Blocks for a kernel that loops over `rows` rows (or responses).
+    fn row_grid(&self, rows: usize) -> u32 {
+        let cap = if self.is_host() { MAX_ROW_BLOCKS_SIMT } else { MAX_ROW_BLOCKS_GPU };
+        rows.clamp(1, cap) as u32
+    }
+
+    fn is_host(&self) -> bool {
+        matches!(self, Launcher::Simt(_))
+    }
+
+    /// Runs `kernel` over `grid` blocks of `block` threads with `shared` bytes of dynamic shared memory.
+    ///
+    /// # Safety
+    /// Every address inside `params` must be valid, for this launcher's memory space, for every access
+    /// the kernel makes with these dimensions, and stay valid until the launch completes (the launch
+    /// is synchronous on the SIMT executor; on a GPU the pipeline synchronizes before it reads results
+    /// or drops buffers).
+    unsafe fn launch<P: KernelParams>(
+        &self,
+        kernel: Kernel,
+        grid: u32,
+        block: u32,
+        shared: u32,
+        params: &P,
+    ) -> Result<()> {
+        match self {
+            // SAFETY: forwarded from this function's contract.
+            Launcher::Simt(order) => unsafe {
+                simt::launch(kernel.simt, [grid, 1, 1], [block, 1, 1], shared, *order, params)
+            },
+            // SAFETY: forwarded from this function's contract.
+            Launcher::Cuda(gpu) => unsafe { gpu.launch(kernel.name, [grid, 1, 1], [block, 1, 1], shared, params) },
+        }
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<Buffer> {
+        match self {
+            Launcher::Simt(_) => Ok(Buffer::Host(vec![0u128; bytes.div_ceil(16).max(1)])),
+            Launcher::Cuda(gpu) => Ok(Buffer::Cuda(gpu.alloc_zeros::<u8>(bytes.max(1))?)),
+        }
+    }
+
+    fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<Buffer> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        match self {
+            Launcher::Simt(_) => {
+                let mut v = vec![0u128; bytes.len().div_ceil(16).max(1)];
+                bytemuck::cast_slice_mut::<u128, u8>(&mut v)[..bytes.len()].copy_from_slice(bytes);
+                Ok(Buffer::Host(v))
+            }
+            Launcher::Cuda(gpu) => {
+                if bytes.is_empty() {
+                    return self.alloc(1);
+                }
+                Ok(Buffer::Cuda(gpu.upload(bytes)?))
+            }
+        }
+    }
+
+    fn addr(&self, buf: &Buffer) -> u64 {
+        match (self, buf) {
+            (_, Buffer::Host(v)) => v.as_ptr() as u64,
+            (Launcher::Cuda(gpu), Buffer::Cuda(s)) => gpu.device_ptr_u64(s),
+            (Launcher::Simt(_), Buffer::Cuda(_)) => unreachable!("device buffer on the SIMT executor"),
+        }
+    }
+
+    /// The first `n` elements of `buf` as T.
+    fn download<T: bytemuck::Pod>(&self, buf: &Buffer, n: usize) -> Result<Vec<T>> {
+        let bytes = n * std::mem::size_of::<T>();
+        let raw: Vec<u8> = match buf {
+            Buffer::Host(v) => bytemuck::cast_slice::<u128, u8>(v)[..bytes].to_vec(),
+            Buffer::Cuda(s) => match self {
+                Launcher::Cuda(gpu) => {
+                    let mut all = gpu.download(s)?;
+                    all.truncate(bytes);
+                    all
+                }
+                Launcher::Simt(_) => unreachable!("device buffer on the SIMT executor"),
+            },
+        };
+        Ok(bytemuck::pod_collect_to_vec(&raw))
+    }
+}
+
+/// An input of the pipeline: borrowed host memory (used in place by the SIMT executor) or a buffer
+/// uploaded to the GPU.
+struct Input<'a> {
+    _owned: Option<Buffer>,
+    _borrowed: std::marker::PhantomData<&'a [u8]>,
+    addr: u64,
+}
+
+impl<'a> Input<'a> {
+    fn new<T: bytemuck::Pod>(launcher: &Launcher, data: &'a [T]) -> Result<Input<'a>> {
+        if launcher.is_host() {
+            // The SIMT executor reads host memory directly: no copy. The PhantomData ties the address
+            // to the borrow, so the slice outlives the launches.
+            Ok(Input { _owned: None, _borrowed: std::marker::PhantomData, addr: data.as_ptr() as u64 })
+        } else {
+            let buf = launcher.upload(data)?;
+            let addr = launcher.addr(&buf);
+            Ok(Input { _owned: Some(buf), _borrowed: std::marker::PhantomData, addr })
+        }
+    }
+
+    fn logits(launcher: &Launcher, logits: &Logits<'a>) -> Result<Input<'a>> {
+        match *logits {
+            Logits::F32(x) => Input::new(launcher, x),
+            Logits::F16(x) => Input::new(launcher, x),
+            Logits::Bf16(x) => Input::new(launcher, x),
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Forward
+// -------------------------------------------------------------------------------------------------
+
+/// Per-token and per-response buffers of one forward pass.
+struct Workspace {
+    n: usize,
+    b: usize,
+    lse: Buffer,
+    lse_masked: Buffer,
+    logp: Buffer,
+    logp_masked: Buffer,
+    kl: Buffer,
+    k3: Buffer,
+    entropy: Buffer,
+    score: Buffer,
+    status: Buffer,
+    mask: Buffer,
+    k: Buffer,
+    sbar: Buffer,
+    alpha: Buffer,
+    dlogp: Buffer,
+    totals: Buffer,
+}
+
+impl Workspace {
+    fn new(l: &Launcher, n: usize, b: usize) -> Result<Workspace> {
+        let f = |count: usize| l.alloc(count * 4);
+        Ok(Workspace {
+            n,
+            b,
+            lse: f(n)?,
+            lse_masked: f(n)?,
+            logp: f(n)?,
+            logp_masked: f(n)?,
+            kl: f(n)?,
+            k3: f(n)?,
+            entropy: f(n)?,
+            score: f(n)?,
+            status: l.upload(&[VPPO_STATUS_CLEAR])?,
+            mask: l.alloc(n)?,
+            k: f(b)?,
+            sbar: f(b)?,
+            alpha: f(b)?,
+            dlogp: f(n)?,
+            totals: l.alloc(std::mem::size_of::<VppoLossTotals>())?,
+        })
+    }
+}
+
+/// The exact parameters of the loss kernel for this config.
+fn loss_params(cfg: &VppoConfig, n: usize, b: usize) -> VppoLossParams {
+    use crate::params::{VppoAggregation as A, VppoScope as S, VppoShaping as Sh};
+    let (has_range, (lo, hi)) = match cfg.tas_range {
+        Some(r) => (1, r),
+        None => (0, (0.0, 0.0)),
+    };
+    VppoLossParams {
+        n_tokens: n as i64,
+        n_responses: b as i64,
+        group_size: cfg.group_size as i64,
+        token_normalizer: cfg.token_normalizer.unwrap_or(n as f64),
+        beta_min: cfg.beta_min as f32,
+        beta_max: cfg.beta_max as f32,
+        range_lo: lo as f32,
+        range_hi: hi as f32,
+        eps_low: cfg.eps_low as f32,
+        eps_high: cfg.eps_high as f32,
+        dual_clip: cfg.dual_clip.unwrap_or(0.0) as f32,
+        logp_penalty: cfg.logp_penalty as f32,
+        shaping: match cfg.shaping {
+            Shaping::MeanPreserving => Sh::VPPO_SHAPING_MEAN_PRESERVING,
+            Shaping::Linear => Sh::VPPO_SHAPING_LINEAR,
+            Shaping::None => Sh::VPPO_SHAPING_NONE,
+        } as i32,
+        scope: match cfg.scope() {
+            TasScope::Batch => S::VPPO_SCOPE_BATCH,
+            TasScope::Group => S::VPPO_SCOPE_GROUP,
+        } as i32,
+        aggregation: match cfg.aggregation {
+            Aggregation::TokenMean => A::VPPO_AGG_TOKEN_MEAN,
+            Aggregation::SeqMeanTokenMean => A::VPPO_AGG_SEQ_MEAN_TOKEN_MEAN,
+            Aggregation::SeqMeanTokenSum => A::VPPO_AGG_SEQ_MEAN_TOKEN_SUM,
+        } as i32,
+        has_range,
+        has_dual_clip: cfg.dual_clip.is_some() as i32,
+        ..Default::default()
+    }
+}
+
+/// Turns the status word of the perception kernel into the error the reference reports.
+fn status_error(status: i64, batch: &Batch) -> Option<VppoError> {
+    if status == VPPO_STATUS_CLEAR {
+        return None;
+    }
+    let row = (status >> 8) as usize;
+    let code = (status & 0xff) as u32;
+    let v = batch.vocab;
+    let first_bad = |logits: &Logits| -> f64 {
+        (row * v..(row + 1) * v)
+            .map(|i| logits.get(i))
+            .find(|x| x.is_nan() || *x == f64::INFINITY)
+            .unwrap_or(f64::NAN)
+    };
+    let target = batch.targets[row];
+    Some(match code {
+        c if c == VppoErrorCode::VPPO_ERR_TARGET_OUT_OF_RANGE as u32 => {
+            VppoError::TargetOutOfRange { row, target, vocab: v }
+        }
+        c if c == VppoErrorCode::VPPO_ERR_LOGITS_NONFINITE as u32 => VppoError::NonFinite {
+            tensor: Tensor::Logits,
+            location: Location::Row(row),
+            value: first_bad(&batch.logits),
+        },
+        c if c == VppoErrorCode::VPPO_ERR_LOGITS_ALL_NEG_INF as u32 => {
+            VppoError::AllNegInf { tensor: Tensor::Logits, row }
+        }
+        c if c == VppoErrorCode::VPPO_ERR_TARGET_NEG_INF as u32 => VppoError::TargetNegInf { row, target },
+        c if c == VppoErrorCode::VPPO_ERR_MASKED_NONFINITE as u32 => VppoError::NonFinite {
+            tensor: Tensor::LogitsMasked,
+            location: Location::Row(row),
+            value: first_bad(&batch.logits_masked),
+        },
+        c if c == VppoErrorCode::VPPO_ERR_MASKED_ALL_NEG_INF as u32 => {
+            VppoError::AllNegInf { tensor: Tensor::LogitsMasked, row }
+        }
+        other => VppoError::Kernel(format!("perception kernel reported unknown code {other} at row {row}")),
+    })
+}
+
+
+/// Pass 1 only: the per-token perception outputs (lse, logp, kl, k3, entropy, score), as the
+/// reference's `perception` stage computes them. For stage-by-stage tests and benchmarks. The batch
+/// and config must have been validated.
+pub fn perception(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<TokenOutputs> {
+    perception_with(Launcher::for_device(device)?, perception_kernel(batch.logits.dtype()), batch, cfg)
+}
+
+/// Pass 1 through a deliberately wrong build of the perception kernel (every exp times 1.001), on the
+/// SIMT executor. It exists so the tests can show that their tolerances catch a wrong kernel.
+#[doc(hidden)]
+pub fn mutant_perception(batch: &Batch, cfg: &VppoConfig, order: LaneOrder) -> Result<TokenOutputs> {
+    let kernel = match batch.logits.dtype() {
+        Dtype::F32 => PERCEPTION_F32_MUTANT,
+        Dtype::F16 => PERCEPTION_F16_MUTANT,
+        Dtype::Bf16 => PERCEPTION_BF16_MUTANT,
+    };
+    perception_with(Launcher::Simt(order), kernel, batch, cfg)
+}
+
+fn perception_with(l: Launcher, kernel: Kernel, batch: &Batch, cfg: &VppoConfig) -> Result<TokenOutputs> {
+    let n = batch.n_tokens();
+    let ws = Workspace::new(&l, n, batch.n_responses())?;
+    let inputs = Inputs::new(&l, batch)?;
+    run_perception(&l, kernel, batch, cfg, &inputs, &ws)?;
+    let f = |b: &Buffer| l.download::<f32>(b, n);
+    Ok(TokenOutputs {
+        score: f(&ws.score)?,
+        kl: f(&ws.kl)?,
+        k3: f(&ws.k3)?,
+        entropy: f(&ws.entropy)?,
+        logp: f(&ws.logp)?,
+        logp_masked: f(&ws.logp_masked)?,
+        lse: f(&ws.lse)?,
+        lse_masked: f(&ws.lse_masked)?,
+        mask: Vec::new(),
+        dlogp: Vec::new(),
+    })
+}
+
+/// Pass 2a only: the top-k mask and k_b of given scores (the kernel's `vppo_select`), and Sbar.
+/// `scores` [N] must be finite (the perception pass only produces values in [0, score_clamp]).
+pub fn select(
+    scores: &[f32],
+    cu_seqlens: &[i32],
+    top_fraction: f64,
+    device: Device,
+) -> Result<(Vec<u8>, Vec<u32>, Vec<f32>)> {
+    let frac = crate::config::TopFraction::new(top_fraction)?;
+    crate::batch::validate_cu_seqlens(cu_seqlens, scores.len())?;
+    if let Some((row, &x)) = scores.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+        return Err(VppoError::NonFinite { tensor: Tensor::Scores, location: Location::Row(row), value: x as f64 });
+    }
+    let l = Launcher::for_device(device)?;
+    let (n, b) = (scores.len(), cu_seqlens.len() - 1);
+    let score = Input::new(&l, scores)?;
+    let cu = Input::new(&l, cu_seqlens)?;
+    let mask = l.alloc(n)?;
+    let k = l.alloc(b * 4)?;
+    let sbar = l.alloc(b * 4)?;
+    if b > 0 {
+        let p = VppoSelectParams {
+            score: score.addr as *const f32,
+            cu_seqlens: cu.addr as *const i32,
+            mask: l.addr(&mask) as *mut u8,
+            k: l.addr(&k) as *mut i32,
+            sbar: l.addr(&sbar) as *mut f32,
+            n_responses: b as i64,
+            frac_num: frac.numerator(),
+            frac_den: frac.denominator(),
+        };
+        // SAFETY: score [N], cu_seqlens [B+1] (validated: within [0, N], non-decreasing), mask [N],
+        // k and sbar [B] are live buffers of this launcher's memory for the whole launch.
+        unsafe { l.launch(SELECT, l.row_grid(b), SELECT_THREADS, SELECT_SHARED_BYTES, &p)? };
+    }
+    let kk: Vec<i32> = l.download(&k, b)?;
+    Ok((l.download(&mask, n)?, kk.into_iter().map(|x| x as u32).collect(), l.download(&sbar, b)?))
+}
+
+/// The inputs of a forward pass, resident where the kernels run.
+struct Inputs<'a> {
+    logits: Input<'a>,
+    logits_masked: Input<'a>,
+    targets: Input<'a>,
+    old_logp: Input<'a>,
+    advantages: Input<'a>,
+    cu_seqlens: Input<'a>,
+}
+
+impl<'a> Inputs<'a> {
+    fn new(l: &Launcher, batch: &Batch<'a>) -> Result<Inputs<'a>> {
+        Ok(Inputs {
+            logits: Input::logits(l, &batch.logits)?,
+            logits_masked: Input::logits(l, &batch.logits_masked)?,
+            targets: Input::new(l, batch.targets)?,
+            old_logp: Input::new(l, batch.old_logp)?,
+            advantages: Input::new(l, batch.advantages)?,
+            cu_seqlens: Input::new(l, batch.cu_seqlens)?,
+        })
+    }
+}
+
+fn run_perception(
+    l: &Launcher,
+    kernel: Kernel,
+    batch: &Batch,
+    cfg: &VppoConfig,
+    inp: &Inputs,
+    ws: &Workspace,
 ) -> Result<()> {
-    Err(VppoError::KernelsNotBuilt)
+    let n = batch.n_tokens();
+    if n == 0 {
+        return Ok(());
+    }
+    let a = |b: &Buffer| l.addr(b) as *mut f32;
+    let p = VppoPerceptionParams {
+        logits: inp.logits.addr as *const c_void,
+        logits_masked: inp.logits_masked.addr as *const c_void,
+        targets: inp.targets.addr as *const i32,
+        old_logp: inp.old_logp.addr as *const f32,
+        lse: a(&ws.lse),
+        lse_masked: a(&ws.lse_masked),
+        logp: a(&ws.logp),
+        logp_masked: a(&ws.logp_masked),
+        kl: a(&ws.kl),
+        k3: a(&ws.k3),
+        entropy: a(&ws.entropy),
+        score: a(&ws.score),
+        status: l.addr(&ws.status) as *mut i64,
+        n_tokens: n as i64,
+        vocab: batch.vocab as i64,
+        inv_temperature: (1.0 / cfg.temperature) as f32,
+        score_clamp: cfg.score_clamp as f32,
+        perception: match cfg.perception {
+            Perception::FullKl => crate::params::VppoPerception::VPPO_PERCEPTION_FULL_KL,
+            Perception::K3 => crate::params::VppoPerception::VPPO_PERCEPTION_K3,
+        } as i32,
+        ..Default::default()
+    };
+    // SAFETY: logits and logits_masked hold N * V elements of the kernel's dtype (checked by
+    // validate_small), targets and old_logp N, every output N, status 1; all live for the launch.
+    unsafe {
+        l.launch(
+            kernel,
+            l.row_grid(n),
+            PERCEPTION_THREADS,
+            PERCEPTION_THREADS * PERCEPTION_STATE_BYTES,
+            &p,
+        )?
+    };
+    let status: Vec<i64> = l.download(&ws.status, 1)?;
+    match status_error(status[0], batch) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn run_select_loss(l: &Launcher, batch: &Batch, cfg: &VppoConfig, inp: &Inputs, ws: &Workspace) -> Result<()> {
+    let (n, b) = (batch.n_tokens(), batch.n_responses());
+    let frac = cfg.top_fraction_exact()?;
+    if b > 0 {
+        let p = VppoSelectParams {
+            score: l.addr(&ws.score) as *const f32,
+            cu_seqlens: inp.cu_seqlens.addr as *const i32,
+            mask: l.addr(&ws.mask) as *mut u8,
+            k: l.addr(&ws.k) as *mut i32,
+            sbar: l.addr(&ws.sbar) as *mut f32,
+            n_responses: b as i64,
+            frac_num: frac.numerator(),
+            frac_den: frac.denominator(),
+        };
+        // SAFETY: score and mask [N], cu_seqlens [B+1] validated, k and sbar [B]; all live.
+        unsafe { l.launch(SELECT, l.row_grid(b), SELECT_THREADS, SELECT_SHARED_BYTES, &p)? };
+    }
+    let p = VppoLossParams {
+        logp: l.addr(&ws.logp) as *const f32,
+        old_logp: inp.old_logp.addr as *const f32,
+        mask: l.addr(&ws.mask) as *const u8,
+        sbar: l.addr(&ws.sbar) as *const f32,
+        cu_seqlens: inp.cu_seqlens.addr as *const i32,
+        advantages: inp.advantages.addr as *const f32,
+        alpha: l.addr(&ws.alpha) as *mut f32,
+        dlogp: l.addr(&ws.dlogp) as *mut f32,
+        totals: l.addr(&ws.totals) as *mut VppoLossTotals,
+        ..loss_params(cfg, n, b)
+    };
+    // SAFETY: logp, old_logp, mask, dlogp [N]; sbar, advantages, alpha [B]; cu_seqlens [B+1]; totals 1;
+    // B % G == 0 when the group scope is used (validate_small). One block.
+    unsafe { l.launch(LOSS, 1, LOSS_THREADS, LOSS_SHARED_BYTES, &p) }
+}
+
+/// The whole forward pass on the kernels. The batch and config must have been validated
+/// (`VppoConfig::validate`, `Batch::validate_small`), as [`crate::Vppo`] does before calling this.
+pub fn forward(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<VppoOutput> {
+    let l = Launcher::for_device(device)?;
+    let (n, b) = (batch.n_tokens(), batch.n_responses());
+    let z = cfg.token_normalizer.unwrap_or(n as f64);
+    if n == 0 {
+        return Ok(VppoOutput {
+            token_normalizer: z,
+            responses: ResponseOutputs { sbar: vec![0.0; b], k: vec![0; b], alpha: vec![1.0; b] },
+            ..Default::default()
+        });
+    }
+    let inputs = Inputs::new(&l, batch)?;
+    let ws = Workspace::new(&l, n, b)?;
+    run_perception(&l, perception_kernel(batch.logits.dtype()), batch, cfg, &inputs, &ws)?;
+    run_select_loss(&l, batch, cfg, &inputs, &ws)?;
+    collect(&l, &ws, z)
+}
+
+fn collect(l: &Launcher, ws: &Workspace, z: f64) -> Result<VppoOutput> {
+    let (n, b) = (ws.n, ws.b);
+    let f = |buf: &Buffer, len: usize| l.download::<f32>(buf, len);
+    let totals: Vec<VppoLossTotals> = l.download(&ws.totals, 1)?;
+    let t = totals[0];
+    let k: Vec<i32> = l.download(&ws.k, b)?;
+    Ok(VppoOutput {
+        loss: t.loss,
+        pg_loss: t.pg,
+        token_normalizer: z,
+        tokens: TokenOutputs {
+            score: f(&ws.score, n)?,
+            kl: f(&ws.kl, n)?,
+            k3: f(&ws.k3, n)?,
+            entropy: f(&ws.entropy, n)?,
+            logp: f(&ws.logp, n)?,
+            logp_masked: f(&ws.logp_masked, n)?,
+            lse: f(&ws.lse, n)?,
+            lse_masked: f(&ws.lse_masked, n)?,
+            mask: l.download(&ws.mask, n)?,
+            dlogp: f(&ws.dlogp, n)?,
+        },
+        responses: ResponseOutputs {
+            sbar: f(&ws.sbar, b)?,
+            k: k.into_iter().map(|x| x as u32).collect(),
+            alpha: f(&ws.alpha, b)?,
+        },
+        stats: Stats {
+            clip_fraction: if t.n_selected > 0 { t.n_clipped as f64 / t.n_selected as f64 } else { 0.0 },
+            mean_ratio: t.ratio_sum / n as f64,
+            selected_fraction: t.n_selected as f64 / n as f64,
+        },
+    })
+}
+
+// -------------------------------------------------------------------------------------------------
+// Backward
+// -------------------------------------------------------------------------------------------------
+
+/// dloss/dlogits into `grad` from a forward's saved lse and dlogp. Validated by the caller.
+pub fn backward_into(batch: &Batch, cfg: &VppoConfig, out: &VppoOutput, mut grad: GradMut, device: Device) -> Result<()> {
+    let n = batch.n_tokens();
+    if n == 0 {
+        return Ok(());
+    }
+    let l = Launcher::for_device(device)?;
+    let kernel = backward_kernel(batch.logits.dtype(), grad.dtype())?;
+    let logits = Input::logits(&l, &batch.logits)?;
+    let targets = Input::new(&l, batch.targets)?;
+    let lse = Input::new(&l, &out.tokens.lse)?;
+    let dlogp = Input::new(&l, &out.tokens.dlogp)?;
+    let nv = n * batch.vocab;
+    let grad_dtype = grad.dtype();
+    // On the SIMT executor the kernel writes the caller's buffer directly; on a GPU into a device
+    // buffer that is then copied back.
+    let (grad_addr, device_grad) = match (&l, &mut grad) {
+        (Launcher::Simt(_), GradMut::F32(g)) => (g.as_mut_ptr() as u64, None),
+        (Launcher::Simt(_), GradMut::F16(g)) => (g.as_mut_ptr() as u64, None),
+        (Launcher::Simt(_), GradMut::Bf16(g)) => (g.as_mut_ptr() as u64, None),
+        (Launcher::Cuda(_), _) => {
+            let buf = l.alloc(nv * grad_dtype.size())?;
+            (l.addr(&buf), Some(buf))
+        }
+    };
+    let p = VppoBackwardParams {
+        logits: logits.addr as *const c_void,
+        lse: lse.addr as *const f32,
+        dlogp: dlogp.addr as *const f32,
+        targets: targets.addr as *const i32,
+        grad: grad_addr as *mut c_void,
+        n_tokens: n as i64,
+        vocab: batch.vocab as i64,
+        inv_temperature: (1.0 / cfg.temperature) as f32,
+        ..Default::default()
+    };
+    // SAFETY: logits [N, V] of the input dtype, lse/dlogp/targets [N] (checked by the caller:
+    // out comes from a forward over this batch), grad [N, V] of the output dtype (GradMut::check);
+    // the caller's grad slice is borrowed mutably for this whole function, so nothing else reads or
+    // writes it while the kernel does.
+    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p)? };
+    if let Some(buf) = device_grad {
+        match grad {
+            GradMut::F32(g) => g.copy_from_slice(&l.download::<f32>(&buf, nv)?),
+            GradMut::F16(g) => g.copy_from_slice(&l.download::<f16>(&buf, nv)?),
+            GradMut::Bf16(g) => g.copy_from_slice(&l.download::<bf16>(&buf, nv)?),
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,123 @@
+/*
+ * backward.cu: pass 3 of VPPO, dloss/dlogits (SPEC section 6).
+ *
+ *     grad[t, v] = g_t * (1[v = y_t] - softmax(a_t)_v) / tau,   softmax(a_t)_v = exp(a_v / tau - lse_t)
+ *
+ * with g_t = dloss/dlogp_t from pass 2 and lse_t saved by pass 1, so each logits element is read once
+ * and each gradient element written once. A row with g_t = 0 (tokens outside the top-k mask when the
+ * logp penalty is 0) writes zeros without reading its logits. For the target, (1 - p_y) is formed in f32
+ * before the product is rounded to the output type.
+ *
+ * Shapes: logits [N, V] of dtype T; grad [N, V] of dtype O (f32, or T itself); lse, dlogp, targets [N].
+ * grad may be the logits buffer itself (in place, O = T): every element is loaded before the same
+ * thread stores over it, and no two threads touch one element.
+ *
+ * Mapping: one block of kThreads per row, grid-stride over rows; 16-byte loads and stores in the row's
+ * aligned middle (when the output row shares that alignment), scalar head and tail. 64-bit offsets.
+ *
+ * Versions: vppo_backward_{f32_f32, f16_f32, f16_f16, bf16_f32, bf16_bf16} (input_output).
+ * The CPU reference of this op: src/reference/backward.rs.
+ */
+#include "common.cuh"
+
+namespace {
+
+constexpr int kThreads = 256;
+
+/* Stores K f32 values as K elements of O at a 16-byte-aligned address. */
+template <typename O, int K> struct VecStore;
+
+template <int K> struct VecStore<float, K> {
+    static __device__ __forceinline__ void store(float *dst, const float *v) {
+        uint4 *d = reinterpret_cast<uint4 *>(dst);
+#pragma unroll
+        for (int j = 0; j < K / 4; ++j) {
+            d[j] = make_uint4(__float_as_uint(v[4 * j]), __float_as_uint(v[4 * j + 1]),
+                              __float_as_uint(v[4 * j + 2]), __float_as_uint(v[4 * j + 3]));
+        }
+    }
+};
+
+__device__ __forceinline__ unsigned int bits16(__nv_bfloat16 x) { return __bfloat16_as_ushort(x); }
+__device__ __forceinline__ unsigned int bits16(__half x) { return __half_as_ushort(x); }
+
+template <typename O> struct VecStore16 {
+    static __device__ __forceinline__ unsigned int pair(float lo, float hi) {
+        return bits16(Elt<O>::from_f32(lo)) | (bits16(Elt<O>::from_f32(hi)) << 16);
+    }
+    static __device__ __forceinline__ void store(O *dst, const float *v) {
+        *reinterpret_cast<uint4 *>(dst) =
+            make_uint4(pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7]));
+    }
+};
+template <> struct VecStore<__nv_bfloat16, 8> : VecStore16<__nv_bfloat16> {};
+template <> struct VecStore<__half, 8> : VecStore16<__half> {};
+
+template <typename T, typename O>
+__device__ void backward(const VppoBackwardParams &p) {
+    constexpr int K = Elt<T>::kPerVec;
+    const T *logits = static_cast<const T *>(p.logits);
+    O *grad = static_cast<O *>(p.grad);
+    const int64_t vocab = p.vocab, tid = threadIdx.x, nth = blockDim.x;
+    const float inv_tau = p.inv_temperature;
+
+    for (int64_t t = blockIdx.x; t < p.n_tokens; t += gridDim.x) {
+        const T *ra = logits + t * vocab; /* 64-bit: t * vocab passes 2^31 */
+        O *rg = grad + t * vocab;
+        const float g = p.dlogp[t];
+        RowSplit sp = split_row(ra, vocab);
+        /* The vector path needs the output row aligned at the same element. */
+        if ((reinterpret_cast<uintptr_t>(rg + sp.head) & 15u) != 0) {
+            sp.head = vocab;
+            sp.nvec = 0;
+        }
+        const int64_t body_end = sp.head + sp.nvec * K;
+
+        if (g == 0.0f) {
+            /* No read of the logits: only the write. */
+            const float zeros[K] = {};
+            for (int64_t v = tid; v < sp.head; v += nth) rg[v] = Elt<O>::from_f32(0.0f);
+            for (int64_t i = tid; i < sp.nvec; i += nth) VecStore<O, K>::store(rg + sp.head + i * K, zeros);
+            for (int64_t v = body_end + tid; v < vocab; v += nth) rg[v] = Elt<O>::from_f32(0.0f);
+            continue;
+        }
+
+        const float lse = p.lse[t];
+        const float scale = g * inv_tau;
+        const int64_t y = p.targets[t];
+        /* grad of one element; (1 - p) for the target in f32, then one rounding to O */
+        auto one = [&](float a, int64_t v) -> float {
+            const float prob = VPPO_EXP(a * inv_tau - lse);
+            return scale * (v == y ? 1.0f - prob : -prob);
+        };
+
+        for (int64_t v = tid; v < sp.head; v += nth) rg[v] = Elt<O>::from_f32(one(Elt<T>::load(ra + v), v));
+
+        const uint4 *va = reinterpret_cast<const uint4 *>(ra + sp.head);
+        for (int64_t i = tid; i < sp.nvec; i += nth) {
+            const uint4 x = va[i]; /* plain load, not __ldg: with grad == logits the data is written */
+            float a[K];
+            Elt<T>::unpack(x, a);
+            const int64_t v0 = sp.head + i * K;
+#pragma unroll
+            for (int k = 0; k < K; ++k) a[k] = one(a[k], v0 + k);
+            VecStore<O, K>::store(rg + v0, a);
+        }
+
+        for (int64_t v = body_end + tid; v < vocab; v += nth) rg[v] = Elt<O>::from_f32(one(Elt<T>::load(ra + v), v));
+    }
+}
+
+} // namespace
+
+#define VPPO_BACKWARD(NAME, T, O)                                                                     \
+    extern "C" __global__ void __launch_bounds__(kThreads) NAME(const VppoBackwardParams p) {         \
+        backward<T, O>(p);                                                                            \
+    }                                                                                                 \
+    VPPO_EXPORT_KERNEL(NAME, VppoBackwardParams)
+
+VPPO_BACKWARD(vppo_backward_f32_f32, float, float)
+VPPO_BACKWARD(vppo_backward_f16_f32, __half, float)
+VPPO_BACKWARD(vppo_backward_f16_f16, __half, __half)
+VPPO_BACKWARD(vppo_backward_bf16_f32, __nv_bfloat16, float)
+VPPO_BACKWARD(vppo_backward_bf16_bf16, __nv_bfloat16, __nv_bfloat16)

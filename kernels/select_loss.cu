@@ -1,0 +1,327 @@
+/*
+ * select_loss.cu: pass 2 of VPPO, per response (SPEC sections 3 to 6, up to dloss/dlogp).
+ *
+ * vppo_select: Token-level Gradient Filtering.
+ *     k_b     = ceil(top_fraction * L_b), exactly: top_fraction = frac_num / frac_den, 128-bit integers
+ *     mask[t] = 1 for the k_b tokens of response b with the highest score; ties to the lower index
+ *     Sbar_b  = mean score of response b (0 when L_b = 0)
+ *   One block per response (grid-stride over responses). The k_b-th largest score is found by a radix
+ *   select on the float bits mapped to ordered 32-bit keys: 8 passes of 4 bits; in each pass every warp
+ *   counts its 32 keys into 16 bins with 5 ballots and one popc per lane (no atomics), the warp counts
+ *   are summed in warp order, and the digit holding the k-th key extends the prefix. Then the tokens
+ *   above the k-th key are selected, and of those equal to it the first (by index) that are still
+ *   needed, found with a ballot prefix scan in index order. Exactly k_b tokens, deterministic.
+ *
+ * vppo_loss: Trajectory-level Advantage Shaping and the clipped surrogate, in one block of kLossThreads.
+ *   Phase 1, per scope (batch, or groups of G): lo/hi of Sbar over responses with L_b > 0 (or the
+ *   caller's range), n_b = clamp((Sbar_b - lo) / (hi - lo), 0, 1), alpha_b by the shaping rule; alpha = 1
+ *   when hi - lo <= 1e-6 and for empty responses.
+ *   Phase 2, per token: r = exp(clamp(logp - old_logp, -20, 20)), l_t = max(-A' r, -A' clamp(r)), the
+ *   dual clip for A' < 0, the aggregation weight, and g_t = dloss/dlogp_t with no gradient through an
+ *   active clamp or clip. Per-token arithmetic in double (N values only: it costs nothing next to pass 1).
+ *   Totals are summed per thread in index order and then in a fixed tree: bit-identical loss every run.
+ *
+ * Shapes: score, logp, old_logp, mask, dlogp [N]; cu_seqlens [B + 1]; advantages, sbar, alpha, k [B].
+ * The CPU reference of these ops: src/reference/select.rs, shaping.rs, surrogate.rs.
+ */
+#include "common.cuh"
+
+namespace {
+
+constexpr int kSelectThreads = 256;
+constexpr int kLossThreads = 512; /* 1024 caps registers at 64 and spilled (nvcc 13.0, sm_90) */
+constexpr int kMaxWarps = 32;
+
+/* Shared memory of vppo_select: per-warp bin counts, the scan of warp totals, the select state. */
+struct SelectShared {
+    int counts[kMaxWarps][16];
+    int warp_total[kMaxWarps];
+    double sum_scratch[kMaxWarps];
+    unsigned int prefix;
+    int remaining;
+};
+
+__device__ __forceinline__ int64_t topk_count(int64_t len, uint64_t num, uint64_t den) {
+    const unsigned __int128 prod = (unsigned __int128)num * (unsigned __int128)len;
+    return (int64_t)((prod + den - 1) / den);
+}
+
+/*
+ * The key of the k-th largest score among keys[0, len) (k in [1, len)) and how many tokens equal to it
+ * are to be selected. Every thread returns the same values.
+ */
+__device__ void radix_select(const float *score, int64_t len, int64_t k, SelectShared &sh,
+                             unsigned int &kth_key, int &need_equal) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    unsigned int prefix = 0u, prefix_mask = 0u;
+    int remaining = (int)k; /* rank of the wanted key among the keys that match the prefix */
+    for (int shift = 28; shift >= 0; shift -= 4) {
+        int mine = 0; /* lane d < 16 counts digit d */
+        for (int64_t base = (int64_t)warp * 32; base < len; base += blockDim.x) {
+            const int64_t i = base + lane;
+            unsigned int key = 0u;
+            bool match = false;
+            if (i < len) {
+                key = float_key(score[i]);
+                match = (key & prefix_mask) == prefix;
+            }
+            const unsigned int digit = (key >> shift) & 15u;
+            const unsigned int in = __ballot_sync(VPPO_FULL_MASK, match);
+            const unsigned int b0 = __ballot_sync(VPPO_FULL_MASK, digit & 1u);
+            const unsigned int b1 = __ballot_sync(VPPO_FULL_MASK, digit & 2u);
+            const unsigned int b2 = __ballot_sync(VPPO_FULL_MASK, digit & 4u);
+            const unsigned int b3 = __ballot_sync(VPPO_FULL_MASK, digit & 8u);
+            const unsigned int d = (unsigned int)lane & 15u;
+            const unsigned int sel = in & ((d & 1u) ? b0 : ~b0) & ((d & 2u) ? b1 : ~b1) &
+                                     ((d & 4u) ? b2 : ~b2) & ((d & 8u) ? b3 : ~b3);
+            mine += __popc(sel);
+        }
+        if (lane < 16) sh.counts[warp][lane] = mine;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            /* Walk the digits from the largest down until the k-th key falls in one. */
+            int above = 0;
+            for (int d = 15; d >= 0; --d) {
+                int c = 0;
+                for (int w = 0; w < nwarps; ++w) c += sh.counts[w][d];
+                if (above + c >= remaining) {
+                    sh.prefix = prefix | ((unsigned int)d << shift);
+                    sh.remaining = remaining - above;
+                    break;
+                }
+                above += c;
+            }
+        }
+        __syncthreads();
+        prefix = sh.prefix;
+        remaining = sh.remaining;
+        prefix_mask |= 15u << shift;
+        /* No third barrier: the next pass writes counts, which thread 0 read before the barrier above,
+           and thread 0 rewrites the state only after the next pass's first barrier, which every
+           thread reaches after reading this one. */
+    }
+    kth_key = prefix;
+    need_equal = remaining;
+}
+
+__device__ void select_response(const VppoSelectParams &p, int64_t b, SelectShared &sh) {
+    const int64_t start = p.cu_seqlens[b];
+    const int64_t len = (int64_t)p.cu_seqlens[b + 1] - start;
+    const float *score = p.score + start;
+    uint8_t *mask = p.mask + start;
+    const int64_t k = topk_count(len, p.frac_num, p.frac_den);
+
+    /* Sbar: per-thread sums in index order, then the fixed tree of block_sum. */
+    double part = 0.0;
+    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) part += (double)score[i];
+    const double total = block_sum(part, sh.sum_scratch);
+    if (threadIdx.x == 0) {
+        p.k[b] = (int32_t)k;
+        p.sbar[b] = len > 0 ? (float)(total / (double)len) : 0.0f;
+    }
+
+    if (k >= len) {
+        for (int64_t i = threadIdx.x; i < len; i += blockDim.x) mask[i] = 1;
+        return;
+    }
+    unsigned int kth = 0u;
+    int need_equal = 0;
+    radix_select(score, len, k, sh, kth, need_equal);
+
+    /* Keys above the k-th: selected. Keys equal: the first need_equal of them in index order. */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    int taken = 0; /* equal keys already met in earlier chunks */
+    for (int64_t base = 0; base < len; base += blockDim.x) {
+        const int64_t i = base + threadIdx.x;
+        unsigned int key = 0u;
+        if (i < len) key = float_key(score[i]);
+        const bool equal = i < len && key == kth;
+        const unsigned int eq = __ballot_sync(VPPO_FULL_MASK, equal);
+        if (lane == 0) sh.warp_total[warp] = __popc(eq);
+        __syncthreads();
+        int before = taken + __popc(eq & ((1u << lane) - 1u));
+        for (int w = 0; w < warp; ++w) before += sh.warp_total[w];
+        if (i < len) mask[i] = (key > kth || (equal && before < need_equal)) ? 1 : 0;
+        for (int w = 0; w < nwarps; ++w) taken += sh.warp_total[w];
+        /* warp_total is rewritten by the next chunk. */
+        __syncthreads();
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+
+struct LossShared {
+    double d[kMaxWarps];
+    long long i[kMaxWarps];
+    float f[kMaxWarps];
+};
+
+/* Response of token t: the largest b with cu_seqlens[b] <= t (empty responses are skipped over). */
+__device__ __forceinline__ int64_t response_of(const int32_t *cu, int64_t n_resp, int64_t t) {
+    int64_t lo = 0, hi = n_resp; /* invariant: cu[lo] <= t < cu[hi] */
+    while (hi - lo > 1) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if ((int64_t)cu[mid] <= t) lo = mid; else hi = mid;
+    }
+    return lo;
+}
+
+/* alpha for the responses first .. first + count - 1 of one scope, given its lo and hi. */
+__device__ __forceinline__ double shaped_alpha(const VppoLossParams &p, double sb, double lo, double hi,
+                                               double mean_n) {
+    const double n = fmin(fmax((sb - lo) / (hi - lo), 0.0), 1.0);
+    const double beta_min = p.beta_min;
+    const double beta_max = p.shaping == VPPO_SHAPING_MEAN_PRESERVING
+                                ? beta_min + (1.0 - beta_min) / (mean_n + 1e-8)
+                                : (double)p.beta_max;
+    return beta_min + n * (beta_max - beta_min);
+}
+
+__device__ __forceinline__ int64_t resp_len(const VppoLossParams &p, int64_t b) {
+    return (int64_t)p.cu_seqlens[b + 1] - p.cu_seqlens[b];
+}
+
+/* Phase 1 for the batch scope: block-wide lo, hi and mean n. */
+__device__ void alpha_batch(const VppoLossParams &p, LossShared &sh) {
+    float lo_part = INFINITY, hi_part = -INFINITY;
+    for (int64_t b = threadIdx.x; b < p.n_responses; b += blockDim.x) {
+        if (resp_len(p, b) > 0) {
+            lo_part = fminf(lo_part, p.sbar[b]);
+            hi_part = fmaxf(hi_part, p.sbar[b]);
+        }
+    }
+    double lo = block_min(lo_part, sh.f), hi = block_max(hi_part, sh.f);
+    if (p.has_range) { lo = p.range_lo; hi = p.range_hi; }
+    const bool flat = !(hi - lo > 1e-6); /* also true when no response has tokens */
+    double n_part = 0.0;
+    long long c_part = 0;
+    if (!flat) {
+        for (int64_t b = threadIdx.x; b < p.n_responses; b += blockDim.x) {
+            if (resp_len(p, b) > 0) {
+                n_part += fmin(fmax(((double)p.sbar[b] - lo) / (hi - lo), 0.0), 1.0);
+                c_part += 1;
+            }
+        }
+    }
+    const double n_sum = block_sum(n_part, sh.d);
+    const long long count = block_sum(c_part, sh.i);
+    const double mean_n = count > 0 ? n_sum / (double)count : 0.0;
+    for (int64_t b = threadIdx.x; b < p.n_responses; b += blockDim.x) {
+        const bool shaped = !flat && resp_len(p, b) > 0;
+        p.alpha[b] = shaped ? (float)shaped_alpha(p, p.sbar[b], lo, hi, mean_n) : 1.0f;
+    }
+}
+
+/* Phase 1 for the group scope: one thread per group, sequential over its G responses. */
+__device__ void alpha_groups(const VppoLossParams &p) {
+    const int64_t g_size = p.group_size, n_groups = p.n_responses / g_size;
+    for (int64_t g = threadIdx.x; g < n_groups; g += blockDim.x) {
+        const int64_t first = g * g_size;
+        double lo = INFINITY, hi = -INFINITY;
+        for (int64_t b = first; b < first + g_size; ++b) {
+            if (resp_len(p, b) > 0) { lo = fmin(lo, (double)p.sbar[b]); hi = fmax(hi, (double)p.sbar[b]); }
+        }
+        if (p.has_range) { lo = p.range_lo; hi = p.range_hi; }
+        const bool flat = !(hi - lo > 1e-6);
+        double n_sum = 0.0;
+        long long count = 0;
+        if (!flat) {
+            for (int64_t b = first; b < first + g_size; ++b) {
+                if (resp_len(p, b) > 0) {
+                    n_sum += fmin(fmax(((double)p.sbar[b] - lo) / (hi - lo), 0.0), 1.0);
+                    ++count;
+                }
+            }
+        }
+        const double mean_n = count > 0 ? n_sum / (double)count : 0.0;
+        for (int64_t b = first; b < first + g_size; ++b) {
+            const bool shaped = !flat && resp_len(p, b) > 0;
+            p.alpha[b] = shaped ? (float)shaped_alpha(p, p.sbar[b], lo, hi, mean_n) : 1.0f;
+        }
+    }
+}
+
+__device__ void loss(const VppoLossParams &p, LossShared &sh) {
+    /* ---- Phase 1: alpha ---- */
+    if (p.shaping == VPPO_SHAPING_NONE) {
+        for (int64_t b = threadIdx.x; b < p.n_responses; b += blockDim.x) p.alpha[b] = 1.0f;
+    } else if (p.scope == VPPO_SCOPE_GROUP) {
+        alpha_groups(p);
+    } else {
+        alpha_batch(p, sh);
+    }
+    long long nonempty_part = 0;
+    for (int64_t b = threadIdx.x; b < p.n_responses; b += blockDim.x) nonempty_part += resp_len(p, b) > 0;
+    const long long n_nonempty = block_sum(nonempty_part, sh.i); /* B'; its barriers also publish alpha */
+
+    /* ---- Phase 2: per token ---- */
+    const double z = p.token_normalizer;
+    const double lo_clip = 1.0 - (double)p.eps_low, hi_clip = 1.0 + (double)p.eps_high;
+    double pg = 0.0, logp_sum = 0.0, ratio_sum = 0.0;
+    long long selected = 0, clipped = 0;
+    for (int64_t t = threadIdx.x; t < p.n_tokens; t += blockDim.x) {
+        const int64_t b = response_of(p.cu_seqlens, p.n_responses, t);
+        const double adv = (double)p.alpha[b] * (double)p.advantages[b]; /* A' */
+        const double logp = p.logp[t];
+        const double x = logp - (double)p.old_logp[t];
+        const bool ratio_clamped = x < -20.0 || x > 20.0;
+        const double r = exp(fmin(fmax(x, -20.0), 20.0));
+        const double r_clip = fmin(fmax(r, lo_clip), hi_clip);
+        const double unclipped = -adv * r, clipped_branch = -adv * r_clip;
+        const bool inside = r >= lo_clip && r <= hi_clip;
+        double l = fmax(unclipped, clipped_branch);
+        /* dl/dlogp: the unclipped branch's gradient -A' r where it is the one taken */
+        double dl = (inside || unclipped > clipped_branch) ? -adv * r : 0.0;
+        bool is_clipped = !inside && clipped_branch > unclipped;
+        if (p.has_dual_clip && adv < 0.0) {
+            const double cap = -adv * (double)p.dual_clip;
+            if (l > cap) { l = cap; dl = 0.0; is_clipped = true; }
+        }
+        if (ratio_clamped) dl = 0.0;
+
+        double weight; /* d pg / d (mask l_t) */
+        if (p.aggregation == VPPO_AGG_TOKEN_MEAN) weight = 1.0 / z;
+        else if (p.aggregation == VPPO_AGG_SEQ_MEAN_TOKEN_MEAN) weight = 1.0 / ((double)resp_len(p, b) * (double)n_nonempty);
+        else weight = 1.0 / (double)n_nonempty;
+
+        const bool m = p.mask[t] != 0;
+        if (m) {
+            pg += l * weight;
+            selected += 1;
+            clipped += is_clipped;
+        }
+        logp_sum += logp;
+        ratio_sum += r;
+        p.dlogp[t] = (float)((m ? dl * weight : 0.0) - (double)p.logp_penalty / z);
+    }
+    pg = block_sum(pg, sh.d);
+    logp_sum = block_sum(logp_sum, sh.d);
+    ratio_sum = block_sum(ratio_sum, sh.d);
+    selected = block_sum(selected, sh.i);
+    clipped = block_sum(clipped, sh.i);
+    if (threadIdx.x == 0) {
+        p.totals->pg = pg;
+        p.totals->logp_sum = logp_sum;
+        p.totals->ratio_sum = ratio_sum;
+        p.totals->n_selected = selected;
+        p.totals->n_clipped = clipped;
+        p.totals->loss = pg + (double)p.logp_penalty * (-logp_sum) / z;
+    }
+}
+
+} // namespace
+
+extern "C" __global__ void __launch_bounds__(kSelectThreads) vppo_select(const VppoSelectParams p) {
+    VPPO_DYNAMIC_SHARED(SelectShared, sh);
+    for (int64_t b = blockIdx.x; b < p.n_responses; b += gridDim.x) {
+        select_response(p, b, *sh);
+        __syncthreads(); /* the next response reuses the shared state */
+    }
+}
+VPPO_EXPORT_KERNEL(vppo_select, VppoSelectParams)
+
+extern "C" __global__ void __launch_bounds__(kLossThreads, 1) vppo_loss(const VppoLossParams p) {
+    VPPO_DYNAMIC_SHARED(LossShared, sh);
+    loss(p, *sh);
+}
+VPPO_EXPORT_KERNEL(vppo_loss, VppoLossParams)
