@@ -55,13 +55,32 @@ pub fn build() {
         }
     }
 
-    // The VPPO kernels: warnings shown, not fatal.
+    // The VPPO kernels, warnings as errors (but `#pragma unroll`, which only nvcc knows).
     let kernel_sources = sources(&kernels, "cu");
     let mut kernel_objects = Vec::new();
     if !kernel_sources.is_empty() {
         kernel_objects = base(&kernels)
+            .flag("-Werror")
+            .flag("-Wno-unknown-pragmas")
             .files(&kernel_sources)
             .compile_intermediates();
+    }
+    // The mutant: perception.cu with every exp times 1.001 (VPPO_MUTANT, kernels/common.cuh), under
+    // renamed kernels, so tests/kernels.rs can show that its checks catch a wrong kernel.
+    let perception = kernels.join("perception.cu");
+    if perception.exists() {
+        let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("mutant");
+        std::fs::create_dir_all(&out).expect("creating OUT_DIR/mutant");
+        let mut mutant = base(&kernels);
+        mutant
+            .flag("-Wno-unknown-pragmas")
+            .define("VPPO_MUTANT", None)
+            .out_dir(&out);
+        for dtype in ["f32", "f16", "bf16"] {
+            let name = format!("vppo_perception_{dtype}");
+            mutant.define(&name, Some(format!("{name}_mutant").as_str()));
+        }
+        kernel_objects.extend(mutant.file(&perception).compile_intermediates());
     }
 
     // The executor and its self tests, warnings as errors; the kernels' objects join the same library,

@@ -173,7 +173,7 @@ __device__ __forceinline__ double shaped_alpha(const VppoLossParams &p, double s
     const double beta_min = p.beta_min;
     const double beta_max = p.shaping == VPPO_SHAPING_MEAN_PRESERVING
                                 ? beta_min + (1.0 - beta_min) / (mean_n + 1e-8)
-                                : (double)p.beta_max;
+                                : p.beta_max;
     return beta_min + n * (beta_max - beta_min);
 }
 
@@ -256,7 +256,7 @@ __device__ void loss(const VppoLossParams &p, LossShared &sh) {
 
     /* ---- Phase 2: per token ---- */
     const double z = p.token_normalizer;
-    const double lo_clip = 1.0 - (double)p.eps_low, hi_clip = 1.0 + (double)p.eps_high;
+    const double lo_clip = 1.0 - p.eps_low, hi_clip = 1.0 + p.eps_high;
     double pg = 0.0, logp_sum = 0.0, ratio_sum = 0.0;
     long long selected = 0, clipped = 0;
     for (int64_t t = threadIdx.x; t < p.n_tokens; t += blockDim.x) {
@@ -274,7 +274,7 @@ __device__ void loss(const VppoLossParams &p, LossShared &sh) {
         double dl = (inside || unclipped > clipped_branch) ? -adv * r : 0.0;
         bool is_clipped = !inside && clipped_branch > unclipped;
         if (p.has_dual_clip && adv < 0.0) {
-            const double cap = -adv * (double)p.dual_clip;
+            const double cap = -adv * p.dual_clip;
             if (l > cap) { l = cap; dl = 0.0; is_clipped = true; }
         }
         if (ratio_clamped) dl = 0.0;
@@ -292,7 +292,7 @@ __device__ void loss(const VppoLossParams &p, LossShared &sh) {
         }
         logp_sum += logp;
         ratio_sum += r;
-        p.dlogp[t] = (float)((m ? dl * weight : 0.0) - (double)p.logp_penalty / z);
+        p.dlogp[t] = (float)((m ? dl * weight : 0.0) - p.logp_penalty / z);
     }
     pg = block_sum(pg, sh.d);
     logp_sum = block_sum(logp_sum, sh.d);
@@ -305,7 +305,7 @@ __device__ void loss(const VppoLossParams &p, LossShared &sh) {
         p.totals->ratio_sum = ratio_sum;
         p.totals->n_selected = selected;
         p.totals->n_clipped = clipped;
-        p.totals->loss = pg + (double)p.logp_penalty * (-logp_sum) / z;
+        p.totals->loss = pg + p.logp_penalty * (-logp_sum) / z;
     }
 }
 

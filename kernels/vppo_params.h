@@ -117,15 +117,17 @@ typedef struct VppoLossParams {
     int64_t n_tokens;           /* N */
     int64_t n_responses;        /* B */
     int64_t group_size;         /* G, the scope of VPPO_SCOPE_GROUP */
+    /* The config in double, as the caller gave it: 1 - 0.2f is not 1 - 0.2, and the loss pass works
+       in double so that it agrees with the f64 reference to ~1e-15 given the same inputs. */
     double token_normalizer;    /* Z */
-    float beta_min;
-    float beta_max;             /* used by VPPO_SHAPING_LINEAR */
-    float range_lo;             /* caller-given (lo, hi) when has_range */
-    float range_hi;
-    float eps_low;
-    float eps_high;
-    float dual_clip;            /* used when has_dual_clip */
-    float logp_penalty;
+    double beta_min;
+    double beta_max;            /* used by VPPO_SHAPING_LINEAR */
+    double range_lo;            /* caller-given (lo, hi) when has_range */
+    double range_hi;
+    double eps_low;
+    double eps_high;
+    double dual_clip;           /* used when has_dual_clip */
+    double logp_penalty;
     int32_t shaping;            /* VppoShaping */
     int32_t scope;              /* VppoScope */
     int32_t aggregation;        /* VppoAggregation */

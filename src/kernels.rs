@@ -98,7 +98,11 @@ fn backward_kernel(input: Dtype, output: Dtype) -> Result<Kernel> {
         (i, o) => {
             return Err(VppoError::Shape {
                 tensor: Tensor::GradLogits,
-                detail: format!("dtype {} is neither f32 nor the logits dtype {}", o.name(), i.name()),
+                detail: format!(
+                    "dtype {} is neither f32 nor the logits dtype {}",
+                    o.name(),
+                    i.name()
+                ),
             })
         }
     })
@@ -135,14 +139,18 @@ impl Launcher {
     pub(crate) fn for_device(device: Device) -> Result<Launcher> {
         match device {
             Device::Simt(order) => Ok(Launcher::Simt(order)),
-            Device::Cuda(ordinal) => Ok(Launcher::Cuda(Gpu::shared(ordinal)?)),
+            Device::Cuda(ordinal) => Ok(Launcher::Cuda(Gpu::new(ordinal)?)),
             Device::Reference => Err(VppoError::Kernel("the reference runs no kernels".into())),
         }
     }
 
     /// Blocks for a kernel that loops over `rows` rows (or responses).
     fn row_grid(&self, rows: usize) -> u32 {
-        let cap = if self.is_host() { MAX_ROW_BLOCKS_SIMT } else { MAX_ROW_BLOCKS_GPU };
+        let cap = if self.is_host() {
+            MAX_ROW_BLOCKS_SIMT
+        } else {
+            MAX_ROW_BLOCKS_GPU
+        };
         rows.clamp(1, cap) as u32
     }
 
@@ -168,10 +176,19 @@ impl Launcher {
         match self {
             // SAFETY: forwarded from this function's contract.
             Launcher::Simt(order) => unsafe {
-                simt::launch(kernel.simt, [grid, 1, 1], [block, 1, 1], shared, *order, params)
+                simt::launch(
+                    kernel.simt,
+                    [grid, 1, 1],
+                    [block, 1, 1],
+                    shared,
+                    *order,
+                    params,
+                )
             },
             // SAFETY: forwarded from this function's contract.
-            Launcher::Cuda(gpu) => unsafe { gpu.launch(kernel.name, [grid, 1, 1], [block, 1, 1], shared, params) },
+            Launcher::Cuda(gpu) => unsafe {
+                gpu.launch(kernel.name, [grid, 1, 1], [block, 1, 1], shared, params)
+            },
         }
     }
 
@@ -203,7 +220,9 @@ impl Launcher {
         match (self, buf) {
             (_, Buffer::Host(v)) => v.as_ptr() as u64,
             (Launcher::Cuda(gpu), Buffer::Cuda(s)) => gpu.device_ptr_u64(s),
-            (Launcher::Simt(_), Buffer::Cuda(_)) => unreachable!("device buffer on the SIMT executor"),
+            (Launcher::Simt(_), Buffer::Cuda(_)) => {
+                unreachable!("device buffer on the SIMT executor")
+            }
         }
     }
 
@@ -238,11 +257,19 @@ impl<'a> Input<'a> {
         if launcher.is_host() {
             // The SIMT executor reads host memory directly: no copy. The PhantomData ties the address
             // to the borrow, so the slice outlives the launches.
-            Ok(Input { _owned: None, _borrowed: std::marker::PhantomData, addr: data.as_ptr() as u64 })
+            Ok(Input {
+                _owned: None,
+                _borrowed: std::marker::PhantomData,
+                addr: data.as_ptr() as u64,
+            })
         } else {
             let buf = launcher.upload(data)?;
             let addr = launcher.addr(&buf);
-            Ok(Input { _owned: Some(buf), _borrowed: std::marker::PhantomData, addr })
+            Ok(Input {
+                _owned: Some(buf),
+                _borrowed: std::marker::PhantomData,
+                addr,
+            })
         }
     }
 
@@ -294,7 +321,7 @@ impl Workspace {
             k3: f(n)?,
             entropy: f(n)?,
             score: f(n)?,
-            status: l.upload(&[VPPO_STATUS_CLEAR])?,
+            status: l.upload(&[VPPO_STATUS_CLEAR as i64])?,
             mask: l.alloc(n)?,
             k: f(b)?,
             sbar: f(b)?,
@@ -317,14 +344,14 @@ fn loss_params(cfg: &VppoConfig, n: usize, b: usize) -> VppoLossParams {
         n_responses: b as i64,
         group_size: cfg.group_size as i64,
         token_normalizer: cfg.token_normalizer.unwrap_or(n as f64),
-        beta_min: cfg.beta_min as f32,
-        beta_max: cfg.beta_max as f32,
-        range_lo: lo as f32,
-        range_hi: hi as f32,
-        eps_low: cfg.eps_low as f32,
-        eps_high: cfg.eps_high as f32,
-        dual_clip: cfg.dual_clip.unwrap_or(0.0) as f32,
-        logp_penalty: cfg.logp_penalty as f32,
+        beta_min: cfg.beta_min,
+        beta_max: cfg.beta_max,
+        range_lo: lo,
+        range_hi: hi,
+        eps_low: cfg.eps_low,
+        eps_high: cfg.eps_high,
+        dual_clip: cfg.dual_clip.unwrap_or(0.0),
+        logp_penalty: cfg.logp_penalty,
         shaping: match cfg.shaping {
             Shaping::MeanPreserving => Sh::VPPO_SHAPING_MEAN_PRESERVING,
             Shaping::Linear => Sh::VPPO_SHAPING_LINEAR,
@@ -347,7 +374,7 @@ fn loss_params(cfg: &VppoConfig, n: usize, b: usize) -> VppoLossParams {
 
 /// Turns the status word of the perception kernel into the error the reference reports.
 fn status_error(status: i64, batch: &Batch) -> Option<VppoError> {
-    if status == VPPO_STATUS_CLEAR {
+    if status == VPPO_STATUS_CLEAR as i64 {
         return None;
     }
     let row = (status >> 8) as usize;
@@ -362,41 +389,59 @@ fn status_error(status: i64, batch: &Batch) -> Option<VppoError> {
     let target = batch.targets[row];
     Some(match code {
         c if c == VppoErrorCode::VPPO_ERR_TARGET_OUT_OF_RANGE as u32 => {
-            VppoError::TargetOutOfRange { row, target, vocab: v }
+            VppoError::TargetOutOfRange {
+                row,
+                target,
+                vocab: v,
+            }
         }
         c if c == VppoErrorCode::VPPO_ERR_LOGITS_NONFINITE as u32 => VppoError::NonFinite {
             tensor: Tensor::Logits,
             location: Location::Row(row),
             value: first_bad(&batch.logits),
         },
-        c if c == VppoErrorCode::VPPO_ERR_LOGITS_ALL_NEG_INF as u32 => {
-            VppoError::AllNegInf { tensor: Tensor::Logits, row }
+        c if c == VppoErrorCode::VPPO_ERR_LOGITS_ALL_NEG_INF as u32 => VppoError::AllNegInf {
+            tensor: Tensor::Logits,
+            row,
+        },
+        c if c == VppoErrorCode::VPPO_ERR_TARGET_NEG_INF as u32 => {
+            VppoError::TargetNegInf { row, target }
         }
-        c if c == VppoErrorCode::VPPO_ERR_TARGET_NEG_INF as u32 => VppoError::TargetNegInf { row, target },
         c if c == VppoErrorCode::VPPO_ERR_MASKED_NONFINITE as u32 => VppoError::NonFinite {
             tensor: Tensor::LogitsMasked,
             location: Location::Row(row),
             value: first_bad(&batch.logits_masked),
         },
-        c if c == VppoErrorCode::VPPO_ERR_MASKED_ALL_NEG_INF as u32 => {
-            VppoError::AllNegInf { tensor: Tensor::LogitsMasked, row }
-        }
-        other => VppoError::Kernel(format!("perception kernel reported unknown code {other} at row {row}")),
+        c if c == VppoErrorCode::VPPO_ERR_MASKED_ALL_NEG_INF as u32 => VppoError::AllNegInf {
+            tensor: Tensor::LogitsMasked,
+            row,
+        },
+        other => VppoError::Kernel(format!(
+            "perception kernel reported unknown code {other} at row {row}"
+        )),
     })
 }
-
 
 /// Pass 1 only: the per-token perception outputs (lse, logp, kl, k3, entropy, score), as the
 /// reference's `perception` stage computes them. For stage-by-stage tests and benchmarks. The batch
 /// and config must have been validated.
 pub fn perception(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<TokenOutputs> {
-    perception_with(Launcher::for_device(device)?, perception_kernel(batch.logits.dtype()), batch, cfg)
+    perception_with(
+        Launcher::for_device(device)?,
+        perception_kernel(batch.logits.dtype()),
+        batch,
+        cfg,
+    )
 }
 
 /// Pass 1 through a deliberately wrong build of the perception kernel (every exp times 1.001), on the
 /// SIMT executor. It exists so the tests can show that their tolerances catch a wrong kernel.
 #[doc(hidden)]
-pub fn mutant_perception(batch: &Batch, cfg: &VppoConfig, order: LaneOrder) -> Result<TokenOutputs> {
+pub fn mutant_perception(
+    batch: &Batch,
+    cfg: &VppoConfig,
+    order: LaneOrder,
+) -> Result<TokenOutputs> {
     let kernel = match batch.logits.dtype() {
         Dtype::F32 => PERCEPTION_F32_MUTANT,
         Dtype::F16 => PERCEPTION_F16_MUTANT,
@@ -405,7 +450,12 @@ pub fn mutant_perception(batch: &Batch, cfg: &VppoConfig, order: LaneOrder) -> R
     perception_with(Launcher::Simt(order), kernel, batch, cfg)
 }
 
-fn perception_with(l: Launcher, kernel: Kernel, batch: &Batch, cfg: &VppoConfig) -> Result<TokenOutputs> {
+fn perception_with(
+    l: Launcher,
+    kernel: Kernel,
+    batch: &Batch,
+    cfg: &VppoConfig,
+) -> Result<TokenOutputs> {
     let n = batch.n_tokens();
     let ws = Workspace::new(&l, n, batch.n_responses())?;
     let inputs = Inputs::new(&l, batch)?;
@@ -436,7 +486,11 @@ pub fn select(
     let frac = crate::config::TopFraction::new(top_fraction)?;
     crate::batch::validate_cu_seqlens(cu_seqlens, scores.len())?;
     if let Some((row, &x)) = scores.iter().enumerate().find(|(_, x)| !x.is_finite()) {
-        return Err(VppoError::NonFinite { tensor: Tensor::Scores, location: Location::Row(row), value: x as f64 });
+        return Err(VppoError::NonFinite {
+            tensor: Tensor::Scores,
+            location: Location::Row(row),
+            value: x as f64,
+        });
     }
     let l = Launcher::for_device(device)?;
     let (n, b) = (scores.len(), cu_seqlens.len() - 1);
@@ -458,10 +512,22 @@ pub fn select(
         };
         // SAFETY: score [N], cu_seqlens [B+1] (validated: within [0, N], non-decreasing), mask [N],
         // k and sbar [B] are live buffers of this launcher's memory for the whole launch.
-        unsafe { l.launch(SELECT, l.row_grid(b), SELECT_THREADS, SELECT_SHARED_BYTES, &p)? };
+        unsafe {
+            l.launch(
+                SELECT,
+                l.row_grid(b),
+                SELECT_THREADS,
+                SELECT_SHARED_BYTES,
+                &p,
+            )?
+        };
     }
     let kk: Vec<i32> = l.download(&k, b)?;
-    Ok((l.download(&mask, n)?, kk.into_iter().map(|x| x as u32).collect(), l.download(&sbar, b)?))
+    Ok((
+        l.download(&mask, n)?,
+        kk.into_iter().map(|x| x as u32).collect(),
+        l.download(&sbar, b)?,
+    ))
 }
 
 /// The inputs of a forward pass, resident where the kernels run.
@@ -542,7 +608,13 @@ fn run_perception(
     }
 }
 
-fn run_select_loss(l: &Launcher, batch: &Batch, cfg: &VppoConfig, inp: &Inputs, ws: &Workspace) -> Result<()> {
+fn run_select_loss(
+    l: &Launcher,
+    batch: &Batch,
+    cfg: &VppoConfig,
+    inp: &Inputs,
+    ws: &Workspace,
+) -> Result<()> {
     let (n, b) = (batch.n_tokens(), batch.n_responses());
     let frac = cfg.top_fraction_exact()?;
     if b > 0 {
@@ -557,7 +629,15 @@ fn run_select_loss(l: &Launcher, batch: &Batch, cfg: &VppoConfig, inp: &Inputs, 
             frac_den: frac.denominator(),
         };
         // SAFETY: score and mask [N], cu_seqlens [B+1] validated, k and sbar [B]; all live.
-        unsafe { l.launch(SELECT, l.row_grid(b), SELECT_THREADS, SELECT_SHARED_BYTES, &p)? };
+        unsafe {
+            l.launch(
+                SELECT,
+                l.row_grid(b),
+                SELECT_THREADS,
+                SELECT_SHARED_BYTES,
+                &p,
+            )?
+        };
     }
     let p = VppoLossParams {
         logp: l.addr(&ws.logp) as *const f32,
@@ -585,13 +665,24 @@ pub fn forward(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<VppoOu
     if n == 0 {
         return Ok(VppoOutput {
             token_normalizer: z,
-            responses: ResponseOutputs { sbar: vec![0.0; b], k: vec![0; b], alpha: vec![1.0; b] },
+            responses: ResponseOutputs {
+                sbar: vec![0.0; b],
+                k: vec![0; b],
+                alpha: vec![1.0; b],
+            },
             ..Default::default()
         });
     }
     let inputs = Inputs::new(&l, batch)?;
     let ws = Workspace::new(&l, n, b)?;
-    run_perception(&l, perception_kernel(batch.logits.dtype()), batch, cfg, &inputs, &ws)?;
+    run_perception(
+        &l,
+        perception_kernel(batch.logits.dtype()),
+        batch,
+        cfg,
+        &inputs,
+        &ws,
+    )?;
     run_select_loss(&l, batch, cfg, &inputs, &ws)?;
     collect(&l, &ws, z)
 }
@@ -624,7 +715,11 @@ fn collect(l: &Launcher, ws: &Workspace, z: f64) -> Result<VppoOutput> {
             alpha: f(&ws.alpha, b)?,
         },
         stats: Stats {
-            clip_fraction: if t.n_selected > 0 { t.n_clipped as f64 / t.n_selected as f64 } else { 0.0 },
+            clip_fraction: if t.n_selected > 0 {
+                t.n_clipped as f64 / t.n_selected as f64
+            } else {
+                0.0
+            },
             mean_ratio: t.ratio_sum / n as f64,
             selected_fraction: t.n_selected as f64 / n as f64,
         },
@@ -636,7 +731,13 @@ fn collect(l: &Launcher, ws: &Workspace, z: f64) -> Result<VppoOutput> {
 // -------------------------------------------------------------------------------------------------
 
 /// dloss/dlogits into `grad` from a forward's saved lse and dlogp. Validated by the caller.
-pub fn backward_into(batch: &Batch, cfg: &VppoConfig, out: &VppoOutput, mut grad: GradMut, device: Device) -> Result<()> {
+pub fn backward_into(
+    batch: &Batch,
+    cfg: &VppoConfig,
+    out: &VppoOutput,
+    mut grad: GradMut,
+    device: Device,
+) -> Result<()> {
     let n = batch.n_tokens();
     if n == 0 {
         return Ok(());

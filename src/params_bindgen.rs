@@ -196,14 +196,14 @@ pub struct VppoLossParams {
     pub n_responses: i64,
     pub group_size: i64,
     pub token_normalizer: f64,
-    pub beta_min: f32,
-    pub beta_max: f32,
-    pub range_lo: f32,
-    pub range_hi: f32,
-    pub eps_low: f32,
-    pub eps_high: f32,
-    pub dual_clip: f32,
-    pub logp_penalty: f32,
+    pub beta_min: f64,
+    pub beta_max: f64,
+    pub range_lo: f64,
+    pub range_hi: f64,
+    pub eps_low: f64,
+    pub eps_high: f64,
+    pub dual_clip: f64,
+    pub logp_penalty: f64,
     pub shaping: i32,
     pub scope: i32,
     pub aggregation: i32,
@@ -213,7 +213,7 @@ pub struct VppoLossParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of VppoLossParams"][::std::mem::size_of::<VppoLossParams>() - 160usize];
+    ["Size of VppoLossParams"][::std::mem::size_of::<VppoLossParams>() - 192usize];
     ["Alignment of VppoLossParams"][::std::mem::align_of::<VppoLossParams>() - 8usize];
     ["Offset of field: VppoLossParams::logp"]
         [::std::mem::offset_of!(VppoLossParams, logp) - 0usize];
@@ -244,31 +244,31 @@ const _: () = {
     ["Offset of field: VppoLossParams::beta_min"]
         [::std::mem::offset_of!(VppoLossParams, beta_min) - 104usize];
     ["Offset of field: VppoLossParams::beta_max"]
-        [::std::mem::offset_of!(VppoLossParams, beta_max) - 108usize];
+        [::std::mem::offset_of!(VppoLossParams, beta_max) - 112usize];
     ["Offset of field: VppoLossParams::range_lo"]
-        [::std::mem::offset_of!(VppoLossParams, range_lo) - 112usize];
+        [::std::mem::offset_of!(VppoLossParams, range_lo) - 120usize];
     ["Offset of field: VppoLossParams::range_hi"]
-        [::std::mem::offset_of!(VppoLossParams, range_hi) - 116usize];
+        [::std::mem::offset_of!(VppoLossParams, range_hi) - 128usize];
     ["Offset of field: VppoLossParams::eps_low"]
-        [::std::mem::offset_of!(VppoLossParams, eps_low) - 120usize];
+        [::std::mem::offset_of!(VppoLossParams, eps_low) - 136usize];
     ["Offset of field: VppoLossParams::eps_high"]
-        [::std::mem::offset_of!(VppoLossParams, eps_high) - 124usize];
+        [::std::mem::offset_of!(VppoLossParams, eps_high) - 144usize];
     ["Offset of field: VppoLossParams::dual_clip"]
-        [::std::mem::offset_of!(VppoLossParams, dual_clip) - 128usize];
+        [::std::mem::offset_of!(VppoLossParams, dual_clip) - 152usize];
     ["Offset of field: VppoLossParams::logp_penalty"]
-        [::std::mem::offset_of!(VppoLossParams, logp_penalty) - 132usize];
+        [::std::mem::offset_of!(VppoLossParams, logp_penalty) - 160usize];
     ["Offset of field: VppoLossParams::shaping"]
-        [::std::mem::offset_of!(VppoLossParams, shaping) - 136usize];
+        [::std::mem::offset_of!(VppoLossParams, shaping) - 168usize];
     ["Offset of field: VppoLossParams::scope"]
-        [::std::mem::offset_of!(VppoLossParams, scope) - 140usize];
+        [::std::mem::offset_of!(VppoLossParams, scope) - 172usize];
     ["Offset of field: VppoLossParams::aggregation"]
-        [::std::mem::offset_of!(VppoLossParams, aggregation) - 144usize];
+        [::std::mem::offset_of!(VppoLossParams, aggregation) - 176usize];
     ["Offset of field: VppoLossParams::has_range"]
-        [::std::mem::offset_of!(VppoLossParams, has_range) - 148usize];
+        [::std::mem::offset_of!(VppoLossParams, has_range) - 180usize];
     ["Offset of field: VppoLossParams::has_dual_clip"]
-        [::std::mem::offset_of!(VppoLossParams, has_dual_clip) - 152usize];
+        [::std::mem::offset_of!(VppoLossParams, has_dual_clip) - 184usize];
     ["Offset of field: VppoLossParams::pad0"]
-        [::std::mem::offset_of!(VppoLossParams, pad0) - 156usize];
+        [::std::mem::offset_of!(VppoLossParams, pad0) - 188usize];
 };
 impl Default for VppoLossParams {
     fn default() -> Self {

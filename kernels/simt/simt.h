@@ -166,7 +166,10 @@ template <class T> inline T from_bits(uint64_t bits) {
 
 #define VPPO_DYNAMIC_SHARED(T, name) T *name = reinterpret_cast<T *>(::vppo_simt::detail::t_shared)
 
-#define VPPO_EXPORT_KERNEL(name, ParamsT)                                                              \
+/* Two levels, so that a kernel name that is itself a macro (the renamed mutant build of
+ * tests/kernels.rs) is expanded before it is pasted into the entry's name. */
+#define VPPO_EXPORT_KERNEL(name, ParamsT) VPPO_EXPORT_KERNEL_(name, ParamsT)
+#define VPPO_EXPORT_KERNEL_(name, ParamsT)                                                             \
     extern "C" int vppo_simt_##name(const VppoSimtLaunch *launch, const void *params, char *err,       \
                                     size_t err_len) {                                                  \
         return ::vppo_simt::detail::run_launch(                                                        \
