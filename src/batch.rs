@@ -137,16 +137,53 @@ impl<'a> Batch<'a> {
     /// old_logp and advantages are finite. The O(N V) checks of the logits rows are done by the pass
     /// that reads them (the reference or the perception kernel).
     pub fn validate_small(&self, group_size: usize, need_groups: bool) -> Result<()> {
-        let n = self.n_tokens();
-        let b = self.n_responses();
+        SmallTensors {
+            logits: (self.logits.dtype(), self.logits.len()),
+            logits_masked: (self.logits_masked.dtype(), self.logits_masked.len()),
+            targets: self.targets,
+            old_logp: self.old_logp,
+            advantages: self.advantages,
+            cu_seqlens: self.cu_seqlens,
+            vocab: self.vocab,
+        }
+        .validate(group_size, need_groups)
+    }
+}
+
+/// The O(N + B) part of a batch, with only the dtype and length of the logits: what is checked
+/// before any pass, for host batches and for GPU-resident ones (whose small tensors are copied back
+/// for the check).
+#[derive(Debug, Clone, Copy)]
+pub struct SmallTensors<'a> {
+    /// dtype and element count of `logits`.
+    pub logits: (Dtype, usize),
+    /// dtype and element count of `logits_masked`.
+    pub logits_masked: (Dtype, usize),
+    /// [N] sampled token ids.
+    pub targets: &'a [i32],
+    /// [N] old log-probs.
+    pub old_logp: &'a [f32],
+    /// [B] advantages.
+    pub advantages: &'a [f32],
+    /// [B+1] response boundaries.
+    pub cu_seqlens: &'a [i32],
+    /// V.
+    pub vocab: usize,
+}
+
+impl SmallTensors<'_> {
+    /// See [`Batch::validate_small`].
+    pub fn validate(&self, group_size: usize, need_groups: bool) -> Result<()> {
+        let n = self.targets.len();
+        let b = self.advantages.len();
         let v = self.vocab;
-        if self.logits.dtype() != self.logits_masked.dtype() {
+        if self.logits.0 != self.logits_masked.0 {
             return Err(VppoError::Shape {
                 tensor: Tensor::LogitsMasked,
                 detail: format!(
                     "dtype {} differs from logits dtype {}",
-                    self.logits_masked.dtype().name(),
-                    self.logits.dtype().name()
+                    self.logits_masked.0.name(),
+                    self.logits.0.name()
                 ),
             });
         }
@@ -161,8 +198,8 @@ impl<'a> Batch<'a> {
             });
         }
         for (tensor, len) in [
-            (Tensor::Logits, self.logits.len()),
-            (Tensor::LogitsMasked, self.logits_masked.len()),
+            (Tensor::Logits, self.logits.1),
+            (Tensor::LogitsMasked, self.logits_masked.1),
         ] {
             if len != nv {
                 return Err(VppoError::Shape {

@@ -373,53 +373,53 @@ fn loss_params(cfg: &VppoConfig, n: usize, b: usize) -> VppoLossParams {
 }
 
 /// Turns the status word of the perception kernel into the error the reference reports.
-fn status_error(status: i64, batch: &Batch) -> Option<VppoError> {
+/// `row_of(tensor, row)` gives a logits row (widened to f64), to name the bad value.
+fn status_error(
+    status: i64,
+    targets: &[i32],
+    vocab: usize,
+    row_of: &dyn Fn(Tensor, usize) -> Result<Vec<f64>>,
+) -> Result<()> {
     if status == VPPO_STATUS_CLEAR as i64 {
-        return None;
+        return Ok(());
     }
     let row = (status >> 8) as usize;
     let code = (status & 0xff) as u32;
-    let v = batch.vocab;
-    let first_bad = |logits: &Logits| -> f64 {
-        (row * v..(row + 1) * v)
-            .map(|i| logits.get(i))
+    let first_bad = |tensor: Tensor| -> Result<f64> {
+        Ok(row_of(tensor, row)?
+            .into_iter()
             .find(|x| x.is_nan() || *x == f64::INFINITY)
-            .unwrap_or(f64::NAN)
+            .unwrap_or(f64::NAN))
     };
-    let target = batch.targets[row];
-    Some(match code {
-        c if c == VppoErrorCode::VPPO_ERR_TARGET_OUT_OF_RANGE as u32 => {
-            VppoError::TargetOutOfRange {
-                row,
-                target,
-                vocab: v,
-            }
-        }
-        c if c == VppoErrorCode::VPPO_ERR_LOGITS_NONFINITE as u32 => VppoError::NonFinite {
+    let target = targets[row];
+    use VppoErrorCode as C;
+    Err(match code {
+        c if c == C::VPPO_ERR_TARGET_OUT_OF_RANGE as u32 => VppoError::TargetOutOfRange { row, target, vocab },
+        c if c == C::VPPO_ERR_LOGITS_NONFINITE as u32 => VppoError::NonFinite {
             tensor: Tensor::Logits,
             location: Location::Row(row),
-            value: first_bad(&batch.logits),
+            value: first_bad(Tensor::Logits)?,
         },
-        c if c == VppoErrorCode::VPPO_ERR_LOGITS_ALL_NEG_INF as u32 => VppoError::AllNegInf {
-            tensor: Tensor::Logits,
-            row,
-        },
-        c if c == VppoErrorCode::VPPO_ERR_TARGET_NEG_INF as u32 => {
-            VppoError::TargetNegInf { row, target }
-        }
-        c if c == VppoErrorCode::VPPO_ERR_MASKED_NONFINITE as u32 => VppoError::NonFinite {
+        c if c == C::VPPO_ERR_LOGITS_ALL_NEG_INF as u32 => VppoError::AllNegInf { tensor: Tensor::Logits, row },
+        c if c == C::VPPO_ERR_TARGET_NEG_INF as u32 => VppoError::TargetNegInf { row, target },
+        c if c == C::VPPO_ERR_MASKED_NONFINITE as u32 => VppoError::NonFinite {
             tensor: Tensor::LogitsMasked,
             location: Location::Row(row),
-            value: first_bad(&batch.logits_masked),
+            value: first_bad(Tensor::LogitsMasked)?,
         },
-        c if c == VppoErrorCode::VPPO_ERR_MASKED_ALL_NEG_INF as u32 => VppoError::AllNegInf {
-            tensor: Tensor::LogitsMasked,
-            row,
-        },
-        other => VppoError::Kernel(format!(
-            "perception kernel reported unknown code {other} at row {row}"
-        )),
+        c if c == C::VPPO_ERR_MASKED_ALL_NEG_INF as u32 => {
+            VppoError::AllNegInf { tensor: Tensor::LogitsMasked, row }
+        }
+        other => VppoError::Kernel(format!("perception kernel reported unknown code {other} at row {row}")),
     })
+}
+
+/// Rows of a host batch for [`status_error`].
+fn host_rows<'a>(batch: &'a Batch<'a>) -> impl Fn(Tensor, usize) -> Result<Vec<f64>> + 'a {
+    move |tensor, row| {
+        let logits = if tensor == Tensor::Logits { &batch.logits } else { &batch.logits_masked };
+        Ok(logits.row_f64(row, batch.vocab))
+    }
 }
 
 /// Pass 1 only: the per-token perception outputs (lse, logp, kl, k3, entropy, score), as the
@@ -459,7 +459,8 @@ fn perception_with(
     let n = batch.n_tokens();
     let ws = Workspace::new(&l, n, batch.n_responses())?;
     let inputs = Inputs::new(&l, batch)?;
-    run_perception(&l, kernel, batch, cfg, &inputs, &ws)?;
+    run_perception(&l, kernel, Dims::of(batch), cfg, &inputs, &ws)?;
+    status_error(read_status(&l, &ws)?, batch.targets, batch.vocab, &host_rows(batch))?;
     let f = |b: &Buffer| l.download::<f32>(b, n);
     Ok(TokenOutputs {
         score: f(&ws.score)?,
@@ -530,6 +531,21 @@ pub fn select(
     ))
 }
 
+/// The sizes of a batch.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    n: usize,
+    b: usize,
+    vocab: usize,
+    dtype: Dtype,
+}
+
+impl Dims {
+    fn of(batch: &Batch) -> Dims {
+        Dims { n: batch.n_tokens(), b: batch.n_responses(), vocab: batch.vocab, dtype: batch.logits.dtype() }
+    }
+}
+
 /// The inputs of a forward pass, resident where the kernels run.
 struct Inputs<'a> {
     logits: Input<'a>,
@@ -553,15 +569,8 @@ impl<'a> Inputs<'a> {
     }
 }
 
-fn run_perception(
-    l: &Launcher,
-    kernel: Kernel,
-    batch: &Batch,
-    cfg: &VppoConfig,
-    inp: &Inputs,
-    ws: &Workspace,
-) -> Result<()> {
-    let n = batch.n_tokens();
+fn run_perception(l: &Launcher, kernel: Kernel, dims: Dims, cfg: &VppoConfig, inp: &Inputs, ws: &Workspace) -> Result<()> {
+    let n = dims.n;
     if n == 0 {
         return Ok(());
     }
@@ -581,7 +590,7 @@ fn run_perception(
         score: a(&ws.score),
         status: l.addr(&ws.status) as *mut i64,
         n_tokens: n as i64,
-        vocab: batch.vocab as i64,
+        vocab: dims.vocab as i64,
         inv_temperature: (1.0 / cfg.temperature) as f32,
         score_clamp: cfg.score_clamp as f32,
         perception: match cfg.perception {
@@ -601,11 +610,12 @@ fn run_perception(
             &p,
         )?
     };
-    let status: Vec<i64> = l.download(&ws.status, 1)?;
-    match status_error(status[0], batch) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    Ok(())
+}
+
+/// Reads the status word of pass 1 (on a GPU this waits for the pass).
+fn read_status(l: &Launcher, ws: &Workspace) -> Result<i64> {
+    Ok(l.download::<i64>(&ws.status, 1)?[0])
 }
 
 fn run_select_loss(
@@ -675,15 +685,10 @@ pub fn forward(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<VppoOu
     }
     let inputs = Inputs::new(&l, batch)?;
     let ws = Workspace::new(&l, n, b)?;
-    run_perception(
-        &l,
-        perception_kernel(batch.logits.dtype()),
-        batch,
-        cfg,
-        &inputs,
-        &ws,
-    )?;
-    run_select_loss(&l, batch, cfg, &inputs, &ws)?;
+    let dims = Dims::of(batch);
+    run_perception(&l, perception_kernel(dims.dtype), dims, cfg, &inputs, &ws)?;
+    status_error(read_status(&l, &ws)?, batch.targets, batch.vocab, &host_rows(batch))?;
+    run_select_loss(&l, dims, cfg, &inputs, &ws)?;
     collect(&l, &ws, z)
 }
 
