@@ -275,6 +275,10 @@ impl Gpu {
                     "invalid kernel name {kernel_name:?}"
                 )));
             }
+            // Lookups run on whichever thread asks first: make this context current there.
+            self.ctx
+                .bind_to_thread()
+                .map_err(|e| cuda_err("binding the CUDA context to this thread", e))?;
             let mut found = None;
             for (_, module) in &self.modules {
                 match module.load_function(kernel_name) {
