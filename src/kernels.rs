@@ -620,12 +620,12 @@ fn read_status(l: &Launcher, ws: &Workspace) -> Result<i64> {
 
 fn run_select_loss(
     l: &Launcher,
-    batch: &Batch,
+    dims: Dims,
     cfg: &VppoConfig,
     inp: &Inputs,
     ws: &Workspace,
 ) -> Result<()> {
-    let (n, b) = (batch.n_tokens(), batch.n_responses());
+    let (n, b) = (dims.n, dims.b);
     let frac = cfg.top_fraction_exact()?;
     if b > 0 {
         let p = VppoSelectParams {

@@ -315,10 +315,12 @@ impl Gpu {
     /// at most 1024 threads per block, grid y and z at most 65535, shared memory within the device's
     /// limit (above 48 KiB the kernel's limit is raised once through its function attribute).
     ///
-    /// The caller guarantees that every pointer inside `params` is a device address of this GPU
-    /// valid for every access the kernel makes for this grid (normally: taken with
-    /// [`Gpu::device_ptr_u64`] from buffers that outlive the work on the stream).
-    pub fn launch<P: DeviceRepr>(
+    /// # Safety
+    /// `params` must be the parameter struct of `kernel_name`, and every pointer inside it a device
+    /// address of this GPU valid for every access the kernel makes for this grid (normally: taken
+    /// with [`Gpu::device_ptr_u64`] from buffers that outlive the work on the stream). A safe wrapper
+    /// cannot check this: a wrong pointer is an out-of-bounds write on the device.
+    pub unsafe fn launch<P: DeviceRepr>(
         &self,
         kernel_name: &str,
         grid: [u32; 3],

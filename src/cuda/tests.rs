@@ -172,20 +172,12 @@ fn unknown_kernels_and_bad_launches_are_errors() {
         other => panic!("expected an error, got {other:?}"),
     }
     assert!(g.function("bad\0name").is_err());
-    let e = g
-        .launch("vppo_no_such_kernel", [1, 1, 1], [0, 1, 1], 0, &0u32)
-        .unwrap_err();
+    // SAFETY: both launches are rejected before reaching the driver (no such kernel, bad shapes).
+    let e = unsafe { g.launch("vppo_no_such_kernel", [1, 1, 1], [0, 1, 1], 0, &0u32) }.unwrap_err();
     assert!(e.to_string().contains("vppo_no_such_kernel"));
     let too_much = g.max_shared_per_block() + 1;
-    assert!(g
-        .launch(
-            "vppo_no_such_kernel",
-            [1, 1, 1],
-            [32, 1, 1],
-            too_much,
-            &0u32
-        )
-        .is_err());
+    // SAFETY: see above.
+    assert!(unsafe { g.launch("vppo_no_such_kernel", [1, 1, 1], [32, 1, 1], too_much, &0u32) }.is_err());
     g.synchronize().unwrap();
 }
 
