@@ -5,6 +5,7 @@ use half::{bf16, f16};
 use crate::batch::{Batch, Dtype};
 use crate::config::VppoConfig;
 use crate::error::{Result, Tensor, VppoError};
+use crate::kernels::{DeviceBatch, DeviceForward, DeviceLogitsMut};
 use crate::output::VppoOutput;
 
 /// Order in which the SIMT executor runs the lanes of a block (see kernels/simt/).
@@ -99,10 +100,58 @@ pub struct Vppo {
 }
 
 impl Vppo {
-    /// Checks `config` ([`VppoConfig::validate`]) and binds it to `device`.
+    /// Checks `config` ([`VppoConfig::validate`]) and binds it to `device`. For [`Device::Cuda`] this
+    /// also opens the GPU and loads the kernels (once per process), so a missing driver, GPU or
+    /// kernel build is reported here: [`VppoError::NoCudaDriver`], [`VppoError::NoGpu`],
+    /// [`VppoError::KernelsNotBuilt`].
     pub fn new(config: VppoConfig, device: Device) -> Result<Vppo> {
         config.validate()?;
+        if let Device::Cuda(ordinal) = device {
+            crate::cuda::Gpu::new(ordinal)?;
+        }
         Ok(Vppo { config, device })
+    }
+
+    fn gpu(&self) -> Result<std::sync::Arc<crate::cuda::Gpu>> {
+        match self.device {
+            Device::Cuda(ordinal) => crate::cuda::Gpu::new(ordinal),
+            other => Err(VppoError::Shape {
+                tensor: Tensor::Logits,
+                detail: format!(
+                    "GPU-resident tensors need Device::Cuda, this Vppo runs on {other:?}"
+                ),
+            }),
+        }
+    }
+
+    /// The forward pass on tensors that already live on the GPU (no copy of the logits; the O(N + B)
+    /// tensors are copied back once for validation). Needs [`Device::Cuda`]. The result keeps the
+    /// per-token buffers the backward needs on the GPU.
+    pub fn forward_device(&self, batch: &DeviceBatch) -> Result<DeviceForward> {
+        crate::kernels::forward_device(&self.gpu()?, batch, &self.config)
+    }
+
+    /// dloss/dlogits of [`Vppo::forward_device`] into the caller's GPU buffer `grad` ([N, V], f32 or
+    /// the logits dtype).
+    pub fn backward_device(
+        &self,
+        fwd: &DeviceForward,
+        batch: &DeviceBatch,
+        grad: DeviceLogitsMut,
+    ) -> Result<()> {
+        crate::kernels::backward_device(fwd, batch, grad, &self.config)
+    }
+
+    /// dloss/dlogits of [`Vppo::forward_device`] written IN PLACE over the logits buffer: afterwards
+    /// it holds the gradient, in the logits dtype, and no longer the logits. Use it only where nothing
+    /// else will read those logits again (an autograd graph that saved them would be silently wrong).
+    pub fn backward_device_in_place(
+        &self,
+        fwd: &DeviceForward,
+        logits: DeviceLogitsMut,
+        targets: &cudarc::driver::CudaSlice<i32>,
+    ) -> Result<()> {
+        crate::kernels::backward_device_in_place(fwd, logits, targets, &self.config)
     }
 
     /// The configuration.

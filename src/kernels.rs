@@ -394,30 +394,42 @@ fn status_error(
     let target = targets[row];
     use VppoErrorCode as C;
     Err(match code {
-        c if c == C::VPPO_ERR_TARGET_OUT_OF_RANGE as u32 => VppoError::TargetOutOfRange { row, target, vocab },
+        c if c == C::VPPO_ERR_TARGET_OUT_OF_RANGE as u32 => {
+            VppoError::TargetOutOfRange { row, target, vocab }
+        }
         c if c == C::VPPO_ERR_LOGITS_NONFINITE as u32 => VppoError::NonFinite {
             tensor: Tensor::Logits,
             location: Location::Row(row),
             value: first_bad(Tensor::Logits)?,
         },
-        c if c == C::VPPO_ERR_LOGITS_ALL_NEG_INF as u32 => VppoError::AllNegInf { tensor: Tensor::Logits, row },
+        c if c == C::VPPO_ERR_LOGITS_ALL_NEG_INF as u32 => VppoError::AllNegInf {
+            tensor: Tensor::Logits,
+            row,
+        },
         c if c == C::VPPO_ERR_TARGET_NEG_INF as u32 => VppoError::TargetNegInf { row, target },
         c if c == C::VPPO_ERR_MASKED_NONFINITE as u32 => VppoError::NonFinite {
             tensor: Tensor::LogitsMasked,
             location: Location::Row(row),
             value: first_bad(Tensor::LogitsMasked)?,
         },
-        c if c == C::VPPO_ERR_MASKED_ALL_NEG_INF as u32 => {
-            VppoError::AllNegInf { tensor: Tensor::LogitsMasked, row }
-        }
-        other => VppoError::Kernel(format!("perception kernel reported unknown code {other} at row {row}")),
+        c if c == C::VPPO_ERR_MASKED_ALL_NEG_INF as u32 => VppoError::AllNegInf {
+            tensor: Tensor::LogitsMasked,
+            row,
+        },
+        other => VppoError::Kernel(format!(
+            "perception kernel reported unknown code {other} at row {row}"
+        )),
     })
 }
 
 /// Rows of a host batch for [`status_error`].
 fn host_rows<'a>(batch: &'a Batch<'a>) -> impl Fn(Tensor, usize) -> Result<Vec<f64>> + 'a {
     move |tensor, row| {
-        let logits = if tensor == Tensor::Logits { &batch.logits } else { &batch.logits_masked };
+        let logits = if tensor == Tensor::Logits {
+            &batch.logits
+        } else {
+            &batch.logits_masked
+        };
         Ok(logits.row_f64(row, batch.vocab))
     }
 }
@@ -460,7 +472,12 @@ fn perception_with(
     let ws = Workspace::new(&l, n, batch.n_responses())?;
     let inputs = Inputs::new(&l, batch)?;
     run_perception(&l, kernel, Dims::of(batch), cfg, &inputs, &ws)?;
-    status_error(read_status(&l, &ws)?, batch.targets, batch.vocab, &host_rows(batch))?;
+    status_error(
+        read_status(&l, &ws)?,
+        batch.targets,
+        batch.vocab,
+        &host_rows(batch),
+    )?;
     let f = |b: &Buffer| l.download::<f32>(b, n);
     Ok(TokenOutputs {
         score: f(&ws.score)?,
@@ -542,7 +559,12 @@ struct Dims {
 
 impl Dims {
     fn of(batch: &Batch) -> Dims {
-        Dims { n: batch.n_tokens(), b: batch.n_responses(), vocab: batch.vocab, dtype: batch.logits.dtype() }
+        Dims {
+            n: batch.n_tokens(),
+            b: batch.n_responses(),
+            vocab: batch.vocab,
+            dtype: batch.logits.dtype(),
+        }
     }
 }
 
@@ -569,7 +591,14 @@ impl<'a> Inputs<'a> {
     }
 }
 
-fn run_perception(l: &Launcher, kernel: Kernel, dims: Dims, cfg: &VppoConfig, inp: &Inputs, ws: &Workspace) -> Result<()> {
+fn run_perception(
+    l: &Launcher,
+    kernel: Kernel,
+    dims: Dims,
+    cfg: &VppoConfig,
+    inp: &Inputs,
+    ws: &Workspace,
+) -> Result<()> {
     let n = dims.n;
     if n == 0 {
         return Ok(());
@@ -687,7 +716,12 @@ pub fn forward(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<VppoOu
     let ws = Workspace::new(&l, n, b)?;
     let dims = Dims::of(batch);
     run_perception(&l, perception_kernel(dims.dtype), dims, cfg, &inputs, &ws)?;
-    status_error(read_status(&l, &ws)?, batch.targets, batch.vocab, &host_rows(batch))?;
+    status_error(
+        read_status(&l, &ws)?,
+        batch.targets,
+        batch.vocab,
+        &host_rows(batch),
+    )?;
     run_select_loss(&l, dims, cfg, &inputs, &ws)?;
     collect(&l, &ws, z)
 }
@@ -790,4 +824,363 @@ pub fn backward_into(
         }
     }
     Ok(())
+}
+
+// -------------------------------------------------------------------------------------------------
+// GPU-resident batches: the caller's device buffers, no copies of the logits
+// -------------------------------------------------------------------------------------------------
+
+use cudarc::driver::CudaSlice;
+
+/// A GPU-resident [N, V] logits tensor borrowed from the caller.
+#[derive(Debug, Clone, Copy)]
+pub enum DeviceLogits<'a> {
+    /// f32 logits.
+    F32(&'a CudaSlice<f32>),
+    /// f16 logits.
+    F16(&'a CudaSlice<f16>),
+    /// bf16 logits.
+    Bf16(&'a CudaSlice<bf16>),
+}
+
+/// A GPU-resident [N, V] buffer the kernels write: a gradient buffer, or the logits themselves for
+/// the in-place backward.
+#[derive(Debug)]
+pub enum DeviceLogitsMut<'a> {
+    /// f32 elements.
+    F32(&'a mut CudaSlice<f32>),
+    /// f16 elements.
+    F16(&'a mut CudaSlice<f16>),
+    /// bf16 elements.
+    Bf16(&'a mut CudaSlice<bf16>),
+}
+
+macro_rules! on_slice {
+    ($e:expr, $s:ident => $body:expr) => {
+        match $e {
+            DeviceLogits::F32($s) => $body,
+            DeviceLogits::F16($s) => $body,
+            DeviceLogits::Bf16($s) => $body,
+        }
+    };
+}
+
+macro_rules! on_slice_mut {
+    ($e:expr, $s:ident => $body:expr) => {
+        match $e {
+            DeviceLogitsMut::F32($s) => $body,
+            DeviceLogitsMut::F16($s) => $body,
+            DeviceLogitsMut::Bf16($s) => $body,
+        }
+    };
+}
+
+impl DeviceLogits<'_> {
+    /// The element type.
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            DeviceLogits::F32(_) => Dtype::F32,
+            DeviceLogits::F16(_) => Dtype::F16,
+            DeviceLogits::Bf16(_) => Dtype::Bf16,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        on_slice!(self, s => s.len())
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn addr(&self, gpu: &Gpu) -> u64 {
+        on_slice!(self, s => gpu.device_ptr_u64(s))
+    }
+
+    /// Row `row` of a [N, V] tensor, copied back and widened to f64 (to name a bad value).
+    fn row_f64(&self, gpu: &Gpu, row: usize, vocab: usize) -> Result<Vec<f64>> {
+        let range = row * vocab..(row + 1) * vocab;
+        let copy = |e: cudarc::driver::DriverError| {
+            VppoError::Cuda(format!("copying logits row {row} back: {e:?}"))
+        };
+        Ok(match self {
+            DeviceLogits::F32(s) => gpu
+                .stream()
+                .clone_dtoh(&s.slice(range))
+                .map_err(copy)?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+            DeviceLogits::F16(s) => gpu
+                .stream()
+                .clone_dtoh(&s.slice(range))
+                .map_err(copy)?
+                .into_iter()
+                .map(|x| x.to_f64())
+                .collect(),
+            DeviceLogits::Bf16(s) => gpu
+                .stream()
+                .clone_dtoh(&s.slice(range))
+                .map_err(copy)?
+                .into_iter()
+                .map(|x| x.to_f64())
+                .collect(),
+        })
+    }
+}
+
+impl DeviceLogitsMut<'_> {
+    /// The element type.
+    pub fn dtype(&self) -> Dtype {
+        match self {
+            DeviceLogitsMut::F32(_) => Dtype::F32,
+            DeviceLogitsMut::F16(_) => Dtype::F16,
+            DeviceLogitsMut::Bf16(_) => Dtype::Bf16,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        on_slice_mut!(self, s => s.len())
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn addr(&self, gpu: &Gpu) -> u64 {
+        on_slice_mut!(self, s => gpu.device_ptr_u64(s))
+    }
+}
+
+/// A packed batch (SPEC section 1) whose tensors live on the GPU, borrowed from the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceBatch<'a> {
+    /// [N, V] logits given the real image.
+    pub logits: DeviceLogits<'a>,
+    /// [N, V] logits given the masked image; same dtype.
+    pub logits_masked: DeviceLogits<'a>,
+    /// [N] sampled token ids.
+    pub targets: &'a CudaSlice<i32>,
+    /// [N] old log-probs.
+    pub old_logp: &'a CudaSlice<f32>,
+    /// [B] advantages.
+    pub advantages: &'a CudaSlice<f32>,
+    /// [B+1] response boundaries.
+    pub cu_seqlens: &'a CudaSlice<i32>,
+    /// V.
+    pub vocab: usize,
+}
+
+/// The result of a forward pass on GPU-resident inputs: every output copied to the host (O(N + B)),
+/// and the per-token buffers the backward reads kept on the GPU.
+pub struct DeviceForward {
+    /// All outputs of SPEC section 8 but the gradient.
+    pub output: VppoOutput,
+    gpu: Arc<Gpu>,
+    ws: Option<Workspace>,
+    targets: Vec<i32>,
+    vocab: usize,
+    dtype: Dtype,
+}
+
+impl std::fmt::Debug for DeviceForward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceForward")
+            .field("output", &self.output)
+            .field("gpu", &self.gpu)
+            .finish()
+    }
+}
+
+fn download_small<T: cudarc::driver::DeviceRepr + Default + Clone>(
+    gpu: &Gpu,
+    s: &CudaSlice<T>,
+) -> Result<Vec<T>> {
+    if s.len() == 0 {
+        return Ok(Vec::new());
+    }
+    gpu.download(s)
+}
+
+/// The forward pass on the caller's device buffers. The O(N + B) tensors (targets, old_logp,
+/// advantages, cu_seqlens) are copied back once and validated on the host before any launch; the
+/// logits are only read by the perception kernel.
+pub fn forward_device(
+    gpu: &Arc<Gpu>,
+    batch: &DeviceBatch,
+    cfg: &VppoConfig,
+) -> Result<DeviceForward> {
+    cfg.validate()?;
+    let targets = download_small(gpu, batch.targets)?;
+    let old_logp = download_small(gpu, batch.old_logp)?;
+    let advantages = download_small(gpu, batch.advantages)?;
+    let cu_seqlens = download_small(gpu, batch.cu_seqlens)?;
+    crate::batch::SmallTensors {
+        logits: (batch.logits.dtype(), batch.logits.len()),
+        logits_masked: (batch.logits_masked.dtype(), batch.logits_masked.len()),
+        targets: &targets,
+        old_logp: &old_logp,
+        advantages: &advantages,
+        cu_seqlens: &cu_seqlens,
+        vocab: batch.vocab,
+    }
+    .validate(cfg.group_size, crate::reference::needs_groups(cfg))?;
+    let (n, b) = (targets.len(), advantages.len());
+    let dims = Dims {
+        n,
+        b,
+        vocab: batch.vocab,
+        dtype: batch.logits.dtype(),
+    };
+    let z = cfg.token_normalizer.unwrap_or(n as f64);
+    if n == 0 {
+        return Ok(DeviceForward {
+            output: VppoOutput {
+                token_normalizer: z,
+                responses: ResponseOutputs {
+                    sbar: vec![0.0; b],
+                    k: vec![0; b],
+                    alpha: vec![1.0; b],
+                },
+                ..Default::default()
+            },
+            gpu: gpu.clone(),
+            ws: None,
+            targets,
+            vocab: batch.vocab,
+            dtype: dims.dtype,
+        });
+    }
+    let l = Launcher::Cuda(gpu.clone());
+    let at = |addr: u64| Input {
+        _owned: None,
+        _borrowed: std::marker::PhantomData,
+        addr,
+    };
+    let inputs = Inputs {
+        logits: at(batch.logits.addr(gpu)),
+        logits_masked: at(batch.logits_masked.addr(gpu)),
+        targets: at(gpu.device_ptr_u64(batch.targets)),
+        old_logp: at(gpu.device_ptr_u64(batch.old_logp)),
+        advantages: at(gpu.device_ptr_u64(batch.advantages)),
+        cu_seqlens: at(gpu.device_ptr_u64(batch.cu_seqlens)),
+    };
+    let ws = Workspace::new(&l, n, b)?;
+    run_perception(&l, perception_kernel(dims.dtype), dims, cfg, &inputs, &ws)?;
+    let rows = |tensor: Tensor, row: usize| {
+        let logits = if tensor == Tensor::Logits {
+            &batch.logits
+        } else {
+            &batch.logits_masked
+        };
+        logits.row_f64(gpu, row, batch.vocab)
+    };
+    status_error(read_status(&l, &ws)?, &targets, batch.vocab, &rows)?;
+    run_select_loss(&l, dims, cfg, &inputs, &ws)?;
+    let output = collect(&l, &ws, z)?;
+    Ok(DeviceForward {
+        output,
+        gpu: gpu.clone(),
+        ws: Some(ws),
+        targets,
+        vocab: batch.vocab,
+        dtype: dims.dtype,
+    })
+}
+
+/// dloss/dlogits of a [`forward_device`] into `grad` (f32, or the logits dtype), on the GPU.
+/// `logits` and `targets` must be the buffers the forward read (lengths are checked).
+fn backward_device_raw(
+    fwd: &DeviceForward,
+    logits_addr: u64,
+    logits_len: usize,
+    targets: &CudaSlice<i32>,
+    grad: &DeviceLogitsMut,
+    cfg: &VppoConfig,
+) -> Result<()> {
+    let n = fwd.targets.len();
+    let nv = n * fwd.vocab;
+    for (tensor, len) in [
+        (Tensor::Logits, logits_len),
+        (Tensor::GradLogits, grad.len()),
+    ] {
+        if len != nv {
+            return Err(VppoError::Shape {
+                tensor,
+                detail: format!("has {len} elements, expected N * V = {nv} (the forward's batch)"),
+            });
+        }
+    }
+    if targets.len() != n {
+        return Err(VppoError::Shape {
+            tensor: Tensor::Targets,
+            detail: format!("has {} elements, the forward had N = {n}", targets.len()),
+        });
+    }
+    let Some(ws) = &fwd.ws else { return Ok(()) };
+    let gpu = &fwd.gpu;
+    let l = Launcher::Cuda(gpu.clone());
+    let kernel = backward_kernel(fwd.dtype, grad.dtype())?;
+    let p = VppoBackwardParams {
+        logits: logits_addr as *const c_void,
+        lse: l.addr(&ws.lse) as *const f32,
+        dlogp: l.addr(&ws.dlogp) as *const f32,
+        targets: gpu.device_ptr_u64(targets) as *const i32,
+        grad: grad.addr(gpu) as *mut c_void,
+        n_tokens: n as i64,
+        vocab: fwd.vocab as i64,
+        inv_temperature: (1.0 / cfg.temperature) as f32,
+        ..Default::default()
+    };
+    // SAFETY: logits and grad hold N * V elements of their dtypes (checked above), lse, dlogp and
+    // targets N; grad is borrowed mutably by the caller for this call; the stream is synchronized
+    // before returning, so every buffer outlives the kernel.
+    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p)? };
+    gpu.synchronize()
+}
+
+/// dloss/dlogits of a [`forward_device`] into the caller's device buffer `grad`.
+pub fn backward_device(
+    fwd: &DeviceForward,
+    batch: &DeviceBatch,
+    grad: DeviceLogitsMut,
+    cfg: &VppoConfig,
+) -> Result<()> {
+    if batch.logits.dtype() != fwd.dtype {
+        return Err(VppoError::Shape {
+            tensor: Tensor::Logits,
+            detail: "dtype differs from the forward's".into(),
+        });
+    }
+    backward_device_raw(
+        fwd,
+        batch.logits.addr(&fwd.gpu),
+        batch.logits.len(),
+        batch.targets,
+        &grad,
+        cfg,
+    )
+}
+
+/// dloss/dlogits of a [`forward_device`] written IN PLACE over `logits`: after this call the buffer
+/// holds the gradient (in the logits dtype), not the logits. Nothing else may read those logits as
+/// logits afterwards: an autograd framework that saved them for another op must not use this.
+pub fn backward_device_in_place(
+    fwd: &DeviceForward,
+    logits: DeviceLogitsMut,
+    targets: &CudaSlice<i32>,
+    cfg: &VppoConfig,
+) -> Result<()> {
+    if logits.dtype() != fwd.dtype {
+        return Err(VppoError::Shape {
+            tensor: Tensor::Logits,
+            detail: "dtype differs from the forward's".into(),
+        });
+    }
+    let addr = logits.addr(&fwd.gpu);
+    backward_device_raw(fwd, addr, logits.len(), targets, &logits, cfg)
 }

@@ -47,4 +47,5 @@ pub use config::{Aggregation, Perception, Shaping, TasScope, TopFraction, VppoCo
 pub use error::{Location, Result, Tensor, VppoError};
 pub use grpo::grpo_advantages;
 pub use io::{OwnedBatch, OwnedLogits};
+pub use kernels::{DeviceBatch, DeviceForward, DeviceLogits, DeviceLogitsMut};
 pub use output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};

@@ -177,7 +177,16 @@ fn unknown_kernels_and_bad_launches_are_errors() {
     assert!(e.to_string().contains("vppo_no_such_kernel"));
     let too_much = g.max_shared_per_block() + 1;
     // SAFETY: see above.
-    assert!(unsafe { g.launch("vppo_no_such_kernel", [1, 1, 1], [32, 1, 1], too_much, &0u32) }.is_err());
+    assert!(unsafe {
+        g.launch(
+            "vppo_no_such_kernel",
+            [1, 1, 1],
+            [32, 1, 1],
+            too_much,
+            &0u32,
+        )
+    }
+    .is_err());
     g.synchronize().unwrap();
 }
 
