@@ -437,8 +437,8 @@ def time_liger(batch, warmup, iters):
     """Liger-Kernel's triton_grpo_loss (one fused pass over the policy logits, gradient in place) plus a
     separate full-vocabulary KL pass for the score (Liger has no fused two-logits KL), the top-k mask
     and the shaping in eager PyTorch. Liger takes [B, L+1, V] logits (it drops the last position) and
-    [B, L] completion ids, so the batch is laid out as equal-length responses. It has no dual clip and
-    no logp penalty: its work is a lower bound of VPPO's."""
+    [B, L] completion ids, so the batch is laid out as equal-length responses. Its `delta` stands in
+    for the dual clip; it has no logp penalty: its work is a lower bound of VPPO's."""
     from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
     b = to_device(batch, "cuda")
@@ -449,6 +449,7 @@ def time_liger(batch, warmup, iters):
     logits_bl = torch.empty(n_resp, length + 1, vocab, dtype=b["logits"].dtype, device="cuda")
     logits_bl[:, :length] = b["logits"][:n_used].view(n_resp, length, vocab)
     logits_bl[:, length] = 0
+    flat = b["logits"][:n_used]  # the same values as logits_bl[:, :length], contiguous
     masked = b["logits_masked"][:n_used]
     ids = b["targets"][:n_used].view(n_resp, length).long()
     old = b["old_logp"][:n_used].view(n_resp, length)
@@ -460,8 +461,7 @@ def time_liger(batch, warmup, iters):
             rows = 1024  # row chunks keep the KL's [rows, V] f32 temporaries small
             out = []
             for s in range(0, n_used, rows):
-                out.append(full_vocab_kl(logits_bl[:, :length].reshape(n_used, vocab)[s:s + rows],
-                                         masked[s:s + rows]))
+                out.append(full_vocab_kl(flat[s:s + rows], masked[s:s + rows]))
             score = torch.cat(out).clamp(0.0, DEFAULTS["score_clamp"]).view(n_resp, length)
             k = k_for(DEFAULTS["top_fraction"], length)
             order = torch.sort(score, dim=1, descending=True, stable=True).indices
@@ -473,20 +473,24 @@ def time_liger(batch, warmup, iters):
             alpha = DEFAULTS["beta_min"] + nb * (beta_max - DEFAULTS["beta_min"])
             return mask, alpha * adv
 
+    def liger(shaped, mask):
+        # delta caps the ratio at dual_clip (INTELLECT-2's two-sided clip), which for A < 0 is VPPO's
+        # dual clip; inplace=False because the timed steps reuse the same logits (Liger's default,
+        # inplace=True, overwrites them with the gradient)
+        return triton_grpo_loss(logits_bl, old, None, ids, shaped, mask, temperature=1.0, beta=0.0,
+                                eps_low=DEFAULTS["eps_low"], eps_high=DEFAULTS["eps_high"],
+                                delta=DEFAULTS["dual_clip"], inplace=False)
+
     def fwd():
         mask, shaped = kl_pass()
         with torch.no_grad():
-            per_tok, _, _ = triton_grpo_loss(logits_bl, old, None, ids, shaped, mask, temperature=1.0,
-                                             beta=0.0, eps_low=DEFAULTS["eps_low"],
-                                             eps_high=DEFAULTS["eps_high"], inplace=False)
+            per_tok, _, _ = liger(shaped, mask)
             return per_tok.sum() / n_used
 
     def fwd_bwd():
         logits_bl.grad = None
         mask, shaped = kl_pass()
-        per_tok, _, _ = triton_grpo_loss(logits_bl, old, None, ids, shaped, mask, temperature=1.0,
-                                         beta=0.0, eps_low=DEFAULTS["eps_low"],
-                                         eps_high=DEFAULTS["eps_high"], inplace=False)
+        per_tok, _, _ = liger(shaped, mask)
         (per_tok * mask).sum().div(n_used).backward()
 
     with PeakMemory("cuda") as m_fwd:
@@ -589,7 +593,12 @@ def main():
                 batch = make_batch(n, args.vocab, n_resp, DTYPES[d], args.seed)
                 path = os.path.join(workdir, "batch.safetensors")
                 save_file(batch, path)
-                t_fwd, t_bwd, m_fwd, m_bwd = time_torch(batch, args.device, args.warmup, args.iters)
+                try:
+                    t_fwd, t_bwd, m_fwd, m_bwd = time_torch(batch, args.device, args.warmup, args.iters)
+                except torch.OutOfMemoryError as e:
+                    print(f"# eager PyTorch ran out of memory at N={n}, V={args.vocab}, {d}: {e}".splitlines()[0])
+                    t_fwd = t_bwd = (float("nan"), float("nan"))
+                    m_fwd = m_bwd = None
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
                 for vd in vppo_devices:
