@@ -38,6 +38,8 @@ pub mod kernels;
 pub mod output;
 pub mod params;
 pub mod reference;
+pub mod simt;
+pub mod train;
 
 pub use api::{Device, GradMut, LaneOrder, Vppo};
 pub use batch::{Batch, Dtype, Logits};

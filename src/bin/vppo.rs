@@ -24,6 +24,10 @@ enum Command {
     /// made in-process with --synthetic; file I/O is outside the timings. Prints median/min times and
     /// peak extra memory (one JSON line with --json).
     Bench(BenchArgs),
+    /// Train a small vision-language policy with VPPO (or DAPO, GRPO) on a synthetic grid task, on the
+    /// CPU by default; writes metrics.jsonl, checkpoint.json, reward.svg and scores.svg and prints a
+    /// one-line JSON summary. `--compare` runs vppo and dapo on the same seeds.
+    Train(vppo::train::TrainArgs),
 }
 
 fn loss(args: LossArgs) -> ExitCode {
@@ -62,9 +66,23 @@ fn bench(args: BenchArgs) -> ExitCode {
     }
 }
 
+fn train(args: vppo::train::TrainArgs) -> ExitCode {
+    match vppo::train::run_cli(&args) {
+        Ok(summary) => {
+            println!("{summary}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vppo train: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Loss(args) => loss(args),
         Command::Bench(args) => bench(args),
+        Command::Train(args) => train(args),
     }
 }

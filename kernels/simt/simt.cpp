@@ -1,0 +1,798 @@
+/*
+ * simt.cpp: the SIMT executor's scheduler.
+ *
+ * A launch runs its blocks one after another on the calling OS thread. Each thread of a block is a
+ * fiber with its own 64 KiB stack (plus a guard page); fibers and stacks are kept in a per-OS-thread
+ * pool and reused across blocks and launches, so a fiber is created once and then only switched.
+ *
+ * Context switches: a fiber is first entered with setcontext (ucontext, which also restores the signal
+ * mask: one system call, once per fiber), and from then on every switch is _setjmp/_longjmp, which do
+ * not touch the signal mask: a round trip measured 26 ns here against 336 ns for swapcontext (whose
+ * sigprocmask is a system call). _FORTIFY_SOURCE is turned off for this file, since its __longjmp_chk
+ * refuses jumps between stacks.
+ *
+ * Scheduling: threads run in forward (0 .. T-1) or reverse order, each until it blocks at a
+ * synchronizing call or exits; then it hands the OS thread straight to the next runnable thread in that
+ * order (wrapping around: one pass after another), found in a bitmap of runnable threads. When no thread
+ * can run, control returns to the scheduler: threads waiting at __activemask get the lanes of their warp
+ * waiting at the same call; otherwise, when every thread that has not exited waits at __syncthreads, the
+ * barrier opens if they all wait at the same call site and the launch stops with "divergent
+ * __syncthreads" if not; otherwise it is a deadlock. A warp collective completes as soon as the last lane
+ * of its mask arrives; that lane carries on without a switch.
+ */
+#undef _FORTIFY_SOURCE /* __longjmp_chk would refuse to jump between fiber stacks */
+
+#include "simt.h"
+
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <new>
+#include <setjmp.h>
+#include <string>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+#include <vector>
+
+namespace vppo_simt {
+namespace detail {
+
+__thread uint3 t_thread_idx;
+__thread uint3 t_block_idx;
+__thread uint3 t_block_dim;
+__thread uint3 t_grid_dim;
+__thread unsigned char *t_shared;
+
+namespace {
+
+constexpr size_t kStackBytes = 64 * 1024;
+constexpr uint32_t kMaxThreads = 1024;
+constexpr uint32_t kMaxSharedBytes = 227 * 1024; /* the most a block may have on sm_90 */
+constexpr int kMaxListed = 8;                     /* threads named in a deadlock / divergence report */
+
+enum State : uint8_t { RUNNABLE, AT_BARRIER, AT_WARP, AT_ACTIVEMASK, EXITED, FAULTED };
+
+struct Fiber {
+    ucontext_t uc;
+    jmp_buf jb;
+    unsigned char *mapping = nullptr;
+    size_t mapping_len = 0;
+    bool fresh = true;   /* must be entered from the top (fiber_main) */
+    bool in_body = false; /* inside the kernel body: cannot be resumed once its block is abandoned */
+};
+
+/* What a thread of the running block is doing. */
+struct Lane {
+    State state;
+    int op;
+    unsigned int mask;
+    int size;
+    int b;
+    int width;
+    uint64_t value;
+    uint64_t result;
+    const char *file;
+    int line;
+};
+
+/* Per warp: lanes waiting at a warp collective, lanes that have exited (bit l = lane l). */
+struct WarpBits {
+    unsigned int arrived;
+    unsigned int exited;
+};
+
+struct Block {
+    jmp_buf sched_jb; /* where a fiber's yield returns to */
+    Fiber **fibers;   /* the pool's fibers; thread i runs on fibers[i] */
+    Fiber *fiber;     /* the running fiber */
+    const char *kernel;
+    void (*body)(const void *);
+    const void *params;
+    uint32_t nthreads;
+    bool reverse;
+    std::vector<Lane> lanes;
+    std::vector<uint64_t> runnable; /* bit i: lanes[i].state == RUNNABLE */
+    std::vector<WarpBits> warps;
+    std::vector<uint3> tids;
+    uint32_t n_exited;
+    uint32_t cur;
+    bool failed;
+    std::string error;
+};
+
+struct Pool {
+    std::vector<Fiber *> fibers;
+    unsigned char *shared = nullptr;
+    size_t shared_len = 0;
+    ~Pool() {
+        for (Fiber *f : fibers) {
+            munmap(f->mapping, f->mapping_len);
+            delete f;
+        }
+        std::free(shared);
+    }
+};
+
+thread_local Pool t_pool;
+__thread Block *t_blk;
+
+const char *basename_of(const char *path) {
+    if (path == nullptr) {
+        return "?";
+    }
+    const char *slash = std::strrchr(path, '/');
+    return slash ? slash + 1 : path;
+}
+
+const char *op_name(int op) {
+    switch (op) {
+    case OP_SHFL_IDX:
+        return "__shfl_sync";
+    case OP_SHFL_UP:
+        return "__shfl_up_sync";
+    case OP_SHFL_DOWN:
+        return "__shfl_down_sync";
+    case OP_SHFL_XOR:
+        return "__shfl_xor_sync";
+    case OP_BALLOT:
+        return "__ballot_sync";
+    case OP_ANY:
+        return "__any_sync";
+    case OP_ALL:
+        return "__all_sync";
+    case OP_SYNCWARP:
+        return "__syncwarp";
+    default:
+        return "warp operation";
+    }
+}
+
+void appendf(std::string &s, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void appendf(std::string &s, const char *fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = std::vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (n > 0) {
+        s.append(buf, static_cast<size_t>(n) < sizeof buf ? static_cast<size_t>(n) : sizeof buf - 1);
+    }
+}
+
+std::string block_prefix(const Block &b) {
+    std::string s;
+    appendf(s, "kernel %s: block (%u,%u,%u): ", b.kernel, t_block_idx.x, t_block_idx.y, t_block_idx.z);
+    return s;
+}
+
+void append_thread(std::string &s, const Block &b, uint32_t i) {
+    const uint3 &t = b.tids[i];
+    appendf(s, "thread (%u,%u,%u)", t.x, t.y, t.z);
+}
+
+/* A lane's wait, for reports: "__shfl_sync (mask 0xffffffff) at file.cu:12". */
+void append_wait(std::string &s, const Lane &l) {
+    switch (l.state) {
+    case AT_BARRIER:
+        appendf(s, "__syncthreads at %s:%d", basename_of(l.file), l.line);
+        break;
+    case AT_ACTIVEMASK:
+        appendf(s, "__activemask at %s:%d", basename_of(l.file), l.line);
+        break;
+    case AT_WARP:
+        appendf(s, "%s (mask 0x%08x) at %s:%d", op_name(l.op), l.mask, basename_of(l.file), l.line);
+        break;
+    default:
+        s += "nothing";
+        break;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Fibers                                                                                            */
+/* ------------------------------------------------------------------------------------------------ */
+
+void fiber_main();
+
+inline void set_state(Block &b, uint32_t i, State st) {
+    b.lanes[i].state = st;
+    uint64_t bit = uint64_t{1} << (i & 63);
+    if (st == RUNNABLE) {
+        b.runnable[i >> 6] |= bit;
+    } else {
+        b.runnable[i >> 6] &= ~bit;
+    }
+}
+
+/* The first runnable thread in the block's order strictly after `from` (-1: from the start), wrapping
+ * around; -1 when none. Passing over the threads in order this way is one scheduler pass after another. */
+int64_t next_runnable(const Block &b, int64_t from) {
+    const int64_t n = b.nthreads;
+    const int64_t words = static_cast<int64_t>(b.runnable.size());
+    if (!b.reverse) {
+        int64_t start = from + 1 >= n ? 0 : from + 1;
+        for (int64_t pass = 0; pass < 2; pass++) {
+            int64_t w = start >> 6;
+            uint64_t bits = b.runnable[w] & (~uint64_t{0} << (start & 63));
+            for (;;) {
+                if (bits) {
+                    return (w << 6) + __builtin_ctzll(bits);
+                }
+                if (++w >= words) {
+                    break;
+                }
+                bits = b.runnable[w];
+            }
+            if (start == 0) {
+                break;
+            }
+            start = 0;
+        }
+    } else {
+        int64_t start = from < 0 || from - 1 < 0 ? n - 1 : from - 1;
+        for (int64_t pass = 0; pass < 2; pass++) {
+            int64_t w = start >> 6;
+            int sh = 63 - static_cast<int>(start & 63);
+            uint64_t bits = b.runnable[w] & (~uint64_t{0} >> sh);
+            for (;;) {
+                if (bits) {
+                    return (w << 6) + 63 - __builtin_clzll(bits);
+                }
+                if (--w < 0) {
+                    break;
+                }
+                bits = b.runnable[w];
+            }
+            if (start == n - 1) {
+                break;
+            }
+            start = n - 1;
+        }
+    }
+    return -1;
+}
+
+/* Switches to thread i: its fiber is entered from the top when fresh, else where it left off. */
+[[noreturn]] void enter(Block &b, uint32_t i) {
+    Fiber *f = b.fibers[i];
+    b.fiber = f;
+    b.cur = i;
+    t_thread_idx = b.tids[i];
+    if (f->fresh) {
+        f->fresh = false;
+        getcontext(&f->uc);
+        f->uc.uc_stack.ss_sp = f->mapping + static_cast<size_t>(sysconf(_SC_PAGESIZE));
+        f->uc.uc_stack.ss_size = kStackBytes;
+        f->uc.uc_link = nullptr;
+        makecontext(&f->uc, fiber_main, 0);
+        setcontext(&f->uc);
+        std::abort(); /* setcontext returns only on failure, which cannot happen for a made context */
+    }
+    _longjmp(f->jb, 1);
+}
+
+/* The running thread has blocked or exited (its state says which): hand the OS thread straight to the
+ * next runnable thread, or back to the scheduler when there is none. Returns when this thread is
+ * resumed. */
+[[noreturn]] void hand_over(Block &b) {
+    int64_t next = b.failed ? -1 : next_runnable(b, b.cur);
+    if (next < 0) {
+        _longjmp(b.sched_jb, 1);
+    }
+    enter(b, static_cast<uint32_t>(next));
+}
+
+__attribute__((noinline)) void yield_to_scheduler(Block &b) {
+    if (_setjmp(b.fiber->jb) == 0) {
+        hand_over(b);
+    }
+}
+
+/* From the scheduler: runs thread i and whatever it hands over to, until control comes back. */
+__attribute__((noinline)) void resume(Block &b, uint32_t i) {
+    if (_setjmp(b.sched_jb) == 0) {
+        enter(b, i);
+    }
+}
+
+/* Stops the launch: records the message and leaves this fiber suspended for good. */
+[[noreturn]] void fail(std::string msg) {
+    Block &b = *t_blk;
+    if (!b.failed) {
+        b.failed = true;
+        b.error = std::move(msg);
+    }
+    set_state(b, b.cur, FAULTED);
+    yield_to_scheduler(b); /* b.failed: straight back to the scheduler */
+    /* The scheduler never resumes a faulted fiber (it is restarted from the top on its next use). */
+    std::abort();
+}
+
+std::string thread_error(const Block &b, uint32_t i, const char *what, const char *file, int line) {
+    std::string s = block_prefix(b);
+    append_thread(s, b, i);
+    appendf(s, ": %s at %s:%d: ", what, basename_of(file), line);
+    return s;
+}
+
+void thread_exit() {
+    Block &b = *t_blk;
+    uint32_t i = b.cur;
+    set_state(b, i, EXITED);
+    b.n_exited++;
+    uint32_t base = i & ~31u;
+    WarpBits &w = b.warps[i >> 5];
+    w.exited |= 1u << (i - base);
+    /* A lane of this warp waiting for this one at a warp collective can never complete. */
+    for (unsigned int m = w.arrived; m; m &= m - 1) {
+        uint32_t j = base + static_cast<uint32_t>(__builtin_ctz(m));
+        const Lane &l = b.lanes[j];
+        if ((l.mask >> (i - base)) & 1u) {
+            std::string s = thread_error(b, j, op_name(l.op), l.file, l.line);
+            appendf(s, "mask 0x%08x names lane %u, which exited without reaching it", l.mask, i - base);
+            fail(std::move(s));
+        }
+    }
+}
+
+void fiber_main() {
+    for (;;) {
+        Block *b = t_blk;
+        b->fiber->in_body = true;
+        b->body(b->params);
+        thread_exit(); /* may stop the launch: in_body stays set, so the fiber restarts from the top */
+        b->fiber->in_body = false;
+        yield_to_scheduler(*b);
+    }
+}
+
+bool ensure_fibers(uint32_t n, std::string &err) {
+    long page = sysconf(_SC_PAGESIZE);
+    while (t_pool.fibers.size() < n) {
+        size_t len = kStackBytes + static_cast<size_t>(page);
+        void *m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (m == MAP_FAILED) {
+            err = "cannot map a fiber stack";
+            return false;
+        }
+        if (mprotect(m, static_cast<size_t>(page), PROT_NONE) != 0) { /* the guard page, below the stack */
+            munmap(m, len);
+            err = "cannot protect a fiber stack's guard page";
+            return false;
+        }
+        Fiber *f = new (std::nothrow) Fiber();
+        if (f == nullptr) {
+            munmap(m, len);
+            err = "out of memory for fibers";
+            return false;
+        }
+        f->mapping = static_cast<unsigned char *>(m);
+        f->mapping_len = len;
+        t_pool.fibers.push_back(f);
+    }
+    return true;
+}
+
+bool ensure_shared(size_t n, std::string &err) {
+    if (n < 16) {
+        n = 16;
+    }
+    if (t_pool.shared_len < n) {
+        void *p = nullptr;
+        if (posix_memalign(&p, 64, n) != 0) {
+            err = "out of memory for shared memory";
+            return false;
+        }
+        std::free(t_pool.shared);
+        t_pool.shared = static_cast<unsigned char *>(p);
+        t_pool.shared_len = n;
+    }
+    return true;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Warp collectives                                                                                  */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* All lanes of `mask` (warp starting at `base`) have arrived: compute every lane's result per the PTX
+ * definition of shfl.sync / vote.sync / bar.warp.sync, and make them runnable. */
+void complete_warp_op(Block &b, uint32_t base, unsigned int mask) {
+    const Lane &first = b.lanes[base + static_cast<uint32_t>(__builtin_ctz(mask))];
+    int op = first.op;
+    if (op == OP_BALLOT || op == OP_ANY || op == OP_ALL) {
+        unsigned int ballot = 0;
+        for (unsigned int m = mask; m; m &= m - 1) {
+            uint32_t l = static_cast<uint32_t>(__builtin_ctz(m));
+            if (b.lanes[base + l].value != 0) {
+                ballot |= 1u << l;
+            }
+        }
+        uint64_t r = op == OP_BALLOT ? ballot : op == OP_ANY ? (ballot != 0) : (ballot == mask);
+        for (unsigned int m = mask; m; m &= m - 1) {
+            b.lanes[base + static_cast<uint32_t>(__builtin_ctz(m))].result = r;
+        }
+    } else if (op != OP_SYNCWARP) {
+        /* shfl.sync: c = ((32 - width) << 8) | clamp, segmask = c[12:8], clamp 0 for .up, 31 otherwise. */
+        int segmask = 32 - first.width;
+        for (unsigned int m = mask; m; m &= m - 1) {
+            int l = __builtin_ctz(m);
+            Lane &lane = b.lanes[base + static_cast<uint32_t>(l)];
+            int bval = lane.b & 31;
+            int min_lane = l & segmask;
+            int clamp = op == OP_SHFL_UP ? 0 : 31;
+            int max_lane = min_lane | (clamp & ~segmask);
+            int j = l;
+            bool p = false;
+            switch (op) {
+            case OP_SHFL_UP:
+                j = l - bval;
+                p = j >= max_lane;
+                break;
+            case OP_SHFL_DOWN:
+                j = l + bval;
+                p = j <= max_lane;
+                break;
+            case OP_SHFL_XOR:
+                j = l ^ bval;
+                p = j <= max_lane;
+                break;
+            default: /* OP_SHFL_IDX */
+                j = min_lane | (bval & ~segmask);
+                p = j <= max_lane;
+                break;
+            }
+            if (!p) {
+                j = l; /* out of the subsection: the lane keeps its own value */
+            }
+            if (!((mask >> j) & 1u)) {
+                b.cur = base + static_cast<uint32_t>(l); /* name the reading thread */
+                std::string s = thread_error(b, base + static_cast<uint32_t>(l), op_name(op), lane.file, lane.line);
+                appendf(s, "lane %d reads lane %d, which is not in mask 0x%08x", l, j, mask);
+                fail(std::move(s));
+            }
+            lane.result = b.lanes[base + static_cast<uint32_t>(j)].value;
+        }
+    }
+    for (unsigned int m = mask; m; m &= m - 1) {
+        set_state(b, base + static_cast<uint32_t>(__builtin_ctz(m)), RUNNABLE);
+    }
+    b.warps[base >> 5].arrived &= ~mask;
+}
+
+/* Lane i arrives at (op, mask, size, width) where lane o waits and one names the other. */
+void check_meet(Block &b, uint32_t i, const Lane &o, int op, unsigned int mask, int size, int width,
+                const char *file, int line) {
+    uint32_t l = static_cast<uint32_t>(&o - &b.lanes[i & ~31u]);
+    if (o.mask != mask) {
+        std::string s = thread_error(b, i, op_name(op), file, line);
+        appendf(s, "masks disagree: this lane's mask is 0x%08x, lane %u waits at %s:%d with mask 0x%08x", mask, l,
+                basename_of(o.file), o.line, o.mask);
+        fail(std::move(s));
+    }
+    if (o.op != op || o.size != size || o.width != width) {
+        std::string s = thread_error(b, i, op_name(op), file, line);
+        appendf(s,
+                "lanes meet at different warp operations: lane %u waits at %s (%d bytes, width %d) at %s:%d, "
+                "this lane has %d bytes, width %d",
+                l, op_name(o.op), o.size, o.width, basename_of(o.file), o.line, size, width);
+        fail(std::move(s));
+    }
+}
+
+} // namespace
+
+uint64_t warp_op(int op, unsigned int mask, uint64_t value, int size, int b_arg, int width, const char *file,
+                 int line) {
+    Block &b = *t_blk;
+    uint32_t i = b.cur;
+    uint32_t base = i & ~31u;
+    uint32_t lane = i - base;
+    uint32_t n_lanes = b.nthreads - base < 32 ? b.nthreads - base : 32;
+    unsigned int valid = n_lanes == 32 ? 0xffffffffu : (1u << n_lanes) - 1u;
+    const char *name = op_name(op);
+
+    if (!((mask >> lane) & 1u)) {
+        std::string s = thread_error(b, i, name, file, line);
+        appendf(s, "mask 0x%08x does not include the calling lane %u", mask, lane);
+        fail(std::move(s));
+    }
+    if (mask & ~valid) {
+        std::string s = thread_error(b, i, name, file, line);
+        appendf(s, "mask 0x%08x names lanes outside the warp (it has %u lanes: 0x%08x)", mask, n_lanes, valid);
+        fail(std::move(s));
+    }
+    if (op <= OP_SHFL_XOR && (width < 1 || width > 32 || (width & (width - 1)) != 0)) {
+        std::string s = thread_error(b, i, name, file, line);
+        appendf(s, "width %d is not a power of two in [1, 32]", width);
+        fail(std::move(s));
+    }
+    WarpBits &w = b.warps[i >> 5];
+    if (w.exited & mask) {
+        std::string s = thread_error(b, i, name, file, line);
+        appendf(s, "mask 0x%08x names lane %d, which has exited", mask, __builtin_ctz(w.exited & mask));
+        fail(std::move(s));
+    }
+    /* Invariant: two waiting lanes P, Q with Q in P's mask have the same mask, operation and width.
+     * (a) The waiting lanes of this mask: checking the lowest is enough, by the invariant. */
+    unsigned int overlap = w.arrived & mask;
+    if (overlap) {
+        const Lane &o = b.lanes[base + static_cast<uint32_t>(__builtin_ctz(overlap))];
+        check_meet(b, i, o, op, mask, size, width, file, line);
+    }
+    /* (b) Waiting lanes outside this mask whose own mask names this lane. */
+    for (unsigned int m = w.arrived & ~mask; m; m &= m - 1) {
+        const Lane &o = b.lanes[base + static_cast<uint32_t>(__builtin_ctz(m))];
+        if ((o.mask >> lane) & 1u) {
+            check_meet(b, i, o, op, mask, size, width, file, line);
+        }
+    }
+
+    Lane &me = b.lanes[i];
+    me.op = op;
+    me.mask = mask;
+    me.size = size;
+    me.b = b_arg;
+    me.width = width;
+    me.value = value;
+    me.file = file;
+    me.line = line;
+    set_state(b, i, AT_WARP);
+    w.arrived |= 1u << lane;
+
+    if ((w.arrived & mask) == mask) {
+        complete_warp_op(b, base, mask);
+        b.cur = i;
+    } else {
+        yield_to_scheduler(b);
+    }
+    return b.lanes[i].result;
+}
+
+unsigned int activemask(const char *file, int line) {
+    Block &b = *t_blk;
+    Lane &me = b.lanes[b.cur];
+    me.file = file;
+    me.line = line;
+    set_state(b, b.cur, AT_ACTIVEMASK);
+    uint32_t i = b.cur;
+    yield_to_scheduler(b);
+    return static_cast<unsigned int>(b.lanes[i].result);
+}
+
+void syncthreads(const char *file, int line) {
+    Block &b = *t_blk;
+    Lane &me = b.lanes[b.cur];
+    me.file = file;
+    me.line = line;
+    set_state(b, b.cur, AT_BARRIER);
+    yield_to_scheduler(b);
+}
+
+namespace {
+
+/* No thread is runnable. Returns false (with the error set) when the block cannot go on. */
+bool resolve_quiescent(Block &b) {
+    /* __activemask: the lanes of a warp waiting at the same call are the converged ones. */
+    bool released = false;
+    for (uint32_t i = 0; i < b.nthreads; i++) {
+        Lane &l = b.lanes[i];
+        if (l.state != AT_ACTIVEMASK) {
+            continue;
+        }
+        uint32_t base = i & ~31u;
+        uint32_t end = base + 32 < b.nthreads ? base + 32 : b.nthreads;
+        unsigned int group = 0;
+        for (uint32_t j = i; j < end; j++) {
+            const Lane &o = b.lanes[j];
+            if (o.state == AT_ACTIVEMASK && o.line == l.line && std::strcmp(o.file, l.file) == 0) {
+                group |= 1u << (j - base);
+            }
+        }
+        for (unsigned int m = group; m; m &= m - 1) {
+            uint32_t j = base + static_cast<uint32_t>(__builtin_ctz(m));
+            b.lanes[j].result = group;
+            set_state(b, j, RUNNABLE);
+        }
+        released = true;
+    }
+    if (released) {
+        return true;
+    }
+
+    /* __syncthreads: exited threads count as arrived. */
+    bool all_at_barrier = true;
+    const Lane *site = nullptr;
+    bool same_site = true;
+    for (uint32_t i = 0; i < b.nthreads; i++) {
+        const Lane &l = b.lanes[i];
+        if (l.state == EXITED) {
+            continue;
+        }
+        if (l.state != AT_BARRIER) {
+            all_at_barrier = false;
+            break;
+        }
+        if (site == nullptr) {
+            site = &l;
+        } else if (l.line != site->line || std::strcmp(l.file, site->file) != 0) {
+            same_site = false;
+        }
+    }
+    if (all_at_barrier && same_site) {
+        for (uint32_t i = 0; i < b.nthreads; i++) {
+            if (b.lanes[i].state == AT_BARRIER) {
+                set_state(b, i, RUNNABLE);
+            }
+        }
+        return true;
+    }
+
+    /* Name the first thread of each distinct wait, in linear order. */
+    std::string s = block_prefix(b);
+    s += all_at_barrier ? "divergent __syncthreads: " : "deadlock: ";
+    std::vector<uint32_t> shown;
+    uint32_t waiting = 0;
+    for (uint32_t i = 0; i < b.nthreads; i++) {
+        const Lane &l = b.lanes[i];
+        if (l.state == EXITED) {
+            continue;
+        }
+        waiting++;
+        bool seen = false;
+        for (uint32_t k : shown) {
+            const Lane &o = b.lanes[k];
+            if (o.state == l.state && o.line == l.line && std::strcmp(o.file, l.file) == 0 &&
+                (l.state != AT_WARP || (o.op == l.op && o.mask == l.mask && (k >> 5) == (i >> 5)))) {
+                seen = true;
+                break;
+            }
+        }
+        if (seen || shown.size() >= static_cast<size_t>(kMaxListed)) {
+            continue;
+        }
+        if (!shown.empty()) {
+            s += ", ";
+        }
+        shown.push_back(i);
+        append_thread(s, b, i);
+        if (all_at_barrier) {
+            appendf(s, " waits at %s:%d", basename_of(l.file), l.line);
+        } else {
+            s += " waits at ";
+            append_wait(s, l);
+        }
+    }
+    appendf(s, " (%u of %u threads waiting)", waiting, b.nthreads);
+    b.failed = true;
+    b.error = std::move(s);
+    return false;
+}
+
+/* Runs the current block (t_block_idx) to completion. */
+bool run_block(Block &b) {
+    for (uint32_t i = 0; i < b.nthreads; i++) {
+        set_state(b, i, RUNNABLE);
+    }
+    for (WarpBits &w : b.warps) {
+        w.arrived = 0;
+        w.exited = 0;
+    }
+    b.n_exited = 0;
+    b.failed = false;
+    for (;;) {
+        /* A new pass from the first thread in order; the threads hand over to each other directly and
+         * control comes back here only when none can run. */
+        int64_t first = next_runnable(b, -1);
+        if (first >= 0) {
+            resume(b, static_cast<uint32_t>(first));
+            if (b.failed) {
+                return false;
+            }
+            continue;
+        }
+        if (b.n_exited == b.nthreads) {
+            return true;
+        }
+        if (!resolve_quiescent(b)) {
+            return false;
+        }
+    }
+}
+
+int report(const std::string &msg, char *err, size_t err_len) {
+    if (err != nullptr && err_len > 0) {
+        size_t n = msg.size() < err_len - 1 ? msg.size() : err_len - 1;
+        std::memcpy(err, msg.data(), n);
+        err[n] = '\0';
+    }
+    return 1;
+}
+
+} // namespace
+
+int run_launch(const char *kernel, const VppoSimtLaunch *launch, void (*body)(const void *), const void *params,
+               char *err, size_t err_len) {
+    std::string e;
+    if (launch == nullptr) {
+        return report(std::string("kernel ") + kernel + ": invalid launch: no launch description", err, err_len);
+    }
+    const VppoSimtLaunch &L = *launch;
+    uint64_t nthreads = static_cast<uint64_t>(L.block_x) * L.block_y * L.block_z;
+    if (L.grid_x == 0 || L.grid_y == 0 || L.grid_z == 0 || L.block_x == 0 || L.block_y == 0 || L.block_z == 0) {
+        appendf(e, "kernel %s: invalid launch: grid (%u,%u,%u), block (%u,%u,%u): every dimension must be >= 1", kernel,
+                L.grid_x, L.grid_y, L.grid_z, L.block_x, L.block_y, L.block_z);
+        return report(e, err, err_len);
+    }
+    if (nthreads > kMaxThreads || L.block_z > 64 || L.grid_y > 65535 || L.grid_z > 65535) {
+        appendf(e, "kernel %s: invalid launch: block (%u,%u,%u) has %llu threads (at most 1024, block z <= 64), "
+                   "grid (%u,%u,%u) (y, z <= 65535)",
+                kernel, L.block_x, L.block_y, L.block_z, static_cast<unsigned long long>(nthreads), L.grid_x, L.grid_y,
+                L.grid_z);
+        return report(e, err, err_len);
+    }
+    if (L.shared_bytes > kMaxSharedBytes) {
+        appendf(e, "kernel %s: invalid launch: %u bytes of shared memory per block (at most %u)", kernel,
+                L.shared_bytes, kMaxSharedBytes);
+        return report(e, err, err_len);
+    }
+    if (t_blk != nullptr) {
+        appendf(e, "kernel %s: a launch from inside a kernel (%s) is not supported", kernel, t_blk->kernel);
+        return report(e, err, err_len);
+    }
+    if (!ensure_fibers(static_cast<uint32_t>(nthreads), e) || !ensure_shared(L.shared_bytes, e)) {
+        return report(std::string("kernel ") + kernel + ": " + e, err, err_len);
+    }
+
+    Block b;
+    b.kernel = kernel;
+    b.body = body;
+    b.params = params;
+    b.nthreads = static_cast<uint32_t>(nthreads);
+    b.reverse = L.reverse_lanes != 0;
+    b.lanes.assign(b.nthreads, Lane{});
+    b.runnable.assign((b.nthreads + 63) / 64, 0);
+    b.warps.assign((b.nthreads + 31) / 32, WarpBits{});
+    b.fibers = t_pool.fibers.data();
+    b.fiber = nullptr;
+    b.tids.resize(b.nthreads);
+    for (uint32_t i = 0; i < b.nthreads; i++) {
+        b.tids[i] = uint3{i % L.block_x, (i / L.block_x) % L.block_y, i / (L.block_x * L.block_y)};
+    }
+    b.n_exited = 0;
+    b.cur = 0;
+    b.failed = false;
+
+    t_blk = &b;
+    t_block_dim = uint3{L.block_x, L.block_y, L.block_z};
+    t_grid_dim = uint3{L.grid_x, L.grid_y, L.grid_z};
+    t_shared = t_pool.shared;
+    bool ok = true;
+    for (uint32_t z = 0; ok && z < L.grid_z; z++) {
+        for (uint32_t y = 0; ok && y < L.grid_y; y++) {
+            for (uint32_t x = 0; ok && x < L.grid_x; x++) {
+                t_block_idx = uint3{x, y, z};
+                std::memset(t_pool.shared, 0xff, L.shared_bytes); /* poison: floats read NaN, ints -1 */
+                ok = run_block(b);
+            }
+        }
+    }
+    if (!ok) {
+        /* Threads stopped inside the body keep stale frames: restart them from the top next time. */
+        for (uint32_t i = 0; i < b.nthreads; i++) {
+            Fiber *f = t_pool.fibers[i];
+            if (f->in_body) {
+                f->in_body = false;
+                f->fresh = true;
+            }
+        }
+    }
+    t_blk = nullptr;
+    if (!ok) {
+        return report(b.error, err, err_len);
+    }
+    return 0;
+}
+
+} // namespace detail
+} // namespace vppo_simt

@@ -1,0 +1,211 @@
+//! The trainer end to end: determinism, learning, and bit-identical resume.
+
+use vppo::train::{run, Algo, RunOptions, TrainConfig, Trainer};
+
+/// A tiny config: a few prompts, a short warm-up, a small model.
+fn tiny(algo: Algo, seed: u64) -> TrainConfig {
+    TrainConfig {
+        algo,
+        seed,
+        steps: 6,
+        prompts: 4,
+        warmup_steps: 40,
+        eval_problems: 50,
+        checkpoint_every: 3,
+        ..TrainConfig::easy()
+    }
+}
+
+#[test]
+fn one_step_is_deterministic_for_a_seed() {
+    for algo in [Algo::Vppo, Algo::Dapo, Algo::Grpo] {
+        let mut a = Trainer::new(tiny(algo, 7)).unwrap();
+        let mut b = Trainer::new(tiny(algo, 7)).unwrap();
+        assert_eq!(a.model.params, b.model.params, "same base model");
+        let ma = a.step().unwrap();
+        let mb = b.step().unwrap();
+        assert_eq!(ma, mb);
+        let bits = |t: &Trainer| {
+            t.model
+                .params
+                .iter()
+                .map(|p| p.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            bits(&a),
+            bits(&b),
+            "{algo:?}: parameters after one step differ"
+        );
+        assert!(ma.loss.is_finite() && ma.grad_norm > 0.0, "{ma:?}");
+        // Another seed is another run.
+        let mut c = Trainer::new(tiny(algo, 8)).unwrap();
+        c.step().unwrap();
+        assert_ne!(bits(&a), bits(&c));
+    }
+}
+
+#[test]
+fn vppo_masks_tokens_and_dapo_does_not() {
+    let mut v = Trainer::new(tiny(Algo::Vppo, 3)).unwrap();
+    let mut d = Trainer::new(tiny(Algo::Dapo, 3)).unwrap();
+    let (mv, md) = (v.step().unwrap(), d.step().unwrap());
+    assert!(
+        mv.selected_fraction > 0.35 && mv.selected_fraction < 0.6,
+        "{mv:?}"
+    );
+    assert_eq!(md.selected_fraction, 1.0);
+    assert_eq!(md.alpha_range, [1.0, 1.0]);
+    // Same seed, same rollouts: the rewards agree, only the loss differs.
+    assert_eq!(mv.reward, md.reward);
+}
+
+#[test]
+fn reward_rises_on_the_easy_task() {
+    let cfg = TrainConfig {
+        steps: 120,
+        ..TrainConfig::easy()
+    };
+    let mut t = Trainer::new(cfg.clone()).unwrap();
+    let rewards: Vec<f64> = (0..cfg.steps).map(|_| t.step().unwrap().reward).collect();
+    let first = rewards[..20].iter().sum::<f64>() / 20.0;
+    let last = rewards[rewards.len() - 20..].iter().sum::<f64>() / 20.0;
+    assert!(
+        last > first + 0.25,
+        "mean reward first 20 steps {first:.3}, last 20 steps {last:.3}"
+    );
+    let (acc, _) = t.evaluate();
+    assert!(
+        acc > 0.9 && acc > t.base_eval_acc + 0.15,
+        "held-out accuracy {acc:.3} vs base {:.3}",
+        t.base_eval_acc
+    );
+}
+
+#[test]
+fn resume_from_checkpoint_equals_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let full_dir = dir.path().join("full");
+    let split_dir = dir.path().join("split");
+    let cfg = tiny(Algo::Vppo, 11);
+    let full = run(
+        &cfg,
+        &RunOptions {
+            out: full_dir.clone(),
+            resume: false,
+            progress: false,
+        },
+        None,
+    )
+    .unwrap();
+    // "Interrupted" after 4 steps (the checkpoint is written at the end of the shorter run) ...
+    let first = TrainConfig {
+        steps: 4,
+        ..cfg.clone()
+    };
+    run(
+        &first,
+        &RunOptions {
+            out: split_dir.clone(),
+            resume: false,
+            progress: false,
+        },
+        None,
+    )
+    .unwrap();
+    // ... and a stale metrics line past the checkpoint, as an interruption between the two writes leaves.
+    let metrics = split_dir.join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&metrics).unwrap();
+    text.push_str("{\"step\":5,\"garbage\":true}\n");
+    std::fs::write(&metrics, text).unwrap();
+    let resumed = run(
+        &cfg,
+        &RunOptions {
+            out: split_dir.clone(),
+            resume: true,
+            progress: false,
+        },
+        None,
+    )
+    .unwrap();
+    assert_eq!(resumed.rewards, full.rewards);
+    assert_eq!(resumed.eval_acc, full.eval_acc);
+    let read = |d: &std::path::Path, f: &str| std::fs::read_to_string(d.join(f)).unwrap();
+    assert_eq!(
+        read(&split_dir, "metrics.jsonl"),
+        read(&full_dir, "metrics.jsonl")
+    );
+    assert_eq!(
+        read(&split_dir, "checkpoint.json"),
+        read(&full_dir, "checkpoint.json"),
+        "parameters, optimizer and rng agree bit for bit"
+    );
+    for f in ["reward.svg", "scores.svg"] {
+        assert!(read(&split_dir, f).starts_with("<svg"), "{f}");
+    }
+    // A checkpoint of another configuration is refused with a clear error.
+    let other = TrainConfig { seed: 12, ..cfg };
+    let err = run(
+        &other,
+        &RunOptions {
+            out: split_dir,
+            resume: true,
+            progress: false,
+        },
+        None,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("another configuration"), "{err}");
+}
+
+#[test]
+fn cli_train_writes_its_files_and_a_json_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppo"))
+        .args(["train", "--easy", "--steps", "3", "--quiet", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["algo"], "vppo");
+    assert_eq!(summary["steps"], 3);
+    for f in [
+        "metrics.jsonl",
+        "checkpoint.json",
+        "reward.svg",
+        "scores.svg",
+    ] {
+        assert!(dir.path().join(f).exists(), "{f}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn cuda_without_a_gpu_is_a_clear_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppo"))
+        .args([
+            "train", "--easy", "--steps", "1", "--quiet", "--device", "cuda", "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    if !out.status.success() {
+        assert_eq!(out.status.code(), Some(1));
+        assert!(stderr.starts_with("vppo train: error: "), "{stderr}");
+        assert!(out.stdout.is_empty());
+    }
+}
