@@ -99,8 +99,7 @@ pub fn parse_dual_clip(s: &str) -> std::result::Result<DualClipArg, String> {
         .map_err(|_| format!("`{s}` is neither a number nor `none`"))
 }
 
-/// The options of `vppo loss`. Every default is [`VppoConfig::default`], the official VPPO setting (a
-/// unit test checks that parsing no options gives exactly that config).
+/// The arguments of `vppo loss`: the files, and the loss options shared with `vppo bench`.
 #[derive(Debug, Clone, Args)]
 pub struct LossArgs {
     /// Input safetensors file with `logits`, `logits_masked` (`[N, V]`, f32/f16/bf16), `targets` (`[N]`,
@@ -112,6 +111,22 @@ pub struct LossArgs {
     /// success.
     #[arg(long, value_name = "OUT.safetensors")]
     pub output: PathBuf,
+    /// The loss options and the device.
+    #[command(flatten)]
+    pub options: LossOptions,
+}
+
+impl LossArgs {
+    /// The loss configuration these options describe (not yet validated).
+    pub fn config(&self) -> VppoConfig {
+        self.options.config()
+    }
+}
+
+/// The loss options of `vppo loss` and `vppo bench`. Every default is [`VppoConfig::default`], the
+/// official VPPO setting (a unit test checks that parsing no options gives exactly that config).
+#[derive(Debug, Clone, Args)]
+pub struct LossOptions {
     /// G: responses g*G .. (g+1)*G-1 answer the same prompt (B must be a multiple of G for the group
     /// scope).
     #[arg(long, value_name = "G", default_value_t = VppoConfig::default().group_size)]
@@ -166,7 +181,7 @@ pub struct LossArgs {
     pub device: DeviceArg,
 }
 
-impl LossArgs {
+impl LossOptions {
     /// The loss configuration these options describe (not yet validated).
     pub fn config(&self) -> VppoConfig {
         VppoConfig {
@@ -209,7 +224,7 @@ impl LossArgs {
 /// `token_normalizer`, `clip_fraction`, `mean_ratio`, `selected_fraction`, `n_tokens`, `n_responses`,
 /// `vocab`, `dtype`, `device`.
 pub fn run_loss(args: &LossArgs) -> Result<serde_json::Value> {
-    let vppo = Vppo::new(args.config(), args.device.device())?;
+    let vppo = Vppo::new(args.config(), args.options.device.device())?;
     let owned = io::read_batch(&args.input)?;
     let batch = owned.batch();
     let (out, grad) = vppo.loss_and_grad(&batch)?;
@@ -225,7 +240,7 @@ pub fn run_loss(args: &LossArgs) -> Result<serde_json::Value> {
         "n_responses": batch.n_responses(),
         "vocab": batch.vocab,
         "dtype": batch.logits.dtype().name(),
-        "device": args.device.name(),
+        "device": args.options.device.name(),
     }))
 }
 
@@ -244,7 +259,7 @@ mod tests {
     fn defaults_are_the_official_config() {
         let w = Wrap::try_parse_from(["x", "--input", "a", "--output", "b"]).unwrap();
         assert_eq!(w.args.config(), VppoConfig::default());
-        assert_eq!(w.args.device, DeviceArg::Cpu);
+        assert_eq!(w.args.options.device, DeviceArg::Cpu);
     }
 
     #[test]

@@ -28,6 +28,7 @@
 
 pub mod api;
 pub mod batch;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod cuda;
