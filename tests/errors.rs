@@ -575,10 +575,41 @@ fn kernel_devices_report_errors_not_panics() {
     let mut o = Owned::new();
     o.targets[0] = 7;
     for device in [Device::Cuda(0), Device::Simt(vppo::LaneOrder::Forward)] {
-        let vppo = Vppo::new(VppoConfig::default(), device).unwrap();
+        let vppo = match Vppo::new(VppoConfig::default(), device) {
+            Ok(v) => v,
+            // no GPU here: the GPU errors are tested in `gpu_unavailable_is_a_clear_error`
+            Err(VppoError::KernelsNotBuilt | VppoError::NoCudaDriver | VppoError::NoGpu(_)) => {
+                continue
+            }
+            Err(e) => panic!("{e}"),
+        };
         assert!(matches!(
             vppo.forward(&o.batch()).unwrap_err(),
             VppoError::TargetOutOfRange { row: 0, .. }
         ));
+    }
+}
+
+/// SPEC 7: asking for the GPU without kernels, driver or device is an error, never a panic. Which one
+/// depends on the machine: a build without nvcc says "kernels not built"; with kernels but no libcuda,
+/// "no CUDA driver"; with a driver but no device, "no GPU".
+#[test]
+fn gpu_unavailable_is_a_clear_error() {
+    let r = Vppo::new(VppoConfig::default(), Device::Cuda(0));
+    if !vppo::cuda::kernels_built() {
+        assert!(matches!(r, Err(VppoError::KernelsNotBuilt)), "{r:?}");
+        assert!(r.unwrap_err().to_string().contains("kernels not built"));
+        return;
+    }
+    match r {
+        Ok(_) => {
+            // a real GPU: an ordinal past the last device is NoGpu
+            let e = Vppo::new(VppoConfig::default(), Device::Cuda(4096)).unwrap_err();
+            assert!(matches!(e, VppoError::NoGpu(_)), "{e}");
+        }
+        Err(e) => assert!(
+            matches!(e, VppoError::NoCudaDriver | VppoError::NoGpu(_)),
+            "{e}"
+        ),
     }
 }
