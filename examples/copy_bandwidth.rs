@@ -2,13 +2,14 @@
 //!
 //! Copies one large buffer into another on the GPU with cuMemcpyDtoD, timed with CUDA events, and
 //! reports GB/s counting the bytes read plus the bytes written (2 x size per copy), best and median
-//! of several copies after warm-up. The destination is checked against the source afterwards.
+//! of several copies after warm-up. The destination is checked against the source afterwards. The
+//! measurement is [`vppo::cuda::copy_bandwidth`], which the benchmarks (benches/vppo.rs) also use.
 //!
 //! Usage: cargo run --release --example copy_bandwidth -- [--mib 1024] [--reps 20] [--ordinal 0]
 
 use std::process::ExitCode;
 
-use vppo::cuda::Gpu;
+use vppo::cuda::{copy_bandwidth, Gpu};
 use vppo::{Result, VppoError};
 
 struct Args {
@@ -48,35 +49,11 @@ fn parse_args() -> std::result::Result<Args, String> {
 
 fn run(args: &Args) -> Result<()> {
     let gpu = Gpu::new(args.ordinal)?;
-    let n = args
+    let bytes = args
         .mib
-        .checked_mul(1 << 18)
+        .checked_mul(1 << 20)
         .ok_or_else(|| VppoError::Cuda(format!("--mib {} is too large", args.mib)))?;
-    let bytes = (n * 4) as f64;
-    // Not zeros: a pattern, so a copy that skips or misplaces data is caught below.
-    let host: Vec<u32> = (0..n)
-        .map(|i| (i as u32).wrapping_mul(2_654_435_761) ^ 0x5bd1_e995)
-        .collect();
-    let src = gpu.upload(&host)?;
-    let mut dst = gpu.alloc_zeros::<u32>(n)?;
-    for _ in 0..3 {
-        gpu.copy_on_device(&src, &mut dst)?;
-    }
-    gpu.synchronize()?;
-    let mut ms = Vec::with_capacity(args.reps);
-    for _ in 0..args.reps {
-        let ((), t) = gpu.time_ms(|| gpu.copy_on_device(&src, &mut dst))?;
-        ms.push(t as f64);
-    }
-    let back = gpu.download(&dst)?;
-    if let Some(i) = back.iter().zip(&host).position(|(a, b)| a != b) {
-        return Err(VppoError::Cuda(format!(
-            "copy check failed at element {i}: {} != {}",
-            back[i], host[i]
-        )));
-    }
-    ms.sort_by(f64::total_cmp);
-    let gbps = |t: f64| 2.0 * bytes / (t * 1e-3) / 1e9;
+    let bw = copy_bandwidth(&gpu, bytes, args.reps)?;
     let (cc_major, cc_minor) = gpu.compute_capability();
     println!(
         "copy_bandwidth: {} (sm_{cc_major}{cc_minor}, {} SMs), {} MiB buffer, {} timed copies after 3 warm-ups",
@@ -87,11 +64,11 @@ fn run(args: &Args) -> Result<()> {
     );
     println!(
         "copy_bandwidth: best {:.1} GB/s ({:.3} ms), median {:.1} GB/s ({:.3} ms), worst {:.1} GB/s; bytes read + written",
-        gbps(ms[0]),
-        ms[0],
-        gbps(ms[ms.len() / 2]),
-        ms[ms.len() / 2],
-        gbps(ms[ms.len() - 1])
+        bw.best_gbs(),
+        bw.best_ms(),
+        bw.median_gbs(),
+        bw.median_ms(),
+        bw.worst_gbs()
     );
     Ok(())
 }

@@ -4,14 +4,20 @@
 //! What is timed and what is not:
 //! - The batch is read from the safetensors file (or generated, with `--synthetic`) once, before any
 //!   timing; file I/O and parsing are reported separately as `load_ms` and never enter a timing.
-//! - [`Vppo`] is built once. Each sample is the wall-clock time ([`std::time::Instant`]) of one call:
-//!   `forward` for the forward timing, `forward` then `backward_into` for forward + backward. Every call
-//!   returns only once its results are in host memory, so on `cuda` the time is synchronized, and it
-//!   includes whatever host <-> device copies the API makes (today: the inputs are uploaded and the
-//!   outputs and gradient downloaded on every call; see `includes_host_device_copies` in the report).
-//! - The gradient buffer (`[N, V]`, f32 or the logits dtype) is allocated once per measurement and
-//!   reused by every iteration, as a trainer reuses its buffer (and as PyTorch's caching allocator
-//!   reuses a freed block on a GPU).
+//! - [`Vppo`] is built once. Each sample is the wall-clock time ([`std::time::Instant`]) of one call.
+//! - On `cpu` and `simt` the calls are the host API: `forward` for the forward timing, `forward` then
+//!   `backward_into` for forward + backward.
+//! - On `cuda` the batch is uploaded to the GPU once, before any timing (as a trainer's logits already
+//!   live there), and the calls are the GPU-resident API: `forward_device` for the forward timing,
+//!   `forward_device` then `backward_device` (into a device gradient buffer) for forward + backward.
+//!   Each returns once its work on the GPU is done (the forward's outputs are in host memory, the
+//!   backward synchronizes), so the times are synchronized. They include what that API copies: the
+//!   O(N + B) small tensors (targets, old_logp, advantages, cu_seqlens) copied back for validation and
+//!   the O(N + B) outputs downloaded by each forward; they include no copy of the logits or of the
+//!   gradient (`includes_host_device_copies: false` in the report).
+//! - The gradient buffer (`[N, V]`, f32 or the logits dtype; in GPU memory on `cuda`) is allocated
+//!   once per measurement and reused by every iteration, as a trainer reuses its buffer (and as
+//!   PyTorch's caching allocator reuses a freed block on a GPU).
 //! - `--warmup W` untimed iterations come first, then `--iters R` timed ones; the report gives the
 //!   median, minimum and mean of the R samples.
 //!
@@ -19,8 +25,9 @@
 //! measurement by writing `5` to /proc/self/clear_refs, and `peak_extra_bytes` is VmHWM at the end minus
 //! VmRSS at the start. It counts every host byte the calls touched beyond what was resident before (the
 //! inputs were already resident): the output vectors, the executor's workspaces and, for forward +
-//! backward, the gradient buffer. It is host memory: on `cuda`, device memory is not seen by it (the
-//! report's `model_extra_bytes` gives the O(N + B) + gradient figure the kernels need by construction).
+//! backward on the CPU devices, the gradient buffer. It is host memory: on `cuda`, device memory (the
+//! uploaded batch, the workspaces, the gradient buffer) is not seen by it (the report's
+//! `model_extra_bytes` gives the O(N + B) + gradient figure the kernels need by construction).
 //! Where the reset or the file is not available the measured figure is `null`.
 
 use std::path::PathBuf;
@@ -30,11 +37,15 @@ use clap::{Args, ValueEnum};
 use half::{bf16, f16};
 use serde::Serialize;
 
+use cudarc::driver::CudaSlice;
+
 use crate::api::{Device, GradMut, Vppo};
-use crate::batch::{Batch, Dtype};
+use crate::batch::{Batch, Dtype, Logits};
 use crate::cli::LossOptions;
+use crate::cuda::Gpu;
 use crate::error::{Result, VppoError};
 use crate::io::{self, OwnedBatch, OwnedLogits};
+use crate::kernels::{DeviceBatch, DeviceLogits, DeviceLogitsMut};
 
 /// `--grad`: which gradient the forward + backward timing produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -205,14 +216,15 @@ pub struct BenchReport {
     pub input_bytes: u64,
     /// The loss of the last forward (a check that the timed calls did the work).
     pub loss: f64,
-    /// `forward` per call.
+    /// `forward` per call (on cuda `forward_device`).
     pub forward: Timing,
-    /// `forward` + `backward_into` per call (absent with `--grad none`).
+    /// `forward` + `backward_into` per call (on cuda `forward_device` + `backward_device`; absent
+    /// with `--grad none`).
     pub forward_backward: Option<Timing>,
     /// Measured peak extra host bytes during the forward iterations (see the module docs), or null.
     pub peak_extra_bytes_forward: Option<u64>,
-    /// Measured peak extra host bytes during the forward + backward iterations, gradient buffer
-    /// included, or null.
+    /// Measured peak extra host bytes during the forward + backward iterations (the gradient buffer
+    /// included on the CPU devices; on cuda it is in GPU memory), or null.
     pub peak_extra_bytes_forward_backward: Option<u64>,
     /// How the peak was measured.
     pub memory_method: &'static str,
@@ -222,7 +234,9 @@ pub struct BenchReport {
     pub model_extra_bytes_forward: u64,
     /// As `model_extra_bytes_forward`, plus the gradient buffer.
     pub model_extra_bytes_forward_backward: u64,
-    /// True on cuda: each call uploads the inputs and downloads the results, and the times include it.
+    /// True when the timed calls copy the [N, V] logits or gradient between host and device. Always
+    /// false now: on cuda the batch is uploaded once before the timings and the gradient stays on the
+    /// GPU (the timed calls still copy the O(N + B) small tensors and outputs; see the module docs).
     pub includes_host_device_copies: bool,
 }
 
@@ -411,6 +425,86 @@ impl GradBuf {
     }
 }
 
+/// An [N, V] tensor in GPU memory: the uploaded logits, or a gradient buffer.
+enum DeviceTensor {
+    F32(CudaSlice<f32>),
+    F16(CudaSlice<f16>),
+    Bf16(CudaSlice<bf16>),
+}
+
+impl DeviceTensor {
+    fn upload(gpu: &Gpu, logits: &Logits) -> Result<DeviceTensor> {
+        Ok(match *logits {
+            Logits::F32(x) => DeviceTensor::F32(gpu.upload(x)?),
+            Logits::F16(x) => DeviceTensor::F16(gpu.upload(x)?),
+            Logits::Bf16(x) => DeviceTensor::Bf16(gpu.upload(x)?),
+        })
+    }
+
+    /// A zeroed gradient buffer for `--grad` (f32, or the logits dtype).
+    fn grad(gpu: &Gpu, grad: GradArg, logits: Dtype, len: usize) -> Result<DeviceTensor> {
+        Ok(match (grad, logits) {
+            (GradArg::LogitsDtype, Dtype::F16) => DeviceTensor::F16(gpu.alloc_zeros(len)?),
+            (GradArg::LogitsDtype, Dtype::Bf16) => DeviceTensor::Bf16(gpu.alloc_zeros(len)?),
+            _ => DeviceTensor::F32(gpu.alloc_zeros(len)?),
+        })
+    }
+
+    fn view(&self) -> DeviceLogits<'_> {
+        match self {
+            DeviceTensor::F32(x) => DeviceLogits::F32(x),
+            DeviceTensor::F16(x) => DeviceLogits::F16(x),
+            DeviceTensor::Bf16(x) => DeviceLogits::Bf16(x),
+        }
+    }
+
+    fn as_mut(&mut self) -> DeviceLogitsMut<'_> {
+        match self {
+            DeviceTensor::F32(x) => DeviceLogitsMut::F32(x),
+            DeviceTensor::F16(x) => DeviceLogitsMut::F16(x),
+            DeviceTensor::Bf16(x) => DeviceLogitsMut::Bf16(x),
+        }
+    }
+}
+
+/// A host batch copied to the GPU once.
+struct UploadedBatch {
+    logits: DeviceTensor,
+    logits_masked: DeviceTensor,
+    targets: CudaSlice<i32>,
+    old_logp: CudaSlice<f32>,
+    advantages: CudaSlice<f32>,
+    cu_seqlens: CudaSlice<i32>,
+    vocab: usize,
+}
+
+impl UploadedBatch {
+    /// Every tensor must be non-empty (N >= 1 and B >= 1; CUDA has no buffers of 0 bytes).
+    fn new(gpu: &Gpu, batch: &Batch) -> Result<UploadedBatch> {
+        Ok(UploadedBatch {
+            logits: DeviceTensor::upload(gpu, &batch.logits)?,
+            logits_masked: DeviceTensor::upload(gpu, &batch.logits_masked)?,
+            targets: gpu.upload(batch.targets)?,
+            old_logp: gpu.upload(batch.old_logp)?,
+            advantages: gpu.upload(batch.advantages)?,
+            cu_seqlens: gpu.upload(batch.cu_seqlens)?,
+            vocab: batch.vocab,
+        })
+    }
+
+    fn batch(&self) -> DeviceBatch<'_> {
+        DeviceBatch {
+            logits: self.logits.view(),
+            logits_masked: self.logits_masked.view(),
+            targets: &self.targets,
+            old_logp: &self.old_logp,
+            advantages: &self.advantages,
+            cu_seqlens: &self.cu_seqlens,
+            vocab: self.vocab,
+        }
+    }
+}
+
 /// Runs `f` `warmup` times untimed, then `iters` times timed; returns the samples in ms.
 fn time_calls(warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
     for _ in 0..warmup {
@@ -451,23 +545,64 @@ pub fn bench_batch(
     let outputs_bytes = (n * (10 * 4 + 1) + b * 3 * 4) as u64;
 
     let mut loss = 0.0;
-    let (forward, peak_fwd) = with_peak(|| {
-        time_calls(args.warmup, args.iters, || {
-            loss = vppo.forward(batch)?.loss;
-            Ok(())
-        })
-    })?;
-    let (forward_backward, peak_fwd_bwd) = if args.grad == GradArg::None {
-        (None, None)
-    } else {
-        let (t, peak) = with_peak(|| {
-            let mut grad = GradBuf::new(args.grad, dtype, n * v);
-            time_calls(args.warmup, args.iters, || {
-                let out = vppo.forward(batch)?;
-                vppo.backward_into(batch, &out, grad.as_mut())
-            })
-        })?;
-        (Some(t), peak)
+    // The GPU-resident path needs non-empty device buffers; a batch with N = 0 is answered on the CPU
+    // by every API (no copies either way).
+    let on_gpu = match vppo.device() {
+        Device::Cuda(ordinal) if n > 0 => {
+            batch.validate_small(
+                vppo.config().group_size,
+                crate::reference::needs_groups(vppo.config()),
+            )?;
+            Some(Gpu::new(ordinal)?)
+        }
+        _ => None,
+    };
+    let ((forward, peak_fwd), (forward_backward, peak_fwd_bwd)) = match on_gpu {
+        None => {
+            let fwd = with_peak(|| {
+                time_calls(args.warmup, args.iters, || {
+                    loss = vppo.forward(batch)?.loss;
+                    Ok(())
+                })
+            })?;
+            let fwd_bwd = if args.grad == GradArg::None {
+                (None, None)
+            } else {
+                let (t, peak) = with_peak(|| {
+                    let mut grad = GradBuf::new(args.grad, dtype, n * v);
+                    time_calls(args.warmup, args.iters, || {
+                        let out = vppo.forward(batch)?;
+                        vppo.backward_into(batch, &out, grad.as_mut())
+                    })
+                })?;
+                (Some(t), peak)
+            };
+            (fwd, fwd_bwd)
+        }
+        Some(gpu) => {
+            // Uploaded once, outside every timing.
+            let uploaded = UploadedBatch::new(&gpu, batch)?;
+            let db = uploaded.batch();
+            let fwd = with_peak(|| {
+                time_calls(args.warmup, args.iters, || {
+                    loss = vppo.forward_device(&db)?.output.loss;
+                    Ok(())
+                })
+            })?;
+            let fwd_bwd = if args.grad == GradArg::None {
+                (None, None)
+            } else {
+                let mut grad = DeviceTensor::grad(&gpu, args.grad, dtype, n * v)?;
+                let (t, peak) = with_peak(|| {
+                    time_calls(args.warmup, args.iters, || {
+                        let out = vppo.forward_device(&db)?;
+                        vppo.backward_device(&out, &db, grad.as_mut())
+                    })
+                })?;
+                (Some(t), peak)
+            };
+            (fwd, fwd_bwd)
+        }
     };
     let measured = peak_fwd.is_some();
     Ok(BenchReport {
@@ -494,7 +629,7 @@ pub fn bench_batch(
         },
         model_extra_bytes_forward: outputs_bytes,
         model_extra_bytes_forward_backward: outputs_bytes + (n * v * grad_elem) as u64,
-        includes_host_device_copies: matches!(vppo.device(), Device::Cuda(_)),
+        includes_host_device_copies: false,
     })
 }
 

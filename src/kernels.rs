@@ -579,6 +579,23 @@ struct Inputs<'a> {
 }
 
 impl<'a> Inputs<'a> {
+    /// The caller's device buffers, used in place (no copy).
+    fn device(gpu: &Gpu, batch: &DeviceBatch<'a>) -> Inputs<'a> {
+        let at = |addr: u64| Input {
+            _owned: None,
+            _borrowed: std::marker::PhantomData,
+            addr,
+        };
+        Inputs {
+            logits: at(batch.logits.addr(gpu)),
+            logits_masked: at(batch.logits_masked.addr(gpu)),
+            targets: at(gpu.device_ptr_u64(batch.targets)),
+            old_logp: at(gpu.device_ptr_u64(batch.old_logp)),
+            advantages: at(gpu.device_ptr_u64(batch.advantages)),
+            cu_seqlens: at(gpu.device_ptr_u64(batch.cu_seqlens)),
+        }
+    }
+
     fn new(l: &Launcher, batch: &Batch<'a>) -> Result<Inputs<'a>> {
         Ok(Inputs {
             logits: Input::logits(l, &batch.logits)?,
@@ -1056,19 +1073,7 @@ pub fn forward_device(
         });
     }
     let l = Launcher::Cuda(gpu.clone());
-    let at = |addr: u64| Input {
-        _owned: None,
-        _borrowed: std::marker::PhantomData,
-        addr,
-    };
-    let inputs = Inputs {
-        logits: at(batch.logits.addr(gpu)),
-        logits_masked: at(batch.logits_masked.addr(gpu)),
-        targets: at(gpu.device_ptr_u64(batch.targets)),
-        old_logp: at(gpu.device_ptr_u64(batch.old_logp)),
-        advantages: at(gpu.device_ptr_u64(batch.advantages)),
-        cu_seqlens: at(gpu.device_ptr_u64(batch.cu_seqlens)),
-    };
+    let inputs = Inputs::device(gpu, batch);
     let ws = Workspace::new(&l, n, b)?;
     run_perception(&l, perception_kernel(dims.dtype), dims, cfg, &inputs, &ws)?;
     let rows = |tensor: Tensor, row: usize| {
@@ -1092,9 +1097,24 @@ pub fn forward_device(
     })
 }
 
-/// dloss/dlogits of a [`forward_device`] into `grad` (f32, or the logits dtype), on the GPU.
-/// `logits` and `targets` must be the buffers the forward read (lengths are checked).
+/// dloss/dlogits of a [`forward_device`] into `grad` (f32, or the logits dtype), on the GPU, and
+/// waits for it. `logits` and `targets` must be the buffers the forward read (lengths are checked).
 fn backward_device_raw(
+    fwd: &DeviceForward,
+    logits_addr: u64,
+    logits_len: usize,
+    targets: &CudaSlice<i32>,
+    grad: &DeviceLogitsMut,
+    cfg: &VppoConfig,
+) -> Result<()> {
+    launch_backward(fwd, logits_addr, logits_len, targets, grad, cfg)?;
+    fwd.gpu.synchronize()
+}
+
+/// Queues the backward kernel of [`backward_device_raw`] on the stream, without waiting for it.
+/// The caller synchronizes (or records an event and waits for it) before any of the buffers is
+/// dropped or read on the host.
+fn launch_backward(
     fwd: &DeviceForward,
     logits_addr: u64,
     logits_len: usize,
@@ -1137,10 +1157,10 @@ fn backward_device_raw(
         ..Default::default()
     };
     // SAFETY: logits and grad hold N * V elements of their dtypes (checked above), lse, dlogp and
-    // targets N; grad is borrowed mutably by the caller for this call; the stream is synchronized
-    // before returning, so every buffer outlives the kernel.
-    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p)? };
-    gpu.synchronize()
+    // targets N; grad is borrowed mutably by the caller for this call; the kernel is queued on the
+    // one stream every buffer of this Gpu lives on, and a CudaSlice is freed in stream order (or
+    // after a synchronize), so every buffer outlives the kernel even when the caller does not wait.
+    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p) }
 }
 
 /// dloss/dlogits of a [`forward_device`] into the caller's device buffer `grad`.
@@ -1183,4 +1203,110 @@ pub fn backward_device_in_place(
     }
     let addr = logits.addr(&fwd.gpu);
     backward_device_raw(fwd, addr, logits.len(), targets, &logits, cfg)
+}
+
+// -------------------------------------------------------------------------------------------------
+// Stage-level launches, for the benchmarks
+// -------------------------------------------------------------------------------------------------
+
+/// A validated GPU-resident batch whose passes can be queued one at a time, for the benchmarks
+/// (benches/vppo.rs): pass 1 alone, pass 2 (select + loss) alone, pass 3 (the backward) alone.
+///
+/// [`DeviceStages::new`] runs [`forward_device`] once, which validates the batch (the O(N + B)
+/// tensors on the host, the logits rows in pass 1) and leaves the per-token workspace on the GPU; every
+/// method after that only queues the pass's kernels on the GPU's stream, with no copy and no wait, so
+/// that CUDA events around it ([`Gpu::time_ms`]) time the kernels alone. Re-running a pass rewrites the
+/// same workspace with the same values. Not part of the supported API.
+#[doc(hidden)]
+pub struct DeviceStages<'a> {
+    batch: DeviceBatch<'a>,
+    fwd: DeviceForward,
+    cfg: VppoConfig,
+}
+
+impl<'a> DeviceStages<'a> {
+    /// Validates `batch` and runs the whole forward once ([`forward_device`]).
+    pub fn new(gpu: &Arc<Gpu>, batch: &DeviceBatch<'a>, cfg: &VppoConfig) -> Result<Self> {
+        let fwd = forward_device(gpu, batch, cfg)?;
+        Ok(DeviceStages {
+            batch: *batch,
+            fwd,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The forward the constructor ran (its outputs, and the state the backward reads).
+    pub fn forward(&self) -> &DeviceForward {
+        &self.fwd
+    }
+
+    fn parts(&self) -> Option<(Launcher, Dims, &Workspace)> {
+        let ws = self.fwd.ws.as_ref()?;
+        let dims = Dims {
+            n: ws.n,
+            b: ws.b,
+            vocab: self.fwd.vocab,
+            dtype: self.fwd.dtype,
+        };
+        Some((Launcher::Cuda(self.fwd.gpu.clone()), dims, ws))
+    }
+
+    /// Queues pass 1 (`vppo_perception_*`) over the batch. Nothing to do when N = 0.
+    pub fn perception(&self) -> Result<()> {
+        let Some((l, dims, ws)) = self.parts() else {
+            return Ok(());
+        };
+        let inputs = Inputs::device(&self.fwd.gpu, &self.batch);
+        run_perception(
+            &l,
+            perception_kernel(dims.dtype),
+            dims,
+            &self.cfg,
+            &inputs,
+            ws,
+        )
+    }
+
+    /// Queues pass 2 (`vppo_select`, then `vppo_loss`) on the scores pass 1 left in the workspace.
+    pub fn select_loss(&self) -> Result<()> {
+        let Some((l, dims, ws)) = self.parts() else {
+            return Ok(());
+        };
+        let inputs = Inputs::device(&self.fwd.gpu, &self.batch);
+        run_select_loss(&l, dims, &self.cfg, &inputs, ws)
+    }
+
+    /// Queues pass 3: dloss/dlogits of the batch's logits into `grad` ([N, V], f32 or the logits
+    /// dtype).
+    pub fn backward(&self, grad: DeviceLogitsMut) -> Result<()> {
+        launch_backward(
+            &self.fwd,
+            self.batch.logits.addr(&self.fwd.gpu),
+            self.batch.logits.len(),
+            self.batch.targets,
+            &grad,
+            &self.cfg,
+        )
+    }
+
+    /// Queues pass 3 in place over `logits`, a buffer of the batch's shape and dtype that the caller
+    /// filled with a copy of the batch's logits (the values are the caller's business: the forward's
+    /// lse is used as is). Afterwards `logits` holds the gradient.
+    pub fn backward_in_place(&self, logits: DeviceLogitsMut) -> Result<()> {
+        if logits.dtype() != self.fwd.dtype {
+            return Err(VppoError::Shape {
+                tensor: Tensor::Logits,
+                detail: "dtype differs from the forward's".into(),
+            });
+        }
+        let addr = logits.addr(&self.fwd.gpu);
+        launch_backward(
+            &self.fwd,
+            addr,
+            logits.len(),
+            self.batch.targets,
+            &logits,
+            &self.cfg,
+        )
+    }
 }

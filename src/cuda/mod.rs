@@ -512,6 +512,96 @@ impl Gpu {
     }
 }
 
+/// What [`copy_bandwidth`] measured: `reps` device-to-device copies of a `bytes`-byte buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CopyBandwidth {
+    /// Size of the copied buffer (each copy reads and writes this many bytes).
+    pub bytes: usize,
+    /// Every timed copy, in milliseconds, sorted fastest first.
+    pub samples_ms: Vec<f64>,
+}
+
+impl CopyBandwidth {
+    /// GB/s (10^9 bytes per second) of a copy that took `ms`, counting bytes read plus written.
+    pub fn gbs(&self, ms: f64) -> f64 {
+        2.0 * self.bytes as f64 / (ms * 1e-3) / 1e9
+    }
+
+    /// The fastest copy, ms.
+    pub fn best_ms(&self) -> f64 {
+        self.samples_ms[0]
+    }
+
+    /// The median copy, ms (the upper middle sample for an even count).
+    pub fn median_ms(&self) -> f64 {
+        self.samples_ms[self.samples_ms.len() / 2]
+    }
+
+    /// The slowest copy, ms.
+    pub fn worst_ms(&self) -> f64 {
+        self.samples_ms[self.samples_ms.len() - 1]
+    }
+
+    /// GB/s of the fastest copy.
+    pub fn best_gbs(&self) -> f64 {
+        self.gbs(self.best_ms())
+    }
+
+    /// GB/s of the median copy: the ceiling the benchmarks compare the kernels with.
+    pub fn median_gbs(&self) -> f64 {
+        self.gbs(self.median_ms())
+    }
+
+    /// GB/s of the slowest copy.
+    pub fn worst_gbs(&self) -> f64 {
+        self.gbs(self.worst_ms())
+    }
+}
+
+/// The device-to-device copy bandwidth of `gpu`: the memory ceiling the kernels are measured against.
+///
+/// Fills a buffer of `bytes` bytes (rounded down to whole 4-byte words, at least one) with a pattern
+/// (not zeros), copies it into a second buffer 3 times untimed, then `reps` times (at least 1), each
+/// copy (cuMemcpyDtoD) between two CUDA events; then checks the destination against the pattern, so a
+/// copy that skipped or misplaced data is an error, not a fast number. Uses 2 x `bytes` of GPU memory
+/// while it runs; use a buffer far larger than the L2 cache (1 GiB or more).
+pub fn copy_bandwidth(gpu: &Gpu, bytes: usize, reps: usize) -> Result<CopyBandwidth> {
+    if reps == 0 {
+        return Err(VppoError::Config {
+            field: "reps",
+            value: "0".into(),
+            expected: "at least 1",
+        });
+    }
+    let n = (bytes / 4).max(1);
+    let host: Vec<u32> = (0..n)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761) ^ 0x5bd1_e995)
+        .collect();
+    let src = gpu.upload(&host)?;
+    let mut dst = gpu.alloc_zeros::<u32>(n)?;
+    for _ in 0..3 {
+        gpu.copy_on_device(&src, &mut dst)?;
+    }
+    gpu.synchronize()?;
+    let mut samples_ms = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let ((), t) = gpu.time_ms(|| gpu.copy_on_device(&src, &mut dst))?;
+        samples_ms.push(t as f64);
+    }
+    let back = gpu.download(&dst)?;
+    if let Some(i) = back.iter().zip(&host).position(|(a, b)| a != b) {
+        return Err(VppoError::Cuda(format!(
+            "copy check failed at element {i}: {} != {}",
+            back[i], host[i]
+        )));
+    }
+    samples_ms.sort_by(f64::total_cmp);
+    Ok(CopyBandwidth {
+        bytes: n * 4,
+        samples_ms,
+    })
+}
+
 /// Checks a launch's grid and block the way the hardware limits them, before the driver does.
 fn check_launch_shape(kernel_name: &str, grid: [u32; 3], block: [u32; 3]) -> Result<()> {
     let bad = |what: String| Err(VppoError::Cuda(format!("kernel {kernel_name}: {what}")));
