@@ -22,7 +22,7 @@
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = VPPO_BACKWARD_THREADS;
 
 /* Stores K f32 values as K elements of O at a 16-byte-aligned address. */
 template <typename O, int K> struct VecStore;

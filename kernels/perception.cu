@@ -37,7 +37,7 @@
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = VPPO_PERCEPTION_THREADS;
 
 enum : unsigned int {
     kFlagANonFinite = 1u, /* NaN or +inf in a */
@@ -51,6 +51,8 @@ struct RowState {
     float m_b, s_b;
     unsigned int flags;
 };
+
+static_assert(sizeof(RowState) == VPPO_PERCEPTION_STATE_BYTES, "RowState changed: update vppo_params.h");
 
 __device__ __forceinline__ RowState empty_state() {
     RowState st;

@@ -63,17 +63,15 @@ kernel_table! {
     PERCEPTION_BF16_MUTANT => vppo_perception_bf16_mutant / vppo_simt_vppo_perception_bf16_mutant;
 }
 
-/// Launch configuration of each kernel; must match the `__launch_bounds__` in the .cu files.
-const PERCEPTION_THREADS: u32 = 256;
-/// sizeof(RowState) in perception.cu: six floats and a flag word.
-const PERCEPTION_STATE_BYTES: u32 = 28;
-const SELECT_THREADS: u32 = 256;
-/// sizeof(SelectShared) in select_loss.cu: 32 x 16 ints, 32 ints, 32 doubles, two words.
-const SELECT_SHARED_BYTES: u32 = 32 * 16 * 4 + 32 * 4 + 32 * 8 + 8;
-const LOSS_THREADS: u32 = 512;
-/// sizeof(LossShared) in select_loss.cu: 32 doubles, 32 long longs, 32 floats.
-const LOSS_SHARED_BYTES: u32 = 32 * 8 + 32 * 8 + 32 * 4;
-const BACKWARD_THREADS: u32 = 256;
+// Launch configuration of each kernel: the constants of kernels/vppo_params.h, which the kernels'
+// __launch_bounds__ and static_asserts on their shared-memory structs use too.
+const PERCEPTION_THREADS: u32 = crate::params::VPPO_PERCEPTION_THREADS;
+const PERCEPTION_STATE_BYTES: u32 = crate::params::VPPO_PERCEPTION_STATE_BYTES;
+const SELECT_THREADS: u32 = crate::params::VPPO_SELECT_THREADS;
+const SELECT_SHARED_BYTES: u32 = crate::params::VPPO_SELECT_SHARED_BYTES;
+const LOSS_THREADS: u32 = crate::params::VPPO_LOSS_THREADS;
+const LOSS_SHARED_BYTES: u32 = crate::params::VPPO_LOSS_SHARED_BYTES;
+const BACKWARD_THREADS: u32 = crate::params::VPPO_BACKWARD_THREADS;
 /// Blocks of the row kernels loop over rows, so the grid is capped and any N runs. On the GPU the cap
 /// is far above the blocks that fit at once (132 SMs x 8 blocks on an H100); on the SIMT executor a
 /// small cap makes every test with more than 64 rows exercise the grid-stride loop.
