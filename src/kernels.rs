@@ -899,33 +899,24 @@ impl DeviceLogits<'_> {
 
     /// Row `row` of a [N, V] tensor, copied back and widened to f64 (to name a bad value).
     fn row_f64(&self, gpu: &Gpu, row: usize, vocab: usize) -> Result<Vec<f64>> {
-        let range = row * vocab..(row + 1) * vocab;
-        let copy = |e: cudarc::driver::DriverError| {
-            VppoError::Cuda(format!("copying logits row {row} back: {e:?}"))
-        };
-        Ok(match self {
-            DeviceLogits::F32(s) => gpu
+        fn copy<T: cudarc::driver::DeviceRepr>(
+            gpu: &Gpu,
+            s: &CudaSlice<T>,
+            row: usize,
+            vocab: usize,
+            widen: fn(T) -> f64,
+        ) -> Result<Vec<f64>> {
+            let host = gpu
                 .stream()
-                .clone_dtoh(&s.slice(range))
-                .map_err(copy)?
-                .into_iter()
-                .map(f64::from)
-                .collect(),
-            DeviceLogits::F16(s) => gpu
-                .stream()
-                .clone_dtoh(&s.slice(range))
-                .map_err(copy)?
-                .into_iter()
-                .map(|x| x.to_f64())
-                .collect(),
-            DeviceLogits::Bf16(s) => gpu
-                .stream()
-                .clone_dtoh(&s.slice(range))
-                .map_err(copy)?
-                .into_iter()
-                .map(|x| x.to_f64())
-                .collect(),
-        })
+                .clone_dtoh(&s.slice(row * vocab..(row + 1) * vocab))
+                .map_err(|e| VppoError::Cuda(format!("copying logits row {row} back: {e:?}")))?;
+            Ok(host.into_iter().map(widen).collect())
+        }
+        match self {
+            DeviceLogits::F32(s) => copy(gpu, s, row, vocab, f64::from),
+            DeviceLogits::F16(s) => copy(gpu, s, row, vocab, f16::to_f64),
+            DeviceLogits::Bf16(s) => copy(gpu, s, row, vocab, bf16::to_f64),
+        }
     }
 }
 
