@@ -824,6 +824,67 @@ pub fn backward_into(
     Ok(())
 }
 
+/// dloss/dlogits written IN PLACE over host `logits` ([N, V], the forward's logits): afterwards the
+/// buffer holds the gradient in the logits dtype. Lengths and targets are checked by the caller
+/// ([`crate::Vppo::backward_in_place`]). On a GPU the buffer is uploaded, overwritten there by the
+/// same kernel, and copied back.
+pub fn backward_in_place(
+    mut logits: GradMut,
+    vocab: usize,
+    targets: &[i32],
+    out: &VppoOutput,
+    cfg: &VppoConfig,
+    device: Device,
+) -> Result<()> {
+    let n = targets.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let l = Launcher::for_device(device)?;
+    let dtype = logits.dtype();
+    let kernel = backward_kernel(dtype, dtype)?;
+    let targets = Input::new(&l, targets)?;
+    let lse = Input::new(&l, &out.tokens.lse)?;
+    let dlogp = Input::new(&l, &out.tokens.dlogp)?;
+    let nv = n * vocab;
+    let device_copy = match (&l, &mut logits) {
+        (Launcher::Simt(_), _) => None,
+        (Launcher::Cuda(_), GradMut::F32(x)) => Some(l.upload(&x[..])?),
+        (Launcher::Cuda(_), GradMut::F16(x)) => Some(l.upload(&x[..])?),
+        (Launcher::Cuda(_), GradMut::Bf16(x)) => Some(l.upload(&x[..])?),
+    };
+    let addr = match (&device_copy, &mut logits) {
+        (Some(buf), _) => l.addr(buf),
+        (None, GradMut::F32(x)) => x.as_mut_ptr() as u64,
+        (None, GradMut::F16(x)) => x.as_mut_ptr() as u64,
+        (None, GradMut::Bf16(x)) => x.as_mut_ptr() as u64,
+    };
+    let p = VppoBackwardParams {
+        logits: addr as *const c_void,
+        lse: lse.addr as *const f32,
+        dlogp: dlogp.addr as *const f32,
+        targets: targets.addr as *const i32,
+        grad: addr as *mut c_void,
+        n_tokens: n as i64,
+        vocab: vocab as i64,
+        inv_temperature: (1.0 / cfg.temperature) as f32,
+        ..Default::default()
+    };
+    // SAFETY: the one buffer at `addr` holds N * V elements of the dtype (checked by the caller) and
+    // is both input and output: each element is loaded and then stored by the same thread, and no
+    // two threads touch one element (kernels/backward.cu). The caller's slice is borrowed mutably
+    // for this whole function; lse, dlogp, targets hold N values.
+    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p)? };
+    if let Some(buf) = device_copy {
+        match logits {
+            GradMut::F32(x) => x.copy_from_slice(&l.download::<f32>(&buf, nv)?),
+            GradMut::F16(x) => x.copy_from_slice(&l.download::<f16>(&buf, nv)?),
+            GradMut::Bf16(x) => x.copy_from_slice(&l.download::<bf16>(&buf, nv)?),
+        }
+    }
+    Ok(())
+}
+
 // -------------------------------------------------------------------------------------------------
 // GPU-resident batches: the caller's device buffers, no copies of the logits
 // -------------------------------------------------------------------------------------------------
