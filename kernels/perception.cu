@@ -18,10 +18,10 @@
  * Each thread streams its share of both rows once, with 16-byte loads where the two rows share an
  * alignment (two loads of each row in flight per thread), and keeps an online-softmax state:
  *
- *     m_a, s_a = sum e^(a_v - m_a), e_a = sum e^(a_v - m_a)(a_v - m_a), w = sum e^(a_v - m_a)(a_v - b_v)
+ *     m_a, s_a = sum e^(a_v - m_a), e_a = sum e^(a_v - m_a)(a_v - m_a), f_b = sum e^(a_v - m_a)(b_v - m_b)
  *     m_b, s_b = sum e^(b_v - m_b)
  *
- * so that lse_a = m_a + log s_a, entropy = log s_a - e_a / s_a and kl = w / s_a - lse_a + lse_b. The
+ * so that lse_a = m_a + log s_a, entropy = log s_a - e_a / s_a and kl = (e_a - f_b) / s_a + log(s_b / s_a). The
  * states are merged across the block in a fixed order (each lane of warp 0 folds kThreads / 32 states,
  * then a butterfly), so the outputs are bit-identical run to run.
  *
@@ -45,9 +45,17 @@ enum : unsigned int {
     kFlagKlInf = 4u       /* some v with a_v finite and b_v = -inf */
 };
 
-/* One thread's (or a merged group's) online-softmax state over part of a row. */
+/*
+ * One thread's (or a merged group's) online-softmax state over part of a row:
+ *   m_a, s_a = sum e^(a_v - m_a), e_a = sum e^(a_v - m_a)(a_v - m_a), f_b = sum e^(a_v - m_a)(b_v - m_b),
+ *   m_b, s_b = sum e^(b_v - m_b).
+ * kl = (e_a - f_b) / s_a + log(s_b / s_a): both sums see the logits centred on their own maximum, so
+ * a masked row that is (nearly) the real row shifted by a constant gives nearly equal terms whose
+ * rounding errors cancel, and kl keeps its relative precision when it is small; the obvious
+ * w / s_a - lse_a + lse_b loses eps * (|lse_a| + |lse_b|) to cancellation instead.
+ */
 struct RowState {
-    float m_a, s_a, e_a, w;
+    float m_a, s_a, e_a, f_b;
     float m_b, s_b;
     unsigned int flags;
 };
@@ -56,7 +64,7 @@ static_assert(sizeof(RowState) == VPPO_PERCEPTION_STATE_BYTES, "RowState changed
 
 __device__ __forceinline__ RowState empty_state() {
     RowState st;
-    st.m_a = -INFINITY; st.s_a = 0.0f; st.e_a = 0.0f; st.w = 0.0f;
+    st.m_a = -INFINITY; st.s_a = 0.0f; st.e_a = 0.0f; st.f_b = 0.0f;
     st.m_b = -INFINITY; st.s_b = 0.0f;
     st.flags = 0u;
     return st;
@@ -64,6 +72,30 @@ __device__ __forceinline__ RowState empty_state() {
 
 /* NaN or +inf: the values SPEC section 7 rejects. -inf is a legal logit. */
 __device__ __forceinline__ bool is_bad(float x) { return !(x <= 3.402823466e38f) && !(x == -INFINITY); }
+
+/* Moves the a-side base of st to m (>= st.m_a): e_a, s_a and f_b are rescaled by e^(m_a - m). */
+__device__ __forceinline__ void rebase_a(RowState &st, float m) {
+    /* With s_a = 0 nothing has been added (and m_a may be -inf, where (m_a - m) * s_a is -inf * 0). */
+    if (st.s_a > 0.0f) {
+        const float d = st.m_a - m;
+        const float f = expf(d);
+        st.e_a = f * (st.e_a + d * st.s_a);
+        st.s_a *= f;
+        st.f_b *= f;
+    }
+    st.m_a = m;
+}
+
+/* Moves the b-side base of st to m (>= st.m_b): s_b is rescaled, f_b shifted by (m_b - m) s_a. Without
+   a finite b so far (s_b = 0), f_b holds no term: every finite a met an infinite b (kl = +inf). */
+__device__ __forceinline__ void rebase_b(RowState &st, float m) {
+    if (st.s_b > 0.0f) {
+        const float d = st.m_b - m;
+        st.f_b += d * st.s_a;
+        st.s_b *= expf(d);
+    }
+    st.m_b = m;
+}
 
 /*
  * Folds K values of each row into the state. The running maxima move once per chunk at most, so the
@@ -78,22 +110,8 @@ __device__ __forceinline__ void fold_chunk(RowState &st, const float *a, const f
         if (is_bad(a[i])) st.flags |= kFlagANonFinite; else ca = fmaxf(ca, a[i]);
         if (is_bad(b[i])) st.flags |= kFlagBNonFinite; else cb = fmaxf(cb, b[i]);
     }
-    if (ca > st.m_a) {
-        /* New maximum: rescale. With s_a = 0 nothing has been added yet (and m_a may be -inf, where
-           (m_a - ca) * s_a would be -inf * 0). */
-        if (st.s_a > 0.0f) {
-            const float d = st.m_a - ca;
-            const float f = expf(d);
-            st.e_a = f * (st.e_a + d * st.s_a);
-            st.s_a *= f;
-            st.w *= f;
-        }
-        st.m_a = ca;
-    }
-    if (cb > st.m_b) {
-        if (st.s_b > 0.0f) st.s_b *= expf(st.m_b - cb);
-        st.m_b = cb;
-    }
+    if (ca > st.m_a) rebase_a(st, ca);
+    if (cb > st.m_b) rebase_b(st, cb);
 #pragma unroll
     for (int i = 0; i < K; ++i) {
         const float av = a[i], bv = b[i];
@@ -102,37 +120,22 @@ __device__ __forceinline__ void fold_chunk(RowState &st, const float *a, const f
             st.s_a += e;
             st.e_a += e * (av - st.m_a);
             if (bv == -INFINITY) st.flags |= kFlagKlInf;
-            else if (!is_bad(bv)) st.w += e * (av - bv);
+            else if (!is_bad(bv)) st.f_b += e * (bv - st.m_b);
         }
         if (bv > -INFINITY && !is_bad(bv)) st.s_b += VPPO_EXP(bv - st.m_b);
     }
 }
 
 /* Merges state o into st (associative up to rounding; the order of merges is fixed by the caller). */
-__device__ __forceinline__ void merge(RowState &st, const RowState &o) {
+__device__ __forceinline__ void merge(RowState &st, RowState o) {
     st.flags |= o.flags;
-    if (o.s_a > 0.0f) {
-        if (st.s_a > 0.0f) {
-            const float m = fmaxf(st.m_a, o.m_a);
-            const float d1 = st.m_a - m, d2 = o.m_a - m;
-            const float f1 = expf(d1), f2 = expf(d2);
-            st.e_a = f1 * (st.e_a + d1 * st.s_a) + f2 * (o.e_a + d2 * o.s_a);
-            st.s_a = f1 * st.s_a + f2 * o.s_a;
-            st.w = f1 * st.w + f2 * o.w;
-            st.m_a = m;
-        } else {
-            st.m_a = o.m_a; st.s_a = o.s_a; st.e_a = o.e_a; st.w = o.w;
-        }
-    }
-    if (o.s_b > 0.0f) {
-        if (st.s_b > 0.0f) {
-            const float m = fmaxf(st.m_b, o.m_b);
-            st.s_b = expf(st.m_b - m) * st.s_b + expf(o.m_b - m) * o.s_b;
-            st.m_b = m;
-        } else {
-            st.m_b = o.m_b; st.s_b = o.s_b;
-        }
-    }
+    /* Common bases first (f_b depends on both), then add. */
+    if (o.m_b > st.m_b) rebase_b(st, o.m_b); else if (st.m_b > o.m_b) rebase_b(o, st.m_b);
+    if (o.m_a > st.m_a) rebase_a(st, o.m_a); else if (st.m_a > o.m_a) rebase_a(o, st.m_a);
+    st.s_a += o.s_a;
+    st.e_a += o.e_a;
+    st.f_b += o.f_b;
+    st.s_b += o.s_b;
 }
 
 __device__ __forceinline__ RowState shfl_xor_state(const RowState &st, int off) {
@@ -140,7 +143,7 @@ __device__ __forceinline__ RowState shfl_xor_state(const RowState &st, int off) 
     o.m_a = __shfl_xor_sync(VPPO_FULL_MASK, st.m_a, off);
     o.s_a = __shfl_xor_sync(VPPO_FULL_MASK, st.s_a, off);
     o.e_a = __shfl_xor_sync(VPPO_FULL_MASK, st.e_a, off);
-    o.w = __shfl_xor_sync(VPPO_FULL_MASK, st.w, off);
+    o.f_b = __shfl_xor_sync(VPPO_FULL_MASK, st.f_b, off);
     o.m_b = __shfl_xor_sync(VPPO_FULL_MASK, st.m_b, off);
     o.s_b = __shfl_xor_sync(VPPO_FULL_MASK, st.s_b, off);
     o.flags = (unsigned int)__shfl_xor_sync(VPPO_FULL_MASK, (int)st.flags, off);
@@ -253,7 +256,9 @@ __device__ void perception(const VppoPerceptionParams &p) {
                 const float logp = ay - lse_a;
                 const float logp_masked = by - lse_b; /* -inf when b_y = -inf: allowed */
                 /* KL >= 0; the rounding of the last subtraction can make a near-zero value negative. */
-                const float kl = (st.flags & kFlagKlInf) ? INFINITY : fmaxf(st.w / st.s_a - lse_a + lse_b, 0.0f);
+                /* log(s_b / s_a) as log1p((s_b - s_a) / s_a): exact subtraction when the sums are close */
+                const float kl_sum = (st.e_a - st.f_b) / st.s_a + log1pf((st.s_b - st.s_a) / st.s_a);
+                const float kl = (st.flags & kFlagKlInf) ? INFINITY : fmaxf(kl_sum, 0.0f);
                 /* k3 in double: exp(d) - d - 1 cancels for small d, and it is one exp per token. */
                 const double d = fmin(fmax((double)logp_masked - (double)p.old_logp[t], -20.0), 20.0);
                 const float k3 = (float)(expm1(d) - d);
