@@ -52,7 +52,8 @@ typedef enum VppoErrorCode {
     VPPO_ERR_LOGITS_ALL_NEG_INF = 3,     /* logits row t is all -inf */
     VPPO_ERR_TARGET_NEG_INF = 4,         /* logits[t, targets[t]] = -inf */
     VPPO_ERR_MASKED_NONFINITE = 5,       /* NaN or +inf in logits_masked row t */
-    VPPO_ERR_MASKED_ALL_NEG_INF = 6      /* logits_masked row t is all -inf */
+    VPPO_ERR_MASKED_ALL_NEG_INF = 6,     /* logits_masked row t is all -inf */
+    VPPO_ERR_LOGITS_OVERFLOW = 7         /* finite logits so far apart (|a - b| > 3.4e38) that f32 overflows */
 } VppoErrorCode;
 
 /*

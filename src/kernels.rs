@@ -414,6 +414,10 @@ fn status_error(
             tensor: Tensor::LogitsMasked,
             row,
         },
+        c if c == C::VPPO_ERR_LOGITS_OVERFLOW as u32 => VppoError::Kernel(format!(
+            "logits row {row}: finite logits so far apart (beyond 3.4e38 after dividing by the \
+             temperature) that f32 arithmetic overflows"
+        )),
         other => VppoError::Kernel(format!(
             "perception kernel reported unknown code {other} at row {row}"
         )),

@@ -44,6 +44,7 @@ pub enum VppoErrorCode {
     VPPO_ERR_TARGET_NEG_INF = 4,
     VPPO_ERR_MASKED_NONFINITE = 5,
     VPPO_ERR_MASKED_ALL_NEG_INF = 6,
+    VPPO_ERR_LOGITS_OVERFLOW = 7,
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
