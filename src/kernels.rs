@@ -1011,6 +1011,12 @@ impl DeviceLogitsMut<'_> {
 }
 
 /// A packed batch (SPEC section 1) whose tensors live on the GPU, borrowed from the caller.
+///
+/// Streams: vppo runs its kernels on its own stream of the GPU's context. Before it reads or writes
+/// a caller's buffer it waits for the work already queued on that buffer's stream (so logits still
+/// being written are not read early), and every call synchronizes before it returns. Every buffer
+/// must belong to the same context as the `Vppo`'s GPU (`vppo::cuda::Gpu::context`); a buffer of
+/// another context is an error, not a launch.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceBatch<'a> {
     /// [N, V] logits given the real image.
@@ -1060,6 +1066,56 @@ fn download_small<T: cudarc::driver::DeviceRepr + Default + Clone>(
     gpu.download(s)
 }
 
+/// Where a caller's buffer lives: its context and the stream its pending work is queued on.
+type Residence<'a> = (
+    Tensor,
+    &'a Arc<cudarc::driver::CudaContext>,
+    &'a Arc<cudarc::driver::CudaStream>,
+);
+
+fn residence<T>(tensor: Tensor, s: &CudaSlice<T>) -> Residence<'_> {
+    (tensor, s.context(), s.stream())
+}
+
+impl DeviceLogits<'_> {
+    fn residence(&self, tensor: Tensor) -> Residence<'_> {
+        on_slice!(self, s => residence(tensor, s))
+    }
+}
+
+impl DeviceLogitsMut<'_> {
+    fn residence(&self, tensor: Tensor) -> Residence<'_> {
+        on_slice_mut!(self, s => residence(tensor, s))
+    }
+}
+
+/// Checks that every caller buffer lives in this GPU's context, and orders this GPU's stream after
+/// the work already queued on the buffers' own streams (an event recorded there, waited for here):
+/// logits still being written on the caller's stream are not read early, and a gradient buffer still
+/// being read there is not overwritten early. Our work is synchronized before the API returns.
+fn join_caller_streams(gpu: &Gpu, buffers: &[Residence]) -> Result<()> {
+    for (tensor, ctx, stream) in buffers {
+        if ***ctx != **gpu.context() {
+            return Err(VppoError::Shape {
+                tensor: *tensor,
+                detail: format!(
+                    "lives on GPU {} (another CUDA context), this Vppo runs on GPU {}",
+                    ctx.ordinal(),
+                    gpu.ordinal()
+                ),
+            });
+        }
+        if !Arc::ptr_eq(stream, gpu.stream()) {
+            let err = |e: cudarc::driver::DriverError| {
+                VppoError::Cuda(format!("ordering after the stream of {tensor}: {e:?}"))
+            };
+            let event = stream.record_event(None).map_err(err)?;
+            gpu.stream().wait(&event).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
 /// The forward pass on the caller's device buffers. The O(N + B) tensors (targets, old_logp,
 /// advantages, cu_seqlens) are copied back once and validated on the host before any launch; the
 /// logits are only read by the perception kernel.
@@ -1069,6 +1125,17 @@ pub fn forward_device(
     cfg: &VppoConfig,
 ) -> Result<DeviceForward> {
     cfg.validate()?;
+    join_caller_streams(
+        gpu,
+        &[
+            batch.logits.residence(Tensor::Logits),
+            batch.logits_masked.residence(Tensor::LogitsMasked),
+            residence(Tensor::Targets, batch.targets),
+            residence(Tensor::OldLogp, batch.old_logp),
+            residence(Tensor::Advantages, batch.advantages),
+            residence(Tensor::CuSeqlens, batch.cu_seqlens),
+        ],
+    )?;
     let targets = download_small(gpu, batch.targets)?;
     let old_logp = download_small(gpu, batch.old_logp)?;
     let advantages = download_small(gpu, batch.advantages)?;
@@ -1152,6 +1219,7 @@ fn backward_device_raw(
     fwd: &DeviceForward,
     logits_addr: u64,
     logits_len: usize,
+    logits_residence: Residence,
     targets: &CudaSlice<i32>,
     grad: &DeviceLogitsMut,
     cfg: &VppoConfig,
@@ -1177,6 +1245,14 @@ fn backward_device_raw(
     }
     let Some(ws) = &fwd.ws else { return Ok(()) };
     let gpu = &fwd.gpu;
+    join_caller_streams(
+        gpu,
+        &[
+            logits_residence,
+            residence(Tensor::Targets, targets),
+            grad.residence(Tensor::GradLogits),
+        ],
+    )?;
     let l = Launcher::Cuda(gpu.clone());
     let kernel = backward_kernel(fwd.dtype, grad.dtype())?;
     let p = VppoBackwardParams {
@@ -1214,6 +1290,7 @@ pub fn backward_device(
         fwd,
         batch.logits.addr(&fwd.gpu),
         batch.logits.len(),
+        batch.logits.residence(Tensor::Logits),
         batch.targets,
         &grad,
         cfg,
@@ -1236,5 +1313,13 @@ pub fn backward_device_in_place(
         });
     }
     let addr = logits.addr(&fwd.gpu);
-    backward_device_raw(fwd, addr, logits.len(), targets, &logits, cfg)
+    backward_device_raw(
+        fwd,
+        addr,
+        logits.len(),
+        logits.residence(Tensor::Logits),
+        targets,
+        &logits,
+        cfg,
+    )
 }
