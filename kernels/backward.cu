@@ -22,9 +22,11 @@
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = VPPO_BACKWARD_THREADS;
 
-/* Stores K f32 values as K elements of O at a 16-byte-aligned address. */
+/* Stores K f32 values as K elements of O at a 16-byte-aligned address. __stcs, not a plain store:
+   nvcc 13 split `*(uint4 *)p = v` here into four 32-bit stores (seen in the PTX), and the gradient is
+   written once and not read again by this kernel, which is what the streaming hint is for. */
 template <typename O, int K> struct VecStore;
 
 template <int K> struct VecStore<float, K> {
@@ -32,8 +34,8 @@ template <int K> struct VecStore<float, K> {
         uint4 *d = reinterpret_cast<uint4 *>(dst);
 #pragma unroll
         for (int j = 0; j < K / 4; ++j) {
-            d[j] = make_uint4(__float_as_uint(v[4 * j]), __float_as_uint(v[4 * j + 1]),
-                              __float_as_uint(v[4 * j + 2]), __float_as_uint(v[4 * j + 3]));
+            __stcs(d + j, make_uint4(__float_as_uint(v[4 * j]), __float_as_uint(v[4 * j + 1]),
+                                     __float_as_uint(v[4 * j + 2]), __float_as_uint(v[4 * j + 3])));
         }
     }
 };
@@ -46,8 +48,8 @@ template <typename O> struct VecStore16 {
         return bits16(Elt<O>::from_f32(lo)) | (bits16(Elt<O>::from_f32(hi)) << 16);
     }
     static __device__ __forceinline__ void store(O *dst, const float *v) {
-        *reinterpret_cast<uint4 *>(dst) =
-            make_uint4(pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7]));
+        __stcs(reinterpret_cast<uint4 *>(dst),
+               make_uint4(pair(v[0], v[1]), pair(v[2], v[3]), pair(v[4], v[5]), pair(v[6], v[7])));
     }
 };
 template <> struct VecStore<__nv_bfloat16, 8> : VecStore16<__nv_bfloat16> {};

@@ -20,14 +20,16 @@
 #define VPPO_FULL_MASK 0xffffffffu
 
 /*
- * The per-element exponential of the softmax passes. VPPO_MUTANT builds a deliberately wrong variant
+ * The per-element exponentials of the softmax passes. VPPO_MUTANT builds a deliberately wrong variant
  * (every exp times 1.001) under other kernel names, for the SIMT executor only: the kernel tests must
  * catch it (tests/kernels.rs, `mutant_is_caught`), which shows their tolerances can fail.
  */
 #ifdef VPPO_MUTANT
 #define VPPO_EXP(x) (expf(x) * 1.001f)
+#define VPPO_EXP2(x) (exp2f(x) * 1.001f)
 #else
 #define VPPO_EXP(x) expf(x)
+#define VPPO_EXP2(x) exp2f(x)
 #endif
 
 /* ------------------------------------------------------------------------------------------------ */

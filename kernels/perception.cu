@@ -18,10 +18,10 @@
  * Each thread streams its share of both rows once, with 16-byte loads where the two rows share an
  * alignment (two loads of each row in flight per thread), and keeps an online-softmax state:
  *
- *     m_a, s_a = sum e^(a_v - m_a), e_a = sum e^(a_v - m_a)(a_v - m_a), w = sum e^(a_v - m_a)(a_v - b_v)
+ *     m_a, s_a = sum e^(a_v - m_a), e_a = sum e^(a_v - m_a)(a_v - m_a), f_b = sum e^(a_v - m_a)(b_v - m_b)
  *     m_b, s_b = sum e^(b_v - m_b)
  *
- * so that lse_a = m_a + log s_a, entropy = log s_a - e_a / s_a and kl = w / s_a - lse_a + lse_b. The
+ * so that lse_a = m_a + log s_a, entropy = log s_a - e_a / s_a and kl = (e_a - f_b) / s_a + log(s_b / s_a). The
  * states are merged across the block in a fixed order (each lane of warp 0 folds kThreads / 32 states,
  * then a butterfly), so the outputs are bit-identical run to run.
  *
@@ -37,100 +37,106 @@
 
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = VPPO_PERCEPTION_THREADS;
 
 enum : unsigned int {
-    kFlagANonFinite = 1u, /* NaN or +inf in a */
-    kFlagBNonFinite = 2u, /* NaN or +inf in b */
-    kFlagKlInf = 4u       /* some v with a_v finite and b_v = -inf */
+    kFlagKlInf = 1u /* some v with a_v > -inf and b_v = -inf: kl = +inf */
 };
 
-/* One thread's (or a merged group's) online-softmax state over part of a row. */
+/*
+ * One thread's (or a merged group's) online-softmax state over part of a row, in raw logit units (the
+ * 1 / tau is applied once per row, in the epilogue, not per element):
+ *   m_a = max a_v,  s_a = sum e_v,  e_a = sum e_v (a_v - m_a),  f_b = sum e_v (b_v - m_b),
+ *   m_b = max b_v,  s_b = sum 2^((b_v - m_b) k),     with e_v = 2^((a_v - m_a) k), k = log2(e) / tau.
+ * Then lse_a = m_a / tau + log s_a, entropy = log s_a - e_a / (tau s_a) and
+ * kl = (e_a - f_b) / (tau s_a) + log(s_b / s_a). Both sums see the logits centred on their own maximum,
+ * so a masked row that is (nearly) the real row shifted by a constant gives nearly equal terms whose
+ * rounding errors cancel: kl keeps its relative precision when it is small, where the textbook
+ * w / s_a - lse_a + lse_b loses eps * (|lse_a| + |lse_b|) to cancellation (tests/kernels.rs,
+ * small_kl_keeps_relative_precision).
+ *
+ * No per-element validity tests: a NaN or +inf makes s_a (or s_b) NaN, an all -inf row leaves it 0, and
+ * the epilogue classifies the row from the merged state. That and exp2f keep the loop at about 20
+ * instructions per (a, b) pair, below what 3 TB/s of bf16 pairs leaves per SM and clock.
+ */
 struct RowState {
-    float m_a, s_a, e_a, w;
+    float m_a, s_a, e_a, f_b;
     float m_b, s_b;
     unsigned int flags;
 };
 
+static_assert(sizeof(RowState) == VPPO_PERCEPTION_STATE_BYTES, "RowState changed: update vppo_params.h");
+
 __device__ __forceinline__ RowState empty_state() {
     RowState st;
-    st.m_a = -INFINITY; st.s_a = 0.0f; st.e_a = 0.0f; st.w = 0.0f;
+    st.m_a = -INFINITY; st.s_a = 0.0f; st.e_a = 0.0f; st.f_b = 0.0f;
     st.m_b = -INFINITY; st.s_b = 0.0f;
     st.flags = 0u;
     return st;
 }
 
-/* NaN or +inf: the values SPEC section 7 rejects. -inf is a legal logit. */
-__device__ __forceinline__ bool is_bad(float x) { return !(x <= 3.402823466e38f) && !(x == -INFINITY); }
+/* Moves the a-side base of st to m (> st.m_a): e_a, s_a and f_b are rescaled by 2^((m_a - m) k). */
+__device__ __forceinline__ void rebase_a(RowState &st, float m, float k) {
+    /* With s_a = 0 nothing has been added (and m_a may be -inf, where (m_a - m) * s_a is -inf * 0). */
+    if (st.s_a > 0.0f) {
+        const float d = st.m_a - m;
+        const float f = exp2f(d * k);
+        st.e_a = f * (st.e_a + d * st.s_a);
+        st.s_a *= f;
+        st.f_b *= f;
+    }
+    st.m_a = m;
+}
 
-/*
- * Folds K values of each row into the state. The running maxima move once per chunk at most, so the
- * rescaling exp is paid per chunk, not per element. Bad values are flagged and then ignored (the row
- * is an error; ignoring them keeps the arithmetic free of NaN).
- */
+/* Moves the b-side base of st to m (> st.m_b): s_b is rescaled, f_b shifted by (m_b - m) s_a. Without
+   a finite b so far (s_b = 0), f_b holds no term: every finite a met an infinite b (kl = +inf). */
+__device__ __forceinline__ void rebase_b(RowState &st, float m, float k) {
+    if (st.s_b > 0.0f) {
+        const float d = st.m_b - m;
+        st.f_b += d * st.s_a;
+        st.s_b *= exp2f(d * k);
+    }
+    st.m_b = m;
+}
+
+/* Folds K values of each row into the state; the maxima move once per chunk at most. */
 template <int K>
-__device__ __forceinline__ void fold_chunk(RowState &st, const float *a, const float *b) {
-    float ca = -INFINITY, cb = -INFINITY;
+__device__ __forceinline__ void fold_chunk(RowState &st, const float *a, const float *b, float k) {
+    float ca = a[0], cb = b[0];
+#pragma unroll
+    for (int i = 1; i < K; ++i) {
+        ca = fmaxf(ca, a[i]);
+        cb = fmaxf(cb, b[i]);
+    }
+    if (ca > st.m_a) rebase_a(st, ca, k);
+    if (cb > st.m_b) rebase_b(st, cb, k);
 #pragma unroll
     for (int i = 0; i < K; ++i) {
-        if (is_bad(a[i])) st.flags |= kFlagANonFinite; else ca = fmaxf(ca, a[i]);
-        if (is_bad(b[i])) st.flags |= kFlagBNonFinite; else cb = fmaxf(cb, b[i]);
-    }
-    if (ca > st.m_a) {
-        /* New maximum: rescale. With s_a = 0 nothing has been added yet (and m_a may be -inf, where
-           (m_a - ca) * s_a would be -inf * 0). */
-        if (st.s_a > 0.0f) {
-            const float d = st.m_a - ca;
-            const float f = expf(d);
-            st.e_a = f * (st.e_a + d * st.s_a);
-            st.s_a *= f;
-            st.w *= f;
-        }
-        st.m_a = ca;
-    }
-    if (cb > st.m_b) {
-        if (st.s_b > 0.0f) st.s_b *= expf(st.m_b - cb);
-        st.m_b = cb;
-    }
-#pragma unroll
-    for (int i = 0; i < K; ++i) {
-        const float av = a[i], bv = b[i];
-        if (av > -INFINITY && !is_bad(av)) {
-            const float e = VPPO_EXP(av - st.m_a);
-            st.s_a += e;
-            st.e_a += e * (av - st.m_a);
-            if (bv == -INFINITY) st.flags |= kFlagKlInf;
-            else if (!is_bad(bv)) st.w += e * (av - bv);
-        }
-        if (bv > -INFINITY && !is_bad(bv)) st.s_b += VPPO_EXP(bv - st.m_b);
+        /* -inf terms have p = 0 and add exactly nothing (never 0 * inf); NaN and +inf fall through
+           and poison s_a or s_b, which the epilogue reports. */
+        const bool a_in = a[i] != -INFINITY, b_in = b[i] != -INFINITY;
+        const float da = a_in ? a[i] - st.m_a : 0.0f;
+        const float db = b_in ? b[i] - st.m_b : 0.0f;
+        const float ea = a_in ? VPPO_EXP2(da * k) : 0.0f;
+        const float eb = b_in ? VPPO_EXP2(db * k) : 0.0f;
+        st.s_a += ea;
+        st.e_a += ea * da;
+        st.f_b += ea * db;
+        st.s_b += eb;
+        st.flags |= (a_in && !b_in) ? kFlagKlInf : 0u;
     }
 }
 
 /* Merges state o into st (associative up to rounding; the order of merges is fixed by the caller). */
-__device__ __forceinline__ void merge(RowState &st, const RowState &o) {
+__device__ __forceinline__ void merge(RowState &st, RowState o, float k) {
     st.flags |= o.flags;
-    if (o.s_a > 0.0f) {
-        if (st.s_a > 0.0f) {
-            const float m = fmaxf(st.m_a, o.m_a);
-            const float d1 = st.m_a - m, d2 = o.m_a - m;
-            const float f1 = expf(d1), f2 = expf(d2);
-            st.e_a = f1 * (st.e_a + d1 * st.s_a) + f2 * (o.e_a + d2 * o.s_a);
-            st.s_a = f1 * st.s_a + f2 * o.s_a;
-            st.w = f1 * st.w + f2 * o.w;
-            st.m_a = m;
-        } else {
-            st.m_a = o.m_a; st.s_a = o.s_a; st.e_a = o.e_a; st.w = o.w;
-        }
-    }
-    if (o.s_b > 0.0f) {
-        if (st.s_b > 0.0f) {
-            const float m = fmaxf(st.m_b, o.m_b);
-            st.s_b = expf(st.m_b - m) * st.s_b + expf(o.m_b - m) * o.s_b;
-            st.m_b = m;
-        } else {
-            st.m_b = o.m_b; st.s_b = o.s_b;
-        }
-    }
+    /* Common bases first (f_b depends on both), then add. */
+    if (o.m_b > st.m_b) rebase_b(st, o.m_b, k); else if (st.m_b > o.m_b) rebase_b(o, st.m_b, k);
+    if (o.m_a > st.m_a) rebase_a(st, o.m_a, k); else if (st.m_a > o.m_a) rebase_a(o, st.m_a, k);
+    st.s_a += o.s_a;
+    st.e_a += o.e_a;
+    st.f_b += o.f_b;
+    st.s_b += o.s_b;
 }
 
 __device__ __forceinline__ RowState shfl_xor_state(const RowState &st, int off) {
@@ -138,10 +144,10 @@ __device__ __forceinline__ RowState shfl_xor_state(const RowState &st, int off) 
     o.m_a = __shfl_xor_sync(VPPO_FULL_MASK, st.m_a, off);
     o.s_a = __shfl_xor_sync(VPPO_FULL_MASK, st.s_a, off);
     o.e_a = __shfl_xor_sync(VPPO_FULL_MASK, st.e_a, off);
-    o.w = __shfl_xor_sync(VPPO_FULL_MASK, st.w, off);
+    o.f_b = __shfl_xor_sync(VPPO_FULL_MASK, st.f_b, off);
     o.m_b = __shfl_xor_sync(VPPO_FULL_MASK, st.m_b, off);
     o.s_b = __shfl_xor_sync(VPPO_FULL_MASK, st.s_b, off);
-    o.flags = (unsigned int)__shfl_xor_sync(VPPO_FULL_MASK, (int)st.flags, off);
+    o.flags = __shfl_xor_sync(VPPO_FULL_MASK, st.flags, off);
     return o;
 }
 
@@ -151,7 +157,7 @@ __device__ __forceinline__ void report(long long *status, int64_t row, int code)
 
 /* Streams row t of both tensors into this thread's state. */
 template <typename T>
-__device__ __forceinline__ RowState stream_row(const T *ra, const T *rb, int64_t vocab, float inv_tau) {
+__device__ __forceinline__ RowState stream_row(const T *ra, const T *rb, int64_t vocab, float k) {
     constexpr int K = Elt<T>::kPerVec;
     RowState st = empty_state();
     RowSplit sp = split_row(ra, vocab);
@@ -163,8 +169,8 @@ __device__ __forceinline__ RowState stream_row(const T *ra, const T *rb, int64_t
     const int64_t tid = threadIdx.x, nth = blockDim.x;
 
     for (int64_t v = tid; v < sp.head; v += nth) {
-        const float a = Elt<T>::load(ra + v) * inv_tau, b = Elt<T>::load(rb + v) * inv_tau;
-        fold_chunk<1>(st, &a, &b);
+        const float a = Elt<T>::load(ra + v), b = Elt<T>::load(rb + v);
+        fold_chunk<1>(st, &a, &b, k);
     }
 
     const uint4 *va = reinterpret_cast<const uint4 *>(ra + sp.head);
@@ -178,21 +184,17 @@ __device__ __forceinline__ RowState stream_row(const T *ra, const T *rb, int64_t
         float a[K], b[K];
         Elt<T>::unpack(xa0, a);
         Elt<T>::unpack(xb0, b);
-#pragma unroll
-        for (int k = 0; k < K; ++k) { a[k] *= inv_tau; b[k] *= inv_tau; }
-        fold_chunk<K>(st, a, b);
+        fold_chunk<K>(st, a, b, k);
         if (second) {
             Elt<T>::unpack(xa1, a);
             Elt<T>::unpack(xb1, b);
-#pragma unroll
-            for (int k = 0; k < K; ++k) { a[k] *= inv_tau; b[k] *= inv_tau; }
-            fold_chunk<K>(st, a, b);
+            fold_chunk<K>(st, a, b, k);
         }
     }
 
     for (int64_t v = sp.head + sp.nvec * K + tid; v < vocab; v += nth) {
-        const float a = Elt<T>::load(ra + v) * inv_tau, b = Elt<T>::load(rb + v) * inv_tau;
-        fold_chunk<1>(st, &a, &b);
+        const float a = Elt<T>::load(ra + v), b = Elt<T>::load(rb + v);
+        fold_chunk<1>(st, &a, &b, k);
     }
     return st;
 }
@@ -201,15 +203,15 @@ __device__ __forceinline__ RowState stream_row(const T *ra, const T *rb, int64_t
  * Merges the block's states; the result is valid in warp 0. `smem` holds blockDim.x states. Order:
  * lane l of warp 0 folds the states of threads l, l + 32, l + 64, ... in that order, then a butterfly.
  */
-__device__ __forceinline__ RowState block_merge(const RowState &mine, RowState *smem) {
+__device__ __forceinline__ RowState block_merge(const RowState &mine, RowState *smem, float k) {
     smem[threadIdx.x] = mine;
     __syncthreads();
     RowState st = empty_state();
     if (threadIdx.x < 32) {
-        for (unsigned int j = threadIdx.x; j < blockDim.x; j += 32) merge(st, smem[j]);
+        for (unsigned int j = threadIdx.x; j < blockDim.x; j += 32) merge(st, smem[j], k);
         for (int off = 16; off > 0; off >>= 1) {
             const RowState o = shfl_xor_state(st, off);
-            merge(st, o);
+            merge(st, o, k);
         }
     }
     return st;
@@ -230,28 +232,35 @@ __device__ void perception(const VppoPerceptionParams &p) {
         }
         const T *ra = logits + t * vocab; /* 64-bit: t * vocab passes 2^31 */
         const T *rb = logits_masked + t * vocab;
-        const RowState mine = stream_row(ra, rb, vocab, p.inv_temperature);
-        const RowState st = block_merge(mine, smem);
+        const float inv_tau = p.inv_temperature;
+        const float k = inv_tau * 1.4426950408889634f; /* log2(e) / tau */
+        const RowState mine = stream_row(ra, rb, vocab, k);
+        const RowState st = block_merge(mine, smem, k);
 
         if (threadIdx.x == 0) {
-            const float ay = Elt<T>::load(ra + y) * p.inv_temperature;
-            const float by = Elt<T>::load(rb + y) * p.inv_temperature;
+            const float ay = Elt<T>::load(ra + y), by = Elt<T>::load(rb + y);
+            /* s_a is NaN after a NaN or +inf, 0 for an all -inf row (and lies in [1, V] otherwise). */
             int code = VPPO_ERR_NONE;
-            if (st.flags & kFlagANonFinite) code = VPPO_ERR_LOGITS_NONFINITE;
+            if (!(st.s_a == st.s_a)) code = VPPO_ERR_LOGITS_NONFINITE;
             else if (!(st.s_a > 0.0f)) code = VPPO_ERR_LOGITS_ALL_NEG_INF;
             else if (ay == -INFINITY) code = VPPO_ERR_TARGET_NEG_INF;
-            else if (st.flags & kFlagBNonFinite) code = VPPO_ERR_MASKED_NONFINITE;
+            else if (!(st.s_b == st.s_b)) code = VPPO_ERR_MASKED_NONFINITE;
             else if (!(st.s_b > 0.0f)) code = VPPO_ERR_MASKED_ALL_NEG_INF;
+            else if (!isfinite(st.e_a) || !isfinite(st.f_b)) code = VPPO_ERR_LOGITS_OVERFLOW;
             if (code != VPPO_ERR_NONE) {
                 report(p.status, t, code);
             } else {
-                const float log_sa = logf(st.s_a);
-                const float lse_a = st.m_a + log_sa;
-                const float lse_b = st.m_b + logf(st.s_b);
-                const float logp = ay - lse_a;
-                const float logp_masked = by - lse_b; /* -inf when b_y = -inf: allowed */
-                /* KL >= 0; the rounding of the last subtraction can make a near-zero value negative. */
-                const float kl = (st.flags & kFlagKlInf) ? INFINITY : fmaxf(st.w / st.s_a - lse_a + lse_b, 0.0f);
+                const float log_sa = logf(st.s_a), log_sb = logf(st.s_b);
+                const float lse_a = st.m_a * inv_tau + log_sa;
+                const float lse_b = st.m_b * inv_tau + log_sb;
+                /* centred as well: (a_y - m_a) / tau is exact-ish where a_y / tau - lse_a is not */
+                const float logp = (ay - st.m_a) * inv_tau - log_sa;
+                const float logp_masked = by == -INFINITY ? -INFINITY : (by - st.m_b) * inv_tau - log_sb;
+                const float e_nat = st.e_a * inv_tau, f_nat = st.f_b * inv_tau;
+                /* log(s_b / s_a) as log1p((s_b - s_a) / s_a): exact subtraction when the sums are close;
+                   KL >= 0, and the rounding can leave a near-zero value negative. */
+                const float kl_sum = (e_nat - f_nat) / st.s_a + log1pf((st.s_b - st.s_a) / st.s_a);
+                const float kl = (st.flags & kFlagKlInf) ? INFINITY : fmaxf(kl_sum, 0.0f);
                 /* k3 in double: exp(d) - d - 1 cancels for small d, and it is one exp per token. */
                 const double d = fmin(fmax((double)logp_masked - (double)p.old_logp[t], -20.0), 20.0);
                 const float k3 = (float)(expm1(d) - d);
@@ -264,7 +273,7 @@ __device__ void perception(const VppoPerceptionParams &p) {
                 p.logp_masked[t] = logp_masked;
                 p.kl[t] = kl;
                 p.k3[t] = k3;
-                p.entropy[t] = log_sa - st.e_a / st.s_a;
+                p.entropy[t] = log_sa - e_nat / st.s_a;
                 p.score[t] = score;
             }
         }

@@ -28,8 +28,8 @@
 
 namespace {
 
-constexpr int kSelectThreads = 256;
-constexpr int kLossThreads = 512; /* 1024 caps registers at 64 and spilled (nvcc 13.0, sm_90) */
+constexpr int kSelectThreads = VPPO_SELECT_THREADS;
+constexpr int kLossThreads = VPPO_LOSS_THREADS;
 constexpr int kMaxWarps = 32;
 
 /* Shared memory of vppo_select: per-warp bin counts, the scan of warp totals, the select state. */
@@ -40,6 +40,7 @@ struct SelectShared {
     unsigned int prefix;
     int remaining;
 };
+static_assert(sizeof(SelectShared) == VPPO_SELECT_SHARED_BYTES, "SelectShared changed: update vppo_params.h");
 
 __device__ __forceinline__ int64_t topk_count(int64_t len, uint64_t num, uint64_t den) {
     const unsigned __int128 prod = (unsigned __int128)num * (unsigned __int128)len;
@@ -155,6 +156,7 @@ struct LossShared {
     long long i[kMaxWarps];
     float f[kMaxWarps];
 };
+static_assert(sizeof(LossShared) == VPPO_LOSS_SHARED_BYTES, "LossShared changed: update vppo_params.h");
 
 /* Response of token t: the largest b with cu_seqlens[b] <= t (empty responses are skipped over). */
 __device__ __forceinline__ int64_t response_of(const int32_t *cu, int64_t n_resp, int64_t t) {

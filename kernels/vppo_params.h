@@ -52,8 +52,21 @@ typedef enum VppoErrorCode {
     VPPO_ERR_LOGITS_ALL_NEG_INF = 3,     /* logits row t is all -inf */
     VPPO_ERR_TARGET_NEG_INF = 4,         /* logits[t, targets[t]] = -inf */
     VPPO_ERR_MASKED_NONFINITE = 5,       /* NaN or +inf in logits_masked row t */
-    VPPO_ERR_MASKED_ALL_NEG_INF = 6      /* logits_masked row t is all -inf */
+    VPPO_ERR_MASKED_ALL_NEG_INF = 6,     /* logits_masked row t is all -inf */
+    VPPO_ERR_LOGITS_OVERFLOW = 7         /* finite logits so far apart (|a - b| > 3.4e38) that f32 overflows */
 } VppoErrorCode;
+
+/*
+ * Launch configuration, shared by the kernels (__launch_bounds__, static_asserts on the shared
+ * structs) and the Rust launcher, so the two cannot disagree.
+ */
+#define VPPO_PERCEPTION_THREADS 256      /* threads per row of pass 1 */
+#define VPPO_PERCEPTION_STATE_BYTES 28   /* sizeof(RowState): dynamic smem = threads * this */
+#define VPPO_SELECT_THREADS 256          /* threads per response of vppo_select */
+#define VPPO_SELECT_SHARED_BYTES 2440    /* sizeof(SelectShared) */
+#define VPPO_LOSS_THREADS 512            /* the one block of vppo_loss (1024 spilled on sm_90) */
+#define VPPO_LOSS_SHARED_BYTES 640       /* sizeof(LossShared) */
+#define VPPO_BACKWARD_THREADS 256        /* threads per row of pass 3 */
 
 /* "No error" value of the status word: every real report (row << 8 | code) is smaller. */
 #define VPPO_STATUS_CLEAR 0x7fffffffffffffffLL

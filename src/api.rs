@@ -202,6 +202,78 @@ impl Vppo {
         }
     }
 
+    /// dloss/dlogits written IN PLACE over the logits the forward read: pass them as `logits`
+    /// (`GradMut` of the logits dtype, [N, V]); afterwards that buffer holds the gradient and no
+    /// longer the logits. `targets` and `out` are the forward's. Saves the [N, V] gradient buffer;
+    /// use it only where nothing reads those logits again.
+    pub fn backward_in_place(
+        &self,
+        logits: GradMut,
+        vocab: usize,
+        targets: &[i32],
+        out: &VppoOutput,
+    ) -> Result<()> {
+        let n = targets.len();
+        if logits.len() != n * vocab {
+            return Err(VppoError::Shape {
+                tensor: Tensor::Logits,
+                detail: format!(
+                    "has {} elements, expected N * V = {n} * {vocab}",
+                    logits.len()
+                ),
+            });
+        }
+        if out.tokens.lse.len() != n || out.tokens.dlogp.len() != n {
+            return Err(VppoError::Shape {
+                tensor: Tensor::Targets,
+                detail: format!(
+                    "the forward output is for {} tokens, targets has {n}",
+                    out.tokens.dlogp.len()
+                ),
+            });
+        }
+        if let Some((row, &y)) = targets
+            .iter()
+            .enumerate()
+            .find(|(_, &y)| y < 0 || y as usize >= vocab)
+        {
+            return Err(VppoError::TargetOutOfRange {
+                row,
+                target: y,
+                vocab,
+            });
+        }
+        match self.device {
+            Device::Reference => {
+                // The reference writes from f64: widen the logits first, then overwrite them.
+                let widened: Vec<f32> = match &logits {
+                    GradMut::F32(x) => x.to_vec(),
+                    GradMut::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
+                    GradMut::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
+                };
+                let lse: Vec<f64> = out.tokens.lse.iter().map(|&x| x as f64).collect();
+                let dlogp: Vec<f64> = out.tokens.dlogp.iter().map(|&x| x as f64).collect();
+                crate::reference::backward::grad_logits(
+                    crate::batch::Logits::F32(&widened),
+                    vocab,
+                    targets,
+                    &lse,
+                    &dlogp,
+                    self.config.temperature,
+                    logits,
+                )
+            }
+            Device::Simt(_) | Device::Cuda(_) => crate::kernels::backward_in_place(
+                logits,
+                vocab,
+                targets,
+                out,
+                &self.config,
+                self.device,
+            ),
+        }
+    }
+
     /// The forward outputs and dloss/dlogits as a new f32 [N, V] vector.
     pub fn loss_and_grad(&self, batch: &Batch) -> Result<(VppoOutput, Vec<f32>)> {
         let out = self.forward(batch)?;

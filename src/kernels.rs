@@ -63,17 +63,15 @@ kernel_table! {
     PERCEPTION_BF16_MUTANT => vppo_perception_bf16_mutant / vppo_simt_vppo_perception_bf16_mutant;
 }
 
-/// Launch configuration of each kernel; must match the `__launch_bounds__` in the .cu files.
-const PERCEPTION_THREADS: u32 = 256;
-/// sizeof(RowState) in perception.cu: six floats and a flag word.
-const PERCEPTION_STATE_BYTES: u32 = 28;
-const SELECT_THREADS: u32 = 256;
-/// sizeof(SelectShared) in select_loss.cu: 32 x 16 ints, 32 ints, 32 doubles, two words.
-const SELECT_SHARED_BYTES: u32 = 32 * 16 * 4 + 32 * 4 + 32 * 8 + 8;
-const LOSS_THREADS: u32 = 512;
-/// sizeof(LossShared) in select_loss.cu: 32 doubles, 32 long longs, 32 floats.
-const LOSS_SHARED_BYTES: u32 = 32 * 8 + 32 * 8 + 32 * 4;
-const BACKWARD_THREADS: u32 = 256;
+// Launch configuration of each kernel: the constants of kernels/vppo_params.h, which the kernels'
+// __launch_bounds__ and static_asserts on their shared-memory structs use too.
+const PERCEPTION_THREADS: u32 = crate::params::VPPO_PERCEPTION_THREADS;
+const PERCEPTION_STATE_BYTES: u32 = crate::params::VPPO_PERCEPTION_STATE_BYTES;
+const SELECT_THREADS: u32 = crate::params::VPPO_SELECT_THREADS;
+const SELECT_SHARED_BYTES: u32 = crate::params::VPPO_SELECT_SHARED_BYTES;
+const LOSS_THREADS: u32 = crate::params::VPPO_LOSS_THREADS;
+const LOSS_SHARED_BYTES: u32 = crate::params::VPPO_LOSS_SHARED_BYTES;
+const BACKWARD_THREADS: u32 = crate::params::VPPO_BACKWARD_THREADS;
 /// Blocks of the row kernels loop over rows, so the grid is capped and any N runs. On the GPU the cap
 /// is far above the blocks that fit at once (132 SMs x 8 blocks on an H100); on the SIMT executor a
 /// small cap makes every test with more than 64 rows exercise the grid-stride loop.
@@ -416,6 +414,10 @@ fn status_error(
             tensor: Tensor::LogitsMasked,
             row,
         },
+        c if c == C::VPPO_ERR_LOGITS_OVERFLOW as u32 => VppoError::Kernel(format!(
+            "logits row {row}: finite logits so far apart (beyond 3.4e38 after dividing by the \
+             temperature) that f32 arithmetic overflows"
+        )),
         other => VppoError::Kernel(format!(
             "perception kernel reported unknown code {other} at row {row}"
         )),
@@ -843,6 +845,67 @@ pub fn backward_into(
     Ok(())
 }
 
+/// dloss/dlogits written IN PLACE over host `logits` ([N, V], the forward's logits): afterwards the
+/// buffer holds the gradient in the logits dtype. Lengths and targets are checked by the caller
+/// ([`crate::Vppo::backward_in_place`]). On a GPU the buffer is uploaded, overwritten there by the
+/// same kernel, and copied back.
+pub fn backward_in_place(
+    mut logits: GradMut,
+    vocab: usize,
+    targets: &[i32],
+    out: &VppoOutput,
+    cfg: &VppoConfig,
+    device: Device,
+) -> Result<()> {
+    let n = targets.len();
+    if n == 0 {
+        return Ok(());
+    }
+    let l = Launcher::for_device(device)?;
+    let dtype = logits.dtype();
+    let kernel = backward_kernel(dtype, dtype)?;
+    let targets = Input::new(&l, targets)?;
+    let lse = Input::new(&l, &out.tokens.lse)?;
+    let dlogp = Input::new(&l, &out.tokens.dlogp)?;
+    let nv = n * vocab;
+    let device_copy = match (&l, &mut logits) {
+        (Launcher::Simt(_), _) => None,
+        (Launcher::Cuda(_), GradMut::F32(x)) => Some(l.upload(&x[..])?),
+        (Launcher::Cuda(_), GradMut::F16(x)) => Some(l.upload(&x[..])?),
+        (Launcher::Cuda(_), GradMut::Bf16(x)) => Some(l.upload(&x[..])?),
+    };
+    let addr = match (&device_copy, &mut logits) {
+        (Some(buf), _) => l.addr(buf),
+        (None, GradMut::F32(x)) => x.as_mut_ptr() as u64,
+        (None, GradMut::F16(x)) => x.as_mut_ptr() as u64,
+        (None, GradMut::Bf16(x)) => x.as_mut_ptr() as u64,
+    };
+    let p = VppoBackwardParams {
+        logits: addr as *const c_void,
+        lse: lse.addr as *const f32,
+        dlogp: dlogp.addr as *const f32,
+        targets: targets.addr as *const i32,
+        grad: addr as *mut c_void,
+        n_tokens: n as i64,
+        vocab: vocab as i64,
+        inv_temperature: (1.0 / cfg.temperature) as f32,
+        ..Default::default()
+    };
+    // SAFETY: the one buffer at `addr` holds N * V elements of the dtype (checked by the caller) and
+    // is both input and output: each element is loaded and then stored by the same thread, and no
+    // two threads touch one element (kernels/backward.cu). The caller's slice is borrowed mutably
+    // for this whole function; lse, dlogp, targets hold N values.
+    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p)? };
+    if let Some(buf) = device_copy {
+        match logits {
+            GradMut::F32(x) => x.copy_from_slice(&l.download::<f32>(&buf, nv)?),
+            GradMut::F16(x) => x.copy_from_slice(&l.download::<f16>(&buf, nv)?),
+            GradMut::Bf16(x) => x.copy_from_slice(&l.download::<bf16>(&buf, nv)?),
+        }
+    }
+    Ok(())
+}
+
 // -------------------------------------------------------------------------------------------------
 // GPU-resident batches: the caller's device buffers, no copies of the logits
 // -------------------------------------------------------------------------------------------------
@@ -918,33 +981,24 @@ impl DeviceLogits<'_> {
 
     /// Row `row` of a [N, V] tensor, copied back and widened to f64 (to name a bad value).
     fn row_f64(&self, gpu: &Gpu, row: usize, vocab: usize) -> Result<Vec<f64>> {
-        let range = row * vocab..(row + 1) * vocab;
-        let copy = |e: cudarc::driver::DriverError| {
-            VppoError::Cuda(format!("copying logits row {row} back: {e:?}"))
-        };
-        Ok(match self {
-            DeviceLogits::F32(s) => gpu
+        fn copy<T: cudarc::driver::DeviceRepr>(
+            gpu: &Gpu,
+            s: &CudaSlice<T>,
+            row: usize,
+            vocab: usize,
+            widen: fn(T) -> f64,
+        ) -> Result<Vec<f64>> {
+            let host = gpu
                 .stream()
-                .clone_dtoh(&s.slice(range))
-                .map_err(copy)?
-                .into_iter()
-                .map(f64::from)
-                .collect(),
-            DeviceLogits::F16(s) => gpu
-                .stream()
-                .clone_dtoh(&s.slice(range))
-                .map_err(copy)?
-                .into_iter()
-                .map(|x| x.to_f64())
-                .collect(),
-            DeviceLogits::Bf16(s) => gpu
-                .stream()
-                .clone_dtoh(&s.slice(range))
-                .map_err(copy)?
-                .into_iter()
-                .map(|x| x.to_f64())
-                .collect(),
-        })
+                .clone_dtoh(&s.slice(row * vocab..(row + 1) * vocab))
+                .map_err(|e| VppoError::Cuda(format!("copying logits row {row} back: {e:?}")))?;
+            Ok(host.into_iter().map(widen).collect())
+        }
+        match self {
+            DeviceLogits::F32(s) => copy(gpu, s, row, vocab, f64::from),
+            DeviceLogits::F16(s) => copy(gpu, s, row, vocab, f16::to_f64),
+            DeviceLogits::Bf16(s) => copy(gpu, s, row, vocab, bf16::to_f64),
+        }
     }
 }
 
@@ -974,6 +1028,12 @@ impl DeviceLogitsMut<'_> {
 }
 
 /// A packed batch (SPEC section 1) whose tensors live on the GPU, borrowed from the caller.
+///
+/// Streams: vppo runs its kernels on its own stream of the GPU's context. Before it reads or writes
+/// a caller's buffer it waits for the work already queued on that buffer's stream (so logits still
+/// being written are not read early), and every call synchronizes before it returns. Every buffer
+/// must belong to the same context as the `Vppo`'s GPU (`vppo::cuda::Gpu::context`); a buffer of
+/// another context is an error, not a launch.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceBatch<'a> {
     /// [N, V] logits given the real image.
@@ -1023,6 +1083,56 @@ fn download_small<T: cudarc::driver::DeviceRepr + Default + Clone>(
     gpu.download(s)
 }
 
+/// Where a caller's buffer lives: its context and the stream its pending work is queued on.
+type Residence<'a> = (
+    Tensor,
+    &'a Arc<cudarc::driver::CudaContext>,
+    &'a Arc<cudarc::driver::CudaStream>,
+);
+
+fn residence<T>(tensor: Tensor, s: &CudaSlice<T>) -> Residence<'_> {
+    (tensor, s.context(), s.stream())
+}
+
+impl DeviceLogits<'_> {
+    fn residence(&self, tensor: Tensor) -> Residence<'_> {
+        on_slice!(self, s => residence(tensor, s))
+    }
+}
+
+impl DeviceLogitsMut<'_> {
+    fn residence(&self, tensor: Tensor) -> Residence<'_> {
+        on_slice_mut!(self, s => residence(tensor, s))
+    }
+}
+
+/// Checks that every caller buffer lives in this GPU's context, and orders this GPU's stream after
+/// the work already queued on the buffers' own streams (an event recorded there, waited for here):
+/// logits still being written on the caller's stream are not read early, and a gradient buffer still
+/// being read there is not overwritten early. Our work is synchronized before the API returns.
+fn join_caller_streams(gpu: &Gpu, buffers: &[Residence]) -> Result<()> {
+    for (tensor, ctx, stream) in buffers {
+        if ***ctx != **gpu.context() {
+            return Err(VppoError::Shape {
+                tensor: *tensor,
+                detail: format!(
+                    "lives on GPU {} (another CUDA context), this Vppo runs on GPU {}",
+                    ctx.ordinal(),
+                    gpu.ordinal()
+                ),
+            });
+        }
+        if !Arc::ptr_eq(stream, gpu.stream()) {
+            let err = |e: cudarc::driver::DriverError| {
+                VppoError::Cuda(format!("ordering after the stream of {tensor}: {e:?}"))
+            };
+            let event = stream.record_event(None).map_err(err)?;
+            gpu.stream().wait(&event).map_err(err)?;
+        }
+    }
+    Ok(())
+}
+
 /// The forward pass on the caller's device buffers. The O(N + B) tensors (targets, old_logp,
 /// advantages, cu_seqlens) are copied back once and validated on the host before any launch; the
 /// logits are only read by the perception kernel.
@@ -1032,6 +1142,17 @@ pub fn forward_device(
     cfg: &VppoConfig,
 ) -> Result<DeviceForward> {
     cfg.validate()?;
+    join_caller_streams(
+        gpu,
+        &[
+            batch.logits.residence(Tensor::Logits),
+            batch.logits_masked.residence(Tensor::LogitsMasked),
+            residence(Tensor::Targets, batch.targets),
+            residence(Tensor::OldLogp, batch.old_logp),
+            residence(Tensor::Advantages, batch.advantages),
+            residence(Tensor::CuSeqlens, batch.cu_seqlens),
+        ],
+    )?;
     let targets = download_small(gpu, batch.targets)?;
     let old_logp = download_small(gpu, batch.old_logp)?;
     let advantages = download_small(gpu, batch.advantages)?;
@@ -1103,6 +1224,7 @@ fn backward_device_raw(
     fwd: &DeviceForward,
     logits_addr: u64,
     logits_len: usize,
+    logits_residence: Residence,
     targets: &CudaSlice<i32>,
     grad: &DeviceLogitsMut,
     cfg: &VppoConfig,
@@ -1143,6 +1265,14 @@ fn launch_backward(
     }
     let Some(ws) = &fwd.ws else { return Ok(()) };
     let gpu = &fwd.gpu;
+    join_caller_streams(
+        gpu,
+        &[
+            logits_residence,
+            residence(Tensor::Targets, targets),
+            grad.residence(Tensor::GradLogits),
+        ],
+    )?;
     let l = Launcher::Cuda(gpu.clone());
     let kernel = backward_kernel(fwd.dtype, grad.dtype())?;
     let p = VppoBackwardParams {
@@ -1180,6 +1310,7 @@ pub fn backward_device(
         fwd,
         batch.logits.addr(&fwd.gpu),
         batch.logits.len(),
+        batch.logits.residence(Tensor::Logits),
         batch.targets,
         &grad,
         cfg,
@@ -1202,7 +1333,15 @@ pub fn backward_device_in_place(
         });
     }
     let addr = logits.addr(&fwd.gpu);
-    backward_device_raw(fwd, addr, logits.len(), targets, &logits, cfg)
+    backward_device_raw(
+        fwd,
+        addr,
+        logits.len(),
+        logits.residence(Tensor::Logits),
+        targets,
+        &logits,
+        cfg,
+    )
 }
 
 // -------------------------------------------------------------------------------------------------

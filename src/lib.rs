@@ -50,3 +50,8 @@ pub use grpo::grpo_advantages;
 pub use io::{OwnedBatch, OwnedLogits};
 pub use kernels::{DeviceBatch, DeviceForward, DeviceLogits, DeviceLogitsMut};
 pub use output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
+
+/// The README's code blocks, compiled and run as doctests so the README stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
