@@ -1229,7 +1229,15 @@ fn backward_device_raw(
     grad: &DeviceLogitsMut,
     cfg: &VppoConfig,
 ) -> Result<()> {
-    launch_backward(fwd, logits_addr, logits_len, targets, grad, cfg)?;
+    launch_backward(
+        fwd,
+        logits_addr,
+        logits_len,
+        logits_residence,
+        targets,
+        grad,
+        cfg,
+    )?;
     fwd.gpu.synchronize()
 }
 
@@ -1240,6 +1248,7 @@ fn launch_backward(
     fwd: &DeviceForward,
     logits_addr: u64,
     logits_len: usize,
+    logits_residence: Residence,
     targets: &CudaSlice<i32>,
     grad: &DeviceLogitsMut,
     cfg: &VppoConfig,
@@ -1390,11 +1399,28 @@ impl<'a> DeviceStages<'a> {
         Some((Launcher::Cuda(self.fwd.gpu.clone()), dims, ws))
     }
 
+    /// Orders the GPU's stream after work queued on the batch's own streams (as [`forward_device`]).
+    fn join_batch(&self) -> Result<()> {
+        let b = &self.batch;
+        join_caller_streams(
+            &self.fwd.gpu,
+            &[
+                b.logits.residence(Tensor::Logits),
+                b.logits_masked.residence(Tensor::LogitsMasked),
+                residence(Tensor::Targets, b.targets),
+                residence(Tensor::OldLogp, b.old_logp),
+                residence(Tensor::Advantages, b.advantages),
+                residence(Tensor::CuSeqlens, b.cu_seqlens),
+            ],
+        )
+    }
+
     /// Queues pass 1 (`vppo_perception_*`) over the batch. Nothing to do when N = 0.
     pub fn perception(&self) -> Result<()> {
         let Some((l, dims, ws)) = self.parts() else {
             return Ok(());
         };
+        self.join_batch()?;
         let inputs = Inputs::device(&self.fwd.gpu, &self.batch);
         run_perception(
             &l,
@@ -1411,6 +1437,7 @@ impl<'a> DeviceStages<'a> {
         let Some((l, dims, ws)) = self.parts() else {
             return Ok(());
         };
+        self.join_batch()?;
         let inputs = Inputs::device(&self.fwd.gpu, &self.batch);
         run_select_loss(&l, dims, &self.cfg, &inputs, ws)
     }
@@ -1422,6 +1449,7 @@ impl<'a> DeviceStages<'a> {
             &self.fwd,
             self.batch.logits.addr(&self.fwd.gpu),
             self.batch.logits.len(),
+            self.batch.logits.residence(Tensor::Logits),
             self.batch.targets,
             &grad,
             &self.cfg,
@@ -1443,6 +1471,7 @@ impl<'a> DeviceStages<'a> {
             &self.fwd,
             addr,
             logits.len(),
+            logits.residence(Tensor::Logits),
             self.batch.targets,
             &logits,
             &self.cfg,
