@@ -3,7 +3,8 @@
 #
 #   detect the card (nvidia-smi) -> build with VPPO_CUDA_ARCHS = that card's arch and VPPO_REQUIRE_NVCC=1
 #   -> GPU tests (VPPO_TEST_DEVICE=cuda cargo test --release) -> compute-sanitizer memcheck and racecheck
-#   on the test binaries -> examples/copy_bandwidth -> cargo bench -> a docs/PERFORMANCE.md section
+#   on the test binaries -> examples/copy_bandwidth -> cargo bench -> bench/compare_torch.py (eager PyTorch,
+#   and Liger-Kernel when importable, against `vppo bench`; skipped without torch) -> a docs/PERFORMANCE.md section
 #   named after the card. Logs and results also go to $OUT (default target/gpu-check).
 #
 # Usage: scripts/gpu-check.sh [MODE] [--steps LIST] [--out DIR]
@@ -15,7 +16,7 @@
 #                      stripped, into DIR, for a GPU machine without Rust.
 #   --from-bundle DIR  on the GPU machine: run the steps with the binaries from DIR instead of cargo.
 #                      Chosen automatically when cargo is missing and .gpu-bundle exists.
-#   --steps LIST       comma-separated subset of: build,tests,sanitizer,bandwidth,bench,report
+#   --steps LIST       comma-separated subset of: build,tests,sanitizer,bandwidth,bench,torch,report
 #                      (default: all), e.g. to split the work over several calls.
 #   --out DIR          where logs and results go (default: $OUT if set, else target/gpu-check).
 #
@@ -33,7 +34,7 @@ ROOT=$(pwd)
 
 MODE=gpu
 BUNDLE=""
-STEPS="build,tests,sanitizer,bandwidth,bench,report"
+STEPS="build,tests,sanitizer,bandwidth,bench,torch,report"
 RESULTS=${OUT:-$ROOT/target/gpu-check}
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -200,6 +201,7 @@ if [ "$MODE" = bundle ]; then
         executables test >"$BUNDLE/artifacts.txt"
     cargo build --release --examples --message-format=json-render-diagnostics | executables example >>"$BUNDLE/artifacts.txt"
     cargo bench --bench '*' --no-run --message-format=json-render-diagnostics | executables bench >>"$BUNDLE/artifacts.txt"
+    cargo build --release --bin vppo --message-format=json-render-diagnostics | executables bin >>"$BUNDLE/artifacts.txt"
     set +e
     : >"$BUNDLE/manifest.txt"
     while read -r kind name exe; do
@@ -398,10 +400,38 @@ if step_enabled bench; then
 fi
 
 # ------------------------------------------------------------------------------------------------
+TORCH_SUMMARY="not run"
+if step_enabled torch; then
+    section "Side by side with eager PyTorch (bench/compare_torch.py)"
+    if [ $FROM_BUNDLE = 1 ]; then
+        VPPO_BIN=$(bundle_bins bin | head -1)
+    else
+        VPPO_BIN=${CARGO_TARGET_DIR:-target}/release/vppo
+        [ -x "$VPPO_BIN" ] || cargo build --release --bin vppo >/dev/null 2>&1
+    fi
+    if ! python3 -c 'import torch, numpy, safetensors' 2>/dev/null; then
+        TORCH_SUMMARY="skipped: python3 cannot import torch, numpy and safetensors"
+    elif [ -z "$VPPO_BIN" ] || [ ! -x "$VPPO_BIN" ]; then
+        TORCH_SUMMARY="skipped: no vppo binary"
+    else
+        if [ "$MODE" = gpu ]; then
+            TORCH_ARGS=(--device cuda --sizes 1024,4096,16384 --vocab 151936 --dtype bf16 --iters 5)
+        else
+            TORCH_ARGS=(--device cpu --sizes 64 --vocab 4096 --dtype bf16 --iters 2)
+        fi
+        PYTHONUNBUFFERED=1 python3 bench/compare_torch.py "${TORCH_ARGS[@]}" --vppo-bin "$VPPO_BIN" \
+            --json-out "$RESULTS/torch.json" 2>&1 | tee "$RESULTS/torch.txt"
+        rc=${PIPESTATUS[0]}
+        if [ "$rc" = 0 ]; then TORCH_SUMMARY="ran (table below)"; else TORCH_SUMMARY="FAILED (exit $rc)"; fail "compare_torch"; fi
+    fi
+    note "torch: $TORCH_SUMMARY"
+fi
+
+# ------------------------------------------------------------------------------------------------
 if step_enabled report; then
     section "PERFORMANCE.md section for: $CARD"
     NVCC_LINE=$(grep -m1 '^nvcc: ' "$RESULTS/resource_report.txt" 2>/dev/null | sed 's/^nvcc: //')
-    export CARD DRIVER TEST_SUMMARY SANITIZER_SUMMARY BANDWIDTH_SUMMARY BENCH_SUMMARY NVCC_LINE
+    export CARD DRIVER TEST_SUMMARY SANITIZER_SUMMARY BANDWIDTH_SUMMARY BENCH_SUMMARY TORCH_SUMMARY NVCC_LINE
     export RESULTS_DIR=$RESULTS COMMIT=$(git rev-parse --short HEAD 2>/dev/null || grep '^commit' "${BUNDLE:-/dev/null}/build-info.txt" 2>/dev/null | cut -c8-15)
     TARGET_DOC="$RESULTS/PERFORMANCE.md"
     [ -f docs/PERFORMANCE.md ] && cp docs/PERFORMANCE.md "$TARGET_DOC"
@@ -449,6 +479,12 @@ lines = [
     "```",
     "\n".join(bench) or "(no output)",
     "```",
+    "",
+    f"### Against eager PyTorch ({env.get('TORCH_SUMMARY', 'not run')})",
+    "",
+    "```",
+    read("torch.txt").strip() or "(not run)",
+    "```",
     f"<!-- /gpu-check: {card} -->",
 ]
 section = "\n".join(lines) + "\n"
@@ -472,7 +508,7 @@ fi
 rm -f "$RESULTS/.build.json"
 section "Summary"
 printf '%s\n' "card:      $CARD" "tests:     $TEST_SUMMARY" "sanitizer: $SANITIZER_SUMMARY" \
-    "bandwidth: $BANDWIDTH_SUMMARY" "bench:     $BENCH_SUMMARY" "results:   $RESULTS"
+    "bandwidth: $BANDWIDTH_SUMMARY" "bench:     $BENCH_SUMMARY" "torch:     $TORCH_SUMMARY" "results:   $RESULTS"
 if [ ${#FAILED[@]} -gt 0 ]; then
     printf 'FAILED steps:\n'
     printf '  %s\n' "${FAILED[@]}"
