@@ -116,18 +116,27 @@ pub fn reward_plot(path: &Path, title: &str, series: &[RewardSeries]) -> Result<
 /// fraction of all tokens.
 pub fn score_histogram(path: &Path, title: &str, scores: &[(f32, bool)]) -> Result<()> {
     let err = io(path);
+    // Bins over log10(score): visual dependency spans orders of magnitude (most tokens near 0, a few
+    // answer tokens near the clamp), which a linear axis squeezes into its first bin. Scores below
+    // 10^LOG_MIN, zero included, count in the first bin.
+    const LOG_MIN: f64 = -6.0;
     let bins = 30usize;
+    let log = |s: f32| (s as f64).max(10f64.powf(LOG_MIN)).log10();
+    let hi = scores
+        .iter()
+        .map(|s| log(s.0))
+        .fold(LOG_MIN + 1.0, f64::max)
+        + 1e-9;
+    let width = (hi - LOG_MIN) / bins as f64;
     let max = scores
         .iter()
         .map(|s| s.0 as f64)
         .fold(0.0f64, f64::max)
-        .max(1e-3)
-        * 1.0001;
-    let width = max / bins as f64;
+        .max(1e-3);
     let n = scores.len().max(1) as f64;
     let mut counts = vec![[0usize; 2]; bins];
     for &(s, answer) in scores {
-        let b = ((s as f64 / width) as usize).min(bins - 1);
+        let b = (((log(s) - LOG_MIN) / width) as usize).min(bins - 1);
         counts[b][answer as usize] += 1;
     }
     let top = counts
@@ -153,11 +162,11 @@ pub fn score_histogram(path: &Path, title: &str, scores: &[(f32, bool)]) -> Resu
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(55)
-        .build_cartesian_2d(0f64..max, 0f64..top)
+        .build_cartesian_2d(LOG_MIN..hi, 0f64..top)
         .map_err(&err)?;
     chart
         .configure_mesh()
-        .x_desc("token score = KL(policy(image) || policy(masked image)), clamped")
+        .x_desc("log10 of the token score = KL(policy(image) || policy(masked image)), clamped")
         .y_desc("fraction of tokens")
         .draw()
         .map_err(&err)?;
@@ -173,7 +182,7 @@ pub fn score_histogram(path: &Path, title: &str, scores: &[(f32, bool)]) -> Resu
         };
         chart
             .draw_series(counts.iter().enumerate().map(|(b, cnt)| {
-                let x0 = b as f64 * width + kind as f64 * width / 2.0;
+                let x0 = LOG_MIN + b as f64 * width + kind as f64 * width / 2.0;
                 Rectangle::new(
                     [(x0, 0.0), (x0 + width / 2.0, cnt[kind] as f64 / n)],
                     c.filled(),
