@@ -788,61 +788,34 @@ fn collect(l: &Launcher, ws: &Workspace, z: f64) -> Result<VppoOutput> {
 // Backward
 // -------------------------------------------------------------------------------------------------
 
+/// `$body` with `$g` bound to the slice inside a [`GradMut`], whatever its dtype.
+macro_rules! on_grad {
+    ($e:expr, $g:ident => $body:expr) => {
+        match $e {
+            GradMut::F32($g) => $body,
+            GradMut::F16($g) => $body,
+            GradMut::Bf16($g) => $body,
+        }
+    };
+}
+
 /// dloss/dlogits into `grad` from a forward's saved lse and dlogp. Validated by the caller.
 pub fn backward_into(
     batch: &Batch,
     cfg: &VppoConfig,
     out: &VppoOutput,
-    mut grad: GradMut,
+    grad: GradMut,
     device: Device,
 ) -> Result<()> {
-    let n = batch.n_tokens();
-    if n == 0 {
-        return Ok(());
-    }
-    let l = Launcher::for_device(device)?;
-    let kernel = backward_kernel(batch.logits.dtype(), grad.dtype())?;
-    let logits = Input::logits(&l, &batch.logits)?;
-    let targets = Input::new(&l, batch.targets)?;
-    let lse = Input::new(&l, &out.tokens.lse)?;
-    let dlogp = Input::new(&l, &out.tokens.dlogp)?;
-    let nv = n * batch.vocab;
-    let grad_dtype = grad.dtype();
-    // On the SIMT executor the kernel writes the caller's buffer directly; on a GPU into a device
-    // buffer that is then copied back.
-    let (grad_addr, device_grad) = match (&l, &mut grad) {
-        (Launcher::Simt(_), GradMut::F32(g)) => (g.as_mut_ptr() as u64, None),
-        (Launcher::Simt(_), GradMut::F16(g)) => (g.as_mut_ptr() as u64, None),
-        (Launcher::Simt(_), GradMut::Bf16(g)) => (g.as_mut_ptr() as u64, None),
-        (Launcher::Cuda(_), _) => {
-            let buf = l.alloc(nv * grad_dtype.size())?;
-            (l.addr(&buf), Some(buf))
-        }
-    };
-    let p = VppoBackwardParams {
-        logits: logits.addr as *const c_void,
-        lse: lse.addr as *const f32,
-        dlogp: dlogp.addr as *const f32,
-        targets: targets.addr as *const i32,
-        grad: grad_addr as *mut c_void,
-        n_tokens: n as i64,
-        vocab: batch.vocab as i64,
-        inv_temperature: (1.0 / cfg.temperature) as f32,
-        ..Default::default()
-    };
-    // SAFETY: logits [N, V] of the input dtype, lse/dlogp/targets [N] (checked by the caller:
-    // out comes from a forward over this batch), grad [N, V] of the output dtype (GradMut::check);
-    // the caller's grad slice is borrowed mutably for this whole function, so nothing else reads or
-    // writes it while the kernel does.
-    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p)? };
-    if let Some(buf) = device_grad {
-        match grad {
-            GradMut::F32(g) => g.copy_from_slice(&l.download::<f32>(&buf, nv)?),
-            GradMut::F16(g) => g.copy_from_slice(&l.download::<f16>(&buf, nv)?),
-            GradMut::Bf16(g) => g.copy_from_slice(&l.download::<bf16>(&buf, nv)?),
-        }
-    }
-    Ok(())
+    backward_host(
+        device,
+        Some(&batch.logits),
+        batch.targets,
+        batch.vocab,
+        out,
+        grad,
+        cfg,
+    )
 }
 
 /// dloss/dlogits written IN PLACE over host `logits` ([N, V], the forward's logits): afterwards the
@@ -850,60 +823,107 @@ pub fn backward_into(
 /// ([`crate::Vppo::backward_in_place`]). On a GPU the buffer is uploaded, overwritten there by the
 /// same kernel, and copied back.
 pub fn backward_in_place(
-    mut logits: GradMut,
+    logits: GradMut,
     vocab: usize,
     targets: &[i32],
     out: &VppoOutput,
     cfg: &VppoConfig,
     device: Device,
 ) -> Result<()> {
+    backward_host(device, None, targets, vocab, out, logits, cfg)
+}
+
+/// The backward kernel into the caller's host buffer `grad` ([N, V], N = `targets.len()`), reading
+/// `logits`, or, when `logits` is None, reading the logits from `grad` itself and overwriting them
+/// (in place). On the SIMT executor the kernel writes the caller's buffer directly; on a GPU it
+/// writes a device buffer (a copy of `grad` in place, zeros otherwise) that is then copied back.
+fn backward_host(
+    device: Device,
+    logits: Option<&Logits>,
+    targets: &[i32],
+    vocab: usize,
+    out: &VppoOutput,
+    mut grad: GradMut,
+    cfg: &VppoConfig,
+) -> Result<()> {
     let n = targets.len();
     if n == 0 {
         return Ok(());
     }
-    let l = Launcher::for_device(device)?;
-    let dtype = logits.dtype();
-    let kernel = backward_kernel(dtype, dtype)?;
-    let targets = Input::new(&l, targets)?;
-    let lse = Input::new(&l, &out.tokens.lse)?;
-    let dlogp = Input::new(&l, &out.tokens.dlogp)?;
+    let l = &Launcher::for_device(device)?;
+    let input_dtype = logits.map_or(grad.dtype(), |x| x.dtype());
+    let kernel = backward_kernel(input_dtype, grad.dtype())?;
+    let logits = logits.map(|x| Input::logits(l, x)).transpose()?;
     let nv = n * vocab;
-    let device_copy = match (&l, &mut logits) {
+    let targets = Input::new(l, targets)?;
+    let lse = Input::new(l, &out.tokens.lse)?;
+    let dlogp = Input::new(l, &out.tokens.dlogp)?;
+    let device_grad = match (l, &logits) {
         (Launcher::Simt(_), _) => None,
-        (Launcher::Cuda(_), GradMut::F32(x)) => Some(l.upload(&x[..])?),
-        (Launcher::Cuda(_), GradMut::F16(x)) => Some(l.upload(&x[..])?),
-        (Launcher::Cuda(_), GradMut::Bf16(x)) => Some(l.upload(&x[..])?),
+        (Launcher::Cuda(_), None) => Some(on_grad!(&grad, g => l.upload(&g[..]))?),
+        (Launcher::Cuda(_), Some(_)) => Some(l.alloc(nv * grad.dtype().size())?),
     };
-    let addr = match (&device_copy, &mut logits) {
-        (Some(buf), _) => l.addr(buf),
-        (None, GradMut::F32(x)) => x.as_mut_ptr() as u64,
-        (None, GradMut::F16(x)) => x.as_mut_ptr() as u64,
-        (None, GradMut::Bf16(x)) => x.as_mut_ptr() as u64,
+    let grad_addr = match &device_grad {
+        Some(buf) => l.addr(buf),
+        None => on_grad!(&mut grad, g => g.as_mut_ptr() as u64),
     };
+    let addrs = BackwardAddrs {
+        logits: logits.as_ref().map_or(grad_addr, |x| x.addr),
+        lse: lse.addr,
+        dlogp: dlogp.addr,
+        targets: targets.addr,
+        grad: grad_addr,
+    };
+    // SAFETY: logits [N, V] of the input dtype (the caller's batch, or the one buffer at grad_addr
+    // in place), lse/dlogp/targets [N] (checked by the caller: out comes from a forward over these
+    // tokens), grad [N, V] of the output dtype (checked by the caller). In place, each element is
+    // loaded and then stored by the same thread, and no two threads touch one element
+    // (kernels/backward.cu). The caller's grad slice is borrowed mutably for this whole function, so
+    // nothing else reads or writes it while the kernel does.
+    unsafe { launch_backward_kernel(l, kernel, &addrs, n, vocab, cfg)? };
+    if let Some(buf) = device_grad {
+        on_grad!(grad, g => g.copy_from_slice(&l.download(&buf, nv)?));
+    }
+    Ok(())
+}
+
+/// The buffers of one backward launch, as addresses of the launcher's memory space. `logits` and
+/// `grad` are the same address for the in-place backward.
+struct BackwardAddrs {
+    logits: u64,
+    lse: u64,
+    dlogp: u64,
+    targets: u64,
+    grad: u64,
+}
+
+/// Launches the backward kernel over `n` rows of `vocab` logits.
+///
+/// # Safety
+/// As [`Launcher::launch`]: `logits` and `grad` hold `n * vocab` elements of the kernel's input and
+/// output dtypes, `lse`, `dlogp` and `targets` hold `n` values, and nothing else accesses `grad`
+/// while the kernel runs (it may alias `logits`: each element is loaded, then stored, by one thread).
+unsafe fn launch_backward_kernel(
+    l: &Launcher,
+    kernel: Kernel,
+    a: &BackwardAddrs,
+    n: usize,
+    vocab: usize,
+    cfg: &VppoConfig,
+) -> Result<()> {
     let p = VppoBackwardParams {
-        logits: addr as *const c_void,
-        lse: lse.addr as *const f32,
-        dlogp: dlogp.addr as *const f32,
-        targets: targets.addr as *const i32,
-        grad: addr as *mut c_void,
+        logits: a.logits as *const c_void,
+        lse: a.lse as *const f32,
+        dlogp: a.dlogp as *const f32,
+        targets: a.targets as *const i32,
+        grad: a.grad as *mut c_void,
         n_tokens: n as i64,
         vocab: vocab as i64,
         inv_temperature: (1.0 / cfg.temperature) as f32,
         ..Default::default()
     };
-    // SAFETY: the one buffer at `addr` holds N * V elements of the dtype (checked by the caller) and
-    // is both input and output: each element is loaded and then stored by the same thread, and no
-    // two threads touch one element (kernels/backward.cu). The caller's slice is borrowed mutably
-    // for this whole function; lse, dlogp, targets hold N values.
-    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p)? };
-    if let Some(buf) = device_copy {
-        match logits {
-            GradMut::F32(x) => x.copy_from_slice(&l.download::<f32>(&buf, nv)?),
-            GradMut::F16(x) => x.copy_from_slice(&l.download::<f16>(&buf, nv)?),
-            GradMut::Bf16(x) => x.copy_from_slice(&l.download::<bf16>(&buf, nv)?),
-        }
-    }
-    Ok(())
+    // SAFETY: forwarded from this function's contract.
+    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p) }
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -1284,22 +1304,18 @@ fn launch_backward(
     )?;
     let l = Launcher::Cuda(gpu.clone());
     let kernel = backward_kernel(fwd.dtype, grad.dtype())?;
-    let p = VppoBackwardParams {
-        logits: logits_addr as *const c_void,
-        lse: l.addr(&ws.lse) as *const f32,
-        dlogp: l.addr(&ws.dlogp) as *const f32,
-        targets: gpu.device_ptr_u64(targets) as *const i32,
-        grad: grad.addr(gpu) as *mut c_void,
-        n_tokens: n as i64,
-        vocab: fwd.vocab as i64,
-        inv_temperature: (1.0 / cfg.temperature) as f32,
-        ..Default::default()
+    let addrs = BackwardAddrs {
+        logits: logits_addr,
+        lse: l.addr(&ws.lse),
+        dlogp: l.addr(&ws.dlogp),
+        targets: gpu.device_ptr_u64(targets),
+        grad: grad.addr(gpu),
     };
     // SAFETY: logits and grad hold N * V elements of their dtypes (checked above), lse, dlogp and
     // targets N; grad is borrowed mutably by the caller for this call; the kernel is queued on the
     // one stream every buffer of this Gpu lives on, and a CudaSlice is freed in stream order (or
     // after a synchronize), so every buffer outlives the kernel even when the caller does not wait.
-    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p) }
+    unsafe { launch_backward_kernel(&l, kernel, &addrs, n, fwd.vocab, cfg) }
 }
 
 /// dloss/dlogits of a [`forward_device`] into the caller's device buffer `grad`.
