@@ -721,15 +721,7 @@ pub fn forward(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<VppoOu
     let (n, b) = (batch.n_tokens(), batch.n_responses());
     let z = cfg.token_normalizer.unwrap_or(n as f64);
     if n == 0 {
-        return Ok(VppoOutput {
-            token_normalizer: z,
-            responses: ResponseOutputs {
-                sbar: vec![0.0; b],
-                k: vec![0; b],
-                alpha: vec![1.0; b],
-            },
-            ..Default::default()
-        });
+        return Ok(empty_output(z, b));
     }
     let inputs = Inputs::new(&l, batch)?;
     let ws = Workspace::new(&l, n, b)?;
@@ -743,6 +735,20 @@ pub fn forward(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<VppoOu
     )?;
     run_select_loss(&l, dims, cfg, &inputs, &ws)?;
     collect(&l, &ws, z)
+}
+
+/// The output of a forward over no tokens (N = 0) and `b` empty responses: loss 0, Sbar 0, k 0,
+/// alpha 1.
+fn empty_output(z: f64, b: usize) -> VppoOutput {
+    VppoOutput {
+        token_normalizer: z,
+        responses: ResponseOutputs {
+            sbar: vec![0.0; b],
+            k: vec![0; b],
+            alpha: vec![1.0; b],
+        },
+        ..Default::default()
+    }
 }
 
 fn collect(l: &Launcher, ws: &Workspace, z: f64) -> Result<VppoOutput> {
@@ -965,16 +971,6 @@ macro_rules! on_slice {
     };
 }
 
-macro_rules! on_slice_mut {
-    ($e:expr, $s:ident => $body:expr) => {
-        match $e {
-            DeviceLogitsMut::F32($s) => $body,
-            DeviceLogitsMut::F16($s) => $body,
-            DeviceLogitsMut::Bf16($s) => $body,
-        }
-    };
-}
-
 impl DeviceLogits<'_> {
     /// The element type.
     pub fn dtype(&self) -> Dtype {
@@ -1023,18 +1019,23 @@ impl DeviceLogits<'_> {
 }
 
 impl DeviceLogitsMut<'_> {
+    /// The same buffer, borrowed for reading.
+    fn as_ref(&self) -> DeviceLogits<'_> {
+        match self {
+            DeviceLogitsMut::F32(s) => DeviceLogits::F32(s),
+            DeviceLogitsMut::F16(s) => DeviceLogits::F16(s),
+            DeviceLogitsMut::Bf16(s) => DeviceLogits::Bf16(s),
+        }
+    }
+
     /// The element type.
     pub fn dtype(&self) -> Dtype {
-        match self {
-            DeviceLogitsMut::F32(_) => Dtype::F32,
-            DeviceLogitsMut::F16(_) => Dtype::F16,
-            DeviceLogitsMut::Bf16(_) => Dtype::Bf16,
-        }
+        self.as_ref().dtype()
     }
 
     /// Number of elements.
     pub fn len(&self) -> usize {
-        on_slice_mut!(self, s => s.len())
+        self.as_ref().len()
     }
 
     /// True when empty.
@@ -1043,7 +1044,7 @@ impl DeviceLogitsMut<'_> {
     }
 
     fn addr(&self, gpu: &Gpu) -> u64 {
-        on_slice_mut!(self, s => gpu.device_ptr_u64(s))
+        self.as_ref().addr(gpu)
     }
 }
 
@@ -1084,6 +1085,19 @@ pub struct DeviceForward {
     dtype: Dtype,
 }
 
+impl DeviceForward {
+    /// Checks that logits given to a backward have the dtype the forward read.
+    fn check_logits_dtype(&self, dtype: Dtype) -> Result<()> {
+        if dtype != self.dtype {
+            return Err(VppoError::Shape {
+                tensor: Tensor::Logits,
+                detail: "dtype differs from the forward's".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for DeviceForward {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceForward")
@@ -1114,15 +1128,29 @@ fn residence<T>(tensor: Tensor, s: &CudaSlice<T>) -> Residence<'_> {
     (tensor, s.context(), s.stream())
 }
 
-impl DeviceLogits<'_> {
-    fn residence(&self, tensor: Tensor) -> Residence<'_> {
-        on_slice!(self, s => residence(tensor, s))
+impl<'a> DeviceLogits<'a> {
+    fn residence(&self, tensor: Tensor) -> Residence<'a> {
+        on_slice!(*self, s => residence(tensor, s))
     }
 }
 
 impl DeviceLogitsMut<'_> {
     fn residence(&self, tensor: Tensor) -> Residence<'_> {
-        on_slice_mut!(self, s => residence(tensor, s))
+        self.as_ref().residence(tensor)
+    }
+}
+
+impl<'a> DeviceBatch<'a> {
+    /// Where each of the batch's buffers lives, for [`join_caller_streams`].
+    fn residences(&self) -> [Residence<'a>; 6] {
+        [
+            self.logits.residence(Tensor::Logits),
+            self.logits_masked.residence(Tensor::LogitsMasked),
+            residence(Tensor::Targets, self.targets),
+            residence(Tensor::OldLogp, self.old_logp),
+            residence(Tensor::Advantages, self.advantages),
+            residence(Tensor::CuSeqlens, self.cu_seqlens),
+        ]
     }
 }
 
@@ -1162,17 +1190,7 @@ pub fn forward_device(
     cfg: &VppoConfig,
 ) -> Result<DeviceForward> {
     cfg.validate()?;
-    join_caller_streams(
-        gpu,
-        &[
-            batch.logits.residence(Tensor::Logits),
-            batch.logits_masked.residence(Tensor::LogitsMasked),
-            residence(Tensor::Targets, batch.targets),
-            residence(Tensor::OldLogp, batch.old_logp),
-            residence(Tensor::Advantages, batch.advantages),
-            residence(Tensor::CuSeqlens, batch.cu_seqlens),
-        ],
-    )?;
+    join_caller_streams(gpu, &batch.residences())?;
     let targets = download_small(gpu, batch.targets)?;
     let old_logp = download_small(gpu, batch.old_logp)?;
     let advantages = download_small(gpu, batch.advantages)?;
@@ -1197,15 +1215,7 @@ pub fn forward_device(
     let z = cfg.token_normalizer.unwrap_or(n as f64);
     if n == 0 {
         return Ok(DeviceForward {
-            output: VppoOutput {
-                token_normalizer: z,
-                responses: ResponseOutputs {
-                    sbar: vec![0.0; b],
-                    k: vec![0; b],
-                    alpha: vec![1.0; b],
-                },
-                ..Default::default()
-            },
+            output: empty_output(z, b),
             gpu: gpu.clone(),
             ws: None,
             targets,
@@ -1325,12 +1335,7 @@ pub fn backward_device(
     grad: DeviceLogitsMut,
     cfg: &VppoConfig,
 ) -> Result<()> {
-    if batch.logits.dtype() != fwd.dtype {
-        return Err(VppoError::Shape {
-            tensor: Tensor::Logits,
-            detail: "dtype differs from the forward's".into(),
-        });
-    }
+    fwd.check_logits_dtype(batch.logits.dtype())?;
     backward_device_raw(
         fwd,
         batch.logits.addr(&fwd.gpu),
@@ -1351,12 +1356,7 @@ pub fn backward_device_in_place(
     targets: &CudaSlice<i32>,
     cfg: &VppoConfig,
 ) -> Result<()> {
-    if logits.dtype() != fwd.dtype {
-        return Err(VppoError::Shape {
-            tensor: Tensor::Logits,
-            detail: "dtype differs from the forward's".into(),
-        });
-    }
+    fwd.check_logits_dtype(logits.dtype())?;
     let addr = logits.addr(&fwd.gpu);
     backward_device_raw(
         fwd,
@@ -1417,18 +1417,7 @@ impl<'a> DeviceStages<'a> {
 
     /// Orders the GPU's stream after work queued on the batch's own streams (as [`forward_device`]).
     fn join_batch(&self) -> Result<()> {
-        let b = &self.batch;
-        join_caller_streams(
-            &self.fwd.gpu,
-            &[
-                b.logits.residence(Tensor::Logits),
-                b.logits_masked.residence(Tensor::LogitsMasked),
-                residence(Tensor::Targets, b.targets),
-                residence(Tensor::OldLogp, b.old_logp),
-                residence(Tensor::Advantages, b.advantages),
-                residence(Tensor::CuSeqlens, b.cu_seqlens),
-            ],
-        )
+        join_caller_streams(&self.fwd.gpu, &self.batch.residences())
     }
 
     /// Queues pass 1 (`vppo_perception_*`) over the batch. Nothing to do when N = 0.
@@ -1476,12 +1465,7 @@ impl<'a> DeviceStages<'a> {
     /// filled with a copy of the batch's logits (the values are the caller's business: the forward's
     /// lse is used as is). Afterwards `logits` holds the gradient.
     pub fn backward_in_place(&self, logits: DeviceLogitsMut) -> Result<()> {
-        if logits.dtype() != self.fwd.dtype {
-            return Err(VppoError::Shape {
-                tensor: Tensor::Logits,
-                detail: "dtype differs from the forward's".into(),
-            });
-        }
+        self.fwd.check_logits_dtype(logits.dtype())?;
         let addr = logits.addr(&self.fwd.gpu);
         launch_backward(
             &self.fwd,
