@@ -470,8 +470,7 @@ fn perception_with(
     batch: &Batch,
     cfg: &VppoConfig,
 ) -> Result<TokenOutputs> {
-    let n = batch.n_tokens();
-    let ws = Workspace::new(&l, n, batch.n_responses())?;
+    let ws = Workspace::new(&l, batch.n_tokens(), batch.n_responses())?;
     let inputs = Inputs::new(&l, batch)?;
     run_perception(&l, kernel, Dims::of(batch), cfg, &inputs, &ws)?;
     status_error(
@@ -480,7 +479,12 @@ fn perception_with(
         batch.vocab,
         &host_rows(batch),
     )?;
-    let f = |b: &Buffer| l.download::<f32>(b, n);
+    download_perception(&l, &ws)
+}
+
+/// The per-token outputs of pass 1 in `ws`, copied back; mask and dlogp (pass 2) are left empty.
+fn download_perception(l: &Launcher, ws: &Workspace) -> Result<TokenOutputs> {
+    let f = |b: &Buffer| l.download::<f32>(b, ws.n);
     Ok(TokenOutputs {
         score: f(&ws.score)?,
         kl: f(&ws.kl)?,
@@ -519,35 +523,48 @@ pub fn select(
     let mask = l.alloc(n)?;
     let k = l.alloc(b * 4)?;
     let sbar = l.alloc(b * 4)?;
-    if b > 0 {
-        let p = VppoSelectParams {
-            score: score.addr as *const f32,
-            cu_seqlens: cu.addr as *const i32,
-            mask: l.addr(&mask) as *mut u8,
-            k: l.addr(&k) as *mut i32,
-            sbar: l.addr(&sbar) as *mut f32,
-            n_responses: b as i64,
-            frac_num: frac.numerator(),
-            frac_den: frac.denominator(),
-        };
-        // SAFETY: score [N], cu_seqlens [B+1] (validated: within [0, N], non-decreasing), mask [N],
-        // k and sbar [B] are live buffers of this launcher's memory for the whole launch.
-        unsafe {
-            l.launch(
-                SELECT,
-                l.row_grid(b),
-                SELECT_THREADS,
-                SELECT_SHARED_BYTES,
-                &p,
-            )?
-        };
-    }
+    let p = VppoSelectParams {
+        score: score.addr as *const f32,
+        cu_seqlens: cu.addr as *const i32,
+        mask: l.addr(&mask) as *mut u8,
+        k: l.addr(&k) as *mut i32,
+        sbar: l.addr(&sbar) as *mut f32,
+        n_responses: b as i64,
+        frac_num: frac.numerator(),
+        frac_den: frac.denominator(),
+    };
+    // SAFETY: score [N], cu_seqlens [B+1] (validated: within [0, N], non-decreasing), mask [N],
+    // k and sbar [B] are live buffers of this launcher's memory for the whole launch.
+    unsafe { launch_select(&l, &p)? };
     let kk: Vec<i32> = l.download(&k, b)?;
     Ok((
         l.download(&mask, n)?,
         kk.into_iter().map(|x| x as u32).collect(),
         l.download(&sbar, b)?,
     ))
+}
+
+/// Launches `vppo_select` over the `p.n_responses` responses of `p`; nothing to launch when there
+/// are none.
+///
+/// # Safety
+/// As [`Launcher::launch`]: `score` and `mask` address N values, `cu_seqlens` B + 1 validated
+/// boundaries (within [0, N], non-decreasing), `k` and `sbar` B values, all live for the launch.
+unsafe fn launch_select(l: &Launcher, p: &VppoSelectParams) -> Result<()> {
+    let b = p.n_responses as usize;
+    if b == 0 {
+        return Ok(());
+    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        l.launch(
+            SELECT,
+            l.row_grid(b),
+            SELECT_THREADS,
+            SELECT_SHARED_BYTES,
+            p,
+        )
+    }
 }
 
 /// The sizes of a batch.
@@ -675,28 +692,18 @@ fn run_select_loss(
 ) -> Result<()> {
     let (n, b) = (dims.n, dims.b);
     let frac = cfg.top_fraction_exact()?;
-    if b > 0 {
-        let p = VppoSelectParams {
-            score: l.addr(&ws.score) as *const f32,
-            cu_seqlens: inp.cu_seqlens.addr as *const i32,
-            mask: l.addr(&ws.mask) as *mut u8,
-            k: l.addr(&ws.k) as *mut i32,
-            sbar: l.addr(&ws.sbar) as *mut f32,
-            n_responses: b as i64,
-            frac_num: frac.numerator(),
-            frac_den: frac.denominator(),
-        };
-        // SAFETY: score and mask [N], cu_seqlens [B+1] validated, k and sbar [B]; all live.
-        unsafe {
-            l.launch(
-                SELECT,
-                l.row_grid(b),
-                SELECT_THREADS,
-                SELECT_SHARED_BYTES,
-                &p,
-            )?
-        };
-    }
+    let p = VppoSelectParams {
+        score: l.addr(&ws.score) as *const f32,
+        cu_seqlens: inp.cu_seqlens.addr as *const i32,
+        mask: l.addr(&ws.mask) as *mut u8,
+        k: l.addr(&ws.k) as *mut i32,
+        sbar: l.addr(&ws.sbar) as *mut f32,
+        n_responses: b as i64,
+        frac_num: frac.numerator(),
+        frac_den: frac.denominator(),
+    };
+    // SAFETY: score and mask [N], cu_seqlens [B+1] validated, k and sbar [B]; all live.
+    unsafe { launch_select(l, &p)? };
     let p = VppoLossParams {
         logp: l.addr(&ws.logp) as *const f32,
         old_logp: inp.old_logp.addr as *const f32,
@@ -762,16 +769,9 @@ fn collect(l: &Launcher, ws: &Workspace, z: f64) -> Result<VppoOutput> {
         pg_loss: t.pg,
         token_normalizer: z,
         tokens: TokenOutputs {
-            score: f(&ws.score, n)?,
-            kl: f(&ws.kl, n)?,
-            k3: f(&ws.k3, n)?,
-            entropy: f(&ws.entropy, n)?,
-            logp: f(&ws.logp, n)?,
-            logp_masked: f(&ws.logp_masked, n)?,
-            lse: f(&ws.lse, n)?,
-            lse_masked: f(&ws.lse_masked, n)?,
             mask: l.download(&ws.mask, n)?,
             dlogp: f(&ws.dlogp, n)?,
+            ..download_perception(l, ws)?
         },
         responses: ResponseOutputs {
             sbar: f(&ws.sbar, b)?,
@@ -1248,32 +1248,10 @@ pub fn forward_device(
     })
 }
 
-/// dloss/dlogits of a [`forward_device`] into `grad` (f32, or the logits dtype), on the GPU, and
-/// waits for it. `logits` and `targets` must be the buffers the forward read (lengths are checked).
-fn backward_device_raw(
-    fwd: &DeviceForward,
-    logits_addr: u64,
-    logits_len: usize,
-    logits_residence: Residence,
-    targets: &CudaSlice<i32>,
-    grad: &DeviceLogitsMut,
-    cfg: &VppoConfig,
-) -> Result<()> {
-    launch_backward(
-        fwd,
-        logits_addr,
-        logits_len,
-        logits_residence,
-        targets,
-        grad,
-        cfg,
-    )?;
-    fwd.gpu.synchronize()
-}
-
-/// Queues the backward kernel of [`backward_device_raw`] on the stream, without waiting for it.
-/// The caller synchronizes (or records an event and waits for it) before any of the buffers is
-/// dropped or read on the host.
+/// Queues the backward kernel of a [`forward_device`] on the GPU's stream: dloss/dlogits into `grad`
+/// (f32, or the logits dtype) from the logits at `logits_addr`, which with `targets` must be the
+/// buffers the forward read (lengths are checked). It does not wait: the caller synchronizes (or
+/// records an event and waits for it) before any of the buffers is dropped or read on the host.
 fn launch_backward(
     fwd: &DeviceForward,
     logits_addr: u64,
@@ -1336,7 +1314,7 @@ pub fn backward_device(
     cfg: &VppoConfig,
 ) -> Result<()> {
     fwd.check_logits_dtype(batch.logits.dtype())?;
-    backward_device_raw(
+    launch_backward(
         fwd,
         batch.logits.addr(&fwd.gpu),
         batch.logits.len(),
@@ -1344,7 +1322,8 @@ pub fn backward_device(
         batch.targets,
         &grad,
         cfg,
-    )
+    )?;
+    fwd.gpu.synchronize()
 }
 
 /// dloss/dlogits of a [`forward_device`] written IN PLACE over `logits`: after this call the buffer
@@ -1358,7 +1337,7 @@ pub fn backward_device_in_place(
 ) -> Result<()> {
     fwd.check_logits_dtype(logits.dtype())?;
     let addr = logits.addr(&fwd.gpu);
-    backward_device_raw(
+    launch_backward(
         fwd,
         addr,
         logits.len(),
@@ -1366,7 +1345,8 @@ pub fn backward_device_in_place(
         targets,
         &logits,
         cfg,
-    )
+    )?;
+    fwd.gpu.synchronize()
 }
 
 // -------------------------------------------------------------------------------------------------
