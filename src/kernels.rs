@@ -251,15 +251,20 @@ struct Input<'a> {
 }
 
 impl<'a> Input<'a> {
+    /// Memory at `addr` that the caller owns for `'a`, used in place. The PhantomData ties the
+    /// address to the borrow, so the memory outlives the launches.
+    fn borrowed(addr: u64) -> Input<'a> {
+        Input {
+            _owned: None,
+            _borrowed: std::marker::PhantomData,
+            addr,
+        }
+    }
+
     fn new<T: bytemuck::Pod>(launcher: &Launcher, data: &'a [T]) -> Result<Input<'a>> {
         if launcher.is_host() {
-            // The SIMT executor reads host memory directly: no copy. The PhantomData ties the address
-            // to the borrow, so the slice outlives the launches.
-            Ok(Input {
-                _owned: None,
-                _borrowed: std::marker::PhantomData,
-                addr: data.as_ptr() as u64,
-            })
+            // The SIMT executor reads host memory directly: no copy.
+            Ok(Input::borrowed(data.as_ptr() as u64))
         } else {
             let buf = launcher.upload(data)?;
             let addr = launcher.addr(&buf);
@@ -600,11 +605,7 @@ struct Inputs<'a> {
 impl<'a> Inputs<'a> {
     /// The caller's device buffers, used in place (no copy).
     fn device(gpu: &Gpu, batch: &DeviceBatch<'a>) -> Inputs<'a> {
-        let at = |addr: u64| Input {
-            _owned: None,
-            _borrowed: std::marker::PhantomData,
-            addr,
-        };
+        let at = Input::borrowed;
         Inputs {
             logits: at(batch.logits.addr(gpu)),
             logits_masked: at(batch.logits_masked.addr(gpu)),
