@@ -424,12 +424,7 @@ mod tests {
         );
         // logits_masked of another dtype
         let bytes = tensor_bytes(vec![
-            (
-                "logits",
-                StDtype::BF16,
-                vec![2, 2],
-                le(&logits, |v| v.to_bits().to_le_bytes()),
-            ),
+            logits_view("logits"),
             ("logits_masked", StDtype::F16, vec![2, 2], vec![0; 8]),
         ]);
         let e = batch_from_bytes(&bytes).unwrap_err();
