@@ -102,6 +102,27 @@ fn kernel_err(r: Result<(), VppoError>) -> String {
     }
 }
 
+/// Runs the error self-test `entry` in one block of `threads` threads (out_a sized for them, width
+/// 32, n 0) and returns the kernel error it must report, with the buffers it left.
+fn one_block_error(entry: SimtEntry, threads: u32, order: LaneOrder, mode: i32) -> (String, Bufs) {
+    let mut b = Bufs {
+        out_a: vec![0; threads as usize],
+        ..Default::default()
+    };
+    let msg = kernel_err(run(
+        entry,
+        [1, 1, 1],
+        [threads, 1, 1],
+        0,
+        order,
+        &mut b,
+        mode,
+        32,
+        0,
+    ));
+    (msg, b)
+}
+
 /// The line of kernels/simt/tests/<file> that carries `// MARK:<name>`.
 fn mark_line(file: &str, name: &str) -> usize {
     let path = format!("{}/kernels/simt/tests/{file}", env!("CARGO_MANIFEST_DIR"));
@@ -599,21 +620,7 @@ fn warp_intrinsic_misuse_is_reported() {
     ];
     for order in ORDERS {
         for (mode, threads, needles) in cases {
-            let mut b = Bufs {
-                out_a: vec![0; threads as usize],
-                ..Default::default()
-            };
-            let msg = kernel_err(run(
-                st::vppo_simt_selftest_warp_error,
-                [1, 1, 1],
-                [threads, 1, 1],
-                0,
-                order,
-                &mut b,
-                mode,
-                32,
-                0,
-            ));
+            let (msg, _) = one_block_error(st::vppo_simt_selftest_warp_error, threads, order, mode);
             assert!(
                 msg.starts_with("kernel selftest_warp_error: block (0,0,0): thread ("),
                 "{msg}"
@@ -628,21 +635,7 @@ fn warp_intrinsic_misuse_is_reported() {
         }
     }
     // The lines: mode 0 reports the call on its MARK line.
-    let mut b = Bufs {
-        out_a: vec![0; 64],
-        ..Default::default()
-    };
-    let msg = kernel_err(run(
-        st::vppo_simt_selftest_warp_error,
-        [1, 1, 1],
-        [64, 1, 1],
-        0,
-        LaneOrder::Forward,
-        &mut b,
-        0,
-        32,
-        0,
-    ));
+    let (msg, _) = one_block_error(st::vppo_simt_selftest_warp_error, 64, LaneOrder::Forward, 0);
     assert!(
         msg.contains(&format!(
             "thread (5,0,0): __shfl_sync at errors.cu:{}:",
@@ -659,21 +652,7 @@ fn divergent_syncthreads_is_reported_with_both_call_sites() {
         mark_line("errors.cu", "div-b"),
     );
     for order in ORDERS {
-        let mut b = Bufs {
-            out_a: vec![0; 64],
-            ..Default::default()
-        };
-        let msg = kernel_err(run(
-            st::vppo_simt_selftest_divergent_barrier,
-            [1, 1, 1],
-            [64, 1, 1],
-            0,
-            order,
-            &mut b,
-            0,
-            32,
-            0,
-        ));
+        let (msg, b) = one_block_error(st::vppo_simt_selftest_divergent_barrier, 64, order, 0);
         let expected = format!(
             "kernel selftest_divergent_barrier: block (0,0,0): divergent __syncthreads: thread (0,0,0) waits at \
              errors.cu:{a}, thread (40,0,0) waits at errors.cu:{b_line}"
@@ -691,21 +670,7 @@ fn deadlock_is_reported_not_hung() {
         mark_line("errors.cu", "dead-shfl"),
     );
     for order in ORDERS {
-        let mut b = Bufs {
-            out_a: vec![0; 64],
-            ..Default::default()
-        };
-        let msg = kernel_err(run(
-            st::vppo_simt_selftest_deadlock,
-            [1, 1, 1],
-            [64, 1, 1],
-            0,
-            order,
-            &mut b,
-            0,
-            32,
-            0,
-        ));
+        let (msg, _) = one_block_error(st::vppo_simt_selftest_deadlock, 64, order, 0);
         let expected = format!(
             "kernel selftest_deadlock: block (0,0,0): deadlock: thread (0,0,0) waits at __syncthreads at \
              errors.cu:{bar}, thread (1,0,0) waits at __shfl_sync (mask 0xffffffff) at errors.cu:{shfl}"
