@@ -81,6 +81,28 @@ fn run(
     unsafe { launch(entry, grid, block, shared, order, &p) }
 }
 
+/// [`run`] in one block of `threads` threads, with no dynamic shared memory and n = 0.
+fn run_block(
+    entry: SimtEntry,
+    threads: u32,
+    order: LaneOrder,
+    b: &mut Bufs,
+    mode: i32,
+    width: i32,
+) -> Result<(), VppoError> {
+    run(
+        entry,
+        [1, 1, 1],
+        [threads, 1, 1],
+        0,
+        order,
+        b,
+        mode,
+        width,
+        0,
+    )
+}
+
 /// A small deterministic generator (xorshift64*), so failures reproduce.
 struct Rng(u64);
 impl Rng {
@@ -109,17 +131,7 @@ fn one_block_error(entry: SimtEntry, threads: u32, order: LaneOrder, mode: i32) 
         out_a: vec![0; threads as usize],
         ..Default::default()
     };
-    let msg = kernel_err(run(
-        entry,
-        [1, 1, 1],
-        [threads, 1, 1],
-        0,
-        order,
-        &mut b,
-        mode,
-        32,
-        0,
-    ));
+    let msg = kernel_err(run_block(entry, threads, order, &mut b, mode, 32));
     (msg, b)
 }
 
@@ -179,16 +191,13 @@ fn check_shfl(threads: u32, mode: i32, width: i32, masks: &[u32], bs: &[i32]) {
             out_a: vec![-7; threads as usize],
             ..Default::default()
         };
-        run(
+        run_block(
             st::vppo_simt_selftest_shfl,
-            [1, 1, 1],
-            [threads, 1, 1],
-            0,
+            threads,
             order,
             &mut b,
             mode,
             width,
-            0,
         )
         .unwrap();
         for t in 0..threads as i32 {
@@ -236,47 +245,38 @@ fn shuffle_examples_from_the_programming_guide() {
         out_a: vec![0; 32],
         ..Default::default()
     };
-    run(
+    run_block(
         st::vppo_simt_selftest_shfl,
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
+        32,
         LaneOrder::Forward,
         &mut b,
         0,
         32,
-        0,
     )
     .unwrap();
     assert!(b.out_a.iter().all(|&v| v == 1000));
     // __shfl_up_sync(full, v, 1): lane 0 keeps its own value, lane l gets lane l-1's (a scan step).
     b.in_b = vec![1; 32];
-    run(
+    run_block(
         st::vppo_simt_selftest_shfl,
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
+        32,
         LaneOrder::Reverse,
         &mut b,
         1,
         32,
-        0,
     )
     .unwrap();
     assert_eq!(b.out_a[0], 1000);
     assert!((1..32).all(|l| b.out_a[l] == 1000 + l as i32 - 1));
     // __shfl_down_sync(full, v, 4, 8): within each 8-lane subsection, lanes 4..7 keep their own value.
     b.in_b = vec![4; 32];
-    run(
+    run_block(
         st::vppo_simt_selftest_shfl,
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
+        32,
         LaneOrder::Forward,
         &mut b,
         2,
         8,
-        0,
     )
     .unwrap();
     for l in 0..32 {
@@ -286,16 +286,13 @@ fn shuffle_examples_from_the_programming_guide() {
     // __shfl_xor_sync(full, v, 16, 16): lane 0's partner 16 lies past its subsection's end (15), so lane 0
     // keeps its own value; lane 16's partner 0 is below its end (31), so it reads lane 0.
     b.in_b = vec![16; 32];
-    run(
+    run_block(
         st::vppo_simt_selftest_shfl,
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
+        32,
         LaneOrder::Reverse,
         &mut b,
         3,
         16,
-        0,
     )
     .unwrap();
     assert_eq!(b.out_a[0], 1000);
@@ -303,16 +300,13 @@ fn shuffle_examples_from_the_programming_guide() {
     assert_eq!(b.out_a[17], 1001);
     // __shfl_sync(full, v, 35, 8): srcLane is taken modulo width: lane 9 reads lane 8 + 3 = 11.
     b.in_b = vec![35; 32];
-    run(
+    run_block(
         st::vppo_simt_selftest_shfl,
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
+        32,
         LaneOrder::Forward,
         &mut b,
         0,
         8,
-        0,
     )
     .unwrap();
     assert_eq!(b.out_a[9], 1011);
@@ -372,18 +366,7 @@ fn shuffles_carry_every_value_type_whole() {
             out_a: vec![0; 32],
             ..Default::default()
         };
-        run(
-            st::vppo_simt_selftest_shfl_types,
-            [1, 1, 1],
-            [32, 1, 1],
-            0,
-            order,
-            &mut b,
-            0,
-            32,
-            0,
-        )
-        .unwrap();
+        run_block(st::vppo_simt_selftest_shfl_types, 32, order, &mut b, 0, 32).unwrap();
         for l in 0..32usize {
             // xor 1 on unsigned long long: the partner's 64 bits.
             assert_eq!(b.out_u64[l], in_u64[l ^ 1]);
@@ -455,16 +438,13 @@ fn votes_follow_the_programming_guide() {
                 out_b: vec![-1; threads],
                 ..Default::default()
             };
-            run(
+            run_block(
                 st::vppo_simt_selftest_vote,
-                [1, 1, 1],
-                [threads as u32, 1, 1],
-                0,
+                threads as u32,
                 order,
                 &mut b,
                 0,
                 32,
-                0,
             )
             .unwrap();
             for t in 0..threads {
@@ -501,16 +481,13 @@ fn activemask_names_the_converged_lanes_of_a_branch() {
             out_a: vec![-1; threads],
             ..Default::default()
         };
-        run(
+        run_block(
             st::vppo_simt_selftest_activemask,
-            [1, 1, 1],
-            [threads as u32, 1, 1],
-            0,
+            threads as u32,
             order,
             &mut b,
             0,
             32,
-            0,
         )
         .unwrap();
         for t in 0..threads {
@@ -1170,18 +1147,10 @@ fn launches_from_several_threads_at_once_are_independent() {
                         out_a: vec![0; 64],
                         ..Default::default()
                     };
-                    assert!(run(
-                        st::vppo_simt_selftest_deadlock,
-                        [1, 1, 1],
-                        [64, 1, 1],
-                        0,
-                        order,
-                        &mut b,
-                        0,
-                        32,
-                        0
-                    )
-                    .is_err());
+                    assert!(
+                        run_block(st::vppo_simt_selftest_deadlock, 64, order, &mut b, 0, 32)
+                            .is_err()
+                    );
                 }
             })
         })
