@@ -361,19 +361,13 @@ mod tests {
             bf16::NEG_INFINITY,
             bf16::ONE,
         ];
+        let logits_view = |name| {
+            let bytes = le(&logits, |v| v.to_bits().to_le_bytes());
+            (name, StDtype::BF16, vec![2, 2], bytes)
+        };
         let bytes = tensor_bytes(vec![
-            (
-                "logits",
-                StDtype::BF16,
-                vec![2, 2],
-                le(&logits, |v| v.to_bits().to_le_bytes()),
-            ),
-            (
-                "logits_masked",
-                StDtype::BF16,
-                vec![2, 2],
-                le(&logits, |v| v.to_bits().to_le_bytes()),
-            ),
+            logits_view("logits"),
+            logits_view("logits_masked"),
             (
                 "targets",
                 StDtype::I64,
@@ -408,18 +402,8 @@ mod tests {
 
         // An I64 value outside i32 is an error naming the tensor.
         let bytes = tensor_bytes(vec![
-            (
-                "logits",
-                StDtype::BF16,
-                vec![2, 2],
-                le(&logits, |v| v.to_bits().to_le_bytes()),
-            ),
-            (
-                "logits_masked",
-                StDtype::BF16,
-                vec![2, 2],
-                le(&logits, |v| v.to_bits().to_le_bytes()),
-            ),
+            logits_view("logits"),
+            logits_view("logits_masked"),
             (
                 "targets",
                 StDtype::I64,
@@ -440,12 +424,7 @@ mod tests {
         );
         // logits_masked of another dtype
         let bytes = tensor_bytes(vec![
-            (
-                "logits",
-                StDtype::BF16,
-                vec![2, 2],
-                le(&logits, |v| v.to_bits().to_le_bytes()),
-            ),
+            logits_view("logits"),
             ("logits_masked", StDtype::F16, vec![2, 2], vec![0; 8]),
         ]);
         let e = batch_from_bytes(&bytes).unwrap_err();

@@ -251,15 +251,20 @@ struct Input<'a> {
 }
 
 impl<'a> Input<'a> {
+    /// Memory at `addr` that the caller owns for `'a`, used in place. The PhantomData ties the
+    /// address to the borrow, so the memory outlives the launches.
+    fn borrowed(addr: u64) -> Input<'a> {
+        Input {
+            _owned: None,
+            _borrowed: std::marker::PhantomData,
+            addr,
+        }
+    }
+
     fn new<T: bytemuck::Pod>(launcher: &Launcher, data: &'a [T]) -> Result<Input<'a>> {
         if launcher.is_host() {
-            // The SIMT executor reads host memory directly: no copy. The PhantomData ties the address
-            // to the borrow, so the slice outlives the launches.
-            Ok(Input {
-                _owned: None,
-                _borrowed: std::marker::PhantomData,
-                addr: data.as_ptr() as u64,
-            })
+            // The SIMT executor reads host memory directly: no copy.
+            Ok(Input::borrowed(data.as_ptr() as u64))
         } else {
             let buf = launcher.upload(data)?;
             let addr = launcher.addr(&buf);
@@ -470,8 +475,7 @@ fn perception_with(
     batch: &Batch,
     cfg: &VppoConfig,
 ) -> Result<TokenOutputs> {
-    let n = batch.n_tokens();
-    let ws = Workspace::new(&l, n, batch.n_responses())?;
+    let ws = Workspace::new(&l, batch.n_tokens(), batch.n_responses())?;
     let inputs = Inputs::new(&l, batch)?;
     run_perception(&l, kernel, Dims::of(batch), cfg, &inputs, &ws)?;
     status_error(
@@ -480,7 +484,12 @@ fn perception_with(
         batch.vocab,
         &host_rows(batch),
     )?;
-    let f = |b: &Buffer| l.download::<f32>(b, n);
+    download_perception(&l, &ws)
+}
+
+/// The per-token outputs of pass 1 in `ws`, copied back; mask and dlogp (pass 2) are left empty.
+fn download_perception(l: &Launcher, ws: &Workspace) -> Result<TokenOutputs> {
+    let f = |b: &Buffer| l.download::<f32>(b, ws.n);
     Ok(TokenOutputs {
         score: f(&ws.score)?,
         kl: f(&ws.kl)?,
@@ -519,35 +528,48 @@ pub fn select(
     let mask = l.alloc(n)?;
     let k = l.alloc(b * 4)?;
     let sbar = l.alloc(b * 4)?;
-    if b > 0 {
-        let p = VppoSelectParams {
-            score: score.addr as *const f32,
-            cu_seqlens: cu.addr as *const i32,
-            mask: l.addr(&mask) as *mut u8,
-            k: l.addr(&k) as *mut i32,
-            sbar: l.addr(&sbar) as *mut f32,
-            n_responses: b as i64,
-            frac_num: frac.numerator(),
-            frac_den: frac.denominator(),
-        };
-        // SAFETY: score [N], cu_seqlens [B+1] (validated: within [0, N], non-decreasing), mask [N],
-        // k and sbar [B] are live buffers of this launcher's memory for the whole launch.
-        unsafe {
-            l.launch(
-                SELECT,
-                l.row_grid(b),
-                SELECT_THREADS,
-                SELECT_SHARED_BYTES,
-                &p,
-            )?
-        };
-    }
+    let p = VppoSelectParams {
+        score: score.addr as *const f32,
+        cu_seqlens: cu.addr as *const i32,
+        mask: l.addr(&mask) as *mut u8,
+        k: l.addr(&k) as *mut i32,
+        sbar: l.addr(&sbar) as *mut f32,
+        n_responses: b as i64,
+        frac_num: frac.numerator(),
+        frac_den: frac.denominator(),
+    };
+    // SAFETY: score [N], cu_seqlens [B+1] (validated: within [0, N], non-decreasing), mask [N],
+    // k and sbar [B] are live buffers of this launcher's memory for the whole launch.
+    unsafe { launch_select(&l, &p)? };
     let kk: Vec<i32> = l.download(&k, b)?;
     Ok((
         l.download(&mask, n)?,
         kk.into_iter().map(|x| x as u32).collect(),
         l.download(&sbar, b)?,
     ))
+}
+
+/// Launches `vppo_select` over the `p.n_responses` responses of `p`; nothing to launch when there
+/// are none.
+///
+/// # Safety
+/// As [`Launcher::launch`]: `score` and `mask` address N values, `cu_seqlens` B + 1 validated
+/// boundaries (within [0, N], non-decreasing), `k` and `sbar` B values, all live for the launch.
+unsafe fn launch_select(l: &Launcher, p: &VppoSelectParams) -> Result<()> {
+    let b = p.n_responses as usize;
+    if b == 0 {
+        return Ok(());
+    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        l.launch(
+            SELECT,
+            l.row_grid(b),
+            SELECT_THREADS,
+            SELECT_SHARED_BYTES,
+            p,
+        )
+    }
 }
 
 /// The sizes of a batch.
@@ -583,11 +605,7 @@ struct Inputs<'a> {
 impl<'a> Inputs<'a> {
     /// The caller's device buffers, used in place (no copy).
     fn device(gpu: &Gpu, batch: &DeviceBatch<'a>) -> Inputs<'a> {
-        let at = |addr: u64| Input {
-            _owned: None,
-            _borrowed: std::marker::PhantomData,
-            addr,
-        };
+        let at = Input::borrowed;
         Inputs {
             logits: at(batch.logits.addr(gpu)),
             logits_masked: at(batch.logits_masked.addr(gpu)),
@@ -675,28 +693,18 @@ fn run_select_loss(
 ) -> Result<()> {
     let (n, b) = (dims.n, dims.b);
     let frac = cfg.top_fraction_exact()?;
-    if b > 0 {
-        let p = VppoSelectParams {
-            score: l.addr(&ws.score) as *const f32,
-            cu_seqlens: inp.cu_seqlens.addr as *const i32,
-            mask: l.addr(&ws.mask) as *mut u8,
-            k: l.addr(&ws.k) as *mut i32,
-            sbar: l.addr(&ws.sbar) as *mut f32,
-            n_responses: b as i64,
-            frac_num: frac.numerator(),
-            frac_den: frac.denominator(),
-        };
-        // SAFETY: score and mask [N], cu_seqlens [B+1] validated, k and sbar [B]; all live.
-        unsafe {
-            l.launch(
-                SELECT,
-                l.row_grid(b),
-                SELECT_THREADS,
-                SELECT_SHARED_BYTES,
-                &p,
-            )?
-        };
-    }
+    let p = VppoSelectParams {
+        score: l.addr(&ws.score) as *const f32,
+        cu_seqlens: inp.cu_seqlens.addr as *const i32,
+        mask: l.addr(&ws.mask) as *mut u8,
+        k: l.addr(&ws.k) as *mut i32,
+        sbar: l.addr(&ws.sbar) as *mut f32,
+        n_responses: b as i64,
+        frac_num: frac.numerator(),
+        frac_den: frac.denominator(),
+    };
+    // SAFETY: score and mask [N], cu_seqlens [B+1] validated, k and sbar [B]; all live.
+    unsafe { launch_select(l, &p)? };
     let p = VppoLossParams {
         logp: l.addr(&ws.logp) as *const f32,
         old_logp: inp.old_logp.addr as *const f32,
@@ -721,15 +729,7 @@ pub fn forward(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<VppoOu
     let (n, b) = (batch.n_tokens(), batch.n_responses());
     let z = cfg.token_normalizer.unwrap_or(n as f64);
     if n == 0 {
-        return Ok(VppoOutput {
-            token_normalizer: z,
-            responses: ResponseOutputs {
-                sbar: vec![0.0; b],
-                k: vec![0; b],
-                alpha: vec![1.0; b],
-            },
-            ..Default::default()
-        });
+        return Ok(empty_output(z, b));
     }
     let inputs = Inputs::new(&l, batch)?;
     let ws = Workspace::new(&l, n, b)?;
@@ -745,6 +745,20 @@ pub fn forward(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<VppoOu
     collect(&l, &ws, z)
 }
 
+/// The output of a forward over no tokens (N = 0) and `b` empty responses: loss 0, Sbar 0, k 0,
+/// alpha 1.
+fn empty_output(z: f64, b: usize) -> VppoOutput {
+    VppoOutput {
+        token_normalizer: z,
+        responses: ResponseOutputs {
+            sbar: vec![0.0; b],
+            k: vec![0; b],
+            alpha: vec![1.0; b],
+        },
+        ..Default::default()
+    }
+}
+
 fn collect(l: &Launcher, ws: &Workspace, z: f64) -> Result<VppoOutput> {
     let (n, b) = (ws.n, ws.b);
     let f = |buf: &Buffer, len: usize| l.download::<f32>(buf, len);
@@ -756,16 +770,9 @@ fn collect(l: &Launcher, ws: &Workspace, z: f64) -> Result<VppoOutput> {
         pg_loss: t.pg,
         token_normalizer: z,
         tokens: TokenOutputs {
-            score: f(&ws.score, n)?,
-            kl: f(&ws.kl, n)?,
-            k3: f(&ws.k3, n)?,
-            entropy: f(&ws.entropy, n)?,
-            logp: f(&ws.logp, n)?,
-            logp_masked: f(&ws.logp_masked, n)?,
-            lse: f(&ws.lse, n)?,
-            lse_masked: f(&ws.lse_masked, n)?,
             mask: l.download(&ws.mask, n)?,
             dlogp: f(&ws.dlogp, n)?,
+            ..download_perception(l, ws)?
         },
         responses: ResponseOutputs {
             sbar: f(&ws.sbar, b)?,
@@ -788,61 +795,34 @@ fn collect(l: &Launcher, ws: &Workspace, z: f64) -> Result<VppoOutput> {
 // Backward
 // -------------------------------------------------------------------------------------------------
 
+/// `$body` with `$g` bound to the slice inside a [`GradMut`], whatever its dtype.
+macro_rules! on_grad {
+    ($e:expr, $g:ident => $body:expr) => {
+        match $e {
+            GradMut::F32($g) => $body,
+            GradMut::F16($g) => $body,
+            GradMut::Bf16($g) => $body,
+        }
+    };
+}
+
 /// dloss/dlogits into `grad` from a forward's saved lse and dlogp. Validated by the caller.
 pub fn backward_into(
     batch: &Batch,
     cfg: &VppoConfig,
     out: &VppoOutput,
-    mut grad: GradMut,
+    grad: GradMut,
     device: Device,
 ) -> Result<()> {
-    let n = batch.n_tokens();
-    if n == 0 {
-        return Ok(());
-    }
-    let l = Launcher::for_device(device)?;
-    let kernel = backward_kernel(batch.logits.dtype(), grad.dtype())?;
-    let logits = Input::logits(&l, &batch.logits)?;
-    let targets = Input::new(&l, batch.targets)?;
-    let lse = Input::new(&l, &out.tokens.lse)?;
-    let dlogp = Input::new(&l, &out.tokens.dlogp)?;
-    let nv = n * batch.vocab;
-    let grad_dtype = grad.dtype();
-    // On the SIMT executor the kernel writes the caller's buffer directly; on a GPU into a device
-    // buffer that is then copied back.
-    let (grad_addr, device_grad) = match (&l, &mut grad) {
-        (Launcher::Simt(_), GradMut::F32(g)) => (g.as_mut_ptr() as u64, None),
-        (Launcher::Simt(_), GradMut::F16(g)) => (g.as_mut_ptr() as u64, None),
-        (Launcher::Simt(_), GradMut::Bf16(g)) => (g.as_mut_ptr() as u64, None),
-        (Launcher::Cuda(_), _) => {
-            let buf = l.alloc(nv * grad_dtype.size())?;
-            (l.addr(&buf), Some(buf))
-        }
-    };
-    let p = VppoBackwardParams {
-        logits: logits.addr as *const c_void,
-        lse: lse.addr as *const f32,
-        dlogp: dlogp.addr as *const f32,
-        targets: targets.addr as *const i32,
-        grad: grad_addr as *mut c_void,
-        n_tokens: n as i64,
-        vocab: batch.vocab as i64,
-        inv_temperature: (1.0 / cfg.temperature) as f32,
-        ..Default::default()
-    };
-    // SAFETY: logits [N, V] of the input dtype, lse/dlogp/targets [N] (checked by the caller:
-    // out comes from a forward over this batch), grad [N, V] of the output dtype (GradMut::check);
-    // the caller's grad slice is borrowed mutably for this whole function, so nothing else reads or
-    // writes it while the kernel does.
-    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p)? };
-    if let Some(buf) = device_grad {
-        match grad {
-            GradMut::F32(g) => g.copy_from_slice(&l.download::<f32>(&buf, nv)?),
-            GradMut::F16(g) => g.copy_from_slice(&l.download::<f16>(&buf, nv)?),
-            GradMut::Bf16(g) => g.copy_from_slice(&l.download::<bf16>(&buf, nv)?),
-        }
-    }
-    Ok(())
+    backward_host(
+        device,
+        Some(&batch.logits),
+        batch.targets,
+        batch.vocab,
+        out,
+        grad,
+        cfg,
+    )
 }
 
 /// dloss/dlogits written IN PLACE over host `logits` ([N, V], the forward's logits): afterwards the
@@ -850,60 +830,107 @@ pub fn backward_into(
 /// ([`crate::Vppo::backward_in_place`]). On a GPU the buffer is uploaded, overwritten there by the
 /// same kernel, and copied back.
 pub fn backward_in_place(
-    mut logits: GradMut,
+    logits: GradMut,
     vocab: usize,
     targets: &[i32],
     out: &VppoOutput,
     cfg: &VppoConfig,
     device: Device,
 ) -> Result<()> {
+    backward_host(device, None, targets, vocab, out, logits, cfg)
+}
+
+/// The backward kernel into the caller's host buffer `grad` ([N, V], N = `targets.len()`), reading
+/// `logits`, or, when `logits` is None, reading the logits from `grad` itself and overwriting them
+/// (in place). On the SIMT executor the kernel writes the caller's buffer directly; on a GPU it
+/// writes a device buffer (a copy of `grad` in place, zeros otherwise) that is then copied back.
+fn backward_host(
+    device: Device,
+    logits: Option<&Logits>,
+    targets: &[i32],
+    vocab: usize,
+    out: &VppoOutput,
+    mut grad: GradMut,
+    cfg: &VppoConfig,
+) -> Result<()> {
     let n = targets.len();
     if n == 0 {
         return Ok(());
     }
-    let l = Launcher::for_device(device)?;
-    let dtype = logits.dtype();
-    let kernel = backward_kernel(dtype, dtype)?;
-    let targets = Input::new(&l, targets)?;
-    let lse = Input::new(&l, &out.tokens.lse)?;
-    let dlogp = Input::new(&l, &out.tokens.dlogp)?;
+    let l = &Launcher::for_device(device)?;
+    let input_dtype = logits.map_or(grad.dtype(), |x| x.dtype());
+    let kernel = backward_kernel(input_dtype, grad.dtype())?;
+    let logits = logits.map(|x| Input::logits(l, x)).transpose()?;
     let nv = n * vocab;
-    let device_copy = match (&l, &mut logits) {
+    let targets = Input::new(l, targets)?;
+    let lse = Input::new(l, &out.tokens.lse)?;
+    let dlogp = Input::new(l, &out.tokens.dlogp)?;
+    let device_grad = match (l, &logits) {
         (Launcher::Simt(_), _) => None,
-        (Launcher::Cuda(_), GradMut::F32(x)) => Some(l.upload(&x[..])?),
-        (Launcher::Cuda(_), GradMut::F16(x)) => Some(l.upload(&x[..])?),
-        (Launcher::Cuda(_), GradMut::Bf16(x)) => Some(l.upload(&x[..])?),
+        (Launcher::Cuda(_), None) => Some(on_grad!(&grad, g => l.upload(&g[..]))?),
+        (Launcher::Cuda(_), Some(_)) => Some(l.alloc(nv * grad.dtype().size())?),
     };
-    let addr = match (&device_copy, &mut logits) {
-        (Some(buf), _) => l.addr(buf),
-        (None, GradMut::F32(x)) => x.as_mut_ptr() as u64,
-        (None, GradMut::F16(x)) => x.as_mut_ptr() as u64,
-        (None, GradMut::Bf16(x)) => x.as_mut_ptr() as u64,
+    let grad_addr = match &device_grad {
+        Some(buf) => l.addr(buf),
+        None => on_grad!(&mut grad, g => g.as_mut_ptr() as u64),
     };
+    let addrs = BackwardAddrs {
+        logits: logits.as_ref().map_or(grad_addr, |x| x.addr),
+        lse: lse.addr,
+        dlogp: dlogp.addr,
+        targets: targets.addr,
+        grad: grad_addr,
+    };
+    // SAFETY: logits [N, V] of the input dtype (the caller's batch, or the one buffer at grad_addr
+    // in place), lse/dlogp/targets [N] (checked by the caller: out comes from a forward over these
+    // tokens), grad [N, V] of the output dtype (checked by the caller). In place, each element is
+    // loaded and then stored by the same thread, and no two threads touch one element
+    // (kernels/backward.cu). The caller's grad slice is borrowed mutably for this whole function, so
+    // nothing else reads or writes it while the kernel does.
+    unsafe { launch_backward_kernel(l, kernel, &addrs, n, vocab, cfg)? };
+    if let Some(buf) = device_grad {
+        on_grad!(grad, g => g.copy_from_slice(&l.download(&buf, nv)?));
+    }
+    Ok(())
+}
+
+/// The buffers of one backward launch, as addresses of the launcher's memory space. `logits` and
+/// `grad` are the same address for the in-place backward.
+struct BackwardAddrs {
+    logits: u64,
+    lse: u64,
+    dlogp: u64,
+    targets: u64,
+    grad: u64,
+}
+
+/// Launches the backward kernel over `n` rows of `vocab` logits.
+///
+/// # Safety
+/// As [`Launcher::launch`]: `logits` and `grad` hold `n * vocab` elements of the kernel's input and
+/// output dtypes, `lse`, `dlogp` and `targets` hold `n` values, and nothing else accesses `grad`
+/// while the kernel runs (it may alias `logits`: each element is loaded, then stored, by one thread).
+unsafe fn launch_backward_kernel(
+    l: &Launcher,
+    kernel: Kernel,
+    a: &BackwardAddrs,
+    n: usize,
+    vocab: usize,
+    cfg: &VppoConfig,
+) -> Result<()> {
     let p = VppoBackwardParams {
-        logits: addr as *const c_void,
-        lse: lse.addr as *const f32,
-        dlogp: dlogp.addr as *const f32,
-        targets: targets.addr as *const i32,
-        grad: addr as *mut c_void,
+        logits: a.logits as *const c_void,
+        lse: a.lse as *const f32,
+        dlogp: a.dlogp as *const f32,
+        targets: a.targets as *const i32,
+        grad: a.grad as *mut c_void,
         n_tokens: n as i64,
         vocab: vocab as i64,
         inv_temperature: (1.0 / cfg.temperature) as f32,
         ..Default::default()
     };
-    // SAFETY: the one buffer at `addr` holds N * V elements of the dtype (checked by the caller) and
-    // is both input and output: each element is loaded and then stored by the same thread, and no
-    // two threads touch one element (kernels/backward.cu). The caller's slice is borrowed mutably
-    // for this whole function; lse, dlogp, targets hold N values.
-    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p)? };
-    if let Some(buf) = device_copy {
-        match logits {
-            GradMut::F32(x) => x.copy_from_slice(&l.download::<f32>(&buf, nv)?),
-            GradMut::F16(x) => x.copy_from_slice(&l.download::<f16>(&buf, nv)?),
-            GradMut::Bf16(x) => x.copy_from_slice(&l.download::<bf16>(&buf, nv)?),
-        }
-    }
-    Ok(())
+    // SAFETY: forwarded from this function's contract.
+    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p) }
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -941,16 +968,6 @@ macro_rules! on_slice {
             DeviceLogits::F32($s) => $body,
             DeviceLogits::F16($s) => $body,
             DeviceLogits::Bf16($s) => $body,
-        }
-    };
-}
-
-macro_rules! on_slice_mut {
-    ($e:expr, $s:ident => $body:expr) => {
-        match $e {
-            DeviceLogitsMut::F32($s) => $body,
-            DeviceLogitsMut::F16($s) => $body,
-            DeviceLogitsMut::Bf16($s) => $body,
         }
     };
 }
@@ -1003,18 +1020,23 @@ impl DeviceLogits<'_> {
 }
 
 impl DeviceLogitsMut<'_> {
+    /// The same buffer, borrowed for reading.
+    fn as_ref(&self) -> DeviceLogits<'_> {
+        match self {
+            DeviceLogitsMut::F32(s) => DeviceLogits::F32(s),
+            DeviceLogitsMut::F16(s) => DeviceLogits::F16(s),
+            DeviceLogitsMut::Bf16(s) => DeviceLogits::Bf16(s),
+        }
+    }
+
     /// The element type.
     pub fn dtype(&self) -> Dtype {
-        match self {
-            DeviceLogitsMut::F32(_) => Dtype::F32,
-            DeviceLogitsMut::F16(_) => Dtype::F16,
-            DeviceLogitsMut::Bf16(_) => Dtype::Bf16,
-        }
+        self.as_ref().dtype()
     }
 
     /// Number of elements.
     pub fn len(&self) -> usize {
-        on_slice_mut!(self, s => s.len())
+        self.as_ref().len()
     }
 
     /// True when empty.
@@ -1023,7 +1045,7 @@ impl DeviceLogitsMut<'_> {
     }
 
     fn addr(&self, gpu: &Gpu) -> u64 {
-        on_slice_mut!(self, s => gpu.device_ptr_u64(s))
+        self.as_ref().addr(gpu)
     }
 }
 
@@ -1064,6 +1086,19 @@ pub struct DeviceForward {
     dtype: Dtype,
 }
 
+impl DeviceForward {
+    /// Checks that logits given to a backward have the dtype the forward read.
+    fn check_logits_dtype(&self, dtype: Dtype) -> Result<()> {
+        if dtype != self.dtype {
+            return Err(VppoError::Shape {
+                tensor: Tensor::Logits,
+                detail: "dtype differs from the forward's".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for DeviceForward {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceForward")
@@ -1094,15 +1129,29 @@ fn residence<T>(tensor: Tensor, s: &CudaSlice<T>) -> Residence<'_> {
     (tensor, s.context(), s.stream())
 }
 
-impl DeviceLogits<'_> {
-    fn residence(&self, tensor: Tensor) -> Residence<'_> {
-        on_slice!(self, s => residence(tensor, s))
+impl<'a> DeviceLogits<'a> {
+    fn residence(&self, tensor: Tensor) -> Residence<'a> {
+        on_slice!(*self, s => residence(tensor, s))
     }
 }
 
 impl DeviceLogitsMut<'_> {
     fn residence(&self, tensor: Tensor) -> Residence<'_> {
-        on_slice_mut!(self, s => residence(tensor, s))
+        self.as_ref().residence(tensor)
+    }
+}
+
+impl<'a> DeviceBatch<'a> {
+    /// Where each of the batch's buffers lives, for [`join_caller_streams`].
+    fn residences(&self) -> [Residence<'a>; 6] {
+        [
+            self.logits.residence(Tensor::Logits),
+            self.logits_masked.residence(Tensor::LogitsMasked),
+            residence(Tensor::Targets, self.targets),
+            residence(Tensor::OldLogp, self.old_logp),
+            residence(Tensor::Advantages, self.advantages),
+            residence(Tensor::CuSeqlens, self.cu_seqlens),
+        ]
     }
 }
 
@@ -1142,17 +1191,7 @@ pub fn forward_device(
     cfg: &VppoConfig,
 ) -> Result<DeviceForward> {
     cfg.validate()?;
-    join_caller_streams(
-        gpu,
-        &[
-            batch.logits.residence(Tensor::Logits),
-            batch.logits_masked.residence(Tensor::LogitsMasked),
-            residence(Tensor::Targets, batch.targets),
-            residence(Tensor::OldLogp, batch.old_logp),
-            residence(Tensor::Advantages, batch.advantages),
-            residence(Tensor::CuSeqlens, batch.cu_seqlens),
-        ],
-    )?;
+    join_caller_streams(gpu, &batch.residences())?;
     let targets = download_small(gpu, batch.targets)?;
     let old_logp = download_small(gpu, batch.old_logp)?;
     let advantages = download_small(gpu, batch.advantages)?;
@@ -1177,15 +1216,7 @@ pub fn forward_device(
     let z = cfg.token_normalizer.unwrap_or(n as f64);
     if n == 0 {
         return Ok(DeviceForward {
-            output: VppoOutput {
-                token_normalizer: z,
-                responses: ResponseOutputs {
-                    sbar: vec![0.0; b],
-                    k: vec![0; b],
-                    alpha: vec![1.0; b],
-                },
-                ..Default::default()
-            },
+            output: empty_output(z, b),
             gpu: gpu.clone(),
             ws: None,
             targets,
@@ -1218,32 +1249,10 @@ pub fn forward_device(
     })
 }
 
-/// dloss/dlogits of a [`forward_device`] into `grad` (f32, or the logits dtype), on the GPU, and
-/// waits for it. `logits` and `targets` must be the buffers the forward read (lengths are checked).
-fn backward_device_raw(
-    fwd: &DeviceForward,
-    logits_addr: u64,
-    logits_len: usize,
-    logits_residence: Residence,
-    targets: &CudaSlice<i32>,
-    grad: &DeviceLogitsMut,
-    cfg: &VppoConfig,
-) -> Result<()> {
-    launch_backward(
-        fwd,
-        logits_addr,
-        logits_len,
-        logits_residence,
-        targets,
-        grad,
-        cfg,
-    )?;
-    fwd.gpu.synchronize()
-}
-
-/// Queues the backward kernel of [`backward_device_raw`] on the stream, without waiting for it.
-/// The caller synchronizes (or records an event and waits for it) before any of the buffers is
-/// dropped or read on the host.
+/// Queues the backward kernel of a [`forward_device`] on the GPU's stream: dloss/dlogits into `grad`
+/// (f32, or the logits dtype) from the logits at `logits_addr`, which with `targets` must be the
+/// buffers the forward read (lengths are checked). It does not wait: the caller synchronizes (or
+/// records an event and waits for it) before any of the buffers is dropped or read on the host.
 fn launch_backward(
     fwd: &DeviceForward,
     logits_addr: u64,
@@ -1284,22 +1293,18 @@ fn launch_backward(
     )?;
     let l = Launcher::Cuda(gpu.clone());
     let kernel = backward_kernel(fwd.dtype, grad.dtype())?;
-    let p = VppoBackwardParams {
-        logits: logits_addr as *const c_void,
-        lse: l.addr(&ws.lse) as *const f32,
-        dlogp: l.addr(&ws.dlogp) as *const f32,
-        targets: gpu.device_ptr_u64(targets) as *const i32,
-        grad: grad.addr(gpu) as *mut c_void,
-        n_tokens: n as i64,
-        vocab: fwd.vocab as i64,
-        inv_temperature: (1.0 / cfg.temperature) as f32,
-        ..Default::default()
+    let addrs = BackwardAddrs {
+        logits: logits_addr,
+        lse: l.addr(&ws.lse),
+        dlogp: l.addr(&ws.dlogp),
+        targets: gpu.device_ptr_u64(targets),
+        grad: grad.addr(gpu),
     };
     // SAFETY: logits and grad hold N * V elements of their dtypes (checked above), lse, dlogp and
     // targets N; grad is borrowed mutably by the caller for this call; the kernel is queued on the
     // one stream every buffer of this Gpu lives on, and a CudaSlice is freed in stream order (or
     // after a synchronize), so every buffer outlives the kernel even when the caller does not wait.
-    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p) }
+    unsafe { launch_backward_kernel(&l, kernel, &addrs, n, fwd.vocab, cfg) }
 }
 
 /// dloss/dlogits of a [`forward_device`] into the caller's device buffer `grad`.
@@ -1309,13 +1314,8 @@ pub fn backward_device(
     grad: DeviceLogitsMut,
     cfg: &VppoConfig,
 ) -> Result<()> {
-    if batch.logits.dtype() != fwd.dtype {
-        return Err(VppoError::Shape {
-            tensor: Tensor::Logits,
-            detail: "dtype differs from the forward's".into(),
-        });
-    }
-    backward_device_raw(
+    fwd.check_logits_dtype(batch.logits.dtype())?;
+    launch_backward(
         fwd,
         batch.logits.addr(&fwd.gpu),
         batch.logits.len(),
@@ -1323,7 +1323,8 @@ pub fn backward_device(
         batch.targets,
         &grad,
         cfg,
-    )
+    )?;
+    fwd.gpu.synchronize()
 }
 
 /// dloss/dlogits of a [`forward_device`] written IN PLACE over `logits`: after this call the buffer
@@ -1335,14 +1336,9 @@ pub fn backward_device_in_place(
     targets: &CudaSlice<i32>,
     cfg: &VppoConfig,
 ) -> Result<()> {
-    if logits.dtype() != fwd.dtype {
-        return Err(VppoError::Shape {
-            tensor: Tensor::Logits,
-            detail: "dtype differs from the forward's".into(),
-        });
-    }
+    fwd.check_logits_dtype(logits.dtype())?;
     let addr = logits.addr(&fwd.gpu);
-    backward_device_raw(
+    launch_backward(
         fwd,
         addr,
         logits.len(),
@@ -1350,7 +1346,8 @@ pub fn backward_device_in_place(
         targets,
         &logits,
         cfg,
-    )
+    )?;
+    fwd.gpu.synchronize()
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -1401,18 +1398,7 @@ impl<'a> DeviceStages<'a> {
 
     /// Orders the GPU's stream after work queued on the batch's own streams (as [`forward_device`]).
     fn join_batch(&self) -> Result<()> {
-        let b = &self.batch;
-        join_caller_streams(
-            &self.fwd.gpu,
-            &[
-                b.logits.residence(Tensor::Logits),
-                b.logits_masked.residence(Tensor::LogitsMasked),
-                residence(Tensor::Targets, b.targets),
-                residence(Tensor::OldLogp, b.old_logp),
-                residence(Tensor::Advantages, b.advantages),
-                residence(Tensor::CuSeqlens, b.cu_seqlens),
-            ],
-        )
+        join_caller_streams(&self.fwd.gpu, &self.batch.residences())
     }
 
     /// Queues pass 1 (`vppo_perception_*`) over the batch. Nothing to do when N = 0.
@@ -1460,12 +1446,7 @@ impl<'a> DeviceStages<'a> {
     /// filled with a copy of the batch's logits (the values are the caller's business: the forward's
     /// lse is used as is). Afterwards `logits` holds the gradient.
     pub fn backward_in_place(&self, logits: DeviceLogitsMut) -> Result<()> {
-        if logits.dtype() != self.fwd.dtype {
-            return Err(VppoError::Shape {
-                tensor: Tensor::Logits,
-                detail: "dtype differs from the forward's".into(),
-            });
-        }
+        self.fwd.check_logits_dtype(logits.dtype())?;
         let addr = logits.addr(&self.fwd.gpu);
         launch_backward(
             &self.fwd,

@@ -272,23 +272,41 @@ fn grad_on(
     dtype: Dtype,
 ) -> Vec<f64> {
     let nv = batch.n_tokens() * batch.vocab;
+    let run = |g: GradMut| kernels::backward_into(batch, cfg, out, g, device).unwrap();
     match dtype {
-        Dtype::F32 => {
-            let mut g = vec![f32::NAN; nv];
-            kernels::backward_into(batch, cfg, out, GradMut::F32(&mut g), device).unwrap();
-            g.into_iter().map(|x| x as f64).collect()
-        }
-        Dtype::F16 => {
-            let mut g = vec![f16::NAN; nv];
-            kernels::backward_into(batch, cfg, out, GradMut::F16(&mut g), device).unwrap();
-            g.into_iter().map(|x| x.to_f64()).collect()
-        }
-        Dtype::Bf16 => {
-            let mut g = vec![bf16::NAN; nv];
-            kernels::backward_into(batch, cfg, out, GradMut::Bf16(&mut g), device).unwrap();
-            g.into_iter().map(|x| x.to_f64()).collect()
-        }
+        Dtype::F32 => written_by(&mut vec![f32::NAN; nv], run),
+        Dtype::F16 => written_by(&mut vec![f16::NAN; nv], run),
+        Dtype::Bf16 => written_by(&mut vec![bf16::NAN; nv], run),
     }
+}
+
+/// An element type of a [`GradMut`].
+trait GradElem: Copy + Into<f64> {
+    fn grad_mut(x: &mut [Self]) -> GradMut<'_>;
+}
+
+impl GradElem for f32 {
+    fn grad_mut(x: &mut [f32]) -> GradMut<'_> {
+        GradMut::F32(x)
+    }
+}
+
+impl GradElem for f16 {
+    fn grad_mut(x: &mut [f16]) -> GradMut<'_> {
+        GradMut::F16(x)
+    }
+}
+
+impl GradElem for bf16 {
+    fn grad_mut(x: &mut [bf16]) -> GradMut<'_> {
+        GradMut::Bf16(x)
+    }
+}
+
+/// Runs `write` on `buf` (as a [`GradMut`]) and returns what it left there, widened to f64.
+fn written_by<T: GradElem>(buf: &mut [T], write: impl FnOnce(GradMut)) -> Vec<f64> {
+    write(T::grad_mut(buf));
+    buf.iter().map(|&x| x.into()).collect()
 }
 
 fn random_config(seed: u64, group_size: usize) -> VppoConfig {
@@ -518,76 +536,57 @@ fn errors_match_reference() {
     let y = owned.targets[row] as usize;
     let other = (y + 1) % v;
     type Mutation = Box<dyn Fn(&mut vppo::OwnedBatch)>;
-    let f32s = |o: &mut vppo::OwnedBatch, masked: bool| -> Vec<f32> {
-        let l = if masked { &o.logits_masked } else { &o.logits };
-        l.to_f32()
-    };
-    let set = |o: &mut vppo::OwnedBatch, masked: bool, vals: Vec<f32>| {
-        let l = vppo::OwnedLogits::F32(vals);
-        if masked {
-            o.logits_masked = l
+    // Replaces the logits (or the masked logits) by an f32 copy edited by `f`.
+    fn edit(o: &mut vppo::OwnedBatch, masked: bool, f: impl FnOnce(&mut [f32])) {
+        let l = if masked {
+            &mut o.logits_masked
         } else {
-            o.logits = l
-        }
-    };
+            &mut o.logits
+        };
+        let mut x = l.to_f32();
+        f(&mut x);
+        *l = vppo::OwnedLogits::F32(x);
+    }
     let cases: Vec<(&str, Mutation)> = vec![
         (
             "nan in logits",
-            Box::new(move |o| {
-                let mut x = f32s(o, false);
-                x[row * v + other] = f32::NAN;
-                set(o, false, x)
-            }),
+            Box::new(move |o| edit(o, false, |x| x[row * v + other] = f32::NAN)),
         ),
         (
             "+inf in logits",
-            Box::new(move |o| {
-                let mut x = f32s(o, false);
-                x[row * v + other] = f32::INFINITY;
-                set(o, false, x)
-            }),
+            Box::new(move |o| edit(o, false, |x| x[row * v + other] = f32::INFINITY)),
         ),
         (
             "all -inf logits",
             Box::new(move |o| {
-                let mut x = f32s(o, false);
-                x[row * v..(row + 1) * v].fill(f32::NEG_INFINITY);
-                set(o, false, x)
+                edit(o, false, |x| {
+                    x[row * v..(row + 1) * v].fill(f32::NEG_INFINITY)
+                })
             }),
         ),
         (
             "target -inf",
-            Box::new(move |o| {
-                let mut x = f32s(o, false);
-                x[row * v + y] = f32::NEG_INFINITY;
-                set(o, false, x)
-            }),
+            Box::new(move |o| edit(o, false, |x| x[row * v + y] = f32::NEG_INFINITY)),
         ),
         (
             "nan in masked",
-            Box::new(move |o| {
-                let mut x = f32s(o, true);
-                x[row * v + other] = f32::NAN;
-                set(o, true, x)
-            }),
+            Box::new(move |o| edit(o, true, |x| x[row * v + other] = f32::NAN)),
         ),
         (
             "all -inf masked",
             Box::new(move |o| {
-                let mut x = f32s(o, true);
-                x[row * v..(row + 1) * v].fill(f32::NEG_INFINITY);
-                set(o, true, x)
+                edit(o, true, |x| {
+                    x[row * v..(row + 1) * v].fill(f32::NEG_INFINITY)
+                })
             }),
         ),
         (
             "two bad rows: the first is reported",
             Box::new(move |o| {
-                let mut x = f32s(o, true);
-                x[(row + 1) * v] = f32::NAN;
-                set(o, true, x);
-                let mut x = f32s(o, false);
-                x[row * v..(row + 1) * v].fill(f32::NEG_INFINITY);
-                set(o, false, x)
+                edit(o, true, |x| x[(row + 1) * v] = f32::NAN);
+                edit(o, false, |x| {
+                    x[row * v..(row + 1) * v].fill(f32::NEG_INFINITY)
+                })
             }),
         ),
     ];
@@ -697,22 +696,14 @@ fn in_place_backward_equals_out_of_place() {
             let out = vppo.forward(&batch).unwrap();
             let want = grad_on(device, &batch, &cfg, &out, d);
             let mut logits = owned.logits.clone();
-            let got: Vec<f64> = match &mut logits {
-                vppo::OwnedLogits::F32(x) => {
-                    vppo.backward_in_place(GradMut::F32(x), owned.vocab, &owned.targets, &out)
-                        .unwrap();
-                    x.iter().map(|&v| v as f64).collect()
-                }
-                vppo::OwnedLogits::F16(x) => {
-                    vppo.backward_in_place(GradMut::F16(x), owned.vocab, &owned.targets, &out)
-                        .unwrap();
-                    x.iter().map(|v| v.to_f64()).collect()
-                }
-                vppo::OwnedLogits::Bf16(x) => {
-                    vppo.backward_in_place(GradMut::Bf16(x), owned.vocab, &owned.targets, &out)
-                        .unwrap();
-                    x.iter().map(|v| v.to_f64()).collect()
-                }
+            let in_place = |x: GradMut| {
+                vppo.backward_in_place(x, owned.vocab, &owned.targets, &out)
+                    .unwrap()
+            };
+            let got = match &mut logits {
+                vppo::OwnedLogits::F32(x) => written_by(x, in_place),
+                vppo::OwnedLogits::F16(x) => written_by(x, in_place),
+                vppo::OwnedLogits::Bf16(x) => written_by(x, in_place),
             };
             assert_eq!(got.len(), want.len());
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {

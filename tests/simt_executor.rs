@@ -81,6 +81,28 @@ fn run(
     unsafe { launch(entry, grid, block, shared, order, &p) }
 }
 
+/// [`run`] in one block of `threads` threads, with no dynamic shared memory and n = 0.
+fn run_block(
+    entry: SimtEntry,
+    threads: u32,
+    order: LaneOrder,
+    b: &mut Bufs,
+    mode: i32,
+    width: i32,
+) -> Result<(), VppoError> {
+    run(
+        entry,
+        [1, 1, 1],
+        [threads, 1, 1],
+        0,
+        order,
+        b,
+        mode,
+        width,
+        0,
+    )
+}
+
 /// A small deterministic generator (xorshift64*), so failures reproduce.
 struct Rng(u64);
 impl Rng {
@@ -100,6 +122,17 @@ fn kernel_err(r: Result<(), VppoError>) -> String {
         Err(VppoError::Kernel(m)) => m,
         other => panic!("expected a kernel error, got {other:?}"),
     }
+}
+
+/// Runs the error self-test `entry` in one block of `threads` threads (out_a sized for them, width
+/// 32, n 0) and returns the kernel error it must report, with the buffers it left.
+fn one_block_error(entry: SimtEntry, threads: u32, order: LaneOrder, mode: i32) -> (String, Bufs) {
+    let mut b = Bufs {
+        out_a: vec![0; threads as usize],
+        ..Default::default()
+    };
+    let msg = kernel_err(run_block(entry, threads, order, &mut b, mode, 32));
+    (msg, b)
 }
 
 /// The line of kernels/simt/tests/<file> that carries `// MARK:<name>`.
@@ -158,16 +191,13 @@ fn check_shfl(threads: u32, mode: i32, width: i32, masks: &[u32], bs: &[i32]) {
             out_a: vec![-7; threads as usize],
             ..Default::default()
         };
-        run(
+        run_block(
             st::vppo_simt_selftest_shfl,
-            [1, 1, 1],
-            [threads, 1, 1],
-            0,
+            threads,
             order,
             &mut b,
             mode,
             width,
-            0,
         )
         .unwrap();
         for t in 0..threads as i32 {
@@ -215,47 +245,38 @@ fn shuffle_examples_from_the_programming_guide() {
         out_a: vec![0; 32],
         ..Default::default()
     };
-    run(
+    run_block(
         st::vppo_simt_selftest_shfl,
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
+        32,
         LaneOrder::Forward,
         &mut b,
         0,
         32,
-        0,
     )
     .unwrap();
     assert!(b.out_a.iter().all(|&v| v == 1000));
     // __shfl_up_sync(full, v, 1): lane 0 keeps its own value, lane l gets lane l-1's (a scan step).
     b.in_b = vec![1; 32];
-    run(
+    run_block(
         st::vppo_simt_selftest_shfl,
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
+        32,
         LaneOrder::Reverse,
         &mut b,
         1,
         32,
-        0,
     )
     .unwrap();
     assert_eq!(b.out_a[0], 1000);
     assert!((1..32).all(|l| b.out_a[l] == 1000 + l as i32 - 1));
     // __shfl_down_sync(full, v, 4, 8): within each 8-lane subsection, lanes 4..7 keep their own value.
     b.in_b = vec![4; 32];
-    run(
+    run_block(
         st::vppo_simt_selftest_shfl,
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
+        32,
         LaneOrder::Forward,
         &mut b,
         2,
         8,
-        0,
     )
     .unwrap();
     for l in 0..32 {
@@ -265,16 +286,13 @@ fn shuffle_examples_from_the_programming_guide() {
     // __shfl_xor_sync(full, v, 16, 16): lane 0's partner 16 lies past its subsection's end (15), so lane 0
     // keeps its own value; lane 16's partner 0 is below its end (31), so it reads lane 0.
     b.in_b = vec![16; 32];
-    run(
+    run_block(
         st::vppo_simt_selftest_shfl,
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
+        32,
         LaneOrder::Reverse,
         &mut b,
         3,
         16,
-        0,
     )
     .unwrap();
     assert_eq!(b.out_a[0], 1000);
@@ -282,16 +300,13 @@ fn shuffle_examples_from_the_programming_guide() {
     assert_eq!(b.out_a[17], 1001);
     // __shfl_sync(full, v, 35, 8): srcLane is taken modulo width: lane 9 reads lane 8 + 3 = 11.
     b.in_b = vec![35; 32];
-    run(
+    run_block(
         st::vppo_simt_selftest_shfl,
-        [1, 1, 1],
-        [32, 1, 1],
-        0,
+        32,
         LaneOrder::Forward,
         &mut b,
         0,
         8,
-        0,
     )
     .unwrap();
     assert_eq!(b.out_a[9], 1011);
@@ -351,18 +366,7 @@ fn shuffles_carry_every_value_type_whole() {
             out_a: vec![0; 32],
             ..Default::default()
         };
-        run(
-            st::vppo_simt_selftest_shfl_types,
-            [1, 1, 1],
-            [32, 1, 1],
-            0,
-            order,
-            &mut b,
-            0,
-            32,
-            0,
-        )
-        .unwrap();
+        run_block(st::vppo_simt_selftest_shfl_types, 32, order, &mut b, 0, 32).unwrap();
         for l in 0..32usize {
             // xor 1 on unsigned long long: the partner's 64 bits.
             assert_eq!(b.out_u64[l], in_u64[l ^ 1]);
@@ -434,16 +438,13 @@ fn votes_follow_the_programming_guide() {
                 out_b: vec![-1; threads],
                 ..Default::default()
             };
-            run(
+            run_block(
                 st::vppo_simt_selftest_vote,
-                [1, 1, 1],
-                [threads as u32, 1, 1],
-                0,
+                threads as u32,
                 order,
                 &mut b,
                 0,
                 32,
-                0,
             )
             .unwrap();
             for t in 0..threads {
@@ -480,16 +481,13 @@ fn activemask_names_the_converged_lanes_of_a_branch() {
             out_a: vec![-1; threads],
             ..Default::default()
         };
-        run(
+        run_block(
             st::vppo_simt_selftest_activemask,
-            [1, 1, 1],
-            [threads as u32, 1, 1],
-            0,
+            threads as u32,
             order,
             &mut b,
             0,
             32,
-            0,
         )
         .unwrap();
         for t in 0..threads {
@@ -599,21 +597,7 @@ fn warp_intrinsic_misuse_is_reported() {
     ];
     for order in ORDERS {
         for (mode, threads, needles) in cases {
-            let mut b = Bufs {
-                out_a: vec![0; threads as usize],
-                ..Default::default()
-            };
-            let msg = kernel_err(run(
-                st::vppo_simt_selftest_warp_error,
-                [1, 1, 1],
-                [threads, 1, 1],
-                0,
-                order,
-                &mut b,
-                mode,
-                32,
-                0,
-            ));
+            let (msg, _) = one_block_error(st::vppo_simt_selftest_warp_error, threads, order, mode);
             assert!(
                 msg.starts_with("kernel selftest_warp_error: block (0,0,0): thread ("),
                 "{msg}"
@@ -628,21 +612,7 @@ fn warp_intrinsic_misuse_is_reported() {
         }
     }
     // The lines: mode 0 reports the call on its MARK line.
-    let mut b = Bufs {
-        out_a: vec![0; 64],
-        ..Default::default()
-    };
-    let msg = kernel_err(run(
-        st::vppo_simt_selftest_warp_error,
-        [1, 1, 1],
-        [64, 1, 1],
-        0,
-        LaneOrder::Forward,
-        &mut b,
-        0,
-        32,
-        0,
-    ));
+    let (msg, _) = one_block_error(st::vppo_simt_selftest_warp_error, 64, LaneOrder::Forward, 0);
     assert!(
         msg.contains(&format!(
             "thread (5,0,0): __shfl_sync at errors.cu:{}:",
@@ -659,21 +629,7 @@ fn divergent_syncthreads_is_reported_with_both_call_sites() {
         mark_line("errors.cu", "div-b"),
     );
     for order in ORDERS {
-        let mut b = Bufs {
-            out_a: vec![0; 64],
-            ..Default::default()
-        };
-        let msg = kernel_err(run(
-            st::vppo_simt_selftest_divergent_barrier,
-            [1, 1, 1],
-            [64, 1, 1],
-            0,
-            order,
-            &mut b,
-            0,
-            32,
-            0,
-        ));
+        let (msg, b) = one_block_error(st::vppo_simt_selftest_divergent_barrier, 64, order, 0);
         let expected = format!(
             "kernel selftest_divergent_barrier: block (0,0,0): divergent __syncthreads: thread (0,0,0) waits at \
              errors.cu:{a}, thread (40,0,0) waits at errors.cu:{b_line}"
@@ -691,21 +647,7 @@ fn deadlock_is_reported_not_hung() {
         mark_line("errors.cu", "dead-shfl"),
     );
     for order in ORDERS {
-        let mut b = Bufs {
-            out_a: vec![0; 64],
-            ..Default::default()
-        };
-        let msg = kernel_err(run(
-            st::vppo_simt_selftest_deadlock,
-            [1, 1, 1],
-            [64, 1, 1],
-            0,
-            order,
-            &mut b,
-            0,
-            32,
-            0,
-        ));
+        let (msg, _) = one_block_error(st::vppo_simt_selftest_deadlock, 64, order, 0);
         let expected = format!(
             "kernel selftest_deadlock: block (0,0,0): deadlock: thread (0,0,0) waits at __syncthreads at \
              errors.cu:{bar}, thread (1,0,0) waits at __shfl_sync (mask 0xffffffff) at errors.cu:{shfl}"
@@ -1205,18 +1147,10 @@ fn launches_from_several_threads_at_once_are_independent() {
                         out_a: vec![0; 64],
                         ..Default::default()
                     };
-                    assert!(run(
-                        st::vppo_simt_selftest_deadlock,
-                        [1, 1, 1],
-                        [64, 1, 1],
-                        0,
-                        order,
-                        &mut b,
-                        0,
-                        32,
-                        0
-                    )
-                    .is_err());
+                    assert!(
+                        run_block(st::vppo_simt_selftest_deadlock, 64, order, &mut b, 0, 32)
+                            .is_err()
+                    );
                 }
             })
         })

@@ -352,13 +352,7 @@ impl Trainer {
     /// A fresh run: the model initialised and warmed up from the seed, fresh AdamW, step 0.
     pub fn new(config: TrainConfig) -> Result<Trainer> {
         config.validate()?;
-        let vppo = Vppo::new(
-            config.algo.loss_config(config.group_size),
-            config.device.device(),
-        )?;
-        if config.device != DeviceArg::Cpu {
-            probe(&vppo)?;
-        }
+        let vppo = open_vppo(&config)?;
         let task = Task::new(config.task.clone())?;
         let mut init = stream(config.seed, 0);
         let mut model = Model::new(config.model_config(&task), &mut init);
@@ -392,13 +386,7 @@ impl Trainer {
                 path.display()
             )));
         }
-        let vppo = Vppo::new(
-            config.algo.loss_config(config.group_size),
-            config.device.device(),
-        )?;
-        if config.device != DeviceArg::Cpu {
-            probe(&vppo)?;
-        }
+        let vppo = open_vppo(&config)?;
         let task = Task::new(config.task.clone())?;
         let mcfg = config.model_config(&task);
         let mut model = Model::new(mcfg, &mut stream(config.seed, 0));
@@ -634,6 +622,18 @@ impl Trainer {
     pub fn evaluate(&self) -> (f64, [f64; 3]) {
         evaluate(&self.model, &self.task, &self.config)
     }
+}
+
+/// The loss of a run on its device; a kernel device is probed first (see [`probe`]).
+fn open_vppo(config: &TrainConfig) -> Result<Vppo> {
+    let vppo = Vppo::new(
+        config.algo.loss_config(config.group_size),
+        config.device.device(),
+    )?;
+    if config.device != DeviceArg::Cpu {
+        probe(&vppo)?;
+    }
+    Ok(vppo)
 }
 
 /// Fails early, with the loss's own error, when the chosen device cannot run (no GPU, no kernels).
