@@ -1112,7 +1112,7 @@ fn download_small<T: cudarc::driver::DeviceRepr + Default + Clone>(
     gpu: &Gpu,
     s: &CudaSlice<T>,
 ) -> Result<Vec<T>> {
-    if s.len() == 0 {
+    if s.is_empty() {
         return Ok(Vec::new());
     }
     gpu.download(s)

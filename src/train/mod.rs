@@ -232,6 +232,7 @@ impl TrainConfig {
                 "0 <= base_skill <= 1",
             ));
         }
+        #[allow(clippy::neg_cmp_op_on_partial_ord)] // also rejects NaN
         if !(self.clip_norm > 0.0) {
             return Err(bad("clip-norm", self.clip_norm.to_string(), "a value > 0"));
         }
