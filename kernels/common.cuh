@@ -110,76 +110,53 @@ __device__ __forceinline__ RowSplit split_row(const T *row, int64_t vocab) {
 /* Reductions in a fixed order                                                                        */
 /* ------------------------------------------------------------------------------------------------ */
 
-/* Butterfly sum over the 32 lanes: every lane ends with the same value, combined in the same order on
+struct SumOp {
+    template <typename T> __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct MinOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
+};
+
+/* Butterfly over the 32 lanes: every lane ends with the same value, combined in the same order on
    every run. */
-__device__ __forceinline__ double warp_sum(double x) {
-    for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(VPPO_FULL_MASK, x, off);
-    return x;
-}
-
-__device__ __forceinline__ long long warp_sum(long long x) {
-    for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(VPPO_FULL_MASK, x, off);
-    return x;
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-    for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(VPPO_FULL_MASK, x, off));
-    return x;
-}
-
-__device__ __forceinline__ float warp_min(float x) {
-    for (int off = 16; off > 0; off >>= 1) x = fminf(x, __shfl_xor_sync(VPPO_FULL_MASK, x, off));
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T x, Op op) {
+    for (int off = 16; off > 0; off >>= 1) x = op(x, __shfl_xor_sync(VPPO_FULL_MASK, x, off));
     return x;
 }
 
 /*
- * Block-wide sum of a double, every thread gets the result. `scratch` holds at least 32 doubles of
- * shared memory. Requires blockDim.x to be a multiple of 32 (all launches use 256, 512 or 1024).
- * The two barriers: the first makes the warp partials visible, the second keeps a following call from
- * overwriting scratch before every thread has read the total.
+ * Block-wide reduction, every thread gets the result. `scratch` holds at least 32 values of shared
+ * memory; `identity` fills the lanes past the last warp. Requires blockDim.x to be a multiple of 32
+ * (all launches use 256 or 512). The two barriers: the first makes the warp partials visible, the
+ * second keeps a following call from overwriting scratch before every thread has read the total.
  */
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T x, T identity, T *scratch, Op op) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    x = warp_reduce(x, op);
+    if (lane == 0) scratch[warp] = x;
+    __syncthreads();
+    T total = lane < nwarps ? scratch[lane] : identity;
+    total = warp_reduce(total, op);
+    __syncthreads();
+    return total;
+}
+
 __device__ __forceinline__ double block_sum(double x, double *scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    x = warp_sum(x);
-    if (lane == 0) scratch[warp] = x;
-    __syncthreads();
-    double total = lane < nwarps ? scratch[lane] : 0.0;
-    total = warp_sum(total);
-    __syncthreads();
-    return total;
+    return block_reduce(x, 0.0, scratch, SumOp());
 }
-
 __device__ __forceinline__ long long block_sum(long long x, long long *scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    x = warp_sum(x);
-    if (lane == 0) scratch[warp] = x;
-    __syncthreads();
-    long long total = lane < nwarps ? scratch[lane] : 0;
-    total = warp_sum(total);
-    __syncthreads();
-    return total;
+    return block_reduce(x, 0LL, scratch, SumOp());
 }
-
 __device__ __forceinline__ float block_max(float x, float *scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    x = warp_max(x);
-    if (lane == 0) scratch[warp] = x;
-    __syncthreads();
-    float total = lane < nwarps ? scratch[lane] : -INFINITY;
-    total = warp_max(total);
-    __syncthreads();
-    return total;
+    return block_reduce(x, -INFINITY, scratch, MaxOp());
 }
-
 __device__ __forceinline__ float block_min(float x, float *scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    x = warp_min(x);
-    if (lane == 0) scratch[warp] = x;
-    __syncthreads();
-    float total = lane < nwarps ? scratch[lane] : INFINITY;
-    total = warp_min(total);
-    __syncthreads();
-    return total;
+    return block_reduce(x, INFINITY, scratch, MinOp());
 }
 
 /* ------------------------------------------------------------------------------------------------ */
