@@ -43,6 +43,8 @@ macro_rules! kernel_table {
             $(fn $sym(launch: *const SimtLaunch, params: *const c_void, err: *mut c_char, err_len: usize) -> c_int;)*
         }
         $(pub(crate) const $konst: Kernel = Kernel { name: stringify!($name), simt: $sym };)*
+        /// Every kernel of the table.
+        const ALL_KERNELS: &[Kernel] = &[$($konst),*];
     };
 }
 
@@ -61,6 +63,13 @@ kernel_table! {
     PERCEPTION_F32_MUTANT => vppo_perception_f32_mutant / vppo_simt_vppo_perception_f32_mutant;
     PERCEPTION_F16_MUTANT => vppo_perception_f16_mutant / vppo_simt_vppo_perception_f16_mutant;
     PERCEPTION_BF16_MUTANT => vppo_perception_bf16_mutant / vppo_simt_vppo_perception_bf16_mutant;
+}
+
+/// The SIMT entry point of the kernel called `name` in the fatbins (`vppo_perception_bf16`, ...), for
+/// tests that stand in for the CUDA driver (tests/fake_cuda/); None for an unknown name.
+#[doc(hidden)]
+pub fn simt_entry(name: &str) -> Option<SimtEntry> {
+    ALL_KERNELS.iter().find(|k| k.name == name).map(|k| k.simt)
 }
 
 // Launch configuration of each kernel: the constants of kernels/vppo_params.h, which the kernels'
@@ -197,6 +206,14 @@ impl Launcher {
         }
     }
 
+    /// A buffer of `bytes` the caller will overwrite entirely: no zeroing on a GPU.
+    fn alloc_for_overwrite(&self, bytes: usize) -> Result<Buffer> {
+        match self {
+            Launcher::Simt(_) => self.alloc(bytes),
+            Launcher::Cuda(gpu) => Ok(Buffer::Cuda(gpu.alloc_uninit::<u8>(bytes.max(1))?)),
+        }
+    }
+
     fn upload<T: bytemuck::Pod>(&self, data: &[T]) -> Result<Buffer> {
         let bytes: &[u8] = bytemuck::cast_slice(data);
         match self {
@@ -226,19 +243,57 @@ impl Launcher {
 
     /// The first `n` elements of `buf` as T.
     fn download<T: bytemuck::Pod>(&self, buf: &Buffer, n: usize) -> Result<Vec<T>> {
-        let bytes = n * std::mem::size_of::<T>();
-        let raw: Vec<u8> = match buf {
-            Buffer::Host(v) => bytemuck::cast_slice::<u128, u8>(v)[..bytes].to_vec(),
-            Buffer::Cuda(s) => match self {
-                Launcher::Cuda(gpu) => {
-                    let mut all = gpu.download(s)?;
-                    all.truncate(bytes);
-                    all
-                }
-                Launcher::Simt(_) => unreachable!("device buffer on the SIMT executor"),
-            },
-        };
+        let raw = self.download_bytes(buf, 0, n * std::mem::size_of::<T>())?;
         Ok(bytemuck::pod_collect_to_vec(&raw))
+    }
+
+    /// The first `dst.len()` elements of `buf`, copied straight into `dst`.
+    fn download_into<T: bytemuck::Pod>(&self, buf: &Buffer, dst: &mut [T]) -> Result<()> {
+        let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
+        match (self, buf) {
+            (_, Buffer::Host(v)) => {
+                dst.copy_from_slice(&bytemuck::cast_slice::<u128, u8>(v)[..dst.len()]);
+                Ok(())
+            }
+            (Launcher::Cuda(gpu), Buffer::Cuda(s)) => gpu.download_range_into(s, 0, dst),
+            (Launcher::Simt(_), Buffer::Cuda(_)) => {
+                unreachable!("device buffer on the SIMT executor")
+            }
+        }
+    }
+
+    /// Bytes `offset .. offset + len` of `buf`, in one copy (on a GPU, after the work before it).
+    fn download_bytes(&self, buf: &Buffer, offset: usize, len: usize) -> Result<Vec<u8>> {
+        match (self, buf) {
+            (_, Buffer::Host(v)) => {
+                Ok(bytemuck::cast_slice::<u128, u8>(v)[offset..offset + len].to_vec())
+            }
+            (Launcher::Cuda(gpu), Buffer::Cuda(s)) => gpu.download_range(s, offset, len),
+            (Launcher::Simt(_), Buffer::Cuda(_)) => {
+                unreachable!("device buffer on the SIMT executor")
+            }
+        }
+    }
+
+    /// Writes `data` into `buf` at byte `offset` (on a GPU, queued on the stream).
+    fn write_at<T: bytemuck::Pod>(
+        &self,
+        buf: &mut Buffer,
+        offset: usize,
+        data: &[T],
+    ) -> Result<()> {
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        match (self, buf) {
+            (_, Buffer::Host(v)) => {
+                bytemuck::cast_slice_mut::<u128, u8>(v)[offset..offset + bytes.len()]
+                    .copy_from_slice(bytes);
+                Ok(())
+            }
+            (Launcher::Cuda(gpu), Buffer::Cuda(s)) => gpu.upload_range(bytes, s, offset),
+            (Launcher::Simt(_), Buffer::Cuda(_)) => {
+                unreachable!("device buffer on the SIMT executor")
+            }
+        }
     }
 }
 
@@ -289,49 +344,105 @@ impl<'a> Input<'a> {
 // Forward
 // -------------------------------------------------------------------------------------------------
 
-/// Per-token and per-response buffers of one forward pass.
+/// Where one output lives inside a [`Workspace`]'s arena: a byte offset and a length in bytes.
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    offset: usize,
+    bytes: usize,
+}
+
+/// Per-token and per-response buffers of one forward pass, carved out of one allocation (the arena),
+/// so that a forward allocates once, zeroes once and copies every output back in one transfer.
+/// Regions start on 256-byte boundaries (the allocation's own alignment), so every per-token array
+/// is aligned for vector loads and the totals' doubles for 8-byte access.
 struct Workspace {
     n: usize,
     b: usize,
-    lse: Buffer,
-    lse_masked: Buffer,
-    logp: Buffer,
-    logp_masked: Buffer,
-    kl: Buffer,
-    k3: Buffer,
-    entropy: Buffer,
-    score: Buffer,
-    status: Buffer,
-    mask: Buffer,
-    k: Buffer,
-    sbar: Buffer,
-    alpha: Buffer,
-    dlogp: Buffer,
-    totals: Buffer,
+    arena: Buffer,
+    /// Bytes of the arena in use (the end of the last region).
+    bytes: usize,
+    totals: Region,
+    status: Region,
+    lse: Region,
+    lse_masked: Region,
+    logp: Region,
+    logp_masked: Region,
+    kl: Region,
+    k3: Region,
+    entropy: Region,
+    score: Region,
+    dlogp: Region,
+    mask: Region,
+    k: Region,
+    sbar: Region,
+    alpha: Region,
 }
 
 impl Workspace {
+    const ALIGN: usize = 256;
+
     fn new(l: &Launcher, n: usize, b: usize) -> Result<Workspace> {
-        let f = |count: usize| l.alloc(count * 4);
+        let mut end = 0usize;
+        let mut region = |bytes: usize| {
+            let r = Region { offset: end, bytes };
+            end = (end + bytes).next_multiple_of(Self::ALIGN);
+            r
+        };
+        let f32s = |count: usize| count * 4;
+        let totals = region(std::mem::size_of::<VppoLossTotals>());
+        let status = region(8);
+        let [lse, lse_masked, logp, logp_masked, kl, k3, entropy, score, dlogp] =
+            [(); 9].map(|_| region(f32s(n)));
+        let mask = region(n);
+        let [k, sbar, alpha] = [(); 3].map(|_| region(f32s(b)));
+        let mut arena = l.alloc(end)?;
+        l.write_at(&mut arena, status.offset, &[VPPO_STATUS_CLEAR as i64])?;
         Ok(Workspace {
             n,
             b,
-            lse: f(n)?,
-            lse_masked: f(n)?,
-            logp: f(n)?,
-            logp_masked: f(n)?,
-            kl: f(n)?,
-            k3: f(n)?,
-            entropy: f(n)?,
-            score: f(n)?,
-            status: l.upload(&[VPPO_STATUS_CLEAR as i64])?,
-            mask: l.alloc(n)?,
-            k: f(b)?,
-            sbar: f(b)?,
-            alpha: f(b)?,
-            dlogp: f(n)?,
-            totals: l.alloc(std::mem::size_of::<VppoLossTotals>())?,
+            arena,
+            bytes: end,
+            totals,
+            status,
+            lse,
+            lse_masked,
+            logp,
+            logp_masked,
+            kl,
+            k3,
+            entropy,
+            score,
+            dlogp,
+            mask,
+            k,
+            sbar,
+            alpha,
         })
+    }
+
+    /// The address of `r` in the launcher's memory space.
+    fn addr(&self, l: &Launcher, r: Region) -> u64 {
+        l.addr(&self.arena) + r.offset as u64
+    }
+
+    /// [`Workspace::addr`] as the typed pointer a params struct holds.
+    fn ptr<T>(&self, l: &Launcher, r: Region) -> *mut T {
+        self.addr(l, r) as usize as *mut T
+    }
+
+    /// The whole arena, copied back in one transfer (on a GPU this waits for the work before it).
+    fn download(&self, l: &Launcher) -> Result<ArenaCopy> {
+        Ok(ArenaCopy(l.download_bytes(&self.arena, 0, self.bytes)?))
+    }
+}
+
+/// A host copy of a [`Workspace`] arena, read region by region.
+struct ArenaCopy(Vec<u8>);
+
+impl ArenaCopy {
+    /// Region `r` as T values (copied out: the arena bytes need not be aligned for T on the host).
+    fn get<T: bytemuck::Pod>(&self, r: Region) -> Vec<T> {
+        bytemuck::pod_collect_to_vec(&self.0[r.offset..r.offset + r.bytes])
     }
 }
 
@@ -487,21 +598,25 @@ fn perception_with(
     download_perception(&l, &ws)
 }
 
-/// The per-token outputs of pass 1 in `ws`, copied back; mask and dlogp (pass 2) are left empty.
+/// The per-token outputs of pass 1 in `ws`, copied back in one transfer; mask and dlogp are left empty.
 fn download_perception(l: &Launcher, ws: &Workspace) -> Result<TokenOutputs> {
-    let f = |b: &Buffer| l.download::<f32>(b, ws.n);
-    Ok(TokenOutputs {
-        score: f(&ws.score)?,
-        kl: f(&ws.kl)?,
-        k3: f(&ws.k3)?,
-        entropy: f(&ws.entropy)?,
-        logp: f(&ws.logp)?,
-        logp_masked: f(&ws.logp_masked)?,
-        lse: f(&ws.lse)?,
-        lse_masked: f(&ws.lse_masked)?,
+    Ok(perception_outputs(ws, &ws.download(l)?))
+}
+
+/// The per-token outputs of pass 1 in an arena copy; mask and dlogp (pass 2) are left empty.
+fn perception_outputs(ws: &Workspace, c: &ArenaCopy) -> TokenOutputs {
+    TokenOutputs {
+        score: c.get(ws.score),
+        kl: c.get(ws.kl),
+        k3: c.get(ws.k3),
+        entropy: c.get(ws.entropy),
+        logp: c.get(ws.logp),
+        logp_masked: c.get(ws.logp_masked),
+        lse: c.get(ws.lse),
+        lse_masked: c.get(ws.lse_masked),
         mask: Vec::new(),
         dlogp: Vec::new(),
-    })
+    }
 }
 
 /// Pass 2a only: the top-k mask and k_b of given scores (the kernel's `vppo_select`), and Sbar.
@@ -640,21 +755,21 @@ fn run_perception(
     if n == 0 {
         return Ok(());
     }
-    let a = |b: &Buffer| l.addr(b) as *mut f32;
+    let a = |r: Region| ws.ptr::<f32>(l, r);
     let p = VppoPerceptionParams {
         logits: inp.logits.addr as *const c_void,
         logits_masked: inp.logits_masked.addr as *const c_void,
         targets: inp.targets.addr as *const i32,
         old_logp: inp.old_logp.addr as *const f32,
-        lse: a(&ws.lse),
-        lse_masked: a(&ws.lse_masked),
-        logp: a(&ws.logp),
-        logp_masked: a(&ws.logp_masked),
-        kl: a(&ws.kl),
-        k3: a(&ws.k3),
-        entropy: a(&ws.entropy),
-        score: a(&ws.score),
-        status: l.addr(&ws.status) as *mut i64,
+        lse: a(ws.lse),
+        lse_masked: a(ws.lse_masked),
+        logp: a(ws.logp),
+        logp_masked: a(ws.logp_masked),
+        kl: a(ws.kl),
+        k3: a(ws.k3),
+        entropy: a(ws.entropy),
+        score: a(ws.score),
+        status: ws.ptr(l, ws.status),
         n_tokens: n as i64,
         vocab: dims.vocab as i64,
         inv_temperature: (1.0 / cfg.temperature) as f32,
@@ -681,7 +796,8 @@ fn run_perception(
 
 /// Reads the status word of pass 1 (on a GPU this waits for the pass).
 fn read_status(l: &Launcher, ws: &Workspace) -> Result<i64> {
-    Ok(l.download::<i64>(&ws.status, 1)?[0])
+    let raw = l.download_bytes(&ws.arena, ws.status.offset, 8)?;
+    Ok(bytemuck::pod_read_unaligned(&raw))
 }
 
 fn run_select_loss(
@@ -694,11 +810,11 @@ fn run_select_loss(
     let (n, b) = (dims.n, dims.b);
     let frac = cfg.top_fraction_exact()?;
     let p = VppoSelectParams {
-        score: l.addr(&ws.score) as *const f32,
+        score: ws.ptr(l, ws.score),
         cu_seqlens: inp.cu_seqlens.addr as *const i32,
-        mask: l.addr(&ws.mask) as *mut u8,
-        k: l.addr(&ws.k) as *mut i32,
-        sbar: l.addr(&ws.sbar) as *mut f32,
+        mask: ws.ptr(l, ws.mask),
+        k: ws.ptr(l, ws.k),
+        sbar: ws.ptr(l, ws.sbar),
         n_responses: b as i64,
         frac_num: frac.numerator(),
         frac_den: frac.denominator(),
@@ -706,15 +822,15 @@ fn run_select_loss(
     // SAFETY: score and mask [N], cu_seqlens [B+1] validated, k and sbar [B]; all live.
     unsafe { launch_select(l, &p)? };
     let p = VppoLossParams {
-        logp: l.addr(&ws.logp) as *const f32,
+        logp: ws.ptr(l, ws.logp),
         old_logp: inp.old_logp.addr as *const f32,
-        mask: l.addr(&ws.mask) as *const u8,
-        sbar: l.addr(&ws.sbar) as *const f32,
+        mask: ws.ptr(l, ws.mask),
+        sbar: ws.ptr(l, ws.sbar),
         cu_seqlens: inp.cu_seqlens.addr as *const i32,
         advantages: inp.advantages.addr as *const f32,
-        alpha: l.addr(&ws.alpha) as *mut f32,
-        dlogp: l.addr(&ws.dlogp) as *mut f32,
-        totals: l.addr(&ws.totals) as *mut VppoLossTotals,
+        alpha: ws.ptr(l, ws.alpha),
+        dlogp: ws.ptr(l, ws.dlogp),
+        totals: ws.ptr(l, ws.totals),
         ..loss_params(cfg, n, b)
     };
     // SAFETY: logp, old_logp, mask, dlogp [N]; sbar, advantages, alpha [B]; cu_seqlens [B+1]; totals 1;
@@ -759,25 +875,24 @@ fn empty_output(z: f64, b: usize) -> VppoOutput {
     }
 }
 
+/// Every output of a forward, copied back from the workspace in one transfer.
 fn collect(l: &Launcher, ws: &Workspace, z: f64) -> Result<VppoOutput> {
-    let (n, b) = (ws.n, ws.b);
-    let f = |buf: &Buffer, len: usize| l.download::<f32>(buf, len);
-    let totals: Vec<VppoLossTotals> = l.download(&ws.totals, 1)?;
-    let t = totals[0];
-    let k: Vec<i32> = l.download(&ws.k, b)?;
+    let n = ws.n;
+    let c = ws.download(l)?;
+    let t: VppoLossTotals = c.get(ws.totals)[0];
     Ok(VppoOutput {
         loss: t.loss,
         pg_loss: t.pg,
         token_normalizer: z,
         tokens: TokenOutputs {
-            mask: l.download(&ws.mask, n)?,
-            dlogp: f(&ws.dlogp, n)?,
-            ..download_perception(l, ws)?
+            mask: c.get(ws.mask),
+            dlogp: c.get(ws.dlogp),
+            ..perception_outputs(ws, &c)
         },
         responses: ResponseOutputs {
-            sbar: f(&ws.sbar, b)?,
-            k: k.into_iter().map(|x| x as u32).collect(),
-            alpha: f(&ws.alpha, b)?,
+            sbar: c.get(ws.sbar),
+            k: c.get::<i32>(ws.k).into_iter().map(|x| x as u32).collect(),
+            alpha: c.get(ws.alpha),
         },
         stats: Stats {
             clip_fraction: if t.n_selected > 0 {
@@ -868,7 +983,8 @@ fn backward_host(
     let device_grad = match (l, &logits) {
         (Launcher::Simt(_), _) => None,
         (Launcher::Cuda(_), None) => Some(on_grad!(&grad, g => l.upload(&g[..]))?),
-        (Launcher::Cuda(_), Some(_)) => Some(l.alloc(nv * grad.dtype().size())?),
+        // The kernel writes every element of grad (kernels/backward.cu): no zeroing.
+        (Launcher::Cuda(_), Some(_)) => Some(l.alloc_for_overwrite(nv * grad.dtype().size())?),
     };
     let grad_addr = match &device_grad {
         Some(buf) => l.addr(buf),
@@ -889,7 +1005,7 @@ fn backward_host(
     // nothing else reads or writes it while the kernel does.
     unsafe { launch_backward_kernel(l, kernel, &addrs, n, vocab, cfg)? };
     if let Some(buf) = device_grad {
-        on_grad!(grad, g => g.copy_from_slice(&l.download(&buf, nv)?));
+        on_grad!(grad, g => l.download_into(&buf, g)?);
     }
     Ok(())
 }
@@ -1295,8 +1411,8 @@ fn launch_backward(
     let kernel = backward_kernel(fwd.dtype, grad.dtype())?;
     let addrs = BackwardAddrs {
         logits: logits_addr,
-        lse: l.addr(&ws.lse),
-        dlogp: l.addr(&ws.dlogp),
+        lse: ws.addr(&l, ws.lse),
+        dlogp: ws.addr(&l, ws.dlogp),
         targets: gpu.device_ptr_u64(targets),
         grad: grad.addr(gpu),
     };

@@ -1,6 +1,10 @@
 //! The GPU-resident API and the stage launches the benchmarks time (`vppo::kernels::DeviceStages`).
 //! They need a GPU: with VPPO_TEST_DEVICE=cuda they run (and a missing GPU is a failure); without it
-//! they check that asking for the GPU is a clean error.
+//! they check that asking for the GPU is a clean error, and `all_tests_through_the_fake_cuda_driver`
+//! runs them again on the fake CUDA driver (tests/common/fake_cuda.rs), where the kernels run on the
+//! SIMT executor behind the driver API.
+
+mod common;
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -12,20 +16,29 @@ use vppo::{
     VppoError,
 };
 
+/// True on a GPU (VPPO_TEST_DEVICE=cuda) or on the fake driver (VPPO_TEST_DEVICE=fake-cuda).
 fn on_gpu() -> bool {
+    if common::fake_cuda::active() {
+        common::fake_cuda::install();
+        return true;
+    }
     std::env::var("VPPO_TEST_DEVICE").as_deref() == Ok("cuda")
 }
 
+#[test]
+fn all_tests_through_the_fake_cuda_driver() {
+    common::fake_cuda::rerun_self("all_tests_through_the_fake_cuda_driver");
+}
+
 /// The GPU, or None after checking that its absence is a clean error (off VPPO_TEST_DEVICE=cuda).
+/// Tests that use the GPU hold `common::fake_cuda::serial()` (see `host_path_traffic_on_the_fake_driver`).
 fn gpu() -> Option<std::sync::Arc<Gpu>> {
+    let wanted = on_gpu();
     match Gpu::new(0) {
-        Ok(g) if on_gpu() => Some(g),
+        Ok(g) if wanted => Some(g),
         Ok(_) => None,
         Err(e) => {
-            assert!(
-                !on_gpu(),
-                "VPPO_TEST_DEVICE=cuda but Gpu::new(0) failed: {e}"
-            );
+            assert!(!wanted, "VPPO_TEST_DEVICE=cuda but Gpu::new(0) failed: {e}");
             assert!(
                 matches!(
                     e,
@@ -50,6 +63,7 @@ fn bf16s(l: &OwnedLogits) -> &[bf16] {
 
 #[test]
 fn stage_launches_match_the_api() {
+    let _serial = common::fake_cuda::serial();
     let Some(gpu) = gpu() else {
         eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda");
         return;
@@ -151,6 +165,7 @@ fn stage_launches_match_the_api() {
 
 #[test]
 fn copy_bandwidth_measures_a_checked_copy() {
+    let _serial = common::fake_cuda::serial();
     let Some(gpu) = gpu() else {
         eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda");
         return;
@@ -164,45 +179,61 @@ fn copy_bandwidth_measures_a_checked_copy() {
     assert!(copy_bandwidth(&gpu, 1 << 20, 0).is_err());
 }
 
+/// `vppo bench` as a library call, for the fake driver (a child process would not have it loaded).
+#[derive(clap::Parser)]
+struct BenchCli {
+    #[command(flatten)]
+    args: vppo::bench::BenchArgs,
+}
+
 /// `vppo bench --device cuda`: the batch is uploaded once and the report says no [N, V] copies are
-/// timed; without a GPU it is the clean no-GPU error.
+/// timed; without a GPU it is the clean no-GPU error. On the fake driver the same arguments go
+/// through `run_bench` in this process.
 #[test]
 fn vppo_bench_on_cuda() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppo"))
-        .args([
-            "bench",
-            "--synthetic",
-            "64,1000,4,bf16",
-            "--iters",
-            "2",
-            "--grad",
-            "logits-dtype",
-            "--device",
-            "cuda",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if let Err(e) = Gpu::new(0) {
-        assert!(
-            !on_gpu(),
-            "VPPO_TEST_DEVICE=cuda but Gpu::new(0) failed: {e}"
-        );
-        assert!(!out.status.success());
-        assert!(out.stdout.is_empty());
-        assert!(
-            stderr.contains("kernels not built")
-                || stderr.contains("no CUDA driver")
-                || stderr.contains("no GPU")
-                || stderr.contains("CUDA error"),
-            "{stderr}"
-        );
-        assert!(!stderr.contains("panicked"), "{stderr}");
-        return;
-    }
-    assert!(out.status.success(), "{stderr}");
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let _serial = common::fake_cuda::serial();
+    let args = [
+        "bench",
+        "--synthetic",
+        "64,1000,4,bf16",
+        "--iters",
+        "2",
+        "--grad",
+        "logits-dtype",
+        "--device",
+        "cuda",
+        "--json",
+    ];
+    let r: serde_json::Value = if common::fake_cuda::active() {
+        common::fake_cuda::install();
+        let cli = <BenchCli as clap::Parser>::parse_from(args);
+        serde_json::to_value(vppo::bench::run_bench(&cli.args).unwrap()).unwrap()
+    } else {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppo"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if let Err(e) = Gpu::new(0) {
+            assert!(
+                !on_gpu(),
+                "VPPO_TEST_DEVICE=cuda but Gpu::new(0) failed: {e}"
+            );
+            assert!(!out.status.success());
+            assert!(out.stdout.is_empty());
+            assert!(
+                stderr.contains("kernels not built")
+                    || stderr.contains("no CUDA driver")
+                    || stderr.contains("no GPU")
+                    || stderr.contains("CUDA error"),
+                "{stderr}"
+            );
+            assert!(!stderr.contains("panicked"), "{stderr}");
+            return;
+        }
+        assert!(out.status.success(), "{stderr}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
     assert_eq!(r["device"], "cuda");
     assert_eq!(r["includes_host_device_copies"], false);
     let spec = parse_synthetic("64,1000,4,bf16").unwrap();
@@ -220,4 +251,114 @@ fn vppo_bench_on_cuda() {
             .len(),
         2
     );
+}
+
+/// What the CUDA host path moves, counted by the fake driver: the host API uploads each logits tensor
+/// once and downloads no [N, V] tensor in the forward; the GPU-resident API moves no [N, V] tensor at
+/// all; the backward downloads the gradient once; every buffer is freed. Needs the fake driver's
+/// counters, so it runs only there (and serially: the counters are per process).
+#[test]
+fn host_path_traffic_on_the_fake_driver() {
+    if !common::fake_cuda::active() {
+        eprintln!("skipped: runs on the fake CUDA driver (VPPO_TEST_DEVICE=fake-cuda)");
+        return;
+    }
+    let _serial = common::fake_cuda::serial();
+    let gpu = gpu().expect("the fake driver is loaded");
+    assert!(gpu.name().contains("fake"), "{}", gpu.name());
+    let stats = common::fake_cuda::stats;
+    let spec = parse_synthetic("200,3001,6,bf16").unwrap();
+    let owned = synthetic_batch(&spec, 9).unwrap();
+    let host = owned.batch();
+    let (n, v) = (host.n_tokens() as u64, host.vocab as u64);
+    let nv_bytes = n * v * 2;
+    let small = 256 * n + 65536; // per-token and per-response vectors, never a row of V
+    let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
+
+    let s0 = stats();
+    let out = vppo.forward(&host).unwrap();
+    let s1 = stats();
+    eprintln!("forward: {:?}", delta(&s0, &s1));
+    // Three kernels; one allocation per input and one workspace arena; copies back: the status word
+    // (to report bad rows before pass 2) and the whole arena.
+    let d = delta(&s0, &s1);
+    assert_eq!((d.launches, d.allocs, d.dtoh_copies), (3, 7, 2), "{d:?}");
+    assert!(s1.htod_bytes - s0.htod_bytes >= 2 * nv_bytes);
+    assert!(s1.htod_bytes - s0.htod_bytes <= 2 * nv_bytes + small);
+    assert!(s1.dtoh_bytes - s0.dtoh_bytes <= small);
+    assert_eq!(s1.live_allocs, s0.live_allocs, "forward leaked a buffer");
+
+    let mut grad = vec![0.0f32; (n * v) as usize];
+    vppo.backward_into(&host, &out, GradMut::F32(&mut grad))
+        .unwrap();
+    let s2 = stats();
+    eprintln!("backward_into f32: {:?}", delta(&s1, &s2));
+    assert!(s2.dtoh_bytes - s1.dtoh_bytes >= n * v * 4);
+    assert!(s2.dtoh_bytes - s1.dtoh_bytes <= n * v * 4 + small);
+    assert!(s2.htod_bytes - s1.htod_bytes <= nv_bytes + small);
+    assert_eq!(s2.live_allocs, s1.live_allocs, "backward leaked a buffer");
+    assert_eq!(
+        s2.memset_bytes, s1.memset_bytes,
+        "the backward writes every element"
+    );
+
+    let logits: CudaSlice<bf16> = gpu.upload(bf16s(&owned.logits)).unwrap();
+    let masked: CudaSlice<bf16> = gpu.upload(bf16s(&owned.logits_masked)).unwrap();
+    let targets = gpu.upload(&owned.targets).unwrap();
+    let old_logp = gpu.upload(&owned.old_logp).unwrap();
+    let advantages = gpu.upload(&owned.advantages).unwrap();
+    let cu_seqlens = gpu.upload(&owned.cu_seqlens).unwrap();
+    let db = DeviceBatch {
+        logits: DeviceLogits::Bf16(&logits),
+        logits_masked: DeviceLogits::Bf16(&masked),
+        targets: &targets,
+        old_logp: &old_logp,
+        advantages: &advantages,
+        cu_seqlens: &cu_seqlens,
+        vocab: host.vocab,
+    };
+    let s3 = stats();
+    let fwd = vppo.forward_device(&db).unwrap();
+    let mut grad_dev: CudaSlice<bf16> = gpu.alloc_zeros((n * v) as usize).unwrap();
+    let s4 = stats();
+    vppo.backward_device(&fwd, &db, DeviceLogitsMut::Bf16(&mut grad_dev))
+        .unwrap();
+    gpu.synchronize().unwrap();
+    let s5 = stats();
+    eprintln!("forward_device: {:?}", delta(&s3, &s4));
+    eprintln!("backward_device: {:?}", delta(&s4, &s5));
+    assert_eq!(fwd.output, out);
+    for (a, b) in [(&s3, &s4), (&s4, &s5)] {
+        let d = delta(a, b);
+        assert!(d.htod_bytes <= small && d.dtoh_bytes <= small, "{d:?}");
+        assert!(d.dtod_bytes <= small, "{d:?}");
+    }
+    assert_eq!(
+        s5.memset_bytes - s4.memset_bytes,
+        0,
+        "the backward writes every element"
+    );
+    drop((
+        fwd, grad_dev, logits, masked, targets, old_logp, advantages, cu_seqlens,
+    ));
+    assert_eq!(
+        stats().live_allocs,
+        s0.live_allocs,
+        "a device buffer was not freed"
+    );
+}
+
+fn delta(a: &common::fake_cuda::Stats, b: &common::fake_cuda::Stats) -> common::fake_cuda::Stats {
+    common::fake_cuda::Stats {
+        launches: b.launches - a.launches,
+        htod_copies: b.htod_copies - a.htod_copies,
+        dtoh_copies: b.dtoh_copies - a.dtoh_copies,
+        htod_bytes: b.htod_bytes - a.htod_bytes,
+        dtoh_bytes: b.dtoh_bytes - a.dtoh_bytes,
+        dtod_bytes: b.dtod_bytes - a.dtod_bytes,
+        memset_bytes: b.memset_bytes - a.memset_bytes,
+        allocs: b.allocs - a.allocs,
+        live_allocs: b.live_allocs.wrapping_sub(a.live_allocs),
+        live_bytes: b.live_bytes.wrapping_sub(a.live_bytes),
+    }
 }

@@ -33,10 +33,16 @@ use vppo::{
     TopFraction, Vppo, VppoConfig, VppoError,
 };
 
-/// The executors under test: GPU 0 when VPPO_TEST_DEVICE=cuda, else the SIMT executor in both orders.
+/// The executors under test: GPU 0 when VPPO_TEST_DEVICE=cuda; GPU 0 of the fake CUDA driver (the
+/// SIMT executor behind the driver API, see tests/common/fake_cuda.rs) when it is `fake-cuda`; else the
+/// SIMT executor in both orders.
 fn devices() -> Vec<Device> {
     match std::env::var("VPPO_TEST_DEVICE").as_deref() {
         Ok("cuda") => vec![Device::Cuda(0)],
+        Ok(common::fake_cuda::MODE) => {
+            common::fake_cuda::install();
+            vec![Device::Cuda(0)]
+        }
         _ => vec![
             Device::Simt(LaneOrder::Forward),
             Device::Simt(LaneOrder::Reverse),
@@ -44,8 +50,21 @@ fn devices() -> Vec<Device> {
     }
 }
 
+/// True when the tests run through `Device::Cuda` (a GPU or the fake driver).
 fn on_gpu() -> bool {
     devices().iter().any(|d| matches!(d, Device::Cuda(_)))
+}
+
+/// True on a real GPU only.
+fn on_real_gpu() -> bool {
+    std::env::var("VPPO_TEST_DEVICE").as_deref() == Ok("cuda")
+}
+
+/// Every test of this file again, on `Device::Cuda(0)` through the fake CUDA driver, in a child
+/// process per lane order: the CUDA host path (cudarc, buffers, launches, downloads) runs in CI.
+#[test]
+fn all_tests_through_the_fake_cuda_driver() {
+    common::fake_cuda::rerun_self("all_tests_through_the_fake_cuda_driver");
 }
 
 fn sum_eps(vocab: usize) -> f64 {
@@ -639,7 +658,7 @@ fn many_rows_grid_stride() {
 /// minutes, and `many_rows_grid_stride` covers the same loop there.
 #[test]
 fn past_65536_tokens_on_gpu() {
-    if !on_gpu() {
+    if !on_real_gpu() {
         eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda");
         return;
     }

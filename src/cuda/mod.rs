@@ -429,6 +429,71 @@ impl Gpu {
             .map_err(|e| cuda_err(&format!("copying {} elements from the GPU", src.len()), e))
     }
 
+    /// A device buffer of `n` elements whose contents are unspecified, for output the caller will
+    /// overwrite entirely (`n` must be at least 1). It saves the memset of [`Gpu::alloc_zeros`]; T is
+    /// `Pod`, so whatever bits are there are a valid T if they are ever read back.
+    pub fn alloc_uninit<T: DeviceRepr + bytemuck::Pod>(&self, n: usize) -> Result<CudaSlice<T>> {
+        check_len::<T>("alloc_uninit", n)?;
+        // SAFETY: cudarc marks this unsafe because the memory is not initialised. Device memory is
+        // never a Rust reference; reading it back copies bytes into host Ts, and every bit pattern is
+        // a valid T (Pod). The slice's length is n elements of T, as allocated.
+        unsafe { self.stream.alloc::<T>(n) }
+            .map_err(|e| cuda_err(&format!("allocating {n} elements on the GPU"), e))
+    }
+
+    /// Bytes `offset .. offset + len` of `src` (waits for the work before it on the stream).
+    pub fn download_range(
+        &self,
+        src: &CudaSlice<u8>,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>> {
+        let mut dst = vec![0u8; len];
+        self.download_range_into(src, offset, &mut dst)?;
+        Ok(dst)
+    }
+
+    /// Copies bytes `offset .. offset + dst.len()` of `src` into `dst` (waits for the work before it).
+    pub fn download_range_into(
+        &self,
+        src: &CudaSlice<u8>,
+        offset: usize,
+        dst: &mut [u8],
+    ) -> Result<()> {
+        let len = dst.len();
+        let end = offset.checked_add(len).filter(|&e| e <= src.len());
+        let Some(end) = end else {
+            return Err(VppoError::Cuda(format!(
+                "download_range: bytes {offset}..+{len} of a device buffer of {}",
+                src.len()
+            )));
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_dtoh(&src.slice(offset..end), dst)
+            .map_err(|e| cuda_err(&format!("copying {len} bytes from the GPU"), e))
+    }
+
+    /// Copies `data` into `dst` at byte `offset` (queued on the stream).
+    pub fn upload_range(&self, data: &[u8], dst: &mut CudaSlice<u8>, offset: usize) -> Result<()> {
+        let end = offset.checked_add(data.len()).filter(|&e| e <= dst.len());
+        let Some(end) = end else {
+            return Err(VppoError::Cuda(format!(
+                "upload_range: {} bytes at {offset} into a device buffer of {}",
+                data.len(),
+                dst.len()
+            )));
+        };
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_htod(data, &mut dst.slice_mut(offset..end))
+            .map_err(|e| cuda_err(&format!("copying {} bytes to the GPU", data.len()), e))
+    }
+
     /// Copies device buffer `src` into `dst` (same length) on the device.
     pub fn copy_on_device<T: DeviceRepr>(
         &self,

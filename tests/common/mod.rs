@@ -18,6 +18,8 @@
 //! advantages of both signs (and some 0). With `ties`, rows repeat within a response, so scores tie.
 #![allow(dead_code)]
 
+pub mod fake_cuda;
+
 use half::{bf16, f16};
 use proptest::prelude::*;
 use rand::{Rng, SeedableRng};

@@ -1,0 +1,211 @@
+//! The fake CUDA driver (tests/fake_cuda/libcuda.c): the driver API on the SIMT executor, so the GPU
+//! backend's host code (cudarc calls, buffers, offsets, launches, timing) runs in CI without a GPU.
+//!
+//! `VPPO_TEST_DEVICE=fake-cuda` makes a test binary that supports it call [`install`] before anything
+//! touches cudarc and then test `Device::Cuda(0)`. [`rerun_self`] is how `cargo test` gets there: a
+//! test re-runs its own binary in that mode, in a child process (the driver library is loaded once per
+//! process and cannot be swapped back).
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use vppo::simt::SimtEntry;
+
+/// What the fake driver counted since it was loaded (`VppoFakeCudaStats` in libcuda.c).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub launches: u64,
+    pub htod_copies: u64,
+    pub dtoh_copies: u64,
+    pub htod_bytes: u64,
+    pub dtoh_bytes: u64,
+    pub dtod_bytes: u64,
+    pub memset_bytes: u64,
+    pub allocs: u64,
+    pub live_allocs: u64,
+    pub live_bytes: u64,
+}
+
+type InstallFn =
+    unsafe extern "C" fn(extern "C" fn(*const c_char) -> Option<SimtEntry>, c_int) -> c_int;
+type StatsFn = unsafe extern "C" fn(*mut Stats);
+
+const RTLD_NOW: c_int = 2;
+const RTLD_GLOBAL: c_int = 0x100;
+
+extern "C" {
+    fn dlopen(filename: *const c_char, flags: c_int) -> *mut c_void;
+    fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    fn dlerror() -> *mut c_char;
+}
+
+/// The value of VPPO_TEST_DEVICE that selects the fake driver.
+pub const MODE: &str = "fake-cuda";
+
+/// True when this process runs its tests on the fake driver.
+pub fn active() -> bool {
+    std::env::var("VPPO_TEST_DEVICE").as_deref() == Ok(MODE)
+}
+
+struct Loaded {
+    stats: StatsFn,
+}
+
+// SAFETY: the only field is a function pointer into a library that is never unloaded.
+unsafe impl Send for Loaded {}
+// SAFETY: as above; the C side locks its own state.
+unsafe impl Sync for Loaded {}
+
+static LOADED: OnceLock<Result<Loaded, String>> = OnceLock::new();
+
+extern "C" fn resolve(name: *const c_char) -> Option<SimtEntry> {
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: the fake driver passes the NUL-terminated name cuModuleGetFunction was given.
+    let name = unsafe { CStr::from_ptr(name) }.to_str().ok()?;
+    vppo::kernels::simt_entry(name)
+}
+
+fn dl_error() -> String {
+    // SAFETY: dlerror returns NULL or a NUL-terminated string owned by libc, read before any other dl call.
+    let e = unsafe { dlerror() };
+    if e.is_null() {
+        "unknown dl error".into()
+    } else {
+        // SAFETY: non-NULL, NUL-terminated (see above).
+        unsafe { CStr::from_ptr(e) }.to_string_lossy().into_owned()
+    }
+}
+
+/// Compiles the fake driver with the C compiler ($CC, else cc) into a file of this process's own.
+fn compile() -> Result<PathBuf, String> {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/libcuda.c");
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fake_cuda");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let out = dir.join(format!("libcuda-{}.so", std::process::id()));
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let res = Command::new(&cc)
+        .args([
+            "-shared", "-fPIC", "-O1", "-std=c11", "-Wall", "-Wextra", "-Werror", "-pthread",
+        ])
+        .arg("-Wl,-soname,libcuda.so")
+        .arg("-o")
+        .arg(&out)
+        .arg(&src)
+        .output()
+        .map_err(|e| format!("running the C compiler {cc}: {e}"))?;
+    if !res.status.success() {
+        return Err(format!(
+            "{cc} failed on {}:\n{}",
+            src.display(),
+            String::from_utf8_lossy(&res.stderr)
+        ));
+    }
+    Ok(out)
+}
+
+fn load(order_reverse: bool) -> Result<Loaded, String> {
+    let path = compile()?;
+    let c_path = CString::new(path.as_os_str().to_string_lossy().as_bytes()).unwrap();
+    // SAFETY: a valid C string; the library's only initialiser is the C runtime's. It is never closed,
+    // so every pointer into it stays valid for the life of the process.
+    let handle = unsafe { dlopen(c_path.as_ptr(), RTLD_NOW | RTLD_GLOBAL) };
+    if handle.is_null() {
+        return Err(format!("dlopen {}: {}", path.display(), dl_error()));
+    }
+    // Loaded under its SONAME; the file itself is no longer needed.
+    let _ = std::fs::remove_file(&path);
+    let sym = |name: &str| {
+        let c = CString::new(name).unwrap();
+        // SAFETY: a live handle and a valid C string.
+        let p = unsafe { dlsym(handle, c.as_ptr()) };
+        if p.is_null() {
+            Err(format!("dlsym {name}: {}", dl_error()))
+        } else {
+            Ok(p)
+        }
+    };
+    let install = sym("vppo_fake_cuda_install")?;
+    let stats = sym("vppo_fake_cuda_stats")?;
+    // SAFETY: the symbols are the functions of libcuda.c with exactly these signatures.
+    let (install, stats) = unsafe {
+        (
+            std::mem::transmute::<*mut c_void, InstallFn>(install),
+            std::mem::transmute::<*mut c_void, StatsFn>(stats),
+        )
+    };
+    // SAFETY: `resolve` is a plain extern "C" function that lives as long as the process.
+    unsafe { install(resolve, c_int::from(order_reverse)) };
+    Ok(Loaded { stats })
+}
+
+/// Loads the fake driver into this process (once) so that cudarc's `dlopen("libcuda.so")` finds it.
+/// Kernels run in forward lane order, or reverse with VPPO_FAKE_CUDA_LANES=reverse.
+///
+/// Must run before anything in the process loads the CUDA driver.
+pub fn install() {
+    let reverse = std::env::var("VPPO_FAKE_CUDA_LANES").as_deref() == Ok("reverse");
+    if let Err(e) = LOADED.get_or_init(|| load(reverse)) {
+        panic!("the fake CUDA driver could not be loaded: {e}");
+    }
+}
+
+/// The fake driver's counters ([`install`] first).
+pub fn stats() -> Stats {
+    install();
+    let Some(Ok(l)) = LOADED.get() else {
+        unreachable!("install panics unless loaded")
+    };
+    let mut s = Stats::default();
+    // SAFETY: a valid out-pointer to a #[repr(C)] mirror of the C struct.
+    unsafe { (l.stats)(&mut s) };
+    s
+}
+
+/// A lock for tests that read the counters: hold it for the whole test, and take it in every other
+/// test of the binary that uses the driver, so no other test's traffic lands between two reads.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Re-runs the current test binary with VPPO_TEST_DEVICE=fake-cuda (every test but `skip`), once per
+/// lane order, and panics with the child's output if it fails. Does nothing when this build has no
+/// kernels (no nvcc) or when the process already runs in a device mode.
+pub fn rerun_self(skip: &str) {
+    if std::env::var_os("VPPO_TEST_DEVICE").is_some() {
+        eprintln!("skipped: this process already runs under VPPO_TEST_DEVICE");
+        return;
+    }
+    if !vppo::cuda::kernels_built() {
+        eprintln!("skipped: this build has no CUDA kernels (nvcc was not found at build time)");
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    for lanes in ["forward", "reverse"] {
+        let out = Command::new(&exe)
+            .env("VPPO_TEST_DEVICE", MODE)
+            .env("VPPO_FAKE_CUDA_LANES", lanes)
+            .args(["--skip", skip, "--test-threads", "2"])
+            .output()
+            .expect("running the test binary again");
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "the tests failed on the fake CUDA driver ({lanes} lanes):\n{text}"
+        );
+        let summary = text
+            .lines()
+            .filter(|l| l.starts_with("test result"))
+            .collect::<Vec<_>>();
+        eprintln!("fake CUDA driver, {lanes} lanes: {summary:?}");
+    }
+}

@@ -1,0 +1,666 @@
+/*
+ * A CUDA driver library (libcuda.so) that runs kernels on the crate's SIMT executor.
+ *
+ * Why: the host side of the GPU backend (src/cuda/, the CUDA branches of src/kernels.rs, the
+ * device-resident API, the benchmarks' timing) talks to the driver through cudarc. Without a GPU that
+ * code would never run in CI. This library implements the part of the driver API that cudarc calls
+ * for the crate, synchronously and on the host, and checks what a real driver checks (a current
+ * context for every call, live handles, copies inside live allocations, the dynamic shared memory
+ * opt-in), so the CUDA code paths run end to end against the same kernels.
+ *
+ * How it is used (tests/common/fake_cuda.rs): the test compiles this file with the C compiler into a
+ * shared object whose SONAME is "libcuda.so", dlopens it by path before cudarc loads the driver, and
+ * calls vppo_fake_cuda_install with a function that maps a kernel name to its SIMT entry point
+ * (`vppo::kernels::simt_entry`). cudarc then dlopens "libcuda.so", which the dynamic loader resolves to
+ * the object already loaded under that SONAME.
+ *
+ * What it is not: a GPU. Every stream is executed in call order as the calls are made; events record
+ * host time; kernels run on the SIMT executor with its lane order. Device memory is host memory,
+ * filled with 0xFF bytes at allocation (NaN for floats) so that code reading memory it never wrote
+ * shows up in results. A kernel's own accesses are not bounds-checked here (the SIMT tests and
+ * compute-sanitizer on a GPU cover them); host-side copies and memsets are.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+
+enum {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_NOT_INITIALIZED = 3,
+    CUDA_ERROR_NO_DEVICE = 100,
+    CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_IMAGE = 200,
+    CUDA_ERROR_INVALID_CONTEXT = 201,
+    CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_NOT_READY = 600,
+    CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
+    CUDA_ERROR_LAUNCH_FAILED = 719,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
+};
+
+/* The launch descriptor of kernels/simt/simt_abi.h (all fields 4 bytes). */
+typedef struct {
+    uint32_t grid_x, grid_y, grid_z;
+    uint32_t block_x, block_y, block_z;
+    uint32_t shared_bytes;
+    int32_t reverse_lanes;
+} SimtLaunch;
+
+typedef int (*SimtEntry)(const SimtLaunch *launch, const void *params, char *err, size_t err_len);
+typedef SimtEntry (*Resolver)(const char *kernel_name);
+
+/* The device this library pretends to be: an H100 SXM's limits. */
+#define FAKE_SMS 132
+#define FAKE_SHARED_OPTIN (227 * 1024)
+#define FAKE_SHARED_DEFAULT (48 * 1024)
+#define FAKE_TOTAL_MEM (80ull << 30)
+#define FATBIN_MAGIC 0xBA55ED50u
+
+#define HANDLE_MAGIC_STREAM 0x5354524du
+#define HANDLE_MAGIC_EVENT 0x4556454eu
+#define HANDLE_MAGIC_MODULE 0x4d4f4455u
+#define HANDLE_MAGIC_FUNCTION 0x46554e43u
+#define HANDLE_MAGIC_DEAD 0xdeaddeadu
+
+typedef struct FakeCtx {
+    int refcount;
+} FakeCtx;
+typedef struct FakeStream {
+    uint32_t magic;
+} FakeStream;
+typedef struct FakeEvent {
+    uint32_t magic;
+    int recorded;
+    double ms; /* host time when recorded */
+} FakeEvent;
+typedef struct FakeModule {
+    uint32_t magic;
+} FakeModule;
+typedef struct FakeFunction {
+    uint32_t magic;
+    SimtEntry entry;
+    int max_dynamic_shared;
+    char name[128];
+} FakeFunction;
+
+/* Statistics for the tests (mirrored by tests/common/fake_cuda.rs `Stats`). */
+typedef struct VppoFakeCudaStats {
+    uint64_t launches;
+    uint64_t htod_copies;
+    uint64_t dtoh_copies;
+    uint64_t htod_bytes;
+    uint64_t dtoh_bytes;
+    uint64_t dtod_bytes;
+    uint64_t memset_bytes;
+    uint64_t allocs;
+    uint64_t live_allocs;
+    uint64_t live_bytes;
+} VppoFakeCudaStats;
+
+typedef struct {
+    uintptr_t base;
+    size_t size;
+} Alloc;
+
+/* One lock for everything: the "device" executes one call at a time, in the order they are made,
+ * which is the order a single stream gives. */
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_mutex_t g_err_lock = PTHREAD_MUTEX_INITIALIZER; /* g_last_error only */
+static Resolver g_resolve;
+static int g_reverse_lanes;
+static int g_initialised;
+static FakeCtx g_primary;
+static Alloc *g_allocs;
+static size_t g_nallocs, g_cap_allocs;
+static VppoFakeCudaStats g_stats;
+static char g_last_error[2048];
+static __thread FakeCtx *t_current;
+
+#define LOCKED(expr)                  \
+    do {                              \
+        pthread_mutex_lock(&g_lock);  \
+        CUresult rc_ = (expr);        \
+        pthread_mutex_unlock(&g_lock); \
+        return rc_;                   \
+    } while (0)
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+/* Records (for vppo_fake_cuda_last_error) and prints why a call failed. */
+__attribute__((format(printf, 1, 2))) static void fail(const char *fmt, ...) {
+    pthread_mutex_lock(&g_err_lock);
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(g_last_error, sizeof g_last_error, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "fake libcuda: %s\n", g_last_error);
+    pthread_mutex_unlock(&g_err_lock);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Entry points for the tests
+ * ---------------------------------------------------------------------------------------------- */
+
+int vppo_fake_cuda_install(Resolver resolve, int reverse_lanes) {
+    pthread_mutex_lock(&g_lock);
+    g_resolve = resolve;
+    g_reverse_lanes = reverse_lanes;
+    pthread_mutex_unlock(&g_lock);
+    return 0;
+}
+
+void vppo_fake_cuda_stats(VppoFakeCudaStats *out) {
+    pthread_mutex_lock(&g_lock);
+    *out = g_stats;
+    pthread_mutex_unlock(&g_lock);
+}
+
+void vppo_fake_cuda_last_error(char *out, size_t len) {
+    pthread_mutex_lock(&g_err_lock);
+    snprintf(out, len, "%s", g_last_error);
+    pthread_mutex_unlock(&g_err_lock);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Errors, init, devices, contexts
+ * ---------------------------------------------------------------------------------------------- */
+
+static const char *error_name(CUresult e) {
+    switch (e) {
+    case CUDA_SUCCESS: return "CUDA_SUCCESS";
+    case CUDA_ERROR_INVALID_VALUE: return "CUDA_ERROR_INVALID_VALUE";
+    case CUDA_ERROR_OUT_OF_MEMORY: return "CUDA_ERROR_OUT_OF_MEMORY";
+    case CUDA_ERROR_NOT_INITIALIZED: return "CUDA_ERROR_NOT_INITIALIZED";
+    case CUDA_ERROR_NO_DEVICE: return "CUDA_ERROR_NO_DEVICE";
+    case CUDA_ERROR_INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
+    case CUDA_ERROR_INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
+    case CUDA_ERROR_INVALID_CONTEXT: return "CUDA_ERROR_INVALID_CONTEXT";
+    case CUDA_ERROR_INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
+    case CUDA_ERROR_NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
+    case CUDA_ERROR_NOT_READY: return "CUDA_ERROR_NOT_READY";
+    case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
+    case CUDA_ERROR_LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
+    case CUDA_ERROR_NOT_SUPPORTED: return "CUDA_ERROR_NOT_SUPPORTED";
+    default: return NULL;
+    }
+}
+
+CUresult cuGetErrorName(CUresult e, const char **out) {
+    const char *n = error_name(e);
+    if (!out || !n) return CUDA_ERROR_INVALID_VALUE;
+    *out = n;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuGetErrorString(CUresult e, const char **out) {
+    const char *n = error_name(e);
+    if (!out || !n) return CUDA_ERROR_INVALID_VALUE;
+    *out = e == CUDA_ERROR_LAUNCH_FAILED ? "the SIMT executor stopped the kernel (see stderr)"
+                                         : "reported by the vppo fake CUDA driver";
+    return CUDA_SUCCESS;
+}
+
+CUresult cuInit(unsigned int flags) {
+    if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&g_lock);
+    g_initialised = 1;
+    pthread_mutex_unlock(&g_lock);
+    return CUDA_SUCCESS;
+}
+
+static CUresult need_init(void) { return g_initialised ? CUDA_SUCCESS : CUDA_ERROR_NOT_INITIALIZED; }
+
+CUresult cuDriverGetVersion(int *v) {
+    if (!v) return CUDA_ERROR_INVALID_VALUE;
+    *v = 13000;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetCount(int *n) {
+    if (!n) return CUDA_ERROR_INVALID_VALUE;
+    if (need_init()) return CUDA_ERROR_NOT_INITIALIZED;
+    *n = 1;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGet(CUdevice *d, int ordinal) {
+    if (!d) return CUDA_ERROR_INVALID_VALUE;
+    if (need_init()) return CUDA_ERROR_NOT_INITIALIZED;
+    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
+    *d = 0;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetName(char *name, int len, CUdevice d) {
+    if (!name || len <= 0) return CUDA_ERROR_INVALID_VALUE;
+    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    snprintf(name, (size_t)len, "vppo fake CUDA device (SIMT executor)");
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice d) {
+    if (!bytes) return CUDA_ERROR_INVALID_VALUE;
+    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    *bytes = (size_t)FAKE_TOTAL_MEM;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetAttribute(int *v, int attr, CUdevice d) {
+    if (!v) return CUDA_ERROR_INVALID_VALUE;
+    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    switch (attr) {
+    case 1: *v = 1024; break;                     /* MAX_THREADS_PER_BLOCK */
+    case 2: case 3: *v = 1024; break;             /* MAX_BLOCK_DIM_X, Y */
+    case 4: *v = 64; break;                       /* MAX_BLOCK_DIM_Z */
+    case 5: *v = 2147483647; break;               /* MAX_GRID_DIM_X */
+    case 6: case 7: *v = 65535; break;            /* MAX_GRID_DIM_Y, Z */
+    case 8: *v = FAKE_SHARED_DEFAULT; break;      /* MAX_SHARED_MEMORY_PER_BLOCK */
+    case 10: *v = 32; break;                      /* WARP_SIZE */
+    case 13: *v = 1980000; break;                 /* CLOCK_RATE (kHz) */
+    case 16: *v = FAKE_SMS; break;                /* MULTIPROCESSOR_COUNT */
+    case 36: *v = 2619000; break;                 /* MEMORY_CLOCK_RATE (kHz) */
+    case 37: *v = 5120; break;                    /* GLOBAL_MEMORY_BUS_WIDTH */
+    case 38: *v = 50 * 1024 * 1024; break;        /* L2_CACHE_SIZE */
+    case 75: *v = 9; break;                       /* COMPUTE_CAPABILITY_MAJOR */
+    case 76: *v = 0; break;                       /* COMPUTE_CAPABILITY_MINOR */
+    case 97: *v = FAKE_SHARED_OPTIN; break;       /* MAX_SHARED_MEMORY_PER_BLOCK_OPTIN */
+    case 115: *v = 1; break;                      /* MEMORY_POOLS_SUPPORTED: cudarc then allocates async */
+    default: *v = 0; break;
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRetain(FakeCtx **ctx, CUdevice d) {
+    if (!ctx) return CUDA_ERROR_INVALID_VALUE;
+    if (need_init()) return CUDA_ERROR_NOT_INITIALIZED;
+    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    pthread_mutex_lock(&g_lock);
+    g_primary.refcount++;
+    pthread_mutex_unlock(&g_lock);
+    *ctx = &g_primary;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
+    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    pthread_mutex_lock(&g_lock);
+    CUresult rc = g_primary.refcount > 0 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_CONTEXT;
+    if (g_primary.refcount > 0) g_primary.refcount--;
+    pthread_mutex_unlock(&g_lock);
+    return rc;
+}
+
+CUresult cuCtxSetCurrent(FakeCtx *ctx) {
+    if (ctx && ctx != &g_primary) return CUDA_ERROR_INVALID_CONTEXT;
+    t_current = ctx;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuCtxGetCurrent(FakeCtx **ctx) {
+    if (!ctx) return CUDA_ERROR_INVALID_VALUE;
+    *ctx = t_current;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuCtxGetDevice(CUdevice *d) {
+    if (!d) return CUDA_ERROR_INVALID_VALUE;
+    if (!t_current) return CUDA_ERROR_INVALID_CONTEXT;
+    *d = 0;
+    return CUDA_SUCCESS;
+}
+
+/* Every call that works on the device needs the context current on the calling thread, as on a GPU. */
+static CUresult need_ctx(const char *call) {
+    if (t_current == &g_primary && g_primary.refcount > 0) return CUDA_SUCCESS;
+    fail("%s: no current context on this thread", call);
+    return CUDA_ERROR_INVALID_CONTEXT;
+}
+
+CUresult cuCtxSynchronize(void) { return need_ctx("cuCtxSynchronize"); }
+
+/* ------------------------------------------------------------------------------------------------
+ * Memory
+ * ---------------------------------------------------------------------------------------------- */
+
+/* The allocation that holds [p, p + n), or NULL. Call with g_lock held. */
+static Alloc *find_alloc(uintptr_t p, size_t n) {
+    for (size_t i = 0; i < g_nallocs; i++) {
+        Alloc *a = &g_allocs[i];
+        if (p >= a->base && p - a->base <= a->size && n <= a->size - (p - a->base)) return a;
+    }
+    return NULL;
+}
+
+static CUresult check_range(const char *call, CUdeviceptr p, size_t n) {
+    if (find_alloc((uintptr_t)p, n)) return CUDA_SUCCESS;
+    fail("%s: [0x%llx, +%zu bytes) is not inside a live device allocation", call, p, n);
+    return CUDA_ERROR_INVALID_VALUE;
+}
+
+static CUresult mem_alloc(CUdeviceptr *out, size_t bytes) {
+    if (!out || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = need_ctx("cuMemAlloc");
+    if (rc) return rc;
+    void *p = NULL;
+    if (posix_memalign(&p, 256, bytes)) return CUDA_ERROR_OUT_OF_MEMORY;
+    memset(p, 0xFF, bytes);
+    if (g_nallocs == g_cap_allocs) {
+        size_t cap = g_cap_allocs ? 2 * g_cap_allocs : 64;
+        Alloc *grown = realloc(g_allocs, cap * sizeof *grown);
+        if (!grown) {
+            free(p);
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        }
+        g_allocs = grown;
+        g_cap_allocs = cap;
+    }
+    g_allocs[g_nallocs++] = (Alloc){(uintptr_t)p, bytes};
+    g_stats.allocs++;
+    g_stats.live_allocs++;
+    g_stats.live_bytes += bytes;
+    *out = (CUdeviceptr)(uintptr_t)p;
+    return CUDA_SUCCESS;
+}
+
+static CUresult mem_free(CUdeviceptr p) {
+    CUresult rc = need_ctx("cuMemFree");
+    if (rc) return rc;
+    for (size_t i = 0; i < g_nallocs; i++) {
+        if (g_allocs[i].base == (uintptr_t)p) {
+            g_stats.live_allocs--;
+            g_stats.live_bytes -= g_allocs[i].size;
+            free((void *)g_allocs[i].base);
+            g_allocs[i] = g_allocs[--g_nallocs];
+            return CUDA_SUCCESS;
+        }
+    }
+    fail("cuMemFree: 0x%llx is not the start of a live allocation", p);
+    return CUDA_ERROR_INVALID_VALUE;
+}
+
+static int valid_stream(const FakeStream *s) {
+    /* NULL is the legacy default stream; 0x1 and 0x2 are CU_STREAM_LEGACY and CU_STREAM_PER_THREAD. */
+    return s == NULL || (uintptr_t)s == 1 || (uintptr_t)s == 2 || s->magic == HANDLE_MAGIC_STREAM;
+}
+
+#define NEED_STREAM(call, s)                                       \
+    do {                                                           \
+        if (!valid_stream(s)) {                                    \
+            fail("%s: invalid stream handle", call);            \
+            return CUDA_ERROR_INVALID_HANDLE;                      \
+        }                                                          \
+    } while (0)
+
+CUresult cuMemAlloc_v2(CUdeviceptr *out, size_t bytes) { LOCKED(mem_alloc(out, bytes)); }
+CUresult cuMemFree_v2(CUdeviceptr p) { LOCKED(mem_free(p)); }
+
+static CUresult mem_alloc_async(CUdeviceptr *out, size_t bytes, FakeStream *s) {
+    NEED_STREAM("cuMemAllocAsync", s);
+    return mem_alloc(out, bytes);
+}
+static CUresult mem_free_async(CUdeviceptr p, FakeStream *s) {
+    NEED_STREAM("cuMemFreeAsync", s);
+    return mem_free(p);
+}
+CUresult cuMemAllocAsync(CUdeviceptr *out, size_t bytes, FakeStream *s) { LOCKED(mem_alloc_async(out, bytes, s)); }
+CUresult cuMemFreeAsync(CUdeviceptr p, FakeStream *s) { LOCKED(mem_free_async(p, s)); }
+
+CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
+    if (!free_bytes || !total) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&g_lock);
+    *total = (size_t)FAKE_TOTAL_MEM;
+    *free_bytes = (size_t)(FAKE_TOTAL_MEM - g_stats.live_bytes);
+    pthread_mutex_unlock(&g_lock);
+    return CUDA_SUCCESS;
+}
+
+static CUresult htod(const char *call, CUdeviceptr dst, const void *src, size_t n, FakeStream *s) {
+    NEED_STREAM(call, s);
+    CUresult rc = need_ctx(call);
+    if (rc || (rc = check_range(call, dst, n))) return rc;
+    if (n && !src) return CUDA_ERROR_INVALID_VALUE;
+    memcpy((void *)(uintptr_t)dst, src, n);
+    g_stats.htod_copies++;
+    g_stats.htod_bytes += n;
+    return CUDA_SUCCESS;
+}
+static CUresult dtoh(const char *call, void *dst, CUdeviceptr src, size_t n, FakeStream *s) {
+    NEED_STREAM(call, s);
+    CUresult rc = need_ctx(call);
+    if (rc || (rc = check_range(call, src, n))) return rc;
+    if (n && !dst) return CUDA_ERROR_INVALID_VALUE;
+    memcpy(dst, (const void *)(uintptr_t)src, n);
+    g_stats.dtoh_copies++;
+    g_stats.dtoh_bytes += n;
+    return CUDA_SUCCESS;
+}
+static CUresult dtod(const char *call, CUdeviceptr dst, CUdeviceptr src, size_t n, FakeStream *s) {
+    NEED_STREAM(call, s);
+    CUresult rc = need_ctx(call);
+    if (rc || (rc = check_range(call, dst, n)) || (rc = check_range(call, src, n))) return rc;
+    memmove((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n);
+    g_stats.dtod_bytes += n;
+    return CUDA_SUCCESS;
+}
+static CUresult memset8(const char *call, CUdeviceptr dst, unsigned char v, size_t n, FakeStream *s) {
+    NEED_STREAM(call, s);
+    CUresult rc = need_ctx(call);
+    if (rc || (rc = check_range(call, dst, n))) return rc;
+    memset((void *)(uintptr_t)dst, v, n);
+    g_stats.memset_bytes += n;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void *h, size_t n) { LOCKED(htod("cuMemcpyHtoD", d, h, n, NULL)); }
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void *h, size_t n, FakeStream *s) {
+    LOCKED(htod("cuMemcpyHtoDAsync", d, h, n, s));
+}
+CUresult cuMemcpyDtoH_v2(void *h, CUdeviceptr d, size_t n) { LOCKED(dtoh("cuMemcpyDtoH", h, d, n, NULL)); }
+CUresult cuMemcpyDtoHAsync_v2(void *h, CUdeviceptr d, size_t n, FakeStream *s) {
+    LOCKED(dtoh("cuMemcpyDtoHAsync", h, d, n, s));
+}
+CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { LOCKED(dtod("cuMemcpyDtoD", d, s, n, NULL)); }
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr src, size_t n, FakeStream *s) {
+    LOCKED(dtod("cuMemcpyDtoDAsync", d, src, n, s));
+}
+CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { LOCKED(memset8("cuMemsetD8", d, v, n, NULL)); }
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, FakeStream *s) {
+    LOCKED(memset8("cuMemsetD8Async", d, v, n, s));
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Streams and events
+ * ---------------------------------------------------------------------------------------------- */
+
+CUresult cuStreamCreate(FakeStream **out, unsigned int flags) {
+    (void)flags;
+    if (!out) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = need_ctx("cuStreamCreate");
+    if (rc) return rc;
+    FakeStream *s = calloc(1, sizeof *s);
+    if (!s) return CUDA_ERROR_OUT_OF_MEMORY;
+    s->magic = HANDLE_MAGIC_STREAM;
+    *out = s;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuStreamCreateWithPriority(FakeStream **out, unsigned int flags, int priority) {
+    (void)priority;
+    return cuStreamCreate(out, flags);
+}
+
+CUresult cuStreamDestroy_v2(FakeStream *s) {
+    if (!s || (uintptr_t)s <= 2 || s->magic != HANDLE_MAGIC_STREAM) return CUDA_ERROR_INVALID_HANDLE;
+    s->magic = HANDLE_MAGIC_DEAD;
+    free(s);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuStreamSynchronize(FakeStream *s) {
+    NEED_STREAM("cuStreamSynchronize", s);
+    return need_ctx("cuStreamSynchronize");
+}
+
+CUresult cuStreamQuery(FakeStream *s) {
+    NEED_STREAM("cuStreamQuery", s);
+    return need_ctx("cuStreamQuery");
+}
+
+static int valid_event(const FakeEvent *e) { return e && e->magic == HANDLE_MAGIC_EVENT; }
+
+CUresult cuStreamWaitEvent(FakeStream *s, FakeEvent *e, unsigned int flags) {
+    (void)flags;
+    NEED_STREAM("cuStreamWaitEvent", s);
+    if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
+    return need_ctx("cuStreamWaitEvent");
+}
+
+CUresult cuEventCreate(FakeEvent **out, unsigned int flags) {
+    (void)flags;
+    if (!out) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = need_ctx("cuEventCreate");
+    if (rc) return rc;
+    FakeEvent *e = calloc(1, sizeof *e);
+    if (!e) return CUDA_ERROR_OUT_OF_MEMORY;
+    e->magic = HANDLE_MAGIC_EVENT;
+    *out = e;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuEventDestroy_v2(FakeEvent *e) {
+    if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
+    e->magic = HANDLE_MAGIC_DEAD;
+    free(e);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuEventRecord(FakeEvent *e, FakeStream *s) {
+    NEED_STREAM("cuEventRecord", s);
+    if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
+    e->recorded = 1;
+    e->ms = now_ms();
+    return need_ctx("cuEventRecord");
+}
+
+CUresult cuEventQuery(FakeEvent *e) { return valid_event(e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE; }
+
+CUresult cuEventSynchronize(FakeEvent *e) { return valid_event(e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE; }
+
+static CUresult elapsed(float *ms, FakeEvent *a, FakeEvent *b) {
+    if (!ms) return CUDA_ERROR_INVALID_VALUE;
+    if (!valid_event(a) || !valid_event(b)) return CUDA_ERROR_INVALID_HANDLE;
+    if (!a->recorded || !b->recorded) return CUDA_ERROR_NOT_READY;
+    *ms = (float)(b->ms - a->ms);
+    return CUDA_SUCCESS;
+}
+CUresult cuEventElapsedTime(float *ms, FakeEvent *a, FakeEvent *b) { return elapsed(ms, a, b); }
+CUresult cuEventElapsedTime_v2(float *ms, FakeEvent *a, FakeEvent *b) { return elapsed(ms, a, b); }
+
+/* ------------------------------------------------------------------------------------------------
+ * Modules, functions, launches
+ * ---------------------------------------------------------------------------------------------- */
+
+CUresult cuModuleLoadData(FakeModule **out, const void *image) {
+    if (!out || !image) return CUDA_ERROR_INVALID_VALUE;
+    CUresult rc = need_ctx("cuModuleLoadData");
+    if (rc) return rc;
+    uint32_t magic;
+    memcpy(&magic, image, sizeof magic);
+    if (magic != FATBIN_MAGIC) {
+        fail("cuModuleLoadData: the image is not a fatbin (magic 0x%x, want 0x%x)", magic, FATBIN_MAGIC);
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    FakeModule *m = calloc(1, sizeof *m);
+    if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
+    m->magic = HANDLE_MAGIC_MODULE;
+    *out = m;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuModuleUnload(FakeModule *m) {
+    if (!m || m->magic != HANDLE_MAGIC_MODULE) return CUDA_ERROR_INVALID_HANDLE;
+    m->magic = HANDLE_MAGIC_DEAD;
+    free(m);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuModuleGetFunction(FakeFunction **out, FakeModule *m, const char *name) {
+    if (!out || !name) return CUDA_ERROR_INVALID_VALUE;
+    if (!m || m->magic != HANDLE_MAGIC_MODULE) return CUDA_ERROR_INVALID_HANDLE;
+    CUresult rc = need_ctx("cuModuleGetFunction");
+    if (rc) return rc;
+    pthread_mutex_lock(&g_lock);
+    Resolver resolve = g_resolve;
+    pthread_mutex_unlock(&g_lock);
+    if (!resolve) {
+        fail("cuModuleGetFunction(%s): vppo_fake_cuda_install was not called", name);
+        return CUDA_ERROR_NOT_INITIALIZED;
+    }
+    SimtEntry entry = resolve(name);
+    if (!entry || strlen(name) >= sizeof((FakeFunction *)0)->name) return CUDA_ERROR_NOT_FOUND;
+    /* Kept for the life of the process, like the module functions of a loaded module. */
+    FakeFunction *f = calloc(1, sizeof *f);
+    if (!f) return CUDA_ERROR_OUT_OF_MEMORY;
+    f->magic = HANDLE_MAGIC_FUNCTION;
+    f->entry = entry;
+    f->max_dynamic_shared = FAKE_SHARED_DEFAULT;
+    strcpy(f->name, name);
+    *out = f;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuFuncSetAttribute(FakeFunction *f, int attr, int value) {
+    if (!f || f->magic != HANDLE_MAGIC_FUNCTION) return CUDA_ERROR_INVALID_HANDLE;
+    if (attr != 8 /* CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES */) return CUDA_ERROR_NOT_SUPPORTED;
+    if (value < 0 || value > FAKE_SHARED_OPTIN) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&g_lock);
+    f->max_dynamic_shared = value;
+    pthread_mutex_unlock(&g_lock);
+    return CUDA_SUCCESS;
+}
+
+static CUresult launch(FakeFunction *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                       unsigned bz, unsigned shared, FakeStream *s, void **params, void **extra) {
+    NEED_STREAM("cuLaunchKernel", s);
+    if (!f || f->magic != HANDLE_MAGIC_FUNCTION) return CUDA_ERROR_INVALID_HANDLE;
+    CUresult rc = need_ctx("cuLaunchKernel");
+    if (rc) return rc;
+    if (extra || !params || !params[0]) {
+        fail("cuLaunchKernel(%s): the crate's kernels take one by-value argument in kernelParams", f->name);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if ((int)shared > f->max_dynamic_shared) {
+        fail("cuLaunchKernel(%s): %u bytes of dynamic shared memory, over the function's limit %d", f->name,
+             shared, f->max_dynamic_shared);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    SimtLaunch d = {gx, gy, gz, bx, by, bz, shared, g_reverse_lanes};
+    char err[2048] = {0};
+    g_stats.launches++;
+    if (f->entry(&d, params[0], err, sizeof err) != 0) {
+        fail("cuLaunchKernel(%s): %s", f->name, err);
+        return CUDA_ERROR_LAUNCH_FAILED;
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult cuLaunchKernel(FakeFunction *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                        unsigned bz, unsigned shared, FakeStream *s, void **params, void **extra) {
+    LOCKED(launch(f, gx, gy, gz, bx, by, bz, shared, s, params, extra));
+}
