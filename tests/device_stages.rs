@@ -362,3 +362,74 @@ fn delta(a: &common::fake_cuda::Stats, b: &common::fake_cuda::Stats) -> common::
         live_bytes: b.live_bytes.wrapping_sub(a.live_bytes),
     }
 }
+
+/// The trainer's steps with the loss on `Device::Cuda` equal those on the SIMT executor: bit for bit
+/// on the fake driver (the same kernels, whose sums are fixed-order in either lane order), to f32
+/// noise on a GPU.
+#[test]
+fn trainer_steps_on_cuda_match_simt() {
+    use vppo::cli::DeviceArg;
+    use vppo::train::{Algo, TrainConfig, Trainer};
+    let _serial = common::fake_cuda::serial();
+    if gpu().is_none() {
+        eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda or fake-cuda");
+        return;
+    }
+    let config = |device| TrainConfig {
+        algo: Algo::Vppo,
+        seed: 5,
+        steps: 2,
+        prompts: 4,
+        warmup_steps: 20,
+        eval_problems: 20,
+        device,
+        ..TrainConfig::easy()
+    };
+    let mut on_cuda = Trainer::new(config(DeviceArg::Cuda)).unwrap();
+    let mut on_simt = Trainer::new(config(DeviceArg::Simt)).unwrap();
+    for _ in 0..2 {
+        let (a, b) = (on_cuda.step().unwrap(), on_simt.step().unwrap());
+        if common::fake_cuda::active() {
+            assert_eq!(a, b);
+        } else {
+            assert!(
+                (a.loss - b.loss).abs() <= 1e-5 * (1.0 + b.loss.abs()),
+                "{a:?} {b:?}"
+            );
+        }
+    }
+}
+
+/// The host API from threads that never touched the GPU before: every call makes the context current
+/// where it runs (the fake driver, like a GPU, fails a call on a thread without a current context).
+#[test]
+fn forward_from_fresh_threads() {
+    let _serial = common::fake_cuda::serial();
+    if gpu().is_none() {
+        eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda or fake-cuda");
+        return;
+    }
+    let spec = parse_synthetic("120,517,4,f16").unwrap();
+    let owned = synthetic_batch(&spec, 2).unwrap();
+    let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
+    let want = vppo.forward(&owned.batch()).unwrap();
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    let v = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
+                    let out = v.forward(&owned.batch()).unwrap();
+                    let mut grad = vec![0.0f32; owned.batch().n_tokens() * owned.batch().vocab];
+                    v.backward_into(&owned.batch(), &out, GradMut::F32(&mut grad))
+                        .unwrap();
+                    (out, grad)
+                })
+            })
+            .collect();
+        let results: Vec<_> = runs.into_iter().map(|h| h.join().unwrap()).collect();
+        for (out, grad) in &results {
+            assert_eq!(out, &want);
+            assert_eq!(grad, &results[0].1);
+        }
+    });
+}
