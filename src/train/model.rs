@@ -397,6 +397,8 @@ pub fn softmax(logits: &[f32]) -> (f64, Vec<f64>) {
 }
 
 #[cfg(test)]
+// The finite-difference checks loop over an index i that perturbs parameter i and reads gradient i.
+#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
     use rand::SeedableRng;
