@@ -440,6 +440,11 @@ impl Workspace {
 struct ArenaCopy(Vec<u8>);
 
 impl ArenaCopy {
+    /// The status word of the perception pass.
+    fn status(&self, ws: &Workspace) -> i64 {
+        self.get::<i64>(ws.status)[0]
+    }
+
     /// Region `r` as T values (copied out: the arena bytes need not be aligned for T on the host).
     fn get<T: bytemuck::Pod>(&self, r: Region) -> Vec<T> {
         bytemuck::pod_collect_to_vec(&self.0[r.offset..r.offset + r.bytes])
@@ -589,18 +594,14 @@ fn perception_with(
     let ws = Workspace::new(&l, batch.n_tokens(), batch.n_responses())?;
     let inputs = Inputs::new(&l, batch)?;
     run_perception(&l, kernel, Dims::of(batch), cfg, &inputs, &ws)?;
+    let copy = ws.download(&l)?;
     status_error(
-        read_status(&l, &ws)?,
+        copy.status(&ws),
         batch.targets,
         batch.vocab,
         &host_rows(batch),
     )?;
-    download_perception(&l, &ws)
-}
-
-/// The per-token outputs of pass 1 in `ws`, copied back in one transfer; mask and dlogp are left empty.
-fn download_perception(l: &Launcher, ws: &Workspace) -> Result<TokenOutputs> {
-    Ok(perception_outputs(ws, &ws.download(l)?))
+    Ok(perception_outputs(&ws, &copy))
 }
 
 /// The per-token outputs of pass 1 in an arena copy; mask and dlogp (pass 2) are left empty.
@@ -794,12 +795,6 @@ fn run_perception(
     Ok(())
 }
 
-/// Reads the status word of pass 1 (on a GPU this waits for the pass).
-fn read_status(l: &Launcher, ws: &Workspace) -> Result<i64> {
-    let raw = l.download_bytes(&ws.arena, ws.status.offset, 8)?;
-    Ok(bytemuck::pod_read_unaligned(&raw))
-}
-
 fn run_select_loss(
     l: &Launcher,
     dims: Dims,
@@ -851,14 +846,19 @@ pub fn forward(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<VppoOu
     let ws = Workspace::new(&l, n, b)?;
     let dims = Dims::of(batch);
     run_perception(&l, perception_kernel(dims.dtype), dims, cfg, &inputs, &ws)?;
+    // Pass 2 is queued before pass 1's status is read, so a forward waits for the GPU once. After a
+    // bad row pass 2 computes on meaningless (possibly NaN) per-token values: it takes no index from
+    // them (only from cu_seqlens, validated on the host) and its radix select ends after a fixed
+    // number of digits for any bits, so it finishes, and its results are discarded with the error.
+    run_select_loss(&l, dims, cfg, &inputs, &ws)?;
+    let copy = ws.download(&l)?;
     status_error(
-        read_status(&l, &ws)?,
+        copy.status(&ws),
         batch.targets,
         batch.vocab,
         &host_rows(batch),
     )?;
-    run_select_loss(&l, dims, cfg, &inputs, &ws)?;
-    collect(&l, &ws, z)
+    Ok(output_from(&ws, &copy, z))
 }
 
 /// The output of a forward over no tokens (N = 0) and `b` empty responses: loss 0, Sbar 0, k 0,
@@ -875,12 +875,11 @@ fn empty_output(z: f64, b: usize) -> VppoOutput {
     }
 }
 
-/// Every output of a forward, copied back from the workspace in one transfer.
-fn collect(l: &Launcher, ws: &Workspace, z: f64) -> Result<VppoOutput> {
+/// Every output of a forward, from a copy of its workspace ([`Workspace::download`]).
+fn output_from(ws: &Workspace, c: &ArenaCopy, z: f64) -> VppoOutput {
     let n = ws.n;
-    let c = ws.download(l)?;
     let t: VppoLossTotals = c.get(ws.totals)[0];
-    Ok(VppoOutput {
+    VppoOutput {
         loss: t.loss,
         pg_loss: t.pg,
         token_normalizer: z,
@@ -903,7 +902,7 @@ fn collect(l: &Launcher, ws: &Workspace, z: f64) -> Result<VppoOutput> {
             mean_ratio: t.ratio_sum / n as f64,
             selected_fraction: t.n_selected as f64 / n as f64,
         },
-    })
+    }
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -1352,9 +1351,11 @@ pub fn forward_device(
         };
         logits.row_f64(gpu, row, batch.vocab)
     };
-    status_error(read_status(&l, &ws)?, &targets, batch.vocab, &rows)?;
+    // As in `forward`: pass 2 before the status is read, one wait.
     run_select_loss(&l, dims, cfg, &inputs, &ws)?;
-    let output = collect(&l, &ws, z)?;
+    let copy = ws.download(&l)?;
+    status_error(copy.status(&ws), &targets, batch.vocab, &rows)?;
+    let output = output_from(&ws, &copy, z);
     Ok(DeviceForward {
         output,
         gpu: gpu.clone(),
