@@ -395,6 +395,8 @@ impl Workspace {
             [(); 9].map(|_| region(f32s(n)));
         let mask = region(n);
         let [k, sbar, alpha] = [(); 3].map(|_| region(f32s(b)));
+        // Zeroed (not just allocated): after a bad row pass 2 still runs over every region before
+        // the status is read (see `forward`), and zeros keep those reads defined and finite.
         let mut arena = l.alloc(end)?;
         l.write_at(&mut arena, status.offset, &[VPPO_STATUS_CLEAR as i64])?;
         Ok(Workspace {
@@ -886,7 +888,7 @@ fn output_from(ws: &Workspace, c: &ArenaCopy, z: f64) -> VppoOutput {
         tokens: TokenOutputs {
             mask: c.get(ws.mask),
             dlogp: c.get(ws.dlogp),
-            ..perception_outputs(ws, &c)
+            ..perception_outputs(ws, c)
         },
         responses: ResponseOutputs {
             sbar: c.get(ws.sbar),

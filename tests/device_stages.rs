@@ -433,3 +433,50 @@ fn forward_from_fresh_threads() {
         }
     });
 }
+
+/// What a GPU refuses, the fake driver refuses too: a kernel that is in no fatbin (the SIMT-only
+/// mutants) is not found, and (fake driver only) a launch whose parameters hold a host address fails
+/// instead of "working" because the fake's device memory is host memory.
+#[test]
+fn refused_like_on_a_gpu() {
+    let _serial = common::fake_cuda::serial();
+    let Some(gpu) = gpu() else {
+        eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda or fake-cuda");
+        return;
+    };
+    let err = gpu.function("vppo_perception_bf16_mutant").unwrap_err();
+    assert!(
+        err.to_string().contains("none of the loaded modules"),
+        "{err}"
+    );
+    assert!(gpu.function("vppo_perception_bf16").is_ok());
+    if !common::fake_cuda::active() {
+        return;
+    }
+    let scores = vec![0.5f32; 8];
+    let cu = gpu.upload(&[0i32, 8]).unwrap();
+    let mask = gpu.alloc_zeros::<u8>(8).unwrap();
+    let k = gpu.alloc_zeros::<i32>(1).unwrap();
+    let sbar = gpu.alloc_zeros::<f32>(1).unwrap();
+    let params = vppo::params::VppoSelectParams {
+        score: scores.as_ptr(), // a host address
+        cu_seqlens: gpu.device_ptr(&cu),
+        mask: gpu.device_ptr_mut(&mask),
+        k: gpu.device_ptr_mut(&k),
+        sbar: gpu.device_ptr_mut(&sbar),
+        n_responses: 1,
+        frac_num: 2,
+        frac_den: 5,
+    };
+    let threads = vppo::params::VPPO_SELECT_THREADS;
+    let shared = vppo::params::VPPO_SELECT_SHARED_BYTES;
+    // SAFETY: on the fake driver no kernel runs when a parameter is not a device address, which is
+    // what this checks; the other pointers are live device buffers of the sizes vppo_select reads.
+    let res = unsafe { gpu.launch("vppo_select", [1, 1, 1], [threads, 1, 1], shared, &params) };
+    let res = res.and_then(|()| gpu.synchronize());
+    assert!(
+        res.is_err(),
+        "a host address in the parameters was accepted"
+    );
+    assert_eq!(gpu.download(&mask).unwrap(), vec![0u8; 8], "the kernel ran");
+}

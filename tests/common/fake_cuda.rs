@@ -29,11 +29,13 @@ pub struct Stats {
     pub live_bytes: u64,
 }
 
-type InstallFn =
-    unsafe extern "C" fn(extern "C" fn(*const c_char) -> Option<SimtEntry>, c_int) -> c_int;
+type ResolveFn = extern "C" fn(*const c_char) -> Option<SimtEntry>;
+type PointerFieldsFn = extern "C" fn(*const c_char, *mut *const usize) -> usize;
+type InstallFn = unsafe extern "C" fn(ResolveFn, PointerFieldsFn, c_int) -> c_int;
 type StatsFn = unsafe extern "C" fn(*mut Stats);
 
 const RTLD_NOW: c_int = 2;
+const RTLD_NOLOAD: c_int = 4;
 const RTLD_GLOBAL: c_int = 0x100;
 
 extern "C" {
@@ -70,6 +72,86 @@ extern "C" fn resolve(name: *const c_char) -> Option<SimtEntry> {
     vppo::kernels::simt_entry(name)
 }
 
+/// The byte offsets of the pointer fields of each params struct (kernels/vppo_params.h), which the
+/// fake driver checks against its live allocations at every launch.
+mod pointer_fields {
+    use std::mem::offset_of;
+    use vppo::params::{
+        VppoBackwardParams, VppoLossParams, VppoPerceptionParams, VppoSelectParams,
+    };
+
+    type P = VppoPerceptionParams;
+    pub static PERCEPTION: [usize; 13] = [
+        offset_of!(P, logits),
+        offset_of!(P, logits_masked),
+        offset_of!(P, targets),
+        offset_of!(P, old_logp),
+        offset_of!(P, lse),
+        offset_of!(P, lse_masked),
+        offset_of!(P, logp),
+        offset_of!(P, logp_masked),
+        offset_of!(P, kl),
+        offset_of!(P, k3),
+        offset_of!(P, entropy),
+        offset_of!(P, score),
+        offset_of!(P, status),
+    ];
+    type S = VppoSelectParams;
+    pub static SELECT: [usize; 5] = [
+        offset_of!(S, score),
+        offset_of!(S, cu_seqlens),
+        offset_of!(S, mask),
+        offset_of!(S, k),
+        offset_of!(S, sbar),
+    ];
+    type L = VppoLossParams;
+    pub static LOSS: [usize; 9] = [
+        offset_of!(L, logp),
+        offset_of!(L, old_logp),
+        offset_of!(L, mask),
+        offset_of!(L, sbar),
+        offset_of!(L, cu_seqlens),
+        offset_of!(L, advantages),
+        offset_of!(L, alpha),
+        offset_of!(L, dlogp),
+        offset_of!(L, totals),
+    ];
+    type B = VppoBackwardParams;
+    pub static BACKWARD: [usize; 5] = [
+        offset_of!(B, logits),
+        offset_of!(B, lse),
+        offset_of!(B, dlogp),
+        offset_of!(B, targets),
+        offset_of!(B, grad),
+    ];
+
+    pub fn of(kernel: &str) -> &'static [usize] {
+        if kernel.starts_with("vppo_perception_") {
+            &PERCEPTION
+        } else if kernel == "vppo_select" {
+            &SELECT
+        } else if kernel == "vppo_loss" {
+            &LOSS
+        } else if kernel.starts_with("vppo_backward_") {
+            &BACKWARD
+        } else {
+            &[]
+        }
+    }
+}
+
+extern "C" fn pointer_fields(name: *const c_char, out: *mut *const usize) -> usize {
+    if name.is_null() || out.is_null() {
+        return 0;
+    }
+    // SAFETY: the fake driver passes the kernel's NUL-terminated name and a valid out-pointer.
+    let name = unsafe { CStr::from_ptr(name) }.to_str().unwrap_or("");
+    let fields = pointer_fields::of(name);
+    // SAFETY: `out` is valid for one write; the slice is a static, alive for the process.
+    unsafe { *out = fields.as_ptr() };
+    fields.len()
+}
+
 fn dl_error() -> String {
     // SAFETY: dlerror returns NULL or a NUL-terminated string owned by libc, read before any other dl call.
     let e = unsafe { dlerror() };
@@ -81,16 +163,27 @@ fn dl_error() -> String {
     }
 }
 
-/// Compiles the fake driver with the C compiler ($CC, else cc) into a file of this process's own.
+/// Compiles the fake driver with the C compiler ($CC, which may carry a wrapper such as ccache, else
+/// cc) into a file of this process's own (the name has the pid and the time, so concurrent test
+/// processes never share one).
 fn compile() -> Result<PathBuf, String> {
     let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/libcuda.c");
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fake_cuda");
-    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let out = dir.join(format!("libcuda-{}.so", std::process::id()));
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let res = Command::new(&cc)
+    let mut dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fake_cuda");
+    if std::fs::create_dir_all(&dir).is_err() {
+        dir = std::env::temp_dir();
+    }
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let out = dir.join(format!("libcuda-{}-{nanos}.so", std::process::id()));
+    let cc = std::env::var("CC").ok().filter(|c| !c.trim().is_empty());
+    let cc = cc.unwrap_or_else(|| "cc".into());
+    let mut words = cc.split_whitespace();
+    let program = words.next().unwrap_or("cc");
+    let res = Command::new(program)
+        .args(words)
         .args([
-            "-shared", "-fPIC", "-O1", "-std=c11", "-Wall", "-Wextra", "-Werror", "-pthread",
+            "-shared", "-fPIC", "-O1", "-std=c11", "-Wall", "-Wextra", "-pthread",
         ])
         .arg("-Wl,-soname,libcuda.so")
         .arg("-o")
@@ -119,6 +212,15 @@ fn load(order_reverse: bool) -> Result<Loaded, String> {
     }
     // Loaded under its SONAME; the file itself is no longer needed.
     let _ = std::fs::remove_file(&path);
+    // The name cudarc opens first must now be this library, not a real driver loaded earlier.
+    // SAFETY: a valid C string; RTLD_NOLOAD loads nothing, it only looks the name up.
+    let by_name = unsafe { dlopen(c"libcuda.so".as_ptr(), RTLD_NOW | RTLD_NOLOAD) };
+    if by_name != handle {
+        return Err(format!(
+            "dlopen(\"libcuda.so\") does not resolve to the fake driver (a CUDA driver was loaded \
+             before it, or this C library does not match loaded objects by SONAME): {by_name:?} != {handle:?}"
+        ));
+    }
     let sym = |name: &str| {
         let c = CString::new(name).unwrap();
         // SAFETY: a live handle and a valid C string.
@@ -139,7 +241,7 @@ fn load(order_reverse: bool) -> Result<Loaded, String> {
         )
     };
     // SAFETY: `resolve` is a plain extern "C" function that lives as long as the process.
-    unsafe { install(resolve, c_int::from(order_reverse)) };
+    unsafe { install(resolve, pointer_fields, c_int::from(order_reverse)) };
     Ok(Loaded { stats })
 }
 
@@ -187,19 +289,45 @@ pub fn rerun_self(skip: &str) {
     }
     let exe = std::env::current_exe().expect("the test binary's path");
     for lanes in ["forward", "reverse"] {
-        let out = Command::new(&exe)
+        let dir = std::env::temp_dir();
+        let tag = format!("vppo-fake-cuda-{}-{lanes}", std::process::id());
+        let out_path = dir.join(format!("{tag}.out"));
+        let err_path = dir.join(format!("{tag}.err"));
+        let mut child = Command::new(&exe)
             .env("VPPO_TEST_DEVICE", MODE)
             .env("VPPO_FAKE_CUDA_LANES", lanes)
             .args(["--skip", skip, "--test-threads", "2"])
-            .output()
+            .stdout(std::fs::File::create(&out_path).expect("a file for the child's stdout"))
+            .stderr(std::fs::File::create(&err_path).expect("a file for the child's stderr"))
+            .spawn()
             .expect("running the test binary again");
+        // A watchdog, so that a deadlock fails the test instead of hanging CI.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("waiting for the child") {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
         let text = format!(
             "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            std::fs::read_to_string(&out_path).unwrap_or_default(),
+            std::fs::read_to_string(&err_path).unwrap_or_default()
         );
+        let _ = (
+            std::fs::remove_file(&out_path),
+            std::fs::remove_file(&err_path),
+        );
+        let status = status.unwrap_or_else(|| {
+            panic!("the tests on the fake CUDA driver ({lanes} lanes) ran over 600 s:\n{text}")
+        });
         assert!(
-            out.status.success(),
+            status.success(),
             "the tests failed on the fake CUDA driver ({lanes} lanes):\n{text}"
         );
         let summary = text

@@ -60,6 +60,8 @@ typedef struct {
 
 typedef int (*SimtEntry)(const SimtLaunch *launch, const void *params, char *err, size_t err_len);
 typedef SimtEntry (*Resolver)(const char *kernel_name);
+/* Byte offsets of the pointer fields in the params struct of `kernel_name`; returns their count. */
+typedef size_t (*PointerFields)(const char *kernel_name, const size_t **offsets);
 
 /* The device this library pretends to be: an H100 SXM's limits. */
 #define FAKE_SMS 132
@@ -82,15 +84,20 @@ typedef struct FakeStream {
 } FakeStream;
 typedef struct FakeEvent {
     uint32_t magic;
+    unsigned flags;
     int recorded;
     double ms; /* host time when recorded */
 } FakeEvent;
 typedef struct FakeModule {
     uint32_t magic;
+    unsigned char *image; /* a copy of the fatbin (the caller may free its own after loading) */
+    size_t image_bytes;
 } FakeModule;
 typedef struct FakeFunction {
     uint32_t magic;
     SimtEntry entry;
+    const size_t *pointer_offsets;
+    size_t pointer_count;
     int max_dynamic_shared;
     char name[128];
 } FakeFunction;
@@ -119,6 +126,7 @@ typedef struct {
 static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t g_err_lock = PTHREAD_MUTEX_INITIALIZER; /* g_last_error only */
 static Resolver g_resolve;
+static PointerFields g_pointer_fields;
 static int g_reverse_lanes;
 static int g_initialised;
 static FakeCtx g_primary;
@@ -157,9 +165,10 @@ __attribute__((format(printf, 1, 2))) static void fail(const char *fmt, ...) {
  * Entry points for the tests
  * ---------------------------------------------------------------------------------------------- */
 
-int vppo_fake_cuda_install(Resolver resolve, int reverse_lanes) {
+int vppo_fake_cuda_install(Resolver resolve, PointerFields pointer_fields, int reverse_lanes) {
     pthread_mutex_lock(&g_lock);
     g_resolve = resolve;
+    g_pointer_fields = pointer_fields;
     g_reverse_lanes = reverse_lanes;
     pthread_mutex_unlock(&g_lock);
     return 0;
@@ -218,13 +227,13 @@ CUresult cuGetErrorString(CUresult e, const char **out) {
 
 CUresult cuInit(unsigned int flags) {
     if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
-    pthread_mutex_lock(&g_lock);
-    g_initialised = 1;
-    pthread_mutex_unlock(&g_lock);
+    __atomic_store_n(&g_initialised, 1, __ATOMIC_SEQ_CST);
     return CUDA_SUCCESS;
 }
 
-static CUresult need_init(void) { return g_initialised ? CUDA_SUCCESS : CUDA_ERROR_NOT_INITIALIZED; }
+static CUresult need_init(void) {
+    return __atomic_load_n(&g_initialised, __ATOMIC_SEQ_CST) ? CUDA_SUCCESS : CUDA_ERROR_NOT_INITIALIZED;
+}
 
 CUresult cuDriverGetVersion(int *v) {
     if (!v) return CUDA_ERROR_INVALID_VALUE;
@@ -281,7 +290,10 @@ CUresult cuDeviceGetAttribute(int *v, int attr, CUdevice d) {
     case 76: *v = 0; break;                       /* COMPUTE_CAPABILITY_MINOR */
     case 97: *v = FAKE_SHARED_OPTIN; break;       /* MAX_SHARED_MEMORY_PER_BLOCK_OPTIN */
     case 115: *v = 1; break;                      /* MEMORY_POOLS_SUPPORTED: cudarc then allocates async */
-    default: *v = 0; break;
+    default:
+        /* Not modelled: an error, so a new dependency on an attribute shows up instead of reading 0. */
+        fail("cuDeviceGetAttribute: attribute %d is not modelled by the fake driver", attr);
+        return CUDA_ERROR_INVALID_VALUE;
     }
     return CUDA_SUCCESS;
 }
@@ -290,20 +302,18 @@ CUresult cuDevicePrimaryCtxRetain(FakeCtx **ctx, CUdevice d) {
     if (!ctx) return CUDA_ERROR_INVALID_VALUE;
     if (need_init()) return CUDA_ERROR_NOT_INITIALIZED;
     if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
-    pthread_mutex_lock(&g_lock);
-    g_primary.refcount++;
-    pthread_mutex_unlock(&g_lock);
+    __atomic_add_fetch(&g_primary.refcount, 1, __ATOMIC_SEQ_CST);
     *ctx = &g_primary;
     return CUDA_SUCCESS;
 }
 
 CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
     if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
-    pthread_mutex_lock(&g_lock);
-    CUresult rc = g_primary.refcount > 0 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_CONTEXT;
-    if (g_primary.refcount > 0) g_primary.refcount--;
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    int count = __atomic_load_n(&g_primary.refcount, __ATOMIC_SEQ_CST);
+    while (count > 0 && !__atomic_compare_exchange_n(&g_primary.refcount, &count, count - 1, 0, __ATOMIC_SEQ_CST,
+                                                      __ATOMIC_SEQ_CST)) {
+    }
+    return count > 0 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_CONTEXT;
 }
 
 CUresult cuCtxSetCurrent(FakeCtx *ctx) {
@@ -327,7 +337,7 @@ CUresult cuCtxGetDevice(CUdevice *d) {
 
 /* Every call that works on the device needs the context current on the calling thread, as on a GPU. */
 static CUresult need_ctx(const char *call) {
-    if (t_current == &g_primary && g_primary.refcount > 0) return CUDA_SUCCESS;
+    if (t_current == &g_primary && __atomic_load_n(&g_primary.refcount, __ATOMIC_SEQ_CST) > 0) return CUDA_SUCCESS;
     fail("%s: no current context on this thread", call);
     return CUDA_ERROR_INVALID_CONTEXT;
 }
@@ -507,8 +517,7 @@ CUresult cuStreamCreateWithPriority(FakeStream **out, unsigned int flags, int pr
 
 CUresult cuStreamDestroy_v2(FakeStream *s) {
     if (!s || (uintptr_t)s <= 2 || s->magic != HANDLE_MAGIC_STREAM) return CUDA_ERROR_INVALID_HANDLE;
-    s->magic = HANDLE_MAGIC_DEAD;
-    free(s);
+    s->magic = HANDLE_MAGIC_DEAD; /* never freed: a stale handle must stay recognisably dead */
     return CUDA_SUCCESS;
 }
 
@@ -532,45 +541,53 @@ CUresult cuStreamWaitEvent(FakeStream *s, FakeEvent *e, unsigned int flags) {
 }
 
 CUresult cuEventCreate(FakeEvent **out, unsigned int flags) {
-    (void)flags;
     if (!out) return CUDA_ERROR_INVALID_VALUE;
     CUresult rc = need_ctx("cuEventCreate");
     if (rc) return rc;
     FakeEvent *e = calloc(1, sizeof *e);
     if (!e) return CUDA_ERROR_OUT_OF_MEMORY;
     e->magic = HANDLE_MAGIC_EVENT;
+    e->flags = flags;
     *out = e;
     return CUDA_SUCCESS;
 }
 
 CUresult cuEventDestroy_v2(FakeEvent *e) {
     if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
-    e->magic = HANDLE_MAGIC_DEAD;
-    free(e);
+    e->magic = HANDLE_MAGIC_DEAD; /* never freed (see cuStreamDestroy_v2) */
     return CUDA_SUCCESS;
 }
 
-CUresult cuEventRecord(FakeEvent *e, FakeStream *s) {
+static CUresult event_record(FakeEvent *e, FakeStream *s) {
     NEED_STREAM("cuEventRecord", s);
     if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
+    CUresult rc = need_ctx("cuEventRecord");
+    if (rc) return rc;
     e->recorded = 1;
     e->ms = now_ms();
-    return need_ctx("cuEventRecord");
+    return CUDA_SUCCESS;
 }
+CUresult cuEventRecord(FakeEvent *e, FakeStream *s) { LOCKED(event_record(e, s)); }
 
 CUresult cuEventQuery(FakeEvent *e) { return valid_event(e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE; }
 
 CUresult cuEventSynchronize(FakeEvent *e) { return valid_event(e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE; }
 
+#define CU_EVENT_DISABLE_TIMING 0x2
+
 static CUresult elapsed(float *ms, FakeEvent *a, FakeEvent *b) {
     if (!ms) return CUDA_ERROR_INVALID_VALUE;
     if (!valid_event(a) || !valid_event(b)) return CUDA_ERROR_INVALID_HANDLE;
+    if ((a->flags | b->flags) & CU_EVENT_DISABLE_TIMING) {
+        fail("cuEventElapsedTime: an event was created with CU_EVENT_DISABLE_TIMING");
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
     if (!a->recorded || !b->recorded) return CUDA_ERROR_NOT_READY;
     *ms = (float)(b->ms - a->ms);
     return CUDA_SUCCESS;
 }
-CUresult cuEventElapsedTime(float *ms, FakeEvent *a, FakeEvent *b) { return elapsed(ms, a, b); }
-CUresult cuEventElapsedTime_v2(float *ms, FakeEvent *a, FakeEvent *b) { return elapsed(ms, a, b); }
+CUresult cuEventElapsedTime(float *ms, FakeEvent *a, FakeEvent *b) { LOCKED(elapsed(ms, a, b)); }
+CUresult cuEventElapsedTime_v2(float *ms, FakeEvent *a, FakeEvent *b) { LOCKED(elapsed(ms, a, b)); }
 
 /* ------------------------------------------------------------------------------------------------
  * Modules, functions, launches
@@ -586,17 +603,33 @@ CUresult cuModuleLoadData(FakeModule **out, const void *image) {
         fail("cuModuleLoadData: the image is not a fatbin (magic 0x%x, want 0x%x)", magic, FATBIN_MAGIC);
         return CUDA_ERROR_INVALID_IMAGE;
     }
+    /* Fatbin header: magic (4 bytes), version (2), header size (2), size of what follows (8). */
+    uint16_t header_bytes;
+    uint64_t body_bytes;
+    memcpy(&header_bytes, (const unsigned char *)image + 6, sizeof header_bytes);
+    memcpy(&body_bytes, (const unsigned char *)image + 8, sizeof body_bytes);
+    size_t bytes = (size_t)header_bytes + (size_t)body_bytes;
     FakeModule *m = calloc(1, sizeof *m);
-    if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
+    unsigned char *copy = malloc(bytes);
+    if (!m || !copy) {
+        free(m);
+        free(copy);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
+    memcpy(copy, image, bytes);
     m->magic = HANDLE_MAGIC_MODULE;
+    m->image = copy;
+    m->image_bytes = bytes;
     *out = m;
     return CUDA_SUCCESS;
 }
 
 CUresult cuModuleUnload(FakeModule *m) {
     if (!m || m->magic != HANDLE_MAGIC_MODULE) return CUDA_ERROR_INVALID_HANDLE;
-    m->magic = HANDLE_MAGIC_DEAD;
-    free(m);
+    m->magic = HANDLE_MAGIC_DEAD; /* never freed (see cuStreamDestroy_v2); its image is */
+    free(m->image);
+    m->image = NULL;
+    m->image_bytes = 0;
     return CUDA_SUCCESS;
 }
 
@@ -612,13 +645,22 @@ CUresult cuModuleGetFunction(FakeFunction **out, FakeModule *m, const char *name
         fail("cuModuleGetFunction(%s): vppo_fake_cuda_install was not called", name);
         return CUDA_ERROR_NOT_INITIALIZED;
     }
+    /* A module has the kernels whose names its fatbin holds (they are stored uncompressed, NUL-ended). */
+    size_t len = strlen(name) + 1;
+    if (len > sizeof((FakeFunction *)0)->name || !memmem(m->image, m->image_bytes, name, len)) {
+        return CUDA_ERROR_NOT_FOUND;
+    }
     SimtEntry entry = resolve(name);
-    if (!entry || strlen(name) >= sizeof((FakeFunction *)0)->name) return CUDA_ERROR_NOT_FOUND;
+    if (!entry) {
+        fail("cuModuleGetFunction(%s): in the fatbin, but the SIMT build has no such kernel", name);
+        return CUDA_ERROR_NOT_FOUND;
+    }
     /* Kept for the life of the process, like the module functions of a loaded module. */
     FakeFunction *f = calloc(1, sizeof *f);
     if (!f) return CUDA_ERROR_OUT_OF_MEMORY;
     f->magic = HANDLE_MAGIC_FUNCTION;
     f->entry = entry;
+    f->pointer_count = g_pointer_fields ? g_pointer_fields(name, &f->pointer_offsets) : 0;
     f->max_dynamic_shared = FAKE_SHARED_DEFAULT;
     strcpy(f->name, name);
     *out = f;
@@ -649,6 +691,18 @@ static CUresult launch(FakeFunction *f, unsigned gx, unsigned gy, unsigned gz, u
         fail("cuLaunchKernel(%s): %u bytes of dynamic shared memory, over the function's limit %d", f->name,
              shared, f->max_dynamic_shared);
         return CUDA_ERROR_INVALID_VALUE;
+    }
+    /* Every pointer in the params must be a device address, i.e. inside a live allocation (a host
+     * address would "work" here, where device memory is host memory, and fault on a GPU). */
+    for (size_t i = 0; i < f->pointer_count; i++) {
+        uint64_t p;
+        memcpy(&p, (const unsigned char *)params[0] + f->pointer_offsets[i], sizeof p);
+        if (p && !find_alloc((uintptr_t)p, 1)) {
+            fail("cuLaunchKernel(%s): the pointer at byte %zu of the parameters, 0x%llx, is not in a live "
+                 "device allocation",
+                 f->name, f->pointer_offsets[i], (unsigned long long)p);
+            return CUDA_ERROR_INVALID_VALUE;
+        }
     }
     SimtLaunch d = {gx, gy, gz, bx, by, bz, shared, g_reverse_lanes};
     char err[2048] = {0};
