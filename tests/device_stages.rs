@@ -453,7 +453,7 @@ fn refused_like_on_a_gpu() {
     if !common::fake_cuda::active() {
         return;
     }
-    let scores = vec![0.5f32; 8];
+    let scores = [0.5f32; 8];
     let cu = gpu.upload(&[0i32, 8]).unwrap();
     let mask = gpu.alloc_zeros::<u8>(8).unwrap();
     let k = gpu.alloc_zeros::<i32>(1).unwrap();
