@@ -480,3 +480,62 @@ fn refused_like_on_a_gpu() {
     );
     assert_eq!(gpu.download(&mask).unwrap(), vec![0u8; 8], "the kernel ran");
 }
+
+/// The fake driver's guard pages catch a kernel that writes past its buffer: the backward launched
+/// with N = 8 rows into a gradient buffer of 7 rows must end the process with the fault report. The
+/// bad launch runs in a child process (the fault ends it); the parent checks how it ended.
+#[test]
+fn guard_page_catches_an_out_of_bounds_kernel() {
+    const CHILD: &str = "VPPO_FAKE_CUDA_OOB_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let gpu = gpu().expect("the fake driver");
+        let (n, v) = (8usize, 64usize);
+        let logits = gpu.upload(&vec![0.25f32; n * v]).unwrap();
+        let lse = gpu.upload(&vec![4.2f32; n]).unwrap();
+        let dlogp = gpu.upload(&vec![0.5f32; n]).unwrap();
+        let targets = gpu.upload(&vec![3i32; n]).unwrap();
+        let grad = gpu.alloc_zeros::<f32>((n - 1) * v).unwrap();
+        let params = vppo::params::VppoBackwardParams {
+            logits: gpu.device_ptr_void(&logits),
+            lse: gpu.device_ptr(&lse),
+            dlogp: gpu.device_ptr(&dlogp),
+            targets: gpu.device_ptr(&targets),
+            grad: gpu.device_ptr_mut(&grad).cast(),
+            n_tokens: n as i64,
+            vocab: v as i64,
+            inv_temperature: 1.0,
+            pad0: 0,
+        };
+        let threads = vppo::params::VPPO_BACKWARD_THREADS;
+        // SAFETY: deliberately not: the last row of grad is outside its buffer. This runs only in a
+        // child process on the fake driver, whose guard page ends the process at that write.
+        let res = unsafe {
+            gpu.launch(
+                "vppo_backward_f32_f32",
+                [n as u32, 1, 1],
+                [threads, 1, 1],
+                0,
+                &params,
+            )
+        };
+        panic!("the out-of-bounds write did not fault: {res:?}");
+    }
+    if std::env::var_os("VPPO_TEST_DEVICE").is_some() || !vppo::cuda::kernels_built() {
+        eprintln!("skipped: runs from a plain `cargo test` with the kernels built");
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("VPPO_TEST_DEVICE", common::fake_cuda::MODE)
+        .env(CHILD, "1")
+        .args(["--exact", "guard_page_catches_an_out_of_bounds_kernel"])
+        .args(["--test-threads", "1", "--nocapture"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("kernel vppo_backward_f32_f32 accessed")
+            && stderr.contains("outside every device allocation"),
+        "{stderr}"
+    );
+}

@@ -276,7 +276,7 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// Re-runs the current test binary with VPPO_TEST_DEVICE=fake-cuda (every test but `skip`), once per
-/// lane order, and panics with the child's output if it fails. Does nothing when this build has no
+/// lane order (forward lanes with guard pages after each allocation, reverse lanes with them before), and panics with the child's output if it fails. Does nothing when this build has no
 /// kernels (no nvcc) or when the process already runs in a device mode.
 pub fn rerun_self(skip: &str) {
     if std::env::var_os("VPPO_TEST_DEVICE").is_some() {
@@ -288,7 +288,8 @@ pub fn rerun_self(skip: &str) {
         return;
     }
     let exe = std::env::current_exe().expect("the test binary's path");
-    for lanes in ["forward", "reverse"] {
+    // Each run puts the guard pages on one side of every allocation (see libcuda.c).
+    for (lanes, guard) in [("forward", "end"), ("reverse", "start")] {
         let dir = std::env::temp_dir();
         let tag = format!("vppo-fake-cuda-{}-{lanes}", std::process::id());
         let out_path = dir.join(format!("{tag}.out"));
@@ -296,6 +297,7 @@ pub fn rerun_self(skip: &str) {
         let mut child = Command::new(&exe)
             .env("VPPO_TEST_DEVICE", MODE)
             .env("VPPO_FAKE_CUDA_LANES", lanes)
+            .env("VPPO_FAKE_CUDA_GUARD", guard)
             .args(["--skip", skip, "--test-threads", "2"])
             .stdout(std::fs::File::create(&out_path).expect("a file for the child's stdout"))
             .stderr(std::fs::File::create(&err_path).expect("a file for the child's stderr"))

@@ -14,14 +14,21 @@
  * (`vppo::kernels::simt_entry`). cudarc then dlopens "libcuda.so", which the dynamic loader resolves to
  * the object already loaded under that SONAME.
  *
+ * Memory: device memory is host memory, filled with 0xFF bytes at allocation (NaN for floats) so that
+ * code reading memory it never wrote shows up in results. Every allocation has its own mapping with an
+ * inaccessible guard page right after its end (or, with VPPO_FAKE_CUDA_GUARD=start, right before its
+ * start), and a freed allocation is unmapped, so a kernel that reads or writes outside its buffers, or
+ * uses a freed one, faults; the fault report names the kernel. Host-side copies and memsets are
+ * range-checked against the live allocations, and so is every pointer in a launch's parameters.
+ *
  * What it is not: a GPU. Every stream is executed in call order as the calls are made; events record
- * host time; kernels run on the SIMT executor with its lane order. Device memory is host memory,
- * filled with 0xFF bytes at allocation (NaN for floats) so that code reading memory it never wrote
- * shows up in results. A kernel's own accesses are not bounds-checked here (the SIMT tests and
- * compute-sanitizer on a GPU cover them); host-side copies and memsets are.
+ * host time; kernels run on the SIMT executor with its lane order.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -117,9 +124,20 @@ typedef struct VppoFakeCudaStats {
 } VppoFakeCudaStats;
 
 typedef struct {
-    uintptr_t base;
-    size_t size;
+    uintptr_t base; /* the address handed out */
+    size_t size;    /* bytes asked for */
+    void *map;      /* the mapping holding it and its guard page */
+    size_t map_bytes;
 } Alloc;
+
+/* Where the guard page of each allocation goes (VPPO_FAKE_CUDA_GUARD): right after its last byte,
+ * up to 16 bytes of alignment slack ("end", the default: an access past the end faults), or right
+ * before its first byte ("start": an access before the start faults). */
+enum { GUARD_END, GUARD_START };
+static int g_guard = GUARD_END;
+static size_t g_page;
+static const char *volatile g_running_kernel; /* for the fault report */
+static void install_fault_report(void);
 
 /* One lock for everything: the "device" executes one call at a time, in the order they are made,
  * which is the order a single stream gives. */
@@ -169,6 +187,9 @@ int vppo_fake_cuda_install(Resolver resolve, PointerFields pointer_fields, int r
     pthread_mutex_lock(&g_lock);
     g_resolve = resolve;
     g_pointer_fields = pointer_fields;
+    const char *guard = getenv("VPPO_FAKE_CUDA_GUARD");
+    g_guard = guard && strcmp(guard, "start") == 0 ? GUARD_START : GUARD_END;
+    install_fault_report();
     g_reverse_lanes = reverse_lanes;
     pthread_mutex_unlock(&g_lock);
     return 0;
@@ -363,24 +384,83 @@ static CUresult check_range(const char *call, CUdeviceptr p, size_t n) {
     return CUDA_ERROR_INVALID_VALUE;
 }
 
+/* Reports an access to a guard page (a kernel reading or writing outside its buffers) and lets the
+ * default action end the process. */
+static void on_fault(int sig, siginfo_t *info, void *ctx) {
+    (void)ctx;
+    char msg[512];
+    const char *k = g_running_kernel;
+    int n = snprintf(msg, sizeof msg,
+                     "fake libcuda: kernel %s accessed 0x%llx, outside every device allocation (a guard page, "
+                     "VPPO_FAKE_CUDA_GUARD=%s)\n",
+                     k ? k : "(none running)", (unsigned long long)(uintptr_t)info->si_addr,
+                     g_guard == GUARD_END ? "end" : "start");
+    if (n > 0) {
+        ssize_t w = write(2, msg, (size_t)n < sizeof msg ? (size_t)n : sizeof msg - 1);
+        (void)w;
+    }
+    signal(sig, SIG_DFL);
+}
+
+static void install_fault_report(void) {
+    static int done;
+    if (done) return;
+    done = 1;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigaction(SIGSEGV, &sa, NULL);
+    sigaction(SIGBUS, &sa, NULL);
+}
+
+/* The fault report runs on a stack of its own (a kernel thread's fiber stack may be nearly full). */
+static void ensure_signal_stack(void) {
+    static __thread int have;
+    if (have) return;
+    have = 1;
+    stack_t st;
+    st.ss_size = 64 * 1024;
+    st.ss_sp = malloc(st.ss_size);
+    st.ss_flags = 0;
+    if (st.ss_sp) sigaltstack(&st, NULL);
+}
+
 static CUresult mem_alloc(CUdeviceptr *out, size_t bytes) {
     if (!out || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
     CUresult rc = need_ctx("cuMemAlloc");
     if (rc) return rc;
-    void *p = NULL;
-    if (posix_memalign(&p, 256, bytes)) return CUDA_ERROR_OUT_OF_MEMORY;
+    if (!g_page) g_page = (size_t)sysconf(_SC_PAGESIZE);
+    /* Data pages, then (or before them) one inaccessible guard page. */
+    size_t data = (bytes + 15) / 16 * 16;
+    size_t data_pages = (data + g_page - 1) / g_page * g_page;
+    size_t map_bytes = data_pages + g_page;
+    unsigned char *map = mmap(NULL, map_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (map == MAP_FAILED) return CUDA_ERROR_OUT_OF_MEMORY;
+    unsigned char *p, *guard;
+    if (g_guard == GUARD_END) {
+        guard = map + data_pages;
+        p = guard - data; /* 16-byte aligned, as the kernels' vector accesses need */
+    } else {
+        guard = map;
+        p = map + g_page;
+    }
+    if (mprotect(guard, g_page, PROT_NONE)) {
+        munmap(map, map_bytes);
+        return CUDA_ERROR_OUT_OF_MEMORY;
+    }
     memset(p, 0xFF, bytes);
     if (g_nallocs == g_cap_allocs) {
         size_t cap = g_cap_allocs ? 2 * g_cap_allocs : 64;
         Alloc *grown = realloc(g_allocs, cap * sizeof *grown);
         if (!grown) {
-            free(p);
+            munmap(map, map_bytes);
             return CUDA_ERROR_OUT_OF_MEMORY;
         }
         g_allocs = grown;
         g_cap_allocs = cap;
     }
-    g_allocs[g_nallocs++] = (Alloc){(uintptr_t)p, bytes};
+    g_allocs[g_nallocs++] = (Alloc){(uintptr_t)p, bytes, map, map_bytes};
     g_stats.allocs++;
     g_stats.live_allocs++;
     g_stats.live_bytes += bytes;
@@ -395,7 +475,7 @@ static CUresult mem_free(CUdeviceptr p) {
         if (g_allocs[i].base == (uintptr_t)p) {
             g_stats.live_allocs--;
             g_stats.live_bytes -= g_allocs[i].size;
-            free((void *)g_allocs[i].base);
+            munmap(g_allocs[i].map, g_allocs[i].map_bytes);
             g_allocs[i] = g_allocs[--g_nallocs];
             return CUDA_SUCCESS;
         }
@@ -707,7 +787,11 @@ static CUresult launch(FakeFunction *f, unsigned gx, unsigned gy, unsigned gz, u
     SimtLaunch d = {gx, gy, gz, bx, by, bz, shared, g_reverse_lanes};
     char err[2048] = {0};
     g_stats.launches++;
-    if (f->entry(&d, params[0], err, sizeof err) != 0) {
+    ensure_signal_stack();
+    g_running_kernel = f->name;
+    int failed = f->entry(&d, params[0], err, sizeof err);
+    g_running_kernel = NULL;
+    if (failed) {
         fail("cuLaunchKernel(%s): %s", f->name, err);
         return CUDA_ERROR_LAUNCH_FAILED;
     }
