@@ -907,6 +907,52 @@ fn shared_memory_is_poisoned_at_each_block_start() {
     }
 }
 
+/// Shared memory ends right before an inaccessible page: 64 threads each reading s[t] of a launch
+/// that asked for 32 floats fault at thread 32. The launch runs in a child process (the fault ends
+/// it); the parent checks that it ended by the signal, not by finishing.
+#[test]
+fn reading_past_the_shared_memory_faults() {
+    const CHILD: &str = "VPPO_SIMT_SHARED_OVERRUN_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let threads = 64usize;
+        let mut b = Bufs {
+            out_u: vec![0; threads],
+            out_f: vec![0.0; threads],
+            out_a: vec![0; threads],
+            out_b: vec![0; 1],
+            ..Default::default()
+        };
+        let res = run(
+            st::vppo_simt_selftest_poison,
+            [1, 1, 1],
+            [threads as u32, 1, 1],
+            4 * 32,
+            LaneOrder::Forward,
+            &mut b,
+            0,
+            32,
+            0,
+        );
+        panic!("reading past the shared memory did not fault: {res:?}");
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(CHILD, "1")
+        .args(["--exact", "reading_past_the_shared_memory_faults"])
+        .args(["--test-threads", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(11),
+        "expected SIGSEGV, got {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+}
+
 #[test]
 fn atomics_give_the_sequential_totals() {
     for order in ORDERS {

@@ -4,6 +4,8 @@
  * A launch runs its blocks one after another on the calling OS thread. Each thread of a block is a
  * fiber with its own 64 KiB stack (plus a guard page); fibers and stacks are kept in a per-OS-thread
  * pool and reused across blocks and launches, so a fiber is created once and then only switched.
+ * Dynamic shared memory ends right before an inaccessible page, so a kernel that indexes past the
+ * shared memory its launch asked for faults instead of reading a neighbour's bytes.
  *
  * Context switches: a fiber is first entered with setcontext (ucontext, which also restores the signal
  * mask: one system call, once per fiber), and from then on every switch is _setjmp/_longjmp, which do
@@ -103,14 +105,19 @@ struct Block {
 
 struct Pool {
     std::vector<Fiber *> fibers;
-    unsigned char *shared = nullptr;
-    size_t shared_len = 0;
+    /* Dynamic shared memory: a mapping whose last page is inaccessible; a launch's shared memory ends
+     * right before that guard page (16-byte aligned), so an access past its end faults. */
+    unsigned char *shared_map = nullptr;
+    size_t shared_map_len = 0;
+    size_t shared_capacity = 0; /* bytes before the guard page */
     ~Pool() {
         for (Fiber *f : fibers) {
             munmap(f->mapping, f->mapping_len);
             delete f;
         }
-        std::free(shared);
+        if (shared_map) {
+            munmap(shared_map, shared_map_len);
+        }
     }
 };
 
@@ -374,20 +381,35 @@ bool ensure_fibers(uint32_t n, std::string &err) {
     return true;
 }
 
+/* Points t_shared at n bytes (rounded up to 16) that end right before the pool's guard page. */
 bool ensure_shared(size_t n, std::string &err) {
-    if (n < 16) {
+    n = (n + 15) / 16 * 16;
+    if (n == 0) {
         n = 16;
     }
-    if (t_pool.shared_len < n) {
-        void *p = nullptr;
-        if (posix_memalign(&p, 64, n) != 0) {
-            err = "out of memory for shared memory";
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    if (t_pool.shared_capacity < n) {
+        const size_t capacity = (n + page - 1) / page * page;
+        const size_t len = capacity + page;
+        void *m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) {
+            err = "cannot map shared memory";
             return false;
         }
-        std::free(t_pool.shared);
-        t_pool.shared = static_cast<unsigned char *>(p);
-        t_pool.shared_len = n;
+        unsigned char *map = static_cast<unsigned char *>(m);
+        if (mprotect(map + capacity, page, PROT_NONE) != 0) {
+            munmap(m, len);
+            err = "cannot protect the shared memory guard page";
+            return false;
+        }
+        if (t_pool.shared_map) {
+            munmap(t_pool.shared_map, t_pool.shared_map_len);
+        }
+        t_pool.shared_map = map;
+        t_pool.shared_map_len = len;
+        t_pool.shared_capacity = capacity;
     }
+    t_shared = t_pool.shared_map + t_pool.shared_capacity - n;
     return true;
 }
 
@@ -766,13 +788,12 @@ int run_launch(const char *kernel, const VppoSimtLaunch *launch, void (*body)(co
     t_blk = &b;
     t_block_dim = uint3{L.block_x, L.block_y, L.block_z};
     t_grid_dim = uint3{L.grid_x, L.grid_y, L.grid_z};
-    t_shared = t_pool.shared;
     bool ok = true;
     for (uint32_t z = 0; ok && z < L.grid_z; z++) {
         for (uint32_t y = 0; ok && y < L.grid_y; y++) {
             for (uint32_t x = 0; ok && x < L.grid_x; x++) {
                 t_block_idx = uint3{x, y, z};
-                std::memset(t_pool.shared, 0xff, L.shared_bytes); /* poison: floats read NaN, ints -1 */
+                std::memset(t_shared, 0xff, L.shared_bytes); /* poison: floats read NaN, ints -1 */
                 ok = run_block(b);
             }
         }
