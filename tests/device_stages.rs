@@ -539,3 +539,77 @@ fn guard_page_catches_an_out_of_bounds_kernel() {
         "{stderr}"
     );
 }
+
+/// Buffers that live on the caller's own stream (cudarc streams are non-blocking: no implicit order
+/// with ours): the API orders its work after what is queued there. On the fake driver a created
+/// stream runs its work only when something waits for it, so without that wait the forward would read
+/// the logits before their upload (0xFF bytes: NaN, a NonFinite error), and the gradient's zeroing
+/// would land after the backward wrote it.
+#[test]
+fn caller_streams_are_waited_for() {
+    let _serial = common::fake_cuda::serial();
+    let Some(gpu) = gpu() else {
+        eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda or fake-cuda");
+        return;
+    };
+    let s = gpu.context().new_stream().unwrap();
+    let spec = parse_synthetic("150,1999,5,bf16").unwrap();
+    let owned = synthetic_batch(&spec, 4).unwrap();
+    let host = owned.batch();
+    let (n, v) = (host.n_tokens(), host.vocab);
+    let logits = s.clone_htod(bf16s(&owned.logits)).unwrap();
+    let masked = s.clone_htod(bf16s(&owned.logits_masked)).unwrap();
+    let targets = s.clone_htod(&owned.targets).unwrap();
+    let old_logp = s.clone_htod(&owned.old_logp).unwrap();
+    let advantages = s.clone_htod(&owned.advantages).unwrap();
+    let cu_seqlens = s.clone_htod(&owned.cu_seqlens).unwrap();
+    let mut grad = s.alloc_zeros::<bf16>(n * v).unwrap();
+    let db = DeviceBatch {
+        logits: DeviceLogits::Bf16(&logits),
+        logits_masked: DeviceLogits::Bf16(&masked),
+        targets: &targets,
+        old_logp: &old_logp,
+        advantages: &advantages,
+        cu_seqlens: &cu_seqlens,
+        vocab: v,
+    };
+    let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
+    let fwd = vppo.forward_device(&db).unwrap();
+    let want = vppo.forward(&host).unwrap();
+    assert_eq!(fwd.output, want);
+    vppo.backward_device(&fwd, &db, DeviceLogitsMut::Bf16(&mut grad))
+        .unwrap();
+    // The caller's side of the contract: order its stream after ours before reading there.
+    s.join(gpu.stream()).unwrap();
+    let got = s.clone_dtoh(&grad).unwrap();
+    let mut grad_host = vec![bf16::ZERO; n * v];
+    vppo.backward_into(&host, &want, GradMut::Bf16(&mut grad_host))
+        .unwrap();
+    assert!(got
+        .iter()
+        .zip(&grad_host)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    s.synchronize().unwrap();
+}
+
+/// The fake driver's streams really are unordered: an upload queued on a created stream is not there
+/// yet for a read on the default stream that does not wait for it (so the test above can fail).
+#[test]
+fn fake_streams_expose_a_missing_wait() {
+    if !common::fake_cuda::active() {
+        eprintln!("skipped: runs on the fake CUDA driver (VPPO_TEST_DEVICE=fake-cuda)");
+        return;
+    }
+    let _serial = common::fake_cuda::serial();
+    let gpu = gpu().expect("the fake driver");
+    let s = gpu.context().new_stream().unwrap();
+    let buf = s.clone_htod(&[7u32; 4]).unwrap();
+    // Read on the default stream with no wait: the upload has not run.
+    let mut early = [0u32; 4];
+    gpu.stream().memcpy_dtoh(&buf, &mut early).unwrap();
+    assert_eq!(early, [u32::MAX; 4]);
+    // With the wait, it has.
+    gpu.stream().join(&s).unwrap();
+    assert_eq!(gpu.stream().clone_dtoh(&buf).unwrap(), vec![7u32; 4]);
+    s.synchronize().unwrap();
+}

@@ -30,7 +30,7 @@ pub struct Stats {
 }
 
 type ResolveFn = extern "C" fn(*const c_char) -> Option<SimtEntry>;
-type PointerFieldsFn = extern "C" fn(*const c_char, *mut *const usize) -> usize;
+type PointerFieldsFn = extern "C" fn(*const c_char, *mut *const usize, *mut usize) -> usize;
 type InstallFn = unsafe extern "C" fn(ResolveFn, PointerFieldsFn, c_int) -> c_int;
 type StatsFn = unsafe extern "C" fn(*mut Stats);
 
@@ -125,30 +125,39 @@ mod pointer_fields {
         offset_of!(B, grad),
     ];
 
-    pub fn of(kernel: &str) -> &'static [usize] {
+    /// The pointer offsets and the size of the params struct of `kernel`.
+    pub fn of(kernel: &str) -> (&'static [usize], usize) {
+        use std::mem::size_of;
         if kernel.starts_with("vppo_perception_") {
-            &PERCEPTION
+            (&PERCEPTION, size_of::<P>())
         } else if kernel == "vppo_select" {
-            &SELECT
+            (&SELECT, size_of::<S>())
         } else if kernel == "vppo_loss" {
-            &LOSS
+            (&LOSS, size_of::<L>())
         } else if kernel.starts_with("vppo_backward_") {
-            &BACKWARD
+            (&BACKWARD, size_of::<B>())
         } else {
-            &[]
+            (&[], 0)
         }
     }
 }
 
-extern "C" fn pointer_fields(name: *const c_char, out: *mut *const usize) -> usize {
-    if name.is_null() || out.is_null() {
+extern "C" fn pointer_fields(
+    name: *const c_char,
+    out: *mut *const usize,
+    params_bytes: *mut usize,
+) -> usize {
+    if name.is_null() || out.is_null() || params_bytes.is_null() {
         return 0;
     }
-    // SAFETY: the fake driver passes the kernel's NUL-terminated name and a valid out-pointer.
+    // SAFETY: the fake driver passes the kernel's NUL-terminated name and valid out-pointers.
     let name = unsafe { CStr::from_ptr(name) }.to_str().unwrap_or("");
-    let fields = pointer_fields::of(name);
-    // SAFETY: `out` is valid for one write; the slice is a static, alive for the process.
-    unsafe { *out = fields.as_ptr() };
+    let (fields, size) = pointer_fields::of(name);
+    // SAFETY: both are valid for one write; the slice is a static, alive for the process.
+    unsafe {
+        *out = fields.as_ptr();
+        *params_bytes = size;
+    }
     fields.len()
 }
 

@@ -21,8 +21,12 @@
  * uses a freed one, faults; the fault report names the kernel. Host-side copies and memsets are
  * range-checked against the live allocations, and so is every pointer in a launch's parameters.
  *
- * What it is not: a GPU. Every stream is executed in call order as the calls are made; events record
- * host time; kernels run on the SIMT executor with its lane order.
+ * Streams: the default stream executes each call as it is made. A created stream queues its work and
+ * runs it only when something waits for it (a synchronize, a copy back to pageable host memory, an
+ * event waited for), so work that is not ordered after another stream's reads that stream's memory
+ * before it is written. Events record host time when they execute.
+ *
+ * What it is not: a GPU. Kernels run on the SIMT executor with its lane order, one at a time.
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -67,8 +71,9 @@ typedef struct {
 
 typedef int (*SimtEntry)(const SimtLaunch *launch, const void *params, char *err, size_t err_len);
 typedef SimtEntry (*Resolver)(const char *kernel_name);
-/* Byte offsets of the pointer fields in the params struct of `kernel_name`; returns their count. */
-typedef size_t (*PointerFields)(const char *kernel_name, const size_t **offsets);
+/* The params struct of `kernel_name`: its size, and the byte offsets of its pointer fields (returns
+ * their count). */
+typedef size_t (*PointerFields)(const char *kernel_name, const size_t **offsets, size_t *params_bytes);
 
 /* The device this library pretends to be: an H100 SXM's limits. */
 #define FAKE_SMS 132
@@ -86,15 +91,35 @@ typedef size_t (*PointerFields)(const char *kernel_name, const size_t **offsets)
 typedef struct FakeCtx {
     int refcount;
 } FakeCtx;
+struct Op;
 typedef struct FakeStream {
     uint32_t magic;
+    struct Op *ops; /* queued work, executed from `head` when something waits for this stream */
+    size_t head, count, cap;
+    int draining;
 } FakeStream;
 typedef struct FakeEvent {
     uint32_t magic;
     unsigned flags;
-    int recorded;
-    double ms; /* host time when recorded */
+    FakeStream *stream; /* where it was last recorded (NULL: the default stream) */
+    uint64_t records;   /* how many times it was recorded */
+    uint64_t completed; /* how many of those records the stream has executed */
+    double ms;          /* host time when the last record executed */
 } FakeEvent;
+struct FakeFunction;
+/* One queued operation of a created stream. */
+enum OpKind { OP_KERNEL, OP_HTOD, OP_DTOD, OP_MEMSET, OP_FREE, OP_RECORD, OP_WAIT };
+typedef struct Op {
+    enum OpKind kind;
+    struct FakeFunction *f;
+    SimtLaunch dims;
+    unsigned char *bytes; /* kernel parameters, or the staged host data of a copy */
+    CUdeviceptr dst, src;
+    size_t n;
+    unsigned char value;
+    FakeEvent *event;
+    uint64_t seq; /* OP_RECORD: the record's number; OP_WAIT: the record waited for */
+} Op;
 typedef struct FakeModule {
     uint32_t magic;
     unsigned char *image; /* a copy of the fatbin (the caller may free its own after loading) */
@@ -105,6 +130,7 @@ typedef struct FakeFunction {
     SimtEntry entry;
     const size_t *pointer_offsets;
     size_t pointer_count;
+    size_t params_bytes;
     int max_dynamic_shared;
     char name[128];
 } FakeFunction;
@@ -151,6 +177,9 @@ static FakeCtx g_primary;
 static Alloc *g_allocs;
 static size_t g_nallocs, g_cap_allocs;
 static VppoFakeCudaStats g_stats;
+static CUresult g_sticky; /* the first error of queued work, reported by the next synchronizing call */
+static FakeStream **g_streams; /* every created stream (destroyed ones stay, marked dead) */
+static size_t g_nstreams, g_cap_streams;
 static char g_last_error[2048];
 static __thread FakeCtx *t_current;
 
@@ -363,7 +392,8 @@ static CUresult need_ctx(const char *call) {
     return CUDA_ERROR_INVALID_CONTEXT;
 }
 
-CUresult cuCtxSynchronize(void) { return need_ctx("cuCtxSynchronize"); }
+static CUresult ctx_sync(void);
+CUresult cuCtxSynchronize(void) { LOCKED(ctx_sync()); }
 
 /* ------------------------------------------------------------------------------------------------
  * Memory
@@ -484,21 +514,125 @@ static CUresult mem_free(CUdeviceptr p) {
     return CUDA_ERROR_INVALID_VALUE;
 }
 
+/* ------------------------------------------------------------------------------------------------
+ * Streams: the default stream runs each call at once; a created stream (cudarc's are non-blocking,
+ * so they never synchronize with the default stream implicitly) queues its work and runs it only when
+ * something waits for it: a synchronize, a copy back to the host, an event waited on from another
+ * stream. So a missing wait between streams shows up as reading memory that was not written yet.
+ * ---------------------------------------------------------------------------------------------- */
+
+static int is_default(const FakeStream *s) { return s == NULL || (uintptr_t)s == 1 || (uintptr_t)s == 2; }
+
 static int valid_stream(const FakeStream *s) {
     /* NULL is the legacy default stream; 0x1 and 0x2 are CU_STREAM_LEGACY and CU_STREAM_PER_THREAD. */
-    return s == NULL || (uintptr_t)s == 1 || (uintptr_t)s == 2 || s->magic == HANDLE_MAGIC_STREAM;
+    return is_default(s) || s->magic == HANDLE_MAGIC_STREAM;
 }
 
 #define NEED_STREAM(call, s)                                       \
     do {                                                           \
         if (!valid_stream(s)) {                                    \
-            fail("%s: invalid stream handle", call);            \
+            fail("%s: invalid stream handle", call);               \
             return CUDA_ERROR_INVALID_HANDLE;                      \
         }                                                          \
     } while (0)
 
+static int valid_event(const FakeEvent *e) { return e && e->magic == HANDLE_MAGIC_EVENT; }
+
+static CUresult run_kernel(struct FakeFunction *f, const SimtLaunch *d, const void *params);
+static CUresult do_htod(const char *call, CUdeviceptr dst, const void *src, size_t n);
+static CUresult do_dtod(const char *call, CUdeviceptr dst, CUdeviceptr src, size_t n);
+static CUresult do_memset(const char *call, CUdeviceptr dst, unsigned char v, size_t n);
+static CUresult drain_until(FakeStream *s, const FakeEvent *e, uint64_t seq);
+
+static void record_now(FakeEvent *e, uint64_t seq) {
+    e->completed = seq;
+    e->ms = now_ms();
+}
+
+/* Runs the queued operation `op` (g_lock held). */
+static CUresult run_op(Op *op) {
+    switch (op->kind) {
+    case OP_KERNEL: return run_kernel(op->f, &op->dims, op->bytes);
+    case OP_HTOD: return do_htod("cuMemcpyHtoDAsync (queued)", op->dst, op->bytes, op->n);
+    case OP_DTOD: return do_dtod("cuMemcpyDtoDAsync (queued)", op->dst, op->src, op->n);
+    case OP_MEMSET: return do_memset("cuMemsetD8Async (queued)", op->dst, op->value, op->n);
+    case OP_FREE: return mem_free(op->dst);
+    case OP_RECORD: record_now(op->event, op->seq); return CUDA_SUCCESS;
+    case OP_WAIT: return drain_until(op->event->stream, op->event, op->seq);
+    }
+    return CUDA_ERROR_INVALID_VALUE;
+}
+
+/* Runs the queue of `s` until event `e` has completed record `seq` (or to its end when e is NULL). */
+static CUresult drain_until(FakeStream *s, const FakeEvent *e, uint64_t seq) {
+    if (is_default(s)) return CUDA_SUCCESS; /* the default stream has nothing queued */
+    if (s->draining) {
+        fail("a cycle of stream waits (a deadlock on a GPU)");
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    s->draining = 1;
+    CUresult rc = CUDA_SUCCESS;
+    while (s->head < s->count && !(e && e->completed >= seq)) {
+        Op *op = &s->ops[s->head++];
+        CUresult r = run_op(op);
+        free(op->bytes);
+        op->bytes = NULL;
+        if (r && !rc) rc = r;
+    }
+    if (s->head == s->count) s->head = s->count = 0;
+    s->draining = 0;
+    if (rc && !g_sticky) g_sticky = rc;
+    return rc;
+}
+
+static CUresult drain(FakeStream *s) { return drain_until(s, NULL, 0); }
+
+static CUresult drain_all(void) {
+    CUresult rc = CUDA_SUCCESS;
+    for (size_t i = 0; i < g_nstreams; i++) {
+        CUresult r = drain(g_streams[i]);
+        if (r && !rc) rc = r;
+    }
+    return rc;
+}
+
+/* The sticky error of queued work, once. */
+static CUresult take_sticky(void) {
+    CUresult rc = g_sticky;
+    g_sticky = CUDA_SUCCESS;
+    return rc;
+}
+
+static CUresult enqueue(FakeStream *s, Op op) {
+    if (s->count == s->cap) {
+        size_t cap = s->cap ? 2 * s->cap : 16;
+        Op *grown = realloc(s->ops, cap * sizeof *grown);
+        if (!grown) {
+            free(op.bytes);
+            return CUDA_ERROR_OUT_OF_MEMORY;
+        }
+        s->ops = grown;
+        s->cap = cap;
+    }
+    s->ops[s->count++] = op;
+    return CUDA_SUCCESS;
+}
+
+/* A copy of n host bytes, for work that runs later (the caller may reuse its buffer at once). */
+static unsigned char *stage(const void *src, size_t n) {
+    unsigned char *b = malloc(n ? n : 1);
+    if (b && n) memcpy(b, src, n);
+    return b;
+}
+
 CUresult cuMemAlloc_v2(CUdeviceptr *out, size_t bytes) { LOCKED(mem_alloc(out, bytes)); }
-CUresult cuMemFree_v2(CUdeviceptr p) { LOCKED(mem_free(p)); }
+
+static CUresult mem_free_sync(CUdeviceptr p) {
+    CUresult rc = drain_all(); /* cuMemFree waits for the device */
+    CUresult r = mem_free(p);
+    return rc ? rc : r;
+}
+CUresult cuMemFree_v2(CUdeviceptr p) { LOCKED(mem_free_sync(p)); }
 
 static CUresult mem_alloc_async(CUdeviceptr *out, size_t bytes, FakeStream *s) {
     NEED_STREAM("cuMemAllocAsync", s);
@@ -506,7 +640,9 @@ static CUresult mem_alloc_async(CUdeviceptr *out, size_t bytes, FakeStream *s) {
 }
 static CUresult mem_free_async(CUdeviceptr p, FakeStream *s) {
     NEED_STREAM("cuMemFreeAsync", s);
-    return mem_free(p);
+    if (is_default(s)) return mem_free(p);
+    Op op = {.kind = OP_FREE, .dst = p};
+    return enqueue(s, op);
 }
 CUresult cuMemAllocAsync(CUdeviceptr *out, size_t bytes, FakeStream *s) { LOCKED(mem_alloc_async(out, bytes, s)); }
 CUresult cuMemFreeAsync(CUdeviceptr p, FakeStream *s) { LOCKED(mem_free_async(p, s)); }
@@ -520,21 +656,49 @@ CUresult cuMemGetInfo_v2(size_t *free_bytes, size_t *total) {
     return CUDA_SUCCESS;
 }
 
+static CUresult do_htod(const char *call, CUdeviceptr dst, const void *src, size_t n) {
+    CUresult rc = check_range(call, dst, n);
+    if (rc) return rc;
+    memcpy((void *)(uintptr_t)dst, src, n);
+    g_stats.htod_bytes += n;
+    return CUDA_SUCCESS;
+}
+static CUresult do_dtod(const char *call, CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    CUresult rc = check_range(call, dst, n);
+    if (rc || (rc = check_range(call, src, n))) return rc;
+    memmove((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n);
+    g_stats.dtod_bytes += n;
+    return CUDA_SUCCESS;
+}
+static CUresult do_memset(const char *call, CUdeviceptr dst, unsigned char v, size_t n) {
+    CUresult rc = check_range(call, dst, n);
+    if (rc) return rc;
+    memset((void *)(uintptr_t)dst, v, n);
+    g_stats.memset_bytes += n;
+    return CUDA_SUCCESS;
+}
+
 static CUresult htod(const char *call, CUdeviceptr dst, const void *src, size_t n, FakeStream *s) {
     NEED_STREAM(call, s);
     CUresult rc = need_ctx(call);
     if (rc || (rc = check_range(call, dst, n))) return rc;
     if (n && !src) return CUDA_ERROR_INVALID_VALUE;
-    memcpy((void *)(uintptr_t)dst, src, n);
     g_stats.htod_copies++;
-    g_stats.htod_bytes += n;
-    return CUDA_SUCCESS;
+    if (is_default(s)) return do_htod(call, dst, src, n);
+    /* From pageable memory the source is staged before the call returns; the write is queued. */
+    unsigned char *staged = stage(src, n);
+    if (!staged) return CUDA_ERROR_OUT_OF_MEMORY;
+    Op op = {.kind = OP_HTOD, .bytes = staged, .dst = dst, .n = n};
+    return enqueue(s, op);
 }
 static CUresult dtoh(const char *call, void *dst, CUdeviceptr src, size_t n, FakeStream *s) {
     NEED_STREAM(call, s);
     CUresult rc = need_ctx(call);
-    if (rc || (rc = check_range(call, src, n))) return rc;
+    if (rc) return rc;
     if (n && !dst) return CUDA_ERROR_INVALID_VALUE;
+    /* Into pageable memory the copy is synchronous: the stream's work before it runs first. */
+    if ((rc = drain(s)) || (rc = take_sticky())) return rc;
+    if ((rc = check_range(call, src, n))) return rc;
     memcpy(dst, (const void *)(uintptr_t)src, n);
     g_stats.dtoh_copies++;
     g_stats.dtoh_bytes += n;
@@ -543,18 +707,18 @@ static CUresult dtoh(const char *call, void *dst, CUdeviceptr src, size_t n, Fak
 static CUresult dtod(const char *call, CUdeviceptr dst, CUdeviceptr src, size_t n, FakeStream *s) {
     NEED_STREAM(call, s);
     CUresult rc = need_ctx(call);
-    if (rc || (rc = check_range(call, dst, n)) || (rc = check_range(call, src, n))) return rc;
-    memmove((void *)(uintptr_t)dst, (const void *)(uintptr_t)src, n);
-    g_stats.dtod_bytes += n;
-    return CUDA_SUCCESS;
+    if (rc) return rc;
+    if (is_default(s)) return do_dtod(call, dst, src, n);
+    Op op = {.kind = OP_DTOD, .dst = dst, .src = src, .n = n};
+    return enqueue(s, op);
 }
 static CUresult memset8(const char *call, CUdeviceptr dst, unsigned char v, size_t n, FakeStream *s) {
     NEED_STREAM(call, s);
     CUresult rc = need_ctx(call);
-    if (rc || (rc = check_range(call, dst, n))) return rc;
-    memset((void *)(uintptr_t)dst, v, n);
-    g_stats.memset_bytes += n;
-    return CUDA_SUCCESS;
+    if (rc) return rc;
+    if (is_default(s)) return do_memset(call, dst, v, n);
+    Op op = {.kind = OP_MEMSET, .dst = dst, .n = n, .value = v};
+    return enqueue(s, op);
 }
 
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void *h, size_t n) { LOCKED(htod("cuMemcpyHtoD", d, h, n, NULL)); }
@@ -578,16 +742,27 @@ CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, FakeStream *s
  * Streams and events
  * ---------------------------------------------------------------------------------------------- */
 
-CUresult cuStreamCreate(FakeStream **out, unsigned int flags) {
-    (void)flags;
+static CUresult stream_create(FakeStream **out) {
     if (!out) return CUDA_ERROR_INVALID_VALUE;
     CUresult rc = need_ctx("cuStreamCreate");
     if (rc) return rc;
+    if (g_nstreams == g_cap_streams) {
+        size_t cap = g_cap_streams ? 2 * g_cap_streams : 16;
+        FakeStream **grown = realloc(g_streams, cap * sizeof *grown);
+        if (!grown) return CUDA_ERROR_OUT_OF_MEMORY;
+        g_streams = grown;
+        g_cap_streams = cap;
+    }
     FakeStream *s = calloc(1, sizeof *s);
     if (!s) return CUDA_ERROR_OUT_OF_MEMORY;
     s->magic = HANDLE_MAGIC_STREAM;
+    g_streams[g_nstreams++] = s;
     *out = s;
     return CUDA_SUCCESS;
+}
+CUresult cuStreamCreate(FakeStream **out, unsigned int flags) {
+    (void)flags;
+    LOCKED(stream_create(out));
 }
 
 CUresult cuStreamCreateWithPriority(FakeStream **out, unsigned int flags, int priority) {
@@ -595,29 +770,43 @@ CUresult cuStreamCreateWithPriority(FakeStream **out, unsigned int flags, int pr
     return cuStreamCreate(out, flags);
 }
 
-CUresult cuStreamDestroy_v2(FakeStream *s) {
-    if (!s || (uintptr_t)s <= 2 || s->magic != HANDLE_MAGIC_STREAM) return CUDA_ERROR_INVALID_HANDLE;
+static CUresult stream_destroy(FakeStream *s) {
+    if (is_default(s) || s->magic != HANDLE_MAGIC_STREAM) return CUDA_ERROR_INVALID_HANDLE;
+    /* Work already queued still completes. */
+    CUresult rc = drain(s);
     s->magic = HANDLE_MAGIC_DEAD; /* never freed: a stale handle must stay recognisably dead */
-    return CUDA_SUCCESS;
+    return rc;
 }
+CUresult cuStreamDestroy_v2(FakeStream *s) { LOCKED(stream_destroy(s)); }
 
-CUresult cuStreamSynchronize(FakeStream *s) {
+static CUresult stream_sync(FakeStream *s) {
     NEED_STREAM("cuStreamSynchronize", s);
-    return need_ctx("cuStreamSynchronize");
+    CUresult rc = need_ctx("cuStreamSynchronize");
+    if (rc || (rc = drain(s))) return rc;
+    return take_sticky();
+}
+CUresult cuStreamSynchronize(FakeStream *s) { LOCKED(stream_sync(s)); }
+CUresult cuStreamQuery(FakeStream *s) { LOCKED(stream_sync(s)); }
+
+static CUresult ctx_sync(void) {
+    CUresult rc = need_ctx("cuCtxSynchronize");
+    if (rc || (rc = drain_all())) return rc;
+    return take_sticky();
 }
 
-CUresult cuStreamQuery(FakeStream *s) {
-    NEED_STREAM("cuStreamQuery", s);
-    return need_ctx("cuStreamQuery");
-}
-
-static int valid_event(const FakeEvent *e) { return e && e->magic == HANDLE_MAGIC_EVENT; }
-
-CUresult cuStreamWaitEvent(FakeStream *s, FakeEvent *e, unsigned int flags) {
-    (void)flags;
+static CUresult stream_wait(FakeStream *s, FakeEvent *e) {
     NEED_STREAM("cuStreamWaitEvent", s);
     if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
-    return need_ctx("cuStreamWaitEvent");
+    CUresult rc = need_ctx("cuStreamWaitEvent");
+    if (rc) return rc;
+    if (e->completed >= e->records) return CUDA_SUCCESS; /* nothing outstanding */
+    if (is_default(s)) return drain_until(e->stream, e, e->records);
+    Op op = {.kind = OP_WAIT, .event = e, .seq = e->records};
+    return enqueue(s, op);
+}
+CUresult cuStreamWaitEvent(FakeStream *s, FakeEvent *e, unsigned int flags) {
+    (void)flags;
+    LOCKED(stream_wait(s, e));
 }
 
 CUresult cuEventCreate(FakeEvent **out, unsigned int flags) {
@@ -643,15 +832,24 @@ static CUresult event_record(FakeEvent *e, FakeStream *s) {
     if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
     CUresult rc = need_ctx("cuEventRecord");
     if (rc) return rc;
-    e->recorded = 1;
-    e->ms = now_ms();
-    return CUDA_SUCCESS;
+    uint64_t seq = ++e->records;
+    e->stream = is_default(s) ? NULL : s;
+    if (is_default(s)) {
+        record_now(e, seq);
+        return CUDA_SUCCESS;
+    }
+    Op op = {.kind = OP_RECORD, .event = e, .seq = seq};
+    return enqueue(s, op);
 }
 CUresult cuEventRecord(FakeEvent *e, FakeStream *s) { LOCKED(event_record(e, s)); }
 
-CUresult cuEventQuery(FakeEvent *e) { return valid_event(e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE; }
-
-CUresult cuEventSynchronize(FakeEvent *e) { return valid_event(e) ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE; }
+static CUresult event_sync(FakeEvent *e) {
+    if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
+    CUresult rc = drain_until(e->stream, e, e->records);
+    return rc ? rc : take_sticky();
+}
+CUresult cuEventSynchronize(FakeEvent *e) { LOCKED(event_sync(e)); }
+CUresult cuEventQuery(FakeEvent *e) { LOCKED(event_sync(e)); }
 
 #define CU_EVENT_DISABLE_TIMING 0x2
 
@@ -662,7 +860,9 @@ static CUresult elapsed(float *ms, FakeEvent *a, FakeEvent *b) {
         fail("cuEventElapsedTime: an event was created with CU_EVENT_DISABLE_TIMING");
         return CUDA_ERROR_INVALID_HANDLE;
     }
-    if (!a->recorded || !b->recorded) return CUDA_ERROR_NOT_READY;
+    if (!a->records || !b->records || a->completed < a->records || b->completed < b->records) {
+        return CUDA_ERROR_NOT_READY;
+    }
     *ms = (float)(b->ms - a->ms);
     return CUDA_SUCCESS;
 }
@@ -740,7 +940,7 @@ CUresult cuModuleGetFunction(FakeFunction **out, FakeModule *m, const char *name
     if (!f) return CUDA_ERROR_OUT_OF_MEMORY;
     f->magic = HANDLE_MAGIC_FUNCTION;
     f->entry = entry;
-    f->pointer_count = g_pointer_fields ? g_pointer_fields(name, &f->pointer_offsets) : 0;
+    f->pointer_count = g_pointer_fields ? g_pointer_fields(name, &f->pointer_offsets, &f->params_bytes) : 0;
     f->max_dynamic_shared = FAKE_SHARED_DEFAULT;
     strcpy(f->name, name);
     *out = f;
@@ -772,11 +972,25 @@ static CUresult launch(FakeFunction *f, unsigned gx, unsigned gy, unsigned gz, u
              shared, f->max_dynamic_shared);
         return CUDA_ERROR_INVALID_VALUE;
     }
+    SimtLaunch d = {gx, gy, gz, bx, by, bz, shared, g_reverse_lanes};
+    if (is_default(s)) return run_kernel(f, &d, params[0]);
+    /* Queued: the parameter bytes are copied now, as cuLaunchKernel does. */
+    if (!f->params_bytes) {
+        fail("cuLaunchKernel(%s): the size of its parameters is unknown, so it cannot be queued", f->name);
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
+    unsigned char *bytes = stage(params[0], f->params_bytes);
+    if (!bytes) return CUDA_ERROR_OUT_OF_MEMORY;
+    Op op = {.kind = OP_KERNEL, .f = f, .dims = d, .bytes = bytes};
+    return enqueue(s, op);
+}
+
+static CUresult run_kernel(FakeFunction *f, const SimtLaunch *d, const void *params) {
     /* Every pointer in the params must be a device address, i.e. inside a live allocation (a host
      * address would "work" here, where device memory is host memory, and fault on a GPU). */
     for (size_t i = 0; i < f->pointer_count; i++) {
         uint64_t p;
-        memcpy(&p, (const unsigned char *)params[0] + f->pointer_offsets[i], sizeof p);
+        memcpy(&p, (const unsigned char *)params + f->pointer_offsets[i], sizeof p);
         if (p && !find_alloc((uintptr_t)p, 1)) {
             fail("cuLaunchKernel(%s): the pointer at byte %zu of the parameters, 0x%llx, is not in a live "
                  "device allocation",
@@ -784,12 +998,11 @@ static CUresult launch(FakeFunction *f, unsigned gx, unsigned gy, unsigned gz, u
             return CUDA_ERROR_INVALID_VALUE;
         }
     }
-    SimtLaunch d = {gx, gy, gz, bx, by, bz, shared, g_reverse_lanes};
     char err[2048] = {0};
     g_stats.launches++;
     ensure_signal_stack();
     g_running_kernel = f->name;
-    int failed = f->entry(&d, params[0], err, sizeof err);
+    int failed = f->entry(d, params, err, sizeof err);
     g_running_kernel = NULL;
     if (failed) {
         fail("cuLaunchKernel(%s): %s", f->name, err);
