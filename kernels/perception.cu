@@ -261,9 +261,10 @@ __device__ void perception(const VppoPerceptionParams &p) {
                    KL >= 0, and the rounding can leave a near-zero value negative. */
                 const float kl_sum = (e_nat - f_nat) / st.s_a + log1pf((st.s_b - st.s_a) / st.s_a);
                 const float kl = (st.flags & kFlagKlInf) ? INFINITY : fmaxf(kl_sum, 0.0f);
-                /* k3 in double: exp(d) - d - 1 cancels for small d, and it is one exp per token. */
+                /* k3 in double: exp(d) - d - 1 cancels for small d, and it is one exp per token. It is
+                   >= 0; the clamp keeps a last-ulp rounding of expm1 from making it -0 or -tiny. */
                 const double d = fmin(fmax((double)logp_masked - (double)p.old_logp[t], -20.0), 20.0);
-                const float k3 = (float)(expm1(d) - d);
+                const float k3 = (float)fmax(expm1(d) - d, 0.0);
                 const float raw = p.perception == VPPO_PERCEPTION_K3 ? k3 : kl;
                 /* clamp(raw, 0, c); written so that -0.0 and any negative rounding give +0.0 */
                 const float score = raw > 0.0f ? fminf(raw, p.score_clamp) : 0.0f;

@@ -98,6 +98,21 @@ fn check_perception(
     let want = reference::perception::perception(batch, cfg).map_err(|e| e.to_string())?;
     let eps = 4.0 * sum_eps(batch.vocab);
     for t in 0..batch.n_tokens() {
+        // Exact, not within a tolerance: a log-probability above 0 (verl #2656: +123 from a fused
+        // kernel, and training collapsed) or a negative KL, entropy or score is a bug whatever its size.
+        // The kernel guarantees it: the row maximum's term is exactly 1, so log(s) >= 0.
+        if !(got.logp[t] <= 0.0 && got.logp_masked[t] <= 0.0) {
+            return Err(format!(
+                "logp[{t}] = {}, logp_masked[{t}] = {}: above 0",
+                got.logp[t], got.logp_masked[t]
+            ));
+        }
+        if !(got.kl[t] >= 0.0 && got.k3[t] >= 0.0 && got.entropy[t] >= 0.0 && got.score[t] >= 0.0) {
+            return Err(format!(
+                "token {t}: kl {}, k3 {}, entropy {}, score {}: each must be >= 0",
+                got.kl[t], got.k3[t], got.entropy[t], got.score[t]
+            ));
+        }
         let size_a = 1.0 + want.lse[t].abs();
         let size_b = 1.0 + want.lse_masked[t].abs();
         check_close("lse", t, got.lse[t] as f64, want.lse[t], eps * size_a)?;
