@@ -61,6 +61,44 @@ fn bf16s(l: &OwnedLogits) -> &[bf16] {
     }
 }
 
+/// A bf16 batch's tensors copied onto `stream` (the GPU's own, or a caller's), as a caller of the
+/// device-resident API holds them.
+struct OnDevice {
+    logits: CudaSlice<bf16>,
+    masked: CudaSlice<bf16>,
+    targets: CudaSlice<i32>,
+    old_logp: CudaSlice<f32>,
+    advantages: CudaSlice<f32>,
+    cu_seqlens: CudaSlice<i32>,
+    vocab: usize,
+}
+
+impl OnDevice {
+    fn new(stream: &std::sync::Arc<cudarc::driver::CudaStream>, owned: &vppo::OwnedBatch) -> Self {
+        OnDevice {
+            logits: stream.clone_htod(bf16s(&owned.logits)).unwrap(),
+            masked: stream.clone_htod(bf16s(&owned.logits_masked)).unwrap(),
+            targets: stream.clone_htod(&owned.targets).unwrap(),
+            old_logp: stream.clone_htod(&owned.old_logp).unwrap(),
+            advantages: stream.clone_htod(&owned.advantages).unwrap(),
+            cu_seqlens: stream.clone_htod(&owned.cu_seqlens).unwrap(),
+            vocab: owned.batch().vocab,
+        }
+    }
+
+    fn batch(&self) -> DeviceBatch<'_> {
+        DeviceBatch {
+            logits: DeviceLogits::Bf16(&self.logits),
+            logits_masked: DeviceLogits::Bf16(&self.masked),
+            targets: &self.targets,
+            old_logp: &self.old_logp,
+            advantages: &self.advantages,
+            cu_seqlens: &self.cu_seqlens,
+            vocab: self.vocab,
+        }
+    }
+}
+
 #[test]
 fn stage_launches_match_the_api() {
     let _serial = common::fake_cuda::serial();
@@ -75,21 +113,9 @@ fn stage_launches_match_the_api() {
     let vppo = Vppo::new(cfg.clone(), Device::Cuda(0)).unwrap();
     let (n, v) = (host.n_tokens(), host.vocab);
 
-    let logits: CudaSlice<bf16> = gpu.upload(bf16s(&owned.logits)).unwrap();
-    let masked: CudaSlice<bf16> = gpu.upload(bf16s(&owned.logits_masked)).unwrap();
-    let targets = gpu.upload(&owned.targets).unwrap();
-    let old_logp = gpu.upload(&owned.old_logp).unwrap();
-    let advantages = gpu.upload(&owned.advantages).unwrap();
-    let cu_seqlens = gpu.upload(&owned.cu_seqlens).unwrap();
-    let db = DeviceBatch {
-        logits: DeviceLogits::Bf16(&logits),
-        logits_masked: DeviceLogits::Bf16(&masked),
-        targets: &targets,
-        old_logp: &old_logp,
-        advantages: &advantages,
-        cu_seqlens: &cu_seqlens,
-        vocab: v,
-    };
+    let on_device = OnDevice::new(gpu.stream(), &owned);
+    let db = on_device.batch();
+    let logits = &on_device.logits;
 
     // The GPU-resident forward equals the host API's on the same GPU, and is close to the reference.
     let fwd = vppo.forward_device(&db).unwrap();
@@ -130,7 +156,7 @@ fn stage_launches_match_the_api() {
     let mut grad: CudaSlice<bf16> = gpu.upload(&vec![bf16::NAN; n * v]).unwrap();
     stages.backward(DeviceLogitsMut::Bf16(&mut grad)).unwrap();
     let mut copy: CudaSlice<bf16> = gpu.alloc_zeros(n * v).unwrap();
-    gpu.copy_on_device(&logits, &mut copy).unwrap();
+    gpu.copy_on_device(logits, &mut copy).unwrap();
     stages
         .backward_in_place(DeviceLogitsMut::Bf16(&mut copy))
         .unwrap();
@@ -302,21 +328,8 @@ fn host_path_traffic_on_the_fake_driver() {
         "the backward writes every element"
     );
 
-    let logits: CudaSlice<bf16> = gpu.upload(bf16s(&owned.logits)).unwrap();
-    let masked: CudaSlice<bf16> = gpu.upload(bf16s(&owned.logits_masked)).unwrap();
-    let targets = gpu.upload(&owned.targets).unwrap();
-    let old_logp = gpu.upload(&owned.old_logp).unwrap();
-    let advantages = gpu.upload(&owned.advantages).unwrap();
-    let cu_seqlens = gpu.upload(&owned.cu_seqlens).unwrap();
-    let db = DeviceBatch {
-        logits: DeviceLogits::Bf16(&logits),
-        logits_masked: DeviceLogits::Bf16(&masked),
-        targets: &targets,
-        old_logp: &old_logp,
-        advantages: &advantages,
-        cu_seqlens: &cu_seqlens,
-        vocab: host.vocab,
-    };
+    let on_device = OnDevice::new(gpu.stream(), &owned);
+    let db = on_device.batch();
     let s3 = stats();
     let fwd = vppo.forward_device(&db).unwrap();
     let mut grad_dev: CudaSlice<bf16> = gpu.alloc_zeros((n * v) as usize).unwrap();
@@ -338,9 +351,7 @@ fn host_path_traffic_on_the_fake_driver() {
         0,
         "the backward writes every element"
     );
-    drop((
-        fwd, grad_dev, logits, masked, targets, old_logp, advantages, cu_seqlens,
-    ));
+    drop((fwd, grad_dev, on_device));
     assert_eq!(
         stats().live_allocs,
         s0.live_allocs,
@@ -557,22 +568,9 @@ fn caller_streams_are_waited_for() {
     let owned = synthetic_batch(&spec, 4).unwrap();
     let host = owned.batch();
     let (n, v) = (host.n_tokens(), host.vocab);
-    let logits = s.clone_htod(bf16s(&owned.logits)).unwrap();
-    let masked = s.clone_htod(bf16s(&owned.logits_masked)).unwrap();
-    let targets = s.clone_htod(&owned.targets).unwrap();
-    let old_logp = s.clone_htod(&owned.old_logp).unwrap();
-    let advantages = s.clone_htod(&owned.advantages).unwrap();
-    let cu_seqlens = s.clone_htod(&owned.cu_seqlens).unwrap();
+    let on_device = OnDevice::new(&s, &owned);
     let mut grad = s.alloc_zeros::<bf16>(n * v).unwrap();
-    let db = DeviceBatch {
-        logits: DeviceLogits::Bf16(&logits),
-        logits_masked: DeviceLogits::Bf16(&masked),
-        targets: &targets,
-        old_logp: &old_logp,
-        advantages: &advantages,
-        cu_seqlens: &cu_seqlens,
-        vocab: v,
-    };
+    let db = on_device.batch();
     let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
     let fwd = vppo.forward_device(&db).unwrap();
     let want = vppo.forward(&host).unwrap();
