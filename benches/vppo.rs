@@ -1,7 +1,9 @@
 //! Benchmarks (criterion): each kernel pass and the whole forward + backward.
 //!
 //! On a GPU (`Vppo::new(.., Device::Cuda(0))` succeeds), at N = 4,096 and 16,384 tokens, V = 151,936,
-//! bf16 (N = 1,024 only with `VPPO_BENCH_SIZE=small`):
+//! bf16 (N = 1,024 only with `VPPO_BENCH_SIZE=small`; with `VPPO_BENCH_SIZE=tiny` and
+//! `VPPO_TEST_DEVICE=fake-cuda`, a smoke run of this code on the fake CUDA driver, N = 256, V = 4,096,
+//! which CI does: its times are the CPU's and mean nothing):
 //!
 //! - `pass1_perception`: pass 1 alone (both logits tensors read once).
 //! - `pass2_select_loss`: pass 2 alone (`vppo_select` + `vppo_loss`, O(N + B) work).
@@ -31,6 +33,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The fake CUDA driver of the tests, for a smoke run of the GPU benches without a GPU.
+#[allow(dead_code)]
+#[path = "../tests/common/fake_cuda.rs"]
+mod fake_cuda;
+
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -43,10 +50,30 @@ use vppo::{
 };
 
 /// The vocabulary of Qwen2.5 / Qwen2.5-VL, the models VPPO was trained with.
-const VOCAB: usize = 151_936;
+const QWEN_VOCAB: usize = 151_936;
 
+/// VPPO_BENCH_SIZE=small: shorter CPU benches and N = 1,024 on a GPU.
 fn small() -> bool {
-    std::env::var("VPPO_BENCH_SIZE").as_deref() == Ok("small")
+    matches!(
+        std::env::var("VPPO_BENCH_SIZE").as_deref(),
+        Ok("small") | Ok("tiny")
+    )
+}
+
+/// VPPO_BENCH_SIZE=tiny: a smoke run of the GPU benches' code on the fake CUDA driver
+/// (VPPO_TEST_DEVICE=fake-cuda, see tests/common/fake_cuda.rs), where kernels run on the CPU:
+/// N = 256, V = 4,096, a 16 MiB copy. Its figures mean nothing; it checks the code runs.
+fn tiny() -> bool {
+    std::env::var("VPPO_BENCH_SIZE").as_deref() == Ok("tiny")
+}
+
+/// V of the GPU benches.
+fn vocab() -> usize {
+    if tiny() {
+        4_096
+    } else {
+        QWEN_VOCAB
+    }
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -223,7 +250,7 @@ const CHECK_ROWS: usize = 4;
 
 impl GpuBatch {
     fn new(gpu: &Gpu, n: usize, seed: u64) -> vppo::Result<GpuBatch> {
-        let h = host_batch(n, VOCAB, seed);
+        let h = host_batch(n, vocab(), seed);
         let k = CHECK_ROWS.min(n);
         Ok(GpuBatch {
             logits: gpu.upload(&h.logits)?,
@@ -233,8 +260,8 @@ impl GpuBatch {
             advantages: gpu.upload(&h.advantages)?,
             cu_seqlens: gpu.upload(&h.cu_seqlens)?,
             check: (
-                h.logits[..k * VOCAB].to_vec(),
-                h.logits_masked[..k * VOCAB].to_vec(),
+                h.logits[..k * vocab()].to_vec(),
+                h.logits_masked[..k * vocab()].to_vec(),
                 h.targets[..k].to_vec(),
             ),
         })
@@ -248,7 +275,7 @@ impl GpuBatch {
             old_logp: &self.old_logp,
             advantages: &self.advantages,
             cu_seqlens: &self.cu_seqlens,
-            vocab: VOCAB,
+            vocab: vocab(),
         }
     }
 }
@@ -268,8 +295,8 @@ fn check_forward(gb: &GpuBatch, out: &vppo::VppoOutput) -> vppo::Result<()> {
     let (a, b, y) = &gb.check;
     for t in 0..y.len() {
         let (ra, rb) = (
-            &a[t * VOCAB..(t + 1) * VOCAB],
-            &b[t * VOCAB..(t + 1) * VOCAB],
+            &a[t * vocab()..(t + 1) * vocab()],
+            &b[t * vocab()..(t + 1) * vocab()],
         );
         let (lse, lse_m) = (lse_f64(ra), lse_f64(rb));
         let logp = ra[y[t] as usize].to_f64() - lse;
@@ -303,7 +330,7 @@ fn check_grads(
     let k = rows.min(CHECK_ROWS);
     let copy = |s: &CudaSlice<bf16>| {
         gpu.stream()
-            .clone_dtoh(&s.slice(0..k * VOCAB))
+            .clone_dtoh(&s.slice(0..k * vocab()))
             .map_err(|e| VppoError::Cuda(format!("copying gradient rows back: {e:?}")))
     };
     let (g, p) = (copy(grad)?, copy(in_place)?);
@@ -317,7 +344,7 @@ fn check_grads(
             p[i], g[i]
         )));
     }
-    for (t, row) in g.chunks(VOCAB).enumerate() {
+    for (t, row) in g.chunks(vocab()).enumerate() {
         let sum: f64 = row.iter().map(|x| x.to_f64()).sum();
         let abs: f64 = row.iter().map(|x| x.to_f64().abs()).sum();
         if !abs.is_finite() || sum.abs() > 1e-2 * abs + 1e-30 {
@@ -373,7 +400,12 @@ fn report(label: &str, s: &Samples, bytes: f64, copy_gbs: f64, target: &str) -> 
 fn gpu_benches(c: &mut Criterion, gpu: &Arc<Gpu>, vppo: &Vppo) {
     let copy = ok(
         "copy bandwidth",
-        copy_bandwidth(gpu, 1 << 30, 20).and_then(|bw| {
+        copy_bandwidth(
+            gpu,
+            if tiny() { 16 << 20 } else { 1 << 30 },
+            if tiny() { 3 } else { 20 },
+        )
+        .and_then(|bw| {
             gpu.synchronize()?;
             Ok(bw)
         }),
@@ -387,10 +419,16 @@ fn gpu_benches(c: &mut Criterion, gpu: &Arc<Gpu>, vppo: &Vppo) {
         copy.best_gbs(),
         copy.samples_ms.len()
     );
-    let sizes: &[usize] = if small() { &[1_024] } else { &[4_096, 16_384] };
+    let sizes: &[usize] = if tiny() {
+        &[256]
+    } else if small() {
+        &[1_024]
+    } else {
+        &[4_096, 16_384]
+    };
     let cfg = vppo.config().clone();
     for &n in sizes {
-        let v = VOCAB;
+        let v = vocab();
         let nv = n * v;
         let started = std::time::Instant::now();
         let gb = ok("upload", GpuBatch::new(gpu, n, 7 + n as u64));
@@ -561,6 +599,9 @@ fn gpu_benches(c: &mut Criterion, gpu: &Arc<Gpu>, vppo: &Vppo) {
 }
 
 fn benches(c: &mut Criterion) {
+    if fake_cuda::active() {
+        fake_cuda::install();
+    }
     let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0));
     if let Err(e) = &vppo {
         println!(
