@@ -340,6 +340,10 @@ fn host_path_traffic_on_the_fake_driver() {
     let s5 = stats();
     eprintln!("forward_device: {:?}", delta(&s3, &s4));
     eprintln!("backward_device: {:?}", delta(&s4, &s5));
+    // The GPU-resident forward waits twice: for the four small tensors (gathered on the device into
+    // one copy, validated before any launch) and for the outputs.
+    let d = delta(&s3, &s4);
+    assert_eq!((d.launches, d.dtoh_copies), (3, 2), "{d:?}");
     assert_eq!(fwd.output, out);
     for (a, b) in [(&s3, &s4), (&s4, &s5)] {
         let d = delta(a, b);

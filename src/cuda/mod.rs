@@ -494,6 +494,33 @@ impl Gpu {
             .map_err(|e| cuda_err(&format!("copying {} bytes to the GPU", data.len()), e))
     }
 
+    /// Copies the bytes of device buffer `src` into `dst` at byte `offset`, on the device (queued on
+    /// the stream): to gather several buffers into one before a single copy back.
+    pub fn copy_bytes_on_device<T: DeviceRepr>(
+        &self,
+        src: &CudaSlice<T>,
+        dst: &mut CudaSlice<u8>,
+        offset: usize,
+    ) -> Result<()> {
+        let len = src.len() * std::mem::size_of::<T>();
+        let end = offset.checked_add(len).filter(|&e| e <= dst.len());
+        let Some(end) = end else {
+            return Err(VppoError::Cuda(format!(
+                "copy_bytes_on_device: {len} bytes at {offset} into a device buffer of {}",
+                dst.len()
+            )));
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: a view of `src`'s own bytes (`len` is exactly its size in bytes) as u8, for which
+        // every bit pattern is valid; it is only read, by a device-to-device copy.
+        let bytes = unsafe { src.transmute::<u8>(len) }.expect("len is src's size in bytes");
+        self.stream
+            .memcpy_dtod(&bytes, &mut dst.slice_mut(offset..end))
+            .map_err(|e| cuda_err(&format!("copying {len} bytes on the GPU"), e))
+    }
+
     /// Copies device buffer `src` into `dst` (same length) on the device.
     pub fn copy_on_device<T: DeviceRepr>(
         &self,
