@@ -1225,12 +1225,17 @@ impl std::fmt::Debug for DeviceForward {
     }
 }
 
+/// Host copies of the O(N + B) tensors of a device batch.
+struct SmallHost {
+    targets: Vec<i32>,
+    old_logp: Vec<f32>,
+    advantages: Vec<f32>,
+    cu_seqlens: Vec<i32>,
+}
+
 /// The O(N + B) tensors of a device batch (targets, old_logp, advantages, cu_seqlens), gathered on
 /// the device into one buffer and copied back in one transfer: one wait for the GPU, not four.
-fn download_small_tensors(
-    gpu: &Gpu,
-    batch: &DeviceBatch,
-) -> Result<(Vec<i32>, Vec<f32>, Vec<f32>, Vec<i32>)> {
+fn download_small_tensors(gpu: &Gpu, batch: &DeviceBatch) -> Result<SmallHost> {
     const ALIGN: usize = 16;
     let lens = [
         batch.targets.len(),
@@ -1254,12 +1259,12 @@ fn download_small_tensors(
         gpu.download_range_into(&staging, 0, &mut raw)?;
     }
     let part = |i: usize| &raw[offsets[i]..offsets[i] + 4 * lens[i]];
-    Ok((
-        bytemuck::pod_collect_to_vec(part(0)),
-        bytemuck::pod_collect_to_vec(part(1)),
-        bytemuck::pod_collect_to_vec(part(2)),
-        bytemuck::pod_collect_to_vec(part(3)),
-    ))
+    Ok(SmallHost {
+        targets: bytemuck::pod_collect_to_vec(part(0)),
+        old_logp: bytemuck::pod_collect_to_vec(part(1)),
+        advantages: bytemuck::pod_collect_to_vec(part(2)),
+        cu_seqlens: bytemuck::pod_collect_to_vec(part(3)),
+    })
 }
 
 /// Where a caller's buffer lives: its context and the stream its pending work is queued on.
@@ -1336,7 +1341,12 @@ pub fn forward_device(
 ) -> Result<DeviceForward> {
     cfg.validate()?;
     join_caller_streams(gpu, &batch.residences())?;
-    let (targets, old_logp, advantages, cu_seqlens) = download_small_tensors(gpu, batch)?;
+    let SmallHost {
+        targets,
+        old_logp,
+        advantages,
+        cu_seqlens,
+    } = download_small_tensors(gpu, batch)?;
     crate::batch::SmallTensors {
         logits: (batch.logits.dtype(), batch.logits.len()),
         logits_masked: (batch.logits_masked.dtype(), batch.logits_masked.len()),
