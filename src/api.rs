@@ -132,7 +132,9 @@ impl Vppo {
     }
 
     /// dloss/dlogits of [`Vppo::forward_device`] into the caller's GPU buffer `grad` ([N, V], f32 or
-    /// the logits dtype).
+    /// the logits dtype). The work is ordered after what is queued on the streams of `batch` and
+    /// `grad`, and the call returns once the gradient is written (the GPU is synchronized), so `grad`
+    /// may be read on any stream at once.
     pub fn backward_device(
         &self,
         fwd: &DeviceForward,

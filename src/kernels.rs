@@ -1243,11 +1243,14 @@ fn download_small_tensors(gpu: &Gpu, batch: &DeviceBatch) -> Result<SmallHost> {
         batch.advantages.len(),
         batch.cu_seqlens.len(),
     ];
+    // i32 and f32: 4 bytes each (checked at compile time below).
+    const ELT: usize = 4;
+    const _: () = assert!(std::mem::size_of::<i32>() == ELT && std::mem::size_of::<f32>() == ELT);
     let mut offsets = [0usize; 4];
     let mut end = 0usize;
     for (o, &len) in offsets.iter_mut().zip(&lens) {
         *o = end;
-        end = (end + 4 * len).next_multiple_of(ALIGN); // all four are 4-byte types
+        end = (end + ELT * len).next_multiple_of(ALIGN);
     }
     let mut raw = vec![0u8; end];
     if end > 0 {
@@ -1258,7 +1261,7 @@ fn download_small_tensors(gpu: &Gpu, batch: &DeviceBatch) -> Result<SmallHost> {
         gpu.copy_bytes_on_device(batch.cu_seqlens, &mut staging, offsets[3])?;
         gpu.download_range_into(&staging, 0, &mut raw)?;
     }
-    let part = |i: usize| &raw[offsets[i]..offsets[i] + 4 * lens[i]];
+    let part = |i: usize| &raw[offsets[i]..offsets[i] + ELT * lens[i]];
     Ok(SmallHost {
         targets: bytemuck::pod_collect_to_vec(part(0)),
         old_logp: bytemuck::pod_collect_to_vec(part(1)),
@@ -1309,6 +1312,9 @@ impl<'a> DeviceBatch<'a> {
 /// logits still being written on the caller's stream are not read early, and a gradient buffer still
 /// being read there is not overwritten early. Our work is synchronized before the API returns.
 fn join_caller_streams(gpu: &Gpu, buffers: &[Residence]) -> Result<()> {
+    // One wait per distinct stream, by driver handle (a batch's tensors usually share one; the
+    // crate's own stream needs none).
+    let mut joined = vec![gpu.stream().cu_stream()];
     for (tensor, ctx, stream) in buffers {
         if ***ctx != **gpu.context() {
             return Err(VppoError::Shape {
@@ -1320,7 +1326,8 @@ fn join_caller_streams(gpu: &Gpu, buffers: &[Residence]) -> Result<()> {
                 ),
             });
         }
-        if !Arc::ptr_eq(stream, gpu.stream()) {
+        if !joined.contains(&stream.cu_stream()) {
+            joined.push(stream.cu_stream());
             let err = |e: cudarc::driver::DriverError| {
                 VppoError::Cuda(format!("ordering after the stream of {tensor}: {e:?}"))
             };

@@ -280,9 +280,11 @@ fn vppo_bench_on_cuda() {
 }
 
 /// What the CUDA host path moves, counted by the fake driver: the host API uploads each logits tensor
-/// once and downloads no [N, V] tensor in the forward; the GPU-resident API moves no [N, V] tensor at
-/// all; the backward downloads the gradient once; every buffer is freed. Needs the fake driver's
-/// counters, so it runs only there (and serially: the counters are per process).
+/// once and copies its outputs back in one transfer; the GPU-resident API moves no [N, V] tensor, waits
+/// twice per forward and validates before it launches; the backward downloads the gradient once and
+/// zeroes nothing; every buffer is freed. Needs the fake driver's counters, so it runs only there (and
+/// serially: the counters are per process). Frees are queued on the stream, so the counters are read
+/// after a synchronize.
 #[test]
 fn host_path_traffic_on_the_fake_driver() {
     if !common::fake_cuda::active() {
@@ -292,70 +294,109 @@ fn host_path_traffic_on_the_fake_driver() {
     let _serial = common::fake_cuda::serial();
     let gpu = gpu().expect("the fake driver is loaded");
     assert!(gpu.name().contains("fake"), "{}", gpu.name());
-    let stats = common::fake_cuda::stats;
+    let stats = || {
+        gpu.synchronize().unwrap();
+        common::fake_cuda::stats()
+    };
     let spec = parse_synthetic("200,3001,6,bf16").unwrap();
     let owned = synthetic_batch(&spec, 9).unwrap();
     let host = owned.batch();
-    let (n, v) = (host.n_tokens() as u64, host.vocab as u64);
+    let (n, v, b) = (
+        host.n_tokens() as u64,
+        host.vocab as u64,
+        host.n_responses() as u64,
+    );
     let nv_bytes = n * v * 2;
     let small = 256 * n + 65536; // per-token and per-response vectors, never a row of V
     let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
 
+    // Host forward: three kernels; six inputs uploaded (each logits tensor once) into six buffers plus
+    // one workspace arena, whose status word is the seventh copy up; one copy back (the arena, pass 1's
+    // status word in it).
     let s0 = stats();
     let out = vppo.forward(&host).unwrap();
     let s1 = stats();
-    eprintln!("forward: {:?}", delta(&s0, &s1));
-    // Three kernels; one allocation per input and one workspace arena; one copy back (the arena, with
-    // the status word of pass 1 in it).
     let d = delta(&s0, &s1);
-    assert_eq!((d.launches, d.allocs, d.dtoh_copies), (3, 7, 1), "{d:?}");
-    assert!(s1.htod_bytes - s0.htod_bytes >= 2 * nv_bytes);
-    assert!(s1.htod_bytes - s0.htod_bytes <= 2 * nv_bytes + small);
-    assert!(s1.dtoh_bytes - s0.dtoh_bytes <= small);
+    eprintln!("forward: {d:?}");
+    assert_eq!(
+        (d.launches, d.allocs, d.htod_copies, d.dtoh_copies),
+        (3, 7, 7, 1),
+        "{d:?}"
+    );
+    assert!(
+        d.htod_bytes >= 2 * nv_bytes && d.htod_bytes <= 2 * nv_bytes + small,
+        "{d:?}"
+    );
+    assert!(d.dtoh_bytes <= small, "{d:?}");
     assert_eq!(s1.live_allocs, s0.live_allocs, "forward leaked a buffer");
 
+    // Host backward into f32: one kernel, the gradient copied back once, nothing zeroed.
     let mut grad = vec![0.0f32; (n * v) as usize];
     vppo.backward_into(&host, &out, GradMut::F32(&mut grad))
         .unwrap();
     let s2 = stats();
-    eprintln!("backward_into f32: {:?}", delta(&s1, &s2));
-    assert!(s2.dtoh_bytes - s1.dtoh_bytes >= n * v * 4);
-    assert!(s2.dtoh_bytes - s1.dtoh_bytes <= n * v * 4 + small);
-    assert!(s2.htod_bytes - s1.htod_bytes <= nv_bytes + small);
-    assert_eq!(s2.live_allocs, s1.live_allocs, "backward leaked a buffer");
+    let d = delta(&s1, &s2);
+    eprintln!("backward_into f32: {d:?}");
     assert_eq!(
-        s2.memset_bytes, s1.memset_bytes,
-        "the backward writes every element"
+        (d.launches, d.dtoh_copies, d.memset_bytes),
+        (1, 1, 0),
+        "{d:?}"
     );
+    assert_eq!(d.dtoh_bytes, n * v * 4, "{d:?}");
+    assert!(d.htod_bytes <= nv_bytes + small, "{d:?}");
+    assert_eq!(s2.live_allocs, s1.live_allocs, "backward leaked a buffer");
 
+    // GPU-resident forward: no [N, V] copy; the four small tensors gathered on the device (4 (2N + 2B
+    // + 1) bytes) into one copy back, validated before any launch, then the outputs in one more.
     let on_device = OnDevice::new(gpu.stream(), &owned);
     let db = on_device.batch();
+    let mut grad_dev: CudaSlice<bf16> = gpu.alloc_zeros((n * v) as usize).unwrap();
     let s3 = stats();
     let fwd = vppo.forward_device(&db).unwrap();
-    let mut grad_dev: CudaSlice<bf16> = gpu.alloc_zeros((n * v) as usize).unwrap();
     let s4 = stats();
+    let d = delta(&s3, &s4);
+    eprintln!("forward_device: {d:?}");
+    assert_eq!(fwd.output, out);
+    assert_eq!(
+        (d.launches, d.allocs, d.dtoh_copies, d.htod_bytes),
+        (3, 2, 2, 8),
+        "{d:?}"
+    );
+    assert_eq!(d.dtod_bytes, 4 * (2 * n + 2 * b + 1), "{d:?}");
+    assert!(d.dtoh_bytes <= small, "{d:?}");
+
+    // GPU-resident backward: one kernel, nothing copied or zeroed.
     vppo.backward_device(&fwd, &db, DeviceLogitsMut::Bf16(&mut grad_dev))
         .unwrap();
-    gpu.synchronize().unwrap();
     let s5 = stats();
-    eprintln!("forward_device: {:?}", delta(&s3, &s4));
-    eprintln!("backward_device: {:?}", delta(&s4, &s5));
-    // The GPU-resident forward waits twice: for the four small tensors (gathered on the device into
-    // one copy, validated before any launch) and for the outputs.
-    let d = delta(&s3, &s4);
-    assert_eq!((d.launches, d.dtoh_copies), (3, 2), "{d:?}");
-    assert_eq!(fwd.output, out);
-    for (a, b) in [(&s3, &s4), (&s4, &s5)] {
-        let d = delta(a, b);
-        assert!(d.htod_bytes <= small && d.dtoh_bytes <= small, "{d:?}");
-        assert!(d.dtod_bytes <= small, "{d:?}");
-    }
+    let d = delta(&s4, &s5);
+    eprintln!("backward_device: {d:?}");
     assert_eq!(
-        s5.memset_bytes - s4.memset_bytes,
-        0,
-        "the backward writes every element"
+        (
+            d.launches,
+            d.htod_bytes,
+            d.dtoh_bytes,
+            d.dtod_bytes,
+            d.memset_bytes
+        ),
+        (1, 0, 0, 0, 0),
+        "{d:?}"
     );
-    drop((fwd, grad_dev, on_device));
+
+    // A bad device batch (cu_seqlens not ending at N) is refused before any launch.
+    let mut bad_cu = owned.cu_seqlens.clone();
+    *bad_cu.last_mut().unwrap() -= 1;
+    let bad_cu = gpu.upload(&bad_cu).unwrap();
+    let bad = DeviceBatch {
+        cu_seqlens: &bad_cu,
+        ..on_device.batch()
+    };
+    let s6 = stats();
+    assert!(vppo.forward_device(&bad).is_err());
+    let d = delta(&s6, &stats());
+    assert_eq!(d.launches, 0, "{d:?}");
+
+    drop((fwd, grad_dev, on_device, bad_cu));
     assert_eq!(
         stats().live_allocs,
         s0.live_allocs,
@@ -533,6 +574,7 @@ fn guard_page_catches_an_out_of_bounds_kernel() {
                 &params,
             )
         };
+        let res = res.and_then(|()| gpu.synchronize());
         panic!("the out-of-bounds write did not fault: {res:?}");
     }
     if std::env::var_os("VPPO_TEST_DEVICE").is_some() || !vppo::cuda::kernels_built() {
@@ -555,11 +597,13 @@ fn guard_page_catches_an_out_of_bounds_kernel() {
     );
 }
 
-/// Buffers that live on the caller's own stream (cudarc streams are non-blocking: no implicit order
-/// with ours): the API orders its work after what is queued there. On the fake driver a created
-/// stream runs its work only when something waits for it, so without that wait the forward would read
-/// the logits before their upload (0xFF bytes: NaN, a NonFinite error), and the gradient's zeroing
-/// would land after the backward wrote it.
+/// Buffers that live on the caller's own streams (cudarc streams are non-blocking: no implicit order
+/// with the crate's): the API orders its work after what is queued there, and `backward_device`
+/// returns only once the gradient is written, so the caller may read it on its stream at once. On the
+/// fake driver a stream runs its work only when something waits for it. Without the forward's wait it
+/// would validate and read tensors not uploaded yet (0xFF bytes); without the backward's, the caller's
+/// zeroing of the gradient, queued after the forward, would land after the kernel wrote it; and
+/// without the final synchronize the caller would read a gradient not written yet.
 #[test]
 fn caller_streams_are_waited_for() {
     let _serial = common::fake_cuda::serial();
@@ -567,22 +611,28 @@ fn caller_streams_are_waited_for() {
         eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda or fake-cuda");
         return;
     };
-    let s = gpu.context().new_stream().unwrap();
+    let (s, s_logits) = (
+        gpu.context().new_stream().unwrap(),
+        gpu.context().new_stream().unwrap(),
+    );
     let spec = parse_synthetic("150,1999,5,bf16").unwrap();
     let owned = synthetic_batch(&spec, 4).unwrap();
     let host = owned.batch();
     let (n, v) = (host.n_tokens(), host.vocab);
+    // The logits on one stream, the small tensors on another.
     let on_device = OnDevice::new(&s, &owned);
-    let mut grad = s.alloc_zeros::<bf16>(n * v).unwrap();
-    let db = on_device.batch();
+    let logits = s_logits.clone_htod(bf16s(&owned.logits)).unwrap();
+    let db = DeviceBatch {
+        logits: DeviceLogits::Bf16(&logits),
+        ..on_device.batch()
+    };
     let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
     let fwd = vppo.forward_device(&db).unwrap();
     let want = vppo.forward(&host).unwrap();
     assert_eq!(fwd.output, want);
+    let mut grad = s.alloc_zeros::<bf16>(n * v).unwrap();
     vppo.backward_device(&fwd, &db, DeviceLogitsMut::Bf16(&mut grad))
         .unwrap();
-    // The caller's side of the contract: order its stream after ours before reading there.
-    s.join(gpu.stream()).unwrap();
     let got = s.clone_dtoh(&grad).unwrap();
     let mut grad_host = vec![bf16::ZERO; n * v];
     vppo.backward_into(&host, &want, GradMut::Bf16(&mut grad_host))
@@ -592,6 +642,7 @@ fn caller_streams_are_waited_for() {
         .zip(&grad_host)
         .all(|(a, b)| a.to_bits() == b.to_bits()));
     s.synchronize().unwrap();
+    s_logits.synchronize().unwrap();
 }
 
 /// The fake driver's streams really are unordered: an upload queued on a created stream is not there

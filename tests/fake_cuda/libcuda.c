@@ -21,10 +21,11 @@
  * uses a freed one, faults; the fault report names the kernel. Host-side copies and memsets are
  * range-checked against the live allocations, and so is every pointer in a launch's parameters.
  *
- * Streams: the default stream executes each call as it is made. A created stream queues its work and
- * runs it only when something waits for it (a synchronize, a copy back to pageable host memory, an
- * event waited for), so work that is not ordered after another stream's reads that stream's memory
- * before it is written. Events record host time when they execute.
+ * Streams: every stream, the default one too, queues its work and runs it only when something waits
+ * for it (a synchronize, a copy back to pageable host memory, an event waited for), and streams are
+ * ordered with each other only by events. So work not ordered after another stream's reads memory that
+ * is not written yet, and results read without waiting for them are not there. Events record host
+ * time when they run.
  *
  * What it is not: a GPU. Kernels run on the SIMT executor with its lane order, one at a time.
  */
@@ -94,20 +95,21 @@ typedef struct FakeCtx {
 struct Op;
 typedef struct FakeStream {
     uint32_t magic;
-    struct Op *ops; /* queued work, executed from `head` when something waits for this stream */
+    struct Op *ops; /* queued work, run from `head` when something waits for this stream */
     size_t head, count, cap;
+    uint64_t enqueued; /* operations ever queued: the last one's position */
+    uint64_t executed; /* operations ever run: positions 1 ..= executed are done */
     int draining;
 } FakeStream;
 typedef struct FakeEvent {
     uint32_t magic;
     unsigned flags;
-    FakeStream *stream; /* where it was last recorded (NULL: the default stream) */
-    uint64_t records;   /* how many times it was recorded */
-    uint64_t completed; /* how many of those records the stream has executed */
-    double ms;          /* host time when the last record executed */
+    FakeStream *stream; /* where it was last recorded (NULL: never recorded) */
+    uint64_t pos;       /* that record's position in the stream */
+    double ms;          /* host time when that record ran */
 } FakeEvent;
 struct FakeFunction;
-/* One queued operation of a created stream. */
+/* One queued operation of a stream. */
 enum OpKind { OP_KERNEL, OP_HTOD, OP_DTOD, OP_MEMSET, OP_FREE, OP_RECORD, OP_WAIT };
 typedef struct Op {
     enum OpKind kind;
@@ -117,8 +119,9 @@ typedef struct Op {
     CUdeviceptr dst, src;
     size_t n;
     unsigned char value;
-    FakeEvent *event;
-    uint64_t seq; /* OP_RECORD: the record's number; OP_WAIT: the record waited for */
+    FakeEvent *event;      /* OP_RECORD */
+    FakeStream *on;        /* OP_WAIT: the stream waited for ... */
+    uint64_t pos;          /* ... up to this position; OP_RECORD: its own position */
 } Op;
 typedef struct FakeModule {
     uint32_t magic;
@@ -515,11 +518,16 @@ static CUresult mem_free(CUdeviceptr p) {
 }
 
 /* ------------------------------------------------------------------------------------------------
- * Streams: the default stream runs each call at once; a created stream (cudarc's are non-blocking,
- * so they never synchronize with the default stream implicitly) queues its work and runs it only when
- * something waits for it: a synchronize, a copy back to the host, an event waited on from another
- * stream. So a missing wait between streams shows up as reading memory that was not written yet.
+ * Streams. Every stream, the default one included, queues its work and runs it only when something
+ * waits for it: a synchronize, a copy back to pageable host memory (synchronous), a synchronous copy or
+ * free, or an event recorded there and waited for from another stream. Streams are not ordered with
+ * each other unless an event orders them (cudarc creates non-blocking streams, which never synchronize
+ * implicitly with the default stream). So work that is not ordered after another stream's work reads
+ * memory that is not written yet, and a caller that reads results without waiting for them reads
+ * nothing.
  * ---------------------------------------------------------------------------------------------- */
+
+static FakeStream g_default = {.magic = HANDLE_MAGIC_STREAM};
 
 static int is_default(const FakeStream *s) { return s == NULL || (uintptr_t)s == 1 || (uintptr_t)s == 2; }
 
@@ -527,6 +535,9 @@ static int valid_stream(const FakeStream *s) {
     /* NULL is the legacy default stream; 0x1 and 0x2 are CU_STREAM_LEGACY and CU_STREAM_PER_THREAD. */
     return is_default(s) || s->magic == HANDLE_MAGIC_STREAM;
 }
+
+/* The stream a handle names (the three default-stream handles are one stream here). */
+static FakeStream *stream_of(FakeStream *s) { return is_default(s) ? &g_default : s; }
 
 #define NEED_STREAM(call, s)                                       \
     do {                                                           \
@@ -538,43 +549,46 @@ static int valid_stream(const FakeStream *s) {
 
 static int valid_event(const FakeEvent *e) { return e && e->magic == HANDLE_MAGIC_EVENT; }
 
+/* An event is complete when its last record has run (or it was never recorded). */
+static int event_done(const FakeEvent *e) { return !e->stream || e->stream->executed >= e->pos; }
+
 static CUresult run_kernel(struct FakeFunction *f, const SimtLaunch *d, const void *params);
 static CUresult do_htod(const char *call, CUdeviceptr dst, const void *src, size_t n);
 static CUresult do_dtod(const char *call, CUdeviceptr dst, CUdeviceptr src, size_t n);
 static CUresult do_memset(const char *call, CUdeviceptr dst, unsigned char v, size_t n);
-static CUresult drain_until(FakeStream *s, const FakeEvent *e, uint64_t seq);
+static CUresult drain_to(FakeStream *s, uint64_t pos);
 
-static void record_now(FakeEvent *e, uint64_t seq) {
-    e->completed = seq;
-    e->ms = now_ms();
-}
-
-/* Runs the queued operation `op` (g_lock held). */
-static CUresult run_op(Op *op) {
+/* Runs `op`, the next operation of stream `s` (g_lock held). */
+static CUresult run_op(FakeStream *s, Op *op) {
     switch (op->kind) {
     case OP_KERNEL: return run_kernel(op->f, &op->dims, op->bytes);
-    case OP_HTOD: return do_htod("cuMemcpyHtoDAsync (queued)", op->dst, op->bytes, op->n);
-    case OP_DTOD: return do_dtod("cuMemcpyDtoDAsync (queued)", op->dst, op->src, op->n);
-    case OP_MEMSET: return do_memset("cuMemsetD8Async (queued)", op->dst, op->value, op->n);
+    case OP_HTOD: return do_htod("cuMemcpyHtoD", op->dst, op->bytes, op->n);
+    case OP_DTOD: return do_dtod("cuMemcpyDtoD", op->dst, op->src, op->n);
+    case OP_MEMSET: return do_memset("cuMemsetD8", op->dst, op->value, op->n);
     case OP_FREE: return mem_free(op->dst);
-    case OP_RECORD: record_now(op->event, op->seq); return CUDA_SUCCESS;
-    case OP_WAIT: return drain_until(op->event->stream, op->event, op->seq);
+    case OP_RECORD:
+        /* Only the event's latest record sets its time (it may have been recorded again since). */
+        if (op->event->stream == s && op->event->pos == op->pos) op->event->ms = now_ms();
+        return CUDA_SUCCESS;
+    case OP_WAIT: return drain_to(op->on, op->pos);
     }
     return CUDA_ERROR_INVALID_VALUE;
 }
 
-/* Runs the queue of `s` until event `e` has completed record `seq` (or to its end when e is NULL). */
-static CUresult drain_until(FakeStream *s, const FakeEvent *e, uint64_t seq) {
-    if (is_default(s)) return CUDA_SUCCESS; /* the default stream has nothing queued */
+/* Runs the queue of `s` until position `pos` has run. A wait can run another stream's queue (an event
+ * recorded there); a genuine cycle of waits is reported (a deadlock on a GPU). */
+static CUresult drain_to(FakeStream *s, uint64_t pos) {
+    if (s->executed >= pos) return CUDA_SUCCESS;
     if (s->draining) {
         fail("a cycle of stream waits (a deadlock on a GPU)");
         return CUDA_ERROR_INVALID_VALUE;
     }
     s->draining = 1;
     CUresult rc = CUDA_SUCCESS;
-    while (s->head < s->count && !(e && e->completed >= seq)) {
+    while (s->head < s->count && s->executed < pos) {
         Op *op = &s->ops[s->head++];
-        CUresult r = run_op(op);
+        CUresult r = run_op(s, op);
+        s->executed++;
         free(op->bytes);
         op->bytes = NULL;
         if (r && !rc) rc = r;
@@ -585,10 +599,10 @@ static CUresult drain_until(FakeStream *s, const FakeEvent *e, uint64_t seq) {
     return rc;
 }
 
-static CUresult drain(FakeStream *s) { return drain_until(s, NULL, 0); }
+static CUresult drain(FakeStream *s) { return drain_to(s, s->enqueued); }
 
 static CUresult drain_all(void) {
-    CUresult rc = CUDA_SUCCESS;
+    CUresult rc = drain(&g_default);
     for (size_t i = 0; i < g_nstreams; i++) {
         CUresult r = drain(g_streams[i]);
         if (r && !rc) rc = r;
@@ -615,6 +629,7 @@ static CUresult enqueue(FakeStream *s, Op op) {
         s->cap = cap;
     }
     s->ops[s->count++] = op;
+    s->enqueued++;
     return CUDA_SUCCESS;
 }
 
@@ -628,7 +643,9 @@ static unsigned char *stage(const void *src, size_t n) {
 CUresult cuMemAlloc_v2(CUdeviceptr *out, size_t bytes) { LOCKED(mem_alloc(out, bytes)); }
 
 static CUresult mem_free_sync(CUdeviceptr p) {
-    CUresult rc = drain_all(); /* cuMemFree waits for the device */
+    CUresult rc = need_ctx("cuMemFree");
+    if (rc) return rc;
+    rc = drain_all(); /* cuMemFree waits for the device */
     CUresult r = mem_free(p);
     return rc ? rc : r;
 }
@@ -636,13 +653,14 @@ CUresult cuMemFree_v2(CUdeviceptr p) { LOCKED(mem_free_sync(p)); }
 
 static CUresult mem_alloc_async(CUdeviceptr *out, size_t bytes, FakeStream *s) {
     NEED_STREAM("cuMemAllocAsync", s);
-    return mem_alloc(out, bytes);
+    return mem_alloc(out, bytes); /* usable by work queued after this call, so now is fine */
 }
 static CUresult mem_free_async(CUdeviceptr p, FakeStream *s) {
     NEED_STREAM("cuMemFreeAsync", s);
-    if (is_default(s)) return mem_free(p);
+    CUresult rc = need_ctx("cuMemFreeAsync");
+    if (rc) return rc;
     Op op = {.kind = OP_FREE, .dst = p};
-    return enqueue(s, op);
+    return enqueue(stream_of(s), op);
 }
 CUresult cuMemAllocAsync(CUdeviceptr *out, size_t bytes, FakeStream *s) { LOCKED(mem_alloc_async(out, bytes, s)); }
 CUresult cuMemFreeAsync(CUdeviceptr p, FakeStream *s) { LOCKED(mem_free_async(p, s)); }
@@ -660,6 +678,7 @@ static CUresult do_htod(const char *call, CUdeviceptr dst, const void *src, size
     CUresult rc = check_range(call, dst, n);
     if (rc) return rc;
     memcpy((void *)(uintptr_t)dst, src, n);
+    g_stats.htod_copies++;
     g_stats.htod_bytes += n;
     return CUDA_SUCCESS;
 }
@@ -678,18 +697,24 @@ static CUresult do_memset(const char *call, CUdeviceptr dst, unsigned char v, si
     return CUDA_SUCCESS;
 }
 
-static CUresult htod(const char *call, CUdeviceptr dst, const void *src, size_t n, FakeStream *s) {
+/* Runs what `s` has queued, then reports any error of queued work (a synchronizing call). */
+static CUresult sync_stream(FakeStream *s) {
+    CUresult rc = drain(s);
+    CUresult sticky = take_sticky();
+    return rc ? rc : sticky;
+}
+
+static CUresult htod(const char *call, CUdeviceptr dst, const void *src, size_t n, FakeStream *s, int sync) {
     NEED_STREAM(call, s);
     CUresult rc = need_ctx(call);
     if (rc || (rc = check_range(call, dst, n))) return rc;
     if (n && !src) return CUDA_ERROR_INVALID_VALUE;
-    g_stats.htod_copies++;
-    if (is_default(s)) return do_htod(call, dst, src, n);
     /* From pageable memory the source is staged before the call returns; the write is queued. */
     unsigned char *staged = stage(src, n);
     if (!staged) return CUDA_ERROR_OUT_OF_MEMORY;
     Op op = {.kind = OP_HTOD, .bytes = staged, .dst = dst, .n = n};
-    return enqueue(s, op);
+    if ((rc = enqueue(stream_of(s), op))) return rc;
+    return sync ? sync_stream(stream_of(s)) : CUDA_SUCCESS;
 }
 static CUresult dtoh(const char *call, void *dst, CUdeviceptr src, size_t n, FakeStream *s) {
     NEED_STREAM(call, s);
@@ -697,55 +722,62 @@ static CUresult dtoh(const char *call, void *dst, CUdeviceptr src, size_t n, Fak
     if (rc) return rc;
     if (n && !dst) return CUDA_ERROR_INVALID_VALUE;
     /* Into pageable memory the copy is synchronous: the stream's work before it runs first. */
-    if ((rc = drain(s)) || (rc = take_sticky())) return rc;
+    if ((rc = sync_stream(stream_of(s)))) return rc;
     if ((rc = check_range(call, src, n))) return rc;
     memcpy(dst, (const void *)(uintptr_t)src, n);
     g_stats.dtoh_copies++;
     g_stats.dtoh_bytes += n;
     return CUDA_SUCCESS;
 }
-static CUresult dtod(const char *call, CUdeviceptr dst, CUdeviceptr src, size_t n, FakeStream *s) {
+static CUresult dtod(const char *call, CUdeviceptr dst, CUdeviceptr src, size_t n, FakeStream *s, int sync) {
     NEED_STREAM(call, s);
     CUresult rc = need_ctx(call);
     if (rc) return rc;
-    if (is_default(s)) return do_dtod(call, dst, src, n);
     Op op = {.kind = OP_DTOD, .dst = dst, .src = src, .n = n};
-    return enqueue(s, op);
+    if ((rc = enqueue(stream_of(s), op))) return rc;
+    return sync ? sync_stream(stream_of(s)) : CUDA_SUCCESS;
 }
-static CUresult memset8(const char *call, CUdeviceptr dst, unsigned char v, size_t n, FakeStream *s) {
+static CUresult memset8(const char *call, CUdeviceptr dst, unsigned char v, size_t n, FakeStream *s, int sync) {
     NEED_STREAM(call, s);
     CUresult rc = need_ctx(call);
     if (rc) return rc;
-    if (is_default(s)) return do_memset(call, dst, v, n);
     Op op = {.kind = OP_MEMSET, .dst = dst, .n = n, .value = v};
-    return enqueue(s, op);
+    if ((rc = enqueue(stream_of(s), op))) return rc;
+    return sync ? sync_stream(stream_of(s)) : CUDA_SUCCESS;
 }
 
-CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void *h, size_t n) { LOCKED(htod("cuMemcpyHtoD", d, h, n, NULL)); }
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void *h, size_t n) { LOCKED(htod("cuMemcpyHtoD", d, h, n, NULL, 1)); }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void *h, size_t n, FakeStream *s) {
-    LOCKED(htod("cuMemcpyHtoDAsync", d, h, n, s));
+    LOCKED(htod("cuMemcpyHtoDAsync", d, h, n, s, 0));
 }
 CUresult cuMemcpyDtoH_v2(void *h, CUdeviceptr d, size_t n) { LOCKED(dtoh("cuMemcpyDtoH", h, d, n, NULL)); }
 CUresult cuMemcpyDtoHAsync_v2(void *h, CUdeviceptr d, size_t n, FakeStream *s) {
     LOCKED(dtoh("cuMemcpyDtoHAsync", h, d, n, s));
 }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { LOCKED(dtod("cuMemcpyDtoD", d, s, n, NULL)); }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { LOCKED(dtod("cuMemcpyDtoD", d, s, n, NULL, 1)); }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr src, size_t n, FakeStream *s) {
-    LOCKED(dtod("cuMemcpyDtoDAsync", d, src, n, s));
+    LOCKED(dtod("cuMemcpyDtoDAsync", d, src, n, s, 0));
 }
-CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { LOCKED(memset8("cuMemsetD8", d, v, n, NULL)); }
+CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char v, size_t n) { LOCKED(memset8("cuMemsetD8", d, v, n, NULL, 1)); }
 CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char v, size_t n, FakeStream *s) {
-    LOCKED(memset8("cuMemsetD8Async", d, v, n, s));
+    LOCKED(memset8("cuMemsetD8Async", d, v, n, s, 0));
 }
 
 /* ------------------------------------------------------------------------------------------------
  * Streams and events
  * ---------------------------------------------------------------------------------------------- */
 
-static CUresult stream_create(FakeStream **out) {
+#define CU_STREAM_NON_BLOCKING 0x1
+
+static CUresult stream_create(FakeStream **out, unsigned flags) {
     if (!out) return CUDA_ERROR_INVALID_VALUE;
     CUresult rc = need_ctx("cuStreamCreate");
     if (rc) return rc;
+    if (flags != CU_STREAM_NON_BLOCKING) {
+        /* A blocking stream synchronizes implicitly with the legacy default stream; not modelled. */
+        fail("cuStreamCreate: flags 0x%x: only CU_STREAM_NON_BLOCKING streams are modelled", flags);
+        return CUDA_ERROR_NOT_SUPPORTED;
+    }
     if (g_nstreams == g_cap_streams) {
         size_t cap = g_cap_streams ? 2 * g_cap_streams : 16;
         FakeStream **grown = realloc(g_streams, cap * sizeof *grown);
@@ -760,10 +792,7 @@ static CUresult stream_create(FakeStream **out) {
     *out = s;
     return CUDA_SUCCESS;
 }
-CUresult cuStreamCreate(FakeStream **out, unsigned int flags) {
-    (void)flags;
-    LOCKED(stream_create(out));
-}
+CUresult cuStreamCreate(FakeStream **out, unsigned int flags) { LOCKED(stream_create(out, flags)); }
 
 CUresult cuStreamCreateWithPriority(FakeStream **out, unsigned int flags, int priority) {
     (void)priority;
@@ -782,16 +811,18 @@ CUresult cuStreamDestroy_v2(FakeStream *s) { LOCKED(stream_destroy(s)); }
 static CUresult stream_sync(FakeStream *s) {
     NEED_STREAM("cuStreamSynchronize", s);
     CUresult rc = need_ctx("cuStreamSynchronize");
-    if (rc || (rc = drain(s))) return rc;
-    return take_sticky();
+    return rc ? rc : sync_stream(stream_of(s));
 }
 CUresult cuStreamSynchronize(FakeStream *s) { LOCKED(stream_sync(s)); }
+/* Running the queue to answer is one legal schedule (the work completes "eventually"). */
 CUresult cuStreamQuery(FakeStream *s) { LOCKED(stream_sync(s)); }
 
 static CUresult ctx_sync(void) {
     CUresult rc = need_ctx("cuCtxSynchronize");
-    if (rc || (rc = drain_all())) return rc;
-    return take_sticky();
+    if (rc) return rc;
+    rc = drain_all();
+    CUresult sticky = take_sticky();
+    return rc ? rc : sticky;
 }
 
 static CUresult stream_wait(FakeStream *s, FakeEvent *e) {
@@ -799,10 +830,10 @@ static CUresult stream_wait(FakeStream *s, FakeEvent *e) {
     if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
     CUresult rc = need_ctx("cuStreamWaitEvent");
     if (rc) return rc;
-    if (e->completed >= e->records) return CUDA_SUCCESS; /* nothing outstanding */
-    if (is_default(s)) return drain_until(e->stream, e, e->records);
-    Op op = {.kind = OP_WAIT, .event = e, .seq = e->records};
-    return enqueue(s, op);
+    if (event_done(e)) return CUDA_SUCCESS; /* nothing outstanding */
+    /* Fixed now: the record current at this call, whatever is recorded into `e` later. */
+    Op op = {.kind = OP_WAIT, .on = e->stream, .pos = e->pos};
+    return enqueue(stream_of(s), op);
 }
 CUresult cuStreamWaitEvent(FakeStream *s, FakeEvent *e, unsigned int flags) {
     (void)flags;
@@ -832,21 +863,20 @@ static CUresult event_record(FakeEvent *e, FakeStream *s) {
     if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
     CUresult rc = need_ctx("cuEventRecord");
     if (rc) return rc;
-    uint64_t seq = ++e->records;
-    e->stream = is_default(s) ? NULL : s;
-    if (is_default(s)) {
-        record_now(e, seq);
-        return CUDA_SUCCESS;
-    }
-    Op op = {.kind = OP_RECORD, .event = e, .seq = seq};
-    return enqueue(s, op);
+    FakeStream *st = stream_of(s);
+    Op op = {.kind = OP_RECORD, .event = e, .pos = st->enqueued + 1};
+    if ((rc = enqueue(st, op))) return rc;
+    e->stream = st;
+    e->pos = st->enqueued;
+    return CUDA_SUCCESS;
 }
 CUresult cuEventRecord(FakeEvent *e, FakeStream *s) { LOCKED(event_record(e, s)); }
 
 static CUresult event_sync(FakeEvent *e) {
     if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
-    CUresult rc = drain_until(e->stream, e, e->records);
-    return rc ? rc : take_sticky();
+    CUresult rc = e->stream ? drain_to(e->stream, e->pos) : CUDA_SUCCESS;
+    CUresult sticky = take_sticky();
+    return rc ? rc : sticky;
 }
 CUresult cuEventSynchronize(FakeEvent *e) { LOCKED(event_sync(e)); }
 CUresult cuEventQuery(FakeEvent *e) { LOCKED(event_sync(e)); }
@@ -860,9 +890,8 @@ static CUresult elapsed(float *ms, FakeEvent *a, FakeEvent *b) {
         fail("cuEventElapsedTime: an event was created with CU_EVENT_DISABLE_TIMING");
         return CUDA_ERROR_INVALID_HANDLE;
     }
-    if (!a->records || !b->records || a->completed < a->records || b->completed < b->records) {
-        return CUDA_ERROR_NOT_READY;
-    }
+    if (!a->stream || !b->stream) return CUDA_ERROR_INVALID_HANDLE; /* never recorded */
+    if (!event_done(a) || !event_done(b)) return CUDA_ERROR_NOT_READY;
     *ms = (float)(b->ms - a->ms);
     return CUDA_SUCCESS;
 }
@@ -973,7 +1002,6 @@ static CUresult launch(FakeFunction *f, unsigned gx, unsigned gy, unsigned gz, u
         return CUDA_ERROR_INVALID_VALUE;
     }
     SimtLaunch d = {gx, gy, gz, bx, by, bz, shared, g_reverse_lanes};
-    if (is_default(s)) return run_kernel(f, &d, params[0]);
     /* Queued: the parameter bytes are copied now, as cuLaunchKernel does. */
     if (!f->params_bytes) {
         fail("cuLaunchKernel(%s): the size of its parameters is unknown, so it cannot be queued", f->name);
@@ -982,7 +1010,7 @@ static CUresult launch(FakeFunction *f, unsigned gx, unsigned gy, unsigned gz, u
     unsigned char *bytes = stage(params[0], f->params_bytes);
     if (!bytes) return CUDA_ERROR_OUT_OF_MEMORY;
     Op op = {.kind = OP_KERNEL, .f = f, .dims = d, .bytes = bytes};
-    return enqueue(s, op);
+    return enqueue(stream_of(s), op);
 }
 
 static CUresult run_kernel(FakeFunction *f, const SimtLaunch *d, const void *params) {
