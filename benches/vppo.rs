@@ -413,9 +413,10 @@ fn gpu_benches(c: &mut Criterion, gpu: &Arc<Gpu>, vppo: &Vppo) {
     let copy_gbs = copy.median_gbs();
     let (major, minor) = gpu.compute_capability();
     println!(
-        "vppo-gpu card: {} (sm_{major}{minor}, {} SMs); device-to-device copy of 1 GiB: median {copy_gbs:.1} GB/s, best {:.1} GB/s (bytes read + written, {} copies)",
+        "vppo-gpu card: {} (sm_{major}{minor}, {} SMs); device-to-device copy of {} MiB: median {copy_gbs:.1} GB/s, best {:.1} GB/s (bytes read + written, {} copies)",
         gpu.name(),
         gpu.multiprocessor_count(),
+        copy.bytes >> 20,
         copy.best_gbs(),
         copy.samples_ms.len()
     );
