@@ -419,9 +419,9 @@ fn delta(a: &common::fake_cuda::Stats, b: &common::fake_cuda::Stats) -> common::
     }
 }
 
-/// The trainer's steps with the loss on `Device::Cuda` equal those on the SIMT executor: bit for bit
-/// on the fake driver (the same kernels, whose sums are fixed-order in either lane order), to f32
-/// noise on a GPU.
+/// The trainer's steps with the loss on `Device::Cuda` equal those on the SIMT executor: two steps bit
+/// for bit on the fake driver (the same kernels, whose sums are fixed-order in either lane order), the
+/// first step's loss to f32 noise on a GPU.
 #[test]
 fn trainer_steps_on_cuda_match_simt() {
     use vppo::cli::DeviceArg;
@@ -443,7 +443,10 @@ fn trainer_steps_on_cuda_match_simt() {
     };
     let mut on_cuda = Trainer::new(config(DeviceArg::Cuda)).unwrap();
     let mut on_simt = Trainer::new(config(DeviceArg::Simt)).unwrap();
-    for _ in 0..2 {
+    // On a GPU only the first step is compared: after it the parameters differ in the last bits, and
+    // the next rollouts, sampled from them, may differ in a token.
+    let steps = if common::fake_cuda::active() { 2 } else { 1 };
+    for _ in 0..steps {
         let (a, b) = (on_cuda.step().unwrap(), on_simt.step().unwrap());
         if common::fake_cuda::active() {
             assert_eq!(a, b);
