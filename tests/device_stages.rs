@@ -673,3 +673,34 @@ fn fake_streams_expose_a_missing_wait() {
     assert_eq!(gpu.stream().clone_dtoh(&buf).unwrap(), vec![7u32; 4]);
     s.synchronize().unwrap();
 }
+
+/// The ranged copies of `Gpu` move exactly the bytes asked for and refuse ranges outside the buffer
+/// with an error (cudarc's slicing would panic).
+#[test]
+fn ranged_copies_move_the_bytes_asked_for() {
+    let _serial = common::fake_cuda::serial();
+    let Some(gpu) = gpu() else {
+        eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda or fake-cuda");
+        return;
+    };
+    let mut buf = gpu.upload(&(0u8..100).collect::<Vec<_>>()).unwrap();
+    gpu.upload_range(&[200, 201, 202], &mut buf, 97).unwrap();
+    assert_eq!(
+        gpu.download_range(&buf, 95, 5).unwrap(),
+        vec![95, 96, 200, 201, 202]
+    );
+    let words = gpu.upload(&[0x0403_0201u32, 0x0807_0605]).unwrap();
+    gpu.copy_bytes_on_device(&words, &mut buf, 10).unwrap();
+    assert_eq!(
+        gpu.download_range(&buf, 9, 10).unwrap(),
+        vec![9, 1, 2, 3, 4, 5, 6, 7, 8, 18]
+    );
+    let fresh = gpu.alloc_uninit::<f32>(7).unwrap();
+    assert_eq!(fresh.len(), 7);
+    assert!(gpu.download_range(&buf, 96, 5).is_err());
+    assert!(gpu.download_range(&buf, usize::MAX, 2).is_err());
+    assert!(gpu.upload_range(&[1, 2], &mut buf, 99).is_err());
+    assert!(gpu.copy_bytes_on_device(&words, &mut buf, 93).is_err());
+    assert!(gpu.alloc_uninit::<f32>(0).is_err());
+    assert_eq!(gpu.download(&buf).unwrap()[..5], [0, 1, 2, 3, 4]);
+}
