@@ -249,26 +249,27 @@ impl Launcher {
 
     /// The first `dst.len()` elements of `buf`, copied straight into `dst`.
     fn download_into<T: bytemuck::Pod>(&self, buf: &Buffer, dst: &mut [T]) -> Result<()> {
-        let dst: &mut [u8] = bytemuck::cast_slice_mut(dst);
-        match (self, buf) {
-            (_, Buffer::Host(v)) => {
-                dst.copy_from_slice(&bytemuck::cast_slice::<u128, u8>(v)[..dst.len()]);
-                Ok(())
-            }
-            (Launcher::Cuda(gpu), Buffer::Cuda(s)) => gpu.download_range_into(s, 0, dst),
-            (Launcher::Simt(_), Buffer::Cuda(_)) => {
-                unreachable!("device buffer on the SIMT executor")
-            }
-        }
+        self.read_at(buf, 0, bytemuck::cast_slice_mut(dst))
     }
 
     /// Bytes `offset .. offset + len` of `buf`, in one copy (on a GPU, after the work before it).
     fn download_bytes(&self, buf: &Buffer, offset: usize, len: usize) -> Result<Vec<u8>> {
+        let mut raw = vec![0u8; len];
+        self.read_at(buf, offset, &mut raw)?;
+        Ok(raw)
+    }
+
+    /// Copies bytes `offset .. offset + dst.len()` of `buf` into `dst` (on a GPU, after the work
+    /// before it): the one read path of the launcher's memory.
+    fn read_at(&self, buf: &Buffer, offset: usize, dst: &mut [u8]) -> Result<()> {
         match (self, buf) {
             (_, Buffer::Host(v)) => {
-                Ok(bytemuck::cast_slice::<u128, u8>(v)[offset..offset + len].to_vec())
+                dst.copy_from_slice(
+                    &bytemuck::cast_slice::<u128, u8>(v)[offset..offset + dst.len()],
+                );
+                Ok(())
             }
-            (Launcher::Cuda(gpu), Buffer::Cuda(s)) => gpu.download_range(s, offset, len),
+            (Launcher::Cuda(gpu), Buffer::Cuda(s)) => gpu.download_range_into(s, offset, dst),
             (Launcher::Simt(_), Buffer::Cuda(_)) => {
                 unreachable!("device buffer on the SIMT executor")
             }

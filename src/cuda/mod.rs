@@ -461,13 +461,7 @@ impl Gpu {
         dst: &mut [u8],
     ) -> Result<()> {
         let len = dst.len();
-        let end = offset.checked_add(len).filter(|&e| e <= src.len());
-        let Some(end) = end else {
-            return Err(VppoError::Cuda(format!(
-                "download_range: bytes {offset}..+{len} of a device buffer of {}",
-                src.len()
-            )));
-        };
+        let end = byte_range_end("download_range", offset, len, src.len())?;
         if len == 0 {
             return Ok(());
         }
@@ -478,14 +472,7 @@ impl Gpu {
 
     /// Copies `data` into `dst` at byte `offset` (queued on the stream).
     pub fn upload_range(&self, data: &[u8], dst: &mut CudaSlice<u8>, offset: usize) -> Result<()> {
-        let end = offset.checked_add(data.len()).filter(|&e| e <= dst.len());
-        let Some(end) = end else {
-            return Err(VppoError::Cuda(format!(
-                "upload_range: {} bytes at {offset} into a device buffer of {}",
-                data.len(),
-                dst.len()
-            )));
-        };
+        let end = byte_range_end("upload_range", offset, data.len(), dst.len())?;
         if data.is_empty() {
             return Ok(());
         }
@@ -503,13 +490,7 @@ impl Gpu {
         offset: usize,
     ) -> Result<()> {
         let len = src.len() * std::mem::size_of::<T>();
-        let end = offset.checked_add(len).filter(|&e| e <= dst.len());
-        let Some(end) = end else {
-            return Err(VppoError::Cuda(format!(
-                "copy_bytes_on_device: {len} bytes at {offset} into a device buffer of {}",
-                dst.len()
-            )));
-        };
+        let end = byte_range_end("copy_bytes_on_device", offset, len, dst.len())?;
         if len == 0 {
             return Ok(());
         }
@@ -717,6 +698,19 @@ fn check_launch_shape(kernel_name: &str, grid: [u32; 3], block: [u32; 3]) -> Res
         ));
     }
     Ok(())
+}
+
+/// The end of bytes `offset .. offset + len` of a device buffer of `size` bytes, or an error naming
+/// `what` when the range does not fit (cudarc's slicing would panic).
+fn byte_range_end(what: &str, offset: usize, len: usize, size: usize) -> Result<usize> {
+    offset
+        .checked_add(len)
+        .filter(|&end| end <= size)
+        .ok_or_else(|| {
+            VppoError::Cuda(format!(
+                "{what}: bytes {offset}..+{len} do not fit a device buffer of {size} bytes"
+            ))
+        })
 }
 
 /// Device buffers of zero elements do not exist on CUDA (cuMemAlloc rejects 0 bytes).
