@@ -33,10 +33,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The fake CUDA driver of the tests, for a smoke run of the GPU benches without a GPU.
-#[allow(dead_code)]
-#[path = "../tests/common/fake_cuda.rs"]
-mod fake_cuda;
+/// The tests' helpers (the module allows its own dead code), for the fake CUDA driver: a smoke run
+/// of the GPU benches without a GPU.
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::fake_cuda;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use cudarc::driver::CudaSlice;

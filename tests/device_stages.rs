@@ -316,7 +316,7 @@ fn host_path_traffic_on_the_fake_driver() {
     let s0 = stats();
     let out = vppo.forward(&host).unwrap();
     let s1 = stats();
-    let d = delta(&s0, &s1);
+    let d = s1.since(&s0);
     eprintln!("forward: {d:?}");
     assert_eq!(
         (d.launches, d.allocs, d.htod_copies, d.dtoh_copies),
@@ -335,7 +335,7 @@ fn host_path_traffic_on_the_fake_driver() {
     vppo.backward_into(&host, &out, GradMut::F32(&mut grad))
         .unwrap();
     let s2 = stats();
-    let d = delta(&s1, &s2);
+    let d = s2.since(&s1);
     eprintln!("backward_into f32: {d:?}");
     assert_eq!(
         (d.launches, d.dtoh_copies, d.memset_bytes),
@@ -354,7 +354,7 @@ fn host_path_traffic_on_the_fake_driver() {
     let s3 = stats();
     let fwd = vppo.forward_device(&db).unwrap();
     let s4 = stats();
-    let d = delta(&s3, &s4);
+    let d = s4.since(&s3);
     eprintln!("forward_device: {d:?}");
     assert_eq!(fwd.output, out);
     assert_eq!(
@@ -369,7 +369,7 @@ fn host_path_traffic_on_the_fake_driver() {
     vppo.backward_device(&fwd, &db, DeviceLogitsMut::Bf16(&mut grad_dev))
         .unwrap();
     let s5 = stats();
-    let d = delta(&s4, &s5);
+    let d = s5.since(&s4);
     eprintln!("backward_device: {d:?}");
     assert_eq!(
         (
@@ -393,7 +393,7 @@ fn host_path_traffic_on_the_fake_driver() {
     };
     let s6 = stats();
     assert!(vppo.forward_device(&bad).is_err());
-    let d = delta(&s6, &stats());
+    let d = stats().since(&s6);
     assert_eq!(d.launches, 0, "{d:?}");
 
     drop((fwd, grad_dev, on_device, bad_cu));
@@ -402,21 +402,6 @@ fn host_path_traffic_on_the_fake_driver() {
         s0.live_allocs,
         "a device buffer was not freed"
     );
-}
-
-fn delta(a: &common::fake_cuda::Stats, b: &common::fake_cuda::Stats) -> common::fake_cuda::Stats {
-    common::fake_cuda::Stats {
-        launches: b.launches - a.launches,
-        htod_copies: b.htod_copies - a.htod_copies,
-        dtoh_copies: b.dtoh_copies - a.dtoh_copies,
-        htod_bytes: b.htod_bytes - a.htod_bytes,
-        dtoh_bytes: b.dtoh_bytes - a.dtoh_bytes,
-        dtod_bytes: b.dtod_bytes - a.dtod_bytes,
-        memset_bytes: b.memset_bytes - a.memset_bytes,
-        allocs: b.allocs - a.allocs,
-        live_allocs: b.live_allocs.wrapping_sub(a.live_allocs),
-        live_bytes: b.live_bytes.wrapping_sub(a.live_bytes),
-    }
 }
 
 /// The trainer's steps with the loss on `Device::Cuda` equal those on the SIMT executor: two steps bit
@@ -588,15 +573,19 @@ fn guard_page_catches_an_out_of_bounds_kernel() {
         eprintln!("skipped: runs from a plain `cargo test` with the kernels built");
         return;
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .env("VPPO_TEST_DEVICE", common::fake_cuda::MODE)
-        .env(CHILD, "1")
-        .args(["--exact", "guard_page_catches_an_out_of_bounds_kernel"])
-        .args(["--test-threads", "1", "--nocapture"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let run = common::run_this_binary(
+        &[("VPPO_TEST_DEVICE", common::fake_cuda::MODE), (CHILD, "1")],
+        &[
+            "--exact",
+            "guard_page_catches_an_out_of_bounds_kernel",
+            "--test-threads",
+            "1",
+            "--nocapture",
+        ],
+        std::time::Duration::from_secs(120),
+    );
+    let stderr = &run.stderr;
+    assert!(run.status.is_some_and(|s| !s.success()), "{stderr}");
     assert!(
         stderr.contains("kernel vppo_backward_f32_f32 accessed")
             && stderr.contains("outside every device allocation"),

@@ -6,6 +6,8 @@
 //! the executor's own output.
 #![allow(clippy::needless_range_loop)]
 
+mod common;
+
 use std::ptr;
 
 use vppo::simt::selftest::{self as st, SelftestParams};
@@ -935,21 +937,23 @@ fn reading_past_the_shared_memory_faults() {
         );
         panic!("reading past the shared memory did not fault: {res:?}");
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .env(CHILD, "1")
-        .args(["--exact", "reading_past_the_shared_memory_faults"])
-        .args(["--test-threads", "1"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    let run = common::run_this_binary(
+        &[(CHILD, "1")],
+        &[
+            "--exact",
+            "reading_past_the_shared_memory_faults",
+            "--test-threads",
+            "1",
+        ],
+        std::time::Duration::from_secs(120),
+    );
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(
-        out.status.signal(),
+        run.status.and_then(|s| s.signal()),
         Some(11),
-        "expected SIGSEGV, got {:?}\n{stdout}\n{stderr}",
-        out.status
+        "expected SIGSEGV, got {:?}\n{}",
+        run.status,
+        run.text()
     );
 }
 

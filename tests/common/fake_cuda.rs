@@ -29,6 +29,24 @@ pub struct Stats {
     pub live_bytes: u64,
 }
 
+impl Stats {
+    /// What was counted between `earlier` and `self` (the live counts may go down: wrapping).
+    pub fn since(&self, earlier: &Stats) -> Stats {
+        Stats {
+            launches: self.launches - earlier.launches,
+            htod_copies: self.htod_copies - earlier.htod_copies,
+            dtoh_copies: self.dtoh_copies - earlier.dtoh_copies,
+            htod_bytes: self.htod_bytes - earlier.htod_bytes,
+            dtoh_bytes: self.dtoh_bytes - earlier.dtoh_bytes,
+            dtod_bytes: self.dtod_bytes - earlier.dtod_bytes,
+            memset_bytes: self.memset_bytes - earlier.memset_bytes,
+            allocs: self.allocs - earlier.allocs,
+            live_allocs: self.live_allocs.wrapping_sub(earlier.live_allocs),
+            live_bytes: self.live_bytes.wrapping_sub(earlier.live_bytes),
+        }
+    }
+}
+
 type ResolveFn = extern "C" fn(*const c_char) -> Option<SimtEntry>;
 type PointerFieldsFn = extern "C" fn(*const c_char, *mut *const usize, *mut usize) -> usize;
 type InstallFn = unsafe extern "C" fn(ResolveFn, PointerFieldsFn, c_int) -> c_int;
@@ -285,8 +303,9 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// Re-runs the current test binary with VPPO_TEST_DEVICE=fake-cuda (every test but `skip`), once per
-/// lane order (forward lanes with guard pages after each allocation, reverse lanes with them before), and panics with the child's output if it fails. Does nothing when this build has no
-/// kernels (no nvcc) or when the process already runs in a device mode.
+/// lane order (forward lanes with guard pages after each allocation, reverse lanes with them before),
+/// and panics with the child's output if it fails or runs over 600 s. Does nothing when this build has
+/// no kernels (no nvcc) or when the process already runs in a device mode.
 pub fn rerun_self(skip: &str) {
     if std::env::var_os("VPPO_TEST_DEVICE").is_some() {
         eprintln!("skipped: this process already runs under VPPO_TEST_DEVICE");
@@ -296,45 +315,19 @@ pub fn rerun_self(skip: &str) {
         eprintln!("skipped: this build has no CUDA kernels (nvcc was not found at build time)");
         return;
     }
-    let exe = std::env::current_exe().expect("the test binary's path");
     // Each run puts the guard pages on one side of every allocation (see libcuda.c).
     for (lanes, guard) in [("forward", "end"), ("reverse", "start")] {
-        let dir = std::env::temp_dir();
-        let tag = format!("vppo-fake-cuda-{}-{lanes}", std::process::id());
-        let out_path = dir.join(format!("{tag}.out"));
-        let err_path = dir.join(format!("{tag}.err"));
-        let mut child = Command::new(&exe)
-            .env("VPPO_TEST_DEVICE", MODE)
-            .env("VPPO_FAKE_CUDA_LANES", lanes)
-            .env("VPPO_FAKE_CUDA_GUARD", guard)
-            .args(["--skip", skip, "--test-threads", "2"])
-            .stdout(std::fs::File::create(&out_path).expect("a file for the child's stdout"))
-            .stderr(std::fs::File::create(&err_path).expect("a file for the child's stderr"))
-            .spawn()
-            .expect("running the test binary again");
-        // A watchdog, so that a deadlock fails the test instead of hanging CI.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("waiting for the child") {
-                break Some(status);
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        };
-        let text = format!(
-            "{}\n{}",
-            std::fs::read_to_string(&out_path).unwrap_or_default(),
-            std::fs::read_to_string(&err_path).unwrap_or_default()
+        let run = super::run_this_binary(
+            &[
+                ("VPPO_TEST_DEVICE", MODE),
+                ("VPPO_FAKE_CUDA_LANES", lanes),
+                ("VPPO_FAKE_CUDA_GUARD", guard),
+            ],
+            &["--skip", skip, "--test-threads", "2"],
+            std::time::Duration::from_secs(600),
         );
-        let _ = (
-            std::fs::remove_file(&out_path),
-            std::fs::remove_file(&err_path),
-        );
-        let status = status.unwrap_or_else(|| {
+        let text = run.text();
+        let status = run.status.unwrap_or_else(|| {
             panic!("the tests on the fake CUDA driver ({lanes} lanes) ran over 600 s:\n{text}")
         });
         assert!(

@@ -183,3 +183,72 @@ pub fn seeded_batch(seed: u64, spec: &BatchSpec) -> OwnedBatch {
 pub fn batch_strategy(spec: BatchSpec) -> impl Strategy<Value = OwnedBatch> {
     any::<u64>().prop_map(move |seed| seeded_batch(seed, &spec))
 }
+
+/// How a child run of this test binary ended ([`run_this_binary`]).
+pub struct ChildRun {
+    /// The exit status; None when it was killed for running over its time limit.
+    pub status: Option<std::process::ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ChildRun {
+    /// Both outputs, for a failure message.
+    pub fn text(&self) -> String {
+        format!("{}\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs this test binary again in a child process with the extra environment `envs` and the libtest
+/// arguments `args`, and kills it after `limit` (a watchdog: a deadlock fails the caller instead of
+/// hanging CI). For tests that must run where a crash or a different process setup is expected.
+pub fn run_this_binary(
+    envs: &[(&str, &str)],
+    args: &[&str],
+    limit: std::time::Duration,
+) -> ChildRun {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let tag = format!(
+        "vppo-child-{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    );
+    let dir = std::env::temp_dir();
+    let (out_path, err_path) = (
+        dir.join(format!("{tag}.out")),
+        dir.join(format!("{tag}.err")),
+    );
+    // Output goes to files, not pipes: a pipe that nobody reads while we wait could fill and block
+    // the child.
+    let mut child = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+        .envs(envs.iter().copied())
+        .args(args)
+        .stdout(std::fs::File::create(&out_path).expect("a file for the child's stdout"))
+        .stderr(std::fs::File::create(&err_path).expect("a file for the child's stderr"))
+        .spawn()
+        .expect("running the test binary again");
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the child") {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    let run = ChildRun {
+        status,
+        stdout: read(&out_path),
+        stderr: read(&err_path),
+    };
+    let _ = (
+        std::fs::remove_file(&out_path),
+        std::fs::remove_file(&err_path),
+    );
+    run
+}
