@@ -610,11 +610,12 @@ static CUresult drain_all(void) {
     return rc;
 }
 
-/* The sticky error of queued work, once. */
-static CUresult take_sticky(void) {
-    CUresult rc = g_sticky;
+/* What a synchronizing call reports after running queued work that returned `rc`: that error, or
+ * else the sticky error of earlier queued work (once). */
+static CUresult settle(CUresult rc) {
+    CUresult sticky = g_sticky;
     g_sticky = CUDA_SUCCESS;
-    return rc;
+    return rc ? rc : sticky;
 }
 
 static CUresult enqueue(FakeStream *s, Op op) {
@@ -699,9 +700,7 @@ static CUresult do_memset(const char *call, CUdeviceptr dst, unsigned char v, si
 
 /* Runs what `s` has queued, then reports any error of queued work (a synchronizing call). */
 static CUresult sync_stream(FakeStream *s) {
-    CUresult rc = drain(s);
-    CUresult sticky = take_sticky();
-    return rc ? rc : sticky;
+    return settle(drain(s));
 }
 
 static CUresult htod(const char *call, CUdeviceptr dst, const void *src, size_t n, FakeStream *s, int sync) {
@@ -820,9 +819,7 @@ CUresult cuStreamQuery(FakeStream *s) { LOCKED(stream_sync(s)); }
 static CUresult ctx_sync(void) {
     CUresult rc = need_ctx("cuCtxSynchronize");
     if (rc) return rc;
-    rc = drain_all();
-    CUresult sticky = take_sticky();
-    return rc ? rc : sticky;
+    return settle(drain_all());
 }
 
 static CUresult stream_wait(FakeStream *s, FakeEvent *e) {
@@ -874,9 +871,7 @@ CUresult cuEventRecord(FakeEvent *e, FakeStream *s) { LOCKED(event_record(e, s))
 
 static CUresult event_sync(FakeEvent *e) {
     if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
-    CUresult rc = e->stream ? drain_to(e->stream, e->pos) : CUDA_SUCCESS;
-    CUresult sticky = take_sticky();
-    return rc ? rc : sticky;
+    return settle(e->stream ? drain_to(e->stream, e->pos) : CUDA_SUCCESS);
 }
 CUresult cuEventSynchronize(FakeEvent *e) { LOCKED(event_sync(e)); }
 CUresult cuEventQuery(FakeEvent *e) { LOCKED(event_sync(e)); }
