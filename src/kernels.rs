@@ -848,20 +848,39 @@ pub fn forward(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<VppoOu
     let inputs = Inputs::new(&l, batch)?;
     let ws = Workspace::new(&l, n, b)?;
     let dims = Dims::of(batch);
-    run_perception(&l, perception_kernel(dims.dtype), dims, cfg, &inputs, &ws)?;
-    // Pass 2 is queued before pass 1's status is read, so a forward waits for the GPU once. After a
-    // bad row pass 2 computes on meaningless (possibly NaN) per-token values: it takes no index from
-    // them (only from cu_seqlens, validated on the host) and its radix select ends after a fixed
-    // number of digits for any bits, so it finishes, and its results are discarded with the error.
-    run_select_loss(&l, dims, cfg, &inputs, &ws)?;
-    let copy = ws.download(&l)?;
-    status_error(
-        copy.status(&ws),
+    run_passes(
+        &l,
+        dims,
+        cfg,
+        &inputs,
+        &ws,
         batch.targets,
-        batch.vocab,
         &host_rows(batch),
-    )?;
-    Ok(output_from(&ws, &copy, z))
+    )
+}
+
+/// Passes 1 and 2 over `inputs` into `ws`, then every output of the forward, or the error of the
+/// first bad row (`row_of` gives a logits row to name the bad value).
+///
+/// Pass 2 is queued before pass 1's status is read, so a forward waits for the GPU once. After a bad
+/// row pass 2 computes on meaningless (possibly NaN) per-token values: it takes no index from them
+/// (only from cu_seqlens, validated on the host) and its radix select ends after a fixed number of
+/// digits for any bits, so it finishes, and its results are discarded with the error.
+fn run_passes(
+    l: &Launcher,
+    dims: Dims,
+    cfg: &VppoConfig,
+    inputs: &Inputs,
+    ws: &Workspace,
+    targets: &[i32],
+    row_of: &dyn Fn(Tensor, usize) -> Result<Vec<f64>>,
+) -> Result<VppoOutput> {
+    run_perception(l, perception_kernel(dims.dtype), dims, cfg, inputs, ws)?;
+    run_select_loss(l, dims, cfg, inputs, ws)?;
+    let copy = ws.download(l)?;
+    status_error(copy.status(ws), targets, dims.vocab, row_of)?;
+    let z = cfg.token_normalizer.unwrap_or(dims.n as f64);
+    Ok(output_from(ws, &copy, z))
 }
 
 /// The output of a forward over no tokens (N = 0) and `b` empty responses: loss 0, Sbar 0, k 0,
@@ -1386,7 +1405,6 @@ pub fn forward_device(
     let l = Launcher::Cuda(gpu.clone());
     let inputs = Inputs::device(gpu, batch);
     let ws = Workspace::new(&l, n, b)?;
-    run_perception(&l, perception_kernel(dims.dtype), dims, cfg, &inputs, &ws)?;
     let rows = |tensor: Tensor, row: usize| {
         let logits = if tensor == Tensor::Logits {
             &batch.logits
@@ -1395,11 +1413,7 @@ pub fn forward_device(
         };
         logits.row_f64(gpu, row, batch.vocab)
     };
-    // As in `forward`: pass 2 before the status is read, one wait.
-    run_select_loss(&l, dims, cfg, &inputs, &ws)?;
-    let copy = ws.download(&l)?;
-    status_error(copy.status(&ws), &targets, batch.vocab, &rows)?;
-    let output = output_from(&ws, &copy, z);
+    let output = run_passes(&l, dims, cfg, &inputs, &ws, &targets, &rows)?;
     Ok(DeviceForward {
         output,
         gpu: gpu.clone(),
