@@ -352,6 +352,33 @@ struct Region {
     bytes: usize,
 }
 
+/// Lays regions out one after another in one buffer, each starting on an `align`-byte boundary.
+struct ArenaLayout {
+    end: usize,
+    align: usize,
+}
+
+impl ArenaLayout {
+    fn new(align: usize) -> ArenaLayout {
+        ArenaLayout { end: 0, align }
+    }
+
+    /// The next region, of `bytes` bytes.
+    fn region(&mut self, bytes: usize) -> Region {
+        let r = Region {
+            offset: self.end,
+            bytes,
+        };
+        self.end = (self.end + bytes).next_multiple_of(self.align);
+        r
+    }
+
+    /// The next region, for `count` values of T.
+    fn array<T>(&mut self, count: usize) -> Region {
+        self.region(count * std::mem::size_of::<T>())
+    }
+}
+
 /// Per-token and per-response buffers of one forward pass, carved out of one allocation (the arena),
 /// so that a forward allocates once, zeroes once and copies every output back in one transfer.
 /// Regions start on 256-byte boundaries (the allocation's own alignment), so every per-token array
@@ -383,19 +410,15 @@ impl Workspace {
     const ALIGN: usize = 256;
 
     fn new(l: &Launcher, n: usize, b: usize) -> Result<Workspace> {
-        let mut end = 0usize;
-        let mut region = |bytes: usize| {
-            let r = Region { offset: end, bytes };
-            end = (end + bytes).next_multiple_of(Self::ALIGN);
-            r
-        };
-        let f32s = |count: usize| count * 4;
-        let totals = region(std::mem::size_of::<VppoLossTotals>());
-        let status = region(8);
+        let mut layout = ArenaLayout::new(Self::ALIGN);
+        let totals = layout.array::<VppoLossTotals>(1);
+        let status = layout.array::<i64>(1);
         let [lse, lse_masked, logp, logp_masked, kl, k3, entropy, score, dlogp] =
-            [(); 9].map(|_| region(f32s(n)));
-        let mask = region(n);
-        let [k, sbar, alpha] = [(); 3].map(|_| region(f32s(b)));
+            [(); 9].map(|_| layout.array::<f32>(n));
+        let mask = layout.array::<u8>(n);
+        let k = layout.array::<i32>(b);
+        let [sbar, alpha] = [(); 2].map(|_| layout.array::<f32>(b));
+        let end = layout.end;
         // Zeroed (not just allocated): after a bad row pass 2 still runs over every region before
         // the status is read (see `forward`), and zeros keep those reads defined and finite.
         let mut arena = l.alloc(end)?;
@@ -439,7 +462,8 @@ impl Workspace {
     }
 }
 
-/// A host copy of a [`Workspace`] arena, read region by region.
+/// A host copy of a buffer laid out by an [`ArenaLayout`] (a [`Workspace`], or the gathered small
+/// tensors of a device batch), read region by region.
 struct ArenaCopy(Vec<u8>);
 
 impl ArenaCopy {
@@ -1256,37 +1280,26 @@ struct SmallHost {
 /// The O(N + B) tensors of a device batch (targets, old_logp, advantages, cu_seqlens), gathered on
 /// the device into one buffer and copied back in one transfer: one wait for the GPU, not four.
 fn download_small_tensors(gpu: &Gpu, batch: &DeviceBatch) -> Result<SmallHost> {
-    const ALIGN: usize = 16;
-    let lens = [
-        batch.targets.len(),
-        batch.old_logp.len(),
-        batch.advantages.len(),
-        batch.cu_seqlens.len(),
-    ];
-    // i32 and f32: 4 bytes each (checked at compile time below).
-    const ELT: usize = 4;
-    const _: () = assert!(std::mem::size_of::<i32>() == ELT && std::mem::size_of::<f32>() == ELT);
-    let mut offsets = [0usize; 4];
-    let mut end = 0usize;
-    for (o, &len) in offsets.iter_mut().zip(&lens) {
-        *o = end;
-        end = (end + ELT * len).next_multiple_of(ALIGN);
-    }
-    let mut raw = vec![0u8; end];
-    if end > 0 {
-        let mut staging = gpu.alloc_uninit::<u8>(end)?;
-        gpu.copy_bytes_on_device(batch.targets, &mut staging, offsets[0])?;
-        gpu.copy_bytes_on_device(batch.old_logp, &mut staging, offsets[1])?;
-        gpu.copy_bytes_on_device(batch.advantages, &mut staging, offsets[2])?;
-        gpu.copy_bytes_on_device(batch.cu_seqlens, &mut staging, offsets[3])?;
+    let mut layout = ArenaLayout::new(16);
+    let targets = layout.array::<i32>(batch.targets.len());
+    let old_logp = layout.array::<f32>(batch.old_logp.len());
+    let advantages = layout.array::<f32>(batch.advantages.len());
+    let cu_seqlens = layout.array::<i32>(batch.cu_seqlens.len());
+    let mut raw = vec![0u8; layout.end];
+    if layout.end > 0 {
+        let mut staging = gpu.alloc_uninit::<u8>(layout.end)?;
+        gpu.copy_bytes_on_device(batch.targets, &mut staging, targets.offset)?;
+        gpu.copy_bytes_on_device(batch.old_logp, &mut staging, old_logp.offset)?;
+        gpu.copy_bytes_on_device(batch.advantages, &mut staging, advantages.offset)?;
+        gpu.copy_bytes_on_device(batch.cu_seqlens, &mut staging, cu_seqlens.offset)?;
         gpu.download_range_into(&staging, 0, &mut raw)?;
     }
-    let part = |i: usize| &raw[offsets[i]..offsets[i] + ELT * lens[i]];
+    let copy = ArenaCopy(raw);
     Ok(SmallHost {
-        targets: bytemuck::pod_collect_to_vec(part(0)),
-        old_logp: bytemuck::pod_collect_to_vec(part(1)),
-        advantages: bytemuck::pod_collect_to_vec(part(2)),
-        cu_seqlens: bytemuck::pod_collect_to_vec(part(3)),
+        targets: copy.get(targets),
+        old_logp: copy.get(old_logp),
+        advantages: copy.get(advantages),
+        cu_seqlens: copy.get(cu_seqlens),
     })
 }
 
