@@ -539,13 +539,15 @@ static int valid_stream(const FakeStream *s) {
 /* The stream a handle names (the three default-stream handles are one stream here). */
 static FakeStream *stream_of(FakeStream *s) { return is_default(s) ? &g_default : s; }
 
-#define NEED_STREAM(call, s)                                       \
-    do {                                                           \
-        if (!valid_stream(s)) {                                    \
-            fail("%s: invalid stream handle", call);               \
-            return CUDA_ERROR_INVALID_HANDLE;                      \
-        }                                                          \
-    } while (0)
+/* The checks of every call on a stream (a valid handle, a current context); the stream in *out. */
+static CUresult on_stream(const char *call, FakeStream *s, FakeStream **out) {
+    if (!valid_stream(s)) {
+        fail("%s: invalid stream handle", call);
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    *out = stream_of(s);
+    return need_ctx(call);
+}
 
 static int valid_event(const FakeEvent *e) { return e && e->magic == HANDLE_MAGIC_EVENT; }
 
@@ -653,15 +655,16 @@ static CUresult mem_free_sync(CUdeviceptr p) {
 CUresult cuMemFree_v2(CUdeviceptr p) { LOCKED(mem_free_sync(p)); }
 
 static CUresult mem_alloc_async(CUdeviceptr *out, size_t bytes, FakeStream *s) {
-    NEED_STREAM("cuMemAllocAsync", s);
-    return mem_alloc(out, bytes); /* usable by work queued after this call, so now is fine */
+    FakeStream *st;
+    CUresult rc = on_stream("cuMemAllocAsync", s, &st);
+    return rc ? rc : mem_alloc(out, bytes); /* usable by work queued after this call, so now is fine */
 }
 static CUresult mem_free_async(CUdeviceptr p, FakeStream *s) {
-    NEED_STREAM("cuMemFreeAsync", s);
-    CUresult rc = need_ctx("cuMemFreeAsync");
+    FakeStream *st;
+    CUresult rc = on_stream("cuMemFreeAsync", s, &st);
     if (rc) return rc;
     Op op = {.kind = OP_FREE, .dst = p};
-    return enqueue(stream_of(s), op);
+    return enqueue(st, op);
 }
 CUresult cuMemAllocAsync(CUdeviceptr *out, size_t bytes, FakeStream *s) { LOCKED(mem_alloc_async(out, bytes, s)); }
 CUresult cuMemFreeAsync(CUdeviceptr p, FakeStream *s) { LOCKED(mem_free_async(p, s)); }
@@ -703,25 +706,31 @@ static CUresult sync_stream(FakeStream *s) {
     return settle(drain(s));
 }
 
+/* Queues `op` on `st`; a synchronous call (`sync`) then runs the stream's queue. */
+static CUresult submit(FakeStream *st, Op op, int sync) {
+    CUresult rc = enqueue(st, op);
+    if (rc) return rc;
+    return sync ? sync_stream(st) : CUDA_SUCCESS;
+}
+
 static CUresult htod(const char *call, CUdeviceptr dst, const void *src, size_t n, FakeStream *s, int sync) {
-    NEED_STREAM(call, s);
-    CUresult rc = need_ctx(call);
+    FakeStream *st;
+    CUresult rc = on_stream(call, s, &st);
     if (rc || (rc = check_range(call, dst, n))) return rc;
     if (n && !src) return CUDA_ERROR_INVALID_VALUE;
     /* From pageable memory the source is staged before the call returns; the write is queued. */
     unsigned char *staged = stage(src, n);
     if (!staged) return CUDA_ERROR_OUT_OF_MEMORY;
     Op op = {.kind = OP_HTOD, .bytes = staged, .dst = dst, .n = n};
-    if ((rc = enqueue(stream_of(s), op))) return rc;
-    return sync ? sync_stream(stream_of(s)) : CUDA_SUCCESS;
+    return submit(st, op, sync);
 }
 static CUresult dtoh(const char *call, void *dst, CUdeviceptr src, size_t n, FakeStream *s) {
-    NEED_STREAM(call, s);
-    CUresult rc = need_ctx(call);
+    FakeStream *st;
+    CUresult rc = on_stream(call, s, &st);
     if (rc) return rc;
     if (n && !dst) return CUDA_ERROR_INVALID_VALUE;
     /* Into pageable memory the copy is synchronous: the stream's work before it runs first. */
-    if ((rc = sync_stream(stream_of(s)))) return rc;
+    if ((rc = sync_stream(st))) return rc;
     if ((rc = check_range(call, src, n))) return rc;
     memcpy(dst, (const void *)(uintptr_t)src, n);
     g_stats.dtoh_copies++;
@@ -729,20 +738,18 @@ static CUresult dtoh(const char *call, void *dst, CUdeviceptr src, size_t n, Fak
     return CUDA_SUCCESS;
 }
 static CUresult dtod(const char *call, CUdeviceptr dst, CUdeviceptr src, size_t n, FakeStream *s, int sync) {
-    NEED_STREAM(call, s);
-    CUresult rc = need_ctx(call);
+    FakeStream *st;
+    CUresult rc = on_stream(call, s, &st);
     if (rc) return rc;
     Op op = {.kind = OP_DTOD, .dst = dst, .src = src, .n = n};
-    if ((rc = enqueue(stream_of(s), op))) return rc;
-    return sync ? sync_stream(stream_of(s)) : CUDA_SUCCESS;
+    return submit(st, op, sync);
 }
 static CUresult memset8(const char *call, CUdeviceptr dst, unsigned char v, size_t n, FakeStream *s, int sync) {
-    NEED_STREAM(call, s);
-    CUresult rc = need_ctx(call);
+    FakeStream *st;
+    CUresult rc = on_stream(call, s, &st);
     if (rc) return rc;
     Op op = {.kind = OP_MEMSET, .dst = dst, .n = n, .value = v};
-    if ((rc = enqueue(stream_of(s), op))) return rc;
-    return sync ? sync_stream(stream_of(s)) : CUDA_SUCCESS;
+    return submit(st, op, sync);
 }
 
 CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void *h, size_t n) { LOCKED(htod("cuMemcpyHtoD", d, h, n, NULL, 1)); }
@@ -808,9 +815,9 @@ static CUresult stream_destroy(FakeStream *s) {
 CUresult cuStreamDestroy_v2(FakeStream *s) { LOCKED(stream_destroy(s)); }
 
 static CUresult stream_sync(FakeStream *s) {
-    NEED_STREAM("cuStreamSynchronize", s);
-    CUresult rc = need_ctx("cuStreamSynchronize");
-    return rc ? rc : sync_stream(stream_of(s));
+    FakeStream *st;
+    CUresult rc = on_stream("cuStreamSynchronize", s, &st);
+    return rc ? rc : sync_stream(st);
 }
 CUresult cuStreamSynchronize(FakeStream *s) { LOCKED(stream_sync(s)); }
 /* Running the queue to answer is one legal schedule (the work completes "eventually"). */
@@ -823,14 +830,14 @@ static CUresult ctx_sync(void) {
 }
 
 static CUresult stream_wait(FakeStream *s, FakeEvent *e) {
-    NEED_STREAM("cuStreamWaitEvent", s);
-    if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
-    CUresult rc = need_ctx("cuStreamWaitEvent");
+    FakeStream *st;
+    CUresult rc = on_stream("cuStreamWaitEvent", s, &st);
     if (rc) return rc;
+    if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
     if (event_done(e)) return CUDA_SUCCESS; /* nothing outstanding */
     /* Fixed now: the record current at this call, whatever is recorded into `e` later. */
     Op op = {.kind = OP_WAIT, .on = e->stream, .pos = e->pos};
-    return enqueue(stream_of(s), op);
+    return enqueue(st, op);
 }
 CUresult cuStreamWaitEvent(FakeStream *s, FakeEvent *e, unsigned int flags) {
     (void)flags;
@@ -856,11 +863,10 @@ CUresult cuEventDestroy_v2(FakeEvent *e) {
 }
 
 static CUresult event_record(FakeEvent *e, FakeStream *s) {
-    NEED_STREAM("cuEventRecord", s);
-    if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
-    CUresult rc = need_ctx("cuEventRecord");
+    FakeStream *st;
+    CUresult rc = on_stream("cuEventRecord", s, &st);
     if (rc) return rc;
-    FakeStream *st = stream_of(s);
+    if (!valid_event(e)) return CUDA_ERROR_INVALID_HANDLE;
     Op op = {.kind = OP_RECORD, .event = e, .pos = st->enqueued + 1};
     if ((rc = enqueue(st, op))) return rc;
     e->stream = st;
@@ -983,10 +989,10 @@ CUresult cuFuncSetAttribute(FakeFunction *f, int attr, int value) {
 
 static CUresult launch(FakeFunction *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                        unsigned bz, unsigned shared, FakeStream *s, void **params, void **extra) {
-    NEED_STREAM("cuLaunchKernel", s);
-    if (!f || f->magic != HANDLE_MAGIC_FUNCTION) return CUDA_ERROR_INVALID_HANDLE;
-    CUresult rc = need_ctx("cuLaunchKernel");
+    FakeStream *st;
+    CUresult rc = on_stream("cuLaunchKernel", s, &st);
     if (rc) return rc;
+    if (!f || f->magic != HANDLE_MAGIC_FUNCTION) return CUDA_ERROR_INVALID_HANDLE;
     if (extra || !params || !params[0]) {
         fail("cuLaunchKernel(%s): the crate's kernels take one by-value argument in kernelParams", f->name);
         return CUDA_ERROR_INVALID_VALUE;
@@ -1005,7 +1011,7 @@ static CUresult launch(FakeFunction *f, unsigned gx, unsigned gy, unsigned gz, u
     unsigned char *bytes = stage(params[0], f->params_bytes);
     if (!bytes) return CUDA_ERROR_OUT_OF_MEMORY;
     Op op = {.kind = OP_KERNEL, .f = f, .dims = d, .bytes = bytes};
-    return enqueue(stream_of(s), op);
+    return enqueue(st, op);
 }
 
 static CUresult run_kernel(FakeFunction *f, const SimtLaunch *d, const void *params) {
