@@ -467,8 +467,9 @@ impl DeviceTensor {
     }
 }
 
-/// A host batch copied to the GPU once.
-struct UploadedBatch {
+/// A host batch copied to the GPU once (on the GPU's own stream), lent as a [`DeviceBatch`]: what
+/// `vppo bench --device cuda` times, and what the GPU tests feed the device-resident API.
+pub struct UploadedBatch {
     logits: DeviceTensor,
     logits_masked: DeviceTensor,
     targets: CudaSlice<i32>,
@@ -480,7 +481,7 @@ struct UploadedBatch {
 
 impl UploadedBatch {
     /// Every tensor must be non-empty (N >= 1 and B >= 1; CUDA has no buffers of 0 bytes).
-    fn new(gpu: &Gpu, batch: &Batch) -> Result<UploadedBatch> {
+    pub fn new(gpu: &Gpu, batch: &Batch) -> Result<UploadedBatch> {
         Ok(UploadedBatch {
             logits: DeviceTensor::upload(gpu, &batch.logits)?,
             logits_masked: DeviceTensor::upload(gpu, &batch.logits_masked)?,
@@ -492,7 +493,8 @@ impl UploadedBatch {
         })
     }
 
-    fn batch(&self) -> DeviceBatch<'_> {
+    /// The device batch, borrowing these buffers.
+    pub fn batch(&self) -> DeviceBatch<'_> {
         DeviceBatch {
             logits: self.logits.view(),
             logits_masked: self.logits_masked.view(),

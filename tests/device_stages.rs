@@ -8,7 +8,7 @@ mod common;
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use vppo::bench::{parse_synthetic, synthetic_batch};
+use vppo::bench::{parse_synthetic, synthetic_batch, UploadedBatch};
 use vppo::cuda::{copy_bandwidth, Gpu};
 use vppo::kernels::DeviceStages;
 use vppo::{
@@ -61,44 +61,6 @@ fn bf16s(l: &OwnedLogits) -> &[bf16] {
     }
 }
 
-/// A bf16 batch's tensors copied onto `stream` (the GPU's own, or a caller's), as a caller of the
-/// device-resident API holds them.
-struct OnDevice {
-    logits: CudaSlice<bf16>,
-    masked: CudaSlice<bf16>,
-    targets: CudaSlice<i32>,
-    old_logp: CudaSlice<f32>,
-    advantages: CudaSlice<f32>,
-    cu_seqlens: CudaSlice<i32>,
-    vocab: usize,
-}
-
-impl OnDevice {
-    fn new(stream: &std::sync::Arc<cudarc::driver::CudaStream>, owned: &vppo::OwnedBatch) -> Self {
-        OnDevice {
-            logits: stream.clone_htod(bf16s(&owned.logits)).unwrap(),
-            masked: stream.clone_htod(bf16s(&owned.logits_masked)).unwrap(),
-            targets: stream.clone_htod(&owned.targets).unwrap(),
-            old_logp: stream.clone_htod(&owned.old_logp).unwrap(),
-            advantages: stream.clone_htod(&owned.advantages).unwrap(),
-            cu_seqlens: stream.clone_htod(&owned.cu_seqlens).unwrap(),
-            vocab: owned.batch().vocab,
-        }
-    }
-
-    fn batch(&self) -> DeviceBatch<'_> {
-        DeviceBatch {
-            logits: DeviceLogits::Bf16(&self.logits),
-            logits_masked: DeviceLogits::Bf16(&self.masked),
-            targets: &self.targets,
-            old_logp: &self.old_logp,
-            advantages: &self.advantages,
-            cu_seqlens: &self.cu_seqlens,
-            vocab: self.vocab,
-        }
-    }
-}
-
 #[test]
 fn stage_launches_match_the_api() {
     let _serial = common::fake_cuda::serial();
@@ -113,9 +75,11 @@ fn stage_launches_match_the_api() {
     let vppo = Vppo::new(cfg.clone(), Device::Cuda(0)).unwrap();
     let (n, v) = (host.n_tokens(), host.vocab);
 
-    let on_device = OnDevice::new(gpu.stream(), &owned);
+    let on_device = UploadedBatch::new(&gpu, &host).unwrap();
     let db = on_device.batch();
-    let logits = &on_device.logits;
+    let DeviceLogits::Bf16(logits) = db.logits else {
+        panic!("bf16 logits")
+    };
 
     // The GPU-resident forward equals the host API's on the same GPU, and is close to the reference.
     let fwd = vppo.forward_device(&db).unwrap();
@@ -348,7 +312,7 @@ fn host_path_traffic_on_the_fake_driver() {
 
     // GPU-resident forward: no [N, V] copy; the four small tensors gathered on the device (4 (2N + 2B
     // + 1) bytes) into one copy back, validated before any launch, then the outputs in one more.
-    let on_device = OnDevice::new(gpu.stream(), &owned);
+    let on_device = UploadedBatch::new(&gpu, &host).unwrap();
     let db = on_device.batch();
     let mut grad_dev: CudaSlice<bf16> = gpu.alloc_zeros((n * v) as usize).unwrap();
     let s3 = stats();
@@ -615,12 +579,21 @@ fn caller_streams_are_waited_for() {
     let owned = synthetic_batch(&spec, 4).unwrap();
     let host = owned.batch();
     let (n, v) = (host.n_tokens(), host.vocab);
-    // The logits on one stream, the small tensors on another.
-    let on_device = OnDevice::new(&s, &owned);
+    // The logits on one stream, the rest on another.
     let logits = s_logits.clone_htod(bf16s(&owned.logits)).unwrap();
+    let masked = s.clone_htod(bf16s(&owned.logits_masked)).unwrap();
+    let targets = s.clone_htod(&owned.targets).unwrap();
+    let old_logp = s.clone_htod(&owned.old_logp).unwrap();
+    let advantages = s.clone_htod(&owned.advantages).unwrap();
+    let cu_seqlens = s.clone_htod(&owned.cu_seqlens).unwrap();
     let db = DeviceBatch {
         logits: DeviceLogits::Bf16(&logits),
-        ..on_device.batch()
+        logits_masked: DeviceLogits::Bf16(&masked),
+        targets: &targets,
+        old_logp: &old_logp,
+        advantages: &advantages,
+        cu_seqlens: &cu_seqlens,
+        vocab: v,
     };
     let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
     let fwd = vppo.forward_device(&db).unwrap();
