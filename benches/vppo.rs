@@ -42,7 +42,7 @@ use common::fake_cuda;
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use vppo::bench::{parse_synthetic, synthetic_batch};
+use vppo::bench::{parse_synthetic, synthetic_batch, UploadedBatch};
 use vppo::cuda::{copy_bandwidth, Gpu};
 use vppo::kernels::DeviceStages;
 use vppo::{
@@ -237,12 +237,9 @@ fn host_batch(n: usize, v: usize, seed: u64) -> HostBatch {
 
 /// The batch in GPU memory, and the first rows kept on the host to check the kernels read it right.
 struct GpuBatch {
-    logits: CudaSlice<bf16>,
-    logits_masked: CudaSlice<bf16>,
-    targets: CudaSlice<i32>,
-    old_logp: CudaSlice<f32>,
-    advantages: CudaSlice<f32>,
-    cu_seqlens: CudaSlice<i32>,
+    uploaded: UploadedBatch,
+    /// Responses in the batch.
+    responses: usize,
     /// Rows 0..CHECK_ROWS of logits and logits_masked, and their targets.
     check: (Vec<bf16>, Vec<bf16>, Vec<i32>),
 }
@@ -253,13 +250,18 @@ impl GpuBatch {
     fn new(gpu: &Gpu, n: usize, seed: u64) -> vppo::Result<GpuBatch> {
         let h = host_batch(n, vocab(), seed);
         let k = CHECK_ROWS.min(n);
+        let batch = vppo::Batch {
+            logits: vppo::Logits::Bf16(&h.logits),
+            logits_masked: vppo::Logits::Bf16(&h.logits_masked),
+            targets: &h.targets,
+            old_logp: &h.old_logp,
+            advantages: &h.advantages,
+            cu_seqlens: &h.cu_seqlens,
+            vocab: vocab(),
+        };
         Ok(GpuBatch {
-            logits: gpu.upload(&h.logits)?,
-            logits_masked: gpu.upload(&h.logits_masked)?,
-            targets: gpu.upload(&h.targets)?,
-            old_logp: gpu.upload(&h.old_logp)?,
-            advantages: gpu.upload(&h.advantages)?,
-            cu_seqlens: gpu.upload(&h.cu_seqlens)?,
+            uploaded: UploadedBatch::new(gpu, &batch)?,
+            responses: h.advantages.len(),
             check: (
                 h.logits[..k * vocab()].to_vec(),
                 h.logits_masked[..k * vocab()].to_vec(),
@@ -269,14 +271,14 @@ impl GpuBatch {
     }
 
     fn batch(&self) -> DeviceBatch<'_> {
-        DeviceBatch {
-            logits: DeviceLogits::Bf16(&self.logits),
-            logits_masked: DeviceLogits::Bf16(&self.logits_masked),
-            targets: &self.targets,
-            old_logp: &self.old_logp,
-            advantages: &self.advantages,
-            cu_seqlens: &self.cu_seqlens,
-            vocab: vocab(),
+        self.uploaded.batch()
+    }
+
+    /// The uploaded bf16 logits.
+    fn logits(&self) -> &CudaSlice<bf16> {
+        match self.uploaded.batch().logits {
+            DeviceLogits::Bf16(x) => x,
+            _ => unreachable!("the bench batch is bf16"),
         }
     }
 }
@@ -442,7 +444,7 @@ fn gpu_benches(c: &mut Criterion, gpu: &Arc<Gpu>, vppo: &Vppo) {
         );
         println!(
             "vppo-gpu N={n}: batch of {} responses made and uploaded in {:.1} s (not timed)",
-            gb.cu_seqlens.len() - 1,
+            gb.responses,
             started.elapsed().as_secs_f64()
         );
         let mut grad_bf16: CudaSlice<bf16> = ok("alloc", gpu.alloc_zeros(nv));
@@ -528,7 +530,7 @@ fn gpu_benches(c: &mut Criterion, gpu: &Arc<Gpu>, vppo: &Vppo) {
             b.iter_custom(|iters| {
                 let mut total = 0.0;
                 for _ in 0..iters {
-                    ok("copy", gpu.copy_on_device(&gb.logits, &mut scratch));
+                    ok("copy", gpu.copy_on_device(gb.logits(), &mut scratch));
                     let ((), ms) = ok(
                         "launch",
                         gpu.time_ms(|| {
