@@ -38,6 +38,14 @@
 namespace {
 
 constexpr int kThreads = VPPO_PERCEPTION_THREADS;
+/* On sm_90, 6 resident blocks of 256 per SM (75 % occupancy): ptxas keeps the kernel within 40
+   registers (65,536 / (6 x 256) = 42, allocated in steps of 8); the static SASS check holds it there.
+   ptxas for sm_8x spills at 40, so there the bound is 5 blocks (48 registers). */
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr int kMinBlocks = 6;
+#else
+constexpr int kMinBlocks = 5;
+#endif
 
 enum : unsigned int {
     kFlagKlInf = 1u /* some v with a_v > -inf and b_v = -inf: kl = +inf */
@@ -99,21 +107,13 @@ __device__ __forceinline__ void rebase_b(RowState &st, float m, float k) {
     st.m_b = m;
 }
 
-/* Folds K values of each row into the state; the maxima move once per chunk at most. */
+/* Adds K values of each row to the state, the exact per-element way: -inf terms have p = 0 and add
+   exactly nothing (never 0 * inf), a finite a over an infinite b sets the kl = +inf flag; NaN and +inf
+   fall through and poison s_a or s_b, which the epilogue reports. The bases already cover the chunk. */
 template <int K>
-__device__ __forceinline__ void fold_chunk(RowState &st, const float *a, const float *b, float k) {
-    float ca = a[0], cb = b[0];
-#pragma unroll
-    for (int i = 1; i < K; ++i) {
-        ca = fmaxf(ca, a[i]);
-        cb = fmaxf(cb, b[i]);
-    }
-    if (ca > st.m_a) rebase_a(st, ca, k);
-    if (cb > st.m_b) rebase_b(st, cb, k);
+__device__ __forceinline__ void fold_chunk_slow(RowState &st, const float *a, const float *b, float k) {
 #pragma unroll
     for (int i = 0; i < K; ++i) {
-        /* -inf terms have p = 0 and add exactly nothing (never 0 * inf); NaN and +inf fall through
-           and poison s_a or s_b, which the epilogue reports. */
         const bool a_in = a[i] != -INFINITY, b_in = b[i] != -INFINITY;
         const float da = a_in ? a[i] - st.m_a : 0.0f;
         const float db = b_in ? b[i] - st.m_b : 0.0f;
@@ -124,6 +124,38 @@ __device__ __forceinline__ void fold_chunk(RowState &st, const float *a, const f
         st.f_b += ea * db;
         st.s_b += eb;
         st.flags |= (a_in && !b_in) ? kFlagKlInf : 0u;
+    }
+}
+
+/*
+ * Folds K values of each row into the state; the maxima move once per chunk at most. A chunk without
+ * -inf (the common case: one min over it) takes the same arithmetic without the per-element tests, so
+ * the bits are those of fold_chunk_slow: with every a_v and b_v above -inf, its tests all pass and its
+ * selects pick the computed terms (fminf ignores a NaN, which both paths let through alike).
+ */
+template <int K>
+__device__ __forceinline__ void fold_chunk(RowState &st, const float *a, const float *b, float k) {
+    float ca = a[0], cb = b[0], lo = fminf(a[0], b[0]);
+#pragma unroll
+    for (int i = 1; i < K; ++i) {
+        ca = fmaxf(ca, a[i]);
+        cb = fmaxf(cb, b[i]);
+        lo = fminf(lo, fminf(a[i], b[i]));
+    }
+    if (ca > st.m_a) rebase_a(st, ca, k);
+    if (cb > st.m_b) rebase_b(st, cb, k);
+    if (lo == -INFINITY) {
+        fold_chunk_slow<K>(st, a, b, k);
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+        const float da = a[i] - st.m_a, db = b[i] - st.m_b;
+        const float ea = VPPO_EXP2(da * k), eb = VPPO_EXP2(db * k);
+        st.s_a += ea;
+        st.e_a += ea * da;
+        st.f_b += ea * db;
+        st.s_b += eb;
     }
 }
 
@@ -173,21 +205,32 @@ __device__ __forceinline__ RowState stream_row(const T *ra, const T *rb, int64_t
         fold_chunk<1>(st, &a, &b, k);
     }
 
-    const uint4 *va = reinterpret_cast<const uint4 *>(ra + sp.head);
-    const uint4 *vb = reinterpret_cast<const uint4 *>(rb + sp.head);
-    /* Two vectors of each row per iteration: four independent 16-byte loads in flight per thread. */
-    for (int64_t i = tid; i < sp.nvec; i += 2 * nth) {
-        const bool second = i + nth < sp.nvec;
-        const uint4 xa0 = __ldg(va + i), xb0 = __ldg(vb + i);
-        uint4 xa1 = xa0, xb1 = xb0;
-        if (second) { xa1 = __ldg(va + i + nth); xb1 = __ldg(vb + i + nth); }
+    /* Two vectors of each row per iteration, all four 16-byte loads issued before any is used: four
+       loads in flight per thread. The stride is the compile-time kThreads (every launch of this kernel
+       has VPPO_PERCEPTION_THREADS threads per block, as its shared memory is sized for), so the second vector is an immediate offset of the first's address.
+       A thread's last vector, when it has an odd count, is folded after the loop; each thread folds the
+       vectors tid, tid + nth, tid + 2 nth, ... in that order. The index is 32-bit (fewer registers): a
+       row of more than 2^30 vectors is walked in slices of 2^30, a multiple of the stride. */
+    constexpr int64_t kSlice = int64_t(1) << 30;
+    for (int64_t base = 0; base < sp.nvec; base += kSlice) {
+        const uint4 *va = reinterpret_cast<const uint4 *>(ra + sp.head) + base;
+        const uint4 *vb = reinterpret_cast<const uint4 *>(rb + sp.head) + base;
+        const int n = (int)(sp.nvec - base < kSlice ? sp.nvec - base : kSlice);
+        int i = (int)tid;
         float a[K], b[K];
-        Elt<T>::unpack(xa0, a);
-        Elt<T>::unpack(xb0, b);
-        fold_chunk<K>(st, a, b, k);
-        if (second) {
+        for (; i + kThreads < n; i += 2 * kThreads) {
+            const uint4 xa0 = __ldg(va + i), xb0 = __ldg(vb + i);
+            const uint4 xa1 = __ldg(va + i + kThreads), xb1 = __ldg(vb + i + kThreads);
+            Elt<T>::unpack(xa0, a);
+            Elt<T>::unpack(xb0, b);
+            fold_chunk<K>(st, a, b, k);
             Elt<T>::unpack(xa1, a);
             Elt<T>::unpack(xb1, b);
+            fold_chunk<K>(st, a, b, k);
+        }
+        if (i < n) {
+            Elt<T>::unpack(__ldg(va + i), a);
+            Elt<T>::unpack(__ldg(vb + i), b);
             fold_chunk<K>(st, a, b, k);
         }
     }
@@ -234,11 +277,13 @@ __device__ void perception(const VppoPerceptionParams &p) {
         const T *rb = logits_masked + t * vocab;
         const float inv_tau = p.inv_temperature;
         const float k = inv_tau * 1.4426950408889634f; /* log2(e) / tau */
+        /* The target's logits are read before the stream (by every thread: one broadcast load per
+           warp), so that the row pointers and y are dead during it: fewer registers, 6 blocks per SM. */
+        const float ay = Elt<T>::load(ra + y), by = Elt<T>::load(rb + y);
         const RowState mine = stream_row(ra, rb, vocab, k);
         const RowState st = block_merge(mine, smem, k);
 
         if (threadIdx.x == 0) {
-            const float ay = Elt<T>::load(ra + y), by = Elt<T>::load(rb + y);
             /* s_a is NaN after a NaN or +inf, 0 for an all -inf row (and lies in [1, V] otherwise). */
             int code = VPPO_ERR_NONE;
             if (!(st.s_a == st.s_a)) code = VPPO_ERR_LOGITS_NONFINITE;
@@ -285,17 +330,17 @@ __device__ void perception(const VppoPerceptionParams &p) {
 
 } // namespace
 
-extern "C" __global__ void __launch_bounds__(kThreads) vppo_perception_f32(const VppoPerceptionParams p) {
+extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) vppo_perception_f32(const VppoPerceptionParams p) {
     perception<float>(p);
 }
 VPPO_EXPORT_KERNEL(vppo_perception_f32, VppoPerceptionParams)
 
-extern "C" __global__ void __launch_bounds__(kThreads) vppo_perception_f16(const VppoPerceptionParams p) {
+extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) vppo_perception_f16(const VppoPerceptionParams p) {
     perception<__half>(p);
 }
 VPPO_EXPORT_KERNEL(vppo_perception_f16, VppoPerceptionParams)
 
-extern "C" __global__ void __launch_bounds__(kThreads) vppo_perception_bf16(const VppoPerceptionParams p) {
+extern "C" __global__ void __launch_bounds__(kThreads, kMinBlocks) vppo_perception_bf16(const VppoPerceptionParams p) {
     perception<__nv_bfloat16>(p);
 }
 VPPO_EXPORT_KERNEL(vppo_perception_bf16, VppoPerceptionParams)
