@@ -55,6 +55,17 @@ template <typename O> struct VecStore16 {
 template <> struct VecStore<__nv_bfloat16, 8> : VecStore16<__nv_bfloat16> {};
 template <> struct VecStore<__half, 8> : VecStore16<__half> {};
 
+/* The one vector per row that holds the target: the grad of each element as `one` in backward() forms
+   it (the same expression, so the same bits), with (1 - p) at element y_lane. */
+template <int K>
+__device__ __forceinline__ void target_vector(float *a, int y_lane, float inv_tau, float lse, float scale) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const float prob = VPPO_EXP(a[k] * inv_tau - lse);
+        a[k] = scale * (k == y_lane ? 1.0f - prob : -prob);
+    }
+}
+
 template <typename T, typename O>
 __device__ void backward(const VppoBackwardParams &p) {
     constexpr int K = Elt<T>::kPerVec;
@@ -88,25 +99,41 @@ __device__ void backward(const VppoBackwardParams &p) {
         const float scale = g * inv_tau;
         const int64_t y = p.targets[t];
         /* grad of one element; (1 - p) for the target in f32, then one rounding to O */
-        auto one = [&](float a, int64_t v) -> float {
+        auto one = [&](float a, bool is_target) -> float {
             const float prob = VPPO_EXP(a * inv_tau - lse);
-            return scale * (v == y ? 1.0f - prob : -prob);
+            return scale * (is_target ? 1.0f - prob : -prob);
         };
 
-        for (int64_t v = tid; v < sp.head; v += nth) rg[v] = Elt<O>::from_f32(one(Elt<T>::load(ra + v), v));
+        for (int64_t v = tid; v < sp.head; v += nth) rg[v] = Elt<O>::from_f32(one(Elt<T>::load(ra + v), v == y));
 
-        const uint4 *va = reinterpret_cast<const uint4 *>(ra + sp.head);
-        for (int64_t i = tid; i < sp.nvec; i += nth) {
-            const uint4 x = va[i]; /* plain load, not __ldg: with grad == logits the data is written */
-            float a[K];
-            Elt<T>::unpack(x, a);
-            const int64_t v0 = sp.head + i * K;
+        /* The body in 16-byte vectors, with a 32-bit index (a row of more than 2^30 vectors is walked
+           in slices of 2^30). The target is tested once per vector (the vector y_vec holds it, at
+           element y_lane), not once per element. */
+        const int64_t y_body = y - sp.head;
+        const int64_t y_vec = (y_body >= 0 && y_body < sp.nvec * K) ? y_body / K : -1;
+        const int y_lane = (int)(y_body - y_vec * K);
+        constexpr int64_t kSlice = int64_t(1) << 30;
+        for (int64_t base = 0; base < sp.nvec; base += kSlice) {
+            const uint4 *va = reinterpret_cast<const uint4 *>(ra + sp.head) + base;
+            O *rgb = rg + sp.head + base * K;
+            const int n = (int)(sp.nvec - base < kSlice ? sp.nvec - base : kSlice);
+            const int yv = (y_vec >= base && y_vec < base + n) ? (int)(y_vec - base) : -1;
+            for (int i = (int)tid; i < n; i += (int)nth) {
+                /* __ldcs (evict-first, coherent), not __ldg: with grad == logits the data is written */
+                const uint4 x = __ldcs(va + i);
+                float a[K];
+                Elt<T>::unpack(x, a);
+                if (i == yv) {
+                    target_vector<K>(a, y_lane, inv_tau, lse, scale);
+                } else {
 #pragma unroll
-            for (int k = 0; k < K; ++k) a[k] = one(a[k], v0 + k);
-            VecStore<O, K>::store(rg + v0, a);
+                    for (int k = 0; k < K; ++k) a[k] = one(a[k], false);
+                }
+                VecStore<O, K>::store(rgb + (int64_t)i * K, a);
+            }
         }
 
-        for (int64_t v = body_end + tid; v < vocab; v += nth) rg[v] = Elt<O>::from_f32(one(Elt<T>::load(ra + v), v));
+        for (int64_t v = body_end + tid; v < vocab; v += nth) rg[v] = Elt<O>::from_f32(one(Elt<T>::load(ra + v), v == y));
     }
 }
 

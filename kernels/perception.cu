@@ -210,7 +210,9 @@ __device__ __forceinline__ RowState stream_row(const T *ra, const T *rb, int64_t
        has VPPO_PERCEPTION_THREADS threads per block, as its shared memory is sized for), so the second vector is an immediate offset of the first's address.
        A thread's last vector, when it has an odd count, is folded after the loop; each thread folds the
        vectors tid, tid + nth, tid + 2 nth, ... in that order. The index is 32-bit (fewer registers): a
-       row of more than 2^30 vectors is walked in slices of 2^30, a multiple of the stride. */
+       row of more than 2^30 vectors is walked in slices of 2^30, a multiple of the stride. The loads are
+       __ldcs (evict-first): the logits are read once, and the 10 GB stream would otherwise push the
+       small per-token outputs that pass 2 reads next out of L2. */
     constexpr int64_t kSlice = int64_t(1) << 30;
     for (int64_t base = 0; base < sp.nvec; base += kSlice) {
         const uint4 *va = reinterpret_cast<const uint4 *>(ra + sp.head) + base;
@@ -219,8 +221,8 @@ __device__ __forceinline__ RowState stream_row(const T *ra, const T *rb, int64_t
         int i = (int)tid;
         float a[K], b[K];
         for (; i + kThreads < n; i += 2 * kThreads) {
-            const uint4 xa0 = __ldg(va + i), xb0 = __ldg(vb + i);
-            const uint4 xa1 = __ldg(va + i + kThreads), xb1 = __ldg(vb + i + kThreads);
+            const uint4 xa0 = __ldcs(va + i), xb0 = __ldcs(vb + i);
+            const uint4 xa1 = __ldcs(va + i + kThreads), xb1 = __ldcs(vb + i + kThreads);
             Elt<T>::unpack(xa0, a);
             Elt<T>::unpack(xb0, b);
             fold_chunk<K>(st, a, b, k);
@@ -229,8 +231,8 @@ __device__ __forceinline__ RowState stream_row(const T *ra, const T *rb, int64_t
             fold_chunk<K>(st, a, b, k);
         }
         if (i < n) {
-            Elt<T>::unpack(__ldg(va + i), a);
-            Elt<T>::unpack(__ldg(vb + i), b);
+            Elt<T>::unpack(__ldcs(va + i), a);
+            Elt<T>::unpack(__ldcs(vb + i), b);
             fold_chunk<K>(st, a, b, k);
         }
     }

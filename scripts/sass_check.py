@@ -88,12 +88,15 @@ BUDGETS = [
     (r"vppo_perception_bf16$", r"sm_90", "loads_before_wait", ">=", 4, 4),
     (r"vppo_perception_bf16$", r"sm_90", "registers", "<=", 40, 40),
     # pass 3, bf16 in and out: instructions per element.
-    (r"vppo_backward_bf16_bf16$", r"sm_90", "instr_per_elem", "<=", 20.0, 17.0),
+    (r"vppo_backward_bf16_bf16$", r"sm_90", "instr_per_elem", "<=", 17.0, 17.0),
     # everywhere: no local memory (spills or stack arrays), and the hot loops' logits loads and
     # gradient stores 16 bytes wide.
     (r"vppo_", r".", "local_bytes", "<=", 0, 0),
     (r"vppo_(perception|backward)_", r".", "hot_loads_not_16B", "<=", 0, 0),
     (r"vppo_backward_", r".", "hot_stores_not_16B", "<=", 0, 0),
+    # the logits stream carries the evict-first hint (__ldcs: LDG.E.EF), so it does not flush pass 1's
+    # small outputs from L2 before pass 2 reads them.
+    (r"vppo_(perception|backward)_", r".", "hot_loads_not_evict_first", "<=", 0, 0),
     # the loss kernel at N = 1,000,000 against pass 1 bf16 (predicted on H100 and H200).
     (r"vppo_loss$", r"sm_90", "loss_share_of_pass1_pct", "<=", 3.0, 2.0),
 ]
@@ -124,7 +127,7 @@ KERNELS = [
         "kind": "stream",
         "unit": "element",
         "tensors": 1,
-        "cold": [],
+        "cold": ["target_vector"],
         "threads": "VPPO_BACKWARD_THREADS",
         "dyn_smem": None,
     },
@@ -443,8 +446,24 @@ def analyse(kernel, arch, insns, labels, res, cfg, params, src_text):
             cold_lines |= set(range(rng[0], rng[1] + 1))
     src_name = cfg["file"]
 
+    # An instruction of the kernel's own file is cold when its line is in a cold function; one of a
+    # header (the inlined body of expf, exp2f...) takes the state of the last own-file instruction
+    # before it in its basic block, so the math a cold function calls is cold too.
+    # Only within a basic block: a label (a branch target) starts hot again.
+    cold_at = {}
+    state = False
+    block_starts = set(labels.values())
+    prev = None
+    for ins in insns:
+        if ins.addr in block_starts or (prev is not None and prev.base in ("BRA", "BRX", "JMP", "EXIT", "RET")):
+            state = False
+        prev = ins
+        if ins.file is not None and ins.file.endswith("/" + src_name):
+            state = ins.line in cold_lines
+        cold_at[ins.addr] = state
+
     def is_cold(ins):
-        return ins.file is not None and ins.file.endswith("/" + src_name) and ins.line in cold_lines
+        return cold_at[ins.addr]
 
     hot = None
     if cfg["kind"] == "stream":
@@ -521,6 +540,7 @@ def analyse(kernel, arch, insns, labels, res, cfg, params, src_text):
     out["store_widths"] = sorted({mem_width(i) for i in stores})
     out["hot_loads_not_16B"] = sum(1 for i in loads if mem_width(i) != 16)
     out["hot_stores_not_16B"] = sum(1 for i in stores if mem_width(i) != 16)
+    out["hot_loads_not_evict_first"] = sum(1 for i in loads if ".EF" not in i.op)
     out["loads_16B_per_iter"] = loads16
     out["loads_before_wait"] = loads_before_wait(path) if loads16 else 0
     depth = mem_depth(path)

@@ -429,6 +429,8 @@ static inline double __longlong_as_double(long long i) {
 template <class T> static inline T __ldg(const T *p) { return *p; }
 /* Streaming store (st.global.cs): a plain store on the host. */
 template <class T> static inline void __stcs(T *p, T v) { *p = v; }
+/* Streaming load (ld.global.cs, evict-first): a plain load on the host. */
+template <class T> static inline T __ldcs(const T *p) { return *p; }
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Atomics: plain read-modify-write (threads never interleave between scheduling points)           */
