@@ -16,7 +16,7 @@
 #                      stripped, into DIR, for a GPU machine without Rust.
 #   --from-bundle DIR  on the GPU machine: run the steps with the binaries from DIR instead of cargo.
 #                      Chosen automatically when cargo is missing and .gpu-bundle exists.
-#   --steps LIST       comma-separated subset of: build,tests,sanitizer,bandwidth,bench,torch,report
+#   --steps LIST       comma-separated subset of: build,tests,sanitizer,bandwidth,bench,ncu,torch,report
 #                      (default: all), e.g. to split the work over several calls.
 #   --out DIR          where logs and results go (default: $OUT if set, else target/gpu-check).
 #
@@ -27,6 +27,10 @@
 # compute-sanitizer: PATH, $CUDA_HOME/bin, /usr/local/cuda*/bin, python site-packages or .whl/
 # (PyPI wheel nvidia-cuda-sanitizer-api, which installs nvidia/cu13/bin/compute-sanitizer). When none
 # is found the sanitizer step says so and is skipped (it does not fail the run).
+# Nsight Compute (step ncu): ncu on PATH, $CUDA_HOME/bin, /usr/local/cuda*/bin or /opt/nvidia/nsight-compute*;
+# it profiles pass 1 and pass 3 (bf16) once each at N = 16,384 inside the bench binary and reports DRAM
+# throughput (% of peak), issue-active % and achieved occupancy, to confirm or correct the static SASS
+# model of docs/PERFORMANCE.md. Skipped (with a note) without a GPU or without ncu.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -34,7 +38,7 @@ ROOT=$(pwd)
 
 MODE=gpu
 BUNDLE=""
-STEPS="build,tests,sanitizer,bandwidth,bench,torch,report"
+STEPS="build,tests,sanitizer,bandwidth,bench,ncu,torch,report"
 RESULTS=${OUT:-$ROOT/target/gpu-check}
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -400,6 +404,58 @@ if step_enabled bench; then
 fi
 
 # ------------------------------------------------------------------------------------------------
+NCU_SUMMARY="not run"
+NCU_METRICS=dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__inst_issued.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active
+if step_enabled ncu; then
+    section "Nsight Compute: passes 1 and 3 at N = 16,384 (DRAM %, issue-active %, achieved occupancy)"
+    find_ncu() {
+        local c
+        for c in "$(command -v ncu 2>/dev/null)" "${CUDA_HOME:+$CUDA_HOME/bin/ncu}" /usr/local/cuda/bin/ncu \
+            /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute*/ncu; do
+            if [ -n "$c" ] && [ -x "$c" ]; then echo "$c"; return 0; fi
+        done
+        return 1
+    }
+    : >"$RESULTS/ncu.csv"
+    ncu_cmd() { # ncu_cmd KERNEL BENCH_ID: one profiled launch of KERNEL inside the bench BENCH_ID
+        NCU_CMD=("$NCU" --csv --page raw --metrics "$NCU_METRICS" -k "regex:^$1\$" -c 1
+            "$NCU_BENCH" --bench --warm-up-time 0.1 --measurement-time 0.2 --sample-size 10 "$2")
+    }
+    NCU_JOBS=("vppo_perception_bf16 gpu/N=16384,V=151936,bf16/pass1_perception"
+        "vppo_backward_bf16_bf16 gpu/N=16384,V=151936,bf16/pass3_backward_bf16")
+    if [ "$MODE" = cpu ]; then
+        NCU_SUMMARY="skipped (no GPU)"
+        NCU=ncu NCU_BENCH=BENCH_BINARY
+        for job in "${NCU_JOBS[@]}"; do
+            ncu_cmd "${job%% *}" "${job#* }"
+            echo "on a GPU this step runs: $(printf '%q ' "${NCU_CMD[@]}")"
+        done
+        note "ncu: skipped in --cpu-only mode (it needs a GPU)"
+    elif ! NCU=$(find_ncu); then
+        NCU_SUMMARY="skipped: ncu not found"
+        note "ncu not found (PATH, CUDA_HOME, /usr/local/cuda*, /opt/nvidia/nsight-compute*): no Nsight Compute metrics"
+    else
+        if [ $FROM_BUNDLE = 1 ]; then
+            NCU_BENCH=$(bundle_bins bench | grep -m1 vppo)
+        else
+            NCU_BENCH=$(cargo bench --bench vppo --no-run --message-format=json 2>/dev/null | executables bench | awk '{print $3}' | head -1)
+        fi
+        echo "ncu: $NCU ($("$NCU" --version | tail -1)), bench binary: ${NCU_BENCH:-none}"
+        ncu_rc=0
+        [ -n "$NCU_BENCH" ] || ncu_rc=1
+        for job in "${NCU_JOBS[@]}"; do
+            [ -n "$NCU_BENCH" ] || break
+            echo "---- ncu ${job%% *} (${job#* })"
+            ncu_cmd "${job%% *}" "${job#* }"
+            "${NCU_CMD[@]}" >"$RESULTS/ncu-${job%% *}.txt" 2>&1 || ncu_rc=1
+            grep -E '^"' "$RESULTS/ncu-${job%% *}.txt" | tee -a "$RESULTS/ncu.csv" || ncu_rc=1
+        done
+        if [ $ncu_rc = 0 ]; then NCU_SUMMARY="ran (table below)"; else NCU_SUMMARY="FAILED (see ncu-*.txt)"; fail "ncu"; fi
+    fi
+    note "ncu: $NCU_SUMMARY"
+fi
+
+# ------------------------------------------------------------------------------------------------
 TORCH_SUMMARY="not run"
 if step_enabled torch; then
     section "Side by side with eager PyTorch (bench/compare_torch.py)"
@@ -431,7 +487,7 @@ fi
 if step_enabled report; then
     section "PERFORMANCE.md section for: $CARD"
     NVCC_LINE=$(grep -m1 '^nvcc: ' "$RESULTS/resource_report.txt" 2>/dev/null | sed 's/^nvcc: //')
-    export CARD DRIVER TEST_SUMMARY SANITIZER_SUMMARY BANDWIDTH_SUMMARY BENCH_SUMMARY TORCH_SUMMARY NVCC_LINE
+    export CARD DRIVER TEST_SUMMARY SANITIZER_SUMMARY BANDWIDTH_SUMMARY BENCH_SUMMARY TORCH_SUMMARY NVCC_LINE NCU_SUMMARY
     export RESULTS_DIR=$RESULTS COMMIT=$(git rev-parse --short HEAD 2>/dev/null || grep '^commit' "${BUNDLE:-/dev/null}/build-info.txt" 2>/dev/null | cut -c8-15)
     TARGET_DOC="$RESULTS/PERFORMANCE.md"
     [ -f docs/PERFORMANCE.md ] && cp docs/PERFORMANCE.md "$TARGET_DOC"
@@ -447,6 +503,26 @@ def read(name):
     except OSError:
         return ""
 table = read("resource_report.txt").split("\n==== nvcc output")[0].strip()
+def ncu_table():
+    # ncu --csv --page raw: a header row of names, a row of units, then one row per profiled kernel.
+    import csv, io
+    rows = [r for r in csv.reader(io.StringIO(read("ncu.csv"))) if r]
+    out, header = [], None
+    for r in rows:
+        if "Kernel Name" in r:
+            header = r
+            continue
+        if header is None or len(r) != len(header) or r[0] == "":
+            continue
+        d = dict(zip(header, r))
+        if not d.get("ID", "").strip().isdigit():
+            continue
+        out.append("%-28s dram %s %%  issue-active %s %%  occupancy %s %%" % (
+            d.get("Kernel Name", "?")[:28],
+            d.get("dram__throughput.avg.pct_of_peak_sustained_elapsed", "?"),
+            d.get("sm__inst_issued.avg.pct_of_peak_sustained_active", "?"),
+            d.get("sm__warps_active.avg.pct_of_peak_sustained_active", "?")))
+    return "\n".join(out)
 # criterion's results: everything after cargo's first "Running" line, less the progress lines.
 bench, started = [], False
 for l in read("bench.txt").splitlines():
@@ -480,6 +556,15 @@ lines = [
     "\n".join(bench) or "(no output)",
     "```",
     "",
+    f"### Nsight Compute, passes 1 and 3 at N = 16,384 ({env.get('NCU_SUMMARY', 'not run')})",
+    "",
+    "Against the static SASS model (docs/PERFORMANCE.md, \"Static SASS model\"): DRAM throughput as % of peak,",
+    "issue-active % (sm__inst_issued, % of peak while active) and achieved occupancy (warps active, % of peak).",
+    "",
+    "```",
+    ncu_table() or "(not run)",
+    "```",
+    "",
     f"### Against eager PyTorch ({env.get('TORCH_SUMMARY', 'not run')})",
     "",
     "```",
@@ -508,7 +593,8 @@ fi
 rm -f "$RESULTS/.build.json"
 section "Summary"
 printf '%s\n' "card:      $CARD" "tests:     $TEST_SUMMARY" "sanitizer: $SANITIZER_SUMMARY" \
-    "bandwidth: $BANDWIDTH_SUMMARY" "bench:     $BENCH_SUMMARY" "torch:     $TORCH_SUMMARY" "results:   $RESULTS"
+    "bandwidth: $BANDWIDTH_SUMMARY" "bench:     $BENCH_SUMMARY" "ncu:       $NCU_SUMMARY" "torch:     $TORCH_SUMMARY" \
+    "results:   $RESULTS"
 if [ ${#FAILED[@]} -gt 0 ]; then
     printf 'FAILED steps:\n'
     printf '  %s\n' "${FAILED[@]}"
