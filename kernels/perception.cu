@@ -83,13 +83,16 @@ __device__ __forceinline__ RowState empty_state() {
     return st;
 }
 
-/* Moves the a-side base of st to m (> st.m_a): e_a, s_a and f_b are rescaled by 2^((m_a - m) k). */
+/* Moves the a-side base of st to m (> st.m_a): e_a, s_a and f_b are rescaled by 2^((m_a - m) k).
+   e_a becomes f e_a + (f d) s_a, the scale applied before the product with s_a: when the base jumps
+   far (one logit of 1e38 in a row of zeros) d s_a alone overflows f32 while f is 0 and the exact
+   result is 0, and f (e_a + d s_a) would give 0 * inf = NaN. f d is bounded by tau / e. */
 __device__ __forceinline__ void rebase_a(RowState &st, float m, float k) {
     /* With s_a = 0 nothing has been added (and m_a may be -inf, where (m_a - m) * s_a is -inf * 0). */
     if (st.s_a > 0.0f) {
         const float d = st.m_a - m;
         const float f = exp2f(d * k);
-        st.e_a = f * (st.e_a + d * st.s_a);
+        st.e_a = f * st.e_a + (f * d) * st.s_a;
         st.s_a *= f;
         st.f_b *= f;
     }
@@ -162,9 +165,11 @@ __device__ __forceinline__ void fold_chunk(RowState &st, const float *a, const f
 /* Merges state o into st (associative up to rounding; the order of merges is fixed by the caller). */
 __device__ __forceinline__ void merge(RowState &st, RowState o, float k) {
     st.flags |= o.flags;
-    /* Common bases first (f_b depends on both), then add. */
-    if (o.m_b > st.m_b) rebase_b(st, o.m_b, k); else if (st.m_b > o.m_b) rebase_b(o, st.m_b, k);
+    /* Common bases first (f_b depends on both), then add. The a-side first: it scales s_a (to 0 when
+       the other state's maximum is far above), so the b-side shift (m_b - m) s_a is formed from the
+       scaled s_a and cannot overflow where the exact term vanishes (the two rebases commute exactly). */
     if (o.m_a > st.m_a) rebase_a(st, o.m_a, k); else if (st.m_a > o.m_a) rebase_a(o, st.m_a, k);
+    if (o.m_b > st.m_b) rebase_b(st, o.m_b, k); else if (st.m_b > o.m_b) rebase_b(o, st.m_b, k);
     st.s_a += o.s_a;
     st.e_a += o.e_a;
     st.f_b += o.f_b;

@@ -128,7 +128,9 @@ impl Vppo {
     /// tensors are copied back once for validation). Needs [`Device::Cuda`]. The result keeps the
     /// per-token buffers the backward needs on the GPU.
     pub fn forward_device(&self, batch: &DeviceBatch) -> Result<DeviceForward> {
-        crate::kernels::forward_device(&self.gpu()?, batch, &self.config)
+        let fwd = crate::kernels::forward_device(&self.gpu()?, batch, &self.config)?;
+        fwd.output.check_finite()?;
+        Ok(fwd)
     }
 
     /// dloss/dlogits of [`Vppo::forward_device`] into the caller's GPU buffer `grad` ([N, V], f32 or
@@ -141,6 +143,7 @@ impl Vppo {
         batch: &DeviceBatch,
         grad: DeviceLogitsMut,
     ) -> Result<()> {
+        self.check_grad_bound(&fwd.output.tokens.dlogp)?;
         crate::kernels::backward_device(fwd, batch, grad, &self.config)
     }
 
@@ -153,6 +156,7 @@ impl Vppo {
         logits: DeviceLogitsMut,
         targets: &cudarc::driver::CudaSlice<i32>,
     ) -> Result<()> {
+        self.check_grad_bound(&fwd.output.tokens.dlogp)?;
         crate::kernels::backward_device_in_place(fwd, logits, targets, &self.config)
     }
 
@@ -174,14 +178,41 @@ impl Vppo {
     }
 
     /// The loss and every output of SPEC section 8 except dloss/dlogits.
+    ///
+    /// Every output that must be finite is checked to be finite in f32 ([`VppoOutput::check_finite`]):
+    /// a result that overflows is a [`VppoError::Overflow`], never a silent inf. Below temperature 1,
+    /// where a finite logit divided by it can overflow f32, the kernel devices first run the
+    /// reference's row checks on the host, so each device reports the same first bad row.
     pub fn forward(&self, batch: &Batch) -> Result<VppoOutput> {
         self.validate(batch)?;
-        match self.device {
+        let out = match self.device {
             Device::Reference => crate::reference::forward(batch, &self.config),
             _ if batch.n_tokens() == 0 => crate::reference::forward(batch, &self.config),
             Device::Simt(_) | Device::Cuda(_) => {
+                if self.config.temperature < 1.0 {
+                    crate::reference::perception::check_rows(batch, &self.config)?;
+                }
                 crate::kernels::forward(batch, &self.config, self.device)
             }
+        }?;
+        out.check_finite()?;
+        Ok(out)
+    }
+
+    /// Checks that dloss/dlogits cannot overflow f32: |dlogits[t, v]| <= |dlogp_t| / tau, so each row's
+    /// bound is checked (O(N)) before any gradient is written.
+    fn check_grad_bound(&self, dlogp: &[f32]) -> Result<()> {
+        let tau = self.config.temperature;
+        match dlogp
+            .iter()
+            .position(|&g| !(g.is_finite() && (g as f64 / tau).abs() <= f32::MAX as f64))
+        {
+            Some(t) => Err(VppoError::Overflow {
+                what: "grad_logits",
+                location: Some(crate::error::Location::Row(t)),
+                value: dlogp[t] as f64 / tau,
+            }),
+            None => Ok(()),
         }
     }
 
@@ -193,6 +224,7 @@ impl Vppo {
         self.validate(batch)?;
         grad.check(batch)?;
         crate::reference::check_output(batch, out)?;
+        self.check_grad_bound(&out.tokens.dlogp)?;
         if batch.n_tokens() == 0 {
             return Ok(());
         }
@@ -245,6 +277,7 @@ impl Vppo {
                 vocab,
             });
         }
+        self.check_grad_bound(&out.tokens.dlogp)?;
         match self.device {
             Device::Reference => {
                 // The reference writes from f64: widen the logits first, then overwrite them.

@@ -228,6 +228,14 @@ pub fn run_loss(args: &LossArgs) -> Result<serde_json::Value> {
     let owned = io::read_batch(&args.input)?;
     let batch = owned.batch();
     let (out, grad) = vppo.loss_and_grad(&batch)?;
+    // The API checks every output and bounds the gradient; this checks what is written, all of it.
+    if let Some(i) = grad.iter().position(|g| !g.is_finite()) {
+        return Err(crate::error::VppoError::Overflow {
+            what: "grad_logits",
+            location: Some(crate::error::Location::Row(i / batch.vocab.max(1))),
+            value: grad[i] as f64,
+        });
+    }
     io::write_outputs(&args.output, &out, Some(&grad), batch.vocab)?;
     Ok(serde_json::json!({
         "loss": out.loss,

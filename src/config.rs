@@ -257,8 +257,23 @@ impl VppoConfig {
         if !self.logp_penalty.is_finite() {
             return Err(bad("logp-penalty", self.logp_penalty, "a finite value"));
         }
-        if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return Err(bad("temperature", self.temperature, "a finite value > 0"));
+        // The kernels scale by 1 / tau and log2(e) / tau in f32: both must be finite, normal f32
+        // numbers (5e-324 passes `> 0` but its inverse is inf even in f64).
+        let inv = 1.0 / self.temperature;
+        let fits = |x: f64| {
+            x.is_finite() && x.abs() >= f32::MIN_POSITIVE as f64 && x.abs() <= f32::MAX as f64
+        };
+        if !(self.temperature.is_finite()
+            && self.temperature > 0.0
+            && fits(inv)
+            && fits(inv * std::f64::consts::LOG2_E))
+        {
+            return Err(bad(
+                "temperature",
+                self.temperature,
+                "a finite value > 0 whose inverse (and log2(e) / temperature) is a normal f32: \
+                 4.3e-39 < temperature < 8.5e37",
+            ));
         }
         Ok(())
     }

@@ -122,6 +122,52 @@ pub enum VppoError {
         /// The valid range.
         expected: &'static str,
     },
+    /// A finite logit divided by the temperature does not fit in f32: the temperature is too small
+    /// for these logits. A config error, found on the data (the row names where).
+    #[error(
+        "config: temperature = {temperature:e} is too small for {tensor} row {row}: the logit {value} \
+         divided by it overflows f32 (|logit| / temperature must stay below 3.4e38)"
+    )]
+    TemperatureOverflow {
+        /// `logits` or `logits_masked`.
+        tensor: Tensor,
+        /// The token row.
+        row: usize,
+        /// The logit.
+        value: f64,
+        /// The temperature.
+        temperature: f64,
+    },
+    /// Finite logits of one row spread so widely that the kernels' f32 sums overflow: the sum over
+    /// the row of e^(a_v - m_a) (b_v - m_b) is bounded by V times the spread of the row (after
+    /// dividing by the temperature), so a spread from about 3.4e38 / V can overflow. The f64
+    /// reference computes such rows.
+    #[error(
+        "{tensor} row {row}: finite logits spread so widely (after dividing by the temperature) \
+         that the kernels' f32 sums overflow; the f64 reference (Device::Reference, --device cpu) \
+         computes this row"
+    )]
+    RowOverflow {
+        /// `logits` or `logits_masked`: the tensor whose row spans the wider range.
+        tensor: Tensor,
+        /// The token row.
+        row: usize,
+    },
+    /// A result computed from a valid batch and config is not finite (or not finite in f32, the
+    /// dtype of the outputs): it overflowed. Nothing is written.
+    #[error(
+        "overflow: {what} is {value:e}{} (valid inputs, but the result does not fit in f32; a tiny \
+         token-normalizer or temperature, or a huge logp-penalty or advantage, does this)",
+        at(location)
+    )]
+    Overflow {
+        /// The output that overflowed (`loss`, `dlogp`, `grad_logits`, ...).
+        what: &'static str,
+        /// Its row or response, for a per-token or per-response output.
+        location: Option<Location>,
+        /// The value computed.
+        value: f64,
+    },
     /// The GPU was asked for, but the kernels were not compiled (no nvcc at build time).
     #[error("kernels not built: this build of vppo found no nvcc; install the CUDA toolkit or the nvidia-cuda-nvcc wheels and rebuild (see README)")]
     KernelsNotBuilt,
@@ -158,6 +204,10 @@ impl fmt::Display for Location {
             Location::Response(b) => write!(f, "response {b}"),
         }
     }
+}
+
+fn at(location: &Option<Location>) -> String {
+    location.map(|l| format!(" at {l}")).unwrap_or_default()
 }
 
 /// The crate's result type.

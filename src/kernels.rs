@@ -524,6 +524,7 @@ fn status_error(
     status: i64,
     targets: &[i32],
     vocab: usize,
+    temperature: f64,
     row_of: &dyn Fn(Tensor, usize) -> Result<Vec<f64>>,
 ) -> Result<()> {
     if status == VPPO_STATUS_CLEAR as i64 {
@@ -562,10 +563,14 @@ fn status_error(
             tensor: Tensor::LogitsMasked,
             row,
         },
-        c if c == C::VPPO_ERR_LOGITS_OVERFLOW as u32 => VppoError::Kernel(format!(
-            "logits row {row}: finite logits so far apart (beyond 3.4e38 after dividing by the \
-             temperature) that f32 arithmetic overflows"
-        )),
+        c if c == C::VPPO_ERR_LOGITS_OVERFLOW as u32 => {
+            crate::reference::perception::overflow_error(
+                &row_of(Tensor::Logits, row)?,
+                &row_of(Tensor::LogitsMasked, row)?,
+                row,
+                temperature,
+            )
+        }
         other => VppoError::Kernel(format!(
             "perception kernel reported unknown code {other} at row {row}"
         )),
@@ -626,6 +631,7 @@ fn perception_with(
         copy.status(&ws),
         batch.targets,
         batch.vocab,
+        cfg.temperature,
         &host_rows(batch),
     )?;
     Ok(perception_outputs(&ws, &copy))
@@ -902,7 +908,13 @@ fn run_passes(
     run_perception(l, perception_kernel(dims.dtype), dims, cfg, inputs, ws)?;
     run_select_loss(l, dims, cfg, inputs, ws)?;
     let copy = ws.download(l)?;
-    status_error(copy.status(ws), targets, dims.vocab, row_of)?;
+    status_error(
+        copy.status(ws),
+        targets,
+        dims.vocab,
+        cfg.temperature,
+        row_of,
+    )?;
     let z = cfg.token_normalizer.unwrap_or(dims.n as f64);
     Ok(output_from(ws, &copy, z))
 }

@@ -63,3 +63,59 @@ pub struct VppoOutput {
     /// Logged statistics.
     pub stats: Stats,
 }
+
+impl VppoOutput {
+    /// Checks that every output that must be finite is finite in f32, the dtype it is returned and
+    /// written in: the loss, pg_loss and Z, and per token score, k3, entropy, logp, lse, lse_masked and
+    /// dlogp, per response Sbar and alpha. `kl` may be +inf and `logp_masked` -inf by definition
+    /// (SPEC section 2). The first value that is not is reported as an overflow naming the output and
+    /// its row or response: valid inputs whose result does not fit (a tiny token normalizer, a huge
+    /// logp penalty) never come back as a silent inf or NaN.
+    pub fn check_finite(&self) -> crate::Result<()> {
+        use crate::error::{Location, VppoError};
+        let fits = |x: f64| x.is_finite() && x.abs() <= f32::MAX as f64;
+        for (what, x) in [
+            ("loss", self.loss),
+            ("pg_loss", self.pg_loss),
+            ("token_normalizer", self.token_normalizer),
+        ] {
+            if !fits(x) {
+                return Err(VppoError::Overflow {
+                    what,
+                    location: None,
+                    value: x,
+                });
+            }
+        }
+        let t = &self.tokens;
+        let r = &self.responses;
+        let per_token = [
+            ("score", &t.score),
+            ("k3", &t.k3),
+            ("entropy", &t.entropy),
+            ("logp", &t.logp),
+            ("lse", &t.lse),
+            ("lse_masked", &t.lse_masked),
+            ("dlogp", &t.dlogp),
+        ];
+        let per_response = [("sbar", &r.sbar), ("alpha", &r.alpha)];
+        for (list, at) in [
+            (&per_token[..], Location::Row as fn(usize) -> Location),
+            (
+                &per_response[..],
+                Location::Response as fn(usize) -> Location,
+            ),
+        ] {
+            for &(what, xs) in list {
+                if let Some(i) = xs.iter().position(|x| !x.is_finite()) {
+                    return Err(VppoError::Overflow {
+                        what,
+                        location: Some(at(i)),
+                        value: xs[i] as f64,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}

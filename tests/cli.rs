@@ -444,3 +444,27 @@ fn help_explains_every_option_and_default() {
     assert!(top.status.success());
     assert!(String::from_utf8_lossy(&top.stdout).contains("loss"));
 }
+
+/// SPEC 7 and issue 10: a temperature too small for the logits, and options whose loss overflows,
+/// are errors naming what overflowed, on every host device; nothing is written (before: exit 0, loss
+/// null in the summary, NaN in grad_logits).
+#[test]
+fn overflowing_options_fail_naming_what_overflowed() {
+    let run = |extra: &[&str], needle: &str| {
+        for device in ["cpu", "simt"] {
+            let outdir = tempfile::tempdir().unwrap();
+            let out_path = outdir.path().join("out.safetensors");
+            let mut args = extra.to_vec();
+            args.extend_from_slice(&["--device", device]);
+            let out = loss_cmd(&fixture("batch_f16.safetensors"), &out_path, &args);
+            assert_fails_without_output(&out, &out_path, needle);
+        }
+    };
+    run(
+        &["--temperature", "1e-38"],
+        "config: temperature = 1e-38 is too small for logits row 0",
+    );
+    run(&["--temperature", "5e-324"], "config: temperature");
+    run(&["--token-normalizer", "1e-300"], "overflow: loss is ");
+    run(&["--logp-penalty", "1e308"], "overflow: loss is ");
+}

@@ -613,3 +613,212 @@ fn gpu_unavailable_is_a_clear_error() {
         ),
     }
 }
+
+/// The devices every check below runs on: the reference and the SIMT executor (the kernel sources).
+fn host_devices() -> [Device; 2] {
+    [Device::Reference, Device::Simt(vppo::LaneOrder::Forward)]
+}
+
+#[test]
+fn temperature_whose_inverse_is_not_an_f32_is_a_config_error() {
+    for tau in [5e-324, 1e-40, 4e-39, 1e38, 1e300] {
+        let cfg = VppoConfig {
+            temperature: tau,
+            ..VppoConfig::default()
+        };
+        let e = Vppo::new(cfg, Device::Reference).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                VppoError::Config {
+                    field: "temperature",
+                    ..
+                }
+            ),
+            "{tau}: {e}"
+        );
+    }
+    // The smallest and largest accepted still run.
+    for tau in [5e-39, 8e37] {
+        let cfg = VppoConfig {
+            temperature: tau,
+            ..VppoConfig::default()
+        };
+        Vppo::new(cfg, Device::Reference).unwrap();
+    }
+}
+
+#[test]
+fn a_logit_that_overflows_f32_when_divided_by_the_temperature_is_named() {
+    // tau = 1e-38: 1/tau is 1e38 (an f32), but 10 / tau is 1e39. Before, simt returned loss inf and a
+    // NaN gradient, and the reference wrote NaN outputs.
+    let mut o = Owned::new();
+    o.masked[2 * 3 + 1] = 10.0;
+    let cfg = VppoConfig {
+        temperature: 1e-38,
+        ..VppoConfig::default()
+    };
+    for device in host_devices() {
+        let vppo = Vppo::new(cfg.clone(), device).unwrap();
+        let e = vppo.forward(&o.batch()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                VppoError::TemperatureOverflow {
+                    tensor: Tensor::LogitsMasked,
+                    row: 2,
+                    value,
+                    ..
+                } if value == 10.0
+            ),
+            "{device:?}: {e}"
+        );
+        assert!(e.to_string().contains("temperature"), "{e}");
+        assert_eq!(
+            vppo.loss_and_grad(&o.batch()).unwrap_err().to_string(),
+            e.to_string()
+        );
+    }
+}
+
+#[test]
+fn outputs_that_overflow_are_errors_naming_them() {
+    let o = Owned::new();
+    let cases = [
+        (
+            VppoConfig {
+                token_normalizer: Some(1e-300),
+                ..VppoConfig::default()
+            },
+            "loss",
+        ),
+        (
+            VppoConfig {
+                logp_penalty: 1e308,
+                ..VppoConfig::default()
+            },
+            "loss",
+        ),
+        (
+            VppoConfig {
+                logp_penalty: -1e308,
+                ..VppoConfig::default()
+            },
+            "loss",
+        ),
+    ];
+    for (cfg, what) in cases {
+        for device in host_devices() {
+            let vppo = Vppo::new(cfg.clone(), device).unwrap();
+            let e = vppo.forward(&o.batch()).unwrap_err();
+            assert!(
+                matches!(&e, VppoError::Overflow { what: w, .. } if *w == what),
+                "{device:?} {cfg:?}: {e}"
+            );
+            assert!(e.to_string().starts_with("overflow: loss"), "{e}");
+        }
+    }
+    // A finite dloss/dlogp whose quotient by the temperature overflows f32 would overflow the
+    // gradient: refused before anything is written, naming grad_logits and the row.
+    let vppo = Vppo::new(VppoConfig::default(), Device::Reference).unwrap();
+    let mut out = vppo.forward(&o.batch()).unwrap();
+    out.tokens.dlogp[1] = 3e38;
+    let tiny = Vppo::new(
+        VppoConfig {
+            temperature: 0.5,
+            ..VppoConfig::default()
+        },
+        Device::Reference,
+    )
+    .unwrap();
+    let mut grad = vec![7.0f32; 12];
+    let e = tiny
+        .backward_into(&o.batch(), &out, GradMut::F32(&mut grad))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            VppoError::Overflow {
+                what: "grad_logits",
+                location: Some(Location::Row(1)),
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(grad.iter().all(|&g| g == 7.0), "nothing written");
+}
+
+/// One V = 4096 row of zeros with a single logit of 1e38 (and the same row masked, or a plain masked
+/// row): valid and finite. The kernels' online softmax formed (m_a - m) * s_a before the scale
+/// 2^((m_a - m) k) underflowed to 0 and refused it as "finite logits so far apart"; now the SIMT
+/// executor agrees with the reference.
+#[test]
+fn one_huge_logit_in_a_long_row_is_not_refused() {
+    let v = 4096;
+    for masked_too in [true, false] {
+        let mut logits = vec![0.0f32; 2 * v];
+        logits[3000] = 1e38; // row 0, the target's row
+        logits[v + 17] = 1e38; // row 1, not the target
+        let mut masked = vec![0.5f32; 2 * v];
+        if masked_too {
+            masked[3000] = 1e38;
+            masked[v + 17] = 1e38;
+        }
+        let targets = [3000, 5];
+        let batch = Batch {
+            logits: Logits::F32(&logits),
+            logits_masked: Logits::F32(&masked),
+            targets: &targets,
+            old_logp: &[-0.1, -2.0],
+            advantages: &[1.0],
+            cu_seqlens: &[0, 2],
+            vocab: v,
+        };
+        let cfg = VppoConfig::default();
+        let want = Vppo::new(cfg.clone(), Device::Reference)
+            .unwrap()
+            .forward(&batch)
+            .unwrap();
+        let got = Vppo::new(cfg, Device::Simt(vppo::LaneOrder::Forward))
+            .unwrap()
+            .forward(&batch)
+            .unwrap_or_else(|e| panic!("masked_too {masked_too}: {e}"));
+        assert_eq!(got.tokens.logp[0], 0.0);
+        // logp of row 1 is -1e38: equal to f32 rounding
+        for t in 0..2 {
+            let (g, w) = (got.tokens.logp[t], want.tokens.logp[t]);
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "logp {t}: {g} vs {w}"
+            );
+            assert_eq!(got.tokens.score[t], want.tokens.score[t], "score {t}");
+        }
+        assert!((got.loss - want.loss).abs() <= 1e-5 * want.loss.abs().max(1.0));
+    }
+}
+
+/// Finite rows whose spread the kernels' f32 sums cannot hold are an error naming the tensor and
+/// the row (it was a `Kernel` error naming neither tensor).
+#[test]
+fn a_row_the_kernels_cannot_hold_names_its_tensor_and_row() {
+    let mut o = Owned::new();
+    o.masked[3 * 3 + 0] = -3e38;
+    o.masked[3 * 3 + 1] = 3e38;
+    let vppo = Vppo::new(
+        VppoConfig::default(),
+        Device::Simt(vppo::LaneOrder::Forward),
+    )
+    .unwrap();
+    let e = vppo.forward(&o.batch()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            VppoError::RowOverflow {
+                tensor: Tensor::LogitsMasked,
+                row: 3
+            }
+        ),
+        "{e}"
+    );
+}

@@ -397,3 +397,27 @@ fn grpo_by_hand() {
     close(a[2] as f64, 1.0 / (1.0 + 1e-6), 1e-7);
     assert_eq!(a[1], 0.0);
 }
+
+#[test]
+fn perception_centres_huge_logits_on_the_row_max() {
+    // Every logit c: p is uniform, logp = -ln V exactly, whatever c. Uncentred, c + ln V rounds to c in
+    // f64 from c = 1e17 (its ulp is 16) and a_y - lse gave 0. The backward keeps p = 1/V as well.
+    let v = 5usize;
+    for c in [1e17f32, 1e30, 3e38] {
+        let row = vec![c; v];
+        let b = batch(&row, &row, &[2], &[-1.6], &[1.0], &[0, 1], v);
+        let cfg = VppoConfig::dapo();
+        let p = perception::perception(&b, &cfg).unwrap();
+        close(p.logp[0], -(v as f64).ln(), 1e-15);
+        close(p.logp_masked[0], -(v as f64).ln(), 1e-15);
+        close(p.entropy[0], (v as f64).ln(), 1e-15);
+        assert_eq!(p.kl[0], 0.0);
+        let vppo = Vppo::new(cfg, Device::Reference).unwrap();
+        let (out, grad) = vppo.loss_and_grad(&b).unwrap();
+        let g = out.tokens.dlogp[0] as f64;
+        for (i, &x) in grad.iter().enumerate() {
+            let onehot = if i == 2 { 1.0 } else { 0.0 };
+            close(x as f64, g * (onehot - 1.0 / v as f64), 1e-6);
+        }
+    }
+}

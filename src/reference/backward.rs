@@ -20,6 +20,34 @@ pub fn grad_logits(
     lse: &[f64],
     dlogp: &[f64],
     temperature: f64,
+    grad: GradMut,
+) -> Result<()> {
+    let zeros = vec![0.0; lse.len()];
+    grad_logits_centred(
+        logits,
+        vocab,
+        targets,
+        lse,
+        &zeros,
+        dlogp,
+        temperature,
+        grad,
+    )
+}
+
+/// [`grad_logits`] with lse given as a centre and the logsumexp about it: `p_v = exp((a_v - centre_t)
+/// - lse_centred_t)`. The reference's own backward passes the row maximum and
+/// [`crate::reference::PerceptionF64::lse_centred`], so that rows of huge logits (every logit 1e17)
+/// keep their probabilities, which `a_v - (m + lse_centred)` rounds away.
+#[allow(clippy::too_many_arguments)]
+pub fn grad_logits_centred(
+    logits: Logits,
+    vocab: usize,
+    targets: &[i32],
+    centre: &[f64],
+    lse_centred: &[f64],
+    dlogp: &[f64],
+    temperature: f64,
     mut grad: GradMut,
 ) -> Result<()> {
     let n = targets.len();
@@ -30,7 +58,8 @@ pub fn grad_logits(
     for (tensor, what, len, want) in [
         (Tensor::Logits, "logits", logits.len(), nv),
         (Tensor::GradLogits, "grad_logits", grad.len(), nv),
-        (Tensor::Targets, "lse", lse.len(), n),
+        (Tensor::Targets, "lse", centre.len(), n),
+        (Tensor::Targets, "lse", lse_centred.len(), n),
         (Tensor::Targets, "dlogp", dlogp.len(), n),
     ] {
         if len != want {
@@ -59,8 +88,9 @@ pub fn grad_logits(
         } else {
             let y = targets[t] as usize;
             for (v, out) in row.iter_mut().enumerate() {
-                // softmax(a)_v = exp(a_v - lse_t), a_v = logits[t, v] / tau
-                let p = (logits.get(t * vocab + v) / temperature - lse[t]).exp();
+                // softmax(a)_v = exp(a_v - lse_t), a_v = logits[t, v] / tau, lse_t = centre_t + lse_centred_t
+                let p =
+                    ((logits.get(t * vocab + v) / temperature - centre[t]) - lse_centred[t]).exp();
                 let onehot = if v == y { 1.0 } else { 0.0 };
                 // g_t (1[v = y] - p_v) / tau
                 *out = g * (onehot - p) / temperature;

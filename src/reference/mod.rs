@@ -162,11 +162,12 @@ pub fn backward_into(
 ) -> Result<()> {
     check_output(batch, out)?;
     let f = forward_f64(batch, cfg)?;
-    backward::grad_logits(
+    backward::grad_logits_centred(
         batch.logits,
         batch.vocab,
         batch.targets,
-        &f.perception.lse,
+        &f.perception.row_max,
+        &f.perception.lse_centred,
         &f.surrogate.dlogp,
         cfg.temperature,
         grad,

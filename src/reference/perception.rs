@@ -16,7 +16,13 @@ pub struct PerceptionF64 {
     pub lse: Vec<f64>,
     /// `lse_b = logsumexp(logits_masked[t] / tau)`.
     pub lse_masked: Vec<f64>,
-    /// `logp = a[y] - lse_a` (always finite: `a[y] = -inf` is an error).
+    /// `m_a = max_v logits[t, v] / tau`, the centre of row t: `lse = m_a + lse_centred`.
+    pub row_max: Vec<f64>,
+    /// `logsumexp(logits[t] / tau - m_a)`: with [`Self::row_max`], what the backward forms
+    /// log-probabilities from (`(a_v - m_a) - lse_centred`) without the rounding of `m_a + lse_centred`.
+    pub lse_centred: Vec<f64>,
+    /// `logp = a[y] - lse_a`, computed as `(a[y] - m_a) - lse_centred` (always finite: `a[y] = -inf`
+    /// is an error).
     pub logp: Vec<f64>,
     /// `logp_masked = b[y] - lse_b` (may be -inf).
     pub logp_masked: Vec<f64>,
@@ -71,10 +77,61 @@ fn check_lengths(batch: &Batch) -> Result<()> {
     Ok(())
 }
 
+/// The first finite entry of `row` whose quotient by `tau` overflows f32, if any.
+fn first_too_large(row: &[f64], tau: f64) -> Option<f64> {
+    row.iter()
+        .copied()
+        .find(|x| x.is_finite() && (x / tau).abs() > f32::MAX as f64)
+}
+
+/// The error of a row the kernels' f32 state overflowed on (code `VPPO_ERR_LOGITS_OVERFLOW`), from
+/// the two rows (widened to f64): a logit whose quotient by the temperature overflows f32 is a
+/// [`VppoError::TemperatureOverflow`]; otherwise the row spans more than f32 holds, and the error
+/// names the tensor whose finite entries span the wider range.
+pub fn overflow_error(logits: &[f64], logits_masked: &[f64], row: usize, tau: f64) -> VppoError {
+    for (tensor, r) in [
+        (Tensor::Logits, logits),
+        (Tensor::LogitsMasked, logits_masked),
+    ] {
+        if let Some(value) = first_too_large(r, tau) {
+            return VppoError::TemperatureOverflow {
+                tensor,
+                row,
+                value,
+                temperature: tau,
+            };
+        }
+    }
+    let spread = |r: &[f64]| {
+        let finite = r.iter().copied().filter(|x| x.is_finite());
+        let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| {
+            (lo.min(x), hi.max(x))
+        });
+        hi - lo
+    };
+    let tensor = if spread(logits_masked) > spread(logits) {
+        Tensor::LogitsMasked
+    } else {
+        Tensor::Logits
+    };
+    VppoError::RowOverflow { tensor, row }
+}
+
+/// The row checks of SPEC section 7 over every row of `batch`, first bad row first (see
+/// [`perception`]), without computing anything; `batch`'s lengths must agree (they are checked).
+/// The API runs them on the host before a kernel device when the temperature is below 1, the only
+/// case in which a finite logit divided by it can overflow f32, so that every device reports the
+/// same [`VppoError::TemperatureOverflow`] for the same row.
+pub fn check_rows(batch: &Batch, cfg: &VppoConfig) -> Result<()> {
+    check_lengths(batch)?;
+    (0..batch.n_tokens()).try_for_each(|t| check_row(batch, t, cfg.temperature))
+}
+
 /// The checks of one token row, in the order of the kernel's error codes (kernels/vppo_params.h):
 /// target out of range, NaN/+inf in logits, logits all -inf, logits[t, y] = -inf, NaN/+inf in
-/// logits_masked, logits_masked all -inf.
-fn check_row(batch: &Batch, t: usize) -> Result<()> {
+/// logits_masked, logits_masked all -inf, then a finite logit of either row whose quotient by the
+/// temperature overflows f32 (the temperature is too small for it).
+fn check_row(batch: &Batch, t: usize, tau: f64) -> Result<()> {
     let v = batch.vocab;
     let y = batch.targets[t];
     if y < 0 || y as usize >= v {
@@ -109,15 +166,34 @@ fn check_row(batch: &Batch, t: usize) -> Result<()> {
         return Err(VppoError::TargetNegInf { row: t, target: y });
     }
     row_checks(&batch.logits_masked, Tensor::LogitsMasked)?;
+    if tau < 1.0 {
+        for (tensor, logits) in [
+            (Tensor::Logits, &batch.logits),
+            (Tensor::LogitsMasked, &batch.logits_masked),
+        ] {
+            if let Some(value) = first_too_large(&logits.row_f64(t, v), tau) {
+                return Err(VppoError::TemperatureOverflow {
+                    tensor,
+                    row: t,
+                    value,
+                    temperature: tau,
+                });
+            }
+        }
+    }
     Ok(())
 }
 
-/// logsumexp of a row with at least one finite entry and no NaN/+inf, in two passes:
-/// m = max_v x_v;  lse = m + ln sum_v exp(x_v - m)   (exp(-inf) = 0).
-fn logsumexp(row: &[f64]) -> f64 {
+/// A row centred on its maximum: `x_v - m` with m = max_v x_v (at least one finite entry, no NaN or
+/// +inf), and `ln sum_v exp(x_v - m)`, the logsumexp of the centred row (exp(-inf) = 0). So
+/// logsumexp(x) = m + lse, but every log-probability is formed as `(x_v - m) - lse` without passing
+/// through m + lse: with every logit c = 1e17 that sum rounds to c and x_y - lse to 0, where the exact
+/// log-probability is -ln V.
+fn centred(row: &[f64]) -> (Vec<f64>, f64, f64) {
     let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let s: f64 = row.iter().map(|&x| (x - m).exp()).sum();
-    m + s.ln()
+    let c: Vec<f64> = row.iter().map(|&x| x - m).collect();
+    let s: f64 = c.iter().map(|&x| x.exp()).sum();
+    (c, m, s.ln())
 }
 
 /// Runs pass 1 of the reference over every token row of `batch`.
@@ -136,7 +212,7 @@ pub fn perception(batch: &Batch, cfg: &VppoConfig) -> Result<PerceptionF64> {
     let n = batch.n_tokens();
     let v = batch.vocab;
     for t in 0..n {
-        check_row(batch, t)?;
+        check_row(batch, t, cfg.temperature)?;
     }
     for (row, &x) in batch.old_logp.iter().enumerate() {
         if !x.is_finite() {
@@ -161,13 +237,16 @@ pub fn perception(batch: &Batch, cfg: &VppoConfig) -> Result<PerceptionF64> {
             .map(|x| x / tau)
             .collect();
 
-        // lse_a = logsumexp(a), lse_b = logsumexp(b)
-        let lse_a = logsumexp(&a);
-        let lse_b = logsumexp(&b);
+        // Centred on the row maxima: ca_v = a_v - m_a, la = logsumexp(ca), so lse_a = m_a + la (and
+        // the same for b). Every log-probability below is ca_v - la, never a_v - lse_a.
+        let (a, m_a, la) = centred(&a);
+        let (b, m_b, lb) = centred(&b);
+        let lse_a = m_a + la;
+        let lse_b = m_b + lb;
 
-        // logp = a[y] - lse_a;  logp_masked = b[y] - lse_b
-        let logp = a[y] - lse_a;
-        let logp_masked = b[y] - lse_b;
+        // logp = a[y] - lse_a;  logp_masked = b[y] - lse_b   (centred)
+        let logp = a[y] - la;
+        let logp_masked = b[y] - lb;
 
         // kl = sum_v p_v ((a_v - lse_a) - (b_v - lse_b)),  p_v = exp(a_v - lse_a)
         // entropy = -sum_v p_v (a_v - lse_a)
@@ -178,14 +257,14 @@ pub fn perception(batch: &Batch, cfg: &VppoConfig) -> Result<PerceptionF64> {
             if a[i] == f64::NEG_INFINITY {
                 continue; // p_v = 0: the term is 0
             }
-            let log_p = a[i] - lse_a;
+            let log_p = a[i] - la;
             let p = log_p.exp();
             entropy -= p * log_p;
             if b[i] == f64::NEG_INFINITY {
                 kl_infinite = true; // p_v > 0 where q_v = 0
                 continue;
             }
-            let log_q = b[i] - lse_b;
+            let log_q = b[i] - lb;
             kl += p * (log_p - log_q);
         }
         let kl = if kl_infinite {
@@ -211,6 +290,8 @@ pub fn perception(batch: &Batch, cfg: &VppoConfig) -> Result<PerceptionF64> {
 
         out.lse.push(lse_a);
         out.lse_masked.push(lse_b);
+        out.row_max.push(m_a);
+        out.lse_centred.push(la);
         out.logp.push(logp);
         out.logp_masked.push(logp_masked);
         out.kl.push(kl);
