@@ -15,7 +15,7 @@
 //!   API does besides the kernels: the O(N + B) small tensors copied back for validation, the workspace
 //!   allocation, the O(N + B) outputs downloaded, the synchronizations.
 //!
-//! The pass benches use `vppo::kernels::DeviceStages`, which queues one pass without copies or waits;
+//! The pass benches use `vppo::hooks::DeviceStages`, which queues one pass without copies or waits;
 //! every GPU time is taken with CUDA events ([`Gpu::time_ms`]) around a batch of iterations
 //! (criterion's `iter_custom`). The logits are random bf16 (not zeros), made once per size on the host
 //! and uploaded once. Throughput is reported against the bytes each pass must move: 2 N V x 2 bytes
@@ -44,7 +44,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use vppo::bench::{parse_synthetic, synthetic_batch, UploadedBatch};
 use vppo::cuda::{copy_bandwidth, Gpu};
-use vppo::kernels::DeviceStages;
+use vppo::hooks::DeviceStages;
 use vppo::{
     Device, DeviceBatch, DeviceLogits, DeviceLogitsMut, GradMut, LaneOrder, Vppo, VppoConfig,
     VppoError,

@@ -2,7 +2,7 @@
 
 use half::{bf16, f16};
 
-use crate::batch::{Batch, Dtype};
+use crate::batch::{check_elements, check_in_place, Batch, Dtype};
 use crate::config::VppoConfig;
 use crate::error::{Result, Tensor, VppoError};
 use crate::kernels::{DeviceBatch, DeviceForward, DeviceLogitsMut};
@@ -63,15 +63,14 @@ impl GradMut<'_> {
         }
     }
 
-    /// Checks the buffer holds N * V elements and is f32 or the logits dtype.
+    /// Checks the buffer holds N * V elements (the product checked) and is f32 or the logits dtype.
     pub(crate) fn check(&self, batch: &Batch) -> Result<()> {
-        let nv = batch.n_tokens() * batch.vocab;
-        if self.len() != nv {
-            return Err(VppoError::Shape {
-                tensor: Tensor::GradLogits,
-                detail: format!("has {} elements, expected N * V = {nv}", self.len()),
-            });
-        }
+        check_elements(
+            Tensor::GradLogits,
+            self.len(),
+            batch.n_tokens(),
+            batch.vocab,
+        )?;
         if self.dtype() != Dtype::F32 && self.dtype() != batch.logits.dtype() {
             return Err(VppoError::Shape {
                 tensor: Tensor::GradLogits,
@@ -170,13 +169,6 @@ impl Vppo {
         self.device
     }
 
-    fn validate(&self, batch: &Batch) -> Result<()> {
-        batch.validate_small(
-            self.config.group_size,
-            crate::reference::needs_groups(&self.config),
-        )
-    }
-
     /// The loss and every output of SPEC section 8 except dloss/dlogits.
     ///
     /// Every output that must be finite is checked to be finite in f32 ([`VppoOutput::check_finite`]):
@@ -184,7 +176,7 @@ impl Vppo {
     /// where a finite logit divided by it can overflow f32, the kernel devices first run the
     /// reference's row checks on the host, so each device reports the same first bad row.
     pub fn forward(&self, batch: &Batch) -> Result<VppoOutput> {
-        self.validate(batch)?;
+        let valid = batch.validate(&self.config)?;
         let out = match self.device {
             Device::Reference => crate::reference::forward(batch, &self.config),
             _ if batch.n_tokens() == 0 => crate::reference::forward(batch, &self.config),
@@ -192,7 +184,7 @@ impl Vppo {
                 if self.config.temperature < 1.0 {
                     crate::reference::perception::check_rows(batch, &self.config)?;
                 }
-                crate::kernels::forward(batch, &self.config, self.device)
+                crate::kernels::forward(&valid, self.device)
             }
         }?;
         out.check_finite()?;
@@ -220,10 +212,13 @@ impl Vppo {
     /// the output of [`Vppo::forward`] on the same batch and this config. Rows whose dloss/dlogp is 0
     /// are written as zeros. (The borrowed [`Batch`] holds `logits` immutably, so this API never
     /// writes over the logits; an in-place variant is for the kernel pipeline.)
+    ///
+    /// `out` must have the batch's lengths and finite `lse` and `dlogp` (as every forward returns);
+    /// anything else is an error, never a NaN gradient.
     pub fn backward_into(&self, batch: &Batch, out: &VppoOutput, grad: GradMut) -> Result<()> {
-        self.validate(batch)?;
+        let valid = batch.validate(&self.config)?;
         grad.check(batch)?;
-        crate::reference::check_output(batch, out)?;
+        out.check_for_backward(batch.n_tokens(), Some(batch.n_responses()))?;
         self.check_grad_bound(&out.tokens.dlogp)?;
         if batch.n_tokens() == 0 {
             return Ok(());
@@ -231,7 +226,7 @@ impl Vppo {
         match self.device {
             Device::Reference => crate::reference::backward_into(batch, &self.config, out, grad),
             Device::Simt(_) | Device::Cuda(_) => {
-                crate::kernels::backward_into(batch, &self.config, out, grad, self.device)
+                crate::kernels::backward_into(&valid, out, grad, self.device)
             }
         }
     }
@@ -247,36 +242,7 @@ impl Vppo {
         targets: &[i32],
         out: &VppoOutput,
     ) -> Result<()> {
-        let n = targets.len();
-        if logits.len() != n * vocab {
-            return Err(VppoError::Shape {
-                tensor: Tensor::Logits,
-                detail: format!(
-                    "has {} elements, expected N * V = {n} * {vocab}",
-                    logits.len()
-                ),
-            });
-        }
-        if out.tokens.lse.len() != n || out.tokens.dlogp.len() != n {
-            return Err(VppoError::Shape {
-                tensor: Tensor::Targets,
-                detail: format!(
-                    "the forward output is for {} tokens, targets has {n}",
-                    out.tokens.dlogp.len()
-                ),
-            });
-        }
-        if let Some((row, &y)) = targets
-            .iter()
-            .enumerate()
-            .find(|(_, &y)| y < 0 || y as usize >= vocab)
-        {
-            return Err(VppoError::TargetOutOfRange {
-                row,
-                target: y,
-                vocab,
-            });
-        }
+        check_in_place(logits.len(), vocab, targets, out)?;
         self.check_grad_bound(&out.tokens.dlogp)?;
         match self.device {
             Device::Reference => {
@@ -312,7 +278,7 @@ impl Vppo {
     /// The forward outputs and dloss/dlogits as a new f32 [N, V] vector.
     pub fn loss_and_grad(&self, batch: &Batch) -> Result<(VppoOutput, Vec<f32>)> {
         let out = self.forward(batch)?;
-        let mut grad = vec![0.0f32; batch.n_tokens() * batch.vocab];
+        let mut grad = vec![0.0f32; batch.n_elements()?];
         self.backward_into(batch, &out, GradMut::F32(&mut grad))?;
         Ok((out, grad))
     }

@@ -3,7 +3,9 @@
 
 use half::{bf16, f16};
 
+use crate::config::VppoConfig;
 use crate::error::{Location, Result, Tensor, VppoError};
+use crate::output::VppoOutput;
 
 /// The element type of a logits tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -132,6 +134,26 @@ impl<'a> Batch<'a> {
         self.cu_seqlens[b] as usize..self.cu_seqlens[b + 1] as usize
     }
 
+    /// N * V, the element count of each logits tensor; an error naming `logits` when it overflows.
+    pub fn n_elements(&self) -> Result<usize> {
+        elements(self.n_tokens(), self.vocab)
+    }
+
+    /// Checks `config` ([`VppoConfig::validate`]) and everything about the batch that is O(N + B)
+    /// for it ([`Batch::validate_small`]), and returns the batch as a [`ValidBatch`]: the only way
+    /// to make one.
+    pub fn validate<'c>(&self, config: &'c VppoConfig) -> Result<ValidBatch<'c>>
+    where
+        'a: 'c,
+    {
+        config.validate()?;
+        self.validate_small(config.group_size, config.needs_groups())?;
+        Ok(ValidBatch {
+            batch: *self,
+            config,
+        })
+    }
+
     /// Checks everything about the batch that is O(N + B): lengths and dtypes agree, cu_seqlens is
     /// well formed, B is a multiple of `group_size` when `need_groups`, targets lie in [0, V), and
     /// old_logp and advantages are finite. The O(N V) checks of the logits rows are done by the pass
@@ -148,6 +170,74 @@ impl<'a> Batch<'a> {
         }
         .validate(group_size, need_groups)
     }
+}
+
+/// A [`Batch`] together with the [`VppoConfig`] it was checked against: [`Batch::validate`] is the
+/// only constructor. Code that launches kernels takes one, so the lengths, boundaries and target ids
+/// every kernel indexes with are known to be in range for that config (B a whole number of groups
+/// where the config's shaping reads groups). The O(N V) checks of the logits rows are still made by
+/// the first pass that reads them.
+#[derive(Debug, Clone, Copy)]
+pub struct ValidBatch<'a> {
+    batch: Batch<'a>,
+    config: &'a VppoConfig,
+}
+
+impl<'a> ValidBatch<'a> {
+    /// The batch.
+    pub fn batch(&self) -> &Batch<'a> {
+        &self.batch
+    }
+
+    /// The configuration the batch was checked against.
+    pub fn config(&self) -> &'a VppoConfig {
+        self.config
+    }
+}
+
+/// N * V, or an error naming `logits` when the product overflows.
+pub fn elements(n: usize, vocab: usize) -> Result<usize> {
+    n.checked_mul(vocab).ok_or_else(|| VppoError::Shape {
+        tensor: Tensor::Logits,
+        detail: format!("N * V = {n} * {vocab} overflows"),
+    })
+}
+
+/// Checks that `tensor` has `len` = N * V elements (the product checked); returns N * V.
+pub fn check_elements(tensor: Tensor, len: usize, n: usize, vocab: usize) -> Result<usize> {
+    let nv = elements(n, vocab)?;
+    if len != nv {
+        return Err(VppoError::Shape {
+            tensor,
+            detail: format!("has {len} elements, expected N * V = {n} * {vocab} = {nv}"),
+        });
+    }
+    Ok(nv)
+}
+
+/// Checks that every target id lies in [0, V).
+pub fn check_targets(targets: &[i32], vocab: usize) -> Result<()> {
+    match targets
+        .iter()
+        .enumerate()
+        .find(|(_, &y)| y < 0 || y as usize >= vocab)
+    {
+        Some((row, &target)) => Err(VppoError::TargetOutOfRange { row, target, vocab }),
+        None => Ok(()),
+    }
+}
+
+/// The checks of an in-place backward over `logits_len` = N * V logits, N = `targets.len()`: the
+/// product, the targets' range, and what the backward reads from `out` (N finite lse and dlogp).
+pub fn check_in_place(
+    logits_len: usize,
+    vocab: usize,
+    targets: &[i32],
+    out: &VppoOutput,
+) -> Result<()> {
+    check_elements(Tensor::Logits, logits_len, targets.len(), vocab)?;
+    check_targets(targets, vocab)?;
+    out.check_for_backward(targets.len(), None)
 }
 
 /// The O(N + B) part of a batch, with only the dtype and length of the logits: what is checked
@@ -187,27 +277,15 @@ impl SmallTensors<'_> {
                 ),
             });
         }
-        let nv = n.checked_mul(v).ok_or_else(|| VppoError::Shape {
-            tensor: Tensor::Logits,
-            detail: format!("N * V = {n} * {v} overflows"),
-        })?;
+        elements(n, v)?;
         if n > 0 && v == 0 {
             return Err(VppoError::Shape {
                 tensor: Tensor::Logits,
                 detail: "vocabulary size V is 0".into(),
             });
         }
-        for (tensor, len) in [
-            (Tensor::Logits, self.logits.1),
-            (Tensor::LogitsMasked, self.logits_masked.1),
-        ] {
-            if len != nv {
-                return Err(VppoError::Shape {
-                    tensor,
-                    detail: format!("has {len} elements, expected N * V = {n} * {v} = {nv}"),
-                });
-            }
-        }
+        check_elements(Tensor::Logits, self.logits.1, n, v)?;
+        check_elements(Tensor::LogitsMasked, self.logits_masked.1, n, v)?;
         if self.old_logp.len() != n {
             return Err(VppoError::Shape {
                 tensor: Tensor::OldLogp,
@@ -241,15 +319,7 @@ impl SmallTensors<'_> {
                 group_size,
             });
         }
-        for (row, &y) in self.targets.iter().enumerate() {
-            if y < 0 || y as usize >= v {
-                return Err(VppoError::TargetOutOfRange {
-                    row,
-                    target: y,
-                    vocab: v,
-                });
-            }
-        }
+        check_targets(self.targets, v)?;
         for (row, &x) in self.old_logp.iter().enumerate() {
             if !x.is_finite() {
                 return Err(VppoError::NonFinite {

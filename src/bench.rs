@@ -551,10 +551,7 @@ pub fn bench_batch(
     // by every API (no copies either way).
     let on_gpu = match vppo.device() {
         Device::Cuda(ordinal) if n > 0 => {
-            batch.validate_small(
-                vppo.config().group_size,
-                crate::reference::needs_groups(vppo.config()),
-            )?;
+            batch.validate(vppo.config())?;
             Some(Gpu::new(ordinal)?)
         }
         _ => None,

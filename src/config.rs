@@ -206,6 +206,12 @@ impl VppoConfig {
         })
     }
 
+    /// Whether B must be a whole number of groups of G: group-scope shaping reads its responses a
+    /// group at a time.
+    pub fn needs_groups(&self) -> bool {
+        self.scope() == TasScope::Group && self.shaping != Shaping::None
+    }
+
     /// The exact top-k fraction (errors when outside (0, 1]).
     pub fn top_fraction_exact(&self) -> Result<TopFraction> {
         TopFraction::new(self.top_fraction)

@@ -24,6 +24,10 @@ pub enum Tensor {
     Scores,
     /// The caller's buffer for dloss/dlogits [N, V].
     GradLogits,
+    /// `lse` [N]: logsumexp of each logits row, an output of the forward that the backward reads.
+    Lse,
+    /// `dlogp` [N]: dloss/dlogp of each token, an output of the forward that the backward reads.
+    Dlogp,
 }
 
 impl Tensor {
@@ -39,6 +43,8 @@ impl Tensor {
             Tensor::Rewards => "rewards",
             Tensor::Scores => "scores",
             Tensor::GradLogits => "grad_logits",
+            Tensor::Lse => "lse",
+            Tensor::Dlogp => "dlogp",
         }
     }
 }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use half::{bf16, f16};
 
 use crate::api::{Device, GradMut, LaneOrder};
-use crate::batch::{Batch, Dtype, Logits};
+use crate::batch::{check_elements, check_in_place, Batch, Dtype, Logits, ValidBatch};
 use crate::config::{Aggregation, Perception, Shaping, TasScope, VppoConfig};
 use crate::cuda::Gpu;
 use crate::error::{Location, Result, Tensor, VppoError};
@@ -67,8 +67,7 @@ kernel_table! {
 
 /// The SIMT entry point of the kernel called `name` in the fatbins (`vppo_perception_bf16`, ...), for
 /// tests that stand in for the CUDA driver (tests/fake_cuda/); None for an unknown name.
-#[doc(hidden)]
-pub fn simt_entry(name: &str) -> Option<SimtEntry> {
+pub(crate) fn simt_entry(name: &str) -> Option<SimtEntry> {
     ALL_KERNELS.iter().find(|k| k.name == name).map(|k| k.simt)
 }
 
@@ -590,39 +589,28 @@ fn host_rows<'a>(batch: &'a Batch<'a>) -> impl Fn(Tensor, usize) -> Result<Vec<f
 }
 
 /// Pass 1 only: the per-token perception outputs (lse, logp, kl, k3, entropy, score), as the
-/// reference's `perception` stage computes them. For stage-by-stage tests and benchmarks. The batch
-/// and config must have been validated.
-pub fn perception(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<TokenOutputs> {
+/// reference's `perception` stage computes them. For stage-by-stage tests and benchmarks.
+pub(crate) fn perception(valid: &ValidBatch, device: Device) -> Result<TokenOutputs> {
     perception_with(
         Launcher::for_device(device)?,
-        perception_kernel(batch.logits.dtype()),
-        batch,
-        cfg,
+        perception_kernel(valid.batch().logits.dtype()),
+        valid,
     )
 }
 
 /// Pass 1 through a deliberately wrong build of the perception kernel (every exp times 1.001), on the
 /// SIMT executor. It exists so the tests can show that their tolerances catch a wrong kernel.
-#[doc(hidden)]
-pub fn mutant_perception(
-    batch: &Batch,
-    cfg: &VppoConfig,
-    order: LaneOrder,
-) -> Result<TokenOutputs> {
-    let kernel = match batch.logits.dtype() {
+pub(crate) fn mutant_perception(valid: &ValidBatch, order: LaneOrder) -> Result<TokenOutputs> {
+    let kernel = match valid.batch().logits.dtype() {
         Dtype::F32 => PERCEPTION_F32_MUTANT,
         Dtype::F16 => PERCEPTION_F16_MUTANT,
         Dtype::Bf16 => PERCEPTION_BF16_MUTANT,
     };
-    perception_with(Launcher::Simt(order), kernel, batch, cfg)
+    perception_with(Launcher::Simt(order), kernel, valid)
 }
 
-fn perception_with(
-    l: Launcher,
-    kernel: Kernel,
-    batch: &Batch,
-    cfg: &VppoConfig,
-) -> Result<TokenOutputs> {
+fn perception_with(l: Launcher, kernel: Kernel, valid: &ValidBatch) -> Result<TokenOutputs> {
+    let (batch, cfg) = (valid.batch(), valid.config());
     let ws = Workspace::new(&l, batch.n_tokens(), batch.n_responses())?;
     let inputs = Inputs::new(&l, batch)?;
     run_perception(&l, kernel, Dims::of(batch), cfg, &inputs, &ws)?;
@@ -655,7 +643,7 @@ fn perception_outputs(ws: &Workspace, c: &ArenaCopy) -> TokenOutputs {
 
 /// Pass 2a only: the top-k mask and k_b of given scores (the kernel's `vppo_select`), and Sbar.
 /// `scores` [N] must be finite (the perception pass only produces values in [0, score_clamp]).
-pub fn select(
+pub(crate) fn select(
     scores: &[f32],
     cu_seqlens: &[i32],
     top_fraction: f64,
@@ -866,9 +854,9 @@ fn run_select_loss(
     unsafe { l.launch(LOSS, 1, LOSS_THREADS, LOSS_SHARED_BYTES, &p) }
 }
 
-/// The whole forward pass on the kernels. The batch and config must have been validated
-/// (`VppoConfig::validate`, `Batch::validate_small`), as [`crate::Vppo`] does before calling this.
-pub fn forward(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<VppoOutput> {
+/// The whole forward pass on the kernels, over a batch validated for its config.
+pub(crate) fn forward(valid: &ValidBatch, device: Device) -> Result<VppoOutput> {
+    let (batch, cfg) = (valid.batch(), valid.config());
     let l = Launcher::for_device(device)?;
     let (n, b) = (batch.n_tokens(), batch.n_responses());
     let z = cfg.token_normalizer.unwrap_or(n as f64);
@@ -978,14 +966,15 @@ macro_rules! on_grad {
     };
 }
 
-/// dloss/dlogits into `grad` from a forward's saved lse and dlogp. Validated by the caller.
-pub fn backward_into(
-    batch: &Batch,
-    cfg: &VppoConfig,
+/// dloss/dlogits into `grad` from a forward's saved lse and dlogp (`out`, checked against the
+/// batch and for finite values by [`backward_host`]).
+pub(crate) fn backward_into(
+    valid: &ValidBatch,
     out: &VppoOutput,
     grad: GradMut,
     device: Device,
 ) -> Result<()> {
+    let batch = valid.batch();
     backward_host(
         device,
         Some(&batch.logits),
@@ -993,15 +982,15 @@ pub fn backward_into(
         batch.vocab,
         out,
         grad,
-        cfg,
+        valid.config(),
     )
 }
 
 /// dloss/dlogits written IN PLACE over host `logits` ([N, V], the forward's logits): afterwards the
-/// buffer holds the gradient in the logits dtype. Lengths and targets are checked by the caller
-/// ([`crate::Vppo::backward_in_place`]). On a GPU the buffer is uploaded, overwritten there by the
-/// same kernel, and copied back.
-pub fn backward_in_place(
+/// buffer holds the gradient in the logits dtype. Lengths, targets and `out` are checked by
+/// [`backward_host`]. On a GPU the buffer is uploaded, overwritten there by the same kernel, and
+/// copied back.
+pub(crate) fn backward_in_place(
     logits: GradMut,
     vocab: usize,
     targets: &[i32],
@@ -1016,6 +1005,10 @@ pub fn backward_in_place(
 /// `logits`, or, when `logits` is None, reading the logits from `grad` itself and overwriting them
 /// (in place). On the SIMT executor the kernel writes the caller's buffer directly; on a GPU it
 /// writes a device buffer (a copy of `grad` in place, zeros otherwise) that is then copied back.
+///
+/// Everything the launch indexes with is checked here first, whatever the caller checked: N * V
+/// (the product checked) against the lengths of `logits` and `grad`, the targets' range, and N
+/// finite values of lse and dlogp in `out`.
 fn backward_host(
     device: Device,
     logits: Option<&Logits>,
@@ -1026,6 +1019,8 @@ fn backward_host(
     cfg: &VppoConfig,
 ) -> Result<()> {
     let n = targets.len();
+    check_in_place(logits.map_or(grad.len(), |x| x.len()), vocab, targets, out)?;
+    let nv = check_elements(Tensor::GradLogits, grad.len(), n, vocab)?;
     if n == 0 {
         return Ok(());
     }
@@ -1033,7 +1028,6 @@ fn backward_host(
     let input_dtype = logits.map_or(grad.dtype(), |x| x.dtype());
     let kernel = backward_kernel(input_dtype, grad.dtype())?;
     let logits = logits.map(|x| Input::logits(l, x)).transpose()?;
-    let nv = n * vocab;
     let targets = Input::new(l, targets)?;
     let lse = Input::new(l, &out.tokens.lse)?;
     let dlogp = Input::new(l, &out.tokens.dlogp)?;
@@ -1055,8 +1049,8 @@ fn backward_host(
         grad: grad_addr,
     };
     // SAFETY: logits [N, V] of the input dtype (the caller's batch, or the one buffer at grad_addr
-    // in place), lse/dlogp/targets [N] (checked by the caller: out comes from a forward over these
-    // tokens), grad [N, V] of the output dtype (checked by the caller). In place, each element is
+    // in place), lse/dlogp/targets [N], targets in [0, V), grad [N, V] of the output dtype: all
+    // checked at the top of this function. In place, each element is
     // loaded and then stored by the same thread, and no two threads touch one element
     // (kernels/backward.cu). The caller's grad slice is borrowed mutably for this whole function, so
     // nothing else reads or writes it while the kernel does.
@@ -1386,7 +1380,7 @@ fn join_caller_streams(gpu: &Gpu, buffers: &[Residence]) -> Result<()> {
 /// The forward pass on the caller's device buffers. The O(N + B) tensors (targets, old_logp,
 /// advantages, cu_seqlens) are copied back once and validated on the host before any launch; the
 /// logits are only read by the perception kernel.
-pub fn forward_device(
+pub(crate) fn forward_device(
     gpu: &Arc<Gpu>,
     batch: &DeviceBatch,
     cfg: &VppoConfig,
@@ -1408,7 +1402,7 @@ pub fn forward_device(
         cu_seqlens: &cu_seqlens,
         vocab: batch.vocab,
     }
-    .validate(cfg.group_size, crate::reference::needs_groups(cfg))?;
+    .validate(cfg.group_size, cfg.needs_groups())?;
     let (n, b) = (targets.len(), advantages.len());
     let dims = Dims {
         n,
@@ -1463,18 +1457,8 @@ fn launch_backward(
     cfg: &VppoConfig,
 ) -> Result<()> {
     let n = fwd.targets.len();
-    let nv = n * fwd.vocab;
-    for (tensor, len) in [
-        (Tensor::Logits, logits_len),
-        (Tensor::GradLogits, grad.len()),
-    ] {
-        if len != nv {
-            return Err(VppoError::Shape {
-                tensor,
-                detail: format!("has {len} elements, expected N * V = {nv} (the forward's batch)"),
-            });
-        }
-    }
+    check_elements(Tensor::Logits, logits_len, n, fwd.vocab)?;
+    check_elements(Tensor::GradLogits, grad.len(), n, fwd.vocab)?;
     if targets.len() != n {
         return Err(VppoError::Shape {
             tensor: Tensor::Targets,
@@ -1508,7 +1492,7 @@ fn launch_backward(
 }
 
 /// dloss/dlogits of a [`forward_device`] into the caller's device buffer `grad`.
-pub fn backward_device(
+pub(crate) fn backward_device(
     fwd: &DeviceForward,
     batch: &DeviceBatch,
     grad: DeviceLogitsMut,
@@ -1530,7 +1514,7 @@ pub fn backward_device(
 /// dloss/dlogits of a [`forward_device`] written IN PLACE over `logits`: after this call the buffer
 /// holds the gradient (in the logits dtype), not the logits. Nothing else may read those logits as
 /// logits afterwards: an autograd framework that saved them for another op must not use this.
-pub fn backward_device_in_place(
+pub(crate) fn backward_device_in_place(
     fwd: &DeviceForward,
     logits: DeviceLogitsMut,
     targets: &CudaSlice<i32>,

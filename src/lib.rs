@@ -34,8 +34,10 @@ pub mod config;
 pub mod cuda;
 pub mod error;
 pub mod grpo;
+#[doc(hidden)]
+pub mod hooks;
 pub mod io;
-pub mod kernels;
+mod kernels;
 pub mod output;
 pub mod params;
 pub mod reference;
@@ -43,7 +45,7 @@ pub mod simt;
 pub mod train;
 
 pub use api::{Device, GradMut, LaneOrder, Vppo};
-pub use batch::{Batch, Dtype, Logits};
+pub use batch::{Batch, Dtype, Logits, ValidBatch};
 pub use config::{Aggregation, Perception, Shaping, TasScope, TopFraction, VppoConfig};
 pub use error::{Location, Result, Tensor, VppoError};
 pub use grpo::grpo_advantages;

@@ -1,5 +1,7 @@
 //! What the loss returns (SPEC section 8).
 
+use crate::error::{Location, Result, Tensor, VppoError};
+
 /// Per-token outputs, each of length N.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenOutputs {
@@ -71,8 +73,7 @@ impl VppoOutput {
     /// (SPEC section 2). The first value that is not is reported as an overflow naming the output and
     /// its row or response: valid inputs whose result does not fit (a tiny token normalizer, a huge
     /// logp penalty) never come back as a silent inf or NaN.
-    pub fn check_finite(&self) -> crate::Result<()> {
-        use crate::error::{Location, VppoError};
+    pub fn check_finite(&self) -> Result<()> {
         let fits = |x: f64| x.is_finite() && x.abs() <= f32::MAX as f64;
         for (what, x) in [
             ("loss", self.loss),
@@ -114,6 +115,50 @@ impl VppoOutput {
                         value: xs[i] as f64,
                     });
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks what a backward over N tokens (and, when given, B responses) reads from this output:
+    /// the per-token and per-response vectors have the batch's lengths, and `lse` and `dlogp` (the
+    /// two the backward kernel reads) are finite. A forward never returns a non-finite value there;
+    /// one that is edited or comes from another batch would give a NaN gradient, so it is an error.
+    pub fn check_for_backward(&self, n_tokens: usize, n_responses: Option<usize>) -> Result<()> {
+        let t = &self.tokens;
+        let r = &self.responses;
+        let n = n_tokens;
+        let mut lengths = vec![
+            (Tensor::Lse, "lse", t.lse.len(), n),
+            (Tensor::Dlogp, "dlogp", t.dlogp.len(), n),
+        ];
+        if let Some(b) = n_responses {
+            lengths.extend([
+                (Tensor::Targets, "logp", t.logp.len(), n),
+                (Tensor::Targets, "mask", t.mask.len(), n),
+                (Tensor::Advantages, "sbar", r.sbar.len(), b),
+                (Tensor::Advantages, "alpha", r.alpha.len(), b),
+                (Tensor::Advantages, "k", r.k.len(), b),
+            ]);
+        }
+        for (tensor, what, len, want) in lengths {
+            if len != want {
+                return Err(VppoError::Shape {
+                    tensor,
+                    detail: format!(
+                        "the forward output given to the backward is for another batch: its {what} \
+                         has {len} entries, the batch has {want}"
+                    ),
+                });
+            }
+        }
+        for (tensor, values) in [(Tensor::Lse, &t.lse), (Tensor::Dlogp, &t.dlogp)] {
+            if let Some((row, &x)) = values.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                return Err(VppoError::NonFinite {
+                    tensor,
+                    location: Location::Row(row),
+                    value: x as f64,
+                });
             }
         }
         Ok(())

@@ -8,6 +8,10 @@
     missing_docs
 )]
 #![allow(clippy::all)]
+// The one kind of unsafe block bindgen writes here is `Default`: `write_bytes(.., 0, 1)` then
+// `assume_init` on a #[repr(C)] struct of integers, floats and raw pointers, for each of which all
+// zero bytes are a valid value (0, 0.0, null). Generated code cannot carry SAFETY comments.
+#![allow(clippy::undocumented_unsafe_blocks)]
 
 include!("params_bindgen.rs");
 

@@ -1,4 +1,4 @@
-//! The GPU-resident API and the stage launches the benchmarks time (`vppo::kernels::DeviceStages`).
+//! The GPU-resident API and the stage launches the benchmarks time (`vppo::hooks::DeviceStages`).
 //! They need a GPU: with VPPO_TEST_DEVICE=cuda they run (and a missing GPU is a failure); without it
 //! they check that asking for the GPU is a clean error, and `all_tests_through_the_fake_cuda_driver`
 //! runs them again on the fake CUDA driver (tests/common/fake_cuda.rs), where the kernels run on the
@@ -10,7 +10,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use vppo::bench::{parse_synthetic, synthetic_batch, UploadedBatch};
 use vppo::cuda::{copy_bandwidth, Gpu};
-use vppo::kernels::DeviceStages;
+use vppo::hooks::DeviceStages;
 use vppo::{
     Device, DeviceBatch, DeviceLogits, DeviceLogitsMut, GradMut, OwnedLogits, Vppo, VppoConfig,
     VppoError,

@@ -26,7 +26,7 @@ mod common;
 use common::{seeded_batch, BatchSpec};
 use half::{bf16, f16};
 use proptest::prelude::*;
-use vppo::kernels;
+use vppo::hooks as kernels;
 use vppo::reference;
 use vppo::{
     Aggregation, Batch, Device, Dtype, GradMut, LaneOrder, Perception, Shaping, TasScope,

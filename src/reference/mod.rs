@@ -30,8 +30,8 @@ pub use surrogate::SurrogateF64;
 
 use crate::api::GradMut;
 use crate::batch::Batch;
-use crate::config::{Shaping, TasScope, VppoConfig};
-use crate::error::{Result, Tensor, VppoError};
+use crate::config::VppoConfig;
+use crate::error::Result;
 use crate::output::{ResponseOutputs, TokenOutputs, VppoOutput};
 
 /// Every f64 intermediate of one reference evaluation.
@@ -51,16 +51,10 @@ pub struct ForwardF64 {
     pub surrogate: SurrogateF64,
 }
 
-/// Whether the configuration needs B to be a whole number of groups of G (group-scope shaping).
-pub fn needs_groups(cfg: &VppoConfig) -> bool {
-    cfg.scope() == TasScope::Group && cfg.shaping != Shaping::None
-}
-
 /// Validates the config and the batch (all of SPEC section 7 that is O(N + B)), then runs every stage
 /// in f64. The O(N V) row checks happen in [`perception::perception`] before it computes anything.
 pub fn forward_f64(batch: &Batch, cfg: &VppoConfig) -> Result<ForwardF64> {
-    cfg.validate()?;
-    batch.validate_small(cfg.group_size, needs_groups(cfg))?;
+    batch.validate(cfg)?;
     let perception = perception::perception(batch, cfg)?;
     let (mask, k) = select::topk_mask(
         &perception.score,
@@ -123,35 +117,10 @@ pub fn forward(batch: &Batch, cfg: &VppoConfig) -> Result<VppoOutput> {
     })
 }
 
-/// Checks that `out` has the lengths of a forward over `batch` (N per-token values, B per-response).
-pub fn check_output(batch: &Batch, out: &VppoOutput) -> Result<()> {
-    let n = batch.n_tokens();
-    let b = batch.n_responses();
-    let t = &out.tokens;
-    let r = &out.responses;
-    let token_ok = [t.lse.len(), t.dlogp.len(), t.logp.len(), t.mask.len()]
-        .iter()
-        .all(|&l| l == n);
-    let resp_ok = [r.sbar.len(), r.alpha.len(), r.k.len()]
-        .iter()
-        .all(|&l| l == b);
-    if !token_ok || !resp_ok {
-        return Err(VppoError::Shape {
-            tensor: Tensor::Logits,
-            detail: format!(
-                "the forward output given to backward is for another batch: it has {} tokens and {} \
-                 responses, the batch N = {n} and B = {b}",
-                t.dlogp.len(),
-                r.alpha.len()
-            ),
-        });
-    }
-    Ok(())
-}
-
 /// dloss/dlogits into `grad` ([N, V], any of f32, f16, bf16), computed by the reference.
 ///
-/// `out` must be the forward output of the same batch and config (its lengths are checked). The
+/// `out` must be the forward output of the same batch and config (its lengths are checked, and
+/// its lse and dlogp must be finite, as for every device, although the reference reads neither). The
 /// reference recomputes lse and dloss/dlogp in f64 instead of reading the f32 copies in `out`, so the
 /// gradient is the f64 value rounded once to the buffer's dtype.
 pub fn backward_into(
@@ -160,7 +129,7 @@ pub fn backward_into(
     out: &VppoOutput,
     grad: GradMut,
 ) -> Result<()> {
-    check_output(batch, out)?;
+    out.check_for_backward(batch.n_tokens(), Some(batch.n_responses()))?;
     let f = forward_f64(batch, cfg)?;
     backward::grad_logits_centred(
         batch.logits,

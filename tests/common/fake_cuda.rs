@@ -87,7 +87,7 @@ extern "C" fn resolve(name: *const c_char) -> Option<SimtEntry> {
     }
     // SAFETY: the fake driver passes the NUL-terminated name cuModuleGetFunction was given.
     let name = unsafe { CStr::from_ptr(name) }.to_str().ok()?;
-    vppo::kernels::simt_entry(name)
+    vppo::hooks::simt_entry(name)
 }
 
 /// The byte offsets of the pointer fields of each params struct (kernels/vppo_params.h), which the
