@@ -1,101 +1,11 @@
 //! A packed batch (SPEC section 1): borrowed host tensors with their dtype, and the shape checks that
 //! run before any computation.
 
-use half::{bf16, f16};
-
 use crate::config::VppoConfig;
 use crate::error::{Location, Result, Tensor, VppoError};
 use crate::output::VppoOutput;
-
-/// The element type of a logits tensor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Dtype {
-    /// IEEE binary32.
-    F32,
-    /// IEEE binary16.
-    F16,
-    /// bfloat16.
-    Bf16,
-}
-
-impl Dtype {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            Dtype::F32 => 4,
-            Dtype::F16 | Dtype::Bf16 => 2,
-        }
-    }
-
-    /// Lower-case name as used in kernel names and messages ("f32", "f16", "bf16").
-    pub fn name(self) -> &'static str {
-        match self {
-            Dtype::F32 => "f32",
-            Dtype::F16 => "f16",
-            Dtype::Bf16 => "bf16",
-        }
-    }
-}
-
-/// A borrowed [N, V] logits tensor in one of the three supported dtypes, row-major.
-#[derive(Debug, Clone, Copy)]
-pub enum Logits<'a> {
-    /// f32 logits.
-    F32(&'a [f32]),
-    /// f16 logits.
-    F16(&'a [f16]),
-    /// bf16 logits.
-    Bf16(&'a [bf16]),
-}
-
-impl<'a> Logits<'a> {
-    /// The dtype of the elements.
-    pub fn dtype(&self) -> Dtype {
-        match self {
-            Logits::F32(_) => Dtype::F32,
-            Logits::F16(_) => Dtype::F16,
-            Logits::Bf16(_) => Dtype::Bf16,
-        }
-    }
-
-    /// Number of elements (N * V).
-    pub fn len(&self) -> usize {
-        match self {
-            Logits::F32(x) => x.len(),
-            Logits::F16(x) => x.len(),
-            Logits::Bf16(x) => x.len(),
-        }
-    }
-
-    /// True when there are no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Element `i`, widened exactly to f64.
-    #[inline]
-    pub fn get(&self, i: usize) -> f64 {
-        match self {
-            Logits::F32(x) => x[i] as f64,
-            Logits::F16(x) => x[i].to_f64(),
-            Logits::Bf16(x) => x[i].to_f64(),
-        }
-    }
-
-    /// Row `t` of a [N, V] tensor, widened exactly to f64.
-    pub fn row_f64(&self, t: usize, vocab: usize) -> Vec<f64> {
-        (t * vocab..(t + 1) * vocab).map(|i| self.get(i)).collect()
-    }
-
-    /// The raw bytes (little-endian, as the GPU and safetensors store them).
-    pub fn as_bytes(&self) -> &'a [u8] {
-        match *self {
-            Logits::F32(x) => bytemuck::cast_slice(x),
-            Logits::F16(x) => bytemuck::cast_slice(x),
-            Logits::Bf16(x) => bytemuck::cast_slice(x),
-        }
-    }
-}
+use crate::tensor::GradMut;
+pub use crate::tensor::{Dtype, Logits};
 
 /// A packed batch of B responses with N tokens in all over a vocabulary of V (SPEC section 1).
 ///
@@ -368,4 +278,27 @@ pub fn validate_cu_seqlens(cu_seqlens: &[i32], n_tokens: usize) -> Result<()> {
         });
     }
     Ok(())
+}
+
+impl GradMut<'_> {
+    /// Checks the buffer holds N * V elements (the product checked) and is f32 or the logits dtype.
+    pub(crate) fn check(&self, batch: &Batch) -> Result<()> {
+        check_elements(
+            Tensor::GradLogits,
+            self.len(),
+            batch.n_tokens(),
+            batch.vocab,
+        )?;
+        if self.dtype() != Dtype::F32 && self.dtype() != batch.logits.dtype() {
+            return Err(VppoError::Shape {
+                tensor: Tensor::GradLogits,
+                detail: format!(
+                    "dtype {} is neither f32 nor the logits dtype {}",
+                    self.dtype().name(),
+                    batch.logits.dtype().name()
+                ),
+            });
+        }
+        Ok(())
+    }
 }

@@ -45,7 +45,8 @@ use crate::cli::LossOptions;
 use crate::cuda::Gpu;
 use crate::error::{Result, VppoError};
 use crate::io::{self, OwnedBatch, OwnedLogits};
-use crate::kernels::{DeviceBatch, DeviceLogits, DeviceLogitsMut};
+use crate::kernels::DeviceBatch;
+use crate::tensor::{DeviceLogits, DeviceLogitsMut};
 
 /// `--grad`: which gradient the forward + backward timing produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -12,12 +12,10 @@
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::Arc;
 
-use half::{bf16, f16};
-
-use crate::api::{Device, GradMut, LaneOrder};
-use crate::batch::{check_elements, check_in_place, Batch, Dtype, Logits, ValidBatch};
+use crate::batch::{check_elements, check_in_place, Batch, ValidBatch};
 use crate::config::{Aggregation, Perception, Shaping, TasScope, VppoConfig};
 use crate::cuda::Gpu;
+use crate::device::{Device, LaneOrder};
 use crate::error::{Location, Result, Tensor, VppoError};
 use crate::output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
 use crate::params::{
@@ -25,6 +23,7 @@ use crate::params::{
     VppoSelectParams, VPPO_STATUS_CLEAR,
 };
 use crate::simt::{self, SimtEntry, SimtLaunch};
+use crate::tensor::{on_dtype, DeviceLogits, DeviceLogitsMut, Dtype, Elem, GradMut, Logits};
 
 // -------------------------------------------------------------------------------------------------
 // Kernel table
@@ -332,11 +331,7 @@ impl<'a> Input<'a> {
     }
 
     fn logits(launcher: &Launcher, logits: &Logits<'a>) -> Result<Input<'a>> {
-        match *logits {
-            Logits::F32(x) => Input::new(launcher, x),
-            Logits::F16(x) => Input::new(launcher, x),
-            Logits::Bf16(x) => Input::new(launcher, x),
-        }
+        on_dtype!(*logits, x => Input::new(launcher, x))
     }
 }
 
@@ -955,17 +950,6 @@ fn output_from(ws: &Workspace, c: &ArenaCopy, z: f64) -> VppoOutput {
 // Backward
 // -------------------------------------------------------------------------------------------------
 
-/// `$body` with `$g` bound to the slice inside a [`GradMut`], whatever its dtype.
-macro_rules! on_grad {
-    ($e:expr, $g:ident => $body:expr) => {
-        match $e {
-            GradMut::F32($g) => $body,
-            GradMut::F16($g) => $body,
-            GradMut::Bf16($g) => $body,
-        }
-    };
-}
-
 /// dloss/dlogits into `grad` from a forward's saved lse and dlogp (`out`, checked against the
 /// batch and for finite values by [`backward_host`]).
 pub(crate) fn backward_into(
@@ -1033,13 +1017,13 @@ fn backward_host(
     let dlogp = Input::new(l, &out.tokens.dlogp)?;
     let device_grad = match (l, &logits) {
         (Launcher::Simt(_), _) => None,
-        (Launcher::Cuda(_), None) => Some(on_grad!(&grad, g => l.upload(&g[..]))?),
+        (Launcher::Cuda(_), None) => Some(on_dtype!(&grad, g => l.upload(&g[..]))?),
         // The kernel writes every element of grad (kernels/backward.cu): no zeroing.
         (Launcher::Cuda(_), Some(_)) => Some(l.alloc_for_overwrite(nv * grad.dtype().size())?),
     };
     let grad_addr = match &device_grad {
         Some(buf) => l.addr(buf),
-        None => on_grad!(&mut grad, g => g.as_mut_ptr() as u64),
+        None => on_dtype!(&mut grad, g => g.as_mut_ptr() as u64),
     };
     let addrs = BackwardAddrs {
         logits: logits.as_ref().map_or(grad_addr, |x| x.addr),
@@ -1056,7 +1040,7 @@ fn backward_host(
     // nothing else reads or writes it while the kernel does.
     unsafe { launch_backward_kernel(l, kernel, &addrs, n, vocab, cfg)? };
     if let Some(buf) = device_grad {
-        on_grad!(grad, g => l.download_into(&buf, g)?);
+        on_dtype!(grad, g => l.download_into(&buf, g)?);
     }
     Ok(())
 }
@@ -1106,111 +1090,30 @@ unsafe fn launch_backward_kernel(
 
 use cudarc::driver::CudaSlice;
 
-/// A GPU-resident [N, V] logits tensor borrowed from the caller.
-#[derive(Debug, Clone, Copy)]
-pub enum DeviceLogits<'a> {
-    /// f32 logits.
-    F32(&'a CudaSlice<f32>),
-    /// f16 logits.
-    F16(&'a CudaSlice<f16>),
-    /// bf16 logits.
-    Bf16(&'a CudaSlice<bf16>),
-}
-
-/// A GPU-resident [N, V] buffer the kernels write: a gradient buffer, or the logits themselves for
-/// the in-place backward.
-#[derive(Debug)]
-pub enum DeviceLogitsMut<'a> {
-    /// f32 elements.
-    F32(&'a mut CudaSlice<f32>),
-    /// f16 elements.
-    F16(&'a mut CudaSlice<f16>),
-    /// bf16 elements.
-    Bf16(&'a mut CudaSlice<bf16>),
-}
-
-macro_rules! on_slice {
-    ($e:expr, $s:ident => $body:expr) => {
-        match $e {
-            DeviceLogits::F32($s) => $body,
-            DeviceLogits::F16($s) => $body,
-            DeviceLogits::Bf16($s) => $body,
-        }
-    };
-}
-
 impl DeviceLogits<'_> {
-    /// The element type.
-    pub fn dtype(&self) -> Dtype {
-        match self {
-            DeviceLogits::F32(_) => Dtype::F32,
-            DeviceLogits::F16(_) => Dtype::F16,
-            DeviceLogits::Bf16(_) => Dtype::Bf16,
-        }
-    }
-
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        on_slice!(self, s => s.len())
-    }
-
-    /// True when empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn addr(&self, gpu: &Gpu) -> u64 {
-        on_slice!(self, s => gpu.device_ptr_u64(s))
+        on_dtype!(self, s => gpu.device_ptr_u64(s))
     }
 
     /// Row `row` of a [N, V] tensor, copied back and widened to f64 (to name a bad value).
     fn row_f64(&self, gpu: &Gpu, row: usize, vocab: usize) -> Result<Vec<f64>> {
-        fn copy<T: cudarc::driver::DeviceRepr>(
+        fn copy<T: Elem>(
             gpu: &Gpu,
             s: &CudaSlice<T>,
             row: usize,
             vocab: usize,
-            widen: fn(T) -> f64,
         ) -> Result<Vec<f64>> {
             let host = gpu
                 .stream()
                 .clone_dtoh(&s.slice(row * vocab..(row + 1) * vocab))
                 .map_err(|e| VppoError::Cuda(format!("copying logits row {row} back: {e:?}")))?;
-            Ok(host.into_iter().map(widen).collect())
+            Ok(host.into_iter().map(T::to_f64).collect())
         }
-        match self {
-            DeviceLogits::F32(s) => copy(gpu, s, row, vocab, f64::from),
-            DeviceLogits::F16(s) => copy(gpu, s, row, vocab, f16::to_f64),
-            DeviceLogits::Bf16(s) => copy(gpu, s, row, vocab, bf16::to_f64),
-        }
+        on_dtype!(self, s => copy(gpu, s, row, vocab))
     }
 }
 
 impl DeviceLogitsMut<'_> {
-    /// The same buffer, borrowed for reading.
-    fn as_ref(&self) -> DeviceLogits<'_> {
-        match self {
-            DeviceLogitsMut::F32(s) => DeviceLogits::F32(s),
-            DeviceLogitsMut::F16(s) => DeviceLogits::F16(s),
-            DeviceLogitsMut::Bf16(s) => DeviceLogits::Bf16(s),
-        }
-    }
-
-    /// The element type.
-    pub fn dtype(&self) -> Dtype {
-        self.as_ref().dtype()
-    }
-
-    /// Number of elements.
-    pub fn len(&self) -> usize {
-        self.as_ref().len()
-    }
-
-    /// True when empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn addr(&self, gpu: &Gpu) -> u64 {
         self.as_ref().addr(gpu)
     }
@@ -1322,7 +1225,7 @@ fn residence<T>(tensor: Tensor, s: &CudaSlice<T>) -> Residence<'_> {
 
 impl<'a> DeviceLogits<'a> {
     fn residence(&self, tensor: Tensor) -> Residence<'a> {
-        on_slice!(*self, s => residence(tensor, s))
+        on_dtype!(*self, s => residence(tensor, s))
     }
 }
 

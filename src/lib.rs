@@ -32,6 +32,7 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod cuda;
+pub mod device;
 pub mod error;
 pub mod grpo;
 #[doc(hidden)]
@@ -42,6 +43,7 @@ pub mod output;
 pub mod params;
 pub mod reference;
 pub mod simt;
+pub mod tensor;
 pub mod train;
 
 pub use api::{Device, GradMut, LaneOrder, Vppo};
@@ -50,8 +52,9 @@ pub use config::{Aggregation, Perception, Shaping, TasScope, TopFraction, VppoCo
 pub use error::{Location, Result, Tensor, VppoError};
 pub use grpo::grpo_advantages;
 pub use io::{OwnedBatch, OwnedLogits};
-pub use kernels::{DeviceBatch, DeviceForward, DeviceLogits, DeviceLogitsMut};
+pub use kernels::{DeviceBatch, DeviceForward};
 pub use output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
+pub use tensor::{ByDtype, DeviceLogits, DeviceLogitsMut};
 
 /// The README's code blocks, compiled and run as doctests so the README stays true.
 #[cfg(doctest)]

@@ -12,7 +12,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 
-use crate::api::LaneOrder;
+use crate::device::LaneOrder;
 use crate::error::{Result, VppoError};
 
 /// One launch, as the C entry points take it (kernels/simt/simt_abi.h, `VppoSimtLaunch`).

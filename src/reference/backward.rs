@@ -2,9 +2,9 @@
 
 use half::{bf16, f16};
 
-use crate::api::GradMut;
 use crate::batch::Logits;
 use crate::error::{Result, Tensor, VppoError};
+use crate::tensor::GradMut;
 
 /// Writes `dloss/dlogits[t, v] = g_t (1[v = y_t] - exp(a_v - lse_t)) / tau`, `a = logits[t] / tau`, into
 /// `grad` ([N, V], f32, f16 or bf16), computing in f64 and rounding once to the buffer's dtype.

@@ -28,11 +28,11 @@ pub mod surrogate;
 pub use perception::PerceptionF64;
 pub use surrogate::SurrogateF64;
 
-use crate::api::GradMut;
 use crate::batch::Batch;
 use crate::config::VppoConfig;
 use crate::error::Result;
 use crate::output::{ResponseOutputs, TokenOutputs, VppoOutput};
+use crate::tensor::GradMut;
 
 /// Every f64 intermediate of one reference evaluation.
 #[derive(Debug, Clone, Default, PartialEq)]
