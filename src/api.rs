@@ -4,7 +4,7 @@ use crate::batch::{check_in_place, Batch};
 use crate::config::VppoConfig;
 pub use crate::device::{Device, LaneOrder};
 use crate::error::{Result, Tensor, VppoError};
-use crate::kernels::{DeviceBatch, DeviceForward};
+use crate::exec::{DeviceBatch, DeviceForward};
 use crate::output::VppoOutput;
 use crate::tensor::DeviceLogitsMut;
 pub use crate::tensor::GradMut;
@@ -51,7 +51,7 @@ impl Vppo {
     /// tensors are copied back once for validation). Needs [`Device::Cuda`]. The result keeps the
     /// per-token buffers the backward needs on the GPU.
     pub fn forward_device(&self, batch: &DeviceBatch) -> Result<DeviceForward> {
-        let fwd = crate::kernels::forward_device(&self.gpu()?, batch, &self.config)?;
+        let fwd = crate::exec::forward_device(&self.gpu()?, batch, &self.config)?;
         fwd.output.check_finite()?;
         Ok(fwd)
     }
@@ -67,7 +67,7 @@ impl Vppo {
         grad: DeviceLogitsMut,
     ) -> Result<()> {
         self.check_grad_bound(&fwd.output.tokens.dlogp)?;
-        crate::kernels::backward_device(fwd, batch, grad, &self.config)
+        crate::exec::backward_device(fwd, batch, grad, &self.config)
     }
 
     /// dloss/dlogits of [`Vppo::forward_device`] written IN PLACE over the logits buffer: afterwards
@@ -80,7 +80,7 @@ impl Vppo {
         targets: &cudarc::driver::CudaSlice<i32>,
     ) -> Result<()> {
         self.check_grad_bound(&fwd.output.tokens.dlogp)?;
-        crate::kernels::backward_device_in_place(fwd, logits, targets, &self.config)
+        crate::exec::backward_device_in_place(fwd, logits, targets, &self.config)
     }
 
     /// The configuration.
@@ -108,7 +108,7 @@ impl Vppo {
                 if self.config.temperature < 1.0 {
                     crate::reference::perception::check_rows(batch, &self.config)?;
                 }
-                crate::kernels::forward(&valid, self.device)
+                crate::exec::forward(&valid, self.device)
             }
         }?;
         out.check_finite()?;
@@ -150,7 +150,7 @@ impl Vppo {
         match self.device {
             Device::Reference => crate::reference::backward_into(batch, &self.config, out, grad),
             Device::Simt(_) | Device::Cuda(_) => {
-                crate::kernels::backward_into(&valid, out, grad, self.device)
+                crate::exec::backward_into(&valid, out, grad, self.device)
             }
         }
     }
@@ -188,7 +188,7 @@ impl Vppo {
                     logits,
                 )
             }
-            Device::Simt(_) | Device::Cuda(_) => crate::kernels::backward_in_place(
+            Device::Simt(_) | Device::Cuda(_) => crate::exec::backward_in_place(
                 logits,
                 vocab,
                 targets,

@@ -44,8 +44,8 @@ use crate::batch::{Batch, Dtype, Logits};
 use crate::cli::LossOptions;
 use crate::cuda::Gpu;
 use crate::error::{Result, VppoError};
+use crate::exec::DeviceBatch;
 use crate::io::{self, OwnedBatch, OwnedLogits};
-use crate::kernels::DeviceBatch;
 use crate::tensor::{DeviceLogits, DeviceLogitsMut};
 
 /// `--grad`: which gradient the forward + backward timing produces.

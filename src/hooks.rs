@@ -13,17 +13,17 @@ use crate::output::{TokenOutputs, VppoOutput};
 use crate::simt::SimtEntry;
 use crate::{Device, GradMut, LaneOrder};
 
-pub use crate::kernels::DeviceStages;
+pub use crate::exec::DeviceStages;
 
 /// The whole forward on `device` (a kernel device), as [`crate::Vppo::forward`] runs it for N > 0.
 pub fn forward(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<VppoOutput> {
-    crate::kernels::forward(&batch.validate(cfg)?, device)
+    crate::exec::forward(&batch.validate(cfg)?, device)
 }
 
 /// Pass 1 alone on `device` (a kernel device): the per-token perception outputs (lse, logp, kl,
 /// k3, entropy, score), with mask and dlogp left empty.
 pub fn perception(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<TokenOutputs> {
-    crate::kernels::perception(&batch.validate(cfg)?, device)
+    crate::exec::perception(&batch.validate(cfg)?, device)
 }
 
 /// Pass 1 through a deliberately wrong build of the perception kernel (every exp times 1.001), on
@@ -33,7 +33,7 @@ pub fn mutant_perception(
     cfg: &VppoConfig,
     order: LaneOrder,
 ) -> Result<TokenOutputs> {
-    crate::kernels::mutant_perception(&batch.validate(cfg)?, order)
+    crate::exec::mutant_perception(&batch.validate(cfg)?, order)
 }
 
 /// Pass 2a alone: the top-k mask, k_b and Sbar of the given finite `scores` over `cu_seqlens`.
@@ -43,7 +43,7 @@ pub fn select(
     top_fraction: f64,
     device: Device,
 ) -> Result<(Vec<u8>, Vec<u32>, Vec<f32>)> {
-    crate::kernels::select(scores, cu_seqlens, top_fraction, device)
+    crate::exec::select(scores, cu_seqlens, top_fraction, device)
 }
 
 /// Pass 3 alone on `device`, from the `out` it is given (which may come from another device's
@@ -55,11 +55,11 @@ pub fn backward_into(
     grad: GradMut,
     device: Device,
 ) -> Result<()> {
-    crate::kernels::backward_into(&batch.validate(cfg)?, out, grad, device)
+    crate::exec::backward_into(&batch.validate(cfg)?, out, grad, device)
 }
 
 /// The SIMT entry point of the kernel called `name` in the fatbins (`vppo_perception_bf16`, ...),
 /// for the fake CUDA driver of the tests (tests/fake_cuda/); None for an unknown name.
 pub fn simt_entry(name: &str) -> Option<SimtEntry> {
-    crate::kernels::simt_entry(name)
+    crate::exec::simt_entry(name)
 }

@@ -34,11 +34,11 @@ pub mod config;
 pub mod cuda;
 pub mod device;
 pub mod error;
+mod exec;
 pub mod grpo;
 #[doc(hidden)]
 pub mod hooks;
 pub mod io;
-mod kernels;
 pub mod output;
 pub mod params;
 pub mod reference;
@@ -50,9 +50,9 @@ pub use api::{Device, GradMut, LaneOrder, Vppo};
 pub use batch::{Batch, Dtype, Logits, ValidBatch};
 pub use config::{Aggregation, Perception, Shaping, TasScope, TopFraction, VppoConfig};
 pub use error::{Location, Result, Tensor, VppoError};
+pub use exec::{DeviceBatch, DeviceForward};
 pub use grpo::grpo_advantages;
 pub use io::{OwnedBatch, OwnedLogits};
-pub use kernels::{DeviceBatch, DeviceForward};
 pub use output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
 pub use tensor::{ByDtype, DeviceLogits, DeviceLogitsMut};
 

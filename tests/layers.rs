@@ -23,7 +23,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("GRPO helper", &["grpo"]),
     ("oracle", &["reference"]),
     ("backends", &["simt", "cuda"]),
-    ("pipeline", &["kernels"]),
+    ("pipeline", &["exec"]),
     ("API", &["api", "hooks"]),
     ("apps", &["io", "cli", "bench", "train", "bin"]),
 ];

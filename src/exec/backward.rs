@@ -1,0 +1,159 @@
+//! Pass 3, kernels/backward.cu: dloss/dlogits from the forward's lse and dlogp, into a gradient
+//! buffer or in place over the logits.
+
+#[allow(unused_imports)]
+use super::*;
+
+pub(super) fn backward_kernel(input: Dtype, output: Dtype) -> Result<Kernel> {
+    Ok(match (input, output) {
+        (Dtype::F32, Dtype::F32) => BACKWARD_F32_F32,
+        (Dtype::F16, Dtype::F32) => BACKWARD_F16_F32,
+        (Dtype::F16, Dtype::F16) => BACKWARD_F16_F16,
+        (Dtype::Bf16, Dtype::F32) => BACKWARD_BF16_F32,
+        (Dtype::Bf16, Dtype::Bf16) => BACKWARD_BF16_BF16,
+        (i, o) => {
+            return Err(VppoError::Shape {
+                tensor: Tensor::GradLogits,
+                detail: format!(
+                    "dtype {} is neither f32 nor the logits dtype {}",
+                    o.name(),
+                    i.name()
+                ),
+            })
+        }
+    })
+}
+
+/// dloss/dlogits into `grad` from a forward's saved lse and dlogp (`out`, checked against the
+/// batch and for finite values by [`backward_host`]).
+pub(crate) fn backward_into(
+    valid: &ValidBatch,
+    out: &VppoOutput,
+    grad: GradMut,
+    device: Device,
+) -> Result<()> {
+    let batch = valid.batch();
+    backward_host(
+        device,
+        Some(&batch.logits),
+        batch.targets,
+        batch.vocab,
+        out,
+        grad,
+        valid.config(),
+    )
+}
+
+/// dloss/dlogits written IN PLACE over host `logits` ([N, V], the forward's logits): afterwards the
+/// buffer holds the gradient in the logits dtype. Lengths, targets and `out` are checked by
+/// [`backward_host`]. On a GPU the buffer is uploaded, overwritten there by the same kernel, and
+/// copied back.
+pub(crate) fn backward_in_place(
+    logits: GradMut,
+    vocab: usize,
+    targets: &[i32],
+    out: &VppoOutput,
+    cfg: &VppoConfig,
+    device: Device,
+) -> Result<()> {
+    backward_host(device, None, targets, vocab, out, logits, cfg)
+}
+
+/// The backward kernel into the caller's host buffer `grad` ([N, V], N = `targets.len()`), reading
+/// `logits`, or, when `logits` is None, reading the logits from `grad` itself and overwriting them
+/// (in place). On the SIMT executor the kernel writes the caller's buffer directly; on a GPU it
+/// writes a device buffer (a copy of `grad` in place, zeros otherwise) that is then copied back.
+///
+/// Everything the launch indexes with is checked here first, whatever the caller checked: N * V
+/// (the product checked) against the lengths of `logits` and `grad`, the targets' range, and N
+/// finite values of lse and dlogp in `out`.
+pub(super) fn backward_host(
+    device: Device,
+    logits: Option<&Logits>,
+    targets: &[i32],
+    vocab: usize,
+    out: &VppoOutput,
+    mut grad: GradMut,
+    cfg: &VppoConfig,
+) -> Result<()> {
+    let n = targets.len();
+    check_in_place(logits.map_or(grad.len(), |x| x.len()), vocab, targets, out)?;
+    let nv = check_elements(Tensor::GradLogits, grad.len(), n, vocab)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let l = &Launcher::for_device(device)?;
+    let input_dtype = logits.map_or(grad.dtype(), |x| x.dtype());
+    let kernel = backward_kernel(input_dtype, grad.dtype())?;
+    let logits = logits.map(|x| Input::logits(l, x)).transpose()?;
+    let targets = Input::new(l, targets)?;
+    let lse = Input::new(l, &out.tokens.lse)?;
+    let dlogp = Input::new(l, &out.tokens.dlogp)?;
+    let device_grad = match (l, &logits) {
+        (Launcher::Simt(_), _) => None,
+        (Launcher::Cuda(_), None) => Some(on_dtype!(&grad, g => l.upload(&g[..]))?),
+        // The kernel writes every element of grad (kernels/backward.cu): no zeroing.
+        (Launcher::Cuda(_), Some(_)) => Some(l.alloc_for_overwrite(nv * grad.dtype().size())?),
+    };
+    let grad_addr = match &device_grad {
+        Some(buf) => l.addr(buf),
+        None => on_dtype!(&mut grad, g => g.as_mut_ptr() as u64),
+    };
+    let addrs = BackwardAddrs {
+        logits: logits.as_ref().map_or(grad_addr, |x| x.addr),
+        lse: lse.addr,
+        dlogp: dlogp.addr,
+        targets: targets.addr,
+        grad: grad_addr,
+    };
+    // SAFETY: logits [N, V] of the input dtype (the caller's batch, or the one buffer at grad_addr
+    // in place), lse/dlogp/targets [N], targets in [0, V), grad [N, V] of the output dtype: all
+    // checked at the top of this function. In place, each element is
+    // loaded and then stored by the same thread, and no two threads touch one element
+    // (kernels/backward.cu). The caller's grad slice is borrowed mutably for this whole function, so
+    // nothing else reads or writes it while the kernel does.
+    unsafe { launch_backward_kernel(l, kernel, &addrs, n, vocab, cfg)? };
+    if let Some(buf) = device_grad {
+        on_dtype!(grad, g => l.download_into(&buf, g)?);
+    }
+    Ok(())
+}
+
+/// The buffers of one backward launch, as addresses of the launcher's memory space. `logits` and
+/// `grad` are the same address for the in-place backward.
+pub(super) struct BackwardAddrs {
+    pub(super) logits: u64,
+    pub(super) lse: u64,
+    pub(super) dlogp: u64,
+    pub(super) targets: u64,
+    pub(super) grad: u64,
+}
+
+/// Launches the backward kernel over `n` rows of `vocab` logits.
+///
+/// # Safety
+/// As [`Launcher::launch`]: `logits` and `grad` hold `n * vocab` elements of the kernel's input and
+/// output dtypes, `lse`, `dlogp` and `targets` hold `n` values, and nothing else accesses `grad`
+/// while the kernel runs (it may alias `logits`: each element is loaded, then stored, by one thread).
+pub(super) unsafe fn launch_backward_kernel(
+    l: &Launcher,
+    kernel: Kernel,
+    a: &BackwardAddrs,
+    n: usize,
+    vocab: usize,
+    cfg: &VppoConfig,
+) -> Result<()> {
+    let p = VppoBackwardParams {
+        logits: a.logits as *const c_void,
+        lse: a.lse as *const f32,
+        dlogp: a.dlogp as *const f32,
+        targets: a.targets as *const i32,
+        grad: a.grad as *mut c_void,
+        n_tokens: n as i64,
+        vocab: vocab as i64,
+        inv_temperature: (1.0 / cfg.temperature) as f32,
+        ..Default::default()
+    };
+    // SAFETY: forwarded from this function's contract.
+    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p) }
+}

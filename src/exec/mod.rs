@@ -1,0 +1,273 @@
+//! The kernel pipeline: the one place where kernels are launched, on a GPU through cudarc or on the CPU
+//! through the SIMT executor, with the same kernel, launch configuration and parameter struct.
+//!
+//! Pass 1 `vppo_perception_*` (kernels/perception.cu) -> pass 2a `vppo_select` and 2b `vppo_loss`
+//! (kernels/select_loss.cu) -> pass 3 `vppo_backward_*` (kernels/backward.cu). Extra memory is O(N + B):
+//! per-token and per-response vectors, never an [N, V] temporary.
+//!
+//! One file per kernel source, named after it: perception.rs (kernels/perception.cu), select_loss.rs
+//! (kernels/select_loss.cu), backward.rs (kernels/backward.cu); launcher.rs runs a kernel and owns
+//! its memory, workspace.rs lays out a forward's per-token buffers, resident.rs takes the caller's
+//! GPU-resident tensors. Every entry point takes a [`ValidBatch`] or checks what it is given first.
+//!
+//! Everything here works on raw addresses (`u64`): device pointers on a GPU, host pointers on the SIMT
+//! executor. The owners of the memory (the caller's slices, or the [`Buffer`]s made here) outlive every
+//! launch that uses them; that is the invariant every `unsafe` block below relies on.
+
+use std::ffi::{c_char, c_int, c_void};
+use std::sync::Arc;
+
+use crate::batch::{check_elements, check_in_place, Batch, ValidBatch};
+use crate::config::{Aggregation, Perception, Shaping, TasScope, VppoConfig};
+use crate::cuda::Gpu;
+use crate::device::{Device, LaneOrder};
+use crate::error::{Location, Result, Tensor, VppoError};
+use crate::output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
+use crate::params::{
+    VppoBackwardParams, VppoErrorCode, VppoLossParams, VppoLossTotals, VppoPerceptionParams,
+    VppoSelectParams, VPPO_STATUS_CLEAR,
+};
+use crate::simt::{self, SimtEntry, SimtLaunch};
+use crate::tensor::{on_dtype, DeviceLogits, DeviceLogitsMut, Dtype, Elem, GradMut, Logits};
+
+mod backward;
+mod launcher;
+mod perception;
+mod resident;
+mod select_loss;
+mod workspace;
+
+use backward::*;
+pub(crate) use backward::{backward_in_place, backward_into};
+use launcher::*;
+use perception::*;
+pub(crate) use perception::{mutant_perception, perception};
+pub(crate) use resident::{backward_device, backward_device_in_place, forward_device};
+pub use resident::{DeviceBatch, DeviceForward, DeviceStages};
+pub(crate) use select_loss::select;
+use select_loss::*;
+use workspace::*;
+
+// -------------------------------------------------------------------------------------------------
+// Kernel table
+// -------------------------------------------------------------------------------------------------
+
+/// A kernel: its name in the fatbin and its entry point in the SIMT build.
+#[derive(Clone, Copy)]
+pub(crate) struct Kernel {
+    pub name: &'static str,
+    pub simt: SimtEntry,
+}
+
+macro_rules! kernel_table {
+    ($($konst:ident => $name:ident / $sym:ident;)*) => {
+        extern "C" {
+            $(fn $sym(launch: *const SimtLaunch, params: *const c_void, err: *mut c_char, err_len: usize) -> c_int;)*
+        }
+        $(pub(crate) const $konst: Kernel = Kernel { name: stringify!($name), simt: $sym };)*
+        /// Every kernel of the table.
+        const ALL_KERNELS: &[Kernel] = &[$($konst),*];
+    };
+}
+
+kernel_table! {
+    PERCEPTION_F32 => vppo_perception_f32 / vppo_simt_vppo_perception_f32;
+    PERCEPTION_F16 => vppo_perception_f16 / vppo_simt_vppo_perception_f16;
+    PERCEPTION_BF16 => vppo_perception_bf16 / vppo_simt_vppo_perception_bf16;
+    SELECT => vppo_select / vppo_simt_vppo_select;
+    LOSS => vppo_loss / vppo_simt_vppo_loss;
+    BACKWARD_F32_F32 => vppo_backward_f32_f32 / vppo_simt_vppo_backward_f32_f32;
+    BACKWARD_F16_F32 => vppo_backward_f16_f32 / vppo_simt_vppo_backward_f16_f32;
+    BACKWARD_F16_F16 => vppo_backward_f16_f16 / vppo_simt_vppo_backward_f16_f16;
+    BACKWARD_BF16_F32 => vppo_backward_bf16_f32 / vppo_simt_vppo_backward_bf16_f32;
+    BACKWARD_BF16_BF16 => vppo_backward_bf16_bf16 / vppo_simt_vppo_backward_bf16_bf16;
+    // Built for the SIMT executor only, with VPPO_MUTANT (every exp times 1.001): see `mutant_perception`.
+    PERCEPTION_F32_MUTANT => vppo_perception_f32_mutant / vppo_simt_vppo_perception_f32_mutant;
+    PERCEPTION_F16_MUTANT => vppo_perception_f16_mutant / vppo_simt_vppo_perception_f16_mutant;
+    PERCEPTION_BF16_MUTANT => vppo_perception_bf16_mutant / vppo_simt_vppo_perception_bf16_mutant;
+}
+
+/// The SIMT entry point of the kernel called `name` in the fatbins (`vppo_perception_bf16`, ...), for
+/// tests that stand in for the CUDA driver (tests/fake_cuda/); None for an unknown name.
+pub(crate) fn simt_entry(name: &str) -> Option<SimtEntry> {
+    ALL_KERNELS.iter().find(|k| k.name == name).map(|k| k.simt)
+}
+
+// Launch configuration of each kernel: the constants of kernels/vppo_params.h, which the kernels'
+// __launch_bounds__ and static_asserts on their shared-memory structs use too.
+const PERCEPTION_THREADS: u32 = crate::params::VPPO_PERCEPTION_THREADS;
+const PERCEPTION_STATE_BYTES: u32 = crate::params::VPPO_PERCEPTION_STATE_BYTES;
+const SELECT_THREADS: u32 = crate::params::VPPO_SELECT_THREADS;
+const SELECT_SHARED_BYTES: u32 = crate::params::VPPO_SELECT_SHARED_BYTES;
+const LOSS_THREADS: u32 = crate::params::VPPO_LOSS_THREADS;
+const LOSS_SHARED_BYTES: u32 = crate::params::VPPO_LOSS_SHARED_BYTES;
+const BACKWARD_THREADS: u32 = crate::params::VPPO_BACKWARD_THREADS;
+/// Blocks of the row kernels loop over rows, so the grid is capped and any N runs. On the GPU the cap
+/// is far above the blocks that fit at once (132 SMs x 8 blocks on an H100); on the SIMT executor a
+/// small cap makes every test with more than 64 rows exercise the grid-stride loop.
+const MAX_ROW_BLOCKS_GPU: usize = 65_535;
+const MAX_ROW_BLOCKS_SIMT: usize = 64;
+
+/// Marker for the parameter structs of kernels/vppo_params.h.
+pub(crate) trait KernelParams: cudarc::driver::DeviceRepr {}
+impl KernelParams for VppoPerceptionParams {}
+impl KernelParams for VppoSelectParams {}
+impl KernelParams for VppoLossParams {}
+impl KernelParams for VppoBackwardParams {}
+
+// -------------------------------------------------------------------------------------------------
+// The whole forward: passes 1 and 2 (perception.rs, select_loss.rs)
+// -------------------------------------------------------------------------------------------------
+
+/// The sizes of a batch.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    n: usize,
+    b: usize,
+    vocab: usize,
+    dtype: Dtype,
+}
+
+impl Dims {
+    fn of(batch: &Batch) -> Dims {
+        Dims {
+            n: batch.n_tokens(),
+            b: batch.n_responses(),
+            vocab: batch.vocab,
+            dtype: batch.logits.dtype(),
+        }
+    }
+}
+
+/// The inputs of a forward pass, resident where the kernels run.
+struct Inputs<'a> {
+    logits: Input<'a>,
+    logits_masked: Input<'a>,
+    targets: Input<'a>,
+    old_logp: Input<'a>,
+    advantages: Input<'a>,
+    cu_seqlens: Input<'a>,
+}
+
+impl<'a> Inputs<'a> {
+    /// The caller's device buffers, used in place (no copy).
+    fn device(gpu: &Gpu, batch: &DeviceBatch<'a>) -> Inputs<'a> {
+        let at = Input::borrowed;
+        Inputs {
+            logits: at(batch.logits.addr(gpu)),
+            logits_masked: at(batch.logits_masked.addr(gpu)),
+            targets: at(gpu.device_ptr_u64(batch.targets)),
+            old_logp: at(gpu.device_ptr_u64(batch.old_logp)),
+            advantages: at(gpu.device_ptr_u64(batch.advantages)),
+            cu_seqlens: at(gpu.device_ptr_u64(batch.cu_seqlens)),
+        }
+    }
+
+    fn new(l: &Launcher, batch: &Batch<'a>) -> Result<Inputs<'a>> {
+        Ok(Inputs {
+            logits: Input::logits(l, &batch.logits)?,
+            logits_masked: Input::logits(l, &batch.logits_masked)?,
+            targets: Input::new(l, batch.targets)?,
+            old_logp: Input::new(l, batch.old_logp)?,
+            advantages: Input::new(l, batch.advantages)?,
+            cu_seqlens: Input::new(l, batch.cu_seqlens)?,
+        })
+    }
+}
+
+/// The whole forward pass on the kernels, over a batch validated for its config.
+pub(crate) fn forward(valid: &ValidBatch, device: Device) -> Result<VppoOutput> {
+    let (batch, cfg) = (valid.batch(), valid.config());
+    let l = Launcher::for_device(device)?;
+    let (n, b) = (batch.n_tokens(), batch.n_responses());
+    let z = cfg.token_normalizer.unwrap_or(n as f64);
+    if n == 0 {
+        return Ok(empty_output(z, b));
+    }
+    let inputs = Inputs::new(&l, batch)?;
+    let ws = Workspace::new(&l, n, b)?;
+    let dims = Dims::of(batch);
+    run_passes(
+        &l,
+        dims,
+        cfg,
+        &inputs,
+        &ws,
+        batch.targets,
+        &host_rows(batch),
+    )
+}
+
+/// Passes 1 and 2 over `inputs` into `ws`, then every output of the forward, or the error of the
+/// first bad row (`row_of` gives a logits row to name the bad value).
+///
+/// Pass 2 is queued before pass 1's status is read, so a forward waits for the GPU once. After a bad
+/// row pass 2 computes on meaningless (possibly NaN) per-token values: it takes no index from them
+/// (only from cu_seqlens, validated on the host) and its radix select ends after a fixed number of
+/// digits for any bits, so it finishes, and its results are discarded with the error.
+fn run_passes(
+    l: &Launcher,
+    dims: Dims,
+    cfg: &VppoConfig,
+    inputs: &Inputs,
+    ws: &Workspace,
+    targets: &[i32],
+    row_of: &dyn Fn(Tensor, usize) -> Result<Vec<f64>>,
+) -> Result<VppoOutput> {
+    run_perception(l, perception_kernel(dims.dtype), dims, cfg, inputs, ws)?;
+    run_select_loss(l, dims, cfg, inputs, ws)?;
+    let copy = ws.download(l)?;
+    status_error(
+        copy.status(ws),
+        targets,
+        dims.vocab,
+        cfg.temperature,
+        row_of,
+    )?;
+    let z = cfg.token_normalizer.unwrap_or(dims.n as f64);
+    Ok(output_from(ws, &copy, z))
+}
+
+/// The output of a forward over no tokens (N = 0) and `b` empty responses: loss 0, Sbar 0, k 0,
+/// alpha 1.
+fn empty_output(z: f64, b: usize) -> VppoOutput {
+    VppoOutput {
+        token_normalizer: z,
+        responses: ResponseOutputs {
+            sbar: vec![0.0; b],
+            k: vec![0; b],
+            alpha: vec![1.0; b],
+        },
+        ..Default::default()
+    }
+}
+
+/// Every output of a forward, from a copy of its workspace ([`Workspace::download`]).
+fn output_from(ws: &Workspace, c: &ArenaCopy, z: f64) -> VppoOutput {
+    let n = ws.n;
+    let t: VppoLossTotals = c.get(ws.totals)[0];
+    VppoOutput {
+        loss: t.loss,
+        pg_loss: t.pg,
+        token_normalizer: z,
+        tokens: TokenOutputs {
+            mask: c.get(ws.mask),
+            dlogp: c.get(ws.dlogp),
+            ..perception_outputs(ws, c)
+        },
+        responses: ResponseOutputs {
+            sbar: c.get(ws.sbar),
+            k: c.get::<i32>(ws.k).into_iter().map(|x| x as u32).collect(),
+            alpha: c.get(ws.alpha),
+        },
+        stats: Stats {
+            clip_fraction: if t.n_selected > 0 {
+                t.n_clipped as f64 / t.n_selected as f64
+            } else {
+                0.0
+            },
+            mean_ratio: t.ratio_sum / n as f64,
+            selected_fraction: t.n_selected as f64 / n as f64,
+        },
+    }
+}

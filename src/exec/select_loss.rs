@@ -1,0 +1,151 @@
+//! Pass 2, kernels/select_loss.cu: `vppo_select` (the per-response top-k mask and Sbar) and
+//! `vppo_loss` (TAS alpha, the clipped surrogate, dloss/dlogp and the totals).
+
+#[allow(unused_imports)]
+use super::*;
+
+/// The exact parameters of the loss kernel for this config.
+pub(super) fn loss_params(cfg: &VppoConfig, n: usize, b: usize) -> VppoLossParams {
+    use crate::params::{VppoAggregation as A, VppoScope as S, VppoShaping as Sh};
+    let (has_range, (lo, hi)) = match cfg.tas_range {
+        Some(r) => (1, r),
+        None => (0, (0.0, 0.0)),
+    };
+    VppoLossParams {
+        n_tokens: n as i64,
+        n_responses: b as i64,
+        group_size: cfg.group_size as i64,
+        token_normalizer: cfg.token_normalizer.unwrap_or(n as f64),
+        beta_min: cfg.beta_min,
+        beta_max: cfg.beta_max,
+        range_lo: lo,
+        range_hi: hi,
+        eps_low: cfg.eps_low,
+        eps_high: cfg.eps_high,
+        dual_clip: cfg.dual_clip.unwrap_or(0.0),
+        logp_penalty: cfg.logp_penalty,
+        shaping: match cfg.shaping {
+            Shaping::MeanPreserving => Sh::VPPO_SHAPING_MEAN_PRESERVING,
+            Shaping::Linear => Sh::VPPO_SHAPING_LINEAR,
+            Shaping::None => Sh::VPPO_SHAPING_NONE,
+        } as i32,
+        scope: match cfg.scope() {
+            TasScope::Batch => S::VPPO_SCOPE_BATCH,
+            TasScope::Group => S::VPPO_SCOPE_GROUP,
+        } as i32,
+        aggregation: match cfg.aggregation {
+            Aggregation::TokenMean => A::VPPO_AGG_TOKEN_MEAN,
+            Aggregation::SeqMeanTokenMean => A::VPPO_AGG_SEQ_MEAN_TOKEN_MEAN,
+            Aggregation::SeqMeanTokenSum => A::VPPO_AGG_SEQ_MEAN_TOKEN_SUM,
+        } as i32,
+        has_range,
+        has_dual_clip: cfg.dual_clip.is_some() as i32,
+        ..Default::default()
+    }
+}
+
+/// Pass 2a only: the top-k mask and k_b of given scores (the kernel's `vppo_select`), and Sbar.
+/// `scores` [N] must be finite (the perception pass only produces values in [0, score_clamp]).
+pub(crate) fn select(
+    scores: &[f32],
+    cu_seqlens: &[i32],
+    top_fraction: f64,
+    device: Device,
+) -> Result<(Vec<u8>, Vec<u32>, Vec<f32>)> {
+    let frac = crate::config::TopFraction::new(top_fraction)?;
+    crate::batch::validate_cu_seqlens(cu_seqlens, scores.len())?;
+    if let Some((row, &x)) = scores.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+        return Err(VppoError::NonFinite {
+            tensor: Tensor::Scores,
+            location: Location::Row(row),
+            value: x as f64,
+        });
+    }
+    let l = Launcher::for_device(device)?;
+    let (n, b) = (scores.len(), cu_seqlens.len() - 1);
+    let score = Input::new(&l, scores)?;
+    let cu = Input::new(&l, cu_seqlens)?;
+    let mask = l.alloc(n)?;
+    let k = l.alloc(b * 4)?;
+    let sbar = l.alloc(b * 4)?;
+    let p = VppoSelectParams {
+        score: score.addr as *const f32,
+        cu_seqlens: cu.addr as *const i32,
+        mask: l.addr(&mask) as *mut u8,
+        k: l.addr(&k) as *mut i32,
+        sbar: l.addr(&sbar) as *mut f32,
+        n_responses: b as i64,
+        frac_num: frac.numerator(),
+        frac_den: frac.denominator(),
+    };
+    // SAFETY: score [N], cu_seqlens [B+1] (validated: within [0, N], non-decreasing), mask [N],
+    // k and sbar [B] are live buffers of this launcher's memory for the whole launch.
+    unsafe { launch_select(&l, &p)? };
+    let kk: Vec<i32> = l.download(&k, b)?;
+    Ok((
+        l.download(&mask, n)?,
+        kk.into_iter().map(|x| x as u32).collect(),
+        l.download(&sbar, b)?,
+    ))
+}
+
+/// Launches `vppo_select` over the `p.n_responses` responses of `p`; nothing to launch when there
+/// are none.
+///
+/// # Safety
+/// As [`Launcher::launch`]: `score` and `mask` address N values, `cu_seqlens` B + 1 validated
+/// boundaries (within [0, N], non-decreasing), `k` and `sbar` B values, all live for the launch.
+pub(super) unsafe fn launch_select(l: &Launcher, p: &VppoSelectParams) -> Result<()> {
+    let b = p.n_responses as usize;
+    if b == 0 {
+        return Ok(());
+    }
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        l.launch(
+            SELECT,
+            l.row_grid(b),
+            SELECT_THREADS,
+            SELECT_SHARED_BYTES,
+            p,
+        )
+    }
+}
+
+pub(super) fn run_select_loss(
+    l: &Launcher,
+    dims: Dims,
+    cfg: &VppoConfig,
+    inp: &Inputs,
+    ws: &Workspace,
+) -> Result<()> {
+    let (n, b) = (dims.n, dims.b);
+    let frac = cfg.top_fraction_exact()?;
+    let p = VppoSelectParams {
+        score: ws.ptr(l, ws.score),
+        cu_seqlens: inp.cu_seqlens.addr as *const i32,
+        mask: ws.ptr(l, ws.mask),
+        k: ws.ptr(l, ws.k),
+        sbar: ws.ptr(l, ws.sbar),
+        n_responses: b as i64,
+        frac_num: frac.numerator(),
+        frac_den: frac.denominator(),
+    };
+    // SAFETY: score and mask [N], cu_seqlens [B+1] validated, k and sbar [B]; all live.
+    unsafe { launch_select(l, &p)? };
+    let p = VppoLossParams {
+        logp: ws.ptr(l, ws.logp),
+        old_logp: inp.old_logp.addr as *const f32,
+        mask: ws.ptr(l, ws.mask),
+        sbar: ws.ptr(l, ws.sbar),
+        cu_seqlens: inp.cu_seqlens.addr as *const i32,
+        advantages: inp.advantages.addr as *const f32,
+        alpha: ws.ptr(l, ws.alpha),
+        dlogp: ws.ptr(l, ws.dlogp),
+        totals: ws.ptr(l, ws.totals),
+        ..loss_params(cfg, n, b)
+    };
+    // SAFETY: logp, old_logp, mask, dlogp [N]; sbar, advantages, alpha [B]; cu_seqlens [B+1]; totals 1;
+    // B % G == 0 when the group scope is used (validate_small). One block.
+    unsafe { l.launch(LOSS, 1, LOSS_THREADS, LOSS_SHARED_BYTES, &p) }
+}
