@@ -24,6 +24,8 @@
 //! assert_eq!(grad.len(), 3 * 3); // dloss/dlogits, f32 [N, V]
 //! # Ok::<(), vppo::VppoError>(())
 //! ```
+//!
+//! The contract, cited across the crate as "SPEC section N", is docs/SPEC.md.
 #![warn(missing_docs)]
 
 pub mod api;
