@@ -39,13 +39,13 @@ use serde::Serialize;
 
 use cudarc::driver::CudaSlice;
 
-use crate::api::{Device, GradMut, Vppo};
+use crate::api::{Device, Vppo};
 use crate::batch::{Batch, Dtype, Logits};
-use crate::cli::LossOptions;
 use crate::cuda::Gpu;
 use crate::error::{Result, VppoError};
 use crate::exec::DeviceBatch;
 use crate::io::{self, OwnedBatch, OwnedLogits};
+use crate::options::LossOptions;
 use crate::tensor::{DeviceLogits, DeviceLogitsMut};
 
 /// `--grad`: which gradient the forward + backward timing produces.
@@ -135,16 +135,36 @@ pub struct BenchArgs {
     pub input: Option<PathBuf>,
     /// Make a random batch in the process instead of reading a file: N tokens, vocabulary V, B
     /// responses, dtype f32|f16|bf16 (e.g. `4096,151936,8,bf16`).
-    #[arg(long, value_name = "N,V,B,DTYPE", value_parser = parse_synthetic)]
+    #[arg(
+        long,
+        value_name = "N,V,B,DTYPE",
+        allow_hyphen_values = true,
+        value_parser = parse_synthetic
+    )]
     pub synthetic: Option<SyntheticSpec>,
     /// Seed of `--synthetic`.
-    #[arg(long, value_name = "S", default_value_t = 0)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "S",
+        default_value_t = 0
+    )]
     pub seed: u64,
     /// Untimed iterations before the timed ones.
-    #[arg(long, value_name = "W", default_value_t = 1)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "W",
+        default_value_t = 1
+    )]
     pub warmup: usize,
     /// Timed iterations (at least 1).
-    #[arg(long, value_name = "R", default_value_t = 5)]
+    #[arg(
+        long,
+        allow_negative_numbers = true,
+        value_name = "R",
+        default_value_t = 5
+    )]
     pub iters: usize,
     /// The gradient of the forward + backward timing: f32, the logits dtype, or none (forward only).
     #[arg(long, value_enum, default_value_t = GradArg::F32)]
@@ -269,6 +289,21 @@ fn with_peak<R>(f: impl FnOnce() -> Result<R>) -> Result<(R, Option<u64>)> {
     Ok((r, extra))
 }
 
+/// The machine's memory in bytes (`MemTotal` of /proc/meminfo; None where not readable).
+fn machine_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    info.lines().find_map(|line| {
+        let kb: u64 = line
+            .strip_prefix("MemTotal:")?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        kb.checked_mul(1024)
+    })
+}
+
 /// SplitMix64: a small, fast generator whose streams are cheap to seed per row, so a synthetic batch
 /// is the same whatever the number of threads that made it.
 struct SplitMix64(u64);
@@ -334,20 +369,47 @@ fn synthetic_row(
 }
 
 /// A random batch (see [`synthetic_row`]), made on every core; the same for a given spec and seed.
+///
+/// The memory it needs (two f32 [N, V] rows sets while generating, then the two tensors in the
+/// dtype) is checked before anything is allocated: against the address space, and against the
+/// machine's memory (`MemTotal` of /proc/meminfo, where there is one). An impossible size is an
+/// error, never an allocation that aborts the process.
 pub fn synthetic_batch(spec: &SyntheticSpec, seed: u64) -> Result<OwnedBatch> {
     let (n, v, nb) = (spec.n_tokens, spec.vocab, spec.n_responses);
-    let nv = n.checked_mul(v).ok_or_else(|| VppoError::Config {
+    let too_big = |expected| VppoError::Config {
         field: "synthetic",
-        value: format!("{n}*{v}"),
-        expected: "N * V within the address space",
-    })?;
+        value: format!("{n},{v},{nb},{}", spec.dtype.name()),
+        expected,
+    };
+    let nv = n
+        .checked_mul(v)
+        .ok_or_else(|| too_big("N * V within the address space"))?;
+    let bytes = nv
+        .checked_mul(2 * 4 + 2 * spec.dtype.size())
+        .filter(|&b| b <= isize::MAX as usize)
+        .ok_or_else(|| too_big("N * V * (8 + 2 * dtype size) bytes within the address space"))?;
+    if let Some(total) = machine_memory_bytes() {
+        if bytes as u64 > total {
+            return Err(too_big(
+                "a batch that fits in this machine's memory (N * V * (8 + 2 * dtype size) bytes \
+                 to generate, at most MemTotal)",
+            ));
+        }
+    }
     let round: fn(f32) -> f32 = match spec.dtype {
         Dtype::F32 => |x| x,
         Dtype::F16 => |x| f16::from_f32(x).to_f32(),
         Dtype::Bf16 => |x| bf16::from_f32(x).to_f32(),
     };
-    let mut a = vec![0.0f32; nv];
-    let mut b = vec![0.0f32; nv];
+    let zeros = |len: usize| -> Result<Vec<f32>> {
+        let mut x = Vec::new();
+        x.try_reserve_exact(len)
+            .map_err(|_| too_big("a batch whose logits can be allocated"))?;
+        x.resize(len, 0.0);
+        Ok(x)
+    };
+    let mut a = zeros(nv)?;
+    let mut b = zeros(nv)?;
     let mut targets = vec![0i32; n];
     let mut old_logp = vec![0.0f32; n];
     if n > 0 {
@@ -399,31 +461,6 @@ pub fn synthetic_batch(spec: &SyntheticSpec, seed: u64) -> Result<OwnedBatch> {
         cu_seqlens,
         vocab: v,
     })
-}
-
-/// An owned gradient buffer of the requested dtype.
-enum GradBuf {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
-    Bf16(Vec<bf16>),
-}
-
-impl GradBuf {
-    fn new(grad: GradArg, logits: Dtype, len: usize) -> GradBuf {
-        match (grad, logits) {
-            (GradArg::LogitsDtype, Dtype::F16) => GradBuf::F16(vec![f16::ZERO; len]),
-            (GradArg::LogitsDtype, Dtype::Bf16) => GradBuf::Bf16(vec![bf16::ZERO; len]),
-            _ => GradBuf::F32(vec![0.0; len]),
-        }
-    }
-
-    fn as_mut(&mut self) -> GradMut<'_> {
-        match self {
-            GradBuf::F32(g) => GradMut::F32(g),
-            GradBuf::F16(g) => GradMut::F16(g),
-            GradBuf::Bf16(g) => GradMut::Bf16(g),
-        }
-    }
 }
 
 /// An [N, V] tensor in GPU memory: the uploaded logits, or a gradient buffer.
@@ -569,10 +606,14 @@ pub fn bench_batch(
                 (None, None)
             } else {
                 let (t, peak) = with_peak(|| {
-                    let mut grad = GradBuf::new(args.grad, dtype, n * v);
+                    let grad_dtype = match args.grad {
+                        GradArg::LogitsDtype => dtype,
+                        _ => Dtype::F32,
+                    };
+                    let mut grad = OwnedLogits::zeros(grad_dtype, n * v)?;
                     time_calls(args.warmup, args.iters, || {
                         let out = vppo.forward(batch)?;
-                        vppo.backward_into(batch, &out, grad.as_mut())
+                        vppo.backward_into(batch, &out, grad.as_grad_mut())
                     })
                 })?;
                 (Some(t), peak)

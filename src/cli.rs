@@ -5,98 +5,24 @@
 //! batch, computes the loss, dloss/dlogits and every output, writes them to OUT (only once everything
 //! has succeeded) and returns a one-line JSON summary.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 
-use crate::api::{Device, LaneOrder, Vppo};
-use crate::config::{Aggregation, Perception, Shaping, TasScope, VppoConfig};
-use crate::error::Result;
-use crate::io;
+use crate::api::Vppo;
+use crate::batch::Dtype;
+use crate::config::VppoConfig;
+use crate::error::{Location, Result, VppoError};
+use crate::io::{self, OwnedLogits};
+use crate::options::LossOptions;
 
-/// `--perception`.
+/// `--grad-dtype`: the dtype `grad_logits` is computed and written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum PerceptionArg {
-    /// clamp(kl, 0, score_clamp): the exact full-vocabulary KL (the paper's definition).
-    FullKl,
-    /// clamp(k3, 0, score_clamp): the official code's single-sample estimate.
-    K3,
-}
-
-/// `--shaping`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ShapingArg {
-    /// beta_max chosen so the mean alpha of the scope is 1 (the official code).
-    MeanPreserving,
-    /// Fixed beta_min, beta_max (the paper's text).
-    Linear,
-    /// alpha = 1.
-    None,
-}
-
-/// `--tas-scope`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ScopeArg {
-    /// The whole batch.
-    Batch,
-    /// Each group of G responses.
-    Group,
-}
-
-/// `--aggregation`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum AggregationArg {
-    /// sum_t mask l_t / Z.
-    TokenMean,
-    /// Mean over responses of (sum_t mask l_t) / L_b.
-    SeqMeanTokenMean,
-    /// Mean over responses of sum_t mask l_t.
-    SeqMeanTokenSum,
-}
-
-/// `--device`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DeviceArg {
-    /// The CPU reference (f64, the oracle).
-    Cpu,
-    /// The CUDA kernels on GPU 0.
-    Cuda,
-    /// The CUDA kernel sources run on the CPU by the SIMT executor.
-    Simt,
-}
-
-impl DeviceArg {
-    /// The library's device.
-    pub fn device(self) -> Device {
-        match self {
-            DeviceArg::Cpu => Device::Reference,
-            DeviceArg::Cuda => Device::Cuda(0),
-            DeviceArg::Simt => Device::Simt(LaneOrder::Forward),
-        }
-    }
-
-    /// The name printed in the summary.
-    pub fn name(self) -> &'static str {
-        match self {
-            DeviceArg::Cpu => "cpu",
-            DeviceArg::Cuda => "cuda",
-            DeviceArg::Simt => "simt",
-        }
-    }
-}
-
-/// The value of `--dual-clip`: a number, or `none` (the dual clip off).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DualClipArg(pub Option<f64>);
-
-/// Parses `--dual-clip`: a number, or `none` to turn the dual clip off.
-pub fn parse_dual_clip(s: &str) -> std::result::Result<DualClipArg, String> {
-    if s.eq_ignore_ascii_case("none") {
-        return Ok(DualClipArg(None));
-    }
-    s.parse::<f64>()
-        .map(|c| DualClipArg(Some(c)))
-        .map_err(|_| format!("`{s}` is neither a number nor `none`"))
+pub enum GradDtypeArg {
+    /// f32 (SPEC section 9).
+    F32,
+    /// The dtype of the logits (half the memory and the file size for f16 and bf16 logits).
+    Logits,
 }
 
 /// The arguments of `vppo loss`: the files, and the loss options shared with `vppo bench`.
@@ -107,10 +33,13 @@ pub struct LossArgs {
     #[arg(long, value_name = "IN.safetensors")]
     pub input: PathBuf,
     /// Output safetensors file: `loss`, `score`, `kl`, `k3`, `entropy`, `logp`, `mask` (u8), `sbar`,
-    /// `alpha`, `grad_logits` ([N, V], f32) and also `lse`, `logp_masked`, `dlogp`, `k`. Written only on
-    /// success.
+    /// `alpha`, `grad_logits` ([N, V], f32 or the logits dtype, see --grad-dtype) and also `lse`,
+    /// `logp_masked`, `dlogp`, `k`. Written only on success; never the input file itself.
     #[arg(long, value_name = "OUT.safetensors")]
     pub output: PathBuf,
+    /// The dtype of `grad_logits`: f32, or the logits dtype (half the memory for f16/bf16 logits).
+    #[arg(long, value_enum, default_value_t = GradDtypeArg::F32)]
+    pub grad_dtype: GradDtypeArg,
     /// The loss options and the device.
     #[command(flatten)]
     pub options: LossOptions,
@@ -123,120 +52,64 @@ impl LossArgs {
     }
 }
 
-/// The loss options of `vppo loss` and `vppo bench`. Every default is [`VppoConfig::default`], the
-/// official VPPO setting (a unit test checks that parsing no options gives exactly that config).
-#[derive(Debug, Clone, Args)]
-pub struct LossOptions {
-    /// G: responses g*G .. (g+1)*G-1 answer the same prompt (B must be a multiple of G for the group
-    /// scope).
-    #[arg(long, value_name = "G", default_value_t = VppoConfig::default().group_size)]
-    pub group_size: usize,
-    /// The token score: the exact KL (the paper) or k3 (the official code's estimate).
-    #[arg(long, value_enum, default_value_t = PerceptionArg::FullKl)]
-    pub perception: PerceptionArg,
-    /// Upper clamp of the score.
-    #[arg(long, value_name = "X", default_value_t = VppoConfig::default().score_clamp)]
-    pub score_clamp: f64,
-    /// Fraction of each response's tokens that carry gradient: k_b = ceil(X * L_b), exact, in (0, 1].
-    #[arg(long, value_name = "X", default_value_t = VppoConfig::default().top_fraction)]
-    pub top_fraction: f64,
-    /// Trajectory-level advantage shaping: mean-preserving (the official code), linear (the paper's
-    /// text) or none.
-    #[arg(long, value_enum, default_value_t = ShapingArg::MeanPreserving)]
-    pub shaping: ShapingArg,
-    /// beta_min of the shaping, in [0, 1].
-    #[arg(long, value_name = "X", default_value_t = VppoConfig::default().beta_min)]
-    pub beta_min: f64,
-    /// beta_max of linear shaping (mean-preserving derives its own), >= beta_min.
-    #[arg(long, value_name = "X", default_value_t = VppoConfig::default().beta_max)]
-    pub beta_max: f64,
-    /// Over which responses min and max Sbar are taken [default: batch for mean-preserving, group for
-    /// linear].
-    #[arg(long, value_enum)]
-    pub tas_scope: Option<ScopeArg>,
-    /// Lower PPO clip: r_clip >= 1 - X.
-    #[arg(long, value_name = "X", default_value_t = VppoConfig::default().eps_low)]
-    pub eps_low: f64,
-    /// Upper PPO clip: r_clip <= 1 + X (DAPO's clip-higher).
-    #[arg(long, value_name = "X", default_value_t = VppoConfig::default().eps_high)]
-    pub eps_high: f64,
-    /// Dual clip for negative advantages (> 1), or `none` to turn it off.
-    #[arg(long, value_name = "X|none", value_parser = parse_dual_clip, default_value = "3")]
-    pub dual_clip: DualClipArg,
-    /// How the masked per-token losses are reduced.
-    #[arg(long, value_enum, default_value_t = AggregationArg::TokenMean)]
-    pub aggregation: AggregationArg,
-    /// Z, the token normalizer of token-mean and of the logp penalty [default: N, the number of
-    /// response tokens in the file].
-    #[arg(long, value_name = "Z")]
-    pub token_normalizer: Option<f64>,
-    /// Weight of the -logp term over all response tokens.
-    #[arg(long, value_name = "X", default_value_t = VppoConfig::default().logp_penalty)]
-    pub logp_penalty: f64,
-    /// Sampling temperature tau; logits are divided by it.
-    #[arg(long, value_name = "X", default_value_t = VppoConfig::default().temperature)]
-    pub temperature: f64,
-    /// Where to compute: cpu (the f64 reference), cuda (GPU 0) or simt (the kernels run on the CPU).
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    pub device: DeviceArg,
-}
-
-impl LossOptions {
-    /// The loss configuration these options describe (not yet validated).
-    pub fn config(&self) -> VppoConfig {
-        VppoConfig {
-            group_size: self.group_size,
-            perception: match self.perception {
-                PerceptionArg::FullKl => Perception::FullKl,
-                PerceptionArg::K3 => Perception::K3,
-            },
-            score_clamp: self.score_clamp,
-            top_fraction: self.top_fraction,
-            shaping: match self.shaping {
-                ShapingArg::MeanPreserving => Shaping::MeanPreserving,
-                ShapingArg::Linear => Shaping::Linear,
-                ShapingArg::None => Shaping::None,
-            },
-            beta_min: self.beta_min,
-            beta_max: self.beta_max,
-            tas_scope: self.tas_scope.map(|s| match s {
-                ScopeArg::Batch => TasScope::Batch,
-                ScopeArg::Group => TasScope::Group,
-            }),
-            tas_range: None,
-            eps_low: self.eps_low,
-            eps_high: self.eps_high,
-            dual_clip: self.dual_clip.0,
-            aggregation: match self.aggregation {
-                AggregationArg::TokenMean => Aggregation::TokenMean,
-                AggregationArg::SeqMeanTokenMean => Aggregation::SeqMeanTokenMean,
-                AggregationArg::SeqMeanTokenSum => Aggregation::SeqMeanTokenSum,
-            },
-            token_normalizer: self.token_normalizer,
-            logp_penalty: self.logp_penalty,
-            temperature: self.temperature,
-        }
+/// Whether `a` and `b` name one existing file (the same path, another path to it, or a hard link).
+fn same_file(a: &Path, b: &Path) -> bool {
+    let (Ok(ma), Ok(mb)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
+        return false;
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let _ = (&ma, &mb);
+        ma.dev() == mb.dev() && ma.ino() == mb.ino()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (ma, mb);
+        matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(x), Ok(y)) if x == y
+        )
     }
 }
 
-/// Runs `vppo loss`: validates the config, reads the input, computes everything, and only then writes
-/// the output file (atomically). Returns the one-line JSON summary: `loss`, `pg_loss`,
-/// `token_normalizer`, `clip_fraction`, `mean_ratio`, `selected_fraction`, `n_tokens`, `n_responses`,
-/// `vocab`, `dtype`, `device`.
+/// Runs `vppo loss`: validates the config, refuses an `--output` that is the input file, reads the
+/// input, computes everything, checks every output (the gradient too) is finite, and only then writes
+/// the output file (atomically, streamed from the buffers: no copy of the gradient is made to write
+/// it). Returns the one-line JSON summary: `loss`, `pg_loss`, `token_normalizer`, `clip_fraction`,
+/// `mean_ratio`, `selected_fraction`, `n_tokens`, `n_responses`, `vocab`, `dtype`, `grad_dtype`,
+/// `device`.
+///
+/// Peak memory: the file while it is parsed, then the inputs, one gradient buffer and O(N) outputs.
 pub fn run_loss(args: &LossArgs) -> Result<serde_json::Value> {
     let vppo = Vppo::new(args.config(), args.options.device.device())?;
-    let owned = io::read_batch(&args.input)?;
-    let batch = owned.batch();
-    let (out, grad) = vppo.loss_and_grad(&batch)?;
-    // The API checks every output and bounds the gradient; this checks what is written, all of it.
-    if let Some(i) = grad.iter().position(|g| !g.is_finite()) {
-        return Err(crate::error::VppoError::Overflow {
-            what: "grad_logits",
-            location: Some(crate::error::Location::Row(i / batch.vocab.max(1))),
-            value: grad[i] as f64,
+    if same_file(&args.input, &args.output) {
+        return Err(VppoError::Config {
+            field: "output",
+            value: args.output.display().to_string(),
+            expected: "a file other than --input (it would be replaced by the outputs)",
         });
     }
-    io::write_outputs(&args.output, &out, Some(&grad), batch.vocab)?;
+    let owned = io::read_batch(&args.input)?;
+    let batch = owned.batch();
+    let out = vppo.forward(&batch)?;
+    let nv = batch.n_tokens() * batch.vocab; // validated by the forward
+    let grad_dtype = match args.grad_dtype {
+        GradDtypeArg::F32 => Dtype::F32,
+        GradDtypeArg::Logits => batch.logits.dtype(),
+    };
+    let mut grad = OwnedLogits::zeros(grad_dtype, nv)?;
+    vppo.backward_into(&batch, &out, grad.as_grad_mut())?;
+    // The API checks every output and bounds the gradient; this checks what is written, all of it.
+    let view = grad.view();
+    if let Some(i) = (0..nv).find(|&i| !view.get(i).is_finite()) {
+        return Err(VppoError::Overflow {
+            what: "grad_logits",
+            location: Some(Location::Row(i / batch.vocab.max(1))),
+            value: view.get(i),
+        });
+    }
+    io::write_outputs(&args.output, &out, Some(view), batch.vocab)?;
     Ok(serde_json::json!({
         "loss": out.loss,
         "pg_loss": out.pg_loss,
@@ -248,6 +121,7 @@ pub fn run_loss(args: &LossArgs) -> Result<serde_json::Value> {
         "n_responses": batch.n_responses(),
         "vocab": batch.vocab,
         "dtype": batch.logits.dtype().name(),
+        "grad_dtype": grad_dtype.name(),
         "device": args.options.device.name(),
     }))
 }
@@ -255,6 +129,8 @@ pub fn run_loss(args: &LossArgs) -> Result<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Aggregation, Perception, Shaping, TasScope};
+    use crate::options::DeviceArg;
     use clap::Parser;
 
     #[derive(Parser)]

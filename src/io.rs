@@ -5,20 +5,21 @@
 //! `old_logp` (`[N]`) and `advantages` (`[B]`) in F32. Other tensors in the file are ignored.
 //!
 //! Output tensors: `loss` (F32, `[1]`), `score`, `kl`, `k3`, `entropy`, `logp` (F32, `[N]`), `mask`
-//! (U8, `[N]`), `sbar`, `alpha` (F32, `[B]`) and, when given, `grad_logits` (F32, `[N, V]`); also `lse`,
+//! (U8, `[N]`), `sbar`, `alpha` (F32, `[B]`) and, when given, `grad_logits` (`[N, V]`, F32 or the logits
+//! dtype); also `lse`,
 //! `logp_masked`, `dlogp` (F32, `[N]`) and `k` (I32, `[B]`). A file is written to a temporary name in the
 //! same folder and renamed over the target only once it is complete.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use half::{bf16, f16};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
-use crate::batch::{Batch, Logits};
+use crate::batch::{Batch, Dtype, Logits};
 use crate::error::{Result, Tensor, VppoError};
 use crate::output::VppoOutput;
+use crate::tensor::GradMut;
 
 /// An owned [N, V] logits tensor in one of the three supported dtypes.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +39,37 @@ impl OwnedLogits {
             OwnedLogits::F32(x) => Logits::F32(x),
             OwnedLogits::F16(x) => Logits::F16(x),
             OwnedLogits::Bf16(x) => Logits::Bf16(x),
+        }
+    }
+
+    /// `len` zeros of `dtype`, or an error naming the gradient when that much memory cannot be had
+    /// (an allocation that fails is an error here, not an abort). For a gradient buffer.
+    pub fn zeros(dtype: Dtype, len: usize) -> Result<OwnedLogits> {
+        fn zeroed<T: Clone>(len: usize, zero: T) -> Result<Vec<T>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(len).map_err(|_| VppoError::Shape {
+                tensor: Tensor::GradLogits,
+                detail: format!(
+                    "cannot allocate {len} elements ({} bytes)",
+                    len.saturating_mul(std::mem::size_of::<T>())
+                ),
+            })?;
+            v.resize(len, zero);
+            Ok(v)
+        }
+        Ok(match dtype {
+            Dtype::F32 => OwnedLogits::F32(zeroed(len, 0.0)?),
+            Dtype::F16 => OwnedLogits::F16(zeroed(len, f16::ZERO)?),
+            Dtype::Bf16 => OwnedLogits::Bf16(zeroed(len, bf16::ZERO)?),
+        })
+    }
+
+    /// The buffer lent as a gradient to write into.
+    pub fn as_grad_mut(&mut self) -> GradMut<'_> {
+        match self {
+            OwnedLogits::F32(x) => GradMut::F32(x),
+            OwnedLogits::F16(x) => GradMut::F16(x),
+            OwnedLogits::Bf16(x) => GradMut::Bf16(x),
         }
     }
 
@@ -235,78 +267,113 @@ pub fn read_batch(path: &Path) -> Result<OwnedBatch> {
     batch_from_bytes(&bytes)
 }
 
-/// An owned tensor to serialize.
-struct Out {
-    dtype: StDtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-fn f32_tensor(x: &[f32], shape: Vec<usize>) -> Out {
-    Out {
-        dtype: StDtype::F32,
-        shape,
-        data: x.iter().flat_map(|v| v.to_le_bytes()).collect(),
+/// Little-endian bytes of a slice of plain numbers: borrowed on a little-endian host (no copy),
+/// converted where the host is big-endian.
+fn le_bytes<T: bytemuck::Pod>(x: &[T]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(x))
+    } else {
+        let size = std::mem::size_of::<T>();
+        std::borrow::Cow::Owned(
+            bytemuck::cast_slice::<T, u8>(x)
+                .chunks_exact(size)
+                .flat_map(|c| c.iter().rev().copied())
+                .collect(),
+        )
     }
 }
 
-/// Serializes the outputs of one evaluation to safetensors bytes: `loss`, the per-token and
-/// per-response tensors and, when `grad` is given, `grad_logits` [N, `vocab`].
-pub fn outputs_to_bytes(out: &VppoOutput, grad: Option<&[f32]>, vocab: usize) -> Result<Vec<u8>> {
+/// One output tensor: name, dtype, shape and little-endian bytes.
+type OutTensor<'a> = (
+    &'static str,
+    StDtype,
+    Vec<usize>,
+    std::borrow::Cow<'a, [u8]>,
+);
+
+/// The bytes of the output tensors, in file order, borrowing the output vectors and the gradient
+/// (only `loss`, one value, and `k`, B values clamped to i32, are made here).
+fn output_tensors<'a>(
+    out: &'a VppoOutput,
+    grad: Option<Logits<'a>>,
+    vocab: usize,
+    loss: &'a [f32; 1],
+    k: &'a [i32],
+) -> Vec<OutTensor<'a>> {
     let n = out.tokens.logp.len();
     let b = out.responses.alpha.len();
     let t = &out.tokens;
     let r = &out.responses;
-    let mut tensors: Vec<(&str, Out)> = vec![
-        ("loss", f32_tensor(&[out.loss as f32], vec![1])),
-        ("score", f32_tensor(&t.score, vec![n])),
-        ("kl", f32_tensor(&t.kl, vec![n])),
-        ("k3", f32_tensor(&t.k3, vec![n])),
-        ("entropy", f32_tensor(&t.entropy, vec![n])),
-        ("logp", f32_tensor(&t.logp, vec![n])),
-        ("logp_masked", f32_tensor(&t.logp_masked, vec![n])),
-        ("lse", f32_tensor(&t.lse, vec![n])),
-        ("dlogp", f32_tensor(&t.dlogp, vec![n])),
+    let f32s = |name, x: &'a [f32], len| (name, StDtype::F32, vec![len], le_bytes(x));
+    let mut tensors = vec![
+        f32s("loss", loss, 1),
+        f32s("score", &t.score, n),
+        f32s("kl", &t.kl, n),
+        f32s("k3", &t.k3, n),
+        f32s("entropy", &t.entropy, n),
+        f32s("logp", &t.logp, n),
+        f32s("logp_masked", &t.logp_masked, n),
+        f32s("lse", &t.lse, n),
+        f32s("dlogp", &t.dlogp, n),
         (
             "mask",
-            Out {
-                dtype: StDtype::U8,
-                shape: vec![n],
-                data: t.mask.clone(),
-            },
+            StDtype::U8,
+            vec![n],
+            std::borrow::Cow::Borrowed(&t.mask[..]),
         ),
-        ("sbar", f32_tensor(&r.sbar, vec![b])),
-        ("alpha", f32_tensor(&r.alpha, vec![b])),
-        (
-            "k",
-            Out {
-                dtype: StDtype::I32,
-                shape: vec![b],
-                data: r
-                    .k
-                    .iter()
-                    .flat_map(|&k| (k.min(i32::MAX as u32) as i32).to_le_bytes())
-                    .collect(),
-            },
-        ),
+        f32s("sbar", &r.sbar, b),
+        f32s("alpha", &r.alpha, b),
+        ("k", StDtype::I32, vec![b], le_bytes(k)),
     ];
     if let Some(g) = grad {
-        tensors.push(("grad_logits", f32_tensor(g, vec![n, vocab])));
+        let (dtype, bytes) = match g {
+            Logits::F32(x) => (StDtype::F32, le_bytes(x)),
+            Logits::F16(x) => (StDtype::F16, le_bytes(x)),
+            Logits::Bf16(x) => (StDtype::BF16, le_bytes(x)),
+        };
+        tensors.push(("grad_logits", dtype, vec![n, vocab], bytes));
     }
+    tensors
+}
+
+/// Calls `f` with the safetensors views of the outputs (see [`output_tensors`]).
+fn with_output_views<R>(
+    out: &VppoOutput,
+    grad: Option<Logits>,
+    vocab: usize,
+    f: impl FnOnce(Vec<(String, TensorView)>) -> Result<R>,
+) -> Result<R> {
+    let loss = [out.loss as f32];
+    let k: Vec<i32> = out
+        .responses
+        .k
+        .iter()
+        .map(|&k| k.min(i32::MAX as u32) as i32)
+        .collect();
+    let tensors = output_tensors(out, grad, vocab, &loss, &k);
     let mut views = Vec::with_capacity(tensors.len());
-    for (name, o) in &tensors {
-        let view = TensorView::new(o.dtype, o.shape.clone(), &o.data)
+    for (name, dtype, shape, data) in &tensors {
+        let view = TensorView::new(*dtype, shape.clone(), data)
             .map_err(|e| VppoError::Io(format!("cannot build output tensor `{name}`: {e}")))?;
         views.push((name.to_string(), view));
     }
-    let meta: Option<HashMap<String, String>> = None;
-    safetensors::serialize(views, &meta)
-        .map_err(|e| VppoError::Io(format!("cannot serialize the outputs: {e}")))
+    f(views)
 }
 
-/// Writes `bytes` to `path` atomically: to a temporary file in the same folder, then renamed over
-/// `path`. On any error the temporary file is removed and `path` is left untouched.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Serializes the outputs of one evaluation to safetensors bytes: `loss`, the per-token and
+/// per-response tensors and, when `grad` is given, `grad_logits` [N, `vocab`] in its own dtype.
+pub fn outputs_to_bytes(out: &VppoOutput, grad: Option<Logits>, vocab: usize) -> Result<Vec<u8>> {
+    with_output_views(out, grad, vocab, |views| {
+        safetensors::serialize(views, &None)
+            .map_err(|e| VppoError::Io(format!("cannot serialize the outputs: {e}")))
+    })
+}
+
+/// A temporary name next to `path`, unique within the machine: the process id and a counter of this
+/// process (two writers of one path, in one process or two, never share a temporary file).
+pub fn temp_path(path: &Path) -> Result<std::path::PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => std::path::PathBuf::from("."),
@@ -314,27 +381,50 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let file_name = path
         .file_name()
         .ok_or_else(|| VppoError::Io(format!("output path {} has no file name", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
+    Ok(dir.join(format!(
+        ".{}.tmp-{}-{}",
         file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )))
+}
+
+/// Writes a file atomically: `write` fills a temporary file in the same folder ([`temp_path`]),
+/// which is then renamed over `path`. On any error the temporary file is removed and `path` is left
+/// untouched.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> std::result::Result<(), String>,
+) -> Result<()> {
+    let tmp = temp_path(path)?;
+    let result = write(&tmp).and_then(|_| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         VppoError::Io(format!("cannot write {}: {e}", path.display()))
     })
 }
 
-/// Writes the outputs (and `grad_logits` when given) to the safetensors file `path`, atomically.
+/// Writes `bytes` to `path` atomically (see [`write_atomic_with`]).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| e.to_string())
+    })
+}
+
+/// Writes the outputs (and `grad_logits` when given, in its own dtype) to the safetensors file
+/// `path`, atomically. The tensors are streamed to the file from the output vectors and the gradient
+/// buffer as they are: no copy of the [N, V] gradient and no image of the file is made in memory.
 pub fn write_outputs(
     path: &Path,
     out: &VppoOutput,
-    grad: Option<&[f32]>,
+    grad: Option<Logits>,
     vocab: usize,
 ) -> Result<()> {
-    let bytes = outputs_to_bytes(out, grad, vocab)?;
-    write_atomic(path, &bytes)
+    with_output_views(out, grad, vocab, |views| {
+        write_atomic_with(path, |tmp| {
+            safetensors::serialize_to_file(views, &None, tmp).map_err(|e| e.to_string())
+        })
+    })
 }
 
 #[cfg(test)]
@@ -450,7 +540,7 @@ mod tests {
             },
             ..VppoOutput::default()
         };
-        let bytes = outputs_to_bytes(&out, Some(&[]), 7).unwrap();
+        let bytes = outputs_to_bytes(&out, Some(Logits::F32(&[])), 7).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         assert_eq!(st.tensor("grad_logits").unwrap().shape(), &[0, 7]);
         assert_eq!(st.tensor("alpha").unwrap().shape(), &[1]);

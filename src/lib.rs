@@ -41,6 +41,7 @@ pub mod grpo;
 #[doc(hidden)]
 pub mod hooks;
 pub mod io;
+pub mod options;
 pub mod output;
 pub mod params;
 pub mod reference;

@@ -57,6 +57,10 @@ fn read_all(path: &Path) -> HashMap<String, (StDtype, Vec<usize>, Vec<f64>)> {
                     .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as f64)
                     .collect(),
                 StDtype::U8 => d.iter().map(|&x| x as f64).collect(),
+                StDtype::F16 => d
+                    .chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+                    .collect(),
                 other => panic!("unexpected dtype {other:?}"),
             };
             (name, (view.dtype(), view.shape().to_vec(), values))
@@ -467,4 +471,122 @@ fn overflowing_options_fail_naming_what_overflowed() {
     run(&["--temperature", "5e-324"], "config: temperature");
     run(&["--token-normalizer", "1e-300"], "overflow: loss is ");
     run(&["--logp-penalty", "1e308"], "overflow: loss is ");
+}
+
+/// Negative numbers are values as separate words (clap read `-0.5` as an unknown flag `-0`), and are
+/// then validated like any other value.
+#[test]
+fn negative_numbers_parse_as_values_and_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out.safetensors");
+    let fixture = fixture("batch_f16.safetensors");
+    let ok = loss_cmd(&fixture, &out_path, &["--logp-penalty", "-0.5"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    std::fs::remove_file(&out_path).unwrap();
+    for (args, needle) in [
+        (&["--beta-min", "-0.1"][..], "config: beta-min = -0.1"),
+        (&["--eps-low", "-1"][..], "config: eps-low = -1"),
+        (&["--temperature", "-2"][..], "config: temperature = -2 "),
+        (&["--dual-clip", "-3"][..], "config: dual-clip = -3"),
+    ] {
+        let out = loss_cmd(&fixture, &out_path, args);
+        assert_fails_without_output(&out, &out_path, needle);
+    }
+    let train = vppo(&["train", "--lr", "-1", "--steps", "1", "--quiet"]);
+    assert!(!train.status.success());
+    let stderr = String::from_utf8_lossy(&train.stderr);
+    assert!(stderr.contains("config: lr = -1"), "{stderr}");
+    let bench = vppo(&["bench", "--synthetic", "-4,8,1,f32"]);
+    assert!(!bench.status.success());
+    let stderr = String::from_utf8_lossy(&bench.stderr);
+    assert!(stderr.contains("N `-4` is not a whole number"), "{stderr}");
+}
+
+/// A synthetic batch larger than the machine is an error before anything is allocated (it aborted
+/// in an allocation).
+#[test]
+fn an_impossible_synthetic_size_is_an_error() {
+    let out = vppo(&["bench", "--synthetic", "1000000,1000000,8,bf16"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("vppo bench: error: config: synthetic = 1000000,1000000,8,bf16"),
+        "{stderr}"
+    );
+    let out = vppo(&["bench", "--synthetic", "2000000000,100000000000,8,f32"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("within the address space"), "{stderr}");
+}
+
+/// `--output` naming the input file (the same path, another path to it, a hard link) is refused and
+/// the input is left as it was (it was silently replaced by the outputs).
+#[test]
+fn output_over_the_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    std::fs::copy(fixture("batch_f16.safetensors"), &input).unwrap();
+    let before = std::fs::read(&input).unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let link = dir.path().join("link.safetensors");
+    std::fs::hard_link(&input, &link).unwrap();
+    for output in [
+        input.clone(),
+        dir.path().join("sub/../in.safetensors"),
+        dir.path().join("./in.safetensors"),
+        link,
+    ] {
+        let out = loss_cmd(&input, &output, &[]);
+        assert!(!out.status.success(), "{}", output.display());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("config: output =") && stderr.contains("other than --input"),
+            "{stderr}"
+        );
+        assert_eq!(std::fs::read(&input).unwrap(), before);
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+}
+
+/// `--grad-dtype logits` writes grad_logits in the logits dtype (f16 here), equal to the f32
+/// gradient rounded; the default stays f32.
+#[test]
+fn grad_dtype_logits_writes_the_gradient_in_the_logits_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let f32_path = dir.path().join("f32.safetensors");
+    let f16_path = dir.path().join("f16.safetensors");
+    let a = loss_cmd(&fixture("batch_f16.safetensors"), &f32_path, &[]);
+    assert_eq!(summary(&a)["grad_dtype"], "f32");
+    let b = loss_cmd(
+        &fixture("batch_f16.safetensors"),
+        &f16_path,
+        &["--grad-dtype", "logits"],
+    );
+    assert_eq!(summary(&b)["grad_dtype"], "f16");
+    let bytes = std::fs::read(&f16_path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let g = st.tensor("grad_logits").unwrap();
+    assert_eq!(g.dtype(), StDtype::F16);
+    assert_eq!(g.shape(), &[13, 11]);
+    let got: Vec<f32> = g
+        .data()
+        .chunks_exact(2)
+        .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect();
+    let want = &read_all(&f32_path)["grad_logits"].2;
+    assert_eq!(got.len(), want.len());
+    for (&x, &w) in got.iter().zip(want) {
+        // rounded once from f64 to f16; w is the f64 value rounded to f32
+        assert!((x as f64 - w).abs() <= 1e-3 * w.abs() + 1e-7, "{x} vs {w}");
+    }
+    // Every other tensor is the same.
+    let (fa, fb) = (read_all(&f32_path), read_all(&f16_path));
+    for (name, v) in &fa {
+        if name != "grad_logits" {
+            assert_eq!(v, &fb[name], "{name}");
+        }
+    }
 }

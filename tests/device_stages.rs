@@ -373,7 +373,7 @@ fn host_path_traffic_on_the_fake_driver() {
 /// first step closely on a GPU.
 #[test]
 fn trainer_steps_on_cuda_match_simt() {
-    use vppo::cli::DeviceArg;
+    use vppo::options::DeviceArg;
     use vppo::train::{Algo, TrainConfig, Trainer};
     let _serial = common::fake_cuda::serial();
     if gpu().is_none() {

@@ -25,7 +25,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("backends", &["simt", "cuda"]),
     ("pipeline", &["exec"]),
     ("API", &["api", "hooks"]),
-    ("apps", &["io", "cli", "bench", "train", "bin"]),
+    ("apps", &["io", "options", "cli", "bench", "train", "bin"]),
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

@@ -43,8 +43,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::DeviceArg;
 use crate::error::{Result, VppoError};
+use crate::options::DeviceArg;
 use crate::{grpo_advantages, Batch, Logits, Vppo, VppoConfig};
 use checkpoint::{from_bits, to_bits, Checkpoint, RngState};
 use model::{softmax, Cache, Context, Model, ModelConfig};
@@ -1001,13 +1001,13 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     /// RL steps (default 300; 120 with --easy).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub steps: Option<usize>,
     /// Seed of every random stream.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
     pub seed: u64,
     /// Seeds for --compare, comma-separated (default: --seed).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, allow_negative_numbers = true, value_delimiter = ',')]
     pub seeds: Vec<u64>,
     /// Run vppo and dapo on the same seeds and draw their reward curves on one plot.
     #[arg(long)]
@@ -1022,13 +1022,13 @@ pub struct TrainArgs {
     #[arg(long)]
     pub easy: bool,
     /// Prompts per step (each with G = 8 responses).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub prompts: Option<usize>,
     /// AdamW learning rate.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f32>,
     /// Runs at a time for --compare (default: the machine's cores).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub threads: Option<usize>,
     /// No progress bar.
     #[arg(long)]
