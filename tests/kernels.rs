@@ -839,3 +839,390 @@ fn small_kl_keeps_relative_precision() {
         }
     }
 }
+
+// -------------------------------------------------------------------------------------------------
+// Fixed cases. Each pins a behaviour that random batches reach rarely or never; none depends on the
+// proptest seed. docs/TESTING.md lists the mutant of the kernels (scripts/mutate.py) each one kills.
+// -------------------------------------------------------------------------------------------------
+
+/// A hand-made batch of `vocab`-logit rows, owning its tensors.
+struct Fixed {
+    logits: Vec<f32>,
+    logits_masked: Vec<f32>,
+    targets: Vec<i32>,
+    old_logp: Vec<f32>,
+    advantages: Vec<f32>,
+    cu_seqlens: Vec<i32>,
+    vocab: usize,
+}
+
+impl Fixed {
+    /// One-logit rows: logp = 0 and every score 0 exactly, so token t's ratio is exactly
+    /// exp(-old_logp[t]): the loss pass sees the log-ratios the test chooses (`x[b]`: response b's).
+    fn one_logit(x: &[&[f64]], advantages: &[f32]) -> Fixed {
+        let old_logp: Vec<f32> = x
+            .iter()
+            .flat_map(|r| r.iter().map(|&x| -x as f32))
+            .collect();
+        let n = old_logp.len();
+        let mut cu = vec![0i32];
+        for r in x {
+            cu.push(cu.last().unwrap() + r.len() as i32);
+        }
+        Fixed {
+            logits: vec![0.0; n],
+            logits_masked: vec![0.0; n],
+            targets: vec![0; n],
+            old_logp,
+            advantages: advantages.to_vec(),
+            cu_seqlens: cu,
+            vocab: 1,
+        }
+    }
+
+    fn batch(&self) -> Batch<'_> {
+        Batch {
+            logits: vppo::Logits::F32(&self.logits),
+            logits_masked: vppo::Logits::F32(&self.logits_masked),
+            targets: &self.targets,
+            old_logp: &self.old_logp,
+            advantages: &self.advantages,
+            cu_seqlens: &self.cu_seqlens,
+            vocab: self.vocab,
+        }
+    }
+
+    /// The ratio r_t the kernels see: exp(clamp(0 - old_logp, -20, 20)).
+    fn ratio(&self, t: usize) -> f64 {
+        (-(self.old_logp[t] as f64)).clamp(-20.0, 20.0).exp()
+    }
+}
+
+/// The forward on every executor, checked against the reference stages; then `expect` on each output.
+fn forward_fixed(
+    fixed: &Fixed,
+    cfg: &VppoConfig,
+    expect: impl Fn(&vppo::VppoOutput) -> Result<(), String>,
+) {
+    let batch = fixed.batch();
+    for device in devices() {
+        let out = Vppo::new(cfg.clone(), device)
+            .unwrap()
+            .forward(&batch)
+            .unwrap_or_else(|e| panic!("{device:?}: {e}"));
+        check_forward(&batch, cfg, &out).unwrap_or_else(|e| panic!("{device:?}: {e}"));
+        expect(&out).unwrap_or_else(|e| panic!("{device:?}: {e}"));
+    }
+}
+
+/// dloss/dlogp equals `want` (relative 1e-6, and exactly where `want` is 0).
+fn expect_dlogp(out: &vppo::VppoOutput, want: &[f64]) -> Result<(), String> {
+    for (t, (&g, &w)) in out.tokens.dlogp.iter().zip(want).enumerate() {
+        let ok = if w == 0.0 {
+            g == 0.0
+        } else {
+            close(g as f64, w, 1e-6 * w.abs())
+        };
+        if !ok {
+            return Err(format!("dlogp[{t}] = {g:e}, want {w:e}"));
+        }
+    }
+    Ok(())
+}
+
+/// Loss-only config: every token selected, no shaping, no -logp term, token-mean over Z = N.
+fn loss_config() -> VppoConfig {
+    VppoConfig {
+        top_fraction: 1.0,
+        shaping: Shaping::None,
+        logp_penalty: 0.0,
+        ..VppoConfig::default()
+    }
+}
+
+/// The dual clip caps -A' r at -A' c for A' < 0 (no gradient there), and the log-ratio clamp at
+/// |x| = 20 stops the gradient whichever branch is taken. Ratios far outside the clip range, which the
+/// random batches (log-ratios within +-0.6) never make.
+#[test]
+fn dual_clip_and_log_ratio_clamp() {
+    let (l5, l2) = (5f64.ln(), 2f64.ln());
+    let fixed = Fixed::one_logit(&[&[l5, l2, 25.0], &[-25.0, 0.1]], &[-1.0, 1.0]);
+    let n = 5.0;
+    let r: Vec<f64> = (0..5).map(|t| fixed.ratio(t)).collect();
+    let cfg = loss_config(); // dual clip 3
+    forward_fixed(&fixed, &cfg, |out| {
+        // t0: r = 5 > 3, capped at 3 (no gradient); t1: r = 2, unclipped, gradient -A' r; t2: x = 25,
+        // clamped to e^20 and capped; t3: x = -25, r = e^-20, the unclipped branch but clamped: no
+        // gradient; t4: r = e^0.1, inside the clip range.
+        expect_dlogp(out, &[0.0, r[1] / n, 0.0, 0.0, -r[4] / n])?;
+        let pg = (3.0 + r[1] + 3.0 - r[3] - r[4]) / n;
+        check_close("pg_loss", 0, out.pg_loss, pg, 1e-12)?;
+        check_close("clip_fraction", 0, out.stats.clip_fraction, 2.0 / n, 0.0)
+    });
+    let cfg = VppoConfig {
+        dual_clip: None,
+        ..loss_config()
+    };
+    forward_fixed(&fixed, &cfg, |out| {
+        // without the dual clip t0 takes the unclipped branch; t2 too, but clamped: no gradient
+        expect_dlogp(out, &[r[0] / n, r[1] / n, 0.0, 0.0, -r[4] / n])?;
+        let pg = (r[0] + r[1] + 20f64.exp() - r[3] - r[4]) / n;
+        check_close("pg_loss", 0, out.pg_loss, pg, 1e-12 * pg)
+    });
+}
+
+/// On-policy tokens (r = 1 exactly) with eps_low = 0 or eps_high = 0 sit on a clip bound, where the
+/// ratio counts as inside the range: the gradient is -A' r, not 0, and no clip is counted.
+#[test]
+fn on_policy_tokens_on_the_clip_bounds() {
+    let fixed = Fixed::one_logit(&[&[0.0, 0.0], &[0.0, 0.0, 0.0]], &[1.0, -0.5]);
+    let want = [-0.2, -0.2, 0.1, 0.1, 0.1];
+    for (eps_low, eps_high) in [(0.0, 0.28), (0.2, 0.0), (0.0, 0.0)] {
+        let cfg = VppoConfig {
+            eps_low,
+            eps_high,
+            ..loss_config()
+        };
+        forward_fixed(&fixed, &cfg, |out| {
+            expect_dlogp(out, &want)?;
+            check_close("clip_fraction", 0, out.stats.clip_fraction, 0.0, 0.0)
+        });
+    }
+}
+
+/// alpha of the VPPO TAS rule for one response, given n = clamp((Sbar - lo) / (hi - lo), 0, 1) and the
+/// scope's mean n (SPEC section 4), written out here so a wrong constant in both the kernel and the
+/// reference would still be caught.
+fn tas_alpha(cfg: &VppoConfig, n: f64, mean_n: f64) -> f64 {
+    let beta_max = match cfg.shaping {
+        Shaping::MeanPreserving => cfg.beta_min + (1.0 - cfg.beta_min) / (mean_n + 1e-8),
+        _ => cfg.beta_max,
+    };
+    cfg.beta_min + n * (beta_max - cfg.beta_min)
+}
+
+fn expect_alpha(out: &vppo::VppoOutput, want: &[f64]) -> Result<(), String> {
+    for (b, (&g, &w)) in out.responses.alpha.iter().zip(want).enumerate() {
+        check_close("alpha", b, g as f64, w, 1e-6 * w)?;
+    }
+    Ok(())
+}
+
+/// The TAS constants, each where it matters, in both scopes: a caller range 1e-4 wide is not flat
+/// (the threshold is 1e-6); a range that puts every n near 1e-6 makes the 1e-8 of mean-preserving
+/// shaping matter (0.999, where 1e-6 would give 0.95).
+#[test]
+fn tas_constants_with_caller_ranges() {
+    let fixed = Fixed::one_logit(
+        &[&[0.1, -0.1], &[0.05], &[0.0, 0.2], &[-0.3]],
+        &[1.0, -1.0, 0.5, 2.0],
+    );
+    for scope in [TasScope::Batch, TasScope::Group] {
+        for shaping in [Shaping::MeanPreserving, Shaping::Linear] {
+            let base = VppoConfig {
+                shaping,
+                tas_scope: Some(scope),
+                group_size: 2,
+                ..loss_config()
+            };
+            // every Sbar is 0 = lo: n = 0, alpha = beta_min (1 if the range were taken as flat)
+            let cfg = VppoConfig {
+                tas_range: Some((0.0, 1e-4)),
+                ..base.clone()
+            };
+            forward_fixed(&fixed, &cfg, |out| expect_alpha(out, &[0.9; 4]));
+            if shaping == Shaping::MeanPreserving {
+                let (lo, hi) = (-1e-6, 1.0);
+                let cfg = VppoConfig {
+                    tas_range: Some((lo, hi)),
+                    ..base.clone()
+                };
+                let n = -lo / (hi - lo);
+                let a = tas_alpha(&cfg, n, n);
+                assert!((a - 0.999).abs() < 1e-3, "{a}");
+                forward_fixed(&fixed, &cfg, |out| expect_alpha(out, &[a; 4]));
+            }
+        }
+    }
+}
+
+/// Sbar spread over about 2e-5 (one response with KL 0, one with a small KL), no caller range: not
+/// flat, so alpha is beta_min and beta_max, in both scopes.
+#[test]
+fn tas_near_flat_spread() {
+    // V = 2: a = [0, 0] in every row; b = a for response 0, [0, d] for response 1: KL ~ d^2 / 8
+    let d = 0.0125f32;
+    let rows = 3;
+    let mut fixed = Fixed::one_logit(&[&[0.1, 0.0, -0.1], &[0.0, 0.2, 0.1]], &[1.0, -1.0]);
+    fixed.vocab = 2;
+    fixed.logits = vec![0.0; 2 * 2 * rows];
+    fixed.logits_masked = fixed.logits.clone();
+    for t in rows..2 * rows {
+        fixed.logits_masked[2 * t + 1] = d;
+    }
+    // logp = -ln 2 now: make the log-ratios the same as with one logit
+    for x in &mut fixed.old_logp {
+        *x -= std::f32::consts::LN_2;
+    }
+    for scope in [TasScope::Batch, TasScope::Group] {
+        for shaping in [Shaping::MeanPreserving, Shaping::Linear] {
+            let cfg = VppoConfig {
+                shaping,
+                tas_scope: Some(scope),
+                group_size: 2,
+                ..loss_config()
+            };
+            forward_fixed(&fixed, &cfg, |out| {
+                let spread = out.responses.sbar[1] as f64 - out.responses.sbar[0] as f64;
+                if !(out.responses.sbar[0] == 0.0 && spread > 1e-5 && spread < 1e-4) {
+                    return Err(format!(
+                        "Sbar {:?}: not the spread this test needs",
+                        out.responses.sbar
+                    ));
+                }
+                expect_alpha(out, &[tas_alpha(&cfg, 0.0, 0.5), tas_alpha(&cfg, 1.0, 0.5)])
+            });
+        }
+    }
+}
+
+/// Fills a gradient buffer of `dtype` with 0xFF bytes (NaN in every float type), runs the backward and
+/// returns the bits it left there, widened to u32.
+fn poisoned_grad_bits(
+    device: Device,
+    batch: &Batch,
+    cfg: &VppoConfig,
+    out: &vppo::VppoOutput,
+    dtype: Dtype,
+) -> Vec<u32> {
+    let nv = batch.n_tokens() * batch.vocab;
+    let run = |g: GradMut| kernels::backward_into(batch, cfg, out, g, device).unwrap();
+    match dtype {
+        Dtype::F32 => {
+            let mut g = vec![f32::from_bits(u32::MAX); nv];
+            run(GradMut::F32(&mut g));
+            g.iter().map(|x| x.to_bits()).collect()
+        }
+        Dtype::F16 => {
+            let mut g = vec![f16::from_bits(u16::MAX); nv];
+            run(GradMut::F16(&mut g));
+            g.iter().map(|x| u32::from(x.to_bits())).collect()
+        }
+        Dtype::Bf16 => {
+            let mut g = vec![bf16::from_bits(u16::MAX); nv];
+            run(GradMut::Bf16(&mut g));
+            g.iter().map(|x| u32::from(x.to_bits())).collect()
+        }
+    }
+}
+
+/// With logp_penalty 0 every token outside the top-k mask has g = 0, and its gradient row is written
+/// as +0.0 everywhere without reading the logits: head, 16-byte body and tail, for prime V (rows start
+/// at every alignment) into a buffer poisoned with 0xFF bytes.
+#[test]
+fn zero_gradient_rows_are_written_whole() {
+    for (seed, d, v) in [
+        (41u64, Dtype::F32, 37usize),
+        (42, Dtype::Bf16, 101),
+        (43, Dtype::F16, 37),
+    ] {
+        let owned = seeded_batch(seed, &spec(d, (v, v), false));
+        let batch = owned.batch();
+        let cfg = VppoConfig {
+            logp_penalty: 0.0,
+            top_fraction: 0.25,
+            ..VppoConfig::default()
+        };
+        for device in devices() {
+            let out = Vppo::new(cfg.clone(), device)
+                .unwrap()
+                .forward(&batch)
+                .unwrap();
+            let zero_rows: Vec<usize> = (0..batch.n_tokens())
+                .filter(|&t| out.tokens.dlogp[t] == 0.0)
+                .collect();
+            assert!(
+                zero_rows.len() >= 4,
+                "{device:?} {d:?}: only {} rows with g = 0",
+                zero_rows.len()
+            );
+            let want = reference_grad(&batch, &cfg, &out);
+            for out_dtype in [Dtype::F32, d] {
+                let bits = poisoned_grad_bits(device, &batch, &cfg, &out, out_dtype);
+                for &t in &zero_rows {
+                    for (j, &x) in bits[t * v..(t + 1) * v].iter().enumerate() {
+                        assert_eq!(
+                            x, 0,
+                            "{device:?} {d:?}->{out_dtype:?} row {t} element {j}: bits {x:#x}"
+                        );
+                    }
+                }
+                let got = grad_on(device, &batch, &cfg, &out, out_dtype);
+                check_grad(&batch, cfg.temperature, &out, &want, &got, out_dtype).unwrap();
+            }
+        }
+    }
+}
+
+/// Many more rows than blocks, each with a real vocabulary (every one of the 256 threads holds part of
+/// a row): each block reuses its shared memory for the next row, so a missing end-of-row barrier lets
+/// a fast thread overwrite a state before warp 0 has merged it.
+#[test]
+fn many_rows_with_a_real_vocabulary() {
+    for (seed, d, v) in [(51u64, Dtype::F32, 300usize), (52, Dtype::Bf16, 257)] {
+        let owned = seeded_batch(
+            seed,
+            &BatchSpec {
+                dtype: d,
+                vocab: (v, v),
+                max_len: 60,
+                groups: (4, 4),
+                group_size: 4,
+                ..BatchSpec::default()
+            },
+        );
+        let batch = owned.batch();
+        assert!(batch.n_tokens() > 130, "{}", batch.n_tokens());
+        let cfg = VppoConfig::default();
+        for device in devices() {
+            let out = Vppo::new(cfg.clone(), device)
+                .unwrap()
+                .forward(&batch)
+                .unwrap();
+            check_forward(&batch, &cfg, &out).unwrap_or_else(|e| panic!("{device:?} {d:?}: {e}"));
+        }
+    }
+}
+
+/// +0.0 and -0.0 scores tie (as under f64 comparison): of equal keys the lower indices are taken,
+/// whatever the sign of the zero. Caller-supplied scores (the perception kernel never makes -0.0).
+#[test]
+fn signed_zero_scores_tie() {
+    let z = [-0.0f32, 0.0];
+    let mut scores = vec![-0.0f32, 0.0, 0.0, -0.0, 1.0, -0.0];
+    // 600 zeros of mixed signs (three chunks of the scan), then +0.0 only at the end
+    scores.extend((0..600).map(|i| z[(i * 7 + i / 5) % 2]));
+    scores.extend([-0.0, -0.0, -0.0, 0.0]);
+    let cu = [0, 6, 606, 610];
+    for (frac, first, k1) in [
+        (0.5, &[0usize, 1, 4][..], 300usize),
+        (0.3, &[0, 4][..], 180),
+    ] {
+        let mut want = vec![0u8; 610];
+        for &i in first {
+            want[i] = 1;
+        }
+        want[6..6 + k1].fill(1);
+        want[606..608].fill(1);
+        let wide: Vec<f64> = scores.iter().map(|&x| x as f64).collect();
+        let (ref_mask, _) =
+            reference::select::topk_mask(&wide, &cu, TopFraction::new(frac).unwrap()).unwrap();
+        assert_eq!(ref_mask, want, "reference, frac {frac}");
+        for device in devices() {
+            let (mask, k, sbar) = kernels::select(&scores, &cu, frac, device).unwrap();
+            assert_eq!(k, [first.len() as u32, k1 as u32, 2], "{device:?}");
+            assert_eq!(mask, want, "{device:?} frac {frac}");
+            assert_eq!(sbar[1], 0.0, "{device:?}");
+        }
+    }
+}
