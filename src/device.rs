@@ -7,6 +7,10 @@ pub enum LaneOrder {
     Forward,
     /// The last thread first: code that is right only by luck of scheduling fails in one order.
     Reverse,
+    /// One warp at a time runs as far as it can (to a barrier, or a wait on another warp) before any
+    /// other warp runs; the leading warp changes at every barrier. Catches a warp that overwrites
+    /// shared memory other warps have not read yet, which both lane orders can hide.
+    RunAhead,
 }
 
 /// Where the loss is computed.

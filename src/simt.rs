@@ -4,9 +4,13 @@
 //! threads 32w .. 32w+31 in linear order (x fastest). Barriers, shuffles and votes follow the CUDA
 //! Programming Guide and the PTX ISA, and misuse (divergent `__syncthreads`, a deadlock, bad warp masks
 //! or widths) stops the launch with [`VppoError::Kernel`] naming the kernel, block, thread and source
-//! line instead of hanging. Lanes run in forward or reverse order ([`LaneOrder`]), so code that is right
-//! only by luck of scheduling fails in one of them; shared memory is poisoned (every byte 0xFF) at each
-//! block's start.
+//! line instead of hanging. Lanes run in forward or reverse order, or one warp runs ahead of the others
+//! ([`LaneOrder`]), so code that is right only by luck of scheduling fails in one of them; shared memory
+//! is poisoned (every byte 0xFF) at each block's start.
+//!
+//! Test settings ([`TestMode`], per OS thread): a grid cap, so that every block of a kernel that loops
+//! over the grid handles many rows; and a race check that reports two threads' accesses to one byte of
+//! shared memory that no barrier, warp operation or atomic orders (kernels/simt/simt.h).
 //!
 //! Launches from several OS threads at once are independent: the executor's state is per OS thread.
 
@@ -33,8 +37,66 @@ pub struct SimtLaunch {
     pub block_z: u32,
     /// Dynamic shared memory per block, in bytes.
     pub shared_bytes: u32,
-    /// 0: threads run in forward order; 1: in reverse order.
-    pub reverse_lanes: i32,
+    /// 0: threads run in forward order; 1: in reverse order; 2: run-ahead ([`LaneOrder::RunAhead`]).
+    pub schedule: i32,
+}
+
+/// The executor's test settings on one OS thread (kernels/simt/simt_abi.h, `VppoSimtTestMode`). A
+/// thread starts with `VPPO_SIMT_GRID_CAP` (a block count) and `VPPO_SIMT_RACE_CHECK` (0 or 1) from the
+/// environment, unset meaning 0, which is how a whole child process (the fake CUDA driver's reruns)
+/// is put in a mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TestMode {
+    /// 0: launches run as given; n > 0: a grid of more than n blocks runs n (`gridDim.x` = n), so each
+    /// block of a kernel that loops over the grid does the work of many and reuses its shared memory.
+    pub grid_cap: u32,
+    /// Run each kernel's race-checked build: a launch stops with [`VppoError::Kernel`] naming the
+    /// kernel, block, byte, both threads and both source lines of the first race on shared memory.
+    pub race_check: bool,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RawTestMode {
+    grid_cap: u32,
+    race_check: i32,
+}
+
+extern "C" {
+    fn vppo_simt_set_test_mode(mode: *const RawTestMode, previous: *mut RawTestMode) -> c_int;
+}
+
+/// Sets the test mode of the calling OS thread and returns the previous one.
+pub fn set_test_mode(mode: TestMode) -> TestMode {
+    let raw = RawTestMode {
+        grid_cap: mode.grid_cap,
+        race_check: i32::from(mode.race_check),
+    };
+    let mut prev = RawTestMode {
+        grid_cap: 0,
+        race_check: 0,
+    };
+    // SAFETY: both pointers are valid for the call; the mode is valid (race_check is 0 or 1), so the
+    // call cannot fail.
+    let rc = unsafe { vppo_simt_set_test_mode(&raw, &mut prev) };
+    debug_assert_eq!(rc, 0);
+    TestMode {
+        grid_cap: prev.grid_cap,
+        race_check: prev.race_check != 0,
+    }
+}
+
+/// Runs `f` with the calling OS thread in test mode `mode`, then restores the previous mode (also when
+/// `f` panics).
+pub fn with_test_mode<R>(mode: TestMode, f: impl FnOnce() -> R) -> R {
+    struct Restore(TestMode);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            set_test_mode(self.0);
+        }
+    }
+    let _restore = Restore(set_test_mode(mode));
+    f()
 }
 
 /// The C entry point `vppo_simt_<kernel>` that `VPPO_EXPORT_KERNEL` defines: runs the kernel over the
@@ -93,9 +155,10 @@ pub unsafe fn launch<P>(
         block_y: block[1],
         block_z: block[2],
         shared_bytes,
-        reverse_lanes: match order {
+        schedule: match order {
             LaneOrder::Forward => 0,
             LaneOrder::Reverse => 1,
+            LaneOrder::RunAhead => 2,
         },
     };
     let mut err = vec![0u8; ERR_LEN];
@@ -236,6 +299,12 @@ pub mod selftest {
             n: usize,
         ) -> c_int;
         pub fn vppo_simt_selftest_convert(
+            l: *const SimtLaunch,
+            p: *const c_void,
+            e: *mut c_char,
+            n: usize,
+        ) -> c_int;
+        pub fn vppo_simt_selftest_ordering(
             l: *const SimtLaunch,
             p: *const c_void,
             e: *mut c_char,

@@ -1226,3 +1226,97 @@ fn signed_zero_scores_tie() {
         }
     }
 }
+
+/// Schedules that are not lucky and grids smaller than the data, on the SIMT executor, for a few
+/// representative batches: one warp running ahead of the others, grids capped at 1, 2 and 3 blocks (each
+/// block loops over many rows or responses and reuses its shared memory), and the race check, which
+/// reports any two unordered accesses to shared memory whatever the schedule. The fake-driver reruns
+/// cap every grid at 3 in their reverse-order pass (tests/common/fake_cuda.rs).
+#[test]
+fn schedules_grid_caps_and_race_check() {
+    if on_gpu() {
+        eprintln!(
+            "skipped: the SIMT executor's test modes (the fake driver's reruns cap the grid)"
+        );
+        return;
+    }
+    use vppo::simt::{with_test_mode, TestMode};
+    let cases: Vec<(vppo::OwnedBatch, VppoConfig)> = vec![
+        // many rows with a real vocabulary: perception's shared state reused row after row
+        (
+            seeded_batch(
+                61,
+                &BatchSpec {
+                    vocab: (300, 300),
+                    max_len: 40,
+                    groups: (3, 3),
+                    group_size: 4,
+                    ..BatchSpec::default()
+                },
+            ),
+            VppoConfig::default(),
+        ),
+        // long responses with ties: several chunks of the radix select and the mask scan per response;
+        // block reductions of the batch-scope TAS and of the loss
+        (
+            seeded_batch(
+                62,
+                &BatchSpec {
+                    dtype: Dtype::Bf16,
+                    vocab: (5, 24),
+                    max_len: 700,
+                    ties: true,
+                    groups: (2, 2),
+                    group_size: 3,
+                    ..BatchSpec::default()
+                },
+            ),
+            VppoConfig {
+                aggregation: Aggregation::SeqMeanTokenMean,
+                top_fraction: 0.3,
+                ..VppoConfig::default()
+            },
+        ),
+        // prime V, zero-gradient rows, group-scope linear TAS
+        (
+            seeded_batch(63, &spec(Dtype::F16, (37, 37), false)),
+            VppoConfig {
+                logp_penalty: 0.0,
+                top_fraction: 0.25,
+                shaping: Shaping::Linear,
+                group_size: 2,
+                ..VppoConfig::default()
+            },
+        ),
+    ];
+    let modes = [
+        (LaneOrder::RunAhead, 0, false),
+        (LaneOrder::Forward, 1, false),
+        (LaneOrder::Reverse, 2, false),
+        (LaneOrder::RunAhead, 3, false),
+        (LaneOrder::Forward, 0, true),
+        (LaneOrder::RunAhead, 2, true),
+    ];
+    for (i, (owned, cfg)) in cases.iter().enumerate() {
+        let batch = owned.batch();
+        for (order, grid_cap, race_check) in modes {
+            let mode = TestMode {
+                grid_cap,
+                race_check,
+            };
+            let what = format!("case {i}, {order:?}, {mode:?}");
+            with_test_mode(mode, || {
+                let device = Device::Simt(order);
+                let out = Vppo::new(cfg.clone(), device)
+                    .unwrap()
+                    .forward(&batch)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+                check_forward(&batch, cfg, &out).unwrap_or_else(|e| panic!("{what}: {e}"));
+                let want = reference_grad(&batch, cfg, &out);
+                let got = grad_on(device, &batch, cfg, &out, Dtype::F32);
+                check_grad(&batch, cfg.temperature, &out, &want, &got, Dtype::F32)
+                    .unwrap_or_else(|e| panic!("{what}: {e}"));
+            });
+        }
+    }
+}

@@ -1232,3 +1232,313 @@ fn speed_of_a_block_reduction_launch() {
         );
     }
 }
+
+// -------------------------------------------------------------------------------------------------
+// Run-ahead schedule, grid cap, race check
+// -------------------------------------------------------------------------------------------------
+
+/// The line of kernels/simt/tests/<file> that ends in the comment `/* line: <tag> */`.
+fn tagged_line(file: &str, tag: &str) -> String {
+    let path = format!("{}/kernels/simt/tests/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap();
+    let marker = format!("/* line: {tag} */");
+    let i = text
+        .lines()
+        .position(|l| l.trim_end().ends_with(&marker))
+        .unwrap_or_else(|| panic!("no line tagged {tag:?} in {path}"));
+    format!("{file}:{}", i + 1)
+}
+
+/// Runs selftest_ordering (one block of 64 threads) in `mode`, race check on or off.
+fn racecheck(order: LaneOrder, mode: i32, check: bool) -> Result<Vec<i32>, VppoError> {
+    let n = 64usize;
+    let mut b = Bufs {
+        out_a: vec![0; n],
+        ..Default::default()
+    };
+    let m = vppo::simt::TestMode {
+        race_check: check,
+        ..Default::default()
+    };
+    vppo::simt::with_test_mode(m, || {
+        run(
+            st::vppo_simt_selftest_ordering,
+            [1, 1, 1],
+            [n as u32, 1, 1],
+            4 * (n as u32 + 1),
+            order,
+            &mut b,
+            mode,
+            32,
+            0,
+        )
+    })?;
+    Ok(b.out_a)
+}
+
+const ALL_ORDERS: [LaneOrder; 3] = [LaneOrder::Forward, LaneOrder::Reverse, LaneOrder::RunAhead];
+
+/// Every racy pattern is reported in every schedule (the check follows the synchronization, not the
+/// interleaving that ran), naming the kernel, block, byte, both threads and both source lines; every
+/// ordered one passes and gives the values the code means.
+#[test]
+fn race_check_reports_unordered_shared_accesses() {
+    for order in ALL_ORDERS {
+        for mode in [1, 2, 4, 5, 7, 10] {
+            let out = racecheck(order, mode, true).unwrap_or_else(|e| {
+                panic!("{order:?} mode {mode}: a race reported in ordered code: {e}")
+            });
+            let want: Vec<i32> = (0..64i32)
+                .map(|t| match mode {
+                    1 => (t + 1) % 64,
+                    2 | 4 | 5 => t ^ 1,
+                    7 => i32::from(t == 0) * 64,
+                    _ => 7,
+                })
+                .collect();
+            assert_eq!(out, want, "{order:?} mode {mode}");
+        }
+        for mode in [0, 3, 6, 8, 9, 11] {
+            let err = racecheck(order, mode, true)
+                .expect_err("a race went unreported")
+                .to_string();
+            assert!(
+                err.contains("kernel selftest_ordering: block (0,0,0): race on shared memory byte"),
+                "{order:?} mode {mode}: {err}"
+            );
+            assert!(
+                err.contains("with no __syncthreads, warp operation or atomic ordering the two"),
+                "{err}"
+            );
+            // both accesses, each with its kind ("writes"/"wrote", "reads"/"read", "does/did an atomic
+            // on") and its line (which one came first depends on the order)
+            let lines: &[(&str, &str)] = match mode {
+                0 => &[("wr", "write 0"), ("read", "read 0")],
+                3 => &[("read", "read 3")],
+                8 => &[("atomic on", "atomic 8"), ("read", "read 8")],
+                9 => &[("wr", "write 9"), ("read", "read 9")],
+                11 => &[("wr", "write 11")],
+                _ => &[],
+            };
+            for (what, tag) in lines {
+                let line = tagged_line("race.cu", tag);
+                assert!(
+                    err.contains(&format!(" it at {line}")) && err.contains(what),
+                    "{order:?} mode {mode}: no {what:?} at {line} in: {err}"
+                );
+            }
+        }
+    }
+}
+
+/// Without the race check the racy patterns run (the executor's other checks do not see them), and the
+/// planted race of selftest_race is reported once it is on, in both lane orders.
+#[test]
+fn race_check_is_a_test_mode() {
+    for order in ALL_ORDERS {
+        for mode in [0, 3, 6, 8, 9, 11] {
+            racecheck(order, mode, false).unwrap();
+        }
+    }
+    let n = 64usize;
+    for order in ORDERS {
+        for (mode, racy) in [(0, true), (1, false)] {
+            let mut b = Bufs {
+                in_a: (0..n as i32).collect(),
+                out_a: vec![0; n],
+                ..Default::default()
+            };
+            let m = vppo::simt::TestMode {
+                race_check: true,
+                ..Default::default()
+            };
+            let r = vppo::simt::with_test_mode(m, || {
+                run(
+                    st::vppo_simt_selftest_race,
+                    [1, 1, 1],
+                    [n as u32, 1, 1],
+                    4 * n as u32,
+                    order,
+                    &mut b,
+                    mode,
+                    32,
+                    0,
+                )
+            });
+            assert_eq!(r.is_err(), racy, "{order:?} mode {mode}: {r:?}");
+        }
+    }
+}
+
+/// The race check finds no race in the self tests' reduction and scan (barriers between every write
+/// and the reads of another thread), in every schedule.
+#[test]
+fn race_check_passes_ordered_block_algorithms() {
+    let m = vppo::simt::TestMode {
+        race_check: true,
+        ..Default::default()
+    };
+    for order in ALL_ORDERS {
+        let block = 256usize;
+        let mut b = Bufs {
+            in_a: (0..block as i32).collect(),
+            out_a: vec![0; block],
+            ..Default::default()
+        };
+        vppo::simt::with_test_mode(m, || {
+            run(
+                st::vppo_simt_selftest_scan,
+                [1, 1, 1],
+                [block as u32, 1, 1],
+                8 * block as u32,
+                order,
+                &mut b,
+                0,
+                32,
+                0,
+            )
+        })
+        .unwrap();
+        let want: Vec<i32> = (0..block as i32).map(|i| i * (i + 1) / 2).collect();
+        assert_eq!(b.out_a, want, "{order:?}");
+        let n = 1000;
+        let mut b = Bufs {
+            in_a: (0..2 * n).collect(),
+            in_f: vec![0.5; 2 * n as usize],
+            out_a: vec![0; 2],
+            out_f: vec![0.0; 2],
+            ..Default::default()
+        };
+        vppo::simt::with_test_mode(m, || {
+            run(
+                st::vppo_simt_selftest_reduce,
+                [2, 1, 1],
+                [128, 1, 1],
+                8 * 4,
+                order,
+                &mut b,
+                0,
+                32,
+                n,
+            )
+        })
+        .unwrap();
+        // block b sums in_a[b n .. (b + 1) n)
+        assert_eq!(b.out_a, [(n - 1) * n / 2, (3 * n - 1) * n / 2], "{order:?}");
+        assert_eq!(b.out_f, [500.0, 500.0]);
+    }
+}
+
+/// Run-ahead: the leading warp runs to the barrier before any other warp starts, so without the
+/// barrier a thread of warp 0 reads a neighbour of warp 1 that has not run yet (the poison).
+#[test]
+fn run_ahead_lets_one_warp_go_first() {
+    let n = 64usize;
+    let go = |mode| {
+        let mut b = Bufs {
+            in_a: (0..n as i32).map(|t| 10 * t + 3).collect(),
+            out_a: vec![0; n],
+            ..Default::default()
+        };
+        run(
+            st::vppo_simt_selftest_race,
+            [1, 1, 1],
+            [n as u32, 1, 1],
+            4 * n as u32,
+            LaneOrder::RunAhead,
+            &mut b,
+            mode,
+            32,
+            0,
+        )
+        .unwrap();
+        b.out_a
+    };
+    // Block 0 starts with warp 0 ahead: thread 32 (warp 1) reads s[31], written by the finished warp 0;
+    // warp 0 never reads warp 1's part. Within warp 0, lanes run in order: right by luck.
+    let intended: Vec<i32> = (0..n as i32)
+        .map(|t| 10 * t + 3 + if t > 0 { 10 * (t - 1) + 3 } else { 0 })
+        .collect();
+    assert_eq!(go(0), intended);
+    assert_eq!(go(1), intended);
+    // The scan with its barriers is right under run-ahead too.
+    let block = 128usize;
+    let mut b = Bufs {
+        in_a: vec![1; block],
+        out_a: vec![0; block],
+        ..Default::default()
+    };
+    run(
+        st::vppo_simt_selftest_scan,
+        [1, 1, 1],
+        [block as u32, 1, 1],
+        8 * block as u32,
+        LaneOrder::RunAhead,
+        &mut b,
+        0,
+        32,
+        0,
+    )
+    .unwrap();
+    assert_eq!(b.out_a, (1..=block as i32).collect::<Vec<_>>());
+}
+
+/// The grid cap runs at most that many blocks in x and reports gridDim.x as the cap (0: no cap).
+#[test]
+fn grid_cap_shrinks_the_grid() {
+    let blocks = 5usize;
+    for cap in [0u32, 1, 2, 3, 7] {
+        // selftest_dims, one thread per block: out_a[b] = gridDim.x, out_u64[b] = blockIdx.x << 30
+        let mut b = Bufs {
+            out_a: vec![-1; blocks],
+            out_b: vec![-1; blocks],
+            out_u: vec![0; blocks],
+            out_u64: vec![u64::MAX; blocks],
+            ..Default::default()
+        };
+        let m = vppo::simt::TestMode {
+            grid_cap: cap,
+            ..Default::default()
+        };
+        vppo::simt::with_test_mode(m, || {
+            run(
+                st::vppo_simt_selftest_dims,
+                [blocks as u32, 1, 1],
+                [1, 1, 1],
+                0,
+                LaneOrder::Forward,
+                &mut b,
+                0,
+                32,
+                0,
+            )
+        })
+        .unwrap();
+        let ran = if cap == 0 {
+            blocks
+        } else {
+            blocks.min(cap as usize)
+        };
+        for g in 0..blocks {
+            if g < ran {
+                assert_eq!(
+                    b.out_a[g],
+                    ran as i32 | 1 << 10 | 1 << 20,
+                    "cap {cap} block {g}"
+                );
+                assert_eq!(b.out_u64[g], (g as u64) << 30, "cap {cap} block {g}");
+            } else {
+                assert_eq!(
+                    (b.out_a[g], b.out_u64[g]),
+                    (-1, u64::MAX),
+                    "cap {cap}: block {g} ran"
+                );
+            }
+        }
+    }
+    // the mode is per OS thread and restored: a launch after with_test_mode runs the whole grid
+    assert_eq!(
+        vppo::simt::set_test_mode(Default::default()),
+        Default::default()
+    );
+}

@@ -13,6 +13,29 @@
  * lanes meeting at different warp operations, __syncthreads reached at different call sites, and a
  * deadlock (no thread can run while some have not exited).
  *
+ * Schedules (VppoSimtLaunch.schedule): forward and reverse lane order run each thread until it blocks,
+ * then the next one in order; run-ahead lets one warp run as far as it can (to a __syncthreads, or a wait
+ * on a lane of another warp) before any other warp runs, the leading warp changing at every barrier.
+ * Code that is right only by luck of scheduling fails in some of them.
+ *
+ * Test settings (simt_abi.h, VppoSimtTestMode, per OS thread): a grid cap, so that each block of a
+ * grid-stride kernel handles many rows and reuses its shared memory; and the race check.
+ *
+ * Race check: each kernel is also compiled with -fsanitize=thread instrumentation (build/simt.rs: every
+ * memory access calls __tsan_read4(addr) and the like), against no sanitizer runtime: the executor
+ * defines those hooks itself (simt.cpp). With VppoSimtTestMode.race_check set, a launch runs that
+ * build, and the hooks keep, for every byte of the block's shared memory, its last write and the reads
+ * since, each with the thread and its position in happens-before: __syncthreads orders everything
+ * before it with everything after; a warp operation (shuffle, vote, __syncwarp) orders what the lanes of
+ * its mask did before it with what they do after (vector clocks over the lanes of a warp); two atomics
+ * never conflict. Two accesses of different threads to one byte, at least one a write, with no such
+ * order between them, stop the launch with a report naming the kernel, the block, the byte, both
+ * threads and both source lines (addr2line over the instrumented code's line tables), as
+ * compute-sanitizer's racecheck would. Every schedule is checked, not only the one that ran: the order
+ * is that of the synchronization, not of the interleaving. Global memory is not checked (blocks run one
+ * after another, and the kernels' threads write disjoint global elements); a plain access is checked
+ * against the last atomic of each byte only.
+ *
  * Limits: each thread has a 64 KiB stack (a guard page below it: overflowing it faults); threads are not
  * preempted, so a spin loop waiting for another thread's write without a synchronizing call in it never
  * ends (write such code with __syncthreads or warp collectives); a launch from inside a kernel is an
@@ -140,9 +163,25 @@ uint64_t warp_op(int op, unsigned int mask, uint64_t value, int size, int b, int
 unsigned int activemask(const char *file, int line);
 void syncthreads(const char *file, int line);
 
-/* Runs `body(params)` for every thread of every block; 0, or non-zero with a message in err. */
+/* Runs `body(params)` for every thread of every block; 0, or non-zero with a message in err. With
+ * race_check, the body is the instrumented build's and its shared-memory accesses are checked. */
 int run_launch(const char *kernel, const VppoSimtLaunch *launch, void (*body)(const void *),
-               const void *params, char *err, size_t err_len);
+               const void *params, char *err, size_t err_len, bool race_check);
+
+/* The entry point of a kernel's race-checked build (NULL: there is none). */
+typedef int (*RaceCheckedEntry)(const VppoSimtLaunch *, const void *, char *, size_t);
+
+/* True when the calling thread's test mode asks for the race check. */
+bool race_check_requested();
+
+/* Runs the race-checked build of `kernel` (or reports that there is none). */
+int run_race_checked(const char *kernel, RaceCheckedEntry entry, const VppoSimtLaunch *launch,
+                     const void *params, char *err, size_t err_len);
+
+/* Brackets an atomic read-modify-write of `bytes` at `addr` in the race-checked build: the access is
+ * recorded as atomic, and the plain loads and stores that implement it are not recorded. */
+void atomic_begin(const void *addr, size_t bytes);
+void atomic_end();
 
 template <class T> inline uint64_t to_bits(T v) {
     static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value, "warp value must fit 64 bits");
@@ -166,16 +205,40 @@ template <class T> inline T from_bits(uint64_t bits) {
 
 #define VPPO_DYNAMIC_SHARED(T, name) T *name = reinterpret_cast<T *>(::vppo_simt::detail::t_shared)
 
-/* Two levels, so that a kernel name that is itself a macro (the renamed mutant build of
- * tests/kernels.rs) is expanded before it is pasted into the entry's name. */
+/* Two levels, so that a kernel name that is itself a macro (the renamed mutant and race-check builds,
+ * build/simt.rs) is expanded before it is pasted into the entry's name.
+ *
+ * The race-check build (VPPO_SIMT_RACECHECK, every kernel name `k` defined as `k_racecheck`) defines
+ * vppo_simt_k_racecheck; the plain build's vppo_simt_k runs it when the calling thread's test mode asks
+ * for the race check (a plain reference, so the twin is linked wherever the kernel is). */
 #define VPPO_EXPORT_KERNEL(name, ParamsT) VPPO_EXPORT_KERNEL_(name, ParamsT)
+#ifdef VPPO_SIMT_RACECHECK
 #define VPPO_EXPORT_KERNEL_(name, ParamsT)                                                             \
     extern "C" int vppo_simt_##name(const VppoSimtLaunch *launch, const void *params, char *err,       \
                                     size_t err_len) {                                                  \
         return ::vppo_simt::detail::run_launch(                                                        \
             #name, launch, [](const void *vppo_p) { name(*static_cast<const ParamsT *>(vppo_p)); },    \
-            params, err, err_len);                                                                     \
+            params, err, err_len, true);                                                               \
     }
+#else
+#ifdef VPPO_SIMT_NO_RACECHECK /* a build without a race-checked twin (the exp x 1.001 mutant) */
+#define VPPO_SIMT_RACECHECK_ENTRY(name) nullptr
+#else
+#define VPPO_SIMT_RACECHECK_ENTRY(name) vppo_simt_##name##_racecheck
+#endif
+#define VPPO_EXPORT_KERNEL_(name, ParamsT)                                                             \
+    extern "C" int vppo_simt_##name##_racecheck(const VppoSimtLaunch *, const void *, char *, size_t); \
+    extern "C" int vppo_simt_##name(const VppoSimtLaunch *launch, const void *params, char *err,       \
+                                    size_t err_len) {                                                  \
+        if (::vppo_simt::detail::race_check_requested()) {                                             \
+            return ::vppo_simt::detail::run_race_checked(#name, VPPO_SIMT_RACECHECK_ENTRY(name),       \
+                                                         launch, params, err, err_len);                \
+        }                                                                                              \
+        return ::vppo_simt::detail::run_launch(                                                        \
+            #name, launch, [](const void *vppo_p) { name(*static_cast<const ParamsT *>(vppo_p)); },    \
+            params, err, err_len, false);                                                              \
+    }
+#endif
 
 /* ---------------------------------------------------------------------------------------------- */
 /* __nv_bfloat16 and __half: 2-byte raw bits, round-to-nearest-even conversions                    */
@@ -436,27 +499,48 @@ template <class T> static inline T __ldcs(const T *p) { return *p; }
 /* Atomics: plain read-modify-write (threads never interleave between scheduling points)           */
 /* ---------------------------------------------------------------------------------------------- */
 
+#ifdef VPPO_SIMT_RACECHECK
+namespace vppo_simt {
+namespace detail {
+struct AtomicScope {
+    AtomicScope(const void *addr, size_t bytes) { atomic_begin(addr, bytes); }
+    ~AtomicScope() { atomic_end(); }
+    AtomicScope(const AtomicScope &) = delete;
+    AtomicScope &operator=(const AtomicScope &) = delete;
+};
+} // namespace detail
+} // namespace vppo_simt
+#define VPPO_SIMT_ATOMIC(a) const ::vppo_simt::detail::AtomicScope vppo_atomic_scope_(a, sizeof *(a))
+#else
+#define VPPO_SIMT_ATOMIC(a) (void)0
+#endif
+
 static inline int atomicAdd(int *a, int v) {
+    VPPO_SIMT_ATOMIC(a);
     int old = *a;
     *a = static_cast<int>(static_cast<unsigned int>(old) + static_cast<unsigned int>(v)); /* wraps */
     return old;
 }
 static inline unsigned int atomicAdd(unsigned int *a, unsigned int v) {
+    VPPO_SIMT_ATOMIC(a);
     unsigned int old = *a;
     *a = old + v;
     return old;
 }
 static inline unsigned long long atomicAdd(unsigned long long *a, unsigned long long v) {
+    VPPO_SIMT_ATOMIC(a);
     unsigned long long old = *a;
     *a = old + v;
     return old;
 }
 static inline float atomicAdd(float *a, float v) {
+    VPPO_SIMT_ATOMIC(a);
     float old = *a;
     *a = old + v;
     return old;
 }
 static inline double atomicAdd(double *a, double v) {
+    VPPO_SIMT_ATOMIC(a);
     double old = *a;
     *a = old + v;
     return old;
@@ -464,11 +548,13 @@ static inline double atomicAdd(double *a, double v) {
 
 #define VPPO_SIMT_ATOMIC_MINMAX(T)                                                                     \
     static inline T atomicMin(T *a, T v) {                                                             \
+        VPPO_SIMT_ATOMIC(a);                                                                           \
         T old = *a;                                                                                    \
         *a = v < old ? v : old;                                                                        \
         return old;                                                                                    \
     }                                                                                                  \
     static inline T atomicMax(T *a, T v) {                                                             \
+        VPPO_SIMT_ATOMIC(a);                                                                           \
         T old = *a;                                                                                    \
         *a = v > old ? v : old;                                                                        \
         return old;                                                                                    \
@@ -481,6 +567,7 @@ VPPO_SIMT_ATOMIC_MINMAX(unsigned long long)
 
 #define VPPO_SIMT_ATOMIC_BITS(T)                                                                       \
     static inline T atomicCAS(T *a, T compare, T v) {                                                  \
+        VPPO_SIMT_ATOMIC(a);                                                                           \
         T old = *a;                                                                                    \
         if (old == compare) {                                                                          \
             *a = v;                                                                                    \
@@ -488,16 +575,19 @@ VPPO_SIMT_ATOMIC_MINMAX(unsigned long long)
         return old;                                                                                    \
     }                                                                                                  \
     static inline T atomicExch(T *a, T v) {                                                            \
+        VPPO_SIMT_ATOMIC(a);                                                                           \
         T old = *a;                                                                                    \
         *a = v;                                                                                        \
         return old;                                                                                    \
     }                                                                                                  \
     static inline T atomicOr(T *a, T v) {                                                              \
+        VPPO_SIMT_ATOMIC(a);                                                                           \
         T old = *a;                                                                                    \
         *a = old | v;                                                                                  \
         return old;                                                                                    \
     }                                                                                                  \
     static inline T atomicAnd(T *a, T v) {                                                             \
+        VPPO_SIMT_ATOMIC(a);                                                                           \
         T old = *a;                                                                                    \
         *a = old & v;                                                                                  \
         return old;                                                                                    \
@@ -508,6 +598,7 @@ VPPO_SIMT_ATOMIC_BITS(unsigned long long)
 #undef VPPO_SIMT_ATOMIC_BITS
 
 static inline float atomicExch(float *a, float v) {
+    VPPO_SIMT_ATOMIC(a);
     float old = *a;
     *a = v;
     return old;

@@ -228,7 +228,7 @@ fn compile() -> Result<PathBuf, String> {
     Ok(out)
 }
 
-fn load(order_reverse: bool) -> Result<Loaded, String> {
+fn load(schedule: c_int) -> Result<Loaded, String> {
     let path = compile()?;
     let c_path = CString::new(path.as_os_str().to_string_lossy().as_bytes()).unwrap();
     // SAFETY: a valid C string; the library's only initialiser is the C runtime's. It is never closed,
@@ -268,17 +268,22 @@ fn load(order_reverse: bool) -> Result<Loaded, String> {
         )
     };
     // SAFETY: `resolve` is a plain extern "C" function that lives as long as the process.
-    unsafe { install(resolve, pointer_fields, c_int::from(order_reverse)) };
+    unsafe { install(resolve, pointer_fields, schedule) };
     Ok(Loaded { stats })
 }
 
 /// Loads the fake driver into this process (once) so that cudarc's `dlopen("libcuda.so")` finds it.
-/// Kernels run in forward lane order, or reverse with VPPO_FAKE_CUDA_LANES=reverse.
+/// Kernels run in forward lane order, or with VPPO_FAKE_CUDA_LANES=reverse in reverse order, or with
+/// `ahead` one warp ahead of the others ([`vppo::LaneOrder::RunAhead`]).
 ///
 /// Must run before anything in the process loads the CUDA driver.
 pub fn install() {
-    let reverse = std::env::var("VPPO_FAKE_CUDA_LANES").as_deref() == Ok("reverse");
-    if let Err(e) = LOADED.get_or_init(|| load(reverse)) {
+    let schedule = match std::env::var("VPPO_FAKE_CUDA_LANES").as_deref() {
+        Ok("reverse") => 1,
+        Ok("ahead") => 2,
+        _ => 0,
+    };
+    if let Err(e) = LOADED.get_or_init(|| load(schedule)) {
         panic!("the fake CUDA driver could not be loaded: {e}");
     }
 }
@@ -303,7 +308,8 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 /// Re-runs the current test binary with VPPO_TEST_DEVICE=fake-cuda (every test but `skip`), once per
-/// lane order (forward lanes with guard pages after each allocation, reverse lanes with them before),
+/// lane order (forward lanes with guard pages after each allocation and the real grids, reverse lanes
+/// with guard pages before and every grid capped at 3 blocks, so each block loops over many rows),
 /// and panics with the child's output if it fails or runs over 600 s. Does nothing when this build has
 /// no kernels (no nvcc) or when the process already runs in a device mode.
 pub fn rerun_self(skip: &str) {
@@ -316,12 +322,13 @@ pub fn rerun_self(skip: &str) {
         return;
     }
     // Each run puts the guard pages on one side of every allocation (see libcuda.c).
-    for (lanes, guard) in [("forward", "end"), ("reverse", "start")] {
+    for (lanes, guard, cap) in [("forward", "end", "0"), ("reverse", "start", "3")] {
         let run = super::run_this_binary(
             &[
                 ("VPPO_TEST_DEVICE", MODE),
                 ("VPPO_FAKE_CUDA_LANES", lanes),
                 ("VPPO_FAKE_CUDA_GUARD", guard),
+                ("VPPO_SIMT_GRID_CAP", cap),
             ],
             &["--skip", skip, "--test-threads", "2"],
             std::time::Duration::from_secs(600),

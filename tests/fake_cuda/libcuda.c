@@ -27,7 +27,10 @@
  * is not written yet, and results read without waiting for them are not there. Events record host
  * time when they run.
  *
- * What it is not: a GPU. Kernels run on the SIMT executor with its lane order, one at a time.
+ * What it is not: a GPU. Kernels run on the SIMT executor with its lane order, one at a time, under the
+ * executor's test settings of the draining thread: VPPO_SIMT_GRID_CAP=n in the environment caps every
+ * grid at n blocks (the crate's kernels loop over the grid), VPPO_SIMT_RACE_CHECK=1 runs the race check
+ * (kernels/simt/simt.h).
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -67,7 +70,7 @@ typedef struct {
     uint32_t grid_x, grid_y, grid_z;
     uint32_t block_x, block_y, block_z;
     uint32_t shared_bytes;
-    int32_t reverse_lanes;
+    int32_t schedule; /* 0 forward lanes, 1 reverse, 2 run-ahead */
 } SimtLaunch;
 
 typedef int (*SimtEntry)(const SimtLaunch *launch, const void *params, char *err, size_t err_len);
@@ -174,7 +177,7 @@ static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_mutex_t g_err_lock = PTHREAD_MUTEX_INITIALIZER; /* g_last_error only */
 static Resolver g_resolve;
 static PointerFields g_pointer_fields;
-static int g_reverse_lanes;
+static int g_schedule;
 static int g_initialised;
 static FakeCtx g_primary;
 static Alloc *g_allocs;
@@ -215,14 +218,14 @@ __attribute__((format(printf, 1, 2))) static void fail(const char *fmt, ...) {
  * Entry points for the tests
  * ---------------------------------------------------------------------------------------------- */
 
-int vppo_fake_cuda_install(Resolver resolve, PointerFields pointer_fields, int reverse_lanes) {
+int vppo_fake_cuda_install(Resolver resolve, PointerFields pointer_fields, int schedule) {
     pthread_mutex_lock(&g_lock);
     g_resolve = resolve;
     g_pointer_fields = pointer_fields;
     const char *guard = getenv("VPPO_FAKE_CUDA_GUARD");
     g_guard = guard && strcmp(guard, "start") == 0 ? GUARD_START : GUARD_END;
     install_fault_report();
-    g_reverse_lanes = reverse_lanes;
+    g_schedule = schedule;
     pthread_mutex_unlock(&g_lock);
     return 0;
 }
@@ -1002,7 +1005,7 @@ static CUresult launch(FakeFunction *f, unsigned gx, unsigned gy, unsigned gz, u
              shared, f->max_dynamic_shared);
         return CUDA_ERROR_INVALID_VALUE;
     }
-    SimtLaunch d = {gx, gy, gz, bx, by, bz, shared, g_reverse_lanes};
+    SimtLaunch d = {gx, gy, gz, bx, by, bz, shared, g_schedule};
     /* Queued: the parameter bytes are copied now, as cuLaunchKernel does. */
     if (!f->params_bytes) {
         fail("cuLaunchKernel(%s): the size of its parameters is unknown, so it cannot be queued", f->name);
