@@ -60,7 +60,7 @@ MUTANTS = [
            "    smem[threadIdx.x] = mine;\n",
            "block_merge's __syncthreads removed"),
     Mutant("P3", "kernels/perception.cu",
-           "st.e_a = f * (st.e_a + d * st.s_a);",
+           "st.e_a = f * st.e_a + (f * d) * st.s_a;",
            "st.e_a = f * st.e_a;",
            "rebase_a forgets to shift e_a"),
     Mutant("P4", "kernels/perception.cu",
@@ -68,13 +68,12 @@ MUTANTS = [
            "",
            "rebase_b forgets to shift f_b"),
     Mutant("P5", "kernels/perception.cu",
-           "    if (o.m_b > st.m_b) rebase_b(st, o.m_b, k); else if (st.m_b > o.m_b) rebase_b(o, st.m_b, k);\n"
-           "    if (o.m_a > st.m_a) rebase_a(st, o.m_a, k); else if (st.m_a > o.m_a) rebase_a(o, st.m_a, k);\n",
            "    if (o.m_a > st.m_a) rebase_a(st, o.m_a, k); else if (st.m_a > o.m_a) rebase_a(o, st.m_a, k);\n"
            "    if (o.m_b > st.m_b) rebase_b(st, o.m_b, k); else if (st.m_b > o.m_b) rebase_b(o, st.m_b, k);\n",
-           "merge rebases a before b",
-           equivalent="rebase_b reads s_a, which rebase_a scales by f, and shifts f_b by d_b * s_a, which "
-                      "rebase_a then scales by f too: either order leaves f * (f_b + d_b * s_a)"),
+           "    if (o.m_b > st.m_b) rebase_b(st, o.m_b, k); else if (st.m_b > o.m_b) rebase_b(o, st.m_b, k);\n"
+           "    if (o.m_a > st.m_a) rebase_a(st, o.m_a, k); else if (st.m_a > o.m_a) rebase_a(o, st.m_a, k);\n",
+           "merge rebases b before a (the b-side shift d_b s_a then uses an unscaled s_a: it overflows "
+           "for one logit of 1e38 in a row of zeros, where the exact term vanishes)"),
     Mutant("P6", "kernels/perception.cu",
            "st.flags |= (a_in && !b_in) ? kFlagKlInf : 0u;",
            "st.flags |= (!b_in) ? kFlagKlInf : 0u;",
@@ -239,9 +238,13 @@ MUTANTS = [
            "        if (false) {",
            "no g == 0 fast path (the general path writes -0.0 there)"),
     Mutant("B3", "kernels/backward.cu",
-           "return scale * (v == y ? 1.0f - prob : -prob);",
+           "return scale * (is_target ? 1.0f - prob : -prob);",
            "return scale * -prob;",
-           "the target's 1 forgotten"),
+           "the target's 1 forgotten (the vector holding the target)"),
+    Mutant("B3v", "kernels/backward.cu",
+           "a[k] = scale * (k == y_lane ? 1.0f - prob : -prob);",
+           "a[k] = scale * -prob;",
+           "the target's 1 forgotten (the per-element path)"),
     Mutant("B4", "kernels/backward.cu",
            "if ((reinterpret_cast<uintptr_t>(rg + sp.head) & 15u) != 0) {",
            "if ((reinterpret_cast<uintptr_t>(rg + sp.head) & 15u) == 99) {",
@@ -286,7 +289,7 @@ def check_patterns(base, mutants):
 
 
 def test_command(args):
-    cmd = ["cargo", "test", "--test", "kernels", "--test", "simt_executor"]
+    cmd = ["cargo", "test", "--test", "kernels", "--test", "simt_executor", "--test", "errors"]
     if args.release:
         cmd.append("--release")
     cmd += ["--", "--test-threads", str(args.jobs)]
