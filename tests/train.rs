@@ -1,6 +1,6 @@
 //! The trainer end to end: determinism, learning, and bit-identical resume.
 
-use vppo::train::{run, Algo, RunOptions, TrainConfig, Trainer};
+use vppo::train::{compare, run, Algo, RunOptions, TrainConfig, TrainError, Trainer};
 
 /// A tiny config: a few prompts, a short warm-up, a small model.
 fn tiny(algo: Algo, seed: u64) -> TrainConfig {
@@ -208,4 +208,136 @@ fn cuda_without_a_gpu_is_a_clear_error_not_a_panic() {
         assert!(stderr.starts_with("vppo train: error: "), "{stderr}");
         assert!(out.stdout.is_empty());
     }
+}
+
+fn opts(out: &std::path::Path, resume: bool) -> RunOptions {
+    RunOptions {
+        out: out.to_path_buf(),
+        resume,
+        progress: false,
+    }
+}
+
+/// Diverged weights are named as such (they surfaced as "old_logp has a non-finite value"), before
+/// the rollout that would turn them into NaN log-probs.
+#[test]
+fn nan_weights_are_reported_as_parameters() {
+    let mut t = Trainer::new(tiny(Algo::Vppo, 3)).unwrap();
+    t.model.params[5] = f32::NAN;
+    let e = t.step().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TrainError::NonFiniteParameter {
+                index: 5,
+                step: 0,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("policy parameter 5"), "{e}");
+}
+
+/// A checkpoint that cannot be resumed from is an error naming the field, never a panic (a non-ASCII
+/// rng seed) or a hang (a recent score of 1e39, read as +inf, looped in plotters).
+#[test]
+fn a_bad_checkpoint_is_an_error_not_a_panic_or_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        steps: 1,
+        ..tiny(Algo::Vppo, 4)
+    };
+    run(&cfg, &opts(dir.path(), false), None).unwrap();
+    let ck_path = dir.path().join("checkpoint.json");
+    let good = std::fs::read_to_string(&ck_path).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let seed = v["rng"]["seed"].as_str().unwrap().to_string();
+    let score = v["recent_scores"][0][0].to_string();
+    let edits = [
+        (
+            good.replace(&seed, &format!("é{}", &seed[2..])),
+            "malformed rng state",
+        ),
+        (
+            good.replace(&seed, &format!("+f{}", &seed[2..])),
+            "malformed rng state",
+        ),
+        (
+            good.replacen(
+                &format!("\"recent_scores\":[[{score}"),
+                "\"recent_scores\":[[1e39",
+                1,
+            ),
+            "recent_scores[0] = inf",
+        ),
+    ];
+    let later = TrainConfig { steps: 2, ..cfg };
+    for (text, needle) in edits {
+        assert_ne!(text, good);
+        std::fs::write(&ck_path, &text).unwrap();
+        let e = run(&later, &opts(dir.path(), true), None).unwrap_err();
+        assert!(matches!(e, TrainError::Checkpoint { .. }), "{e}");
+        assert!(e.to_string().contains(needle), "{needle}: {e}");
+    }
+}
+
+/// `--compare --seeds 1,1,1` raced three writers of one folder: repeated seeds are refused, and a
+/// folder held by one run cannot be written by another (in this process or another).
+#[test]
+fn one_writer_per_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = TrainConfig {
+        steps: 1,
+        ..tiny(Algo::Vppo, 5)
+    };
+    let e = compare(&cfg, &[Algo::Vppo], &[1, 1, 1], dir.path(), false, false, 3).unwrap_err();
+    assert!(
+        matches!(e, TrainError::Config { field: "seeds", .. }),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "nothing written"
+    );
+    let held = vppo::train::lock::OutLock::acquire(dir.path()).unwrap();
+    let e = run(&cfg, &opts(dir.path(), false), None).unwrap_err();
+    assert!(matches!(e, TrainError::Busy { .. }), "{e}");
+    drop(held);
+    run(&cfg, &opts(dir.path(), false), None).unwrap();
+    // Through the command line too, and the temporary checkpoint names are unique: nothing but the
+    // run's own files is left.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppo"))
+        .args([
+            "train",
+            "--compare",
+            "--seeds",
+            "1,1,1",
+            "--easy",
+            "--steps",
+            "1",
+            "--quiet",
+            "--out",
+        ])
+        .arg(dir.path().join("cmp"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("config: seeds = [1, 1, 1]"), "{stderr}");
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "checkpoint.json",
+            "metrics.jsonl",
+            "reward.svg",
+            "scores.svg"
+        ]
+    );
 }

@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, VppoError};
+use super::error::{Result, TrainError};
 
 /// The exact state of a ChaCha8 random stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,19 +36,27 @@ impl RngState {
         }
     }
 
-    /// Rebuilds the generator at the captured position.
-    pub fn restore(&self) -> Result<ChaCha8Rng> {
-        let bad = || VppoError::Io(format!("checkpoint: malformed rng state {self:?}"));
-        if self.seed.len() != 64 {
-            return Err(bad());
+    /// Rebuilds the generator at the captured position. The seed must be exactly 64 hex digits
+    /// (`0-9`, `a-f`, `A-F`: no sign, no other character, whatever its byte length), the word
+    /// position a decimal u128.
+    pub fn restore(&self) -> std::result::Result<ChaCha8Rng, String> {
+        let bad = |what: &str| format!("malformed rng state ({what}): {self:?}");
+        let digits = self.seed.as_bytes();
+        if digits.len() != 64 || !digits.iter().all(u8::is_ascii_hexdigit) {
+            return Err(bad("the seed is not 64 hex digits"));
         }
+        let hex = |c: u8| (c as char).to_digit(16).expect("checked: a hex digit") as u8;
         let mut seed = [0u8; 32];
-        for (i, b) in seed.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&self.seed[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        for (b, pair) in seed.iter_mut().zip(digits.chunks_exact(2)) {
+            *b = hex(pair[0]) << 4 | hex(pair[1]);
         }
+        let word_pos: u128 = match self.word_pos.bytes().all(|c| c.is_ascii_digit()) {
+            true => self.word_pos.parse().map_err(|_| bad("word_pos"))?,
+            false => return Err(bad("word_pos is not a decimal number")),
+        };
         let mut rng = ChaCha8Rng::from_seed(seed);
         rng.set_stream(self.stream);
-        rng.set_word_pos(self.word_pos.parse().map_err(|_| bad())?);
+        rng.set_word_pos(word_pos);
         Ok(rng)
     }
 }
@@ -89,37 +97,77 @@ pub fn from_bits(x: &[u32]) -> Vec<f32> {
 }
 
 impl Checkpoint {
-    /// Writes the checkpoint atomically (temporary file, then rename).
+    /// Writes the checkpoint atomically: to a temporary file of a name unique to this process and
+    /// call ([`crate::io::temp_path`]), then renamed over `path` (two writers never share one).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("json.tmp");
-        let text =
-            serde_json::to_string(self).map_err(|e| VppoError::Io(format!("checkpoint: {e}")))?;
-        std::fs::write(&tmp, text)
-            .map_err(|e| VppoError::Io(format!("writing {}: {e}", tmp.display())))?;
-        std::fs::rename(&tmp, path)
-            .map_err(|e| VppoError::Io(format!("writing {}: {e}", path.display())))
+        let text = serde_json::to_string(self).map_err(|e| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+        crate::io::write_atomic(path, text.as_bytes()).map_err(|e| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })
     }
 
-    /// Reads a checkpoint.
+    /// Reads a checkpoint and checks it can be resumed from: version 1, parameters and moments of
+    /// one length, every parameter, first moment and recent score finite, every second moment
+    /// finite and >= 0, and a well-formed rng state. The error names the field and the index.
     pub fn load(path: &Path) -> Result<Checkpoint> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| VppoError::Io(format!("reading {}: {e}", path.display())))?;
-        let ck: Checkpoint = serde_json::from_str(&text).map_err(|e| {
-            VppoError::Io(format!("{} is not a vppo checkpoint: {e}", path.display()))
-        })?;
+        let bad = |detail: String| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+        let ck: Checkpoint =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not a vppo checkpoint: {e}")))?;
         if ck.version != 1 {
-            return Err(VppoError::Io(format!(
-                "{}: checkpoint version {} (expected 1)",
-                path.display(),
-                ck.version
-            )));
+            return Err(bad(format!("version {} (expected 1)", ck.version)));
         }
         if ck.adam_m.len() != ck.params.len() || ck.adam_v.len() != ck.params.len() {
-            return Err(VppoError::Io(format!(
-                "{}: parameter and optimizer sizes differ",
-                path.display()
+            return Err(bad(format!(
+                "{} parameters but {} first and {} second moments",
+                ck.params.len(),
+                ck.adam_m.len(),
+                ck.adam_v.len()
             )));
         }
+        for (field, bits, non_negative) in [
+            ("params", &ck.params, false),
+            ("adam_m", &ck.adam_m, false),
+            ("adam_v", &ck.adam_v, true),
+        ] {
+            if let Some((i, x)) = bits
+                .iter()
+                .map(|&b| f32::from_bits(b))
+                .enumerate()
+                .find(|(_, x)| !x.is_finite() || (non_negative && *x < 0.0))
+            {
+                return Err(bad(format!(
+                    "{field}[{i}] = {x} is not {}",
+                    if non_negative {
+                        "finite and >= 0"
+                    } else {
+                        "finite"
+                    }
+                )));
+            }
+        }
+        if let Some((i, s)) = ck
+            .recent_scores
+            .iter()
+            .enumerate()
+            .find(|(_, s)| !s.0.is_finite())
+        {
+            return Err(bad(format!("recent_scores[{i}] = {} is not finite", s.0)));
+        }
+        if !ck.base_eval_acc.is_finite() {
+            return Err(bad(format!(
+                "base_eval_acc = {} is not finite",
+                ck.base_eval_acc
+            )));
+        }
+        ck.rng.restore().map_err(bad)?;
         Ok(ck)
     }
 }
@@ -143,6 +191,20 @@ mod tests {
         assert_eq!(a, b);
         let mut bad = st.clone();
         bad.seed.truncate(10);
+        assert!(bad.restore().is_err());
+        // A non-ASCII character (a byte slice through it panicked) and a `+f` pair (from_str_radix
+        // took the sign) are errors.
+        let mut bad = st.clone();
+        bad.seed = format!("{}é{}", &st.seed[..30], &st.seed[32..]);
+        assert_eq!(bad.seed.chars().count(), 63);
+        assert!(bad.restore().is_err());
+        bad.seed = format!("é{}", &st.seed[2..]);
+        assert_eq!(bad.seed.len(), 64);
+        assert!(bad.restore().is_err());
+        bad.seed = format!("+f{}", &st.seed[2..]);
+        assert!(bad.restore().is_err());
+        let mut bad = st.clone();
+        bad.word_pos = "+5".into();
         assert!(bad.restore().is_err());
     }
 
@@ -173,7 +235,32 @@ mod tests {
                 .collect::<Vec<_>>(),
             to_bits(&weird)
         );
+        // Non-finite parameters, moments or scores are refused, naming the field and index.
+        for (edit, needle) in [
+            (
+                (|c: &mut Checkpoint| c.params[2] = f32::NAN.to_bits()) as fn(&mut Checkpoint),
+                "params[2] = NaN",
+            ),
+            (|c| c.adam_m[0] = f32::INFINITY.to_bits(), "adam_m[0] = inf"),
+            (|c| c.adam_v[1] = (-1.0f32).to_bits(), "adam_v[1] = -1"),
+        ] {
+            let mut bad = ck.clone();
+            edit(&mut bad);
+            bad.save(&path).unwrap();
+            let e = Checkpoint::load(&path).unwrap_err().to_string();
+            assert!(e.contains(needle), "{e}");
+        }
+        // 1e39 in the JSON reads as +inf: refused on load, never drawn (plotters looped on it).
+        let mut text = serde_json::to_string(&ck).unwrap();
+        text = text.replace("\"recent_scores\":[[0.5,", "\"recent_scores\":[[1e39,");
+        assert!(text.contains("1e39"));
+        std::fs::write(&path, &text).unwrap();
+        let e = Checkpoint::load(&path).unwrap_err().to_string();
+        assert!(e.contains("recent_scores[0] = inf"), "{e}");
         std::fs::write(&path, "{not json").unwrap();
-        assert!(matches!(Checkpoint::load(&path), Err(VppoError::Io(_))));
+        assert!(matches!(
+            Checkpoint::load(&path),
+            Err(TrainError::Checkpoint { .. })
+        ));
     }
 }

@@ -30,6 +30,8 @@
 //! position, and a resumed run is bit-identical to an uninterrupted one.
 
 pub mod checkpoint;
+pub mod error;
+pub mod lock;
 pub mod model;
 pub mod optim;
 pub mod plot;
@@ -43,10 +45,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Result, VppoError};
 use crate::options::DeviceArg;
 use crate::{grpo_advantages, Batch, Logits, Vppo, VppoConfig};
 use checkpoint::{from_bits, to_bits, Checkpoint, RngState};
+use error::io_err;
+pub use error::{Result, TrainError};
 use model::{softmax, Cache, Context, Model, ModelConfig};
 use optim::{clip_global_norm, AdamW, AdamWConfig};
 use task::{Kind, Problem, Task, TaskConfig};
@@ -200,7 +203,7 @@ impl TrainConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        let bad = |field, value: String, expected| VppoError::Config {
+        let bad = |field, value: String, expected| TrainError::Config {
             field,
             value,
             expected,
@@ -255,7 +258,11 @@ impl TrainConfig {
 
     /// The configuration as JSON with `steps` left out: what a checkpoint must agree with to be resumed.
     fn identity(&self) -> Result<serde_json::Value> {
-        let mut v = serde_json::to_value(self).map_err(|e| VppoError::Io(e.to_string()))?;
+        let mut v = serde_json::to_value(self).map_err(|e| TrainError::Config {
+            field: "config",
+            value: e.to_string(),
+            expected: "a configuration that serializes to JSON",
+        })?;
         if let Some(o) = v.as_object_mut() {
             o.remove("steps");
             o.remove("checkpoint_every");
@@ -378,23 +385,25 @@ impl Trainer {
     pub fn resume(config: TrainConfig, path: &Path) -> Result<Trainer> {
         config.validate()?;
         let ck = Checkpoint::load(path)?;
+        let bad = |detail: String| TrainError::Checkpoint {
+            path: path.to_path_buf(),
+            detail,
+        };
         // Compare through the same text round trip, so float printing and parsing cannot differ.
         let ours: serde_json::Value = serde_json::from_str(&config.identity()?.to_string())
-            .map_err(|e| VppoError::Io(e.to_string()))?;
+            .map_err(|e| bad(e.to_string()))?;
         if ck.config != ours {
-            return Err(VppoError::Io(format!(
-                "{} was written by another configuration (algo, seed, task or model differ); remove it or drop --resume",
-                path.display()
-            )));
+            return Err(bad(
+                "written by another configuration (algo, seed, task or model differ); remove it or drop --resume".into(),
+            ));
         }
         let vppo = open_vppo(&config)?;
         let task = Task::new(config.task.clone())?;
         let mcfg = config.model_config(&task);
         let mut model = Model::new(mcfg, &mut stream(config.seed, 0));
         if ck.params.len() != model.n_params() {
-            return Err(VppoError::Io(format!(
-                "{}: {} parameters, the model has {}",
-                path.display(),
+            return Err(bad(format!(
+                "{} parameters, the model has {}",
                 ck.params.len(),
                 model.n_params()
             )));
@@ -404,7 +413,7 @@ impl Trainer {
         opt.m = from_bits(&ck.adam_m);
         opt.v = from_bits(&ck.adam_v);
         opt.t = ck.adam_t;
-        let rng = ck.rng.restore()?;
+        let rng = ck.rng.restore().map_err(bad)?;
         Ok(Trainer {
             config,
             task,
@@ -504,6 +513,14 @@ impl Trainer {
 
     /// One RL step; returns its metrics.
     pub fn step(&mut self) -> Result<StepMetrics> {
+        // Diverged weights would show up as non-finite log-probs (old_logp) in the loss: name them.
+        if let Some(index) = self.model.params.iter().position(|x| !x.is_finite()) {
+            return Err(TrainError::NonFiniteParameter {
+                index,
+                value: self.model.params[index],
+                step: self.step,
+            });
+        }
         let g = self.config.group_size;
         let v = self.task.vocab.size();
         let mut rollouts = Vec::with_capacity(self.config.prompts * g);
@@ -550,11 +567,11 @@ impl Trainer {
                 t += 1;
             }
         }
-        if let Some(i) = grad.iter().position(|x| !x.is_finite()) {
-            return Err(VppoError::NonFinite {
-                tensor: crate::Tensor::GradLogits,
-                location: crate::Location::Row(i),
-                value: grad[i] as f64,
+        if let Some(index) = grad.iter().position(|x| !x.is_finite()) {
+            return Err(TrainError::NonFiniteGradient {
+                index,
+                value: grad[index],
+                step: self.step + 1,
             });
         }
         let grad_norm = clip_global_norm(&mut grad, self.config.clip_norm);
@@ -656,7 +673,8 @@ fn probe(vppo: &Vppo) -> Result<()> {
         },
         vppo.device(),
     )?;
-    probe.loss_and_grad(&batch).map(|_| ())
+    probe.loss_and_grad(&batch)?;
+    Ok(())
 }
 
 /// The base model: supervised steps on correct-format responses whose answer token is drawn
@@ -798,10 +816,6 @@ pub struct RunSummary {
     pub out: PathBuf,
 }
 
-fn io_err(path: &Path) -> impl Fn(std::io::Error) -> VppoError + '_ {
-    move |e| VppoError::Io(format!("{}: {e}", path.display()))
-}
-
 /// Runs one training run to `config.steps`, writing metrics, checkpoints and pictures under `opts.out`.
 pub fn run(
     config: &TrainConfig,
@@ -809,7 +823,7 @@ pub fn run(
     bar: Option<indicatif::ProgressBar>,
 ) -> Result<RunSummary> {
     let start = Instant::now();
-    std::fs::create_dir_all(&opts.out).map_err(io_err(&opts.out))?;
+    let _lock = lock::OutLock::acquire(&opts.out)?;
     let ck_path = opts.out.join("checkpoint.json");
     let metrics_path = opts.out.join("metrics.jsonl");
     let mut trainer = if opts.resume && ck_path.exists() {
@@ -844,7 +858,7 @@ pub fn run(
     bar.set_position(trainer.step.min(config.steps) as u64);
     while trainer.step < config.steps {
         let m = trainer.step()?;
-        let line = serde_json::to_string(&m).map_err(|e| VppoError::Io(e.to_string()))?;
+        let line = serde_json::to_string(&m).map_err(io_err(&metrics_path))?;
         writeln!(metrics_file, "{line}").map_err(io_err(&metrics_path))?;
         rewards.push(m.reward);
         let recent = &rewards[rewards.len().saturating_sub(10)..];
@@ -927,7 +941,17 @@ pub fn compare(
     progress: bool,
     threads: usize,
 ) -> Result<Vec<RunSummary>> {
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    // Two runs of one (algorithm, seed) would share a folder and race on its files.
+    for (i, s) in seeds.iter().enumerate() {
+        if seeds[..i].contains(s) {
+            return Err(TrainError::Config {
+                field: "seeds",
+                value: format!("{seeds:?}"),
+                expected: "distinct seeds (seed repeated)",
+            });
+        }
+    }
+    let _lock = lock::OutLock::acquire(out)?;
     let jobs: Vec<(Algo, u64)> = seeds
         .iter()
         .flat_map(|&s| algos.iter().map(move |&a| (a, s)))

@@ -5,10 +5,25 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::error::{Result, VppoError};
+use super::error::{Result, TrainError};
 
-fn io<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> VppoError + '_ {
-    move |e| VppoError::Io(format!("drawing {}: {e:?}", path.display()))
+fn io<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> TrainError + '_ {
+    move |e| TrainError::Io {
+        path: path.to_path_buf(),
+        detail: format!("drawing: {e:?}"),
+    }
+}
+
+/// Refuses a value that is not finite before it reaches plotters (whose axis code loops forever on
+/// an infinite coordinate): `what` names it.
+fn finite(path: &Path, what: impl FnOnce() -> String, x: f64) -> Result<()> {
+    if x.is_finite() {
+        return Ok(());
+    }
+    Err(TrainError::Io {
+        path: path.to_path_buf(),
+        detail: format!("not drawn: {} is {x}, not a finite number", what()),
+    })
 }
 
 /// Colour of series `i` (a fixed palette, so an algorithm keeps its colour across pictures).
@@ -49,6 +64,17 @@ pub struct RewardSeries {
 /// 10-step moving average as a thick line.
 pub fn reward_plot(path: &Path, title: &str, series: &[RewardSeries]) -> Result<()> {
     let err = io(path);
+    for s in series {
+        for (r, run) in s.runs.iter().enumerate() {
+            for (t, &x) in run.iter().enumerate() {
+                finite(
+                    path,
+                    || format!("{} run {r}, step {} reward", s.label, t + 1),
+                    x,
+                )?;
+            }
+        }
+    }
     let steps = series
         .iter()
         .flat_map(|s| s.runs.iter().map(|r| r.len()))
@@ -116,6 +142,9 @@ pub fn reward_plot(path: &Path, title: &str, series: &[RewardSeries]) -> Result<
 /// fraction of all tokens.
 pub fn score_histogram(path: &Path, title: &str, scores: &[(f32, bool)]) -> Result<()> {
     let err = io(path);
+    for (i, s) in scores.iter().enumerate() {
+        finite(path, || format!("score {i}"), s.0 as f64)?;
+    }
     // Bins over log10(score): visual dependency spans orders of magnitude (most tokens near 0, a few
     // answer tokens near the clamp), which a linear axis squeezes into its first bin. Scores below
     // 10^LOG_MIN, zero included, count in the first bin.
@@ -238,5 +267,23 @@ mod tests {
         assert!(text.contains("answer tokens") && text.contains("rect"));
         // An empty run still draws (nothing to show is not an error).
         score_histogram(&h, "scores", &[]).unwrap();
+        // A non-finite value is an error, not drawn (an infinite score hung plotters).
+        for bad in [f32::INFINITY, f32::NAN] {
+            let e = score_histogram(&h, "scores", &[(0.1, false), (bad, true)]).unwrap_err();
+            assert!(e.to_string().contains("score 1 is"), "{e}");
+        }
+        let e = reward_plot(
+            &r,
+            "reward",
+            &[RewardSeries {
+                label: "vppo".into(),
+                runs: vec![vec![0.1, f64::INFINITY]],
+            }],
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("vppo run 0, step 2 reward is inf"),
+            "{e}"
+        );
     }
 }

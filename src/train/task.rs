@@ -162,8 +162,8 @@ pub struct Task {
 
 impl Task {
     /// Builds the task; the config must have at least one cell, two colours and one kind.
-    pub fn new(config: TaskConfig) -> crate::Result<Task> {
-        let bad = |field, value: String, expected| crate::VppoError::Config {
+    pub fn new(config: TaskConfig) -> super::error::Result<Task> {
+        let bad = |field, value: String, expected| super::error::TrainError::Config {
             field,
             value,
             expected,
