@@ -258,6 +258,8 @@ impl GpuBatch {
             advantages: &h.advantages,
             cu_seqlens: &h.cu_seqlens,
             vocab: vocab(),
+            rows: None,
+            masked_rows: None,
         };
         Ok(GpuBatch {
             uploaded: UploadedBatch::new(gpu, &batch)?,

@@ -9,6 +9,9 @@
  * before the product is rounded to the output type.
  *
  * Shapes: logits [N, V] of dtype T; grad [N, V] of dtype O (f32, or T itself); lse, dlogp, targets [N].
+ * With rows [N] (SPEC section 10) logits and grad are [R, V]: the kernel walks the R output rows, finds
+ * the token that owns row r by binary search in rows (strictly increasing), and writes zeros for a row
+ * that no token reads.
  * grad may be the logits buffer itself (in place, O = T): every element is loaded before the same
  * thread stores over it, and no two threads touch one element.
  *
@@ -66,6 +69,18 @@ __device__ __forceinline__ void target_vector(float *a, int y_lane, float inv_ta
     }
 }
 
+/* The token that owns output row r: r itself without rows, else the t with rows[t] = r (rows is
+   strictly increasing: a binary search, the same for every thread of the block), or -1. */
+__device__ __forceinline__ int64_t token_of_row(const int64_t *rows, int64_t n, int64_t r) {
+    if (rows == nullptr) return r;
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (rows[mid] < r) lo = mid + 1; else hi = mid;
+    }
+    return (lo < n && rows[lo] == r) ? lo : -1;
+}
+
 template <typename T, typename O>
 __device__ void backward(const VppoBackwardParams &p) {
     constexpr int K = Elt<T>::kPerVec;
@@ -74,10 +89,11 @@ __device__ void backward(const VppoBackwardParams &p) {
     const int64_t vocab = p.vocab, tid = threadIdx.x, nth = blockDim.x;
     const float inv_tau = p.inv_temperature;
 
-    for (int64_t t = blockIdx.x; t < p.n_tokens; t += gridDim.x) {
-        const T *ra = logits + t * vocab; /* 64-bit: t * vocab passes 2^31 */
-        O *rg = grad + t * vocab;
-        const float g = p.dlogp[t];
+    for (int64_t r = blockIdx.x; r < p.n_rows; r += gridDim.x) {
+        const T *ra = logits + r * vocab; /* 64-bit: r * vocab passes 2^31 */
+        O *rg = grad + r * vocab;
+        const int64_t t = token_of_row(p.rows, p.n_tokens, r);
+        const float g = t < 0 ? 0.0f : p.dlogp[t];
         RowSplit sp = split_row(ra, vocab);
         /* The vector path needs the output row aligned at the same element. */
         if ((reinterpret_cast<uintptr_t>(rg + sp.head) & 15u) != 0) {

@@ -10,8 +10,8 @@
  *     entropy = -sum_v p_v (a_v - lse_a)
  *     score = clamp(kl or k3, 0, score_clamp)
  *
- * Shapes: logits, logits_masked [N, V] of dtype T (f32, f16, bf16); targets, old_logp and every output
- * [N]. Offsets are 64-bit: N * V passes 2^31 in real use (16,384 x 151,936 = 2.5e9).
+ * Shapes: logits, logits_masked [N, V] of dtype T (f32, f16, bf16), or [R, V] and [R', V] read through
+ * the row indices rows / masked_rows [N] (SPEC section 10); targets, old_logp and every output [N]. Offsets are 64-bit: N * V passes 2^31 in real use (16,384 x 151,936 = 2.5e9).
  *
  * Mapping: one block of kThreads threads per row, rows in a grid-stride loop (the grid is capped on the
  * host, so any N runs: there is no grid-dimension limit to hit, unlike a grid.y of one row per block).
@@ -280,8 +280,10 @@ __device__ void perception(const VppoPerceptionParams &p) {
             if (threadIdx.x == 0) report(p.status, t, VPPO_ERR_TARGET_OUT_OF_RANGE);
             continue; /* uniform across the block: every thread read the same y */
         }
-        const T *ra = logits + t * vocab; /* 64-bit: t * vocab passes 2^31 */
-        const T *rb = logits_masked + t * vocab;
+        /* The rows token t reads (SPEC 10; validated on the host). 64-bit: row * vocab passes 2^31. */
+        const int64_t row_a = p.rows ? p.rows[t] : t, row_b = p.masked_rows ? p.masked_rows[t] : t;
+        const T *ra = logits + row_a * vocab;
+        const T *rb = logits_masked + row_b * vocab;
         const float inv_tau = p.inv_temperature;
         const float k = inv_tau * 1.4426950408889634f; /* log2(e) / tau */
         /* The target's logits are read before the stream (by every thread: one broadcast load per

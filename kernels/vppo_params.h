@@ -71,7 +71,9 @@ typedef enum VppoErrorCode {
 /* "No error" value of the status word: every real report (row << 8 | code) is smaller. */
 #define VPPO_STATUS_CLEAR 0x7fffffffffffffffLL
 
-/* Pass 1, kernels/perception.cu: one block per token row, grid-stride over rows. */
+/* Pass 1, kernels/perception.cu: one block per token row, grid-stride over rows. The logits may be
+   [R, V] read through `rows` (validated on the host: in range), logits_masked [R', V] through
+   `masked_rows`. */
 typedef struct VppoPerceptionParams {
     const void *logits;        /* [N, V], the kernel's dtype */
     const void *logits_masked; /* [N, V], same dtype */
@@ -86,6 +88,8 @@ typedef struct VppoPerceptionParams {
     float *entropy;            /* [N] out */
     float *score;              /* [N] out: the clamped visual-dependency score */
     long long *status;         /* [1] in/out: VPPO_STATUS_CLEAR or min(row << 8 | code) */
+    const int64_t *rows;        /* [N] or NULL: token t reads logits row rows[t] (SPEC 10); NULL: row t */
+    const int64_t *masked_rows; /* [N] or NULL: token t reads logits_masked row masked_rows[t] */
     int64_t n_tokens;          /* N */
     int64_t vocab;             /* V */
     float inv_temperature;     /* 1 / tau */
@@ -149,13 +153,16 @@ typedef struct VppoLossParams {
     int32_t pad0;
 } VppoLossParams;
 
-/* Pass 3, kernels/backward.cu: dloss/dlogits[t, v] = g_t (1[v = y] - softmax(a_t)_v) / tau. */
+/* Pass 3, kernels/backward.cu: dloss/dlogits[t, v] = g_t (1[v = y] - softmax(a_t)_v) / tau, over
+   the R rows of logits: row rows[t] is token t's, every other row is zero. */
 typedef struct VppoBackwardParams {
-    const void *logits;      /* [N, V], the kernel's input dtype; may alias grad (in place) */
+    const void *logits;      /* [R, V], the kernel's input dtype; may alias grad (in place) */
     const float *lse;        /* [N] from pass 1 */
     const float *dlogp;      /* [N] g_t from pass 2b */
     const int32_t *targets;  /* [N] */
-    void *grad;              /* [N, V] out, the kernel's output dtype */
+    void *grad;              /* [R, V] out, the kernel's output dtype */
+    const int64_t *rows;     /* [N] strictly increasing, in [0, R) (validated on the host), or NULL */
+    int64_t n_rows;          /* R (= N without rows) */
     int64_t n_tokens;        /* N */
     int64_t vocab;           /* V */
     float inv_temperature;   /* 1 / tau */

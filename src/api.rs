@@ -7,6 +7,7 @@ use crate::error::{Result, Tensor, VppoError};
 use crate::exec::{DeviceBatch, DeviceForward};
 use crate::output::VppoOutput;
 use crate::tensor::DeviceLogitsMut;
+use crate::tensor::Dtype;
 pub use crate::tensor::GradMut;
 
 /// The VPPO loss bound to a validated configuration and an executor.
@@ -185,6 +186,7 @@ impl Vppo {
                     &lse,
                     &dlogp,
                     self.config.temperature,
+                    None,
                     logits,
                 )
             }
@@ -199,10 +201,78 @@ impl Vppo {
         }
     }
 
-    /// The forward outputs and dloss/dlogits as a new f32 [N, V] vector.
+    /// dloss/dlogits from what a forward saved (per token: target, lse, dlogp; the rows it read),
+    /// for a caller that keeps only those tensors, as an autograd framework does. Reads `logits`
+    /// ([N, V], or [R, V] through `saved.rows`) and writes `grad` (the shape of `logits`, f32 or the
+    /// logits dtype; rows no token reads are zero), or, with `logits` None, reads the logits from
+    /// `grad` and overwrites them (in place; `grad` then has the logits dtype). The reference
+    /// computes in f64 from the f32 lse given; the kernels are those of [`Vppo::backward_into`].
+    pub fn backward_saved(
+        &self,
+        logits: Option<crate::batch::Logits>,
+        vocab: usize,
+        saved: &crate::exec::SavedForward,
+        grad: GradMut,
+    ) -> Result<()> {
+        let len = logits.as_ref().map_or(grad.len(), |x| x.len());
+        let dtype = logits.as_ref().map_or(grad.dtype(), |x| x.dtype());
+        saved.check(len, grad.len(), vocab)?;
+        if grad.dtype() != Dtype::F32 && grad.dtype() != dtype {
+            return Err(VppoError::Shape {
+                tensor: Tensor::GradLogits,
+                detail: format!(
+                    "dtype {} is neither f32 nor the logits dtype {}",
+                    grad.dtype().name(),
+                    dtype.name()
+                ),
+            });
+        }
+        self.check_grad_bound(saved.dlogp)?;
+        match self.device {
+            Device::Reference => {
+                // The reference writes from f64: widen the logits first (in place they are about
+                // to be overwritten).
+                let widened: Vec<f32>;
+                let logits = match logits {
+                    Some(x) => x,
+                    None => {
+                        widened = match &grad {
+                            GradMut::F32(x) => x.to_vec(),
+                            GradMut::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
+                            GradMut::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
+                        };
+                        crate::batch::Logits::F32(&widened)
+                    }
+                };
+                let lse: Vec<f64> = saved.lse.iter().map(|&x| x as f64).collect();
+                let dlogp: Vec<f64> = saved.dlogp.iter().map(|&x| x as f64).collect();
+                crate::reference::backward::grad_logits(
+                    logits,
+                    vocab,
+                    saved.targets,
+                    &lse,
+                    &dlogp,
+                    self.config.temperature,
+                    saved.rows,
+                    grad,
+                )
+            }
+            Device::Simt(_) | Device::Cuda(_) => crate::exec::backward_saved(
+                self.device,
+                logits.as_ref(),
+                saved,
+                vocab,
+                grad,
+                &self.config,
+            ),
+        }
+    }
+
+    /// The forward outputs and dloss/dlogits as a new f32 vector of the shape of the logits
+    /// ([N, V], or [R, V] with rows).
     pub fn loss_and_grad(&self, batch: &Batch) -> Result<(VppoOutput, Vec<f32>)> {
         let out = self.forward(batch)?;
-        let mut grad = vec![0.0f32; batch.n_elements()?];
+        let mut grad = vec![0.0f32; batch.logits.len()];
         self.backward_into(batch, &out, GradMut::F32(&mut grad))?;
         Ok((out, grad))
     }

@@ -10,6 +10,13 @@ pub use crate::tensor::{Dtype, Logits};
 /// A packed batch of B responses with N tokens in all over a vocabulary of V (SPEC section 1).
 ///
 /// Response b owns tokens `cu_seqlens[b] .. cu_seqlens[b+1]`. Nothing is copied: the batch borrows.
+///
+/// Rows (SPEC section 10): with `rows`, `logits` is [R, V] (R >= N, e.g. a trainer's whole packed
+/// forward, prompt rows included) and token t reads row `rows[t]` (strictly increasing, in [0, R)).
+/// With `masked_rows`, `logits_masked` is [R', V] and token t reads row `masked_rows[t]` (any order,
+/// in [0, R')). Without `masked_rows`, `logits_masked` is [N, V], or, when `rows` is given and it has
+/// as many elements as `logits`, it is read through `rows` too. The gradient has the shape of
+/// `logits` ([R, V]); rows that no token reads are zero.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
     /// [N, V] logits given the real image.
@@ -26,9 +33,48 @@ pub struct Batch<'a> {
     pub cu_seqlens: &'a [i32],
     /// V, the vocabulary size (the row length of the logits).
     pub vocab: usize,
+    /// [N] optional: the row of `logits` each token reads (None: row t, `logits` is [N, V]).
+    pub rows: Option<&'a [i64]>,
+    /// [N] optional: the row of `logits_masked` each token reads (see the type's docs).
+    pub masked_rows: Option<&'a [i64]>,
 }
 
 impl<'a> Batch<'a> {
+    /// The row of `logits` token `t` reads (valid after validation).
+    #[inline]
+    pub fn logits_row(&self, t: usize) -> usize {
+        self.rows.map_or(t, |r| r[t] as usize)
+    }
+
+    /// The effective row index of `logits_masked`: `masked_rows`, or `rows` when `logits_masked` is
+    /// read through them, or None (row t).
+    pub fn masked_index(&self) -> Option<&'a [i64]> {
+        effective_masked_rows(
+            self.rows,
+            self.masked_rows,
+            self.logits.len(),
+            self.logits_masked.len(),
+        )
+    }
+
+    /// The row of `logits_masked` token `t` reads (valid after validation).
+    #[inline]
+    pub fn masked_row(&self, t: usize) -> usize {
+        self.masked_index().map_or(t, |r| r[t] as usize)
+    }
+
+    /// Checks the shapes of the two logits tensors against N, V and the row indices (O(N)): what
+    /// every pass that indexes the logits needs first. Part of [`Batch::validate_small`].
+    pub fn validate_logits_shapes(&self) -> Result<()> {
+        validate_logits_shapes(
+            (self.logits.dtype(), self.logits.len()),
+            (self.logits_masked.dtype(), self.logits_masked.len()),
+            self.targets.len(),
+            self.vocab,
+            self.rows,
+            self.masked_rows,
+        )
+    }
     /// N, the number of response tokens.
     pub fn n_tokens(&self) -> usize {
         self.targets.len()
@@ -77,6 +123,8 @@ impl<'a> Batch<'a> {
             advantages: self.advantages,
             cu_seqlens: self.cu_seqlens,
             vocab: self.vocab,
+            rows: self.rows,
+            masked_rows: self.masked_rows,
         }
         .validate(group_size, need_groups)
     }
@@ -169,6 +217,10 @@ pub struct SmallTensors<'a> {
     pub cu_seqlens: &'a [i32],
     /// V.
     pub vocab: usize,
+    /// [N] optional row index of `logits` (SPEC section 10).
+    pub rows: Option<&'a [i64]>,
+    /// [N] optional row index of `logits_masked`.
+    pub masked_rows: Option<&'a [i64]>,
 }
 
 impl SmallTensors<'_> {
@@ -176,26 +228,15 @@ impl SmallTensors<'_> {
     pub fn validate(&self, group_size: usize, need_groups: bool) -> Result<()> {
         let n = self.targets.len();
         let b = self.advantages.len();
+        validate_logits_shapes(
+            self.logits,
+            self.logits_masked,
+            n,
+            self.vocab,
+            self.rows,
+            self.masked_rows,
+        )?;
         let v = self.vocab;
-        if self.logits.0 != self.logits_masked.0 {
-            return Err(VppoError::Shape {
-                tensor: Tensor::LogitsMasked,
-                detail: format!(
-                    "dtype {} differs from logits dtype {}",
-                    self.logits_masked.0.name(),
-                    self.logits.0.name()
-                ),
-            });
-        }
-        elements(n, v)?;
-        if n > 0 && v == 0 {
-            return Err(VppoError::Shape {
-                tensor: Tensor::Logits,
-                detail: "vocabulary size V is 0".into(),
-            });
-        }
-        check_elements(Tensor::Logits, self.logits.1, n, v)?;
-        check_elements(Tensor::LogitsMasked, self.logits_masked.1, n, v)?;
         if self.old_logp.len() != n {
             return Err(VppoError::Shape {
                 tensor: Tensor::OldLogp,
@@ -281,14 +322,24 @@ pub fn validate_cu_seqlens(cu_seqlens: &[i32], n_tokens: usize) -> Result<()> {
 }
 
 impl GradMut<'_> {
-    /// Checks the buffer holds N * V elements (the product checked) and is f32 or the logits dtype.
+    /// Checks the buffer has the shape of the logits (N * V elements, or R * V with rows) and is
+    /// f32 or the logits dtype.
     pub(crate) fn check(&self, batch: &Batch) -> Result<()> {
-        check_elements(
-            Tensor::GradLogits,
-            self.len(),
-            batch.n_tokens(),
-            batch.vocab,
-        )?;
+        let nv = batch.logits.len();
+        if self.len() != nv {
+            let what = if batch.rows.is_some() {
+                "R * V"
+            } else {
+                "N * V"
+            };
+            return Err(VppoError::Shape {
+                tensor: Tensor::GradLogits,
+                detail: format!(
+                    "has {} elements, expected the shape of logits, {what} = {nv}",
+                    self.len()
+                ),
+            });
+        }
         if self.dtype() != Dtype::F32 && self.dtype() != batch.logits.dtype() {
             return Err(VppoError::Shape {
                 tensor: Tensor::GradLogits,
@@ -301,4 +352,151 @@ impl GradMut<'_> {
         }
         Ok(())
     }
+}
+
+/// See [`Batch::masked_index`].
+pub(crate) fn effective_masked_rows<'a>(
+    rows: Option<&'a [i64]>,
+    masked_rows: Option<&'a [i64]>,
+    logits_len: usize,
+    masked_len: usize,
+) -> Option<&'a [i64]> {
+    match (masked_rows, rows) {
+        (Some(m), _) => Some(m),
+        (None, Some(r)) if masked_len == logits_len => Some(r),
+        _ => None,
+    }
+}
+
+/// The shape rules of SPEC sections 1 and 10 for `logits` and `logits_masked` (dtype, length) over N
+/// tokens of V: equal dtypes; without `rows`, N * V elements; with `rows`, a whole number R of rows
+/// and `rows` of length N, strictly increasing, in [0, R); `logits_masked` likewise through
+/// `masked_rows` (any order), or read through `rows`, or [N, V].
+pub fn validate_logits_shapes(
+    logits: (Dtype, usize),
+    logits_masked: (Dtype, usize),
+    n: usize,
+    v: usize,
+    rows: Option<&[i64]>,
+    masked_rows: Option<&[i64]>,
+) -> Result<()> {
+    if logits.0 != logits_masked.0 {
+        return Err(VppoError::Shape {
+            tensor: Tensor::LogitsMasked,
+            detail: format!(
+                "dtype {} differs from logits dtype {}",
+                logits_masked.0.name(),
+                logits.0.name()
+            ),
+        });
+    }
+    let nv = n.checked_mul(v).ok_or_else(|| VppoError::Shape {
+        tensor: Tensor::Logits,
+        detail: format!("N * V = {n} * {v} overflows"),
+    })?;
+    if n > 0 && v == 0 {
+        return Err(VppoError::Shape {
+            tensor: Tensor::Logits,
+            detail: "vocabulary size V is 0".into(),
+        });
+    }
+    // The number of rows of a tensor read through an index: its length must be a whole number of rows.
+    let whole_rows = |tensor: Tensor, len: usize, index: Tensor| -> Result<usize> {
+        if v == 0 {
+            return Ok(0);
+        }
+        if len % v != 0 {
+            return Err(VppoError::Shape {
+                tensor,
+                detail: format!(
+                    "has {len} elements, not a whole number of rows of V = {v} (it is read \
+                     through {index})"
+                ),
+            });
+        }
+        Ok(len / v)
+    };
+    let index_len = |index: Tensor, r: &[i64]| -> Result<()> {
+        if r.len() != n {
+            return Err(VppoError::Shape {
+                tensor: index,
+                detail: format!(
+                    "has {} elements, expected N = {n} (the length of targets)",
+                    r.len()
+                ),
+            });
+        }
+        Ok(())
+    };
+    let in_range = |index: Tensor, pos: usize, row: i64, nrows: usize| -> Result<()> {
+        if row < 0 || row as u64 >= nrows as u64 {
+            return Err(VppoError::RowIndex {
+                tensor: index,
+                position: pos,
+                detail: format!("row {row} is outside [0, {nrows})"),
+            });
+        }
+        Ok(())
+    };
+    match rows {
+        None => {
+            if logits.1 != nv {
+                return Err(VppoError::Shape {
+                    tensor: Tensor::Logits,
+                    detail: format!(
+                        "has {} elements, expected N * V = {n} * {v} = {nv}",
+                        logits.1
+                    ),
+                });
+            }
+        }
+        Some(r) => {
+            index_len(Tensor::Rows, r)?;
+            let nrows = whole_rows(Tensor::Logits, logits.1, Tensor::Rows)?;
+            for (pos, &row) in r.iter().enumerate() {
+                in_range(Tensor::Rows, pos, row, nrows)?;
+                if pos > 0 && row <= r[pos - 1] {
+                    return Err(VppoError::RowIndex {
+                        tensor: Tensor::Rows,
+                        position: pos,
+                        detail: format!(
+                            "row {row} is not above the previous row {} (rows must be strictly \
+                             increasing)",
+                            r[pos - 1]
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    match (
+        masked_rows,
+        effective_masked_rows(rows, masked_rows, logits.1, logits_masked.1),
+    ) {
+        (Some(m), _) => {
+            index_len(Tensor::MaskedRows, m)?;
+            let nrows = whole_rows(Tensor::LogitsMasked, logits_masked.1, Tensor::MaskedRows)?;
+            for (pos, &row) in m.iter().enumerate() {
+                in_range(Tensor::MaskedRows, pos, row, nrows)?;
+            }
+        }
+        (None, Some(_)) => {} // read through rows, checked above, same length as logits
+        (None, None) => {
+            if logits_masked.1 != nv {
+                let through = if rows.is_some() {
+                    format!(" (or {} elements, to be read through rows)", logits.1)
+                } else {
+                    String::new()
+                };
+                return Err(VppoError::Shape {
+                    tensor: Tensor::LogitsMasked,
+                    detail: format!(
+                        "has {} elements, expected N * V = {n} * {v} = {nv}{through}",
+                        logits_masked.1
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }

@@ -28,6 +28,10 @@ pub enum Tensor {
     Lse,
     /// `dlogp` [N]: dloss/dlogp of each token, an output of the forward that the backward reads.
     Dlogp,
+    /// `rows` [N]: the row of `logits` each token reads (SPEC section 10).
+    Rows,
+    /// `masked_rows` [N]: the row of `logits_masked` each token reads.
+    MaskedRows,
 }
 
 impl Tensor {
@@ -45,6 +49,8 @@ impl Tensor {
             Tensor::GradLogits => "grad_logits",
             Tensor::Lse => "lse",
             Tensor::Dlogp => "dlogp",
+            Tensor::Rows => "rows",
+            Tensor::MaskedRows => "masked_rows",
         }
     }
 }
@@ -91,6 +97,16 @@ pub enum VppoError {
         row: usize,
         /// The target token id.
         target: i32,
+    },
+    /// A row index (`rows`, `masked_rows`) out of range or out of order.
+    #[error("{tensor} position {position}: {detail}")]
+    RowIndex {
+        /// `rows` or `masked_rows`.
+        tensor: Tensor,
+        /// The token position in the index.
+        position: usize,
+        /// What is wrong.
+        detail: String,
     },
     /// A target token id outside [0, V).
     #[error("targets row {row}: token id {target} is outside [0, {vocab})")]

@@ -114,6 +114,8 @@ impl OwnedBatch {
             advantages: &self.advantages,
             cu_seqlens: &self.cu_seqlens,
             vocab: self.vocab,
+            rows: None,
+            masked_rows: None,
         }
     }
 

@@ -62,6 +62,8 @@ pub struct VppoPerceptionParams {
     pub entropy: *mut f32,
     pub score: *mut f32,
     pub status: *mut ::std::os::raw::c_longlong,
+    pub rows: *const i64,
+    pub masked_rows: *const i64,
     pub n_tokens: i64,
     pub vocab: i64,
     pub inv_temperature: f32,
@@ -71,7 +73,7 @@ pub struct VppoPerceptionParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of VppoPerceptionParams"][::std::mem::size_of::<VppoPerceptionParams>() - 136usize];
+    ["Size of VppoPerceptionParams"][::std::mem::size_of::<VppoPerceptionParams>() - 152usize];
     ["Alignment of VppoPerceptionParams"][::std::mem::align_of::<VppoPerceptionParams>() - 8usize];
     ["Offset of field: VppoPerceptionParams::logits"]
         [::std::mem::offset_of!(VppoPerceptionParams, logits) - 0usize];
@@ -99,18 +101,22 @@ const _: () = {
         [::std::mem::offset_of!(VppoPerceptionParams, score) - 88usize];
     ["Offset of field: VppoPerceptionParams::status"]
         [::std::mem::offset_of!(VppoPerceptionParams, status) - 96usize];
+    ["Offset of field: VppoPerceptionParams::rows"]
+        [::std::mem::offset_of!(VppoPerceptionParams, rows) - 104usize];
+    ["Offset of field: VppoPerceptionParams::masked_rows"]
+        [::std::mem::offset_of!(VppoPerceptionParams, masked_rows) - 112usize];
     ["Offset of field: VppoPerceptionParams::n_tokens"]
-        [::std::mem::offset_of!(VppoPerceptionParams, n_tokens) - 104usize];
+        [::std::mem::offset_of!(VppoPerceptionParams, n_tokens) - 120usize];
     ["Offset of field: VppoPerceptionParams::vocab"]
-        [::std::mem::offset_of!(VppoPerceptionParams, vocab) - 112usize];
+        [::std::mem::offset_of!(VppoPerceptionParams, vocab) - 128usize];
     ["Offset of field: VppoPerceptionParams::inv_temperature"]
-        [::std::mem::offset_of!(VppoPerceptionParams, inv_temperature) - 120usize];
+        [::std::mem::offset_of!(VppoPerceptionParams, inv_temperature) - 136usize];
     ["Offset of field: VppoPerceptionParams::score_clamp"]
-        [::std::mem::offset_of!(VppoPerceptionParams, score_clamp) - 124usize];
+        [::std::mem::offset_of!(VppoPerceptionParams, score_clamp) - 140usize];
     ["Offset of field: VppoPerceptionParams::perception"]
-        [::std::mem::offset_of!(VppoPerceptionParams, perception) - 128usize];
+        [::std::mem::offset_of!(VppoPerceptionParams, perception) - 144usize];
     ["Offset of field: VppoPerceptionParams::pad0"]
-        [::std::mem::offset_of!(VppoPerceptionParams, pad0) - 132usize];
+        [::std::mem::offset_of!(VppoPerceptionParams, pad0) - 148usize];
 };
 impl Default for VppoPerceptionParams {
     fn default() -> Self {
@@ -295,6 +301,8 @@ pub struct VppoBackwardParams {
     pub dlogp: *const f32,
     pub targets: *const i32,
     pub grad: *mut ::std::os::raw::c_void,
+    pub rows: *const i64,
+    pub n_rows: i64,
     pub n_tokens: i64,
     pub vocab: i64,
     pub inv_temperature: f32,
@@ -302,7 +310,7 @@ pub struct VppoBackwardParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of VppoBackwardParams"][::std::mem::size_of::<VppoBackwardParams>() - 64usize];
+    ["Size of VppoBackwardParams"][::std::mem::size_of::<VppoBackwardParams>() - 80usize];
     ["Alignment of VppoBackwardParams"][::std::mem::align_of::<VppoBackwardParams>() - 8usize];
     ["Offset of field: VppoBackwardParams::logits"]
         [::std::mem::offset_of!(VppoBackwardParams, logits) - 0usize];
@@ -314,14 +322,18 @@ const _: () = {
         [::std::mem::offset_of!(VppoBackwardParams, targets) - 24usize];
     ["Offset of field: VppoBackwardParams::grad"]
         [::std::mem::offset_of!(VppoBackwardParams, grad) - 32usize];
+    ["Offset of field: VppoBackwardParams::rows"]
+        [::std::mem::offset_of!(VppoBackwardParams, rows) - 40usize];
+    ["Offset of field: VppoBackwardParams::n_rows"]
+        [::std::mem::offset_of!(VppoBackwardParams, n_rows) - 48usize];
     ["Offset of field: VppoBackwardParams::n_tokens"]
-        [::std::mem::offset_of!(VppoBackwardParams, n_tokens) - 40usize];
+        [::std::mem::offset_of!(VppoBackwardParams, n_tokens) - 56usize];
     ["Offset of field: VppoBackwardParams::vocab"]
-        [::std::mem::offset_of!(VppoBackwardParams, vocab) - 48usize];
+        [::std::mem::offset_of!(VppoBackwardParams, vocab) - 64usize];
     ["Offset of field: VppoBackwardParams::inv_temperature"]
-        [::std::mem::offset_of!(VppoBackwardParams, inv_temperature) - 56usize];
+        [::std::mem::offset_of!(VppoBackwardParams, inv_temperature) - 72usize];
     ["Offset of field: VppoBackwardParams::pad0"]
-        [::std::mem::offset_of!(VppoBackwardParams, pad0) - 60usize];
+        [::std::mem::offset_of!(VppoBackwardParams, pad0) - 76usize];
 };
 impl Default for VppoBackwardParams {
     fn default() -> Self {

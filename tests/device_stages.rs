@@ -513,6 +513,8 @@ fn guard_page_catches_an_out_of_bounds_kernel() {
             dlogp: gpu.device_ptr(&dlogp),
             targets: gpu.device_ptr(&targets),
             grad: gpu.device_ptr_mut(&grad).cast(),
+            rows: std::ptr::null(),
+            n_rows: n as i64,
             n_tokens: n as i64,
             vocab: v as i64,
             inv_temperature: 1.0,

@@ -43,6 +43,8 @@ impl Owned {
             advantages: &self.advantages,
             cu_seqlens: &self.cu,
             vocab: self.vocab,
+            rows: None,
+            masked_rows: None,
         }
     }
 
@@ -774,6 +776,8 @@ fn one_huge_logit_in_a_long_row_is_not_refused() {
             advantages: &[1.0],
             cu_seqlens: &[0, 2],
             vocab: v,
+            rows: None,
+            masked_rows: None,
         };
         let cfg = VppoConfig::default();
         let want = Vppo::new(cfg.clone(), Device::Reference)

@@ -260,6 +260,7 @@ fn reference_grad(batch: &Batch, cfg: &VppoConfig, out: &vppo::VppoOutput) -> Ve
         &lse,
         &dlogp,
         cfg.temperature,
+        None,
         GradMut::F32(&mut g),
     )
     .unwrap();
@@ -694,6 +695,8 @@ fn past_65536_tokens_on_gpu() {
         advantages: &adv,
         cu_seqlens: &cu,
         vocab: v,
+        rows: None,
+        masked_rows: None,
     };
     let cfg = VppoConfig::default();
     let out = Vppo::new(cfg.clone(), Device::Cuda(0))
@@ -770,6 +773,7 @@ fn reference_in_place_backward() {
         &lse,
         &dlogp,
         1.0,
+        None,
         GradMut::Bf16(&mut want),
     )
     .unwrap();
@@ -822,6 +826,8 @@ fn small_kl_keeps_relative_precision() {
             advantages: &adv,
             cu_seqlens: &cu,
             vocab: v,
+            rows: None,
+            masked_rows: None,
         };
         let cfg = VppoConfig::default();
         let want = reference::perception::perception(&batch, &cfg).unwrap();
@@ -889,6 +895,8 @@ impl Fixed {
             advantages: &self.advantages,
             cu_seqlens: &self.cu_seqlens,
             vocab: self.vocab,
+            rows: None,
+            masked_rows: None,
         }
     }
 

@@ -48,6 +48,8 @@ impl Owned {
             advantages: &self.advantages,
             cu_seqlens: &self.cu,
             vocab: V,
+            rows: None,
+            masked_rows: None,
         }
     }
 

@@ -34,6 +34,8 @@ fn batch<'a>(
         advantages,
         cu_seqlens: cu,
         vocab,
+        rows: None,
+        masked_rows: None,
     }
 }
 
@@ -326,6 +328,7 @@ fn backward_by_hand() {
         &lse,
         &[3.0, 0.0],
         2.0,
+        None,
         GradMut::F32(&mut grad),
     )
     .unwrap();

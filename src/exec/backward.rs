@@ -33,12 +33,17 @@ pub(crate) fn backward_into(
     device: Device,
 ) -> Result<()> {
     let batch = valid.batch();
+    let saved = SavedForward {
+        targets: batch.targets,
+        lse: &out.tokens.lse,
+        dlogp: &out.tokens.dlogp,
+        rows: batch.rows,
+    };
     backward_host(
         device,
         Some(&batch.logits),
-        batch.targets,
+        &saved,
         batch.vocab,
-        out,
         grad,
         valid.config(),
     )
@@ -56,39 +61,109 @@ pub(crate) fn backward_in_place(
     cfg: &VppoConfig,
     device: Device,
 ) -> Result<()> {
-    backward_host(device, None, targets, vocab, out, logits, cfg)
+    let saved = SavedForward {
+        targets,
+        lse: &out.tokens.lse,
+        dlogp: &out.tokens.dlogp,
+        rows: None,
+    };
+    backward_host(device, None, &saved, vocab, logits, cfg)
 }
 
-/// The backward kernel into the caller's host buffer `grad` ([N, V], N = `targets.len()`), reading
-/// `logits`, or, when `logits` is None, reading the logits from `grad` itself and overwriting them
-/// (in place). On the SIMT executor the kernel writes the caller's buffer directly; on a GPU it
-/// writes a device buffer (a copy of `grad` in place, zeros otherwise) that is then copied back.
+/// What the backward reads of a forward: per token the target, lse and dloss/dlogp, and the row
+/// index of the logits (SPEC section 10) when the forward read them through one.
+#[derive(Debug, Clone, Copy)]
+pub struct SavedForward<'a> {
+    /// [N] the forward's targets.
+    pub targets: &'a [i32],
+    /// [N] logsumexp(logits[row] / tau) from the forward.
+    pub lse: &'a [f32],
+    /// [N] dloss/dlogp from the forward.
+    pub dlogp: &'a [f32],
+    /// [N] strictly increasing rows of [R, V] logits, or None ([N, V]).
+    pub rows: Option<&'a [i64]>,
+}
+
+impl SavedForward<'_> {
+    /// Checks what a backward indexes with: `logits_len` elements of logits and `grad_len` of the
+    /// gradient, both N * V (or R * V through valid rows), targets in [0, V), and N finite values of
+    /// lse and dlogp.
+    pub fn check(&self, logits_len: usize, grad_len: usize, vocab: usize) -> Result<()> {
+        let n = self.targets.len();
+        // The dtype plays no part here (the launch picks the kernel by dtype).
+        let shape = (Dtype::F32, logits_len);
+        crate::batch::validate_logits_shapes(shape, shape, n, vocab, self.rows, None)?;
+        if grad_len != logits_len {
+            return Err(VppoError::Shape {
+                tensor: Tensor::GradLogits,
+                detail: format!("has {grad_len} elements, expected the {logits_len} of logits"),
+            });
+        }
+        crate::batch::check_targets(self.targets, vocab)?;
+        for (tensor, values) in [(Tensor::Lse, self.lse), (Tensor::Dlogp, self.dlogp)] {
+            if values.len() != n {
+                return Err(VppoError::Shape {
+                    tensor,
+                    detail: format!("has {} elements, targets has N = {n}", values.len()),
+                });
+            }
+            if let Some((row, &x)) = values.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                return Err(VppoError::NonFinite {
+                    tensor,
+                    location: Location::Row(row),
+                    value: x as f64,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// dloss/dlogits from a forward's saved values, for a caller that keeps only those (the PyTorch
+/// op): into `grad` reading `logits`, or in place over `grad` when `logits` is None. Shapes are
+/// checked by [`crate::Vppo::backward_saved`].
+pub(crate) fn backward_saved(
+    device: Device,
+    logits: Option<&Logits>,
+    saved: &SavedForward,
+    vocab: usize,
+    grad: GradMut,
+    cfg: &VppoConfig,
+) -> Result<()> {
+    backward_host(device, logits, saved, vocab, grad, cfg)
+}
+
+/// The backward kernel into the caller's host buffer `grad` ([N, V], N = `targets.len()`, or [R, V]
+/// with rows), reading `logits`, or, when `logits` is None, reading the logits from `grad` itself
+/// and overwriting them (in place). On the SIMT executor the kernel writes the caller's buffer
+/// directly; on a GPU it writes a device buffer (a copy of `grad` in place, zeros otherwise) that is
+/// then copied back.
 ///
-/// Everything the launch indexes with is checked here first, whatever the caller checked: N * V
-/// (the product checked) against the lengths of `logits` and `grad`, the targets' range, and N
-/// finite values of lse and dlogp in `out`.
+/// Everything the launch indexes with is checked here first, whatever the caller checked
+/// ([`SavedForward::check`]): the shapes of `logits` and `grad` against N, V and the rows, the
+/// targets' range, and N finite values of lse and dlogp.
 pub(super) fn backward_host(
     device: Device,
     logits: Option<&Logits>,
-    targets: &[i32],
+    saved: &SavedForward,
     vocab: usize,
-    out: &VppoOutput,
     mut grad: GradMut,
     cfg: &VppoConfig,
 ) -> Result<()> {
-    let n = targets.len();
-    check_in_place(logits.map_or(grad.len(), |x| x.len()), vocab, targets, out)?;
-    let nv = check_elements(Tensor::GradLogits, grad.len(), n, vocab)?;
-    if n == 0 {
+    let n = saved.targets.len();
+    saved.check(logits.map_or(grad.len(), |x| x.len()), grad.len(), vocab)?;
+    if n == 0 || vocab == 0 {
         return Ok(());
     }
     let l = &Launcher::for_device(device)?;
     let input_dtype = logits.map_or(grad.dtype(), |x| x.dtype());
     let kernel = backward_kernel(input_dtype, grad.dtype())?;
     let logits = logits.map(|x| Input::logits(l, x)).transpose()?;
-    let targets = Input::new(l, targets)?;
-    let lse = Input::new(l, &out.tokens.lse)?;
-    let dlogp = Input::new(l, &out.tokens.dlogp)?;
+    let nv = grad.len();
+    let targets = Input::new(l, saved.targets)?;
+    let lse = Input::new(l, saved.lse)?;
+    let dlogp = Input::new(l, saved.dlogp)?;
+    let rows = Input::index(l, saved.rows)?;
     let device_grad = match (l, &logits) {
         (Launcher::Simt(_), _) => None,
         (Launcher::Cuda(_), None) => Some(on_dtype!(&grad, g => l.upload(&g[..]))?),
@@ -105,10 +180,13 @@ pub(super) fn backward_host(
         dlogp: dlogp.addr,
         targets: targets.addr,
         grad: grad_addr,
+        rows: rows.addr,
+        n_rows: nv / vocab,
     };
-    // SAFETY: logits [N, V] of the input dtype (the caller's batch, or the one buffer at grad_addr
-    // in place), lse/dlogp/targets [N], targets in [0, V), grad [N, V] of the output dtype: all
-    // checked at the top of this function. In place, each element is
+    // SAFETY: logits [R, V] of the input dtype (the caller's batch, or the one buffer at grad_addr
+    // in place; R = N without rows), lse/dlogp/targets [N], targets in [0, V), rows [N] strictly
+    // increasing in [0, R) or none, grad [R, V] of the output dtype: all checked at the top of this
+    // function. In place, each element is
     // loaded and then stored by the same thread, and no two threads touch one element
     // (kernels/backward.cu). The caller's grad slice is borrowed mutably for this whole function, so
     // nothing else reads or writes it while the kernel does.
@@ -127,13 +205,17 @@ pub(super) struct BackwardAddrs {
     pub(super) dlogp: u64,
     pub(super) targets: u64,
     pub(super) grad: u64,
+    /// [N] row index or 0 (none), and R, the rows of logits and grad.
+    pub(super) rows: u64,
+    pub(super) n_rows: usize,
 }
 
-/// Launches the backward kernel over `n` rows of `vocab` logits.
+/// Launches the backward kernel over the `a.n_rows` rows of `vocab` logits of `n` tokens.
 ///
 /// # Safety
-/// As [`Launcher::launch`]: `logits` and `grad` hold `n * vocab` elements of the kernel's input and
-/// output dtypes, `lse`, `dlogp` and `targets` hold `n` values, and nothing else accesses `grad`
+/// As [`Launcher::launch`]: `logits` and `grad` hold `a.n_rows * vocab` elements of the kernel's
+/// input and output dtypes, `lse`, `dlogp` and `targets` hold `n` values, `rows` is 0 (then
+/// `a.n_rows` = n) or holds n strictly increasing values in [0, a.n_rows), and nothing else accesses `grad`
 /// while the kernel runs (it may alias `logits`: each element is loaded, then stored, by one thread).
 pub(super) unsafe fn launch_backward_kernel(
     l: &Launcher,
@@ -149,11 +231,13 @@ pub(super) unsafe fn launch_backward_kernel(
         dlogp: a.dlogp as *const f32,
         targets: a.targets as *const i32,
         grad: a.grad as *mut c_void,
+        rows: a.rows as *const i64,
+        n_rows: a.n_rows as i64,
         n_tokens: n as i64,
         vocab: vocab as i64,
         inv_temperature: (1.0 / cfg.temperature) as f32,
         ..Default::default()
     };
     // SAFETY: forwarded from this function's contract.
-    unsafe { l.launch(kernel, l.row_grid(n), BACKWARD_THREADS, 0, &p) }
+    unsafe { l.launch(kernel, l.row_grid(a.n_rows), BACKWARD_THREADS, 0, &p) }
 }

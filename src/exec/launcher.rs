@@ -219,6 +219,14 @@ impl<'a> Input<'a> {
         }
     }
 
+    /// An optional row index: address 0 (the kernels' NULL) when there is none.
+    pub(super) fn index(launcher: &Launcher, rows: Option<&'a [i64]>) -> Result<Input<'a>> {
+        match rows {
+            Some(r) => Input::new(launcher, r),
+            None => Ok(Input::borrowed(0)),
+        }
+    }
+
     pub(super) fn logits(launcher: &Launcher, logits: &Logits<'a>) -> Result<Input<'a>> {
         on_dtype!(*logits, x => Input::new(launcher, x))
     }

@@ -17,7 +17,7 @@
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::Arc;
 
-use crate::batch::{check_elements, check_in_place, Batch, ValidBatch};
+use crate::batch::{check_elements, Batch, ValidBatch};
 use crate::config::{Aggregation, Perception, Shaping, TasScope, VppoConfig};
 use crate::cuda::Gpu;
 use crate::device::{Device, LaneOrder};
@@ -37,8 +37,9 @@ mod resident;
 mod select_loss;
 mod workspace;
 
+pub use backward::SavedForward;
 use backward::*;
-pub(crate) use backward::{backward_in_place, backward_into};
+pub(crate) use backward::{backward_in_place, backward_into, backward_saved};
 use launcher::*;
 use perception::*;
 pub(crate) use perception::{mutant_perception, perception};
@@ -147,6 +148,9 @@ struct Inputs<'a> {
     old_logp: Input<'a>,
     advantages: Input<'a>,
     cu_seqlens: Input<'a>,
+    /// The row indices of SPEC section 10 (address 0: none, token t reads row t).
+    rows: Input<'a>,
+    masked_rows: Input<'a>,
 }
 
 impl<'a> Inputs<'a> {
@@ -160,6 +164,8 @@ impl<'a> Inputs<'a> {
             old_logp: at(gpu.device_ptr_u64(batch.old_logp)),
             advantages: at(gpu.device_ptr_u64(batch.advantages)),
             cu_seqlens: at(gpu.device_ptr_u64(batch.cu_seqlens)),
+            rows: at(0),
+            masked_rows: at(0),
         }
     }
 
@@ -171,6 +177,8 @@ impl<'a> Inputs<'a> {
             old_logp: Input::new(l, batch.old_logp)?,
             advantages: Input::new(l, batch.advantages)?,
             cu_seqlens: Input::new(l, batch.cu_seqlens)?,
+            rows: Input::index(l, batch.rows)?,
+            masked_rows: Input::index(l, batch.masked_index())?,
         })
     }
 }

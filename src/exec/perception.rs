@@ -81,7 +81,13 @@ pub(super) fn host_rows<'a>(
         } else {
             &batch.logits_masked
         };
-        Ok(logits.row_f64(row, batch.vocab))
+        // `row` is the token: name the value in the row that token read.
+        let r = if tensor == Tensor::Logits {
+            batch.logits_row(row)
+        } else {
+            batch.masked_row(row)
+        };
+        Ok(logits.row_f64(r, batch.vocab))
     }
 }
 
@@ -169,6 +175,8 @@ pub(super) fn run_perception(
         entropy: a(ws.entropy),
         score: a(ws.score),
         status: ws.ptr(l, ws.status),
+        rows: inp.rows.addr as *const i64,
+        masked_rows: inp.masked_rows.addr as *const i64,
         n_tokens: n as i64,
         vocab: dims.vocab as i64,
         inv_temperature: (1.0 / cfg.temperature) as f32,

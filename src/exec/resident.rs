@@ -220,6 +220,8 @@ pub(crate) fn forward_device(
         advantages: &advantages,
         cu_seqlens: &cu_seqlens,
         vocab: batch.vocab,
+        rows: None,
+        masked_rows: None,
     }
     .validate(cfg.group_size, cfg.needs_groups())?;
     let (n, b) = (targets.len(), advantages.len());
@@ -302,6 +304,8 @@ pub(super) fn launch_backward(
         dlogp: ws.addr(&l, ws.dlogp),
         targets: gpu.device_ptr_u64(targets),
         grad: grad.addr(gpu),
+        rows: 0,
+        n_rows: n,
     };
     // SAFETY: logits and grad hold N * V elements of their dtypes (checked above), lse, dlogp and
     // targets N; grad is borrowed mutably by the caller for this call; the kernel is queued on the

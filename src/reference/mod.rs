@@ -139,6 +139,7 @@ pub fn backward_into(
         &f.perception.lse_centred,
         &f.surrogate.dlogp,
         cfg.temperature,
+        batch.rows,
         grad,
     )
 }

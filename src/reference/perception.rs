@@ -39,35 +39,11 @@ pub struct PerceptionF64 {
     pub score: Vec<f64>,
 }
 
-/// Checks the lengths of the tensors the perception pass reads (O(1)), so that no index can panic.
+/// Checks the lengths of the tensors the perception pass reads and the row indices (O(N)), so that
+/// no index can panic.
 fn check_lengths(batch: &Batch) -> Result<()> {
+    batch.validate_logits_shapes()?;
     let n = batch.n_tokens();
-    let v = batch.vocab;
-    if batch.logits.dtype() != batch.logits_masked.dtype() {
-        return Err(VppoError::Shape {
-            tensor: Tensor::LogitsMasked,
-            detail: format!(
-                "dtype {} differs from logits dtype {}",
-                batch.logits_masked.dtype().name(),
-                batch.logits.dtype().name()
-            ),
-        });
-    }
-    let nv = n.checked_mul(v).ok_or_else(|| VppoError::Shape {
-        tensor: Tensor::Logits,
-        detail: format!("N * V = {n} * {v} overflows"),
-    })?;
-    for (tensor, len) in [
-        (Tensor::Logits, batch.logits.len()),
-        (Tensor::LogitsMasked, batch.logits_masked.len()),
-    ] {
-        if len != nv {
-            return Err(VppoError::Shape {
-                tensor,
-                detail: format!("has {len} elements, expected N * V = {n} * {v} = {nv}"),
-            });
-        }
-    }
     if batch.old_logp.len() != n {
         return Err(VppoError::Shape {
             tensor: Tensor::OldLogp,
@@ -141,9 +117,10 @@ fn check_row(batch: &Batch, t: usize, tau: f64) -> Result<()> {
             vocab: v,
         });
     }
-    let row_checks = |logits: &Logits, tensor: Tensor| -> Result<()> {
+    // Token t reads row `row` of the tensor (SPEC section 10); errors name the token.
+    let row_checks = |logits: &Logits, row: usize, tensor: Tensor| -> Result<()> {
         let mut all_neg_inf = true;
-        for i in t * v..(t + 1) * v {
+        for i in row * v..(row + 1) * v {
             let x = logits.get(i);
             if x.is_nan() || x == f64::INFINITY {
                 return Err(VppoError::NonFinite {
@@ -161,17 +138,18 @@ fn check_row(batch: &Batch, t: usize, tau: f64) -> Result<()> {
         }
         Ok(())
     };
-    row_checks(&batch.logits, Tensor::Logits)?;
-    if batch.logits.get(t * v + y as usize) == f64::NEG_INFINITY {
+    let (row_a, row_b) = (batch.logits_row(t), batch.masked_row(t));
+    row_checks(&batch.logits, row_a, Tensor::Logits)?;
+    if batch.logits.get(row_a * v + y as usize) == f64::NEG_INFINITY {
         return Err(VppoError::TargetNegInf { row: t, target: y });
     }
-    row_checks(&batch.logits_masked, Tensor::LogitsMasked)?;
+    row_checks(&batch.logits_masked, row_b, Tensor::LogitsMasked)?;
     if tau < 1.0 {
-        for (tensor, logits) in [
-            (Tensor::Logits, &batch.logits),
-            (Tensor::LogitsMasked, &batch.logits_masked),
+        for (tensor, logits, row) in [
+            (Tensor::Logits, &batch.logits, row_a),
+            (Tensor::LogitsMasked, &batch.logits_masked, row_b),
         ] {
-            if let Some(value) = first_too_large(&logits.row_f64(t, v), tau) {
+            if let Some(value) = first_too_large(&logits.row_f64(row, v), tau) {
                 return Err(VppoError::TemperatureOverflow {
                     tensor,
                     row: t,
@@ -229,10 +207,16 @@ pub fn perception(batch: &Batch, cfg: &VppoConfig) -> Result<PerceptionF64> {
     for t in 0..n {
         let y = batch.targets[t] as usize;
         // a = logits[t] / tau, b = logits_masked[t] / tau, widened exactly to f64 before the division.
-        let a: Vec<f64> = batch.logits.row_f64(t, v).iter().map(|x| x / tau).collect();
+        // Token t reads rows logits_row(t) and masked_row(t) (t itself without row indices).
+        let a: Vec<f64> = batch
+            .logits
+            .row_f64(batch.logits_row(t), v)
+            .iter()
+            .map(|x| x / tau)
+            .collect();
         let b: Vec<f64> = batch
             .logits_masked
-            .row_f64(t, v)
+            .row_f64(batch.masked_row(t), v)
             .iter()
             .map(|x| x / tau)
             .collect();

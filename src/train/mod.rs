@@ -552,6 +552,8 @@ impl Trainer {
             advantages: &advantages,
             cu_seqlens: &cu,
             vocab: v,
+            rows: None,
+            masked_rows: None,
         };
         let (out, dlogits) = self.vppo.loss_and_grad(&batch)?;
 
@@ -665,6 +667,8 @@ fn probe(vppo: &Vppo) -> Result<()> {
         advantages: &[1.0, 0.0],
         cu_seqlens: &[0, 1, 1],
         vocab: 2,
+        rows: None,
+        masked_rows: None,
     };
     let probe = Vppo::new(
         VppoConfig {
