@@ -29,12 +29,14 @@
 //! one thread in a fixed order, so a run is a function of its seed; a checkpoint stores stream 1's
 //! position, and a resumed run is bit-identical to an uninterrupted one.
 
+pub mod chain;
 pub mod checkpoint;
 pub mod error;
 pub mod lock;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod report;
 pub mod task;
 
 use std::io::Write;
@@ -52,11 +54,11 @@ use error::io_err;
 pub use error::{Result, TrainError};
 use model::{softmax, Cache, Context, Model, ModelConfig};
 use optim::{clip_global_norm, AdamW, AdamWConfig};
-use task::{Kind, Problem, Task, TaskConfig};
+use task::{Family, Kind, Problem, Task, TaskConfig};
 
 /// The policy-gradient algorithm, i.e. which loss configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Algo {
     /// VPPO, the official setting ([`VppoConfig::default`]).
     Vppo,
@@ -64,6 +66,10 @@ pub enum Algo {
     Dapo,
     /// GRPO: clip 0.2/0.2, no dual clip, no logp penalty, every token, no shaping.
     Grpo,
+    /// VPPO's token mask (TGF, top_fraction 0.4) without its advantage shaping.
+    TgfOnly,
+    /// VPPO's advantage shaping (TAS, mean-preserving) without its token mask.
+    TasOnly,
 }
 
 impl Algo {
@@ -73,6 +79,8 @@ impl Algo {
             Algo::Vppo => "vppo",
             Algo::Dapo => "dapo",
             Algo::Grpo => "grpo",
+            Algo::TgfOnly => "tgf-only",
+            Algo::TasOnly => "tas-only",
         }
     }
 
@@ -86,6 +94,14 @@ impl Algo {
                 dual_clip: None,
                 logp_penalty: 0.0,
                 ..VppoConfig::dapo()
+            },
+            Algo::TgfOnly => VppoConfig {
+                shaping: crate::Shaping::None,
+                ..VppoConfig::default()
+            },
+            Algo::TasOnly => VppoConfig {
+                top_fraction: 1.0,
+                ..VppoConfig::default()
             },
         };
         VppoConfig { group_size, ..base }
@@ -135,6 +151,10 @@ pub struct TrainConfig {
     pub eval_problems: usize,
     /// A checkpoint every this many steps (and at the end).
     pub checkpoint_every: usize,
+    /// The held-out accuracy every this many steps, into metrics.jsonl (0: only at the end). It does not
+    /// change the run (the held-out problems have their own random stream).
+    #[serde(default)]
+    pub eval_every: usize,
 }
 
 mod device_serde {
@@ -176,6 +196,7 @@ impl Default for TrainConfig {
             base_skill: 0.3,
             eval_problems: 600,
             checkpoint_every: 25,
+            eval_every: 0,
         }
     }
 }
@@ -191,13 +212,28 @@ impl TrainConfig {
                 cols: 2,
                 colours: 2,
                 kinds: vec![Kind::ColourAt],
-                mask_prob: 0.5,
+                ..TaskConfig::default()
             },
             d_img: 16,
             hidden: 32,
             warmup_steps: 60,
             warmup_batch: 32,
             eval_problems: 200,
+            ..TrainConfig::default()
+        }
+    }
+
+    /// The chain task ([`chain`]): a 3x3 grid, cell reads with free fillers; the main job's task.
+    pub fn chain() -> Self {
+        let task = TaskConfig::chain();
+        let max_len = Task::new(task.clone()).map_or(17, |t| t.max_response_len());
+        TrainConfig {
+            task,
+            max_len,
+            steps: 80,
+            d_img: 32,
+            hidden: 64,
+            eval_problems: 400,
             ..TrainConfig::default()
         }
     }
@@ -218,11 +254,12 @@ impl TrainConfig {
                 "G >= 2 (GRPO needs a group)",
             ));
         }
-        if self.max_len < 8 {
+        let longest = Task::new(self.task.clone())?.max_response_len();
+        if self.max_len < longest {
             return Err(bad(
                 "max-len",
                 self.max_len.to_string(),
-                ">= 8, the longest correct response",
+                ">= the task's longest correct response (8 for the template task)",
             ));
         }
         if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
@@ -266,6 +303,7 @@ impl TrainConfig {
         if let Some(o) = v.as_object_mut() {
             o.remove("steps");
             o.remove("checkpoint_every");
+            o.remove("eval_every");
         }
         Ok(v)
     }
@@ -294,6 +332,18 @@ pub struct StepMetrics {
     pub score_answer: f64,
     /// Mean score of the other tokens.
     pub score_other: f64,
+    /// Mean score of the chain's read colours (0 when there are none).
+    #[serde(default)]
+    pub score_read: f64,
+    /// Mean score of the filler words (0 when there are none).
+    #[serde(default)]
+    pub score_filler: f64,
+    /// Mean Sbar over the non-empty responses.
+    #[serde(default)]
+    pub sbar_mean: f64,
+    /// Spread of Sbar across responses: its standard deviation over its mean (0 when the mean is 0).
+    #[serde(default)]
+    pub sbar_cv: f64,
     /// Fraction of answer tokens inside the gradient mask.
     pub answer_in_mask: f64,
     /// Mean entropy of the policy per token.
@@ -302,6 +352,12 @@ pub struct StepMetrics {
     pub mean_len: f64,
     /// Smallest and largest TAS factor alpha.
     pub alpha_range: [f64; 2],
+    /// Mean score of the tokens that are neither answers nor reads (template words and fillers).
+    #[serde(default)]
+    pub score_nonvisual: f64,
+    /// Held-out greedy accuracy after this step (every `eval_every` steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_acc: Option<f64>,
 }
 
 /// One sampled response and what the loss and the backward need of it.
@@ -455,8 +511,8 @@ impl Trainer {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut row = vec![0.0f32; v];
         let mut prev = task::Vocab::PAD;
-        let glimpse = self.task.glimpse(&problem.prompt, image);
         for pos in 0..self.config.max_len {
+            let glimpse = self.task.glimpse(&problem.prompt, prev, image);
             let cache = self.model.forward(
                 &Context {
                     prompt: &problem.prompt,
@@ -482,8 +538,8 @@ impl Trainer {
         let masked = self.task.masked_image(image, &mut self.rng);
         let mut logits_masked = Vec::with_capacity(logits.len());
         let mut prev = task::Vocab::PAD;
-        let glimpse = self.task.glimpse(&problem.prompt, &masked);
         for (pos, &y) in tokens.iter().enumerate() {
+            let glimpse = self.task.glimpse(&problem.prompt, prev, &masked);
             self.model.forward(
                 &Context {
                     prompt: &problem.prompt,
@@ -583,10 +639,16 @@ impl Trainer {
         // Metrics.
         let n = targets.len().max(1) as f64;
         let (mut sa, mut na, mut so, mut no, mut in_mask) = (0.0, 0usize, 0.0, 0usize, 0usize);
+        let (mut sr, mut nr, mut sf, mut nf) = (0.0, 0usize, 0.0, 0usize);
         let mut scores = Vec::with_capacity(targets.len());
         for (b, r) in rollouts.iter().enumerate() {
             for (i, t) in (cu[b] as usize..cu[b + 1] as usize).enumerate() {
                 let s = out.tokens.score[t];
+                match self.task.token_class(&r.tokens, i, r.answer_at) {
+                    task::TokenClass::Read => (sr, nr) = (sr + s as f64, nr + 1),
+                    task::TokenClass::Filler => (sf, nf) = (sf + s as f64, nf + 1),
+                    _ => {}
+                }
                 let is_answer = r.answer_at == Some(i);
                 scores.push((s, is_answer));
                 if is_answer {
@@ -611,6 +673,15 @@ impl Trainer {
             by_kind[k].1 += 1;
         }
         let alpha = &out.responses.alpha;
+        let sbar: Vec<f64> = (0..rollouts.len())
+            .filter(|&b| cu[b + 1] > cu[b])
+            .map(|b| out.responses.sbar[b] as f64)
+            .collect();
+        let sbar_mean = sbar.iter().sum::<f64>() / sbar.len().max(1) as f64;
+        let sbar_sd = (sbar.iter().map(|x| (x - sbar_mean).powi(2)).sum::<f64>()
+            / sbar.len().max(1) as f64)
+            .sqrt();
+        let mean_of = |s: f64, n: usize| if n == 0 { 0.0 } else { s / n as f64 };
         Ok(StepMetrics {
             step: self.step,
             reward: rewards.iter().map(|&r| r as f64).sum::<f64>() / rewards.len() as f64,
@@ -622,6 +693,16 @@ impl Trainer {
             selected_fraction: out.stats.selected_fraction,
             score_answer: if na == 0 { 0.0 } else { sa / na as f64 },
             score_other: if no == 0 { 0.0 } else { so / no as f64 },
+            score_read: mean_of(sr, nr),
+            score_nonvisual: mean_of(so - sr, no - nr),
+            eval_acc: None,
+            score_filler: mean_of(sf, nf),
+            sbar_mean,
+            sbar_cv: if sbar_mean > 0.0 {
+                sbar_sd / sbar_mean
+            } else {
+                0.0
+            },
             answer_in_mask: if na == 0 {
                 0.0
             } else {
@@ -698,20 +779,15 @@ fn warm_up(config: &TrainConfig, task: &Task, model: &mut Model, rng: &mut ChaCh
         let mut seqs = Vec::with_capacity(config.warmup_batch);
         for _ in 0..config.warmup_batch {
             let p = task.sample(rng);
-            let answers = task.answer_set(p.kind);
-            let mut target = p.response.clone();
-            let guess = answers[rng.gen_range(0..answers.len())];
-            if !rng.gen_bool(config.base_skill) {
-                target[p.answer_pos] = guess;
-            }
+            let target = task.warmup_target(&p, rng, config.base_skill);
             seqs.push((p, target));
         }
         let n_tokens: usize = seqs.iter().map(|s| s.1.len()).sum();
         for (p, target) in &seqs {
             let image = task.image(p);
             let mut prev = task::Vocab::PAD;
-            let glimpse = task.glimpse(&p.prompt, &image);
             for (pos, &y) in target.iter().enumerate() {
+                let glimpse = task.glimpse(&p.prompt, prev, &image);
                 let cache = model.forward(
                     &Context {
                         prompt: &p.prompt,
@@ -749,8 +825,8 @@ fn evaluate(model: &Model, task: &Task, config: &TrainConfig) -> (f64, [f64; 3])
         let image = task.image(&p);
         let mut tokens = Vec::new();
         let mut prev = task::Vocab::PAD;
-        let glimpse = task.glimpse(&p.prompt, &image);
         for pos in 0..config.max_len {
+            let glimpse = task.glimpse(&p.prompt, prev, &image);
             model.forward(
                 &Context {
                     prompt: &p.prompt,
@@ -814,6 +890,20 @@ pub struct RunSummary {
     pub final_reward: f64,
     /// Mean reward at every step (for the plots).
     pub rewards: Vec<f64>,
+    /// (step, held-out accuracy): step 0 (the base model), every `eval_every` steps, and the end.
+    pub eval_curve: Vec<(usize, f64)>,
+    /// Means over the run's steps of the step's mean score of answer tokens, read tokens, the others,
+    /// and of the spread of Sbar across responses (std / mean).
+    pub score_answer: f64,
+    /// See `score_answer`.
+    pub score_read: f64,
+    /// See `score_answer`.
+    pub score_nonvisual: f64,
+    /// See `score_answer`.
+    pub sbar_cv: f64,
+    /// The token scores of the last steps (answer or not), for the histogram.
+    #[serde(skip)]
+    pub recent_scores: Vec<(f32, bool)>,
     /// Wall time in seconds.
     pub wall_s: f64,
     /// Output folder.
@@ -837,6 +927,7 @@ pub fn run(
     };
     // Keep the metrics of the steps the checkpoint covers, verbatim; drop any written after it.
     let mut rewards = Vec::new();
+    let mut all = Vec::new();
     let mut kept = String::new();
     if trainer.step > 0 {
         let text = std::fs::read_to_string(&metrics_path).unwrap_or_default();
@@ -844,6 +935,7 @@ pub fn run(
             match serde_json::from_str::<StepMetrics>(line) {
                 Ok(m) if m.step <= trainer.step && m.step == rewards.len() + 1 => {
                     rewards.push(m.reward);
+                    all.push(m);
                     kept.push_str(line);
                     kept.push('\n');
                 }
@@ -861,7 +953,10 @@ pub fn run(
     bar.set_length(config.steps as u64);
     bar.set_position(trainer.step.min(config.steps) as u64);
     while trainer.step < config.steps {
-        let m = trainer.step()?;
+        let mut m = trainer.step()?;
+        if config.eval_every > 0 && m.step % config.eval_every == 0 {
+            m.eval_acc = Some(trainer.evaluate().0);
+        }
         let line = serde_json::to_string(&m).map_err(io_err(&metrics_path))?;
         writeln!(metrics_file, "{line}").map_err(io_err(&metrics_path))?;
         rewards.push(m.reward);
@@ -878,6 +973,7 @@ pub fn run(
         if trainer.step % config.checkpoint_every.max(1) == 0 || trainer.step == config.steps {
             trainer.checkpoint()?.save(&ck_path)?;
         }
+        all.push(m);
     }
     if trainer.step == 0 {
         trainer.checkpoint()?.save(&ck_path)?;
@@ -899,6 +995,13 @@ pub fn run(
     )?;
     let (eval_acc, eval_acc_by_kind) = trainer.evaluate();
     let tail = &rewards[rewards.len().saturating_sub(10)..];
+    let mut eval_curve = vec![(0, trainer.base_eval_acc)];
+    eval_curve.extend(all.iter().filter_map(|m| m.eval_acc.map(|a| (m.step, a))));
+    if eval_curve.last().map(|p| p.0) != Some(trainer.step) {
+        eval_curve.push((trainer.step, eval_acc));
+    }
+    let over_steps =
+        |f: &dyn Fn(&StepMetrics) -> f64| all.iter().map(f).sum::<f64>() / all.len().max(1) as f64;
     Ok(RunSummary {
         algo: config.algo,
         seed: config.seed,
@@ -912,6 +1015,12 @@ pub fn run(
             tail.iter().sum::<f64>() / tail.len() as f64
         },
         rewards,
+        eval_curve,
+        score_answer: over_steps(&|m| m.score_answer),
+        score_read: over_steps(&|m| m.score_read),
+        score_nonvisual: over_steps(&|m| m.score_nonvisual),
+        sbar_cv: over_steps(&|m| m.sbar_cv),
+        recent_scores: trainer.recent_scores().to_vec(),
         wall_s: start.elapsed().as_secs_f64(),
         out: opts.out.clone(),
     })
@@ -1016,6 +1125,52 @@ pub fn compare(
         ),
         &series,
     )?;
+    let bands: Vec<plot::BandSeries> = algos
+        .iter()
+        .map(|&a| {
+            let curves: Vec<&Vec<(usize, f64)>> = results
+                .iter()
+                .filter(|r| r.algo == a)
+                .map(|r| &r.eval_curve)
+                .collect();
+            let len = curves.iter().map(|c| c.len()).min().unwrap_or(0);
+            let points = (0..len)
+                .map(|i| {
+                    let xs: Vec<f64> = curves.iter().map(|c| c[i].1).collect();
+                    let m = report::MeanCi::of(&xs);
+                    (curves[0][i].0 as f64, m.mean, m.half.unwrap_or(0.0))
+                })
+                .collect();
+            plot::BandSeries {
+                label: format!("{} ({} seeds, 95% CI band)", a.name(), curves.len()),
+                points,
+            }
+        })
+        .collect();
+    plot::accuracy_band_plot(
+        &out.join("accuracy.svg"),
+        &format!("Held-out accuracy, seeds {seeds:?}"),
+        &bands,
+    )?;
+    let shown = if algos.contains(&Algo::Vppo) {
+        Algo::Vppo
+    } else {
+        algos[0]
+    };
+    let pooled: Vec<(f32, bool)> = results
+        .iter()
+        .filter(|r| r.algo == shown)
+        .flat_map(|r| r.recent_scores.iter().copied())
+        .collect();
+    plot::score_histogram(
+        &out.join("scores.svg"),
+        &format!(
+            "{}, {} seeds, last {HISTOGRAM_STEPS} steps",
+            shown.name(),
+            seeds.len()
+        ),
+        &pooled,
+    )?;
     Ok(results)
 }
 
@@ -1037,16 +1192,35 @@ pub struct TrainArgs {
     /// Seeds for --compare, comma-separated (default: --seed).
     #[arg(long, allow_negative_numbers = true, value_delimiter = ',')]
     pub seeds: Vec<u64>,
-    /// Run vppo and dapo on the same seeds and draw their reward curves on one plot.
+    /// Run several algorithms (--algos) on the same seeds (--seeds, default 1,2,3,4,5) and report
+    /// held-out accuracy with 95% intervals, steps to --threshold, token scores and the Sbar spread.
     #[arg(long)]
     pub compare: bool,
+    /// Algorithms for --compare, comma-separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "grpo,dapo,vppo,tgf-only,tas-only"
+    )]
+    pub algos: Vec<Algo>,
+    /// Held-out accuracy whose first reaching --compare reports (steps to threshold).
+    #[arg(long, default_value_t = 0.6)]
+    pub threshold: f64,
+    /// Held-out accuracy every this many steps (0: only at the end).
+    #[arg(long, default_value_t = 10)]
+    pub eval_every: usize,
     /// Output folder (default runs/<algo>-seed<seed>, or runs/compare).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Continue from the folder's checkpoint.json when there is one.
     #[arg(long)]
     pub resume: bool,
-    /// The small easy task (2x2 grid, 2 colours, colour-at questions) instead of the default.
+    /// The task family: chain (cell reads with free filler tokens the verifier ignores) or template
+    /// (every token but the answer fixed by the question).
+    #[arg(long, value_enum, default_value = "chain")]
+    pub task: Family,
+    /// The small easy task (2x2 grid, 2 colours, colour-at questions, template family) instead.
     #[arg(long)]
     pub easy: bool,
     /// Prompts per step (each with G = 8 responses).
@@ -1055,6 +1229,15 @@ pub struct TrainArgs {
     /// AdamW learning rate.
     #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f32>,
+    /// Supervised warm-up steps of the base model.
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Fraction of the warm-up's image-dependent tokens that are right (the rest are guesses).
+    #[arg(long)]
+    pub base_skill: Option<f64>,
+    /// Chain task: most fillers in a base-model response (sets max_len to fit).
+    #[arg(long)]
+    pub max_fillers: Option<usize>,
     /// Runs at a time for --compare (default: the machine's cores).
     #[arg(long, allow_negative_numbers = true)]
     pub threads: Option<usize>,
@@ -1069,7 +1252,10 @@ pub fn run_cli(args: &TrainArgs) -> Result<serde_json::Value> {
     let mut cfg = if args.easy {
         TrainConfig::easy()
     } else {
-        TrainConfig::default()
+        match args.task {
+            Family::Template => TrainConfig::default(),
+            Family::Chain => TrainConfig::chain(),
+        }
     };
     cfg.algo = args.algo;
     cfg.device = args.device;
@@ -1083,11 +1269,22 @@ pub fn run_cli(args: &TrainArgs) -> Result<serde_json::Value> {
     if let Some(lr) = args.lr {
         cfg.optim.lr = lr;
     }
+    cfg.eval_every = args.eval_every;
+    if let Some(w) = args.warmup_steps {
+        cfg.warmup_steps = w;
+    }
+    if let Some(b) = args.base_skill {
+        cfg.base_skill = b;
+    }
+    if let Some(f) = args.max_fillers {
+        cfg.task.max_fillers = f;
+        cfg.max_len = Task::new(cfg.task.clone())?.max_response_len().max(8);
+    }
     cfg.validate()?;
     let progress = !args.quiet;
     if args.compare {
         let seeds = if args.seeds.is_empty() {
-            vec![args.seed]
+            vec![1, 2, 3, 4, 5]
         } else {
             args.seeds.clone()
         };
@@ -1100,15 +1297,50 @@ pub fn run_cli(args: &TrainArgs) -> Result<serde_json::Value> {
                 .map(|n| n.get())
                 .unwrap_or(1)
         });
-        let algos = [Algo::Vppo, Algo::Dapo];
+        let mut algos: Vec<Algo> = Vec::new();
+        for &a in &args.algos {
+            if !algos.contains(&a) {
+                algos.push(a);
+            }
+        }
         let runs = compare(&cfg, &algos, &seeds, &out, args.resume, progress, threads)?;
+        let names: Vec<&str> = algos.iter().map(|a| a.name()).collect();
+        let stats: Vec<Vec<report::RunStats>> = algos
+            .iter()
+            .map(|&a| {
+                runs.iter()
+                    .filter(|r| r.algo == a)
+                    .map(|r| report::RunStats {
+                        seed: r.seed,
+                        eval_acc: r.eval_acc,
+                        curve: r.eval_curve.clone(),
+                        score_answer: r.score_answer,
+                        score_read: r.score_read,
+                        score_nonvisual: r.score_nonvisual,
+                        sbar_cv: r.sbar_cv,
+                    })
+                    .collect()
+            })
+            .collect();
+        let rows = report::rows(&names, &stats, args.threshold);
+        let table = report::markdown(&rows, args.threshold);
+        let header = format!(
+            "task {}, {} steps, seeds {seeds:?}, device {}\n\n",
+            cfg.task.family.name(),
+            cfg.steps,
+            cfg.device.name()
+        );
+        std::fs::write(out.join("report.md"), format!("{header}{table}")).map_err(io_err(&out))?;
+        if progress {
+            eprintln!("\n{header}{table}");
+        }
         let mean = |a: Algo, f: &dyn Fn(&RunSummary) -> f64| {
             let xs: Vec<f64> = runs.iter().filter(|r| r.algo == a).map(f).collect();
             xs.iter().sum::<f64>() / xs.len().max(1) as f64
         };
         let per_run: Vec<serde_json::Value> = runs.iter().map(run_json).collect();
         let mut by_algo = serde_json::Map::new();
-        for a in algos {
+        for &a in &algos {
             by_algo.insert(
                 a.name().into(),
                 serde_json::json!({
@@ -1119,8 +1351,8 @@ pub fn run_cli(args: &TrainArgs) -> Result<serde_json::Value> {
             );
         }
         let summary = serde_json::json!({
-            "mode": "compare", "seeds": seeds, "steps": cfg.steps, "device": cfg.device.name(),
-            "mean": by_algo, "runs": per_run, "out": out, "wall_s": round4(start.elapsed().as_secs_f64()),
+            "mode": "compare", "task": cfg.task.family.name(), "seeds": seeds, "steps": cfg.steps, "device": cfg.device.name(),
+            "mean": by_algo, "table": rows, "threshold": args.threshold, "runs": per_run, "out": out, "wall_s": round4(start.elapsed().as_secs_f64()),
         });
         std::fs::write(out.join("summary.json"), summary.to_string()).map_err(io_err(&out))?;
         Ok(summary)

@@ -28,11 +28,13 @@ fn finite(path: &Path, what: impl FnOnce() -> String, x: f64) -> Result<()> {
 
 /// Colour of series `i` (a fixed palette, so an algorithm keeps its colour across pictures).
 fn colour(i: usize) -> RGBColor {
-    const PALETTE: [RGBColor; 4] = [
+    const PALETTE: [RGBColor; 6] = [
         RGBColor(214, 39, 40),
         RGBColor(31, 119, 180),
         RGBColor(44, 160, 44),
         RGBColor(148, 103, 189),
+        RGBColor(255, 127, 14),
+        RGBColor(140, 86, 75),
     ];
     PALETTE[i % PALETTE.len()]
 }
@@ -125,6 +127,68 @@ pub fn reward_plot(path: &Path, title: &str, series: &[RewardSeries]) -> Result<
             .draw_series(LineSeries::new(mean, c.stroke_width(3)))
             .map_err(&err)?
             .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(&err)?;
+    root.present().map_err(&err)?;
+    Ok(())
+}
+
+/// One algorithm's held-out accuracy curve: (step, mean over seeds, half-width of the 95% interval).
+#[derive(Debug, Clone)]
+pub struct BandSeries {
+    /// Legend label.
+    pub label: String,
+    /// (step, mean, half-width) at each evaluation.
+    pub points: Vec<(f64, f64, f64)>,
+}
+
+/// Held-out accuracy against step: per series its mean over seeds as a line and its 95% confidence
+/// band (over seeds) as a shaded area.
+pub fn accuracy_band_plot(path: &Path, title: &str, series: &[BandSeries]) -> Result<()> {
+    let err = io(path);
+    let steps = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .fold(1.0, f64::max);
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE).map_err(&err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0f64..steps, 0f64..1.0)
+        .map_err(&err)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("held-out greedy accuracy")
+        .draw()
+        .map_err(&err)?;
+    for (i, s) in series.iter().enumerate() {
+        let c = colour(i);
+        let upper = s.points.iter().map(|p| (p.0, (p.1 + p.2).min(1.0)));
+        let lower = s.points.iter().rev().map(|p| (p.0, (p.1 - p.2).max(0.0)));
+        chart
+            .draw_series(std::iter::once(Polygon::new(
+                upper.chain(lower).collect::<Vec<_>>(),
+                c.mix(0.15).filled(),
+            )))
+            .map_err(&err)?;
+        chart
+            .draw_series(LineSeries::new(
+                s.points.iter().map(|p| (p.0, p.1)),
+                c.stroke_width(3),
+            ))
+            .map_err(&err)?
+            .label(&s.label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
     }
     chart
@@ -265,6 +329,17 @@ mod tests {
         score_histogram(&h, "scores", &[(0.0, false), (0.01, false), (2.0, true)]).unwrap();
         let text = std::fs::read_to_string(&h).unwrap();
         assert!(text.contains("answer tokens") && text.contains("rect"));
+        let b = dir.path().join("accuracy.svg");
+        let band = BandSeries {
+            label: "vppo".into(),
+            points: vec![(0.0, 0.2, 0.05), (10.0, 0.5, 0.1)],
+        };
+        accuracy_band_plot(&b, "accuracy", &[band]).unwrap();
+        let text = std::fs::read_to_string(&b).unwrap();
+        assert!(
+            text.contains("polygon") && text.contains("vppo"),
+            "band and legend"
+        );
         // An empty run still draws (nothing to show is not an error).
         score_histogram(&h, "scores", &[]).unwrap();
         // A non-finite value is an error, not drawn (an infinite score hung plotters).

@@ -39,9 +39,43 @@ impl Kind {
     }
 }
 
+/// Which task family: the response grammar and the verifier (`--task`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Template responses: every token but the answer is fixed by the question (this file's table).
+    #[default]
+    Template,
+    /// Chains of cell reads with free filler tokens the verifier ignores ([`super::chain`]).
+    Chain,
+}
+
+impl Family {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Template => "template",
+            Family::Chain => "chain",
+        }
+    }
+}
+
 /// The task's sizes.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TaskConfig {
+    /// The task family.
+    #[serde(default)]
+    pub family: Family,
     /// Grid rows.
     pub rows: usize,
     /// Grid columns.
@@ -52,6 +86,12 @@ pub struct TaskConfig {
     pub kinds: Vec<Kind>,
     /// Probability that a cell is blackened in the masked image.
     pub mask_prob: f64,
+    /// Chain family: number of distinct filler ("reasoning") words, THINK_0 ..
+    #[serde(default)]
+    pub fillers: usize,
+    /// Chain family: the base model's responses hold 0 ..= this many fillers before `IS`.
+    #[serde(default)]
+    pub max_fillers: usize,
 }
 
 impl Default for TaskConfig {
@@ -62,6 +102,21 @@ impl Default for TaskConfig {
             colours: 3,
             kinds: vec![Kind::ColourAt, Kind::Count, Kind::Same],
             mask_prob: 0.5,
+            family: Family::Template,
+            fillers: 0,
+            max_fillers: 0,
+        }
+    }
+}
+
+impl TaskConfig {
+    /// The chain family on a 3x3 grid of 3 colours: 6 filler words, up to 4 in a response.
+    pub fn chain() -> Self {
+        TaskConfig {
+            family: Family::Chain,
+            fillers: 6,
+            max_fillers: 4,
+            ..TaskConfig::default()
         }
     }
 }
@@ -77,6 +132,9 @@ const WORDS: [&str; 12] = [
 pub struct Vocab {
     cells: usize,
     colours: usize,
+    /// Chain family only (0 for the template family, whose ids are unchanged by them).
+    fillers: usize,
+    rows: usize,
 }
 
 impl Vocab {
@@ -110,9 +168,25 @@ impl Vocab {
     pub fn digit(&self, d: usize) -> u32 {
         self.colour(self.colours) + d as u32
     }
+    /// The filler word THINK_i (chain family).
+    pub fn think(&self, i: usize) -> u32 {
+        self.digit(self.cells + 1) + i as u32
+    }
+    /// Whether `t` is a filler word.
+    pub fn is_filler(&self, t: u32) -> bool {
+        t >= self.think(0) && t < self.think(self.fillers)
+    }
+    /// ROW_r (chain family).
+    pub fn row(&self, r: usize) -> u32 {
+        self.think(self.fillers) + r as u32
+    }
+    /// CELL_i's index when `t` is a cell token.
+    pub fn cell_of(&self, t: u32) -> Option<usize> {
+        (t >= self.cell(0) && t < self.cell(self.cells)).then(|| (t - self.cell(0)) as usize)
+    }
     /// V.
     pub fn size(&self) -> usize {
-        self.digit(self.cells + 1) as usize
+        self.row(self.rows) as usize
     }
     /// A readable name of token `t`.
     pub fn name(&self, t: u32) -> String {
@@ -124,7 +198,9 @@ impl Vocab {
             t if t < self.cell(0) => WORDS[(t - Self::WORDS_AT) as usize].into(),
             t if t < self.colour(0) => format!("CELL_{}", t - self.cell(0)),
             t if t < self.digit(0) => format!("COLOUR_{}", t - self.colour(0)),
-            t => format!("{}", t - self.digit(0)),
+            t if t < self.think(0) => format!("{}", t - self.digit(0)),
+            t if t < self.row(0) => format!("THINK_{}", t - self.think(0)),
+            t => format!("ROW_{}", t - self.row(0)),
         }
     }
 }
@@ -199,9 +275,26 @@ impl Task {
                 "0 <= p <= 1",
             ));
         }
+        let chain = config.family == Family::Chain;
+        if chain && config.max_fillers > 0 && config.fillers == 0 {
+            return Err(bad(
+                "fillers",
+                "0".into(),
+                "at least one filler word when max_fillers > 0",
+            ));
+        }
+        if config.fillers > 64 || config.max_fillers > 16 {
+            return Err(bad(
+                "fillers",
+                format!("{} words, up to {}", config.fillers, config.max_fillers),
+                "at most 64 filler words and 16 fillers",
+            ));
+        }
         let vocab = Vocab {
             cells: config.rows * config.cols,
             colours: config.colours,
+            fillers: if chain { config.fillers } else { 0 },
+            rows: if chain { config.rows } else { 0 },
         };
         Ok(Task { config, vocab })
     }
@@ -218,11 +311,17 @@ impl Task {
 
     /// The longest correct response (same-colour questions), in tokens.
     pub fn max_response_len(&self) -> usize {
-        8
+        match self.config.family {
+            Family::Template => 8,
+            Family::Chain => super::chain::max_response_len(self),
+        }
     }
 
     /// Draws a problem.
     pub fn sample(&self, rng: &mut ChaCha8Rng) -> Problem {
+        if self.config.family == Family::Chain {
+            return super::chain::sample(self, rng);
+        }
         let n = self.cells();
         let k = self.config.colours;
         let mut grid: Vec<usize> = (0..n).map(|_| rng.gen_range(0..k)).collect();
@@ -301,6 +400,9 @@ impl Task {
         let v = &self.vocab;
         match kind {
             Kind::ColourAt => (0..self.config.colours).map(|c| v.colour(c)).collect(),
+            Kind::Count if self.config.family == Family::Chain => {
+                (0..=self.config.cols).map(|d| v.digit(d)).collect()
+            }
             Kind::Count => (0..=self.cells()).map(|d| v.digit(d)).collect(),
             Kind::Same => vec![v.word("YES"), v.word("NO")],
         }
@@ -316,15 +418,24 @@ impl Task {
         x
     }
 
-    /// Number of glimpse features: the features of the (up to two) cells a question names.
+    /// Number of glimpse features: the features of the (up to two) cells a question names (chain
+    /// family: the cell the previous token names, then the question's cells).
     pub fn glimpse_dim(&self) -> usize {
-        2 * self.config.colours
+        match self.config.family {
+            Family::Template => 2 * self.config.colours,
+            Family::Chain => super::chain::glimpse_slots(self) * self.config.colours,
+        }
     }
 
-    /// The glimpse: the features, in `image` (real or masked), of the cells the question's second and
-    /// third tokens name, zeros for a slot that names no cell. It is how the policy attends to the cells
-    /// a question is about; a count question names none and must read the whole image.
-    pub fn glimpse(&self, prompt: &[u32; 3], image: &[f32]) -> Vec<f32> {
+    /// The glimpse of the token that follows `prev`: the features, in `image` (real or masked), of the
+    /// cells the question's second and third tokens name, zeros for a slot that names no cell. It is how
+    /// the policy attends to the cells a question is about; a count question names none and must read
+    /// the whole image. The template family ignores `prev`; the chain family's first slot is the cell
+    /// `prev` names (where a read step looks), see [`super::chain::glimpse`].
+    pub fn glimpse(&self, prompt: &[u32; 3], prev: u32, image: &[f32]) -> Vec<f32> {
+        if self.config.family == Family::Chain {
+            return super::chain::glimpse(self, prompt, prev, image);
+        }
         let k = self.config.colours;
         let mut g = vec![0.0f32; 2 * k];
         for slot in 0..2 {
@@ -366,10 +477,66 @@ impl Task {
     /// (A looser check, the answer alone, let the tokens after it drift into noise once the answers were
     /// right, since nothing rewarded stopping: measured, responses grew to the length limit.)
     pub fn reward(&self, p: &Problem, response: &[u32]) -> f32 {
+        if self.config.family == Family::Chain {
+            return super::chain::reward(self, p, response);
+        }
         match self.answer_position(response) {
             Some(i) if response[i] == p.answer() && response == p.response.as_slice() => 1.0,
             _ => 0.0,
         }
+    }
+}
+
+/// What a response token is, for the score statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenClass {
+    /// The token after the first `IS`.
+    Answer,
+    /// A read colour of the chain family (a colour right after a cell token, before the answer).
+    Read,
+    /// A filler word (chain family).
+    Filler,
+    /// Anything else: the question's template.
+    Template,
+}
+
+impl Task {
+    /// The class of `response[i]`, with `answer_at` = [`Task::answer_position`] of the response.
+    pub fn token_class(&self, response: &[u32], i: usize, answer_at: Option<usize>) -> TokenClass {
+        let v = &self.vocab;
+        let t = response[i];
+        if answer_at == Some(i) {
+            TokenClass::Answer
+        } else if v.is_filler(t) {
+            TokenClass::Filler
+        } else if self.config.family == Family::Chain
+            && answer_at.is_none_or(|a| i < a)
+            && i > 0
+            && v.cell_of(response[i - 1]).is_some()
+            && t >= v.colour(0)
+            && t < v.colour(self.config.colours)
+        {
+            TokenClass::Read
+        } else {
+            TokenClass::Template
+        }
+    }
+
+    /// A supervised target for the base model's warm-up: the question's response with each
+    /// image-dependent token right with probability `skill`, else a uniform guess among its valid values
+    /// (template: the answer; chain: every read and the answer, and random fillers, see
+    /// [`super::chain::warmup_target`]).
+    pub fn warmup_target(&self, p: &Problem, rng: &mut ChaCha8Rng, skill: f64) -> Vec<u32> {
+        if self.config.family == Family::Chain {
+            return super::chain::warmup_target(self, p, rng, skill);
+        }
+        let answers = self.answer_set(p.kind);
+        let mut target = p.response.clone();
+        let guess = answers[rng.gen_range(0..answers.len())];
+        if !rng.gen_bool(skill) {
+            target[p.answer_pos] = guess;
+        }
+        target
     }
 }
 
