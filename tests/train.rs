@@ -341,3 +341,148 @@ fn one_writer_per_folder() {
         ]
     );
 }
+
+/// A tiny chain-task config.
+fn tiny_chain(algo: Algo, seed: u64) -> TrainConfig {
+    TrainConfig {
+        algo,
+        seed,
+        steps: 4,
+        prompts: 4,
+        warmup_steps: 20,
+        eval_problems: 40,
+        checkpoint_every: 2,
+        eval_every: 2,
+        d_img: 16,
+        hidden: 24,
+        ..TrainConfig::chain()
+    }
+}
+
+#[test]
+fn chain_task_reward_ignores_fillers_and_checks_reads() {
+    use rand::SeedableRng;
+    use vppo::train::task::{Kind, Task, TaskConfig, TokenClass};
+    let t = Task::new(TaskConfig::chain()).unwrap();
+    let v = &t.vocab;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let mut kinds = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let p = t.sample(&mut rng);
+        kinds.insert(p.kind);
+        let reads = match p.kind {
+            Kind::ColourAt => 1,
+            Kind::Same => 2,
+            Kind::Count => 3,
+        };
+        assert_eq!(p.response.len(), 2 * reads + 3, "{:?}", p.kind);
+        // A free reasoning block before IS: same reward, and its tokens are fillers.
+        let mut r = p.response.clone();
+        for f in 0..4 {
+            r.insert(p.answer_pos - 1, v.think(f));
+        }
+        assert_eq!(t.reward(&p, &r), 1.0);
+        let at = t.answer_position(&r);
+        assert_eq!(at, Some(p.answer_pos + 4));
+        assert_eq!(t.token_class(&r, 1, at), TokenClass::Read);
+        assert_eq!(t.token_class(&r, 0, at), TokenClass::Template);
+        assert_eq!(t.token_class(&r, p.answer_pos, at), TokenClass::Filler);
+        assert_eq!(t.token_class(&r, p.answer_pos + 4, at), TokenClass::Answer);
+        // One misread colour: 0.
+        r[1] = v.colour((p.grid[(p.response[0] - v.cell(0)) as usize] + 1) % 3);
+        assert_eq!(t.reward(&p, &r), 0.0);
+    }
+    assert_eq!(kinds.len(), 3);
+    // The template family is unchanged: no fillers, its own vocabulary.
+    let tt = Task::new(TaskConfig::default()).unwrap();
+    assert!(tt.vocab.size() < v.size());
+}
+
+#[test]
+fn chain_trainer_runs_the_ablations_and_resumes_bit_identically() {
+    for algo in [Algo::TgfOnly, Algo::TasOnly] {
+        let mut t = Trainer::new(tiny_chain(algo, 2)).unwrap();
+        let m = t.step().unwrap();
+        assert!(m.loss.is_finite() && m.score_read >= 0.0, "{m:?}");
+        match algo {
+            Algo::TgfOnly => {
+                assert!(m.selected_fraction < 0.6, "{m:?}");
+                assert_eq!(m.alpha_range, [1.0, 1.0]);
+            }
+            _ => {
+                assert_eq!(m.selected_fraction, 1.0);
+                assert!(m.alpha_range[1] > m.alpha_range[0], "{m:?}");
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_chain(Algo::Vppo, 5);
+    let opts = |d: &str, resume| RunOptions {
+        out: dir.path().join(d),
+        resume,
+        progress: false,
+    };
+    let full = run(&cfg, &opts("full", false), None).unwrap();
+    let first = TrainConfig {
+        steps: 2,
+        ..cfg.clone()
+    };
+    run(&first, &opts("split", false), None).unwrap();
+    let resumed = run(&cfg, &opts("split", true), None).unwrap();
+    assert_eq!(resumed.rewards, full.rewards);
+    assert_eq!(resumed.eval_curve, full.eval_curve);
+    assert_eq!(
+        full.eval_curve.iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![0, 2, 4]
+    );
+    let read = |d: &str, f: &str| std::fs::read_to_string(dir.path().join(d).join(f)).unwrap();
+    assert_eq!(
+        read("split", "metrics.jsonl"),
+        read("full", "metrics.jsonl")
+    );
+    assert_eq!(
+        read("split", "checkpoint.json"),
+        read("full", "checkpoint.json")
+    );
+}
+
+#[test]
+fn cli_compare_writes_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vppo"))
+        .args([
+            "train",
+            "--compare",
+            "--algos",
+            "dapo,vppo",
+            "--seeds",
+            "1,2",
+            "--steps",
+            "2",
+            "--prompts",
+            "2",
+            "--warmup-steps",
+            "3",
+            "--eval-every",
+            "1",
+            "--quiet",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["task"], "chain");
+    assert_eq!(summary["table"].as_array().unwrap().len(), 2);
+    assert!(summary["table"][1]["minus_dapo"]["half"].is_number());
+    let report = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    assert!(report.contains("| vppo |") && report.contains("minus DAPO"));
+    for f in ["accuracy.svg", "scores.svg", "reward.svg"] {
+        assert!(dir.path().join(f).exists(), "{f}");
+    }
+}

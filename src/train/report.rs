@@ -186,6 +186,8 @@ mod tests {
         let m = MeanCi::of(&[1.0, 2.0, 3.0]);
         assert_eq!(m.mean, 2.0);
         assert!((m.half.unwrap() - 4.303 / 3f64.sqrt()).abs() < 1e-12);
+        assert!(!m.above_zero() && !m.below_zero(), "2 +- 2.48 holds 0");
+        let m = MeanCi::of(&[2.9, 3.0, 3.1]);
         assert!(m.above_zero() && !m.below_zero());
         assert_eq!(MeanCi::of(&[0.5]).half, None);
         assert!((t975(40) - 2.021).abs() < 1e-3 && (t975(100) - 1.984).abs() < 1e-3);

@@ -510,7 +510,7 @@ impl Task {
         } else if v.is_filler(t) {
             TokenClass::Filler
         } else if self.config.family == Family::Chain
-            && answer_at.is_none_or(|a| i < a)
+            && answer_at.map_or(true, |a| i < a)
             && i > 0
             && v.cell_of(response[i - 1]).is_some()
             && t >= v.colour(0)
