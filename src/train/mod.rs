@@ -1177,19 +1177,20 @@ pub fn compare(
 /// `vppo train`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
-    /// The algorithm: vppo (the official VPPO setting), dapo (every token, no shaping) or grpo.
+    /// The algorithm: vppo (the official VPPO setting), dapo (every token, no shaping), grpo, tgf-only
+    /// (VPPO's mask, no shaping) or tas-only (VPPO's shaping, every token).
     #[arg(long, value_enum, default_value = "vppo")]
     pub algo: Algo,
     /// Where the loss runs: cpu (the reference), simt (the kernels on the CPU) or cuda (GPU 0).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
-    /// RL steps (default 300; 120 with --easy).
+    /// RL steps (default 80 on the chain task, 300 on the template task, 120 with --easy).
     #[arg(long, allow_negative_numbers = true)]
     pub steps: Option<usize>,
     /// Seed of every random stream.
     #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
     pub seed: u64,
-    /// Seeds for --compare, comma-separated (default: --seed).
+    /// Seeds for --compare, comma-separated (default 1,2,3,4,5).
     #[arg(long, allow_negative_numbers = true, value_delimiter = ',')]
     pub seeds: Vec<u64>,
     /// Run several algorithms (--algos) on the same seeds (--seeds, default 1,2,3,4,5) and report
@@ -1205,10 +1206,10 @@ pub struct TrainArgs {
     )]
     pub algos: Vec<Algo>,
     /// Held-out accuracy whose first reaching --compare reports (steps to threshold).
-    #[arg(long, default_value_t = 0.6)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.6)]
     pub threshold: f64,
     /// Held-out accuracy every this many steps (0: only at the end).
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 10)]
     pub eval_every: usize,
     /// Output folder (default runs/<algo>-seed<seed>, or runs/compare).
     #[arg(long)]
@@ -1230,13 +1231,13 @@ pub struct TrainArgs {
     #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f32>,
     /// Supervised warm-up steps of the base model.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub warmup_steps: Option<usize>,
     /// Fraction of the warm-up's image-dependent tokens that are right (the rest are guesses).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub base_skill: Option<f64>,
     /// Chain task: most fillers in a base-model response (sets max_len to fit).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_fillers: Option<usize>,
     /// Runs at a time for --compare (default: the machine's cores).
     #[arg(long, allow_negative_numbers = true)]
@@ -1270,6 +1271,13 @@ pub fn run_cli(args: &TrainArgs) -> Result<serde_json::Value> {
         cfg.optim.lr = lr;
     }
     cfg.eval_every = args.eval_every;
+    if !(0.0..=1.0).contains(&args.threshold) {
+        return Err(TrainError::Config {
+            field: "threshold",
+            value: args.threshold.to_string(),
+            expected: "an accuracy in [0, 1]",
+        });
+    }
     if let Some(w) = args.warmup_steps {
         cfg.warmup_steps = w;
     }
