@@ -19,7 +19,11 @@
  * aligned middle (when the output row shares that alignment), scalar head and tail. 64-bit offsets.
  *
  * Versions: vppo_backward_{f32_f32, f16_f32, f16_f16, bf16_f32, bf16_bf16} (input_output).
- * The CPU reference of this op: src/reference/backward.rs.
+ *
+ * Files: launched by src/exec/backward.rs; the CPU reference of this op is src/reference/backward.rs;
+ * tested against it by tests/kernels.rs (every random batch's gradient,
+ * in_place_backward_equals_out_of_place), for its bounds by tests/memory_safety.rs, for its register
+ * budget by scripts/sass_check.py.
  */
 #include "common.cuh"
 

@@ -6,7 +6,7 @@
  *     lse_a = logsumexp(a)                lse_b = logsumexp(b)
  *     logp  = a[y] - lse_a                logp_masked = b[y] - lse_b
  *     kl    = sum_v p_v (a_v - b_v) - lse_a + lse_b,        p = softmax(a)
- *     k3    = exp(d) - d - 1,  d = clamp(logp_masked - old_logp, -20, 20)
+ *     k3    = exp(d) - d - 1,  d = clamp(logp_masked - old_logp, -C, C),  C = VPPO_LOG_RATIO_CLAMP = 20
  *     entropy = -sum_v p_v (a_v - lse_a)
  *     score = clamp(kl or k3, 0, score_clamp)
  *
@@ -28,10 +28,15 @@
  * p_v = 0 exactly when a_v = -inf: such a term contributes nothing (never 0 * inf). A term with a_v
  * finite and b_v = -inf makes kl = +inf (a flag, not an inf inside w), and the score clamp then gives
  * score_clamp. Bad values (NaN or +inf, an all -inf row, the target at -inf, a target out of range) set
- * the status word to the minimum of (row << 8 | code) over bad rows: the first bad row, whatever the
+ * the status word to the minimum of VPPO_STATUS_WORD(row, code) over bad rows: the first bad row, whatever the
  * schedule, with the codes ordered as the CPU reference checks them.
  *
- * Versions: vppo_perception_{f32,f16,bf16}. The CPU reference of this op is src/reference/perception.rs.
+ * Versions: vppo_perception_{f32,f16,bf16}.
+ *
+ * Files: launched by src/exec/perception.rs (which also turns the status word into an error); the CPU
+ * reference of this op is src/reference/perception.rs; tested against it by tests/kernels.rs (every
+ * random batch, errors_match_reference, many_rows_grid_stride, vocab_70001, mutant_is_caught), for its
+ * error reports by tests/errors.rs, for its register budget by scripts/sass_check.py.
  */
 #include "common.cuh"
 
@@ -189,7 +194,7 @@ __device__ __forceinline__ RowState shfl_xor_state(const RowState &st, int off) 
 }
 
 __device__ __forceinline__ void report(long long *status, int64_t row, int code) {
-    atomicMin(status, (long long)((row << 8) | code));
+    atomicMin(status, VPPO_STATUS_WORD(row, code));
 }
 
 /* Streams row t of both tensors into this thread's state. */
@@ -317,7 +322,7 @@ __device__ void perception(const VppoPerceptionParams &p) {
                 const float kl = (st.flags & kFlagKlInf) ? INFINITY : fmaxf(kl_sum, 0.0f);
                 /* k3 in double: exp(d) - d - 1 cancels for small d, and it is one exp per token. It is
                    >= 0; the clamp keeps a last-ulp rounding of expm1 from making it -0 or -tiny. */
-                const double d = fmin(fmax((double)logp_masked - (double)p.old_logp[t], -20.0), 20.0);
+                const double d = fmin(fmax((double)logp_masked - (double)p.old_logp[t], -VPPO_LOG_RATIO_CLAMP), VPPO_LOG_RATIO_CLAMP);
                 const float k3 = (float)fmax(expm1(d) - d, 0.0);
                 const float raw = p.perception == VPPO_PERCEPTION_K3 ? k3 : kl;
                 /* clamp(raw, 0, c); written so that -0.0 and any negative rounding give +0.0 */

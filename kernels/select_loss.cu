@@ -6,7 +6,7 @@
  *     mask[t] = 1 for the k_b tokens of response b with the highest score; ties to the lower index
  *     Sbar_b  = mean score of response b (0 when L_b = 0)
  *   One block per response (grid-stride over responses). The k_b-th largest score is found by a radix
- *   select on the float bits mapped to ordered 32-bit keys: 8 passes of 4 bits; in each pass every warp
+ *   select on the float bits mapped to ordered 32-bit keys: 8 passes of VPPO_RADIX_BITS = 4 bits; in each pass every warp
  *   counts its 32 keys into 16 bins with 5 ballots and one popc per lane (no atomics), the warp counts
  *   are summed in warp order, and the digit holding the k-th key extends the prefix. Then the tokens
  *   above the k-th key are selected, and of those equal to it the first (by index) that are still
@@ -15,14 +15,19 @@
  * vppo_loss: Trajectory-level Advantage Shaping and the clipped surrogate, in one block of kLossThreads.
  *   Phase 1, per scope (batch, or groups of G): lo/hi of Sbar over responses with L_b > 0 (or the
  *   caller's range), n_b = clamp((Sbar_b - lo) / (hi - lo), 0, 1), alpha_b by the shaping rule; alpha = 1
- *   when hi - lo <= 1e-6 and for empty responses.
- *   Phase 2, per token: r = exp(clamp(logp - old_logp, -20, 20)), l_t = max(-A' r, -A' clamp(r)), the
+ *   when hi - lo <= VPPO_TAS_MIN_SPREAD (1e-6) and for empty responses.
+ *   Phase 2, per token: r = exp(clamp(logp - old_logp, -C, C)) with C = VPPO_LOG_RATIO_CLAMP (20),
+ *   l_t = max(-A' r, -A' clamp(r)), the
  *   dual clip for A' < 0, the aggregation weight, and g_t = dloss/dlogp_t with no gradient through an
  *   active clamp or clip. Per-token arithmetic in double (N values only: it costs nothing next to pass 1).
  *   Totals are summed per thread in index order and then in a fixed tree: bit-identical loss every run.
  *
  * Shapes: score, logp, old_logp, mask, dlogp [N]; cu_seqlens [B + 1]; advantages, sbar, alpha, k [B].
- * The CPU reference of these ops: src/reference/select.rs, shaping.rs, surrogate.rs.
+ *
+ * Files: launched by src/exec/select_loss.rs; the CPU reference of these ops is src/reference/select.rs
+ * (vppo_select), shaping.rs and surrogate.rs (vppo_loss); tested against it by tests/kernels.rs
+ * (mask_equals_reference, long_responses_match_reference, every random batch's loss and dlogp,
+ * bit_identical_across_runs_and_lane_orders).
  */
 #include "common.cuh"
 
@@ -31,10 +36,12 @@ namespace {
 constexpr int kSelectThreads = VPPO_SELECT_THREADS;
 constexpr int kLossThreads = VPPO_LOSS_THREADS;
 constexpr int kMaxWarps = 32;
+constexpr unsigned int kDigitMask = VPPO_RADIX_DIGITS - 1; /* the digit of a key: (key >> shift) & this */
+static_assert(VPPO_RADIX_BITS == 4, "radix_select counts a digit with one ballot per bit: 4 of them");
 
 /* Shared memory of vppo_select: per-warp bin counts, the scan of warp totals, the select state. */
 struct SelectShared {
-    int counts[kMaxWarps][16];
+    int counts[kMaxWarps][VPPO_RADIX_DIGITS];
     int warp_total[kMaxWarps];
     double sum_scratch[kMaxWarps];
     unsigned int prefix;
@@ -56,8 +63,8 @@ __device__ void radix_select(const float *score, int64_t len, int64_t k, SelectS
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     unsigned int prefix = 0u, prefix_mask = 0u;
     int remaining = (int)k; /* rank of the wanted key among the keys that match the prefix */
-    for (int shift = 28; shift >= 0; shift -= 4) {
-        int mine = 0; /* lane d < 16 counts digit d */
+    for (int shift = 32 - VPPO_RADIX_BITS; shift >= 0; shift -= VPPO_RADIX_BITS) {
+        int mine = 0; /* lane d < VPPO_RADIX_DIGITS counts digit d */
         for (int64_t base = (int64_t)warp * 32; base < len; base += blockDim.x) {
             const int64_t i = base + lane;
             unsigned int key = 0u;
@@ -66,23 +73,23 @@ __device__ void radix_select(const float *score, int64_t len, int64_t k, SelectS
                 key = float_key(score[i]);
                 match = (key & prefix_mask) == prefix;
             }
-            const unsigned int digit = (key >> shift) & 15u;
+            const unsigned int digit = (key >> shift) & kDigitMask;
             const unsigned int in = __ballot_sync(VPPO_FULL_MASK, match);
             const unsigned int b0 = __ballot_sync(VPPO_FULL_MASK, digit & 1u);
             const unsigned int b1 = __ballot_sync(VPPO_FULL_MASK, digit & 2u);
             const unsigned int b2 = __ballot_sync(VPPO_FULL_MASK, digit & 4u);
             const unsigned int b3 = __ballot_sync(VPPO_FULL_MASK, digit & 8u);
-            const unsigned int d = (unsigned int)lane & 15u;
+            const unsigned int d = (unsigned int)lane & kDigitMask;
             const unsigned int sel = in & ((d & 1u) ? b0 : ~b0) & ((d & 2u) ? b1 : ~b1) &
                                      ((d & 4u) ? b2 : ~b2) & ((d & 8u) ? b3 : ~b3);
             mine += __popc(sel);
         }
-        if (lane < 16) sh.counts[warp][lane] = mine;
+        if (lane < VPPO_RADIX_DIGITS) sh.counts[warp][lane] = mine;
         __syncthreads();
         if (threadIdx.x == 0) {
             /* Walk the digits from the largest down until the k-th key falls in one. */
             int above = 0;
-            for (int d = 15; d >= 0; --d) {
+            for (int d = VPPO_RADIX_DIGITS - 1; d >= 0; --d) {
                 int c = 0;
                 for (int w = 0; w < nwarps; ++w) c += sh.counts[w][d];
                 if (above + c >= remaining) {
@@ -96,7 +103,7 @@ __device__ void radix_select(const float *score, int64_t len, int64_t k, SelectS
         __syncthreads();
         prefix = sh.prefix;
         remaining = sh.remaining;
-        prefix_mask |= 15u << shift;
+        prefix_mask |= kDigitMask << shift;
         /* No third barrier: the next pass writes counts, which thread 0 read before the barrier above,
            and thread 0 rewrites the state only after the next pass's first barrier, which every
            thread reaches after reading this one. */
@@ -174,7 +181,7 @@ __device__ __forceinline__ double shaped_alpha(const VppoLossParams &p, double s
     const double n = fmin(fmax((sb - lo) / (hi - lo), 0.0), 1.0);
     const double beta_min = p.beta_min;
     const double beta_max = p.shaping == VPPO_SHAPING_MEAN_PRESERVING
-                                ? beta_min + (1.0 - beta_min) / (mean_n + 1e-8)
+                                ? beta_min + (1.0 - beta_min) / (mean_n + VPPO_TAS_MEAN_EPS)
                                 : p.beta_max;
     return beta_min + n * (beta_max - beta_min);
 }
@@ -194,7 +201,7 @@ __device__ void alpha_batch(const VppoLossParams &p, LossShared &sh) {
     }
     double lo = block_min(lo_part, sh.f), hi = block_max(hi_part, sh.f);
     if (p.has_range) { lo = p.range_lo; hi = p.range_hi; }
-    const bool flat = !(hi - lo > 1e-6); /* also true when no response has tokens */
+    const bool flat = !(hi - lo > VPPO_TAS_MIN_SPREAD); /* also true when no response has tokens */
     double n_part = 0.0;
     long long c_part = 0;
     if (!flat) {
@@ -224,7 +231,7 @@ __device__ void alpha_groups(const VppoLossParams &p) {
             if (resp_len(p, b) > 0) { lo = fmin(lo, (double)p.sbar[b]); hi = fmax(hi, (double)p.sbar[b]); }
         }
         if (p.has_range) { lo = p.range_lo; hi = p.range_hi; }
-        const bool flat = !(hi - lo > 1e-6);
+        const bool flat = !(hi - lo > VPPO_TAS_MIN_SPREAD);
         double n_sum = 0.0;
         long long count = 0;
         if (!flat) {
@@ -266,8 +273,8 @@ __device__ void loss(const VppoLossParams &p, LossShared &sh) {
         const double adv = (double)p.alpha[b] * (double)p.advantages[b]; /* A' */
         const double logp = p.logp[t];
         const double x = logp - (double)p.old_logp[t];
-        const bool ratio_clamped = x < -20.0 || x > 20.0;
-        const double r = exp(fmin(fmax(x, -20.0), 20.0));
+        const bool ratio_clamped = x < -VPPO_LOG_RATIO_CLAMP || x > VPPO_LOG_RATIO_CLAMP;
+        const double r = exp(fmin(fmax(x, -VPPO_LOG_RATIO_CLAMP), VPPO_LOG_RATIO_CLAMP));
         const double r_clip = fmin(fmax(r, lo_clip), hi_clip);
         const double unclipped = -adv * r, clipped_branch = -adv * r_clip;
         const bool inside = r >= lo_clip && r <= hi_clip;

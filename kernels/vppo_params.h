@@ -68,8 +68,43 @@ typedef enum VppoErrorCode {
 #define VPPO_LOSS_SHARED_BYTES 640       /* sizeof(LossShared) */
 #define VPPO_BACKWARD_THREADS 256        /* threads per row of pass 3 */
 
+/*
+ * Blocks of the row kernels (perception, backward) and of vppo_select loop over rows, so the launcher
+ * caps the grid and any N runs. On a GPU the cap is far above the blocks that fit at once (132 SMs x 8
+ * blocks on an H100); on the SIMT executor a small cap makes every test with more than 64 rows exercise
+ * the grid-stride loop.
+ */
+#define VPPO_MAX_ROW_BLOCKS_GPU 65535
+#define VPPO_MAX_ROW_BLOCKS_SIMT 64
+
+/*
+ * The status word of the perception kernel: a report is (row << VPPO_STATUS_CODE_BITS | code) with the
+ * code (a VppoErrorCode) in the low bits, so the minimum report is the first bad row. Encoded and
+ * decoded only through the macros below here and through params::status_word / params::status_report
+ * in Rust (both use VPPO_STATUS_CODE_BITS).
+ */
+#define VPPO_STATUS_CODE_BITS 8
+#define VPPO_STATUS_WORD(row, code) \
+    ((long long)(((unsigned long long)(row) << VPPO_STATUS_CODE_BITS) | (unsigned long long)(code)))
+#define VPPO_STATUS_ROW(word) ((int64_t)((word) >> VPPO_STATUS_CODE_BITS))
+#define VPPO_STATUS_CODE(word) ((int)((word) & ((1LL << VPPO_STATUS_CODE_BITS) - 1)))
 /* "No error" value of the status word: every real report (row << 8 | code) is smaller. */
 #define VPPO_STATUS_CLEAR 0x7fffffffffffffffLL
+
+/* The radix select of vppo_select: digits of this many bits, from the top of the 32-bit key. */
+#define VPPO_RADIX_BITS 4
+#define VPPO_RADIX_DIGITS (1 << VPPO_RADIX_BITS)
+
+/*
+ * Constants of the loss shared by the kernels and the f64 reference (src/reference/), in double.
+ *   r = exp(clamp(logp - old_logp, -C, C)) and k3's d = clamp(logp_masked - old_logp, -C, C),
+ *   C = VPPO_LOG_RATIO_CLAMP (SPEC sections 2 and 5);
+ *   every alpha of a scope is 1 when hi - lo <= VPPO_TAS_MIN_SPREAD (SPEC section 4);
+ *   mean-preserving shaping: beta_max = beta_min + (1 - beta_min) / (mean n + VPPO_TAS_MEAN_EPS).
+ */
+#define VPPO_LOG_RATIO_CLAMP 20.0
+#define VPPO_TAS_MIN_SPREAD 1e-6
+#define VPPO_TAS_MEAN_EPS 1e-8
 
 /* Pass 1, kernels/perception.cu: one block per token row, grid-stride over rows. The logits may be
    [R, V] read through `rows` (validated on the host: in range), logits_masked [R', V] through

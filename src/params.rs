@@ -21,3 +21,46 @@ include!("params_bindgen.rs");
 unsafe impl bytemuck::Zeroable for VppoLossTotals {}
 // SAFETY: see above; Copy, 'static, no padding, no invalid bit patterns.
 unsafe impl bytemuck::Pod for VppoLossTotals {}
+
+/// The status word of a report of `code` at `row`: `row << VPPO_STATUS_CODE_BITS | code`, what the
+/// perception kernel's `VPPO_STATUS_WORD(row, code)` writes (kernels/vppo_params.h).
+pub(crate) fn status_word(row: usize, code: VppoErrorCode) -> i64 {
+    ((row as i64) << VPPO_STATUS_CODE_BITS) | code as i64
+}
+
+/// The (row, code) of a status word, as `VPPO_STATUS_ROW` / `VPPO_STATUS_CODE` read it; None for
+/// [`VPPO_STATUS_CLEAR`] (no bad row). The code is a raw number: a kernel could report one that
+/// [`VppoErrorCode`] does not name.
+pub(crate) fn status_report(word: i64) -> Option<(usize, u32)> {
+    if word == VPPO_STATUS_CLEAR as i64 {
+        return None;
+    }
+    let row = (word >> VPPO_STATUS_CODE_BITS) as usize;
+    let code = (word & ((1 << VPPO_STATUS_CODE_BITS) - 1)) as u32;
+    Some((row, code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_word_round_trips_and_orders_by_row() {
+        let codes = [
+            VppoErrorCode::VPPO_ERR_TARGET_OUT_OF_RANGE,
+            VppoErrorCode::VPPO_ERR_LOGITS_OVERFLOW,
+        ];
+        for row in [0usize, 1, 255, 256, 1 << 40] {
+            for code in codes {
+                let w = status_word(row, code);
+                assert!(w < VPPO_STATUS_CLEAR as i64);
+                assert_eq!(status_report(w), Some((row, code as u32)));
+            }
+        }
+        // the minimum report is the first bad row, whatever its code
+        let late = VppoErrorCode::VPPO_ERR_LOGITS_OVERFLOW;
+        let early = VppoErrorCode::VPPO_ERR_TARGET_OUT_OF_RANGE;
+        assert!(status_word(3, late) < status_word(4, early));
+        assert_eq!(status_report(VPPO_STATUS_CLEAR as i64), None);
+    }
+}

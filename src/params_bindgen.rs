@@ -7,7 +7,15 @@ pub const VPPO_SELECT_SHARED_BYTES: u32 = 2440;
 pub const VPPO_LOSS_THREADS: u32 = 512;
 pub const VPPO_LOSS_SHARED_BYTES: u32 = 640;
 pub const VPPO_BACKWARD_THREADS: u32 = 256;
+pub const VPPO_MAX_ROW_BLOCKS_GPU: u32 = 65535;
+pub const VPPO_MAX_ROW_BLOCKS_SIMT: u32 = 64;
+pub const VPPO_STATUS_CODE_BITS: u32 = 8;
 pub const VPPO_STATUS_CLEAR: u64 = 9223372036854775807;
+pub const VPPO_RADIX_BITS: u32 = 4;
+pub const VPPO_RADIX_DIGITS: u32 = 16;
+pub const VPPO_LOG_RATIO_CLAMP: f64 = 20.0;
+pub const VPPO_TAS_MIN_SPREAD: f64 = 0.000001;
+pub const VPPO_TAS_MEAN_EPS: f64 = 0.00000001;
 #[repr(u32)]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub enum VppoPerception {

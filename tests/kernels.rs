@@ -1,4 +1,5 @@
-//! The kernels against the CPU reference, stage by stage, on random packed batches.
+//! The kernels (kernels/perception.cu, select_loss.cu, backward.cu, launched by src/exec/) against the
+//! CPU reference (src/reference/), stage by stage, on random packed batches.
 //!
 //! The executor is a parameter, not a copy of the tests: `VPPO_TEST_DEVICE=cuda` runs every test on
 //! GPU 0; otherwise (CI) each test runs on the SIMT executor in both lane orders.

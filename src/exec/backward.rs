@@ -1,10 +1,12 @@
 //! Pass 3, kernels/backward.cu: dloss/dlogits from the forward's lse and dlogp, into a gradient
 //! buffer or in place over the logits.
+//!
+//! Reference: src/reference/backward.rs. Tests: tests/kernels.rs, tests/memory_safety.rs.
 
 #[allow(unused_imports)]
 use super::*;
 
-pub(super) fn backward_kernel(input: Dtype, output: Dtype) -> Result<Kernel> {
+pub(super) fn backward_kernel(input: Dtype, output: Dtype) -> Result<Kernel<VppoBackwardParams>> {
     Ok(match (input, output) {
         (Dtype::F32, Dtype::F32) => BACKWARD_F32_F32,
         (Dtype::F16, Dtype::F32) => BACKWARD_F16_F32,
@@ -219,7 +221,7 @@ pub(super) struct BackwardAddrs {
 /// while the kernel runs (it may alias `logits`: each element is loaded, then stored, by one thread).
 pub(super) unsafe fn launch_backward_kernel(
     l: &Launcher,
-    kernel: Kernel,
+    kernel: Kernel<VppoBackwardParams>,
     a: &BackwardAddrs,
     n: usize,
     vocab: usize,

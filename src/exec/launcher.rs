@@ -52,7 +52,7 @@ impl Launcher {
     /// or drops buffers).
     pub(super) unsafe fn launch<P: KernelParams>(
         &self,
-        kernel: Kernel,
+        kernel: Kernel<P>,
         grid: u32,
         block: u32,
         shared: u32,

@@ -24,8 +24,9 @@ use crate::device::{Device, LaneOrder};
 use crate::error::{Location, Result, Tensor, VppoError};
 use crate::output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
 use crate::params::{
-    VppoBackwardParams, VppoErrorCode, VppoLossParams, VppoLossTotals, VppoPerceptionParams,
-    VppoSelectParams, VPPO_STATUS_CLEAR,
+    status_report, VppoBackwardParams, VppoErrorCode, VppoLossParams, VppoLossTotals,
+    VppoPerceptionParams, VppoSelectParams, VPPO_MAX_ROW_BLOCKS_GPU, VPPO_MAX_ROW_BLOCKS_SIMT,
+    VPPO_STATUS_CLEAR,
 };
 use crate::simt::{self, SimtEntry, SimtLaunch};
 use crate::tensor::{on_dtype, DeviceLogits, DeviceLogitsMut, Dtype, Elem, GradMut, Logits};
@@ -53,45 +54,59 @@ use workspace::*;
 // Kernel table
 // -------------------------------------------------------------------------------------------------
 
-/// A kernel: its name in the fatbin and its entry point in the SIMT build.
-#[derive(Clone, Copy)]
-pub(crate) struct Kernel {
+/// A kernel whose one argument is a `P` (a struct of kernels/vppo_params.h): its name in the fatbin
+/// and its entry point in the SIMT build. [`Launcher::launch`] takes a `Kernel<P>` and a `&P`, so a
+/// launch with another kernel's parameter struct does not compile.
+pub(crate) struct Kernel<P> {
     pub name: &'static str,
     pub simt: SimtEntry,
+    params: std::marker::PhantomData<fn(&P)>,
 }
 
+// Copy and Clone by hand: derived ones would require P: Copy.
+impl<P> Clone for Kernel<P> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<P> Copy for Kernel<P> {}
+
 macro_rules! kernel_table {
-    ($($konst:ident => $name:ident / $sym:ident;)*) => {
+    ($($konst:ident: $params:ty => $name:ident / $sym:ident;)*) => {
         extern "C" {
             $(fn $sym(launch: *const SimtLaunch, params: *const c_void, err: *mut c_char, err_len: usize) -> c_int;)*
         }
-        $(pub(crate) const $konst: Kernel = Kernel { name: stringify!($name), simt: $sym };)*
-        /// Every kernel of the table.
-        const ALL_KERNELS: &[Kernel] = &[$($konst),*];
+        $(pub(crate) const $konst: Kernel<$params> = Kernel {
+            name: stringify!($name),
+            simt: $sym,
+            params: std::marker::PhantomData,
+        };)*
+        /// The name and SIMT entry point of every kernel of the table.
+        const ALL_KERNELS: &[(&str, SimtEntry)] = &[$(($konst.name, $konst.simt)),*];
     };
 }
 
 kernel_table! {
-    PERCEPTION_F32 => vppo_perception_f32 / vppo_simt_vppo_perception_f32;
-    PERCEPTION_F16 => vppo_perception_f16 / vppo_simt_vppo_perception_f16;
-    PERCEPTION_BF16 => vppo_perception_bf16 / vppo_simt_vppo_perception_bf16;
-    SELECT => vppo_select / vppo_simt_vppo_select;
-    LOSS => vppo_loss / vppo_simt_vppo_loss;
-    BACKWARD_F32_F32 => vppo_backward_f32_f32 / vppo_simt_vppo_backward_f32_f32;
-    BACKWARD_F16_F32 => vppo_backward_f16_f32 / vppo_simt_vppo_backward_f16_f32;
-    BACKWARD_F16_F16 => vppo_backward_f16_f16 / vppo_simt_vppo_backward_f16_f16;
-    BACKWARD_BF16_F32 => vppo_backward_bf16_f32 / vppo_simt_vppo_backward_bf16_f32;
-    BACKWARD_BF16_BF16 => vppo_backward_bf16_bf16 / vppo_simt_vppo_backward_bf16_bf16;
+    PERCEPTION_F32: VppoPerceptionParams => vppo_perception_f32 / vppo_simt_vppo_perception_f32;
+    PERCEPTION_F16: VppoPerceptionParams => vppo_perception_f16 / vppo_simt_vppo_perception_f16;
+    PERCEPTION_BF16: VppoPerceptionParams => vppo_perception_bf16 / vppo_simt_vppo_perception_bf16;
+    SELECT: VppoSelectParams => vppo_select / vppo_simt_vppo_select;
+    LOSS: VppoLossParams => vppo_loss / vppo_simt_vppo_loss;
+    BACKWARD_F32_F32: VppoBackwardParams => vppo_backward_f32_f32 / vppo_simt_vppo_backward_f32_f32;
+    BACKWARD_F16_F32: VppoBackwardParams => vppo_backward_f16_f32 / vppo_simt_vppo_backward_f16_f32;
+    BACKWARD_F16_F16: VppoBackwardParams => vppo_backward_f16_f16 / vppo_simt_vppo_backward_f16_f16;
+    BACKWARD_BF16_F32: VppoBackwardParams => vppo_backward_bf16_f32 / vppo_simt_vppo_backward_bf16_f32;
+    BACKWARD_BF16_BF16: VppoBackwardParams => vppo_backward_bf16_bf16 / vppo_simt_vppo_backward_bf16_bf16;
     // Built for the SIMT executor only, with VPPO_MUTANT (every exp times 1.001): see `mutant_perception`.
-    PERCEPTION_F32_MUTANT => vppo_perception_f32_mutant / vppo_simt_vppo_perception_f32_mutant;
-    PERCEPTION_F16_MUTANT => vppo_perception_f16_mutant / vppo_simt_vppo_perception_f16_mutant;
-    PERCEPTION_BF16_MUTANT => vppo_perception_bf16_mutant / vppo_simt_vppo_perception_bf16_mutant;
+    PERCEPTION_F32_MUTANT: VppoPerceptionParams => vppo_perception_f32_mutant / vppo_simt_vppo_perception_f32_mutant;
+    PERCEPTION_F16_MUTANT: VppoPerceptionParams => vppo_perception_f16_mutant / vppo_simt_vppo_perception_f16_mutant;
+    PERCEPTION_BF16_MUTANT: VppoPerceptionParams => vppo_perception_bf16_mutant / vppo_simt_vppo_perception_bf16_mutant;
 }
 
 /// The SIMT entry point of the kernel called `name` in the fatbins (`vppo_perception_bf16`, ...), for
 /// tests that stand in for the CUDA driver (tests/fake_cuda/); None for an unknown name.
 pub(crate) fn simt_entry(name: &str) -> Option<SimtEntry> {
-    ALL_KERNELS.iter().find(|k| k.name == name).map(|k| k.simt)
+    ALL_KERNELS.iter().find(|k| k.0 == name).map(|k| k.1)
 }
 
 // Launch configuration of each kernel: the constants of kernels/vppo_params.h, which the kernels'
@@ -103,13 +118,12 @@ const SELECT_SHARED_BYTES: u32 = crate::params::VPPO_SELECT_SHARED_BYTES;
 const LOSS_THREADS: u32 = crate::params::VPPO_LOSS_THREADS;
 const LOSS_SHARED_BYTES: u32 = crate::params::VPPO_LOSS_SHARED_BYTES;
 const BACKWARD_THREADS: u32 = crate::params::VPPO_BACKWARD_THREADS;
-/// Blocks of the row kernels loop over rows, so the grid is capped and any N runs. On the GPU the cap
-/// is far above the blocks that fit at once (132 SMs x 8 blocks on an H100); on the SIMT executor a
-/// small cap makes every test with more than 64 rows exercise the grid-stride loop.
-const MAX_ROW_BLOCKS_GPU: usize = 65_535;
-const MAX_ROW_BLOCKS_SIMT: usize = 64;
+/// Blocks of the row kernels loop over rows, so the grid is capped and any N runs (the caps and why
+/// they are what they are: kernels/vppo_params.h).
+const MAX_ROW_BLOCKS_GPU: usize = VPPO_MAX_ROW_BLOCKS_GPU as usize;
+const MAX_ROW_BLOCKS_SIMT: usize = VPPO_MAX_ROW_BLOCKS_SIMT as usize;
 
-/// Marker for the parameter structs of kernels/vppo_params.h.
+/// Marker for the parameter structs of kernels/vppo_params.h, the `P` of a [`Kernel<P>`].
 pub(crate) trait KernelParams: cudarc::driver::DeviceRepr {}
 impl KernelParams for VppoPerceptionParams {}
 impl KernelParams for VppoSelectParams {}

@@ -1,10 +1,12 @@
 //! Pass 1, kernels/perception.cu: both logits rows of every token -> lse, logp, kl, k3, entropy,
 //! score, and the first bad row in the status word.
+//!
+//! Reference: src/reference/perception.rs. Tests: tests/kernels.rs, tests/errors.rs.
 
 #[allow(unused_imports)]
 use super::*;
 
-pub(super) fn perception_kernel(dtype: Dtype) -> Kernel {
+pub(super) fn perception_kernel(dtype: Dtype) -> Kernel<VppoPerceptionParams> {
     match dtype {
         Dtype::F32 => PERCEPTION_F32,
         Dtype::F16 => PERCEPTION_F16,
@@ -21,11 +23,9 @@ pub(super) fn status_error(
     temperature: f64,
     row_of: &dyn Fn(Tensor, usize) -> Result<Vec<f64>>,
 ) -> Result<()> {
-    if status == VPPO_STATUS_CLEAR as i64 {
+    let Some((row, code)) = status_report(status) else {
         return Ok(());
-    }
-    let row = (status >> 8) as usize;
-    let code = (status & 0xff) as u32;
+    };
     let first_bad = |tensor: Tensor| -> Result<f64> {
         Ok(row_of(tensor, row)?
             .into_iter()
@@ -114,7 +114,7 @@ pub(crate) fn mutant_perception(valid: &ValidBatch, order: LaneOrder) -> Result<
 
 pub(super) fn perception_with(
     l: Launcher,
-    kernel: Kernel,
+    kernel: Kernel<VppoPerceptionParams>,
     valid: &ValidBatch,
 ) -> Result<TokenOutputs> {
     let (batch, cfg) = (valid.batch(), valid.config());
@@ -150,7 +150,7 @@ pub(super) fn perception_outputs(ws: &Workspace, c: &ArenaCopy) -> TokenOutputs 
 
 pub(super) fn run_perception(
     l: &Launcher,
-    kernel: Kernel,
+    kernel: Kernel<VppoPerceptionParams>,
     dims: Dims,
     cfg: &VppoConfig,
     inp: &Inputs,

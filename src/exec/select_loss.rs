@@ -1,5 +1,7 @@
 //! Pass 2, kernels/select_loss.cu: `vppo_select` (the per-response top-k mask and Sbar) and
 //! `vppo_loss` (TAS alpha, the clipped surrogate, dloss/dlogp and the totals).
+//!
+//! Reference: src/reference/select.rs, shaping.rs, surrogate.rs. Tests: tests/kernels.rs.
 
 #[allow(unused_imports)]
 use super::*;

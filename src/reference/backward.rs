@@ -1,4 +1,7 @@
 //! dloss/dlogits from lse and dloss/dlogp (SPEC section 6).
+//!
+//! The kernel: kernels/backward.cu, launched by src/exec/backward.rs, tested against this file by
+//! tests/kernels.rs; the reference alone by tests/reference_unit.rs and tests/reference_props.rs.
 
 use half::{bf16, f16};
 

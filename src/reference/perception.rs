@@ -3,11 +3,13 @@
 //!
 //! Written for clarity, not speed: every row is widened to f64 and read several times (a check pass,
 //! a max pass, a sum pass, a kl pass). The kernel (kernels/perception.cu) reads each element once with
-//! an online softmax; this file is what it is tested against.
+//! an online softmax, launched by src/exec/perception.rs; this file is what it is tested against
+//! (tests/kernels.rs, tests/errors.rs; the reference alone: tests/reference_unit.rs, reference_props.rs).
 
 use crate::batch::{Batch, Logits};
 use crate::config::{Perception, VppoConfig};
 use crate::error::{Location, Result, Tensor, VppoError};
+use crate::reference::surrogate::LOG_RATIO_CLAMP;
 
 /// The per-token results of the perception pass, in f64, each of length N.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -258,7 +260,7 @@ pub fn perception(batch: &Batch, cfg: &VppoConfig) -> Result<PerceptionF64> {
         };
 
         // d = clamp(logp_masked - old_logp, -20, 20);  k3 = exp(d) - d - 1
-        let d = (logp_masked - batch.old_logp[t] as f64).clamp(-20.0, 20.0);
+        let d = (logp_masked - batch.old_logp[t] as f64).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP);
         let k3 = d.exp() - d - 1.0;
 
         // score = clamp(kl or k3, 0, score_clamp), with +0.0 for zero

@@ -1,4 +1,8 @@
 //! Token-level Gradient Filtering (SPEC section 3): the per-response top-k mask.
+//!
+//! The kernel: `vppo_select` of kernels/select_loss.cu, launched by src/exec/select_loss.rs, tested
+//! against this file by tests/kernels.rs (mask_equals_reference); the reference alone by
+//! tests/reference_unit.rs and tests/reference_props.rs.
 
 use std::cmp::Ordering;
 

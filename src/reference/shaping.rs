@@ -1,14 +1,19 @@
 //! Trajectory-level Advantage Shaping (SPEC section 4): Sbar per response, then alpha per response.
+//!
+//! The kernels: Sbar in `vppo_select`, alpha in `vppo_loss` (kernels/select_loss.cu, launched by
+//! src/exec/select_loss.rs), tested against this file by tests/kernels.rs.
 
 use crate::batch::validate_cu_seqlens;
 use crate::config::{Shaping, TasScope, VppoConfig};
 use crate::error::{Result, Tensor, VppoError};
 
-/// Below this spread of Sbar over a scope (hi - lo <= 1e-6), every alpha of the scope is 1.
-pub const TAS_MIN_SPREAD: f64 = 1e-6;
+/// Below this spread of Sbar over a scope (hi - lo <= 1e-6), every alpha of the scope is 1. Shared with
+/// the kernels: `VPPO_TAS_MIN_SPREAD` of kernels/vppo_params.h.
+pub const TAS_MIN_SPREAD: f64 = crate::params::VPPO_TAS_MIN_SPREAD;
 
-/// Added to the mean of n_b in mean-preserving shaping (the official code's 1e-8).
-pub const TAS_MEAN_EPS: f64 = 1e-8;
+/// Added to the mean of n_b in mean-preserving shaping (the official code's 1e-8). Shared with the
+/// kernels: `VPPO_TAS_MEAN_EPS` of kernels/vppo_params.h.
+pub const TAS_MEAN_EPS: f64 = crate::params::VPPO_TAS_MEAN_EPS;
 
 /// `Sbar_b = (1 / L_b) sum_{t in b} score[t]`; 0 for an empty response (which takes no part in TAS).
 ///

@@ -1,5 +1,8 @@
 //! The clipped surrogate (SPEC section 5) and its gradient dloss/dlogp (SPEC section 6).
 //!
+//! The kernel: `vppo_loss` of kernels/select_loss.cu, launched by src/exec/select_loss.rs, tested
+//! against this file by tests/kernels.rs.
+//!
 //! Gradient convention (what autograd does on the official code, written out):
 //! - r = exp(clamp(logp - old_logp, -20, 20)); the clamp is active only strictly outside [-20, 20],
 //!   where dr/dlogp = 0; elsewhere dr/dlogp = r.
@@ -17,8 +20,9 @@ use crate::config::{Aggregation, VppoConfig};
 use crate::error::{Result, Tensor, VppoError};
 use crate::output::Stats;
 
-/// The log-ratio clamp of r and of k3: [-20, 20].
-pub const LOG_RATIO_CLAMP: f64 = 20.0;
+/// The log-ratio clamp of r and of k3: [-20, 20]. Shared with the kernels: `VPPO_LOG_RATIO_CLAMP` of
+/// kernels/vppo_params.h.
+pub const LOG_RATIO_CLAMP: f64 = crate::params::VPPO_LOG_RATIO_CLAMP;
 
 /// The loss of a batch and its gradient with respect to logp, in f64.
 #[derive(Debug, Clone, Default, PartialEq)]
