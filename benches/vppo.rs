@@ -44,6 +44,7 @@ use cudarc::driver::CudaSlice;
 use half::bf16;
 use vppo::bench::{parse_synthetic, synthetic_batch, UploadedBatch};
 use vppo::cuda::{copy_bandwidth, Gpu};
+use vppo::error::CudaError;
 use vppo::hooks::DeviceStages;
 use vppo::{
     Device, DeviceBatch, DeviceLogits, DeviceLogitsMut, GradMut, LaneOrder, Vppo, VppoConfig,
@@ -336,7 +337,7 @@ fn check_grads(
     let copy = |s: &CudaSlice<bf16>| {
         gpu.stream()
             .clone_dtoh(&s.slice(0..k * vocab()))
-            .map_err(|e| VppoError::Cuda(format!("copying gradient rows back: {e:?}")))
+            .map_err(|e| VppoError::Cuda(CudaError::driver("copying gradient rows back", e)))
     };
     let (g, p) = (copy(grad)?, copy(in_place)?);
     if let Some(i) = g

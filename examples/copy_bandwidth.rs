@@ -10,6 +10,7 @@
 use std::process::ExitCode;
 
 use vppo::cuda::{copy_bandwidth, Gpu};
+use vppo::error::CudaError;
 use vppo::{Result, VppoError};
 
 struct Args {
@@ -49,10 +50,9 @@ fn parse_args() -> std::result::Result<Args, String> {
 
 fn run(args: &Args) -> Result<()> {
     let gpu = Gpu::new(args.ordinal)?;
-    let bytes = args
-        .mib
-        .checked_mul(1 << 20)
-        .ok_or_else(|| VppoError::Cuda(format!("--mib {} is too large", args.mib)))?;
+    let bytes = args.mib.checked_mul(1 << 20).ok_or_else(|| {
+        VppoError::Cuda(CudaError::new(format!("--mib {} is too large", args.mib)))
+    })?;
     let bw = copy_bandwidth(&gpu, bytes, args.reps)?;
     let (cc_major, cc_minor) = gpu.compute_capability();
     println!(

@@ -199,15 +199,97 @@ pub enum VppoError {
     /// The CUDA driver is present but reports no usable GPU.
     #[error("no GPU: {0}")]
     NoGpu(String),
-    /// An error from the CUDA driver during a launch or a copy.
-    #[error("CUDA error: {0}")]
-    Cuda(String),
+    /// An error from the CUDA driver during a launch or a copy, or one found on the driver's behalf
+    /// before a call (a launch shape over the hardware limits, a byte range that does not fit a buffer).
+    /// Its source ([`std::error::Error::source`]) is the driver's own error, where there is one.
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
     /// The SIMT executor stopped a kernel (deadlock, divergent barrier, bad warp intrinsic use).
     #[error("kernel error: {0}")]
     Kernel(String),
     /// A file could not be read or written, or is not a valid safetensors file.
     #[error("{0}")]
     Io(String),
+}
+
+impl VppoError {
+    /// A [`VppoError::Cuda`] for a check made on the driver's behalf ([`CudaError::new`]).
+    pub(crate) fn cuda(what: impl Into<String>) -> VppoError {
+        VppoError::Cuda(CudaError::new(what))
+    }
+}
+
+/// What went wrong on the way to the CUDA driver: what was being done, and the driver's error.
+///
+/// Displays as `CUDA error: <what>: <CUresult name> (<driver's text>)<hint>`, or `CUDA error: <what>`
+/// for a check made before any driver call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CudaError {
+    what: String,
+    driver: Option<cudarc::driver::DriverError>,
+    hint: String,
+}
+
+impl CudaError {
+    /// A failed driver call: `what` says what was being done ("launching vppo_select").
+    pub fn driver(what: impl Into<String>, e: cudarc::driver::DriverError) -> CudaError {
+        CudaError {
+            what: what.into(),
+            driver: Some(e),
+            hint: String::new(),
+        }
+    }
+
+    /// A check made on the driver's behalf, with no driver error behind it.
+    pub fn new(what: impl Into<String>) -> CudaError {
+        CudaError {
+            what: what.into(),
+            driver: None,
+            hint: String::new(),
+        }
+    }
+
+    /// The same error with `hint` (what to do about it) at the end of its message.
+    pub fn with_hint(mut self, hint: impl Into<String>) -> CudaError {
+        self.hint = hint.into();
+        self
+    }
+
+    /// What was being done.
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+
+    /// The driver's result code, when a driver call failed.
+    pub fn code(&self) -> Option<cudarc::driver::sys::CUresult> {
+        self.driver.map(|e| e.0)
+    }
+}
+
+impl fmt::Display for CudaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CUDA error: {}", self.what)?;
+        if let Some(e) = &self.driver {
+            match (e.error_name(), e.error_string()) {
+                (Ok(name), Ok(text)) => write!(
+                    f,
+                    ": {} ({})",
+                    name.to_string_lossy(),
+                    text.to_string_lossy()
+                )?,
+                _ => write!(f, ": {:?}", e.0)?,
+            }
+        }
+        f.write_str(&self.hint)
+    }
+}
+
+impl std::error::Error for CudaError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.driver
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
 }
 
 /// Where in a tensor a bad value sits.

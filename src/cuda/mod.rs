@@ -22,7 +22,7 @@ use cudarc::driver::{
     DriverError, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 
-use crate::error::{Result, VppoError};
+use crate::error::{CudaError, Result, VppoError};
 use crate::params::{
     VppoBackwardParams, VppoLossParams, VppoLossTotals, VppoPerceptionParams, VppoSelectParams,
 };
@@ -62,13 +62,9 @@ pub fn kernels_built() -> bool {
 const DEFAULT_DYNAMIC_SHARED_LIMIT: u32 = 48 * 1024;
 
 /// Maps a cudarc driver error to the crate's error, saying what was being done.
-fn cuda_err(what: &str, e: DriverError) -> VppoError {
-    let name = e.error_name().map(|s| s.to_string_lossy().into_owned());
-    let text = e.error_string().map(|s| s.to_string_lossy().into_owned());
-    match (name, text) {
-        (Ok(n), Ok(t)) => VppoError::Cuda(format!("{what}: {n} ({t})")),
-        _ => VppoError::Cuda(format!("{what}: {:?}", e.0)),
-    }
+/// The driver's error stays the error's source.
+pub(crate) fn cuda_err(what: &str, e: DriverError) -> VppoError {
+    VppoError::Cuda(CudaError::driver(what, e))
 }
 
 /// A kernel function looked up once, with the dynamic shared memory limit already set for it.
@@ -148,7 +144,7 @@ impl Gpu {
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            Err(VppoError::Cuda(format!(
+            Err(VppoError::cuda(format!(
                 "the CUDA driver library could not be used: {msg}"
             )))
         })?;
@@ -271,7 +267,7 @@ impl Gpu {
     ) -> Result<&'a mut CachedFunction> {
         if !cache.contains_key(kernel_name) {
             if kernel_name.is_empty() || kernel_name.contains('\0') {
-                return Err(VppoError::Cuda(format!(
+                return Err(VppoError::cuda(format!(
                     "invalid kernel name {kernel_name:?}"
                 )));
             }
@@ -291,7 +287,7 @@ impl Gpu {
                 }
             }
             let function = found.ok_or_else(|| {
-                VppoError::Cuda(format!(
+                VppoError::cuda(format!(
                     "kernel {kernel_name} is in none of the loaded modules ({})",
                     self.modules().join(", ")
                 ))
@@ -330,7 +326,7 @@ impl Gpu {
     ) -> Result<()> {
         check_launch_shape(kernel_name, grid, block)?;
         if shared_bytes > self.max_shared_optin {
-            return Err(VppoError::Cuda(format!(
+            return Err(VppoError::cuda(format!(
                 "kernel {kernel_name}: {shared_bytes} bytes of dynamic shared memory asked for, \
                  the device allows {} per block",
                 self.max_shared_optin
@@ -397,7 +393,7 @@ impl Gpu {
     /// Copies `data` into the existing buffer `dst`, which must have the same length.
     pub fn upload_into<T: DeviceRepr>(&self, data: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
         if data.len() != dst.len() {
-            return Err(VppoError::Cuda(format!(
+            return Err(VppoError::cuda(format!(
                 "upload_into: {} host elements into a device buffer of {}",
                 data.len(),
                 dst.len()
@@ -418,7 +414,7 @@ impl Gpu {
     /// Copies `src` into `dst`, which must have the same length.
     pub fn download_into<T: DeviceRepr>(&self, src: &CudaSlice<T>, dst: &mut [T]) -> Result<()> {
         if dst.len() != src.len() {
-            return Err(VppoError::Cuda(format!(
+            return Err(VppoError::cuda(format!(
                 "download_into: a device buffer of {} into {} host elements",
                 src.len(),
                 dst.len()
@@ -509,7 +505,7 @@ impl Gpu {
         dst: &mut CudaSlice<T>,
     ) -> Result<()> {
         if dst.len() != src.len() {
-            return Err(VppoError::Cuda(format!(
+            return Err(VppoError::cuda(format!(
                 "copy_on_device: {} elements into a buffer of {}",
                 src.len(),
                 dst.len()
@@ -663,7 +659,7 @@ pub fn copy_bandwidth(gpu: &Gpu, bytes: usize, reps: usize) -> Result<CopyBandwi
     }
     let back = gpu.download(&dst)?;
     if let Some(i) = back.iter().zip(&host).position(|(a, b)| a != b) {
-        return Err(VppoError::Cuda(format!(
+        return Err(VppoError::cuda(format!(
             "copy check failed at element {i}: {} != {}",
             back[i], host[i]
         )));
@@ -677,7 +673,7 @@ pub fn copy_bandwidth(gpu: &Gpu, bytes: usize, reps: usize) -> Result<CopyBandwi
 
 /// Checks a launch's grid and block the way the hardware limits them, before the driver does.
 fn check_launch_shape(kernel_name: &str, grid: [u32; 3], block: [u32; 3]) -> Result<()> {
-    let bad = |what: String| Err(VppoError::Cuda(format!("kernel {kernel_name}: {what}")));
+    let bad = |what: String| Err(VppoError::cuda(format!("kernel {kernel_name}: {what}")));
     if grid.contains(&0) || block.contains(&0) {
         return bad(format!(
             "grid {grid:?} and block {block:?} must have every dimension >= 1"
@@ -707,7 +703,7 @@ fn byte_range_end(what: &str, offset: usize, len: usize, size: usize) -> Result<
         .checked_add(len)
         .filter(|&end| end <= size)
         .ok_or_else(|| {
-            VppoError::Cuda(format!(
+            VppoError::cuda(format!(
                 "{what}: bytes {offset}..+{len} do not fit a device buffer of {size} bytes"
             ))
         })
@@ -716,12 +712,12 @@ fn byte_range_end(what: &str, offset: usize, len: usize, size: usize) -> Result<
 /// Device buffers of zero elements do not exist on CUDA (cuMemAlloc rejects 0 bytes).
 fn check_len<T>(what: &str, n: usize) -> Result<()> {
     if n == 0 {
-        return Err(VppoError::Cuda(format!(
+        return Err(VppoError::cuda(format!(
             "{what}: a device buffer of 0 elements (handle N = 0 before going to the GPU)"
         )));
     }
     if n.checked_mul(std::mem::size_of::<T>()).is_none() {
-        return Err(VppoError::Cuda(format!(
+        return Err(VppoError::cuda(format!(
             "{what}: {n} elements overflow the address space"
         )));
     }
@@ -731,13 +727,7 @@ fn check_len<T>(what: &str, n: usize) -> Result<()> {
 /// Explains a failed module load: usually a card this build has no SASS for, or a driver too old
 /// for the embedded PTX.
 fn module_load_error(module: &str, card: &str, cc: (i32, i32), e: DriverError) -> VppoError {
-    let base = cuda_err(
-        &format!("loading kernels/{module}.cu's fatbin on {card}"),
-        e,
-    );
-    let VppoError::Cuda(msg) = base else {
-        return base;
-    };
+    let base = CudaError::driver(format!("loading kernels/{module}.cu's fatbin on {card}"), e);
     let arch = format!("{}{}", cc.0, cc.1);
     let hint = match e.0 {
         CUresult::CUDA_ERROR_NO_BINARY_FOR_GPU
@@ -749,7 +739,7 @@ fn module_load_error(module: &str, card: &str, cc: (i32, i32), e: DriverError) -
         ),
         _ => String::new(),
     };
-    VppoError::Cuda(format!("{msg}{hint}"))
+    VppoError::Cuda(base.with_hint(hint))
 }
 
 #[cfg(test)]

@@ -85,7 +85,7 @@ fn launch_shapes_are_checked_before_the_driver() {
     ] {
         let e = check_launch_shape("perception", grid, block).unwrap_err();
         assert!(
-            matches!(e, VppoError::Cuda(ref m) if m.contains("perception")),
+            matches!(e, VppoError::Cuda(ref m) if m.what().contains("perception")),
             "{e:?}"
         );
     }
@@ -168,7 +168,7 @@ fn device_pointers_are_distinct_and_aligned() {
 fn unknown_kernels_and_bad_launches_are_errors() {
     let Some(g) = gpu() else { return };
     match g.function("vppo_no_such_kernel") {
-        Err(VppoError::Cuda(m)) => assert!(m.contains("vppo_no_such_kernel"), "{m}"),
+        Err(VppoError::Cuda(m)) => assert!(m.what().contains("vppo_no_such_kernel"), "{m}"),
         other => panic!("expected an error, got {other:?}"),
     }
     assert!(g.function("bad\0name").is_err());
@@ -198,6 +198,35 @@ fn event_timing_measures_queued_work() {
     let mut dst = g.alloc_zeros::<f32>(n).unwrap();
     let ((), ms) = g.time_ms(|| g.copy_on_device(&src, &mut dst)).unwrap();
     assert!(ms > 0.0 && ms < 10_000.0, "{ms} ms");
-    let err = g.time_ms(|| -> Result<()> { Err(VppoError::Cuda("inner".into())) });
-    assert!(matches!(err, Err(VppoError::Cuda(ref m)) if m == "inner"));
+    let err = g.time_ms(|| -> Result<()> { Err(VppoError::cuda("inner")) });
+    assert!(matches!(err, Err(VppoError::Cuda(ref m)) if m.what() == "inner"));
+}
+
+#[test]
+fn driver_errors_keep_the_driver_error_as_their_source() {
+    use std::error::Error;
+    let driver = DriverError(CUresult::CUDA_ERROR_LAUNCH_FAILED);
+    let e = cuda_err("launching vppo_select", driver);
+    let VppoError::Cuda(ref c) = e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(c.code(), Some(CUresult::CUDA_ERROR_LAUNCH_FAILED));
+    assert_eq!(c.what(), "launching vppo_select");
+    let source = e.source().expect("the driver error is the source");
+    assert_eq!(source.downcast_ref::<DriverError>(), Some(&driver));
+    // The message names the call, the CUresult and the driver's text (formatting it asks the driver
+    // for the name and text, so only where one is loaded).
+    if gpu().is_some() {
+        let text = e.to_string();
+        assert!(
+            text.starts_with("CUDA error: launching vppo_select: CUDA_ERROR_LAUNCH_FAILED ("),
+            "{text}"
+        );
+    }
+    // A check made before any driver call has no source.
+    let check = check_launch_shape("perception", [0, 1, 1], [1, 1, 1]).unwrap_err();
+    assert!(check.source().is_none(), "{check:?}");
+    assert!(check
+        .to_string()
+        .starts_with("CUDA error: kernel perception: "));
 }

@@ -22,7 +22,7 @@ impl DeviceLogits<'_> {
             let host = gpu
                 .stream()
                 .clone_dtoh(&s.slice(row * vocab..(row + 1) * vocab))
-                .map_err(|e| VppoError::Cuda(format!("copying logits row {row} back: {e:?}")))?;
+                .map_err(|e| crate::cuda::cuda_err(&format!("copying logits row {row} back"), e))?;
             Ok(host.into_iter().map(T::to_f64).collect())
         }
         on_dtype!(self, s => copy(gpu, s, row, vocab))
@@ -187,7 +187,7 @@ pub(super) fn join_caller_streams(gpu: &Gpu, buffers: &[Residence]) -> Result<()
         if !joined.contains(&stream.cu_stream()) {
             joined.push(stream.cu_stream());
             let err = |e: cudarc::driver::DriverError| {
-                VppoError::Cuda(format!("ordering after the stream of {tensor}: {e:?}"))
+                crate::cuda::cuda_err(&format!("ordering after the stream of {tensor}"), e)
             };
             let event = stream.record_event(None).map_err(err)?;
             gpu.stream().wait(&event).map_err(err)?;
