@@ -30,7 +30,7 @@ use proptest::prelude::*;
 use vppo::hooks as kernels;
 use vppo::reference;
 use vppo::{
-    Aggregation, Batch, Device, Dtype, GradMut, LaneOrder, Perception, Shaping, TasScope,
+    Aggregation, Batch, Device, Dtype, GradMut, LaneOrder, Logits, Perception, Shaping, TasScope,
     TopFraction, Vppo, VppoConfig, VppoError,
 };
 
@@ -1326,6 +1326,102 @@ fn schedules_grid_caps_and_race_check() {
                 check_grad(&batch, cfg.temperature, &out, &want, &got, Dtype::F32)
                     .unwrap_or_else(|e| panic!("{what}: {e}"));
             });
+        }
+    }
+}
+
+/// `x` copied one element past the start of a fresh buffer: a view whose rows sit in another 16-byte
+/// phase than those of an ordinary allocation (a sliced tensor, a row of a packed [R, V] view).
+fn out_of_phase<T: Copy + Default>(x: &[T]) -> Vec<T> {
+    let mut v = Vec::with_capacity(x.len() + 1);
+    v.push(T::default());
+    v.extend_from_slice(x);
+    v
+}
+
+/// The view of a buffer made by [`out_of_phase`], without its first element.
+fn past_first(l: &vppo::OwnedLogits) -> Logits<'_> {
+    match l {
+        vppo::OwnedLogits::F32(x) => Logits::F32(&x[1..]),
+        vppo::OwnedLogits::F16(x) => Logits::F16(&x[1..]),
+        vppo::OwnedLogits::Bf16(x) => Logits::Bf16(&x[1..]),
+    }
+}
+
+/// Rows whose two tensors differ in 16-byte phase (`logits_masked` one element past a 16-byte
+/// boundary), and vector bodies of an odd count past the 256 threads (257 vectors: thread 1's second
+/// vector would be one past the body), each checked against the reference, forward and gradient. The
+/// SIMT executor faults on a misaligned 16-byte load as a GPU does, so a kernel that vector-loads rows
+/// of different phase fails here (mutant P12 of scripts/mutate.py), and so does a body loop bound one
+/// vector too far (P13), which reads the tail (or the next row) twice.
+#[test]
+fn rows_out_of_phase_and_odd_vector_bodies() {
+    let cases = [
+        (61u64, Dtype::F32, 1031usize),
+        (62, Dtype::Bf16, 2063),
+        (63, Dtype::F16, 2056),
+        (64, Dtype::Bf16, 2048),
+    ];
+    for (seed, d, v) in cases {
+        let owned = seeded_batch(
+            seed,
+            &BatchSpec {
+                dtype: d,
+                vocab: (v, v),
+                max_len: 10,
+                groups: (1, 2),
+                group_size: 2,
+                ..BatchSpec::default()
+            },
+        );
+        let shifted = |l: &vppo::OwnedLogits| match l {
+            vppo::OwnedLogits::F32(x) => vppo::OwnedLogits::F32(out_of_phase(x)),
+            vppo::OwnedLogits::F16(x) => vppo::OwnedLogits::F16(out_of_phase(x)),
+            vppo::OwnedLogits::Bf16(x) => vppo::OwnedLogits::Bf16(out_of_phase(x)),
+        };
+        let (a_shift, b_shift) = (shifted(&owned.logits), shifted(&owned.logits_masked));
+        let same_phase = owned.batch();
+        // logits in the ordinary phase, logits_masked shifted; and the other way round.
+        let mixed = [
+            Batch {
+                logits_masked: past_first(&b_shift),
+                ..owned.batch()
+            },
+            Batch {
+                logits: past_first(&a_shift),
+                ..owned.batch()
+            },
+        ];
+        let addr = |l: &Logits| match l {
+            Logits::F32(x) => x.as_ptr() as usize,
+            Logits::F16(x) => x.as_ptr() as usize,
+            Logits::Bf16(x) => x.as_ptr() as usize,
+        };
+        for batch in mixed.iter() {
+            assert_ne!(
+                (addr(&batch.logits) ^ addr(&batch.logits_masked)) & 15,
+                0,
+                "the two tensors must differ in 16-byte phase"
+            );
+        }
+        let cfg = VppoConfig::default();
+        for (what, batch) in [
+            ("same phase", &same_phase),
+            ("masked shifted", &mixed[0]),
+            ("logits shifted", &mixed[1]),
+        ] {
+            for device in devices() {
+                let out = Vppo::new(cfg.clone(), device)
+                    .unwrap()
+                    .forward(batch)
+                    .unwrap_or_else(|e| panic!("{device:?} {d:?} V = {v}, {what}: {e}"));
+                check_forward(batch, &cfg, &out)
+                    .unwrap_or_else(|e| panic!("{device:?} {d:?} V = {v}, {what}: {e}"));
+                let want = reference_grad(batch, &cfg, &out);
+                let got = grad_on(device, batch, &cfg, &out, d);
+                check_grad(batch, cfg.temperature, &out, &want, &got, d)
+                    .unwrap_or_else(|e| panic!("{device:?} {d:?} V = {v}, {what}: gradient: {e}"));
+            }
         }
     }
 }

@@ -1051,6 +1051,13 @@ unsigned int activemask(const char *file, int line) {
     return static_cast<unsigned int>(b.lanes[i].result);
 }
 
+void misaligned(const void *p, size_t align, const char *file, int line) {
+    Block &b = *t_blk;
+    std::string s = thread_error(b, b.cur, "misaligned global access", file, line);
+    appendf(s, "address %p is not %zu-byte aligned", p, align);
+    fail(std::move(s));
+}
+
 void syncthreads(const char *file, int line) {
     Block &b = *t_blk;
     Lane &me = b.lanes[b.cur];

@@ -162,6 +162,9 @@ uint64_t warp_op(int op, unsigned int mask, uint64_t value, int size, int b, int
                  int line);
 unsigned int activemask(const char *file, int line);
 void syncthreads(const char *file, int line);
+/* A global access of `align` bytes at p that is not `align`-aligned: on a GPU a misaligned address
+ * fault. Stops the launch with a message naming the thread, the address and the source line. */
+[[noreturn]] void misaligned(const void *p, size_t align, const char *file, int line);
 
 /* Runs `body(params)` for every thread of every block; 0, or non-zero with a message in err. With
  * race_check, the body is the instrumented build's and its shared-memory accesses are checked. */
@@ -489,11 +492,27 @@ static inline double __longlong_as_double(long long i) {
     return r;
 }
 
-template <class T> static inline T __ldg(const T *p) { return *p; }
-/* Streaming store (st.global.cs): a plain store on the host. */
-template <class T> static inline void __stcs(T *p, T v) { *p = v; }
-/* Streaming load (ld.global.cs, evict-first): a plain load on the host. */
-template <class T> static inline T __ldcs(const T *p) { return *p; }
+/* The cache-hinted loads and stores: plain accesses on the host, but, as on a GPU, the address must
+ * be aligned to the access's size (a 16-byte load from a row whose phase differs faults on a GPU; on
+ * x86 it would silently work, so the executor checks it). */
+namespace vppo_simt {
+namespace detail {
+template <class T> static inline const T *aligned(const T *p, const char *file, int line) {
+    if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) misaligned(p, alignof(T), file, line);
+    return p;
+}
+template <class T> static inline T ldg(const T *p, const char *file, int line) { return *aligned(p, file, line); }
+template <class T> static inline void stcs(T *p, T v, const char *file, int line) {
+    *const_cast<T *>(aligned(p, file, line)) = v;
+}
+} // namespace detail
+} // namespace vppo_simt
+/* Read-only cached load (ld.global.nc). */
+#define __ldg(p) ::vppo_simt::detail::ldg((p), __FILE__, __LINE__)
+/* Streaming store (st.global.cs). */
+#define __stcs(p, v) ::vppo_simt::detail::stcs((p), (v), __FILE__, __LINE__)
+/* Streaming load (ld.global.cs, evict-first). */
+#define __ldcs(p) ::vppo_simt::detail::ldg((p), __FILE__, __LINE__)
 
 /* ---------------------------------------------------------------------------------------------- */
 /* Atomics: plain read-modify-write (threads never interleave between scheduling points)           */
