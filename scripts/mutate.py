@@ -125,7 +125,7 @@ MUTANTS = [
            "float_key no longer maps -0.0 to +0.0"),
     Mutant("C4", "kernels/common.cuh",
            "T total = lane < nwarps ? scratch[lane] : identity;",
-           "T total = scratch[lane];",
+           "T total = ((void)identity, (void)nwarps, scratch[lane]);",
            "block_reduce reads scratch past the last warp"),
     Mutant("C5", "kernels/common.cuh",
            "    if (head > vocab) head = vocab;\n",
