@@ -46,7 +46,7 @@ use crate::error::{Result, VppoError};
 use crate::exec::DeviceBatch;
 use crate::io::{self, OwnedBatch, OwnedLogits};
 use crate::options::LossOptions;
-use crate::tensor::{DeviceLogits, DeviceLogitsMut};
+use crate::tensor::DeviceTensor;
 
 /// `--grad`: which gradient the forward + backward timing produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -463,13 +463,7 @@ pub fn synthetic_batch(spec: &SyntheticSpec, seed: u64) -> Result<OwnedBatch> {
     })
 }
 
-/// An [N, V] tensor in GPU memory: the uploaded logits, or a gradient buffer.
-enum DeviceTensor {
-    F32(CudaSlice<f32>),
-    F16(CudaSlice<f16>),
-    Bf16(CudaSlice<bf16>),
-}
-
+/// An [N, V] tensor in GPU memory ([`DeviceTensor`]): the uploaded logits, or a gradient buffer.
 impl DeviceTensor {
     fn upload(gpu: &Gpu, logits: &Logits) -> Result<DeviceTensor> {
         Ok(match *logits {
@@ -486,22 +480,6 @@ impl DeviceTensor {
             (GradArg::LogitsDtype, Dtype::Bf16) => DeviceTensor::Bf16(gpu.alloc_zeros(len)?),
             _ => DeviceTensor::F32(gpu.alloc_zeros(len)?),
         })
-    }
-
-    fn view(&self) -> DeviceLogits<'_> {
-        match self {
-            DeviceTensor::F32(x) => DeviceLogits::F32(x),
-            DeviceTensor::F16(x) => DeviceLogits::F16(x),
-            DeviceTensor::Bf16(x) => DeviceLogits::Bf16(x),
-        }
-    }
-
-    fn as_mut(&mut self) -> DeviceLogitsMut<'_> {
-        match self {
-            DeviceTensor::F32(x) => DeviceLogitsMut::F32(x),
-            DeviceTensor::F16(x) => DeviceLogitsMut::F16(x),
-            DeviceTensor::Bf16(x) => DeviceLogitsMut::Bf16(x),
-        }
     }
 }
 

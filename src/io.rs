@@ -19,29 +19,10 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 use crate::batch::{Batch, Dtype, Logits};
 use crate::error::{Result, Tensor, VppoError};
 use crate::output::VppoOutput;
-use crate::tensor::GradMut;
 
-/// An owned [N, V] logits tensor in one of the three supported dtypes.
-#[derive(Debug, Clone, PartialEq)]
-pub enum OwnedLogits {
-    /// f32 logits.
-    F32(Vec<f32>),
-    /// f16 logits.
-    F16(Vec<f16>),
-    /// bf16 logits.
-    Bf16(Vec<bf16>),
-}
+pub use crate::tensor::OwnedLogits;
 
 impl OwnedLogits {
-    /// A borrowed view.
-    pub fn view(&self) -> Logits<'_> {
-        match self {
-            OwnedLogits::F32(x) => Logits::F32(x),
-            OwnedLogits::F16(x) => Logits::F16(x),
-            OwnedLogits::Bf16(x) => Logits::Bf16(x),
-        }
-    }
-
     /// `len` zeros of `dtype`, or an error naming the gradient when that much memory cannot be had
     /// (an allocation that fails is an error here, not an abort). For a gradient buffer.
     pub fn zeros(dtype: Dtype, len: usize) -> Result<OwnedLogits> {
@@ -62,15 +43,6 @@ impl OwnedLogits {
             Dtype::F16 => OwnedLogits::F16(zeroed(len, f16::ZERO)?),
             Dtype::Bf16 => OwnedLogits::Bf16(zeroed(len, bf16::ZERO)?),
         })
-    }
-
-    /// The buffer lent as a gradient to write into.
-    pub fn as_grad_mut(&mut self) -> GradMut<'_> {
-        match self {
-            OwnedLogits::F32(x) => GradMut::F32(x),
-            OwnedLogits::F16(x) => GradMut::F16(x),
-            OwnedLogits::Bf16(x) => GradMut::Bf16(x),
-        }
     }
 
     /// Every element widened exactly to f32.

@@ -4,7 +4,7 @@
 //!
 //! What holds the elements is a type parameter (a [`Buffer`]: `&[T]`, `&mut [T]`, `Vec<T>`, a
 //! `CudaSlice<T>` or a reference to one); the names the crate uses are aliases: [`Logits`],
-//! [`GradMut`], [`DeviceLogits`], [`DeviceLogitsMut`].
+//! [`GradMut`], [`OwnedLogits`], [`DeviceTensor`], [`DeviceLogits`], [`DeviceLogitsMut`].
 
 use std::fmt;
 
@@ -113,7 +113,7 @@ impl<X: Buffer + ?Sized> Buffer for &mut X {
 
 /// A buffer of one of the three element types, tagged by its dtype: `F`, `H` and `B` hold f32, f16
 /// and bf16 elements (the same kind of holder for each; see the aliases below).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ByDtype<F, H, B> {
     /// f32 elements.
     F32(F),
@@ -134,6 +134,18 @@ macro_rules! on_dtype {
     };
 }
 pub(crate) use on_dtype;
+
+/// The [`ByDtype`] of the same dtype holding `$body`, with `$x` bound to the buffer inside `$e`: a
+/// view of a buffer as another kind of holder (`Vec<T>` as `&[T]`, `&mut X` as `&X`, ...).
+macro_rules! map_dtype {
+    ($e:expr, $x:ident => $body:expr) => {
+        match $e {
+            $crate::tensor::ByDtype::F32($x) => $crate::tensor::ByDtype::F32($body),
+            $crate::tensor::ByDtype::F16($x) => $crate::tensor::ByDtype::F16($body),
+            $crate::tensor::ByDtype::Bf16($x) => $crate::tensor::ByDtype::Bf16($body),
+        }
+    };
+}
 
 impl<F, H, B> ByDtype<F, H, B> {
     /// The element type.
@@ -164,6 +176,12 @@ pub type Logits<'a> = ByDtype<&'a [f32], &'a [f16], &'a [bf16]>;
 /// A caller's buffer for dloss/dlogits [N, V], in f32 or in the logits dtype.
 pub type GradMut<'a> = ByDtype<&'a mut [f32], &'a mut [f16], &'a mut [bf16]>;
 
+/// An owned [N, V] logits tensor (a file's contents, a synthetic batch, a gradient to write out).
+pub type OwnedLogits = ByDtype<Vec<f32>, Vec<f16>, Vec<bf16>>;
+
+/// A GPU-resident [N, V] tensor owned by its holder (the benchmark's uploaded logits and gradients).
+pub type DeviceTensor = ByDtype<CudaSlice<f32>, CudaSlice<f16>, CudaSlice<bf16>>;
+
 /// A GPU-resident [N, V] logits tensor borrowed from the caller.
 pub type DeviceLogits<'a> = ByDtype<&'a CudaSlice<f32>, &'a CudaSlice<f16>, &'a CudaSlice<bf16>>;
 
@@ -193,10 +211,30 @@ impl<'a> Logits<'a> {
 impl<'a> DeviceLogitsMut<'a> {
     /// The same buffer, borrowed for reading.
     pub fn as_ref(&self) -> DeviceLogits<'_> {
-        match self {
-            ByDtype::F32(s) => ByDtype::F32(&**s),
-            ByDtype::F16(s) => ByDtype::F16(&**s),
-            ByDtype::Bf16(s) => ByDtype::Bf16(&**s),
-        }
+        map_dtype!(self, s => &**s)
+    }
+}
+
+impl OwnedLogits {
+    /// A borrowed view.
+    pub fn view(&self) -> Logits<'_> {
+        map_dtype!(self, x => x.as_slice())
+    }
+
+    /// The buffer lent as a gradient to write into.
+    pub fn as_grad_mut(&mut self) -> GradMut<'_> {
+        map_dtype!(self, x => x.as_mut_slice())
+    }
+}
+
+impl DeviceTensor {
+    /// A borrowed view, as the kernels read it.
+    pub fn view(&self) -> DeviceLogits<'_> {
+        map_dtype!(self, x => x)
+    }
+
+    /// The buffer lent to the kernels to write.
+    pub fn as_mut(&mut self) -> DeviceLogitsMut<'_> {
+        map_dtype!(self, x => x)
     }
 }
