@@ -1,0 +1,363 @@
+//! `vppo._vppo`: the extension module behind `vppo.torch` (SPEC section 13).
+//!
+//! It links no libtorch. A tensor crosses as `(data_ptr, numel)` with the dtype given once per
+//! call; the Python side (python/vppo/torch.py) checks device, dtype, contiguity and element counts
+//! before every call and allocates every output with `torch.empty`, which this module fills. The
+//! lengths the crate's API sees are re-checked here (products with `checked_mul`), and every error of
+//! the crate comes back as ValueError carrying its message (RuntimeError for a missing GPU or driver).
+
+use clap::Parser;
+use half::{bf16, f16};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use vppo::{Batch, Device, Dtype, GradMut, LaneOrder, Logits, SavedForward, Vppo, VppoError};
+
+/// A tensor as Python passes it: its data pointer (an address in this process) and element count.
+type Raw = (usize, usize);
+
+/// The command line's loss options (src/options.rs), parsed from the Python keyword arguments:
+/// one source of names, defaults and value checks for both.
+#[derive(Parser)]
+#[command(name = "vppo_loss", no_binary_name = true)]
+struct Options {
+    #[command(flatten)]
+    loss: vppo::options::LossOptions,
+}
+
+fn value_error(e: VppoError) -> PyErr {
+    match e {
+        VppoError::KernelsNotBuilt | VppoError::NoCudaDriver | VppoError::NoGpu(_) => {
+            PyRuntimeError::new_err(e.to_string())
+        }
+        _ => PyValueError::new_err(e.to_string()),
+    }
+}
+
+fn bad(msg: String) -> PyErr {
+    PyValueError::new_err(msg)
+}
+
+/// The `Vppo` of a call: `options` is a JSON object of the Python keyword arguments (names with
+/// `_`, values as the command line takes them; null = the default; true = a flag given), plus the
+/// Python-only `tas_range` ([lo, hi]).
+fn build(device: &str, options: &str) -> PyResult<Vppo> {
+    let device = match device {
+        "reference" => Device::Reference,
+        "simt" => Device::Simt(LaneOrder::Forward),
+        other => {
+            return Err(bad(format!(
+                "device must be \"simt\" or \"reference\" for CPU tensors, not {other:?}"
+            )))
+        }
+    };
+    let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(options)
+        .map_err(|e| bad(format!("options are not a JSON object: {e}")))?;
+    let mut args = Vec::new();
+    let mut tas_range = None;
+    for (key, value) in &map {
+        if key == "tas_range" {
+            tas_range = match value {
+                serde_json::Value::Null => None,
+                serde_json::Value::Array(a) if a.len() == 2 => {
+                    match (a[0].as_f64(), a[1].as_f64()) {
+                        (Some(lo), Some(hi)) => Some((lo, hi)),
+                        _ => return Err(bad(format!("tas_range must be (lo, hi), not {value}"))),
+                    }
+                }
+                _ => return Err(bad(format!("tas_range must be (lo, hi), not {value}"))),
+            };
+            continue;
+        }
+        if key == "device" {
+            return Err(bad(
+                "device is a keyword of vppo_loss, not a loss option".into()
+            ));
+        }
+        let flag = format!("--{}", key.replace('_', "-"));
+        match value {
+            serde_json::Value::Null | serde_json::Value::Bool(false) => {}
+            serde_json::Value::Bool(true) => args.push(flag),
+            serde_json::Value::String(s) => args.push(format!("{flag}={}", s.replace('_', "-"))),
+            serde_json::Value::Number(n) => args.push(format!("{flag}={n}")),
+            other => return Err(bad(format!("option {key} has the value {other}"))),
+        }
+    }
+    let parsed = Options::try_parse_from(&args).map_err(|e| {
+        let text = e.render().to_string();
+        let first = text.lines().next().unwrap_or("").trim();
+        bad(format!(
+            "bad loss option: {}",
+            first.strip_prefix("error: ").unwrap_or(first)
+        ))
+    })?;
+    let mut config = parsed.loss.config();
+    config.tas_range = tas_range;
+    Vppo::new(config, device).map_err(value_error)
+}
+
+fn parse_dtype(dtype: &str) -> PyResult<Dtype> {
+    match dtype {
+        "float32" => Ok(Dtype::F32),
+        "float16" => Ok(Dtype::F16),
+        "bfloat16" => Ok(Dtype::Bf16),
+        other => Err(bad(format!(
+            "logits dtype must be float32, float16 or bfloat16, not {other}"
+        ))),
+    }
+}
+
+/// # Safety
+/// `raw.0` must point to `raw.1` initialized elements of `T` (or be anything when `raw.1` is 0) that
+/// nothing writes while the slice lives.
+unsafe fn slice<'a, T>(raw: Raw) -> &'a [T] {
+    if raw.1 == 0 {
+        return &[];
+    }
+    // SAFETY: the caller guarantees raw.1 valid, aligned, unaliased-by-writers elements at raw.0.
+    unsafe { std::slice::from_raw_parts(raw.0 as *const T, raw.1) }
+}
+
+/// # Safety
+/// `raw.0` must point to `raw.1` elements of `T` that nothing else reads or writes while the slice
+/// lives (or be anything when `raw.1` is 0).
+unsafe fn slice_mut<'a, T>(raw: Raw) -> &'a mut [T] {
+    if raw.1 == 0 {
+        return &mut [];
+    }
+    // SAFETY: the caller guarantees raw.1 valid, aligned elements at raw.0, borrowed by us alone.
+    unsafe { std::slice::from_raw_parts_mut(raw.0 as *mut T, raw.1) }
+}
+
+/// The logits of `dtype` at `raw`.
+///
+/// # Safety
+/// As [`slice`] for the element type of `dtype`.
+unsafe fn logits<'a>(dtype: Dtype, raw: Raw) -> Logits<'a> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match dtype {
+            Dtype::F32 => Logits::F32(slice::<f32>(raw)),
+            Dtype::F16 => Logits::F16(slice::<f16>(raw)),
+            Dtype::Bf16 => Logits::Bf16(slice::<bf16>(raw)),
+        }
+    }
+}
+
+/// A writable buffer of `dtype` at `raw`.
+///
+/// # Safety
+/// As [`slice_mut`] for the element type of `dtype`.
+unsafe fn grad_mut<'a>(dtype: Dtype, raw: Raw) -> GradMut<'a> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match dtype {
+            Dtype::F32 => GradMut::F32(slice_mut::<f32>(raw)),
+            Dtype::F16 => GradMut::F16(slice_mut::<f16>(raw)),
+            Dtype::Bf16 => GradMut::Bf16(slice_mut::<bf16>(raw)),
+        }
+    }
+}
+
+/// Checks that `numel` elements of a tensor named `name` make whole rows of `vocab`.
+fn rows_of(name: &str, numel: usize, vocab: usize) -> PyResult<usize> {
+    if vocab == 0 || numel % vocab != 0 {
+        return Err(bad(format!(
+            "{name} has {numel} elements, not a whole number of rows of V = {vocab}"
+        )));
+    }
+    Ok(numel / vocab)
+}
+
+fn want_len(name: &str, got: usize, want: usize) -> PyResult<()> {
+    if got != want {
+        return Err(bad(format!("{name} has {got} elements, expected {want}")));
+    }
+    Ok(())
+}
+
+/// The forward pass: fills the 13 output buffers `out` (per token: score, kl, k3, entropy, logp,
+/// logp_masked, lse, lse_masked as f32, mask as u8, dlogp as f32; per response: sbar f32, k i32,
+/// alpha f32) and returns (loss, pg_loss, token_normalizer, clip_fraction, mean_ratio,
+/// selected_fraction). Nothing is written when the crate returns an error.
+#[pyfunction]
+#[pyo3(signature = (device, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out))]
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    py: Python<'_>,
+    device: &str,
+    options: &str,
+    dtype: &str,
+    vocab: usize,
+    logits: Raw,
+    logits_masked: Raw,
+    targets: Raw,
+    old_logp: Raw,
+    advantages: Raw,
+    cu_seqlens: Raw,
+    rows: Option<Raw>,
+    masked_rows: Option<Raw>,
+    out: Vec<Raw>,
+) -> PyResult<(f64, f64, f64, f64, f64, f64)> {
+    let vppo = build(device, options)?;
+    let dtype = parse_dtype(dtype)?;
+    rows_of("logits", logits.1, vocab)?;
+    rows_of("logits_masked", logits_masked.1, vocab)?;
+    let n = targets.1;
+    let b = advantages.1;
+    want_len("old_logp", old_logp.1, n)?;
+    if let Some(r) = rows {
+        want_len("rows", r.1, n)?;
+    } else {
+        // Without rows the logits are [N, V]: N * V must not overflow.
+        n.checked_mul(vocab)
+            .ok_or_else(|| bad(format!("logits: N = {n} times V = {vocab} overflows")))?;
+    }
+    if let Some(r) = masked_rows {
+        want_len("masked_rows", r.1, n)?;
+    }
+    if out.len() != 13 {
+        return Err(bad(format!(
+            "forward takes 13 output buffers, not {}",
+            out.len()
+        )));
+    }
+    for (i, o) in out.iter().enumerate() {
+        want_len("an output buffer", o.1, if i < 10 { n } else { b })?;
+    }
+    let result = py.detach(|| {
+        // SAFETY: vppo/torch.py passes contiguous CPU tensors of these dtypes and element counts,
+        // alive for the call (they are arguments of the op), and nothing else runs on them meanwhile.
+        let batch = unsafe {
+            Batch {
+                logits: crate::logits(dtype, logits),
+                logits_masked: crate::logits(dtype, logits_masked),
+                targets: slice::<i32>(targets),
+                old_logp: slice::<f32>(old_logp),
+                advantages: slice::<f32>(advantages),
+                cu_seqlens: slice::<i32>(cu_seqlens),
+                vocab,
+                rows: rows.map(|r| slice::<i64>(r)),
+                masked_rows: masked_rows.map(|r| slice::<i64>(r)),
+            }
+        };
+        vppo.forward(&batch)
+    });
+    let o = result.map_err(value_error)?;
+    let t = &o.tokens;
+    let r = &o.responses;
+    let f32_outs: [(&[f32], Raw); 9] = [
+        (&t.score, out[0]),
+        (&t.kl, out[1]),
+        (&t.k3, out[2]),
+        (&t.entropy, out[3]),
+        (&t.logp, out[4]),
+        (&t.logp_masked, out[5]),
+        (&t.lse, out[6]),
+        (&t.lse_masked, out[7]),
+        (&t.dlogp, out[9]),
+    ];
+    for (src, dst) in f32_outs {
+        want_len("a per-token output", src.len(), dst.1)?;
+        // SAFETY: out[i] are fresh torch.empty buffers of this dtype and count, owned by the call.
+        unsafe { slice_mut::<f32>(dst) }.copy_from_slice(src);
+    }
+    want_len("mask", t.mask.len(), out[8].1)?;
+    // SAFETY: as above, a uint8 buffer of N elements.
+    unsafe { slice_mut::<u8>(out[8]) }.copy_from_slice(&t.mask);
+    for (src, dst) in [(&r.sbar, out[10]), (&r.alpha, out[12])] {
+        want_len("a per-response output", src.len(), dst.1)?;
+        // SAFETY: as above, f32 buffers of B elements.
+        unsafe { slice_mut::<f32>(dst) }.copy_from_slice(src);
+    }
+    want_len("k", r.k.len(), out[11].1)?;
+    // SAFETY: as above, an int32 buffer of B elements.
+    let k = unsafe { slice_mut::<i32>(out[11]) };
+    for (d, &s) in k.iter_mut().zip(&r.k) {
+        *d = i32::try_from(s).map_err(|_| bad(format!("k = {s} does not fit int32")))?;
+    }
+    let s = &o.stats;
+    Ok((
+        o.loss,
+        o.pg_loss,
+        o.token_normalizer,
+        s.clip_fraction,
+        s.mean_ratio,
+        s.selected_fraction,
+    ))
+}
+
+/// dloss/dlogits from what the forward saved (`Vppo::backward_saved`): reads `logits` and writes
+/// `grad` (`grad_dtype` float32 or the logits dtype, the shape of the logits), or, with `logits`
+/// None, reads the logits from `grad` and overwrites them with the gradient (in place). `dlogp`
+/// is the forward's dloss/dlogp already scaled by the incoming gradient of the loss.
+#[pyfunction]
+#[pyo3(signature = (device, options, dtype, vocab, logits, grad_dtype, grad, targets, lse, dlogp, rows))]
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    py: Python<'_>,
+    device: &str,
+    options: &str,
+    dtype: &str,
+    vocab: usize,
+    logits: Option<Raw>,
+    grad_dtype: &str,
+    grad: Raw,
+    targets: Raw,
+    lse: Raw,
+    dlogp: Raw,
+    rows: Option<Raw>,
+) -> PyResult<()> {
+    let vppo = build(device, options)?;
+    let dtype = parse_dtype(dtype)?;
+    let grad_dtype = parse_dtype(grad_dtype)?;
+    if logits.is_none() && grad_dtype != dtype {
+        return Err(bad(format!(
+            "the in-place gradient has the logits dtype {}, not {}",
+            dtype.name(),
+            grad_dtype.name()
+        )));
+    }
+    let n = targets.1;
+    want_len("lse", lse.1, n)?;
+    want_len("dlogp", dlogp.1, n)?;
+    if let Some(r) = rows {
+        want_len("rows", r.1, n)?;
+    }
+    if let Some(l) = logits {
+        want_len("grad_logits", grad.1, l.1)?;
+    }
+    rows_of("grad_logits", grad.1, vocab)?;
+    py.detach(|| {
+        // SAFETY: vppo/torch.py passes contiguous CPU tensors of these dtypes and counts, alive for
+        // the call; `grad` is a fresh torch.empty buffer or (in place, `logits` None) the logits the
+        // op declares it mutates, and no other slice of it exists here.
+        let (logits, grad, saved) = unsafe {
+            (
+                logits.map(|l| crate::logits(dtype, l)),
+                grad_mut(grad_dtype, grad),
+                SavedForward {
+                    targets: slice::<i32>(targets),
+                    lse: slice::<f32>(lse),
+                    dlogp: slice::<f32>(dlogp),
+                    rows: rows.map(|r| slice::<i64>(r)),
+                },
+            )
+        };
+        vppo.backward_saved(logits, vocab, &saved, grad)
+    })
+    .map_err(value_error)
+}
+
+/// Checks the loss options without computing anything (ValueError with the crate's message).
+#[pyfunction]
+fn check_options(device: &str, options: &str) -> PyResult<()> {
+    build(device, options).map(|_| ())
+}
+
+#[pymodule]
+fn _vppo(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(forward, m)?)?;
+    m.add_function(wrap_pyfunction!(backward, m)?)?;
+    m.add_function(wrap_pyfunction!(check_options, m)?)?;
+    Ok(())
+}

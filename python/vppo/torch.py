@@ -1,0 +1,363 @@
+"""The VPPO loss as a PyTorch op (SPEC section 13).
+
+``vppo_loss`` is registered with ``torch.library.custom_op`` (``vppo::loss``), with a fake
+implementation (so it runs under ``torch.compile`` without a graph break) and an autograd formula
+whose backward op computes dloss/dlogits from what the forward saved (``Vppo::backward_saved``).
+
+Implemented: CPU tensors, through the crate's kernels on the SIMT executor (``device="simt"``, the
+default) or the f64 reference (``device="reference"``). Not yet: CUDA tensors (a RuntimeError, never a
+silent copy to the CPU).
+
+No libtorch is linked: tensors reach the extension as (data pointer, element count) after the checks
+below, and every output is allocated here with ``torch.empty`` and filled by the extension.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _vppo
+
+__all__ = ["vppo_loss", "VppoLoss", "TOKEN_OUTPUTS", "RESPONSE_OUTPUTS", "STATS"]
+
+#: Per-token outputs in ``out`` ([N]; ``mask`` uint8, the others float32).
+TOKEN_OUTPUTS = (
+    "score",
+    "kl",
+    "k3",
+    "entropy",
+    "logp",
+    "logp_masked",
+    "lse",
+    "lse_masked",
+    "mask",
+    "dlogp",
+)
+#: Per-response outputs in ``out`` ([B]; ``k`` int32, the others float32).
+RESPONSE_OUTPUTS = ("sbar", "k", "alpha")
+#: Scalars in ``out`` (0-dim float64 tensors).
+STATS = ("pg_loss", "token_normalizer", "clip_fraction", "mean_ratio", "selected_fraction")
+
+_LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT_DTYPES = (torch.int32, torch.int64)
+_DEVICES = ("simt", "reference")
+_GRAD_DTYPES = ("logits", "f32")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check(name: str, t: Tensor, dtypes, dim: int) -> None:
+    """Device, dtype, rank and contiguity of one input: metadata only, so it traces."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"vppo_loss: {name} must be a torch.Tensor, not {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise RuntimeError(
+            f"vppo_loss: {name} is on {t.device}; CUDA tensors are not yet supported from Python "
+            "(pass CPU tensors: they run the same kernels on the SIMT executor). No copy is made."
+        )
+    if t.dtype not in dtypes:
+        want = ", ".join(_dtype_name(d) for d in dtypes)
+        raise ValueError(f"vppo_loss: {name} has dtype {_dtype_name(t.dtype)}, expected {want}")
+    if t.dim() != dim:
+        raise ValueError(f"vppo_loss: {name} has shape {tuple(t.shape)}, expected {dim} dimension(s)")
+    if not t.is_contiguous():
+        raise ValueError(
+            f"vppo_loss: {name} is not contiguous (strides {t.stride()}); no silent copy is made: "
+            f"pass {name}.contiguous()"
+        )
+
+
+def _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
+                  device, grad_dtype):
+    _check("logits", logits, _LOGITS_DTYPES, 2)
+    _check("logits_masked", logits_masked, _LOGITS_DTYPES, 2)
+    if logits_masked.dtype != logits.dtype:
+        raise ValueError(
+            f"vppo_loss: logits_masked has dtype {_dtype_name(logits_masked.dtype)}, logits "
+            f"{_dtype_name(logits.dtype)}: they must agree"
+        )
+    if logits_masked.shape[1] != logits.shape[1]:
+        raise ValueError(
+            f"vppo_loss: logits_masked has V = {logits_masked.shape[1]}, logits V = {logits.shape[1]}"
+        )
+    _check("targets", targets, _INT_DTYPES, 1)
+    _check("old_logp", old_logp, (torch.float32,), 1)
+    _check("advantages", advantages, (torch.float32,), 1)
+    _check("cu_seqlens", cu_seqlens, _INT_DTYPES, 1)
+    if rows is not None:
+        _check("rows", rows, _INT_DTYPES, 1)
+    if masked_rows is not None:
+        _check("masked_rows", masked_rows, _INT_DTYPES, 1)
+    if device not in _DEVICES:
+        raise ValueError(f'vppo_loss: device must be "simt" or "reference", not {device!r}')
+    if grad_dtype not in _GRAD_DTYPES:
+        raise ValueError(f'vppo_loss: grad_dtype must be "logits" or "f32", not {grad_dtype!r}')
+
+
+def _as(name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
+    """An index tensor as the extension reads it (int32 or int64): an O(N) conversion, range checked
+    so that no value is silently truncated."""
+    if t.dtype == dtype:
+        return t
+    if dtype == torch.int32 and t.numel() > 0:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < -(2**31) or hi >= 2**31:
+            bad = lo if lo < -(2**31) else hi
+            raise ValueError(f"vppo_loss: {name} has the value {bad}, outside int32")
+    return t.to(dtype)
+
+
+def _raw(t: Tensor) -> Tuple[int, int]:
+    return (t.data_ptr(), t.numel())
+
+
+def _options_json(options: dict) -> str:
+    """The loss options as the JSON object the extension parses. Written by hand with plain string
+    operations so that torch.compile traces it without a graph break."""
+    parts = []
+    for key in sorted(options):
+        value = options[key]
+        if value is None and key == "dual_clip":
+            value = "none"  # dual_clip=None turns the dual clip off (the command line's `none`)
+        if value is None:
+            text = "null"
+        elif value is True:
+            text = "true"
+        elif value is False:
+            text = "false"
+        elif isinstance(value, str):
+            if '"' in value or "\\" in value:
+                raise ValueError(f"vppo_loss: option {key} has the value {value!r}")
+            text = '"' + value + '"'
+        elif isinstance(value, (tuple, list)):
+            text = "[" + ",".join(repr(float(x)) for x in value) + "]"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            raise ValueError(f"vppo_loss: option {key} has the value {value!r}")
+        parts.append('"' + key + '":' + text)
+    return "{" + ",".join(parts) + "}"
+
+
+# -------------------------------------------------------------------------------------------------
+# The ops
+# -------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("vppo::loss", mutates_args=())
+def _loss(
+    logits: Tensor,
+    logits_masked: Tensor,
+    targets: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    cu_seqlens: Tensor,
+    rows: Optional[Tensor],
+    masked_rows: Optional[Tensor],
+    options: str,
+    device: str,
+    grad_dtype: str,
+    in_place: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+           Tensor, Tensor, Tensor, Tensor]:
+    _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
+                  device, grad_dtype)
+    targets = _as("targets", targets, torch.int32)
+    cu_seqlens = _as("cu_seqlens", cu_seqlens, torch.int32)
+    rows = None if rows is None else _as("rows", rows, torch.int64)
+    masked_rows = None if masked_rows is None else _as("masked_rows", masked_rows, torch.int64)
+    n, b = targets.numel(), advantages.numel()
+    token = [torch.empty(n, dtype=torch.uint8 if name == "mask" else torch.float32)
+             for name in TOKEN_OUTPUTS]
+    resp = [torch.empty(b, dtype=torch.int32 if name == "k" else torch.float32)
+            for name in RESPONSE_OUTPUTS]
+    scalars = _vppo.forward(
+        device, options, _dtype_name(logits.dtype), logits.shape[1],
+        _raw(logits), _raw(logits_masked), _raw(targets), _raw(old_logp), _raw(advantages),
+        _raw(cu_seqlens), None if rows is None else _raw(rows),
+        None if masked_rows is None else _raw(masked_rows),
+        [_raw(t) for t in token + resp],
+    )
+    loss = torch.tensor(scalars[0], dtype=torch.float32)
+    stats = torch.tensor(scalars[1:], dtype=torch.float64)
+    return (loss, *token, *resp, stats)
+
+
+@_loss.register_fake
+def _loss_fake(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
+               options, device, grad_dtype, in_place):
+    n, b = targets.shape[0], advantages.shape[0]
+    loss = logits.new_empty((), dtype=torch.float32)
+    token = [logits.new_empty((n,), dtype=torch.uint8 if name == "mask" else torch.float32)
+             for name in TOKEN_OUTPUTS]
+    resp = [logits.new_empty((b,), dtype=torch.int32 if name == "k" else torch.float32)
+            for name in RESPONSE_OUTPUTS]
+    stats = logits.new_empty((len(STATS),), dtype=torch.float64)
+    return (loss, *token, *resp, stats)
+
+
+def _backward_args(logits, targets, lse, dlogp, rows):
+    _check("logits", logits, _LOGITS_DTYPES, 2)
+    _check("targets", targets, _INT_DTYPES, 1)
+    _check("lse", lse, (torch.float32,), 1)
+    _check("dlogp", dlogp, (torch.float32,), 1)
+    targets = _as("targets", targets, torch.int32)
+    if rows is not None:
+        _check("rows", rows, _INT_DTYPES, 1)
+        rows = _as("rows", rows, torch.int64)
+    return targets, rows
+
+
+@torch.library.custom_op("vppo::loss_backward", mutates_args=())
+def _loss_backward(
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    dlogp: Tensor,
+    rows: Optional[Tensor],
+    options: str,
+    device: str,
+    grad_dtype: str,
+) -> Tensor:
+    """dloss/dlogits [R, V] (zero rows where no token reads) from the saved lse and dlogp."""
+    targets, rows = _backward_args(logits, targets, lse, dlogp, rows)
+    dtype = torch.float32 if grad_dtype == "f32" else logits.dtype
+    grad = torch.empty(logits.shape, dtype=dtype)
+    _vppo.backward(
+        device, options, _dtype_name(logits.dtype), logits.shape[1], _raw(logits),
+        _dtype_name(dtype), _raw(grad), _raw(targets), _raw(lse), _raw(dlogp),
+        None if rows is None else _raw(rows),
+    )
+    return grad
+
+
+@_loss_backward.register_fake
+def _loss_backward_fake(logits, targets, lse, dlogp, rows, options, device, grad_dtype):
+    dtype = torch.float32 if grad_dtype == "f32" else logits.dtype
+    return logits.new_empty(logits.shape, dtype=dtype)
+
+
+@torch.library.custom_op("vppo::loss_backward_", mutates_args=("logits",))
+def _loss_backward_in_place(
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    dlogp: Tensor,
+    rows: Optional[Tensor],
+    options: str,
+    device: str,
+) -> None:
+    """dloss/dlogits written over ``logits`` (declared mutated: its version counter is bumped, so any
+    other saved use of those logits raises in autograd instead of reading a gradient)."""
+    targets, rows = _backward_args(logits, targets, lse, dlogp, rows)
+    _vppo.backward(
+        device, options, _dtype_name(logits.dtype), logits.shape[1], None,
+        _dtype_name(logits.dtype), _raw(logits), _raw(targets), _raw(lse), _raw(dlogp),
+        None if rows is None else _raw(rows),
+    )
+
+
+@_loss_backward_in_place.register_fake
+def _loss_backward_in_place_fake(logits, targets, lse, dlogp, rows, options, device):
+    return None
+
+
+_LSE = 1 + TOKEN_OUTPUTS.index("lse")
+_DLOGP = 1 + TOKEN_OUTPUTS.index("dlogp")
+
+
+def _setup_context(ctx, inputs, output):
+    (logits, _, targets, _, _, _, rows, _, options, device, grad_dtype, in_place) = inputs
+    ctx.save_for_backward(logits, targets, output[_LSE], output[_DLOGP], rows)
+    ctx.options, ctx.device, ctx.grad_dtype, ctx.in_place = options, device, grad_dtype, in_place
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_):
+    logits, targets, lse, dlogp, rows = ctx.saved_tensors
+    none = (None,) * 11
+    if grad_loss is None:
+        return (None,) + none
+    # dloss/dlogits is linear in dloss/dlogp: the incoming gradient of the loss scales dlogp.
+    dlogp = (dlogp * grad_loss.to(torch.float32)).contiguous()
+    if ctx.in_place:
+        _loss_backward_in_place(logits, targets, lse, dlogp, rows, ctx.options, ctx.device)
+        return (logits,) + none
+    grad = _loss_backward(logits, targets, lse, dlogp, rows, ctx.options, ctx.device, ctx.grad_dtype)
+    return (grad,) + none
+
+
+_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -------------------------------------------------------------------------------------------------
+# The public API
+# -------------------------------------------------------------------------------------------------
+
+
+def vppo_loss(
+    logits: Tensor,
+    logits_masked: Tensor,
+    targets: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    cu_seqlens: Tensor,
+    *,
+    rows: Optional[Tensor] = None,
+    masked_rows: Optional[Tensor] = None,
+    device: Optional[str] = None,
+    grad_dtype: str = "logits",
+    in_place: bool = False,
+    **options,
+):
+    """The VPPO loss of a packed batch (SPEC sections 1-8) and its outputs.
+
+    ``logits`` and ``logits_masked`` are [N, V] (or [R, V] read through ``rows`` / ``masked_rows``,
+    SPEC section 10) in float32, float16 or bfloat16; ``targets`` [N] and ``cu_seqlens`` [B+1] int32
+    or int64; ``old_logp`` [N] and ``advantages`` [B] float32. ``options`` are the command line's loss
+    options with ``_`` (``top_fraction=0.4``, ``perception="k3"``, ``dual_clip=None`` turns the dual
+    clip off, ``tas_scope``, ``eps_low``, ...), plus ``tas_range=(lo, hi)``; defaults are the
+    command line's. ``device``: "simt" (default: the kernels on the SIMT executor) or "reference"
+    (the f64 reference). ``grad_dtype``: "logits" (default) or "f32" (autograd then stores it in the
+    logits' dtype). ``in_place=True``: the backward writes the gradient over ``logits``.
+
+    Returns ``(loss, out)``: ``loss`` a 0-dim float32 tensor whose backward gives dloss/dlogits only;
+    ``out`` a dict of the per-token (``TOKEN_OUTPUTS``), per-response (``RESPONSE_OUTPUTS``) tensors
+    and the statistics (``STATS``). Bad input raises ValueError with the crate's message.
+    """
+    device = "simt" if device is None else device
+    _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
+                  device, grad_dtype)
+    if in_place and grad_dtype != "logits":
+        raise ValueError('vppo_loss: in_place=True writes the gradient in the logits dtype: '
+                         'grad_dtype must be "logits"')
+    result = _loss(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
+                   _options_json(options), device, grad_dtype, bool(in_place))
+    names = TOKEN_OUTPUTS + RESPONSE_OUTPUTS
+    out = {name: result[1 + i] for i, name in enumerate(names)}
+    stats = result[1 + len(names)]
+    for i, name in enumerate(STATS):
+        out[name] = stats[i]
+    return result[0], out
+
+
+class VppoLoss(torch.nn.Module):
+    """``vppo_loss`` with its options fixed: ``VppoLoss(top_fraction=0.4, perception="k3")(logits,
+    logits_masked, targets, old_logp, advantages, cu_seqlens, rows=...)`` returns ``(loss, out)``."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = dict(options)
+
+    def forward(self, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, *, rows=None,
+                masked_rows=None):
+        return vppo_loss(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows=rows,
+                         masked_rows=masked_rows, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in sorted(self.options.items()))
