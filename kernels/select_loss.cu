@@ -19,7 +19,12 @@
  *   Phase 2, per token: r = exp(clamp(logp - old_logp, -C, C)) with C = VPPO_LOG_RATIO_CLAMP (20),
  *   l_t = max(-A' r, -A' clamp(r)), the
  *   dual clip for A' < 0, the aggregation weight, and g_t = dloss/dlogp_t with no gradient through an
- *   active clamp or clip. Per-token arithmetic in double (N values only: it costs nothing next to pass 1).
+ *   active clamp or clip. Loss types (SPEC section 12): in the GSPO modes a phase between the two (one
+ *   thread per response, sequential over its tokens) writes s_b = mean of logp - old_logp and the
+ *   masked count m_b, and every token of b uses s_b as its log-ratio; gspo's gradient through s_b is
+ *   m_b w_b dl/ds / L_b on every token of b (l, w and A' are the same for all tokens of b); cispo is
+ *   l_t = -A' logp_t c_t with c_t = clamp(r_t) a constant. Per-token arithmetic in double (N values
+ *   only: it costs nothing next to pass 1).
  *   Totals are summed per thread in index order and then in a fixed tree: bit-identical loss every run.
  *
  * Shapes: score, logp, old_logp, mask, dlogp [N]; cu_seqlens [B + 1]; advantages, sbar, alpha, k [B].
@@ -259,9 +264,25 @@ __device__ void loss(const VppoLossParams &p, LossShared &sh) {
     } else {
         alpha_batch(p, sh);
     }
+    const bool seq_ratio = p.loss_type == VPPO_LOSS_GSPO || p.loss_type == VPPO_LOSS_GSPO_TOKEN;
+    if (seq_ratio) {
+        /* s_b and m_b, one thread per response, in index order */
+        for (int64_t b = threadIdx.x; b < p.n_responses; b += blockDim.x) {
+            const int64_t start = p.cu_seqlens[b], len = resp_len(p, b);
+            double sum = 0.0;
+            int32_t selected_b = 0;
+            for (int64_t t = start; t < start + len; ++t) {
+                sum += (double)p.logp[t] - (double)p.old_logp[t];
+                selected_b += p.mask[t] != 0;
+            }
+            p.seq_log_ratio[b] = len > 0 ? sum / (double)len : 0.0;
+            p.seq_selected[b] = selected_b;
+        }
+    }
     long long nonempty_part = 0;
     for (int64_t b = threadIdx.x; b < p.n_responses; b += blockDim.x) nonempty_part += resp_len(p, b) > 0;
-    const long long n_nonempty = block_sum(nonempty_part, sh.i); /* B'; its barriers also publish alpha */
+    /* B'; its barriers also publish alpha, s_b and m_b */
+    const long long n_nonempty = block_sum(nonempty_part, sh.i);
 
     /* ---- Phase 2: per token ---- */
     const double z = p.token_normalizer;
@@ -272,21 +293,30 @@ __device__ void loss(const VppoLossParams &p, LossShared &sh) {
         const int64_t b = response_of(p.cu_seqlens, p.n_responses, t);
         const double adv = (double)p.alpha[b] * (double)p.advantages[b]; /* A' */
         const double logp = p.logp[t];
-        const double x = logp - (double)p.old_logp[t];
+        /* the log-ratio: per token, or s_b in the GSPO modes */
+        const double x = seq_ratio ? p.seq_log_ratio[b] : logp - (double)p.old_logp[t];
         const bool ratio_clamped = x < -VPPO_LOG_RATIO_CLAMP || x > VPPO_LOG_RATIO_CLAMP;
         const double r = exp(fmin(fmax(x, -VPPO_LOG_RATIO_CLAMP), VPPO_LOG_RATIO_CLAMP));
         const double r_clip = fmin(fmax(r, lo_clip), hi_clip);
-        const double unclipped = -adv * r, clipped_branch = -adv * r_clip;
         const bool inside = r >= lo_clip && r <= hi_clip;
-        double l = fmax(unclipped, clipped_branch);
-        /* dl/dlogp: the unclipped branch's gradient -A' r where it is the one taken */
-        double dl = (inside || unclipped > clipped_branch) ? -adv * r : 0.0;
-        bool is_clipped = !inside && clipped_branch > unclipped;
-        if (p.has_dual_clip && adv < 0.0) {
-            const double cap = -adv * p.dual_clip;
-            if (l > cap) { l = cap; dl = 0.0; is_clipped = true; }
+        double l, dl; /* l_t and dl_t / d(log-ratio), or dl_t / dlogp_t for cispo */
+        bool is_clipped;
+        if (p.loss_type == VPPO_LOSS_CISPO) {
+            l = -adv * logp * r_clip;
+            dl = -adv * r_clip;
+            is_clipped = !inside;
+        } else {
+            const double unclipped = -adv * r, clipped_branch = -adv * r_clip;
+            l = fmax(unclipped, clipped_branch);
+            /* the unclipped branch's gradient -A' r where it is the one taken */
+            dl = (inside || unclipped > clipped_branch) ? -adv * r : 0.0;
+            is_clipped = !inside && clipped_branch > unclipped;
+            if (p.has_dual_clip && adv < 0.0) {
+                const double cap = -adv * p.dual_clip;
+                if (l > cap) { l = cap; dl = 0.0; is_clipped = true; }
+            }
+            if (ratio_clamped) dl = 0.0;
         }
-        if (ratio_clamped) dl = 0.0;
 
         double weight; /* d pg / d (mask l_t) */
         if (p.aggregation == VPPO_AGG_TOKEN_MEAN) weight = 1.0 / z;
@@ -301,7 +331,14 @@ __device__ void loss(const VppoLossParams &p, LossShared &sh) {
         }
         logp_sum += logp;
         ratio_sum += r;
-        p.dlogp[t] = (float)((m ? dl * weight : 0.0) - p.logp_penalty / z);
+        double g; /* d pg / d logp_t */
+        if (p.loss_type == VPPO_LOSS_GSPO) {
+            /* sum over the m_b masked tokens u of b of w dl_u / ds_b, times ds_b / dlogp_t = 1 / L_b */
+            g = (double)p.seq_selected[b] * dl * weight / (double)resp_len(p, b);
+        } else {
+            g = m ? dl * weight : 0.0;
+        }
+        p.dlogp[t] = (float)(g - p.logp_penalty / z);
     }
     pg = block_sum(pg, sh.d);
     logp_sum = block_sum(logp_sum, sh.d);

@@ -40,6 +40,14 @@ typedef enum VppoAggregation {
     VPPO_AGG_SEQ_MEAN_TOKEN_SUM = 2
 } VppoAggregation;
 
+/* The per-token policy loss of the official compute_policy_loss (SPEC section 12). */
+typedef enum VppoLossType {
+    VPPO_LOSS_PPO = 0,        /* the clipped surrogate of SPEC section 5 on the token ratio */
+    VPPO_LOSS_GSPO = 1,       /* the sequence log-ratio s_b, gradient through s_b to every token of b */
+    VPPO_LOSS_GSPO_TOKEN = 2, /* the value of s_b, each token's gradient through its own logp */
+    VPPO_LOSS_CISPO = 3       /* -A' logp c, c the clipped token ratio held constant */
+} VppoLossType;
+
 /*
  * Errors a kernel finds in the data. The perception kernel reports the first bad row: the status word
  * keeps the minimum of (row << 8 | code) over all bad rows (an integer atomicMin, so the report does
@@ -166,6 +174,8 @@ typedef struct VppoLossParams {
     float *alpha;               /* [B] out */
     float *dlogp;               /* [N] out: dloss/dlogp */
     VppoLossTotals *totals;     /* [1] out */
+    double *seq_log_ratio;      /* [B] scratch of the GSPO modes: s_b = mean over b of logp - old_logp */
+    int32_t *seq_selected;      /* [B] scratch of the GSPO modes: masked tokens of b */
     int64_t n_tokens;           /* N */
     int64_t n_responses;        /* B */
     int64_t group_size;         /* G, the scope of VPPO_SCOPE_GROUP */
@@ -185,7 +195,7 @@ typedef struct VppoLossParams {
     int32_t aggregation;        /* VppoAggregation */
     int32_t has_range;
     int32_t has_dual_clip;
-    int32_t pad0;
+    int32_t loss_type;          /* VppoLossType */
 } VppoLossParams;
 
 /* Pass 3, kernels/backward.cu: dloss/dlogits[t, v] = g_t (1[v = y] - softmax(a_t)_v) / tau, over

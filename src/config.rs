@@ -47,6 +47,21 @@ pub enum Aggregation {
     SeqMeanTokenSum,
 }
 
+/// The per-token policy loss of the official `compute_policy_loss` (SPEC section 12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LossType {
+    /// The clipped surrogate of SPEC section 5 on the token ratio (the official `default`).
+    #[default]
+    Ppo,
+    /// GSPO: every token of response b uses the sequence log-ratio s_b = mean over b of
+    /// (logp - old_logp); the gradient flows through s_b to every logp of b.
+    Gspo,
+    /// GSPO-token: the value of s_b, but each token's gradient only through its own logp.
+    GspoToken,
+    /// CISPO: l_t = -A' logp_t c_t, c_t the clipped token ratio held constant; no max, no dual clip.
+    Cispo,
+}
+
 /// The top-k fraction as an exact decimal: `num / den` with `den` a power of ten.
 ///
 /// `k_b = ceil(top_fraction * L_b)` must be computed in exact arithmetic: 0.4 x 10 is 4, never 5.
@@ -154,6 +169,8 @@ pub struct VppoConfig {
     pub logp_penalty: f64,
     /// Sampling temperature tau; logits are divided by it. Default 1.
     pub temperature: f64,
+    /// The per-token policy loss (SPEC section 12). Default PPO (the clipped surrogate of section 5).
+    pub loss_type: LossType,
 }
 
 impl Default for VppoConfig {
@@ -175,6 +192,7 @@ impl Default for VppoConfig {
             token_normalizer: None,
             logp_penalty: 0.06,
             temperature: 1.0,
+            loss_type: LossType::Ppo,
         }
     }
 }

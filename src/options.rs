@@ -9,7 +9,7 @@
 use clap::{Args, ValueEnum};
 
 use crate::api::{Device, LaneOrder};
-use crate::config::{Aggregation, Perception, Shaping, TasScope, VppoConfig};
+use crate::config::{Aggregation, LossType, Perception, Shaping, TasScope, VppoConfig};
 
 /// `--perception`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -49,6 +49,19 @@ pub enum AggregationArg {
     SeqMeanTokenMean,
     /// Mean over responses of sum_t mask l_t.
     SeqMeanTokenSum,
+}
+
+/// `--loss-type` (SPEC section 12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LossTypeArg {
+    /// The clipped surrogate on the token ratio (SPEC section 5).
+    Ppo,
+    /// The sequence-level ratio exp(s_b), s_b the mean log-ratio of the response; gradient through s_b.
+    Gspo,
+    /// The value of s_b, each token's gradient through its own logp.
+    GspoToken,
+    /// -A' logp c, c the clipped token ratio held constant.
+    Cispo,
 }
 
 /// `--device`.
@@ -155,6 +168,9 @@ pub struct LossOptions {
     /// Sampling temperature tau; logits are divided by it.
     #[arg(long, value_name = "X", allow_negative_numbers = true, default_value_t = VppoConfig::default().temperature)]
     pub temperature: f64,
+    /// The per-token policy loss (SPEC section 12): ppo, gspo, gspo-token or cispo.
+    #[arg(long, value_enum, default_value_t = LossTypeArg::Ppo)]
+    pub loss_type: LossTypeArg,
     /// Where to compute: cpu (the f64 reference), cuda (GPU 0) or simt (the kernels run on the CPU).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
@@ -194,6 +210,12 @@ impl LossOptions {
             token_normalizer: self.token_normalizer,
             logp_penalty: self.logp_penalty,
             temperature: self.temperature,
+            loss_type: match self.loss_type {
+                LossTypeArg::Ppo => LossType::Ppo,
+                LossTypeArg::Gspo => LossType::Gspo,
+                LossTypeArg::GspoToken => LossType::GspoToken,
+                LossTypeArg::Cispo => LossType::Cispo,
+            },
         }
     }
 }

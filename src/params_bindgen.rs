@@ -44,6 +44,14 @@ pub enum VppoAggregation {
 }
 #[repr(u32)]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
+pub enum VppoLossType {
+    VPPO_LOSS_PPO = 0,
+    VPPO_LOSS_GSPO = 1,
+    VPPO_LOSS_GSPO_TOKEN = 2,
+    VPPO_LOSS_CISPO = 3,
+}
+#[repr(u32)]
+#[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub enum VppoErrorCode {
     VPPO_ERR_NONE = 0,
     VPPO_ERR_TARGET_OUT_OF_RANGE = 1,
@@ -214,6 +222,8 @@ pub struct VppoLossParams {
     pub alpha: *mut f32,
     pub dlogp: *mut f32,
     pub totals: *mut VppoLossTotals,
+    pub seq_log_ratio: *mut f64,
+    pub seq_selected: *mut i32,
     pub n_tokens: i64,
     pub n_responses: i64,
     pub group_size: i64,
@@ -231,11 +241,11 @@ pub struct VppoLossParams {
     pub aggregation: i32,
     pub has_range: i32,
     pub has_dual_clip: i32,
-    pub pad0: i32,
+    pub loss_type: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of VppoLossParams"][::std::mem::size_of::<VppoLossParams>() - 192usize];
+    ["Size of VppoLossParams"][::std::mem::size_of::<VppoLossParams>() - 208usize];
     ["Alignment of VppoLossParams"][::std::mem::align_of::<VppoLossParams>() - 8usize];
     ["Offset of field: VppoLossParams::logp"]
         [::std::mem::offset_of!(VppoLossParams, logp) - 0usize];
@@ -255,42 +265,46 @@ const _: () = {
         [::std::mem::offset_of!(VppoLossParams, dlogp) - 56usize];
     ["Offset of field: VppoLossParams::totals"]
         [::std::mem::offset_of!(VppoLossParams, totals) - 64usize];
+    ["Offset of field: VppoLossParams::seq_log_ratio"]
+        [::std::mem::offset_of!(VppoLossParams, seq_log_ratio) - 72usize];
+    ["Offset of field: VppoLossParams::seq_selected"]
+        [::std::mem::offset_of!(VppoLossParams, seq_selected) - 80usize];
     ["Offset of field: VppoLossParams::n_tokens"]
-        [::std::mem::offset_of!(VppoLossParams, n_tokens) - 72usize];
+        [::std::mem::offset_of!(VppoLossParams, n_tokens) - 88usize];
     ["Offset of field: VppoLossParams::n_responses"]
-        [::std::mem::offset_of!(VppoLossParams, n_responses) - 80usize];
+        [::std::mem::offset_of!(VppoLossParams, n_responses) - 96usize];
     ["Offset of field: VppoLossParams::group_size"]
-        [::std::mem::offset_of!(VppoLossParams, group_size) - 88usize];
+        [::std::mem::offset_of!(VppoLossParams, group_size) - 104usize];
     ["Offset of field: VppoLossParams::token_normalizer"]
-        [::std::mem::offset_of!(VppoLossParams, token_normalizer) - 96usize];
+        [::std::mem::offset_of!(VppoLossParams, token_normalizer) - 112usize];
     ["Offset of field: VppoLossParams::beta_min"]
-        [::std::mem::offset_of!(VppoLossParams, beta_min) - 104usize];
+        [::std::mem::offset_of!(VppoLossParams, beta_min) - 120usize];
     ["Offset of field: VppoLossParams::beta_max"]
-        [::std::mem::offset_of!(VppoLossParams, beta_max) - 112usize];
+        [::std::mem::offset_of!(VppoLossParams, beta_max) - 128usize];
     ["Offset of field: VppoLossParams::range_lo"]
-        [::std::mem::offset_of!(VppoLossParams, range_lo) - 120usize];
+        [::std::mem::offset_of!(VppoLossParams, range_lo) - 136usize];
     ["Offset of field: VppoLossParams::range_hi"]
-        [::std::mem::offset_of!(VppoLossParams, range_hi) - 128usize];
+        [::std::mem::offset_of!(VppoLossParams, range_hi) - 144usize];
     ["Offset of field: VppoLossParams::eps_low"]
-        [::std::mem::offset_of!(VppoLossParams, eps_low) - 136usize];
+        [::std::mem::offset_of!(VppoLossParams, eps_low) - 152usize];
     ["Offset of field: VppoLossParams::eps_high"]
-        [::std::mem::offset_of!(VppoLossParams, eps_high) - 144usize];
+        [::std::mem::offset_of!(VppoLossParams, eps_high) - 160usize];
     ["Offset of field: VppoLossParams::dual_clip"]
-        [::std::mem::offset_of!(VppoLossParams, dual_clip) - 152usize];
+        [::std::mem::offset_of!(VppoLossParams, dual_clip) - 168usize];
     ["Offset of field: VppoLossParams::logp_penalty"]
-        [::std::mem::offset_of!(VppoLossParams, logp_penalty) - 160usize];
+        [::std::mem::offset_of!(VppoLossParams, logp_penalty) - 176usize];
     ["Offset of field: VppoLossParams::shaping"]
-        [::std::mem::offset_of!(VppoLossParams, shaping) - 168usize];
+        [::std::mem::offset_of!(VppoLossParams, shaping) - 184usize];
     ["Offset of field: VppoLossParams::scope"]
-        [::std::mem::offset_of!(VppoLossParams, scope) - 172usize];
+        [::std::mem::offset_of!(VppoLossParams, scope) - 188usize];
     ["Offset of field: VppoLossParams::aggregation"]
-        [::std::mem::offset_of!(VppoLossParams, aggregation) - 176usize];
+        [::std::mem::offset_of!(VppoLossParams, aggregation) - 192usize];
     ["Offset of field: VppoLossParams::has_range"]
-        [::std::mem::offset_of!(VppoLossParams, has_range) - 180usize];
+        [::std::mem::offset_of!(VppoLossParams, has_range) - 196usize];
     ["Offset of field: VppoLossParams::has_dual_clip"]
-        [::std::mem::offset_of!(VppoLossParams, has_dual_clip) - 184usize];
-    ["Offset of field: VppoLossParams::pad0"]
-        [::std::mem::offset_of!(VppoLossParams, pad0) - 188usize];
+        [::std::mem::offset_of!(VppoLossParams, has_dual_clip) - 200usize];
+    ["Offset of field: VppoLossParams::loss_type"]
+        [::std::mem::offset_of!(VppoLossParams, loss_type) - 204usize];
 };
 impl Default for VppoLossParams {
     fn default() -> Self {

@@ -180,6 +180,8 @@ fn options_reach_the_loss() {
         "0.1",
         "--temperature",
         "0.9",
+        "--loss-type",
+        "gspo-token",
         "--device",
         "cpu",
     ];
@@ -206,6 +208,7 @@ fn options_reach_the_loss() {
         token_normalizer: Some(40.0),
         logp_penalty: 0.1,
         temperature: 0.9,
+        loss_type: vppo::LossType::GspoToken,
     };
     let owned = vppo::io::read_batch(&fixture("batch_f16.safetensors")).unwrap();
     let want = Vppo::new(cfg.clone(), Device::Reference)
@@ -436,6 +439,7 @@ fn help_explains_every_option_and_default() {
         ("--token-normalizer", "[default: N"),
         ("--logp-penalty", "[default: 0.06]"),
         ("--temperature", "[default: 1]"),
+        ("--loss-type", "[default: ppo]"),
         ("--device", "[default: cpu]"),
     ] {
         assert!(help.contains(option), "--help lacks {option}:\n{help}");

@@ -8,7 +8,9 @@ use super::*;
 
 /// The exact parameters of the loss kernel for this config.
 pub(super) fn loss_params(cfg: &VppoConfig, n: usize, b: usize) -> VppoLossParams {
-    use crate::params::{VppoAggregation as A, VppoScope as S, VppoShaping as Sh};
+    use crate::params::{
+        VppoAggregation as A, VppoLossType as T, VppoScope as S, VppoShaping as Sh,
+    };
     let (has_range, (lo, hi)) = match cfg.tas_range {
         Some(r) => (1, r),
         None => (0, (0.0, 0.0)),
@@ -42,6 +44,12 @@ pub(super) fn loss_params(cfg: &VppoConfig, n: usize, b: usize) -> VppoLossParam
         } as i32,
         has_range,
         has_dual_clip: cfg.dual_clip.is_some() as i32,
+        loss_type: match cfg.loss_type {
+            LossType::Ppo => T::VPPO_LOSS_PPO,
+            LossType::Gspo => T::VPPO_LOSS_GSPO,
+            LossType::GspoToken => T::VPPO_LOSS_GSPO_TOKEN,
+            LossType::Cispo => T::VPPO_LOSS_CISPO,
+        } as i32,
         ..Default::default()
     }
 }
@@ -145,9 +153,11 @@ pub(super) fn run_select_loss(
         alpha: ws.ptr(l, ws.alpha),
         dlogp: ws.ptr(l, ws.dlogp),
         totals: ws.ptr(l, ws.totals),
+        seq_log_ratio: ws.ptr(l, ws.seq_log_ratio),
+        seq_selected: ws.ptr(l, ws.seq_selected),
         ..loss_params(cfg, n, b)
     };
-    // SAFETY: logp, old_logp, mask, dlogp [N]; sbar, advantages, alpha [B]; cu_seqlens [B+1]; totals 1;
+    // SAFETY: logp, old_logp, mask, dlogp [N]; sbar, advantages, alpha, seq_log_ratio, seq_selected [B]; cu_seqlens [B+1]; totals 1;
     // B % G == 0 when the group scope is used (validate_small). One block.
     unsafe { l.launch(LOSS, 1, LOSS_THREADS, LOSS_SHARED_BYTES, &p) }
 }

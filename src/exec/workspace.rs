@@ -62,6 +62,10 @@ pub(super) struct Workspace {
     pub(super) k: Region,
     pub(super) sbar: Region,
     pub(super) alpha: Region,
+    /// s_b, scratch of the GSPO loss types.
+    pub(super) seq_log_ratio: Region,
+    /// The masked count of each response, scratch of the GSPO loss types.
+    pub(super) seq_selected: Region,
 }
 
 impl Workspace {
@@ -76,6 +80,8 @@ impl Workspace {
         let mask = layout.array::<u8>(n);
         let k = layout.array::<i32>(b);
         let [sbar, alpha] = [(); 2].map(|_| layout.array::<f32>(b));
+        let seq_log_ratio = layout.array::<f64>(b);
+        let seq_selected = layout.array::<i32>(b);
         let end = layout.end;
         // Zeroed (not just allocated): after a bad row pass 2 still runs over every region before
         // the status is read (see `forward`), and zeros keep those reads defined and finite.
@@ -101,6 +107,8 @@ impl Workspace {
             k,
             sbar,
             alpha,
+            seq_log_ratio,
+            seq_selected,
         })
     }
 

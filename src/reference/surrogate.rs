@@ -14,9 +14,19 @@
 //! - clip_fraction counts masked tokens where the PPO clip branch is strictly larger or the dual clip is
 //!   active, over the masked tokens (0 when none is masked).
 //! - The logp penalty adds -logp_penalty / Z to dloss/dlogp of every token, masked or not.
+//!
+//! Loss types (SPEC section 12), with s_b = mean over response b of (logp_t - old_logp_t):
+//! - `gspo`: the log-ratio of every token of b is s_b; its clamp and clips as above, and the gradient
+//!   of each token's loss flows through s_b: d s_b / d logp_u = 1 / L_b for every u of b (masked or
+//!   not, as autograd does on the official `masked_mean`).
+//! - `gspo-token`: the value of s_b, but d(log-ratio_t) / d logp_t = 1 and 0 to the other tokens.
+//! - `cispo`: l_t = -A' logp_t c_t, c_t = clamp(r_t, 1 - eps_low, 1 + eps_high) held constant, so
+//!   dl_t/dlogp_t = -A' c_t; no max and no dual clip. A token counts as clipped when r_t lies outside
+//!   the clip range (c_t != r_t).
+//! - mean_ratio is the mean over tokens of the ratio the loss uses (exp(clamp(s_b)) in the GSPO modes).
 
 use crate::batch::validate_cu_seqlens;
-use crate::config::{Aggregation, VppoConfig};
+use crate::config::{Aggregation, LossType, VppoConfig};
 use crate::error::{Result, Tensor, VppoError};
 use crate::output::Stats;
 
@@ -123,17 +133,43 @@ pub fn surrogate(
         let len = (end - start) as f64;
         // A'_b = alpha_b * A_b
         let adv = alpha[b] * advantages[b] as f64;
+        // s_b = mean over b of (logp - old_logp) (unused when L_b = 0: the loop below is empty)
+        let seq_log_ratio = (start..end)
+            .map(|t| logp[t] - old_logp[t] as f64)
+            .sum::<f64>()
+            / len;
+        // gspo: the sum over the tokens of b of dloss/d s_b, spread as 1 / L_b to every token of b
+        let mut dloss_dseq = 0.0f64;
         for t in start..end {
-            // r = exp(clamp(logp - old_logp, -20, 20)); dr/dlogp = r inside the clamp, 0 outside
-            let delta = logp[t] - old_logp[t] as f64;
-            let r = delta.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp();
-            let dr_dlogp = if delta.abs() <= LOG_RATIO_CLAMP {
-                r
-            } else {
-                0.0
+            // the log-ratio x: per token, or s_b in the GSPO modes
+            let x = match cfg.loss_type {
+                LossType::Ppo | LossType::Cispo => logp[t] - old_logp[t] as f64,
+                LossType::Gspo | LossType::GspoToken => seq_log_ratio,
             };
+            // r = exp(clamp(x, -20, 20)); dr/dx = r inside the clamp, 0 outside
+            let r = x.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp();
+            let dr_dlogp = if x.abs() <= LOG_RATIO_CLAMP { r } else { 0.0 };
             ratio_sum += r;
             logp_sum += logp[t];
+
+            // the token's weight in pg
+            let w = match cfg.aggregation {
+                Aggregation::TokenMean => 1.0 / z,
+                Aggregation::SeqMeanTokenMean => 1.0 / (b_nonempty * len),
+                Aggregation::SeqMeanTokenSum => 1.0 / b_nonempty,
+            };
+            if cfg.loss_type == LossType::Cispo {
+                // l = -A' logp c, c = clamp(r, 1 - eps_low, 1 + eps_high) a constant
+                let c = r.clamp(lo_clip, hi_clip);
+                if mask[t] != 0 {
+                    pg += w * (-adv * logp[t] * c);
+                    n_selected += 1;
+                    n_clipped += !(r >= lo_clip && r <= hi_clip) as usize;
+                    out.dlogp[t] += w * (-adv * c);
+                }
+                out.dlogp[t] -= cfg.logp_penalty / z;
+                continue;
+            }
 
             // l = max(-A' r, -A' r_clip); dl/dr = -A' when the unclipped branch applies, else 0
             let r_clip = r.clamp(lo_clip, hi_clip);
@@ -154,20 +190,22 @@ pub fn surrogate(
                 }
             }
 
-            // the token's weight in pg
-            let w = match cfg.aggregation {
-                Aggregation::TokenMean => 1.0 / z,
-                Aggregation::SeqMeanTokenMean => 1.0 / (b_nonempty * len),
-                Aggregation::SeqMeanTokenSum => 1.0 / b_nonempty,
-            };
             if mask[t] != 0 {
                 pg += w * l;
                 n_selected += 1;
                 n_clipped += clip_active as usize;
-                out.dlogp[t] += w * dl_dr * dr_dlogp;
+                if cfg.loss_type == LossType::Gspo {
+                    dloss_dseq += w * dl_dr * dr_dlogp;
+                } else {
+                    out.dlogp[t] += w * dl_dr * dr_dlogp;
+                }
             }
             // d/dlogp_t of logp_penalty * (-sum logp) / Z
             out.dlogp[t] -= cfg.logp_penalty / z;
+        }
+        // gspo: d s_b / d logp_u = 1 / L_b for every token u of b
+        for t in start..end {
+            out.dlogp[t] += dloss_dseq / len;
         }
     }
     out.pg_loss = pg;

@@ -22,7 +22,8 @@
 //! Algorithms (`--algo`): `vppo` is [`VppoConfig::default`] (the official setting); `dapo` is
 //! [`VppoConfig::dapo`] (every token, no shaping, same clipping); `grpo` is the plain GRPO surrogate:
 //! symmetric clip 0.2 / 0.2, no dual clip, no logp penalty, every token, no shaping (and, as in DAPO and
-//! the official VPPO recipe, no KL-to-reference term).
+//! the official VPPO recipe, no KL-to-reference term); `gspo` is GRPO with the sequence-level ratio of
+//! GSPO (loss type gspo) and its clip 3e-4 / 4e-4.
 //!
 //! Random streams (ChaCha8, from `--seed`): stream 0 initialises and warms up the model, stream 1 drives
 //! RL (problems, masks, sampling), stream 2 draws the held-out evaluation problems. Everything runs on
@@ -70,6 +71,9 @@ pub enum Algo {
     TgfOnly,
     /// VPPO's advantage shaping (TAS, mean-preserving) without its token mask.
     TasOnly,
+    /// GSPO: the sequence-level ratio (loss type gspo, SPEC section 12) with the GSPO paper's clip
+    /// 3e-4 / 4e-4, no dual clip, no logp penalty, every token, no shaping.
+    Gspo,
 }
 
 impl Algo {
@@ -81,6 +85,7 @@ impl Algo {
             Algo::Grpo => "grpo",
             Algo::TgfOnly => "tgf-only",
             Algo::TasOnly => "tas-only",
+            Algo::Gspo => "gspo",
         }
     }
 
@@ -102,6 +107,14 @@ impl Algo {
             Algo::TasOnly => VppoConfig {
                 top_fraction: 1.0,
                 ..VppoConfig::default()
+            },
+            Algo::Gspo => VppoConfig {
+                loss_type: crate::LossType::Gspo,
+                eps_low: 3e-4,
+                eps_high: 4e-4,
+                dual_clip: None,
+                logp_penalty: 0.0,
+                ..VppoConfig::dapo()
             },
         };
         VppoConfig { group_size, ..base }
