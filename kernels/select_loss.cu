@@ -11,6 +11,9 @@
  *   are summed in warp order, and the digit holding the k-th key extends the prefix. Then the tokens
  *   above the k-th key are selected, and of those equal to it the first (by index) that are still
  *   needed, found with a ballot prefix scan in index order. Exactly k_b tokens, deterministic.
+ *   mask_by (SPEC section 12): entropy runs the same select on the entropy with
+ *   k = ceil(entropy_top_fraction * L_b) in place of the score's; perception-or-entropy runs both and
+ *   ORs the second into the first. Sbar and k_b are always the perception ones.
  *
  * vppo_loss: Trajectory-level Advantage Shaping and the clipped surrogate, in one block of kLossThreads.
  *   Phase 1, per scope (batch, or groups of G): lo/hi of Sbar over responses with L_b > 0 (or the
@@ -27,7 +30,7 @@
  *   only: it costs nothing next to pass 1).
  *   Totals are summed per thread in index order and then in a fixed tree: bit-identical loss every run.
  *
- * Shapes: score, logp, old_logp, mask, dlogp [N]; cu_seqlens [B + 1]; advantages, sbar, alpha, k [B].
+ * Shapes: score, entropy, logp, old_logp, mask, dlogp [N]; cu_seqlens [B + 1]; advantages, sbar, alpha, k [B].
  *
  * Files: launched by src/exec/select_loss.rs; the CPU reference of these ops is src/reference/select.rs
  * (vppo_select), shaping.rs and surrogate.rs (vppo_loss); tested against it by tests/kernels.rs
@@ -117,6 +120,44 @@ __device__ void radix_select(const float *score, int64_t len, int64_t k, SelectS
     need_equal = remaining;
 }
 
+/*
+ * mask[i] = 1 for the k keys of key[0, len) with the highest value, ties to the lower index; with
+ * kUnion, mask[i] |= that instead (the perception-or-entropy mask). Each thread writes (and, with
+ * kUnion, reads) only its own indices i = threadIdx.x + j blockDim.x, in both branches.
+ */
+template <bool kUnion>
+__device__ void mark_topk(const float *key_of, int64_t len, int64_t k, SelectShared &sh, uint8_t *mask) {
+    if (k >= len) {
+        for (int64_t i = threadIdx.x; i < len; i += blockDim.x) mask[i] = 1;
+        return;
+    }
+    unsigned int kth = 0u;
+    int need_equal = 0;
+    radix_select(key_of, len, k, sh, kth, need_equal);
+
+    /* Keys above the k-th: selected. Keys equal: the first need_equal of them in index order. */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    int taken = 0; /* equal keys already met in earlier chunks */
+    for (int64_t base = 0; base < len; base += blockDim.x) {
+        const int64_t i = base + threadIdx.x;
+        unsigned int key = 0u;
+        if (i < len) key = float_key(key_of[i]);
+        const bool equal = i < len && key == kth;
+        const unsigned int eq = __ballot_sync(VPPO_FULL_MASK, equal);
+        if (lane == 0) sh.warp_total[warp] = __popc(eq);
+        __syncthreads();
+        int before = taken + __popc(eq & ((1u << lane) - 1u));
+        for (int w = 0; w < warp; ++w) before += sh.warp_total[w];
+        if (i < len) {
+            const uint8_t sel = (key > kth || (equal && before < need_equal)) ? 1 : 0;
+            mask[i] = kUnion ? (uint8_t)(mask[i] | sel) : sel;
+        }
+        for (int w = 0; w < nwarps; ++w) taken += sh.warp_total[w];
+        /* warp_total is rewritten by the next chunk. */
+        __syncthreads();
+    }
+}
+
 __device__ void select_response(const VppoSelectParams &p, int64_t b, SelectShared &sh) {
     const int64_t start = p.cu_seqlens[b];
     const int64_t len = (int64_t)p.cu_seqlens[b + 1] - start;
@@ -133,31 +174,16 @@ __device__ void select_response(const VppoSelectParams &p, int64_t b, SelectShar
         p.sbar[b] = len > 0 ? (float)(total / (double)len) : 0.0f;
     }
 
-    if (k >= len) {
-        for (int64_t i = threadIdx.x; i < len; i += blockDim.x) mask[i] = 1;
-        return;
-    }
-    unsigned int kth = 0u;
-    int need_equal = 0;
-    radix_select(score, len, k, sh, kth, need_equal);
-
-    /* Keys above the k-th: selected. Keys equal: the first need_equal of them in index order. */
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    int taken = 0; /* equal keys already met in earlier chunks */
-    for (int64_t base = 0; base < len; base += blockDim.x) {
-        const int64_t i = base + threadIdx.x;
-        unsigned int key = 0u;
-        if (i < len) key = float_key(score[i]);
-        const bool equal = i < len && key == kth;
-        const unsigned int eq = __ballot_sync(VPPO_FULL_MASK, equal);
-        if (lane == 0) sh.warp_total[warp] = __popc(eq);
-        __syncthreads();
-        int before = taken + __popc(eq & ((1u << lane) - 1u));
-        for (int w = 0; w < warp; ++w) before += sh.warp_total[w];
-        if (i < len) mask[i] = (key > kth || (equal && before < need_equal)) ? 1 : 0;
-        for (int w = 0; w < nwarps; ++w) taken += sh.warp_total[w];
-        /* warp_total is rewritten by the next chunk. */
-        __syncthreads();
+    /* SPEC section 12: the entropy mask replaces or joins the perception mask; Sbar and k stay the
+       perception ones. Every branch ends with a barrier after its last shared-memory access. */
+    if (p.mask_by != VPPO_MASK_BY_ENTROPY) mark_topk<false>(score, len, k, sh, mask);
+    if (p.mask_by == VPPO_MASK_BY_PERCEPTION) return;
+    const int64_t k_entropy = topk_count(len, p.entropy_frac_num, p.entropy_frac_den);
+    const float *entropy = p.entropy + start;
+    if (p.mask_by == VPPO_MASK_BY_ENTROPY) {
+        mark_topk<false>(entropy, len, k_entropy, sh, mask);
+    } else {
+        mark_topk<true>(entropy, len, k_entropy, sh, mask);
     }
 }
 

@@ -48,6 +48,13 @@ typedef enum VppoLossType {
     VPPO_LOSS_CISPO = 3       /* -A' logp c, c the clipped token ratio held constant */
 } VppoLossType;
 
+/* Which per-token key picks the mask (SPEC section 12). TAS always uses the perception scores. */
+typedef enum VppoMaskBy {
+    VPPO_MASK_BY_PERCEPTION = 0,            /* the top top_fraction of each response by score */
+    VPPO_MASK_BY_ENTROPY = 1,               /* the top entropy_top_fraction by entropy */
+    VPPO_MASK_BY_PERCEPTION_OR_ENTROPY = 2  /* the union of the two, per token */
+} VppoMaskBy;
+
 /*
  * Errors a kernel finds in the data. The perception kernel reports the first bad row: the status word
  * keeps the minimum of (row << 8 | code) over all bad rows (an integer atomicMin, so the report does
@@ -145,12 +152,17 @@ typedef struct VppoPerceptionParams {
 typedef struct VppoSelectParams {
     const float *score;         /* [N] */
     const int32_t *cu_seqlens;  /* [B + 1] */
-    uint8_t *mask;              /* [N] out: 1 for the k_b highest scores of each response */
+    uint8_t *mask;              /* [N] out: the mask of mask_by (the k_b highest scores by default) */
     int32_t *k;                 /* [B] out: k_b = ceil(top_fraction * L_b) */
     float *sbar;                /* [B] out: mean score of response b (0 when L_b = 0) */
     int64_t n_responses;        /* B */
     uint64_t frac_num;          /* top_fraction = frac_num / frac_den exactly, 0 < num <= den */
     uint64_t frac_den;
+    const float *entropy;       /* [N], read only when mask_by != VPPO_MASK_BY_PERCEPTION */
+    uint64_t entropy_frac_num;  /* entropy_top_fraction = num / den exactly, 0 < num <= den */
+    uint64_t entropy_frac_den;
+    int32_t mask_by;            /* VppoMaskBy */
+    int32_t pad0;
 } VppoSelectParams;
 
 /* Totals of pass 2b; every sum is taken in a fixed order, so the loss is bit-identical run to run. */

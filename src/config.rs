@@ -62,6 +62,19 @@ pub enum LossType {
     Cispo,
 }
 
+/// Which per-token key picks the mask (SPEC section 12, official `use_vppo_on_entropy`). TAS always uses
+/// the perception scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MaskBy {
+    /// The top `top_fraction` of each response by perception score (SPEC section 3).
+    #[default]
+    Perception,
+    /// The top `entropy_top_fraction` of each response by entropy.
+    Entropy,
+    /// The union, per token, of the perception mask and the entropy mask (the official combination).
+    PerceptionOrEntropy,
+}
+
 /// The top-k fraction as an exact decimal: `num / den` with `den` a power of ten.
 ///
 /// `k_b = ceil(top_fraction * L_b)` must be computed in exact arithmetic: 0.4 x 10 is 4, never 5.
@@ -171,6 +184,12 @@ pub struct VppoConfig {
     pub temperature: f64,
     /// The per-token policy loss (SPEC section 12). Default PPO (the clipped surrogate of section 5).
     pub loss_type: LossType,
+    /// Which key picks the mask (SPEC section 12). Default perception.
+    pub mask_by: MaskBy,
+    /// Fraction of each response's tokens of highest entropy in the entropy mask, exact as
+    /// `top_fraction` is. Default 0.2 (the official `top_p_entropy_tokens`); unused with
+    /// `mask_by = perception`, but always validated.
+    pub entropy_top_fraction: f64,
 }
 
 impl Default for VppoConfig {
@@ -193,6 +212,8 @@ impl Default for VppoConfig {
             logp_penalty: 0.06,
             temperature: 1.0,
             loss_type: LossType::Ppo,
+            mask_by: MaskBy::Perception,
+            entropy_top_fraction: 0.2,
         }
     }
 }
@@ -235,6 +256,15 @@ impl VppoConfig {
         TopFraction::new(self.top_fraction)
     }
 
+    /// The exact entropy top-k fraction (errors, naming `entropy-top-fraction`, when outside (0, 1]).
+    pub fn entropy_top_fraction_exact(&self) -> Result<TopFraction> {
+        TopFraction::new(self.entropy_top_fraction).map_err(|_| VppoError::Config {
+            field: "entropy-top-fraction",
+            value: self.entropy_top_fraction.to_string(),
+            expected: "0 < entropy_top_fraction <= 1",
+        })
+    }
+
     /// Checks every field's range (SPEC section 7). Called before any computation.
     pub fn validate(&self) -> Result<()> {
         fn bad(field: &'static str, value: impl ToString, expected: &'static str) -> VppoError {
@@ -251,6 +281,7 @@ impl VppoConfig {
             return Err(bad("score-clamp", self.score_clamp, "a finite value > 0"));
         }
         self.top_fraction_exact()?;
+        self.entropy_top_fraction_exact()?;
         if !(self.beta_min >= 0.0 && self.beta_min <= 1.0) {
             return Err(bad("beta-min", self.beta_min, "0 <= beta_min <= 1"));
         }

@@ -53,7 +53,9 @@ pub mod train;
 
 pub use api::{Device, GradMut, LaneOrder, Vppo};
 pub use batch::{Batch, Dtype, Logits, ValidBatch};
-pub use config::{Aggregation, LossType, Perception, Shaping, TasScope, TopFraction, VppoConfig};
+pub use config::{
+    Aggregation, LossType, MaskBy, Perception, Shaping, TasScope, TopFraction, VppoConfig,
+};
 pub use error::{Location, Result, Tensor, VppoError};
 pub use exec::{DeviceBatch, DeviceForward, SavedForward};
 pub use grpo::grpo_advantages;

@@ -9,7 +9,7 @@
 use clap::{Args, ValueEnum};
 
 use crate::api::{Device, LaneOrder};
-use crate::config::{Aggregation, LossType, Perception, Shaping, TasScope, VppoConfig};
+use crate::config::{Aggregation, LossType, MaskBy, Perception, Shaping, TasScope, VppoConfig};
 
 /// `--perception`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -49,6 +49,17 @@ pub enum AggregationArg {
     SeqMeanTokenMean,
     /// Mean over responses of sum_t mask l_t.
     SeqMeanTokenSum,
+}
+
+/// `--mask-by` (SPEC section 12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MaskByArg {
+    /// The top top_fraction of each response by perception score (SPEC section 3).
+    Perception,
+    /// The top entropy_top_fraction of each response by entropy.
+    Entropy,
+    /// The union of the two masks, per token.
+    PerceptionOrEntropy,
 }
 
 /// `--loss-type` (SPEC section 12).
@@ -171,6 +182,12 @@ pub struct LossOptions {
     /// The per-token policy loss (SPEC section 12): ppo, gspo, gspo-token or cispo.
     #[arg(long, value_enum, default_value_t = LossTypeArg::Ppo)]
     pub loss_type: LossTypeArg,
+    /// Which key picks the mask (SPEC section 12): perception, entropy or perception-or-entropy.
+    #[arg(long, value_enum, default_value_t = MaskByArg::Perception)]
+    pub mask_by: MaskByArg,
+    /// Fraction of each response's tokens of highest entropy in the entropy mask, 0 < q <= 1.
+    #[arg(long, value_name = "Q", allow_negative_numbers = true, default_value_t = VppoConfig::default().entropy_top_fraction)]
+    pub entropy_top_fraction: f64,
     /// Where to compute: cpu (the f64 reference), cuda (GPU 0) or simt (the kernels run on the CPU).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
@@ -216,6 +233,12 @@ impl LossOptions {
                 LossTypeArg::GspoToken => LossType::GspoToken,
                 LossTypeArg::Cispo => LossType::Cispo,
             },
+            mask_by: match self.mask_by {
+                MaskByArg::Perception => MaskBy::Perception,
+                MaskByArg::Entropy => MaskBy::Entropy,
+                MaskByArg::PerceptionOrEntropy => MaskBy::PerceptionOrEntropy,
+            },
+            entropy_top_fraction: self.entropy_top_fraction,
         }
     }
 }

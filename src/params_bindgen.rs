@@ -52,6 +52,13 @@ pub enum VppoLossType {
 }
 #[repr(u32)]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
+pub enum VppoMaskBy {
+    VPPO_MASK_BY_PERCEPTION = 0,
+    VPPO_MASK_BY_ENTROPY = 1,
+    VPPO_MASK_BY_PERCEPTION_OR_ENTROPY = 2,
+}
+#[repr(u32)]
+#[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
 pub enum VppoErrorCode {
     VPPO_ERR_NONE = 0,
     VPPO_ERR_TARGET_OUT_OF_RANGE = 1,
@@ -154,10 +161,15 @@ pub struct VppoSelectParams {
     pub n_responses: i64,
     pub frac_num: u64,
     pub frac_den: u64,
+    pub entropy: *const f32,
+    pub entropy_frac_num: u64,
+    pub entropy_frac_den: u64,
+    pub mask_by: i32,
+    pub pad0: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of VppoSelectParams"][::std::mem::size_of::<VppoSelectParams>() - 64usize];
+    ["Size of VppoSelectParams"][::std::mem::size_of::<VppoSelectParams>() - 96usize];
     ["Alignment of VppoSelectParams"][::std::mem::align_of::<VppoSelectParams>() - 8usize];
     ["Offset of field: VppoSelectParams::score"]
         [::std::mem::offset_of!(VppoSelectParams, score) - 0usize];
@@ -174,6 +186,16 @@ const _: () = {
         [::std::mem::offset_of!(VppoSelectParams, frac_num) - 48usize];
     ["Offset of field: VppoSelectParams::frac_den"]
         [::std::mem::offset_of!(VppoSelectParams, frac_den) - 56usize];
+    ["Offset of field: VppoSelectParams::entropy"]
+        [::std::mem::offset_of!(VppoSelectParams, entropy) - 64usize];
+    ["Offset of field: VppoSelectParams::entropy_frac_num"]
+        [::std::mem::offset_of!(VppoSelectParams, entropy_frac_num) - 72usize];
+    ["Offset of field: VppoSelectParams::entropy_frac_den"]
+        [::std::mem::offset_of!(VppoSelectParams, entropy_frac_den) - 80usize];
+    ["Offset of field: VppoSelectParams::mask_by"]
+        [::std::mem::offset_of!(VppoSelectParams, mask_by) - 88usize];
+    ["Offset of field: VppoSelectParams::pad0"]
+        [::std::mem::offset_of!(VppoSelectParams, pad0) - 92usize];
 };
 impl Default for VppoSelectParams {
     fn default() -> Self {

@@ -15,7 +15,7 @@ mod common;
 
 use common::{seeded_batch, BatchSpec};
 use vppo::reference;
-use vppo::{Aggregation, Device, LaneOrder, LossType, OwnedBatch, Vppo, VppoConfig};
+use vppo::{Aggregation, Device, LaneOrder, LossType, MaskBy, OwnedBatch, Vppo, VppoConfig};
 
 /// The executors under test: GPU 0 when VPPO_TEST_DEVICE=cuda, the fake driver when `fake-cuda`, else
 /// the SIMT executor in both lane orders.
@@ -527,6 +527,226 @@ fn loss_types_on_the_kernels_match_the_reference() {
                     );
                 }
             }
+        }
+    }
+}
+
+// ---- the entropy mask (SPEC section 12, mask_by) ----
+
+/// dp_actor.py's entropy mask (`use_vppo_on_entropy`) in our own words, on the padded [B, L_max] view:
+/// per row, the valid positions, k = ceil(q * L) (the official float product; the 1e-9 slack takes away
+/// a rounding error above an integer, which the crate's exact decimal never has), the k of highest key
+/// (torch.topk; ties to the lower index as SPEC section 12 fixes), scattered into a [B, L_max] mask.
+fn official_topk(key: &[f64], cu: &[i32], q: f64) -> Vec<Vec<u8>> {
+    let lmax = cu
+        .windows(2)
+        .map(|w| (w[1] - w[0]) as usize)
+        .max()
+        .unwrap_or(0);
+    let mut rows = Vec::new();
+    for w in cu.windows(2) {
+        let (start, len) = (w[0] as usize, (w[1] - w[0]) as usize);
+        let mut row = vec![0u8; lmax];
+        let k = ((q * len as f64) - 1e-9).ceil().max(0.0) as usize;
+        let mut idx: Vec<usize> = (0..len).collect();
+        idx.sort_by(|&i, &j| {
+            key[start + j]
+                .partial_cmp(&key[start + i])
+                .unwrap()
+                .then(i.cmp(&j))
+        });
+        for &i in idx.iter().take(k) {
+            row[i] = 1;
+        }
+        rows.push(row);
+    }
+    rows
+}
+
+/// The official final mask for `mask_by`, flattened back to the N response tokens.
+fn official_mask(score: &[f64], entropy: &[f64], cu: &[i32], cfg: &VppoConfig) -> Vec<u8> {
+    let vppo = official_topk(score, cu, cfg.top_fraction);
+    let ent = official_topk(entropy, cu, cfg.entropy_top_fraction);
+    let mut out = Vec::new();
+    for (b, w) in cu.windows(2).enumerate() {
+        for i in 0..(w[1] - w[0]) as usize {
+            out.push(match cfg.mask_by {
+                MaskBy::Perception => vppo[b][i],
+                MaskBy::Entropy => ent[b][i],
+                MaskBy::PerceptionOrEntropy => vppo[b][i] | ent[b][i],
+            });
+        }
+    }
+    out
+}
+
+fn mask_bys() -> [MaskBy; 3] {
+    [
+        MaskBy::Perception,
+        MaskBy::Entropy,
+        MaskBy::PerceptionOrEntropy,
+    ]
+}
+
+fn mask_cfg(mask_by: MaskBy, seed: u64) -> VppoConfig {
+    VppoConfig {
+        mask_by,
+        top_fraction: [0.4, 0.25, 0.7][seed as usize % 3],
+        entropy_top_fraction: [0.2, 0.5, 0.3, 0.25][seed as usize % 4],
+        group_size: 2,
+        ..VppoConfig::default()
+    }
+}
+
+/// The reference's mask equals the official port's, exactly, for every mask_by; the loss is the one
+/// of that mask (the surrogate fed with the port's mask); k stays the perception k_b; and the
+/// perception-or-entropy mask is a superset of both.
+#[test]
+fn entropy_mask_matches_the_official_port() {
+    let mut checked = 0;
+    for seed in 0..40u64 {
+        let ob = seeded_batch(300 + seed, &spec(16, 0.3));
+        let b = ob.batch();
+        for mb in mask_bys() {
+            let cfg = mask_cfg(mb, seed);
+            let f = reference::forward_f64(&b, &cfg).unwrap();
+            let p = &f.perception;
+            let want = official_mask(&p.score, &p.entropy, b.cu_seqlens, &cfg);
+            assert_eq!(f.mask, want, "seed {seed} {mb:?}");
+            let (perc, k) = reference::select::topk_mask(
+                &p.score,
+                b.cu_seqlens,
+                cfg.top_fraction_exact().unwrap(),
+            )
+            .unwrap();
+            assert_eq!(f.k, k, "seed {seed} {mb:?}: k is the perception k_b");
+            if mb == MaskBy::PerceptionOrEntropy {
+                let (ent, _) = reference::select::topk_mask(
+                    &p.entropy,
+                    b.cu_seqlens,
+                    cfg.entropy_top_fraction_exact().unwrap(),
+                )
+                .unwrap();
+                for t in 0..f.mask.len() {
+                    assert_eq!(f.mask[t], perc[t] | ent[t], "seed {seed}: token {t}");
+                }
+            }
+            let s = reference::surrogate::surrogate(
+                &p.logp,
+                b.old_logp,
+                &want,
+                &f.alpha,
+                b.advantages,
+                b.cu_seqlens,
+                &cfg,
+            )
+            .unwrap();
+            assert_eq!(f.surrogate.loss, s.loss, "seed {seed} {mb:?}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 100, "only {checked} cases");
+}
+
+/// The kernels (both lane orders, the fake driver) pick exactly the reference's mask on their own f32
+/// score and entropy, for every mask_by; k_b and Sbar are the perception ones; the loss is the
+/// reference surrogate's on that mask.
+#[test]
+fn entropy_mask_on_the_kernels_matches_the_reference() {
+    for seed in 0..10u64 {
+        let ob = seeded_batch(400 + seed, &spec(40, 0.3));
+        let b = ob.batch();
+        for mb in mask_bys() {
+            let cfg = mask_cfg(mb, seed);
+            for device in devices() {
+                let ctx = format!("seed {seed} {mb:?} {device:?}");
+                let out = Vppo::new(cfg.clone(), device).unwrap().forward(&b).unwrap();
+                let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+                let (score, entropy) = (f64s(&out.tokens.score), f64s(&out.tokens.entropy));
+                let (want, k) =
+                    reference::select::mask_for(&score, &entropy, b.cu_seqlens, &cfg).unwrap();
+                assert_eq!(out.tokens.mask, want, "{ctx}");
+                assert_eq!(out.responses.k, k, "{ctx}");
+                let alpha = f64s(&out.responses.alpha);
+                let s = reference::surrogate::surrogate(
+                    &f64s(&out.tokens.logp),
+                    b.old_logp,
+                    &want,
+                    &alpha,
+                    b.advantages,
+                    b.cu_seqlens,
+                    &cfg,
+                )
+                .unwrap();
+                assert!(
+                    close(out.loss, s.loss, 1e-9, 1e-12),
+                    "{ctx}: loss {} vs {}",
+                    out.loss,
+                    s.loss
+                );
+            }
+        }
+    }
+}
+
+/// All scores and entropies tied (every logit 0: each row is uniform, kl = 0, entropy = ln V), with an
+/// empty response among them: every mask is the first ceil(q L_b) tokens of each response by index,
+/// on the reference and on the kernels.
+#[test]
+fn entropy_mask_ties_and_empty_responses() {
+    let mut ob = seeded_batch(11, &spec(30, 0.3));
+    ob.cu_seqlens.insert(1, ob.cu_seqlens[1]);
+    ob.advantages.insert(1, 0.5);
+    let nv = ob.targets.len() * ob.vocab;
+    ob.logits = vppo::OwnedLogits::F32(vec![0.0; nv]);
+    ob.logits_masked = vppo::OwnedLogits::F32(vec![0.0; nv]);
+    let b = ob.batch();
+    for mb in mask_bys() {
+        let cfg = VppoConfig {
+            mask_by: mb,
+            top_fraction: 0.4,
+            entropy_top_fraction: 0.2,
+            ..VppoConfig::default()
+        };
+        let mut want = Vec::new();
+        for w in b.cu_seqlens.windows(2) {
+            let len = (w[1] - w[0]) as usize;
+            let q = match mb {
+                MaskBy::Entropy => 0.2,
+                _ => 0.4, // the union of the first 40% and the first 20%
+            };
+            let k = cfg_k(q, len);
+            want.extend((0..len).map(|i| (i < k) as u8));
+        }
+        let mut all = vec![Device::Reference];
+        all.extend(devices());
+        for device in all {
+            let out = Vppo::new(cfg.clone(), device).unwrap().forward(&b).unwrap();
+            assert_eq!(out.tokens.mask, want, "{mb:?} {device:?}");
+            assert!(out.loss.is_finite(), "{mb:?} {device:?}");
+        }
+    }
+}
+
+fn cfg_k(q: f64, len: usize) -> usize {
+    vppo::TopFraction::new(q).unwrap().k_for(len)
+}
+
+/// A bad entropy_top_fraction is a config error naming it, whatever mask_by is.
+#[test]
+fn bad_entropy_top_fraction_is_an_error() {
+    for q in [0.0, -0.1, 1.5, f64::NAN, f64::INFINITY] {
+        for mb in mask_bys() {
+            let cfg = VppoConfig {
+                mask_by: mb,
+                entropy_top_fraction: q,
+                ..VppoConfig::default()
+            };
+            let e = Vppo::new(cfg, Device::Reference).err().expect("an error");
+            assert!(
+                e.to_string().contains("entropy-top-fraction"),
+                "{q} {mb:?}: {e}"
+            );
         }
     }
 }

@@ -322,7 +322,8 @@ def vppo_loss(
     or int64; ``old_logp`` [N] and ``advantages`` [B] float32. ``options`` are the command line's loss
     options with ``_`` (``top_fraction=0.4``, ``perception="k3"``, ``dual_clip=None`` turns the dual
     clip off, ``tas_scope``, ``eps_low``, ``loss_type="gspo"`` (SPEC section 12: "ppo", "gspo",
-    "gspo_token", "cispo"), ...), plus ``tas_range=(lo, hi)``; defaults are the
+    "gspo_token", "cispo"), ``mask_by="entropy"`` ("perception", "entropy", "perception_or_entropy")
+    with ``entropy_top_fraction=0.2``, ...), plus ``tas_range=(lo, hi)``; defaults are the
     command line's. ``device``: "simt" (default: the kernels on the SIMT executor) or "reference"
     (the f64 reference). ``grad_dtype``: "logits" (default) or "f32" (autograd then stores it in the
     logits' dtype). ``in_place=True``: the backward writes the gradient over ``logits``.

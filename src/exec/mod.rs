@@ -18,7 +18,7 @@ use std::ffi::{c_char, c_int, c_void};
 use std::sync::Arc;
 
 use crate::batch::{check_elements, Batch, ValidBatch};
-use crate::config::{Aggregation, LossType, Perception, Shaping, TasScope, VppoConfig};
+use crate::config::{Aggregation, LossType, MaskBy, Perception, Shaping, TasScope, VppoConfig};
 use crate::cuda::Gpu;
 use crate::device::{Device, LaneOrder};
 use crate::error::{Location, Result, Tensor, VppoError};

@@ -87,6 +87,8 @@ pub(crate) fn select(
         n_responses: b as i64,
         frac_num: frac.numerator(),
         frac_den: frac.denominator(),
+        // the perception mask only: the kernel never reads `entropy`
+        ..Default::default()
     };
     // SAFETY: score [N], cu_seqlens [B+1] (validated: within [0, N], non-decreasing), mask [N],
     // k and sbar [B] are live buffers of this launcher's memory for the whole launch.
@@ -131,6 +133,7 @@ pub(super) fn run_select_loss(
 ) -> Result<()> {
     let (n, b) = (dims.n, dims.b);
     let frac = cfg.top_fraction_exact()?;
+    let efrac = cfg.entropy_top_fraction_exact()?;
     let p = VppoSelectParams {
         score: ws.ptr(l, ws.score),
         cu_seqlens: inp.cu_seqlens.addr as *const i32,
@@ -140,8 +143,20 @@ pub(super) fn run_select_loss(
         n_responses: b as i64,
         frac_num: frac.numerator(),
         frac_den: frac.denominator(),
+        entropy: ws.ptr(l, ws.entropy),
+        entropy_frac_num: efrac.numerator(),
+        entropy_frac_den: efrac.denominator(),
+        mask_by: match cfg.mask_by {
+            MaskBy::Perception => crate::params::VppoMaskBy::VPPO_MASK_BY_PERCEPTION,
+            MaskBy::Entropy => crate::params::VppoMaskBy::VPPO_MASK_BY_ENTROPY,
+            MaskBy::PerceptionOrEntropy => {
+                crate::params::VppoMaskBy::VPPO_MASK_BY_PERCEPTION_OR_ENTROPY
+            }
+        } as i32,
+        ..Default::default()
     };
-    // SAFETY: score and mask [N], cu_seqlens [B+1] validated, k and sbar [B]; all live.
+    // SAFETY: score, entropy (written by pass 1) and mask [N], cu_seqlens [B+1] validated, k and
+    // sbar [B]; all live.
     unsafe { launch_select(l, &p)? };
     let p = VppoLossParams {
         logp: ws.ptr(l, ws.logp),

@@ -56,10 +56,11 @@ pub struct ForwardF64 {
 pub fn forward_f64(batch: &Batch, cfg: &VppoConfig) -> Result<ForwardF64> {
     batch.validate(cfg)?;
     let perception = perception::perception(batch, cfg)?;
-    let (mask, k) = select::topk_mask(
+    let (mask, k) = select::mask_for(
         &perception.score,
+        &perception.entropy,
         batch.cu_seqlens,
-        cfg.top_fraction_exact()?,
+        cfg,
     )?;
     let sbar = shaping::sbar(&perception.score, batch.cu_seqlens)?;
     let alpha = shaping::alpha(&sbar, batch.cu_seqlens, cfg)?;

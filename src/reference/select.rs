@@ -7,7 +7,7 @@
 use std::cmp::Ordering;
 
 use crate::batch::validate_cu_seqlens;
-use crate::config::TopFraction;
+use crate::config::{MaskBy, TopFraction, VppoConfig};
 use crate::error::Result;
 
 /// The rank order of two scores: higher first; NaN (which the perception pass never produces) ranks
@@ -51,4 +51,41 @@ pub fn topk_mask(
         ks.push(k as u32);
     }
     Ok((mask, ks))
+}
+
+/// The mask of SPEC section 12's `mask_by` and the perception k_b.
+///
+/// `perception`: [`topk_mask`] on `score` with `top_fraction`. `entropy`: [`topk_mask`] on `entropy`
+/// with `entropy_top_fraction` (the ceil(q L_b) tokens of highest entropy, ties to the lower index).
+/// `perception-or-entropy`: the union of the two, per token. The returned k is always the perception
+/// k_b = ceil(top_fraction L_b) (SPEC section 8's `k`), whatever picks the mask.
+///
+/// Returns `(mask [N], k [B])`. Errors when `cu_seqlens` is malformed, `entropy` is not of the
+/// length of `score`, or a fraction is outside (0, 1].
+pub fn mask_for(
+    score: &[f64],
+    entropy: &[f64],
+    cu_seqlens: &[i32],
+    cfg: &VppoConfig,
+) -> Result<(Vec<u8>, Vec<u32>)> {
+    let (mask, k) = topk_mask(score, cu_seqlens, cfg.top_fraction_exact()?)?;
+    if cfg.mask_by == MaskBy::Perception {
+        return Ok((mask, k));
+    }
+    if entropy.len() != score.len() {
+        return Err(crate::error::VppoError::Shape {
+            tensor: crate::error::Tensor::Scores,
+            detail: format!(
+                "entropy has {} values, expected one per token ({})",
+                entropy.len(),
+                score.len()
+            ),
+        });
+    }
+    let (by_entropy, _) = topk_mask(entropy, cu_seqlens, cfg.entropy_top_fraction_exact()?)?;
+    let mask = match cfg.mask_by {
+        MaskBy::Entropy => by_entropy,
+        _ => mask.iter().zip(&by_entropy).map(|(&a, &b)| a | b).collect(),
+    };
+    Ok((mask, k))
 }
