@@ -182,6 +182,10 @@ fn options_reach_the_loss() {
         "0.9",
         "--loss-type",
         "gspo-token",
+        "--mask-by",
+        "perception-or-entropy",
+        "--entropy-top-fraction",
+        "0.3",
         "--device",
         "cpu",
     ];
@@ -209,6 +213,8 @@ fn options_reach_the_loss() {
         logp_penalty: 0.1,
         temperature: 0.9,
         loss_type: vppo::LossType::GspoToken,
+        mask_by: vppo::MaskBy::PerceptionOrEntropy,
+        entropy_top_fraction: 0.3,
     };
     let owned = vppo::io::read_batch(&fixture("batch_f16.safetensors")).unwrap();
     let want = Vppo::new(cfg.clone(), Device::Reference)

@@ -479,6 +479,7 @@ fn refused_like_on_a_gpu() {
         n_responses: 1,
         frac_num: 2,
         frac_den: 5,
+        ..Default::default()
     };
     let threads = vppo::params::VPPO_SELECT_THREADS;
     let shared = vppo::params::VPPO_SELECT_SHARED_BYTES;
