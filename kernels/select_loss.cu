@@ -126,7 +126,7 @@ __device__ void radix_select(const float *score, int64_t len, int64_t k, SelectS
  * kUnion, reads) only its own indices i = threadIdx.x + j blockDim.x, in both branches.
  */
 template <bool kUnion>
-__device__ void mark_topk(const float *key_of, int64_t len, int64_t k, SelectShared &sh, uint8_t *mask) {
+__device__ __forceinline__ void mark_topk(const float *key_of, int64_t len, int64_t k, SelectShared &sh, uint8_t *mask) {
     if (k >= len) {
         for (int64_t i = threadIdx.x; i < len; i += blockDim.x) mask[i] = 1;
         return;
@@ -383,7 +383,7 @@ __device__ void loss(const VppoLossParams &p, LossShared &sh) {
 
 } // namespace
 
-extern "C" __global__ void __launch_bounds__(kSelectThreads) vppo_select(const VppoSelectParams p) {
+extern "C" __global__ void __launch_bounds__(kSelectThreads, 1) vppo_select(const VppoSelectParams p) {
     VPPO_DYNAMIC_SHARED(SelectShared, sh);
     for (int64_t b = blockIdx.x; b < p.n_responses; b += gridDim.x) {
         select_response(p, b, *sh);
