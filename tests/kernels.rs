@@ -24,7 +24,7 @@
 
 mod common;
 
-use common::{seeded_batch, BatchSpec};
+use common::{devices, seeded_batch, BatchSpec};
 use half::{bf16, f16};
 use proptest::prelude::*;
 use vppo::hooks as kernels;
@@ -33,23 +33,6 @@ use vppo::{
     Aggregation, Batch, Device, Dtype, GradMut, LaneOrder, Logits, Perception, Shaping, TasScope,
     TopFraction, Vppo, VppoConfig, VppoError,
 };
-
-/// The executors under test: GPU 0 when VPPO_TEST_DEVICE=cuda; GPU 0 of the fake CUDA driver (the
-/// SIMT executor behind the driver API, see tests/common/fake_cuda.rs) when it is `fake-cuda`; else the
-/// SIMT executor in both orders.
-fn devices() -> Vec<Device> {
-    match std::env::var("VPPO_TEST_DEVICE").as_deref() {
-        Ok("cuda") => vec![Device::Cuda(0)],
-        Ok(common::fake_cuda::MODE) => {
-            common::fake_cuda::install();
-            vec![Device::Cuda(0)]
-        }
-        _ => vec![
-            Device::Simt(LaneOrder::Forward),
-            Device::Simt(LaneOrder::Reverse),
-        ],
-    }
-}
 
 /// True when the tests run through `Device::Cuda` (a GPU or the fake driver).
 fn on_gpu() -> bool {

@@ -13,25 +13,9 @@
 
 mod common;
 
-use common::{seeded_batch, BatchSpec};
+use common::{devices, seeded_batch, BatchSpec};
 use vppo::reference;
-use vppo::{Aggregation, Device, LaneOrder, LossType, MaskBy, OwnedBatch, Vppo, VppoConfig};
-
-/// The executors under test: GPU 0 when VPPO_TEST_DEVICE=cuda, the fake driver when `fake-cuda`, else
-/// the SIMT executor in both lane orders.
-fn devices() -> Vec<Device> {
-    match std::env::var("VPPO_TEST_DEVICE").as_deref() {
-        Ok("cuda") => vec![Device::Cuda(0)],
-        Ok(common::fake_cuda::MODE) => {
-            common::fake_cuda::install();
-            vec![Device::Cuda(0)]
-        }
-        _ => vec![
-            Device::Simt(LaneOrder::Forward),
-            Device::Simt(LaneOrder::Reverse),
-        ],
-    }
-}
+use vppo::{Aggregation, Device, LossType, MaskBy, OwnedBatch, Vppo, VppoConfig};
 
 /// Every test of this file again on `Device::Cuda(0)` through the fake CUDA driver.
 #[test]

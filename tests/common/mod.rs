@@ -252,3 +252,20 @@ pub fn run_this_binary(
     );
     run
 }
+
+/// The executors under test: GPU 0 when VPPO_TEST_DEVICE=cuda; GPU 0 of the fake CUDA driver (the
+/// SIMT executor behind the driver API, see tests/common/fake_cuda.rs) when it is `fake-cuda`; else the
+/// SIMT executor in both orders.
+pub fn devices() -> Vec<vppo::Device> {
+    match std::env::var("VPPO_TEST_DEVICE").as_deref() {
+        Ok("cuda") => vec![vppo::Device::Cuda(0)],
+        Ok(fake_cuda::MODE) => {
+            fake_cuda::install();
+            vec![vppo::Device::Cuda(0)]
+        }
+        _ => vec![
+            vppo::Device::Simt(vppo::LaneOrder::Forward),
+            vppo::Device::Simt(vppo::LaneOrder::Reverse),
+        ],
+    }
+}
