@@ -213,6 +213,18 @@ def _backward_args(logits, targets, lse, dlogp, rows):
     return targets, rows
 
 
+def _backward_into(grad, logits, targets, lse, dlogp, rows, options, device) -> None:
+    """Writes dloss/dlogits into ``grad`` from arguments checked by ``_backward_args``; ``logits``
+    None means in place (``grad`` holds the logits)."""
+    source = grad if logits is None else logits
+    _vppo.backward(
+        device, options, _dtype_name(source.dtype), source.shape[1],
+        None if logits is None else _raw(logits),
+        _dtype_name(grad.dtype), _raw(grad), _raw(targets), _raw(lse), _raw(dlogp),
+        None if rows is None else _raw(rows),
+    )
+
+
 @torch.library.custom_op("vppo::loss_backward", mutates_args=())
 def _loss_backward(
     logits: Tensor,
@@ -228,11 +240,7 @@ def _loss_backward(
     targets, rows = _backward_args(logits, targets, lse, dlogp, rows)
     dtype = torch.float32 if grad_dtype == "f32" else logits.dtype
     grad = torch.empty(logits.shape, dtype=dtype)
-    _vppo.backward(
-        device, options, _dtype_name(logits.dtype), logits.shape[1], _raw(logits),
-        _dtype_name(dtype), _raw(grad), _raw(targets), _raw(lse), _raw(dlogp),
-        None if rows is None else _raw(rows),
-    )
+    _backward_into(grad, logits, targets, lse, dlogp, rows, options, device)
     return grad
 
 
@@ -255,11 +263,7 @@ def _loss_backward_in_place(
     """dloss/dlogits written over ``logits`` (declared mutated: its version counter is bumped, so any
     other saved use of those logits raises in autograd instead of reading a gradient)."""
     targets, rows = _backward_args(logits, targets, lse, dlogp, rows)
-    _vppo.backward(
-        device, options, _dtype_name(logits.dtype), logits.shape[1], None,
-        _dtype_name(logits.dtype), _raw(logits), _raw(targets), _raw(lse), _raw(dlogp),
-        None if rows is None else _raw(rows),
-    )
+    _backward_into(logits, None, targets, lse, dlogp, rows, options, device)
 
 
 @_loss_backward_in_place.register_fake
