@@ -272,6 +272,53 @@ __device__ __forceinline__ RowState block_merge(const RowState &mine, RowState *
     return st;
 }
 
+/*
+ * The cold path, for a row whose f_b overflowed f32 while every other sum is fine: one logit of 1e38 in
+ * logits_masked only, in a row of zeros, makes every term e_v (b_v - m_b) about -1e38, and V of them pass
+ * 3.4e38, while kl itself (about 1e38 / tau) is finite. The stream marks such a row (kl and score NaN,
+ * the other outputs written) and the block comes back to it after its last row, so the hot loop and its
+ * registers are untouched. Here the whole block reads both rows twice more: the maxima, then the four
+ * sums in double (each e_v formed as the stream forms it, in f32; every product and sum in double),
+ * reduced in a fixed order, so the result is bit-identical run to run. The per-element rule is
+ * fold_chunk_slow's: a term with a_v or b_v at -inf adds nothing (a finite a_v over b_v = -inf sets the
+ * kl = +inf flag, and a flagged row is never marked). kl beyond f32 is still an overflow.
+ */
+template <typename T>
+__device__ void finish_cold_row(const VppoPerceptionParams &p, int64_t t, double *scratch) {
+    const T *ra = static_cast<const T *>(p.logits) + (p.rows ? p.rows[t] : t) * p.vocab;
+    const T *rb = static_cast<const T *>(p.logits_masked) + (p.masked_rows ? p.masked_rows[t] : t) * p.vocab;
+    const float k = p.inv_temperature * 1.4426950408889634f;
+    float m_a = -INFINITY, m_b = -INFINITY;
+    for (int64_t v = threadIdx.x; v < p.vocab; v += blockDim.x) {
+        m_a = fmaxf(m_a, Elt<T>::load(ra + v));
+        m_b = fmaxf(m_b, Elt<T>::load(rb + v));
+    }
+    m_a = block_max(m_a, reinterpret_cast<float *>(scratch));
+    m_b = block_max(m_b, reinterpret_cast<float *>(scratch));
+    double s_a = 0.0, e_a = 0.0, f_b = 0.0, s_b = 0.0;
+    for (int64_t v = threadIdx.x; v < p.vocab; v += blockDim.x) {
+        const float a = Elt<T>::load(ra + v), b = Elt<T>::load(rb + v);
+        const double ea = a == -INFINITY ? 0.0 : (double)VPPO_EXP2((a - m_a) * k);
+        s_a += ea;
+        e_a += a == -INFINITY ? 0.0 : ea * ((double)a - (double)m_a);
+        f_b += a == -INFINITY || b == -INFINITY ? 0.0 : ea * ((double)b - (double)m_b);
+        s_b += b == -INFINITY ? 0.0 : (double)VPPO_EXP2((b - m_b) * k);
+    }
+    s_a = block_sum(s_a, scratch);
+    e_a = block_sum(e_a, scratch);
+    f_b = block_sum(f_b, scratch);
+    s_b = block_sum(s_b, scratch);
+    if (threadIdx.x == 0) {
+        const double kl = fmax((e_a - f_b) * (double)p.inv_temperature / s_a + log1p((s_b - s_a) / s_a), 0.0);
+        if (!(kl <= 3.4028234663852886e38)) { /* FLT_MAX */
+            report(p.status, t, VPPO_ERR_LOGITS_OVERFLOW); /* kl itself is beyond f32 */
+        } else {
+            p.kl[t] = (float)kl;
+            if (p.perception != VPPO_PERCEPTION_K3) p.score[t] = fminf((float)kl, p.score_clamp);
+        }
+    }
+}
+
 template <typename T>
 __device__ void perception(const VppoPerceptionParams &p) {
     VPPO_DYNAMIC_SHARED(RowState, smem);
@@ -305,7 +352,9 @@ __device__ void perception(const VppoPerceptionParams &p) {
             else if (ay == -INFINITY) code = VPPO_ERR_TARGET_NEG_INF;
             else if (!(st.s_b == st.s_b)) code = VPPO_ERR_MASKED_NONFINITE;
             else if (!(st.s_b > 0.0f)) code = VPPO_ERR_MASKED_ALL_NEG_INF;
-            else if (!isfinite(st.e_a) || !isfinite(st.f_b)) code = VPPO_ERR_LOGITS_OVERFLOW;
+            else if (!isfinite(st.e_a)) code = VPPO_ERR_LOGITS_OVERFLOW;
+            /* f_b alone overflowed (and kl is not +inf by the flag): the cold path below finishes kl */
+            const bool cold = !(st.flags & kFlagKlInf) && !isfinite(st.f_b);
             if (code != VPPO_ERR_NONE) {
                 report(p.status, t, code);
             } else {
@@ -319,14 +368,15 @@ __device__ void perception(const VppoPerceptionParams &p) {
                 /* log(s_b / s_a) as log1p((s_b - s_a) / s_a): exact subtraction when the sums are close;
                    KL >= 0, and the rounding can leave a near-zero value negative. */
                 const float kl_sum = (e_nat - f_nat) / st.s_a + log1pf((st.s_b - st.s_a) / st.s_a);
-                const float kl = (st.flags & kFlagKlInf) ? INFINITY : fmaxf(kl_sum, 0.0f);
+                const float kl = cold ? NAN : (st.flags & kFlagKlInf) ? INFINITY : fmaxf(kl_sum, 0.0f);
                 /* k3 in double: exp(d) - d - 1 cancels for small d, and it is one exp per token. It is
                    >= 0; the clamp keeps a last-ulp rounding of expm1 from making it -0 or -tiny. */
                 const double d = fmin(fmax((double)logp_masked - (double)p.old_logp[t], -VPPO_LOG_RATIO_CLAMP), VPPO_LOG_RATIO_CLAMP);
                 const float k3 = (float)fmax(expm1(d) - d, 0.0);
                 const float raw = p.perception == VPPO_PERCEPTION_K3 ? k3 : kl;
                 /* clamp(raw, 0, c); written so that -0.0 and any negative rounding give +0.0 */
-                const float score = raw > 0.0f ? fminf(raw, p.score_clamp) : 0.0f;
+                const float score = cold && p.perception != VPPO_PERCEPTION_K3 ? NAN
+                                    : raw > 0.0f ? fminf(raw, p.score_clamp) : 0.0f;
                 p.lse[t] = lse_a;
                 p.lse_masked[t] = lse_b;
                 p.logp[t] = logp;
@@ -339,6 +389,25 @@ __device__ void perception(const VppoPerceptionParams &p) {
         }
         /* smem is rewritten by the next row's block_merge: every thread must be done reading it. */
         __syncthreads();
+    }
+
+    /* The cold rows of this block (see finish_cold_row), kl = NaN as thread 0 wrote it above (visible
+       to the block after the barrier): each thread looks at one of the block's rows per round, and a
+       block-wide count tells whether the round has any. Without cold rows this is one load per thread
+       and a reduction per kThreads rows of the block. */
+    double *scratch = reinterpret_cast<double *>(smem);
+    for (int64_t first = blockIdx.x; first < p.n_tokens; first += (int64_t)gridDim.x * kThreads) {
+        const int64_t mine = first + (int64_t)threadIdx.x * gridDim.x;
+        const bool marked = mine < p.n_tokens && p.kl[mine] != p.kl[mine];
+        const long long any = block_sum(marked ? 1LL : 0LL, reinterpret_cast<long long *>(scratch));
+        if (any == 0) continue; /* uniform: every thread got the same sum */
+        for (int j = 0; j < kThreads; ++j) {
+            const int64_t t = first + (int64_t)j * gridDim.x;
+            if (t >= p.n_tokens) break;
+            /* every thread reads the same word: uniform */
+            if (p.kl[t] != p.kl[t]) finish_cold_row<T>(p, t, scratch);
+            __syncthreads(); /* thread 0's write of kl[t] is seen by all before the next read */
+        }
     }
 }
 

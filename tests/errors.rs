@@ -6,8 +6,8 @@
 use half::bf16;
 use vppo::reference::{perception, select, shaping};
 use vppo::{
-    grpo_advantages, Batch, Device, GradMut, Location, Logits, Shaping, Tensor, TopFraction, Vppo,
-    VppoConfig, VppoError,
+    grpo_advantages, Batch, Device, GradMut, Location, Logits, Perception, Shaping, Tensor,
+    TopFraction, Vppo, VppoConfig, VppoError,
 };
 
 /// A valid batch: N = 4 tokens, V = 3, B = 2 responses of 3 and 1 tokens.
@@ -751,19 +751,23 @@ fn outputs_that_overflow_are_errors_naming_them() {
     assert!(grad.iter().all(|&g| g == 7.0), "nothing written");
 }
 
-/// One V = 4096 row of zeros with a single logit of 1e38 (and the same row masked, or a plain masked
-/// row): valid and finite. The kernels' online softmax formed (m_a - m) * s_a before the scale
-/// 2^((m_a - m) k) underflowed to 0 and refused it as "finite logits so far apart"; now the SIMT
-/// executor agrees with the reference.
+/// One V = 4096 row of zeros with a single logit of 1e38, in logits, in logits_masked, or in both:
+/// valid and finite. The kernels' online softmax formed (m_a - m) * s_a before the scale
+/// 2^((m_a - m) k) underflowed to 0 and refused it as "finite logits so far apart"; with the huge
+/// logit in logits_masked only, f_b = sum_v e_v (b_v - m_b) (about -V 1e38) overflowed f32 while kl
+/// (about 1e38) does not, and the row was refused as well. Now such a row takes the kernel's cold
+/// path (f_b in double) and the SIMT executor agrees with the reference.
 #[test]
 fn one_huge_logit_in_a_long_row_is_not_refused() {
     let v = 4096;
-    for masked_too in [true, false] {
+    for (huge_a, huge_b) in [(true, true), (true, false), (false, true)] {
         let mut logits = vec![0.0f32; 2 * v];
-        logits[3000] = 1e38; // row 0, the target's row
-        logits[v + 17] = 1e38; // row 1, not the target
+        if huge_a {
+            logits[3000] = 1e38; // row 0, the target's row
+            logits[v + 17] = 1e38; // row 1, not the target
+        }
         let mut masked = vec![0.5f32; 2 * v];
-        if masked_too {
+        if huge_b {
             masked[3000] = 1e38;
             masked[v + 17] = 1e38;
         }
@@ -779,26 +783,43 @@ fn one_huge_logit_in_a_long_row_is_not_refused() {
             rows: None,
             masked_rows: None,
         };
-        let cfg = VppoConfig::default();
-        let want = Vppo::new(cfg.clone(), Device::Reference)
-            .unwrap()
-            .forward(&batch)
-            .unwrap();
-        let got = Vppo::new(cfg, Device::Simt(vppo::LaneOrder::Forward))
-            .unwrap()
-            .forward(&batch)
-            .unwrap_or_else(|e| panic!("masked_too {masked_too}: {e}"));
-        assert_eq!(got.tokens.logp[0], 0.0);
-        // logp of row 1 is -1e38: equal to f32 rounding
-        for t in 0..2 {
-            let (g, w) = (got.tokens.logp[t], want.tokens.logp[t]);
-            assert!(
-                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
-                "logp {t}: {g} vs {w}"
-            );
-            assert_eq!(got.tokens.score[t], want.tokens.score[t], "score {t}");
+        let case = format!("huge in logits {huge_a}, in logits_masked {huge_b}");
+        for perception in [Perception::FullKl, Perception::K3] {
+            let cfg = VppoConfig {
+                perception,
+                ..VppoConfig::default()
+            };
+            let want = Vppo::new(cfg.clone(), Device::Reference)
+                .unwrap()
+                .forward(&batch)
+                .unwrap_or_else(|e| panic!("reference, {case}: {e}"));
+            for device in [
+                Device::Simt(vppo::LaneOrder::Forward),
+                Device::Simt(vppo::LaneOrder::Reverse),
+            ] {
+                let got = Vppo::new(cfg.clone(), device)
+                    .unwrap()
+                    .forward(&batch)
+                    .unwrap_or_else(|e| panic!("{device:?}, {case}: {e}"));
+                if huge_a {
+                    assert_eq!(got.tokens.logp[0], 0.0);
+                }
+                // logp of row 1 is -1e38 with the huge logit in logits; kl about 1e38 when only one
+                // row has it: each equal to f32 rounding
+                let close = |g: f32, w: f32| (g - w).abs() <= 1e-6 * w.abs().max(1.0);
+                for t in 0..2 {
+                    let (g, w) = (got.tokens.logp[t], want.tokens.logp[t]);
+                    assert!(close(g, w), "{case}: logp {t}: {g} vs {w}");
+                    let (g, w) = (got.tokens.kl[t], want.tokens.kl[t]);
+                    assert!(close(g, w), "{case}: kl {t}: {g} vs {w}");
+                    assert_eq!(
+                        got.tokens.score[t], want.tokens.score[t],
+                        "{case}: score {t}"
+                    );
+                }
+                assert!((got.loss - want.loss).abs() <= 1e-5 * want.loss.abs().max(1.0));
+            }
         }
-        assert!((got.loss - want.loss).abs() <= 1e-5 * want.loss.abs().max(1.0));
     }
 }
 
