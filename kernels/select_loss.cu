@@ -308,7 +308,9 @@ __device__ void loss(const VppoLossParams &p, LossShared &sh) {
     long long nonempty_part = 0;
     for (int64_t b = threadIdx.x; b < p.n_responses; b += blockDim.x) nonempty_part += resp_len(p, b) > 0;
     /* B'; its barriers also publish alpha, s_b and m_b */
-    const long long n_nonempty = block_sum(nonempty_part, sh.i);
+    const long long own_nonempty = block_sum(nonempty_part, sh.i);
+    /* the caller's B' (data parallel: the count over every rank), else this batch's */
+    const double n_nonempty = p.response_normalizer > 0.0 ? p.response_normalizer : (double)own_nonempty;
 
     /* ---- Phase 2: per token ---- */
     const double z = p.token_normalizer;
@@ -346,8 +348,8 @@ __device__ void loss(const VppoLossParams &p, LossShared &sh) {
 
         double weight; /* d pg / d (mask l_t) */
         if (p.aggregation == VPPO_AGG_TOKEN_MEAN) weight = 1.0 / z;
-        else if (p.aggregation == VPPO_AGG_SEQ_MEAN_TOKEN_MEAN) weight = 1.0 / ((double)resp_len(p, b) * (double)n_nonempty);
-        else weight = 1.0 / (double)n_nonempty;
+        else if (p.aggregation == VPPO_AGG_SEQ_MEAN_TOKEN_MEAN) weight = 1.0 / ((double)resp_len(p, b) * n_nonempty);
+        else weight = 1.0 / n_nonempty;
 
         const bool m = p.mask[t] != 0;
         if (m) {

@@ -194,6 +194,7 @@ typedef struct VppoLossParams {
     /* The config in double, as the caller gave it: 1 - 0.2f is not 1 - 0.2, and the loss pass works
        in double so that it agrees with the f64 reference to ~1e-15 given the same inputs. */
     double token_normalizer;    /* Z */
+    double response_normalizer; /* B' of the seq modes; 0: the batch's own count of non-empty responses */
     double beta_min;
     double beta_max;            /* used by VPPO_SHAPING_LINEAR */
     double range_lo;            /* caller-given (lo, hi) when has_range */

@@ -178,6 +178,9 @@ pub struct VppoConfig {
     pub aggregation: Aggregation,
     /// Z, the token normalizer. `None` (default) is N, the number of response tokens in the batch.
     pub token_normalizer: Option<f64>,
+    /// B', the response normalizer of the seq-mean aggregations. `None` (default) is the number of
+    /// non-empty responses in the batch; data parallel gives the count over every rank (SPEC 11).
+    pub response_normalizer: Option<f64>,
     /// Weight of the -logp term over all response tokens. Default 0.06.
     pub logp_penalty: f64,
     /// Sampling temperature tau; logits are divided by it. Default 1.
@@ -209,6 +212,7 @@ impl Default for VppoConfig {
             dual_clip: Some(3.0),
             aggregation: Aggregation::TokenMean,
             token_normalizer: None,
+            response_normalizer: None,
             logp_penalty: 0.06,
             temperature: 1.0,
             loss_type: LossType::Ppo,
@@ -307,6 +311,11 @@ impl VppoConfig {
         if let Some(z) = self.token_normalizer {
             if !(z.is_finite() && z > 0.0) {
                 return Err(bad("token-normalizer", z, "a finite value > 0"));
+            }
+        }
+        if let Some(b) = self.response_normalizer {
+            if !(b.is_finite() && b > 0.0) {
+                return Err(bad("response-normalizer", b, "a finite value > 0"));
             }
         }
         if !self.logp_penalty.is_finite() {

@@ -173,6 +173,10 @@ pub struct LossOptions {
     /// response tokens in the file].
     #[arg(long, value_name = "Z", allow_negative_numbers = true)]
     pub token_normalizer: Option<f64>,
+    /// B', the response normalizer of the seq-mean aggregations [default: the number of non-empty
+    /// responses in the file]; data parallel gives the count over every rank (SPEC section 11).
+    #[arg(long, value_name = "B", allow_negative_numbers = true)]
+    pub response_normalizer: Option<f64>,
     /// Weight of the -logp term over all response tokens.
     #[arg(long, value_name = "X", allow_negative_numbers = true, default_value_t = VppoConfig::default().logp_penalty)]
     pub logp_penalty: f64,
@@ -225,6 +229,7 @@ impl LossOptions {
                 AggregationArg::SeqMeanTokenSum => Aggregation::SeqMeanTokenSum,
             },
             token_normalizer: self.token_normalizer,
+            response_normalizer: self.response_normalizer,
             logp_penalty: self.logp_penalty,
             temperature: self.temperature,
             loss_type: match self.loss_type {

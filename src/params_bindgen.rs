@@ -250,6 +250,7 @@ pub struct VppoLossParams {
     pub n_responses: i64,
     pub group_size: i64,
     pub token_normalizer: f64,
+    pub response_normalizer: f64,
     pub beta_min: f64,
     pub beta_max: f64,
     pub range_lo: f64,
@@ -267,7 +268,7 @@ pub struct VppoLossParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of VppoLossParams"][::std::mem::size_of::<VppoLossParams>() - 208usize];
+    ["Size of VppoLossParams"][::std::mem::size_of::<VppoLossParams>() - 216usize];
     ["Alignment of VppoLossParams"][::std::mem::align_of::<VppoLossParams>() - 8usize];
     ["Offset of field: VppoLossParams::logp"]
         [::std::mem::offset_of!(VppoLossParams, logp) - 0usize];
@@ -299,34 +300,36 @@ const _: () = {
         [::std::mem::offset_of!(VppoLossParams, group_size) - 104usize];
     ["Offset of field: VppoLossParams::token_normalizer"]
         [::std::mem::offset_of!(VppoLossParams, token_normalizer) - 112usize];
+    ["Offset of field: VppoLossParams::response_normalizer"]
+        [::std::mem::offset_of!(VppoLossParams, response_normalizer) - 120usize];
     ["Offset of field: VppoLossParams::beta_min"]
-        [::std::mem::offset_of!(VppoLossParams, beta_min) - 120usize];
+        [::std::mem::offset_of!(VppoLossParams, beta_min) - 128usize];
     ["Offset of field: VppoLossParams::beta_max"]
-        [::std::mem::offset_of!(VppoLossParams, beta_max) - 128usize];
+        [::std::mem::offset_of!(VppoLossParams, beta_max) - 136usize];
     ["Offset of field: VppoLossParams::range_lo"]
-        [::std::mem::offset_of!(VppoLossParams, range_lo) - 136usize];
+        [::std::mem::offset_of!(VppoLossParams, range_lo) - 144usize];
     ["Offset of field: VppoLossParams::range_hi"]
-        [::std::mem::offset_of!(VppoLossParams, range_hi) - 144usize];
+        [::std::mem::offset_of!(VppoLossParams, range_hi) - 152usize];
     ["Offset of field: VppoLossParams::eps_low"]
-        [::std::mem::offset_of!(VppoLossParams, eps_low) - 152usize];
+        [::std::mem::offset_of!(VppoLossParams, eps_low) - 160usize];
     ["Offset of field: VppoLossParams::eps_high"]
-        [::std::mem::offset_of!(VppoLossParams, eps_high) - 160usize];
+        [::std::mem::offset_of!(VppoLossParams, eps_high) - 168usize];
     ["Offset of field: VppoLossParams::dual_clip"]
-        [::std::mem::offset_of!(VppoLossParams, dual_clip) - 168usize];
+        [::std::mem::offset_of!(VppoLossParams, dual_clip) - 176usize];
     ["Offset of field: VppoLossParams::logp_penalty"]
-        [::std::mem::offset_of!(VppoLossParams, logp_penalty) - 176usize];
+        [::std::mem::offset_of!(VppoLossParams, logp_penalty) - 184usize];
     ["Offset of field: VppoLossParams::shaping"]
-        [::std::mem::offset_of!(VppoLossParams, shaping) - 184usize];
+        [::std::mem::offset_of!(VppoLossParams, shaping) - 192usize];
     ["Offset of field: VppoLossParams::scope"]
-        [::std::mem::offset_of!(VppoLossParams, scope) - 188usize];
+        [::std::mem::offset_of!(VppoLossParams, scope) - 196usize];
     ["Offset of field: VppoLossParams::aggregation"]
-        [::std::mem::offset_of!(VppoLossParams, aggregation) - 192usize];
+        [::std::mem::offset_of!(VppoLossParams, aggregation) - 200usize];
     ["Offset of field: VppoLossParams::has_range"]
-        [::std::mem::offset_of!(VppoLossParams, has_range) - 196usize];
+        [::std::mem::offset_of!(VppoLossParams, has_range) - 204usize];
     ["Offset of field: VppoLossParams::has_dual_clip"]
-        [::std::mem::offset_of!(VppoLossParams, has_dual_clip) - 200usize];
+        [::std::mem::offset_of!(VppoLossParams, has_dual_clip) - 208usize];
     ["Offset of field: VppoLossParams::loss_type"]
-        [::std::mem::offset_of!(VppoLossParams, loss_type) - 204usize];
+        [::std::mem::offset_of!(VppoLossParams, loss_type) - 212usize];
 };
 impl Default for VppoLossParams {
     fn default() -> Self {

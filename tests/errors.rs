@@ -534,6 +534,13 @@ fn config_out_of_range() {
         ),
         (
             VppoConfig {
+                response_normalizer: Some(f64::NAN),
+                ..d()
+            },
+            "response-normalizer",
+        ),
+        (
+            VppoConfig {
                 tas_range: Some((1.0, 0.0)),
                 ..d()
             },

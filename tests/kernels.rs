@@ -361,6 +361,9 @@ fn random_config(seed: u64, group_size: usize) -> VppoConfig {
     if seed % 19 == 0 {
         c.token_normalizer = Some(1000.0);
     }
+    if seed % 23 == 0 {
+        c.response_normalizer = Some(9.0); // data parallel's B' over every rank
+    }
     c
 }
 

@@ -20,6 +20,7 @@ pub(super) fn loss_params(cfg: &VppoConfig, n: usize, b: usize) -> VppoLossParam
         n_responses: b as i64,
         group_size: cfg.group_size as i64,
         token_normalizer: cfg.token_normalizer.unwrap_or(n as f64),
+        response_normalizer: cfg.response_normalizer.unwrap_or(0.0),
         beta_min: cfg.beta_min,
         beta_max: cfg.beta_max,
         range_lo: lo,

@@ -120,7 +120,10 @@ pub fn surrogate(
         return Ok(out);
     }
     // B' = responses with L_b > 0
-    let b_nonempty = cu_seqlens.windows(2).filter(|w| w[1] > w[0]).count() as f64;
+    // (or the caller's B': data parallel gives the count over every rank)
+    let b_nonempty = cfg
+        .response_normalizer
+        .unwrap_or_else(|| cu_seqlens.windows(2).filter(|w| w[1] > w[0]).count() as f64);
 
     let (lo_clip, hi_clip) = (1.0 - cfg.eps_low, 1.0 + cfg.eps_high);
     let mut pg = 0.0f64;
