@@ -203,7 +203,7 @@ MUTANTS = [
            "(1.0 - beta_min) / (mean_n + 1e-6)",
            "mean-preserving 1e-8 -> 1e-6"),
     Mutant("L8", "kernels/select_loss.cu",
-           "weight = 1.0 / ((double)resp_len(p, b) * (double)n_nonempty);",
+           "weight = 1.0 / ((double)resp_len(p, b) * n_nonempty);",
            "weight = 1.0 / (double)resp_len(p, b);",
            "seq-mean-token-mean without the 1 / B'"),
     Mutant("L9", "kernels/select_loss.cu",
