@@ -190,6 +190,24 @@ pub enum VppoError {
         /// The value computed.
         value: f64,
     },
+    /// Data parallel (SPEC section 11): another rank of the group had an error (bad input), so this
+    /// rank's forward is an error too, agreed on before any collective that could wait on it.
+    #[error(
+        "data parallel: {failed} rank(s) of the group reported an error (this is rank {rank}, whose \
+         own input was valid); see their errors"
+    )]
+    GroupFailed {
+        /// This rank.
+        rank: usize,
+        /// How many ranks failed.
+        failed: usize,
+    },
+    /// Data parallel: the ranks of the group were given different loss configs.
+    #[error("data parallel: the ranks of the group have different loss configs (this is rank {rank}); every rank must use the same")]
+    GroupConfig {
+        /// This rank.
+        rank: usize,
+    },
     /// The GPU was asked for, but the kernels were not compiled (no nvcc at build time).
     #[error("kernels not built: this build of vppo found no nvcc; install the CUDA toolkit or the nvidia-cuda-nvcc wheels and rebuild (see README)")]
     KernelsNotBuilt,

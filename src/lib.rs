@@ -45,6 +45,7 @@ pub mod hooks;
 pub mod io;
 pub mod options;
 pub mod output;
+pub mod parallel;
 pub mod params;
 pub mod reference;
 pub mod simt;
@@ -61,6 +62,7 @@ pub use exec::{DeviceBatch, DeviceForward, SavedForward};
 pub use grpo::grpo_advantages;
 pub use io::{OwnedBatch, OwnedLogits};
 pub use output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
+pub use parallel::{Collective, ReduceOp, ThreadGroup};
 pub use tensor::{ByDtype, DeviceLogits, DeviceLogitsMut};
 
 /// The README's code blocks, compiled and run as doctests so the README stays true.

@@ -220,6 +220,50 @@ pub(crate) fn forward(valid: &ValidBatch, device: Device) -> Result<VppoOutput> 
     )
 }
 
+/// The forward of [`forward`], then pass 2 once more under the config `then` derives from its output,
+/// if it returns one: data parallel (src/parallel.rs) reduces across ranks what pass 2 normalizes by
+/// and reruns only pass 2 (select and loss, O(N + B)); pass 1 and its stream of both logits tensors run
+/// once. The second config must differ from the first only in what pass 2 reads (shaping, range and
+/// normalizers): pass 2 rereads pass 1's scores from the workspace.
+pub(crate) fn forward_then(
+    valid: &ValidBatch,
+    device: Device,
+    then: &mut dyn FnMut(&VppoOutput) -> Result<Option<VppoConfig>>,
+) -> Result<VppoOutput> {
+    let (batch, cfg) = (valid.batch(), valid.config());
+    let l = Launcher::for_device(device)?;
+    let (n, b) = (batch.n_tokens(), batch.n_responses());
+    if n == 0 {
+        let first = empty_output(cfg.token_normalizer.unwrap_or(0.0), b);
+        return Ok(match then(&first)? {
+            Some(c) => empty_output(c.token_normalizer.unwrap_or(0.0), b),
+            None => first,
+        });
+    }
+    let inputs = Inputs::new(&l, batch)?;
+    let ws = Workspace::new(&l, n, b)?;
+    let dims = Dims::of(batch);
+    let first = run_passes(
+        &l,
+        dims,
+        cfg,
+        &inputs,
+        &ws,
+        batch.targets,
+        &host_rows(batch),
+    )?;
+    let Some(second) = then(&first)? else {
+        return Ok(first);
+    };
+    run_select_loss(&l, dims, &second, &inputs, &ws)?;
+    let copy = ws.download(&l)?;
+    Ok(output_from(
+        &ws,
+        &copy,
+        second.token_normalizer.unwrap_or(n as f64),
+    ))
+}
+
 /// Passes 1 and 2 over `inputs` into `ws`, then every output of the forward, or the error of the
 /// first bad row (`row_of` gives a logits row to name the bad value).
 ///

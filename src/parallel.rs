@@ -1,0 +1,308 @@
+//! Data parallel VPPO (SPEC section 11): each rank of a group holds whole responses, and the loss is
+//! reduced across the group so that the sum over ranks of the per-rank losses, and every rank's
+//! gradient rows, equal the single-process result on the concatenated batch (to rounding).
+//!
+//! What pass 2 normalizes by is what crosses ranks, a few scalars per call:
+//!
+//! | round | reduction | values |
+//! | --- | --- | --- |
+//! | 1 | sum | ranks that failed, N (for Z, token-mean), B' (non-empty responses, seq modes) |
+//! | 1 | max | the config's fingerprint and its negative (ranks must agree), max Sbar, -min Sbar |
+//! | 2 | sum | sum of n_b (mean-preserving shaping over the batch only) |
+//!
+//! Round 1 runs on every rank whatever happened before it, so a rank with bad input tells the others,
+//! and every rank returns an error ([`VppoError::GroupFailed`] on the ranks whose own input was fine):
+//! no rank waits on a collective another rank never reaches. Round 2 is reached by every rank or by
+//! none, decided from round 1's results, which every rank holds alike.
+//!
+//! Then pass 2 runs again under the global config: Z and B' of the whole group, the Sbar range of the
+//! whole group, and for mean-preserving shaping the beta_max its mean of n_b gives (alpha_b =
+//! beta_min + n_b (beta_max - beta_min) is linear shaping with that beta_max). Pass 1, the stream of
+//! both logits tensors, runs once (src/exec/mod.rs, `forward_then`). Group-scope shaping needs each
+//! group on one rank, and is computed per rank. The official code's per-rank semantics stay
+//! available: call [`Vppo::forward`] with a caller range (`tas_range`).
+//!
+//! The collectives go through [`Collective`]: [`ThreadGroup`] (ranks as threads of one process, for
+//! tests and single-node use) here, torch.distributed from Python (python/vppo/torch.py).
+//! Tests: tests/data_parallel.rs (Rust), python/tests/test_distributed.py (gloo ranks).
+
+use std::sync::{Arc, Barrier, Mutex};
+
+use crate::api::Vppo;
+use crate::batch::Batch;
+use crate::config::{Shaping, TasScope, VppoConfig};
+use crate::device::Device;
+use crate::error::{Result, VppoError};
+use crate::output::VppoOutput;
+use crate::reference::shaping::{TAS_MEAN_EPS, TAS_MIN_SPREAD};
+
+/// How [`Collective::all_reduce`] combines the ranks' values, element by element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// The sum, in rank order (every rank gets the same bits).
+    Sum,
+    /// The maximum.
+    Max,
+}
+
+/// A group of ranks that can reduce a few f64 values: every rank calls [`Collective::all_reduce`]
+/// the same number of times with the same length, and every rank receives the same result.
+pub trait Collective {
+    /// This rank, in 0..size.
+    fn rank(&self) -> usize;
+    /// The number of ranks.
+    fn size(&self) -> usize;
+    /// Replaces `values` by their reduction over the group.
+    fn all_reduce(&self, values: &mut [f64], op: ReduceOp) -> Result<()>;
+}
+
+/// A group of ranks that are threads of this process: [`ThreadGroup::new`] gives one handle per rank,
+/// each to be moved to its thread.
+pub struct ThreadGroup {
+    rank: usize,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    size: usize,
+    barrier: Barrier,
+    slots: Mutex<Vec<Vec<f64>>>,
+}
+
+impl ThreadGroup {
+    /// The handles of a group of `size` ranks (at least 1), rank 0 first.
+    pub fn new(size: usize) -> Result<Vec<ThreadGroup>> {
+        if size == 0 {
+            return Err(VppoError::Config {
+                field: "group size",
+                value: "0".into(),
+                expected: "at least one rank",
+            });
+        }
+        let shared = Arc::new(Shared {
+            size,
+            barrier: Barrier::new(size),
+            slots: Mutex::new(vec![Vec::new(); size]),
+        });
+        Ok((0..size)
+            .map(|rank| ThreadGroup {
+                rank,
+                shared: Arc::clone(&shared),
+            })
+            .collect())
+    }
+}
+
+impl Collective for ThreadGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.shared.size
+    }
+
+    fn all_reduce(&self, values: &mut [f64], op: ReduceOp) -> Result<()> {
+        let lock = || {
+            self.shared
+                .slots
+                .lock()
+                .map_err(|_| VppoError::Kernel("a rank of the thread group panicked".into()))
+        };
+        lock()?[self.rank] = values.to_vec();
+        self.shared.barrier.wait();
+        // Every rank reduces the same slots in rank order: the same bits on every rank.
+        let reduced: std::result::Result<Vec<f64>, usize> = {
+            let slots = lock()?;
+            match slots.iter().position(|s| s.len() != values.len()) {
+                Some(r) => Err(r),
+                None => Ok((0..values.len())
+                    .map(|i| {
+                        let column = slots.iter().map(|s| s[i]);
+                        match op {
+                            ReduceOp::Sum => column.sum(),
+                            ReduceOp::Max => column.fold(f64::NEG_INFINITY, f64::max),
+                        }
+                    })
+                    .collect()),
+            }
+        };
+        // Nobody writes a slot again before every rank has read them all.
+        self.shared.barrier.wait();
+        match reduced {
+            Ok(r) => {
+                values.copy_from_slice(&r);
+                Ok(())
+            }
+            Err(other) => Err(VppoError::Kernel(format!(
+                "ranks reduce different lengths: rank {} gave {} values, rank {other} another count",
+                self.rank,
+                values.len()
+            ))),
+        }
+    }
+}
+
+/// A fingerprint of a config, exact in f64 (below 2^53), that ranks compare.
+fn fingerprint(cfg: &VppoConfig) -> f64 {
+    // FNV-1a over the config's debug text, which names every field and value.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in format!("{cfg:?}").bytes() {
+        h = (h ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h >> 11) as f64
+}
+
+/// The non-empty responses' Sbar values of a local output.
+fn nonempty_sbar<'o>(out: &'o VppoOutput, cu_seqlens: &'o [i32]) -> impl Iterator<Item = f64> + 'o {
+    out.responses
+        .sbar
+        .iter()
+        .zip(cu_seqlens.windows(2))
+        .filter(|(_, w)| w[1] > w[0])
+        .map(|(&s, _)| s as f64)
+}
+
+/// The collectives of this module's table; `local` is this rank's first forward (or its error).
+/// Returns the config pass 2 reruns under, or the error every rank agrees on.
+fn agree(
+    cfg: &VppoConfig,
+    cu_seqlens: &[i32],
+    local: std::result::Result<&VppoOutput, VppoError>,
+    group: &dyn Collective,
+) -> Result<VppoConfig> {
+    let (failed, n, b_nonempty, hi, lo) = match &local {
+        Ok(out) => {
+            let (mut hi, mut lo) = (f64::NEG_INFINITY, f64::INFINITY);
+            for s in nonempty_sbar(out, cu_seqlens) {
+                hi = hi.max(s);
+                lo = lo.min(s);
+            }
+            let b = cu_seqlens.windows(2).filter(|w| w[1] > w[0]).count();
+            (0.0, out.tokens.score.len() as f64, b as f64, hi, lo)
+        }
+        Err(_) => (1.0, 0.0, 0.0, f64::NEG_INFINITY, f64::INFINITY),
+    };
+    let mut sums = [failed, n, b_nonempty];
+    group.all_reduce(&mut sums, ReduceOp::Sum)?;
+    let fp = fingerprint(cfg);
+    let mut maxima = [fp, -fp, hi, -lo];
+    group.all_reduce(&mut maxima, ReduceOp::Max)?;
+    let local = local?;
+    if sums[0] > 0.0 {
+        return Err(VppoError::GroupFailed {
+            rank: group.rank(),
+            failed: sums[0] as usize,
+        });
+    }
+    if maxima[0] != -maxima[1] {
+        return Err(VppoError::GroupConfig { rank: group.rank() });
+    }
+    let (n, b_nonempty) = (sums[1], sums[2]);
+    let (hi, lo) = (maxima[2], -maxima[3]);
+
+    let mut global = cfg.clone();
+    if global.token_normalizer.is_none() && n > 0.0 {
+        global.token_normalizer = Some(n);
+    }
+    if global.response_normalizer.is_none() && b_nonempty > 0.0 {
+        global.response_normalizer = Some(b_nonempty);
+    }
+    if cfg.shaping != Shaping::None && cfg.scope() == TasScope::Batch && b_nonempty > 0.0 {
+        let (lo, hi) = cfg.tas_range.unwrap_or((lo, hi));
+        global.tas_range = Some((lo, hi));
+        global.tas_scope = Some(TasScope::Batch);
+        // Mean-preserving: beta_max from the group's mean of n_b, then it is linear shaping.
+        if cfg.shaping == Shaping::MeanPreserving && hi - lo > TAS_MIN_SPREAD {
+            let mut n_sum = [nonempty_sbar(local, cu_seqlens)
+                .map(|s| ((s - lo) / (hi - lo)).clamp(0.0, 1.0))
+                .sum::<f64>()];
+            group.all_reduce(&mut n_sum, ReduceOp::Sum)?;
+            let mean_n = n_sum[0] / b_nonempty;
+            global.shaping = Shaping::Linear;
+            global.beta_max = cfg.beta_min + (1.0 - cfg.beta_min) / (mean_n + TAS_MEAN_EPS);
+        }
+    }
+    Ok(global)
+}
+
+impl Vppo {
+    /// The forward of this rank of a data-parallel group (module docs): pass 1 over the local batch,
+    /// the reductions across `group`, then pass 2 under the group's normalizers and Sbar range. The
+    /// sum over ranks of the returned losses is the single-process loss of the concatenated batch.
+    /// The returned [`Vppo`] is bound to the group's config (the same on every rank): its
+    /// [`Vppo::backward_into`] with the returned output gives this rank's rows of the gradient.
+    ///
+    /// Every rank must call this with the same config. An error on any rank before the reductions
+    /// (bad input, a config that differs) is an error on every rank: the rank's own error, or
+    /// [`VppoError::GroupFailed`]. An output that overflows f32 after them is this rank's error only.
+    pub fn forward_data_parallel(
+        &self,
+        batch: &Batch,
+        group: &dyn Collective,
+    ) -> Result<(VppoOutput, Vppo)> {
+        let cfg = self.config();
+        let (mut reached, mut global) = (false, None);
+        let result = self.forward_then(batch, &mut |local: &VppoOutput| {
+            reached = true;
+            let g = agree(cfg, batch.cu_seqlens, Ok(local), group)?;
+            global = Some(g.clone());
+            Ok(Some(g))
+        });
+        if reached {
+            let out = result?;
+            let global = global.ok_or_else(|| VppoError::Kernel("no group config".into()))?;
+            return Ok((out, Vppo::new(global, self.device())?));
+        }
+        // This rank failed before the collectives: tell the group, which waits on it.
+        let e = match result {
+            Err(e) => e,
+            Ok(_) => {
+                VppoError::Kernel("the forward returned without the group's reductions".into())
+            }
+        };
+        let _ = agree(
+            cfg,
+            batch.cu_seqlens,
+            Err(VppoError::Kernel(String::new())),
+            group,
+        );
+        Err(e)
+    }
+
+    /// [`Vppo::forward`] with pass 2 rerun under the config `then` derives from the first output.
+    fn forward_then(
+        &self,
+        batch: &Batch,
+        then: &mut dyn FnMut(&VppoOutput) -> Result<Option<VppoConfig>>,
+    ) -> Result<VppoOutput> {
+        let cfg = self.config();
+        let valid = batch.validate(cfg)?;
+        let out = match self.device() {
+            Device::Reference => reference_then(batch, cfg, then),
+            _ if batch.n_tokens() == 0 => reference_then(batch, cfg, then),
+            Device::Simt(_) | Device::Cuda(_) => {
+                if cfg.temperature < 1.0 {
+                    crate::reference::perception::check_rows(batch, cfg)?;
+                }
+                crate::exec::forward_then(&valid, self.device(), then)
+            }
+        }?;
+        out.check_finite()?;
+        Ok(out)
+    }
+}
+
+/// The reference's forward, then the whole forward again under the config `then` derives (the
+/// oracle recomputes pass 1: it is written for clarity, not speed).
+fn reference_then(
+    batch: &Batch,
+    cfg: &VppoConfig,
+    then: &mut dyn FnMut(&VppoOutput) -> Result<Option<VppoConfig>>,
+) -> Result<VppoOutput> {
+    let first = crate::reference::forward(batch, cfg)?;
+    match then(&first)? {
+        Some(second) => crate::reference::forward(batch, &second),
+        None => Ok(first),
+    }
+}
