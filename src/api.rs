@@ -140,12 +140,14 @@ impl Vppo {
     ///
     /// `out` must have the batch's lengths and finite `lse` and `dlogp` (as every forward returns);
     /// anything else is an error, never a NaN gradient.
-    pub fn backward_into(&self, batch: &Batch, out: &VppoOutput, grad: GradMut) -> Result<()> {
+    pub fn backward_into(&self, batch: &Batch, out: &VppoOutput, mut grad: GradMut) -> Result<()> {
         let valid = batch.validate(&self.config)?;
         grad.check(batch)?;
         out.check_for_backward(batch.n_tokens(), Some(batch.n_responses()))?;
         self.check_grad_bound(&out.tokens.dlogp)?;
         if batch.n_tokens() == 0 {
+            // No token: with rows the gradient is still [R, V], every row zero (SPEC section 10).
+            crate::tensor::on_dtype!(&mut grad, g => g.fill(Default::default()));
             return Ok(());
         }
         match self.device {

@@ -235,6 +235,64 @@ fn backward_saved_in_place_over_rows_zeroes_the_other_rows() {
     }
 }
 
+#[test]
+fn no_token_gives_a_gradient_of_zero_rows() {
+    // N = 0 with rows: the logits are still [R, V] and so is the gradient, every row zero (none is
+    // read: the junk, NaN included, stays unread), out of place over a dirty buffer and in place.
+    let (owned, mut rng) = random(7);
+    let v = owned.vocab;
+    let r = 4;
+    let junk: Vec<f32> = (0..r * v)
+        .map(|i| {
+            if i % 5 == 2 {
+                f32::NAN
+            } else {
+                rng.gen_range(-3.0f32..3.0)
+            }
+        })
+        .collect();
+    let cu = vec![0i32; owned.advantages.len() + 1];
+    let batch = Batch {
+        logits: Logits::F32(&junk),
+        logits_masked: Logits::F32(&junk),
+        targets: &[],
+        old_logp: &[],
+        cu_seqlens: &cu,
+        rows: Some(&[]),
+        masked_rows: None,
+        ..owned.batch()
+    };
+    for device in devices() {
+        let vppo = Vppo::new(VppoConfig::default(), device).unwrap();
+        let out = vppo.forward(&batch).unwrap();
+        assert_eq!(out.loss, 0.0);
+        let mut grad = vec![7.0f32; r * v];
+        vppo.backward_into(&batch, &out, GradMut::F32(&mut grad))
+            .unwrap();
+        assert!(grad.iter().all(|&g| g == 0.0), "{device:?}: {grad:?}");
+        let saved = SavedForward {
+            targets: &[],
+            lse: &[],
+            dlogp: &[],
+            rows: Some(&[]),
+        };
+        let mut grad = vec![half::bf16::from_f32(7.0); r * v];
+        vppo.backward_saved(Some(batch.logits), v, &saved, GradMut::Bf16(&mut grad))
+            .unwrap_err();
+        let mut grad = vec![7.0f32; r * v];
+        vppo.backward_saved(Some(batch.logits), v, &saved, GradMut::F32(&mut grad))
+            .unwrap();
+        assert!(grad.iter().all(|&g| g == 0.0), "{device:?}: {grad:?}");
+        let mut buf = junk.clone();
+        vppo.backward_saved(None, v, &saved, GradMut::F32(&mut buf))
+            .unwrap();
+        assert!(
+            buf.iter().all(|&g| g == 0.0),
+            "{device:?} in place: {buf:?}"
+        );
+    }
+}
+
 fn error_of(batch: &Batch) -> VppoError {
     let mut last = None;
     for device in devices() {

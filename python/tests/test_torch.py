@@ -420,3 +420,15 @@ def test_empty_batch():
     assert loss.item() == 0.0 and out["mask"].numel() == 0
     loss.backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("device", ["simt", "reference"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_no_token_read_through_rows_gives_zero_rows(device, in_place):
+    """N = 0 with rows over [R, V] logits: the gradient is [R, V] of zeros, not unwritten memory."""
+    b = make_batch(lengths=(0, 0), seed=20, rows_total=5)
+    x = b["logits"].clone().requires_grad_(True)
+    y = x * 1.0 if in_place else x  # in place overwrites its input: a non-leaf
+    loss, _ = call(dict(b, logits=y), device=device, in_place=in_place)
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))

@@ -155,6 +155,9 @@ pub(super) fn backward_host(
     let n = saved.targets.len();
     saved.check(logits.map_or(grad.len(), |x| x.len()), grad.len(), vocab)?;
     if n == 0 || vocab == 0 {
+        // No token reads a row, but with rows the gradient is still [R, V]: all zeros (SPEC
+        // section 10), in place too (the whole buffer becomes the gradient), as the reference writes.
+        on_dtype!(&mut grad, g => g.fill(Default::default()));
         return Ok(());
     }
     let l = &Launcher::for_device(device)?;
