@@ -310,22 +310,31 @@ def test_a_micro_batch_of_empty_responses():
     assert_same(results[1:])
 
 
-def test_no_copy_of_the_logits():
-    """The op reads the caller's [bs, S, V] storage (a view), and its gradient lands in those rows."""
-    mb = make_mini_batch(LENGTHS, seed=8)
-    micro = split(mb, [6])[0]
-    full = micro["full"].clone().requires_grad_(True)
+@pytest.mark.parametrize("kind", ["sliced", "full", "rmpad"])
+def test_no_copy_of_the_logits(kind, monkeypatch):
+    """The op gets views of the caller's logits (the same storage), and the gradient lands in the
+    rows the response tokens read, zero elsewhere."""
+    seen = []
+    real = easyr1.vt.vppo_loss
+
+    def spy(logits, logits_masked, *args, **kw):
+        seen.append((logits.data_ptr(), logits_masked.data_ptr()))
+        return real(logits, logits_masked, *args, **kw)
+
+    monkeypatch.setattr(easyr1.vt, "vppo_loss", spy)
+    micro = split(make_mini_batch(LENGTHS, seed=8), [6])[0]
+    a, b, kw, _ = layout(micro, kind)
+    x = a.clone().requires_grad_(True)
     loss, out = easyr1.policy_loss(
-        full, micro["full_masked"], micro["responses"], micro["response_mask"],
-        micro["old_log_probs"], micro["advantages"], tas_range=(0.0, 1.0), total_response_tokens=40,
-        response_start=-micro["L"] - 1)
+        x, b, micro["responses"], micro["response_mask"], micro["old_log_probs"],
+        micro["advantages"], tas_range=(0.0, 1.0), total_response_tokens=40, **kw)
+    assert seen == [(x.data_ptr(), b.data_ptr())]
     loss.backward()
-    bs, S, V = full.shape
-    rows = out["rows"]
-    assert rows.numel() == int(micro["response_mask"].sum())
-    read = torch.zeros(bs * S, dtype=torch.bool)
-    read[rows] = True
-    g = full.grad.view(bs * S, V)
+    v = x.shape[-1]
+    g = x.grad.reshape(-1, v)
+    assert out["rows"].numel() == int(micro["response_mask"].sum())
+    read = torch.zeros(g.shape[0], dtype=torch.bool)
+    read[out["rows"]] = True
     assert torch.equal(g[~read], torch.zeros_like(g[~read])) and g[read].abs().sum() > 0
 
 
