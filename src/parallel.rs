@@ -163,32 +163,26 @@ fn nonempty_sbar<'o>(out: &'o VppoOutput, cu_seqlens: &'o [i32]) -> impl Iterato
         .map(|(&s, _)| s as f64)
 }
 
-/// The collectives of this module's table; `local` is this rank's first forward (or its error).
-/// Returns the config pass 2 reruns under, or the error every rank agrees on.
+/// The collectives of this module's table, for a rank whose first forward `local` succeeded (a rank
+/// that failed takes part through [`report_failure`]). Returns the config pass 2 reruns under, or
+/// the error every rank agrees on.
 fn agree(
     cfg: &VppoConfig,
     cu_seqlens: &[i32],
-    local: std::result::Result<&VppoOutput, VppoError>,
+    local: &VppoOutput,
     group: &dyn Collective,
 ) -> Result<VppoConfig> {
-    let (failed, n, b_nonempty, hi, lo) = match &local {
-        Ok(out) => {
-            let (mut hi, mut lo) = (f64::NEG_INFINITY, f64::INFINITY);
-            for s in nonempty_sbar(out, cu_seqlens) {
-                hi = hi.max(s);
-                lo = lo.min(s);
-            }
-            let b = cu_seqlens.windows(2).filter(|w| w[1] > w[0]).count();
-            (0.0, out.tokens.score.len() as f64, b as f64, hi, lo)
-        }
-        Err(_) => (1.0, 0.0, 0.0, f64::NEG_INFINITY, f64::INFINITY),
-    };
-    let mut sums = [failed, n, b_nonempty];
+    let (mut hi, mut lo) = (f64::NEG_INFINITY, f64::INFINITY);
+    for s in nonempty_sbar(local, cu_seqlens) {
+        hi = hi.max(s);
+        lo = lo.min(s);
+    }
+    let b_local = cu_seqlens.windows(2).filter(|w| w[1] > w[0]).count();
+    let mut sums = [0.0, local.tokens.score.len() as f64, b_local as f64];
     group.all_reduce(&mut sums, ReduceOp::Sum)?;
     let fp = fingerprint(cfg);
     let mut maxima = [fp, -fp, hi, -lo];
     group.all_reduce(&mut maxima, ReduceOp::Max)?;
-    let local = local?;
     if sums[0] > 0.0 {
         return Err(VppoError::GroupFailed {
             rank: group.rank(),
@@ -226,6 +220,17 @@ fn agree(
     Ok(global)
 }
 
+/// Tells the group that this rank failed before [`Vppo::forward_data_parallel`]'s reductions (for a
+/// caller whose own checks failed before it could call it: python/vppo/torch.py), taking part in
+/// round 1 as a failed rank, so that the other ranks return [`VppoError::GroupFailed`] instead of
+/// waiting. An error only if the collective itself fails.
+pub fn report_failure(group: &dyn Collective) -> Result<()> {
+    let mut sums = [1.0, 0.0, 0.0];
+    group.all_reduce(&mut sums, ReduceOp::Sum)?;
+    let mut maxima = [0.0, 0.0, f64::NEG_INFINITY, f64::NEG_INFINITY];
+    group.all_reduce(&mut maxima, ReduceOp::Max)
+}
+
 impl Vppo {
     /// The forward of this rank of a data-parallel group (module docs): pass 1 over the local batch,
     /// the reductions across `group`, then pass 2 under the group's normalizers and Sbar range. The
@@ -245,7 +250,7 @@ impl Vppo {
         let (mut reached, mut global) = (false, None);
         let result = self.forward_then(batch, &mut |local: &VppoOutput| {
             reached = true;
-            let g = agree(cfg, batch.cu_seqlens, Ok(local), group)?;
+            let g = agree(cfg, batch.cu_seqlens, local, group)?;
             global = Some(g.clone());
             Ok(Some(g))
         });
@@ -261,12 +266,7 @@ impl Vppo {
                 VppoError::Kernel("the forward returned without the group's reductions".into())
             }
         };
-        let _ = agree(
-            cfg,
-            batch.cu_seqlens,
-            Err(VppoError::Kernel(String::new())),
-            group,
-        );
+        report_failure(group)?;
         Err(e)
     }
 

@@ -10,7 +10,10 @@ use clap::Parser;
 use half::{bf16, f16};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use vppo::{Batch, Device, Dtype, GradMut, LaneOrder, Logits, SavedForward, Vppo, VppoError};
+use vppo::{
+    Batch, Collective, Device, Dtype, GradMut, LaneOrder, Logits, ReduceOp, SavedForward, Vppo,
+    VppoError,
+};
 
 /// A tensor as Python passes it: its data pointer (an address in this process) and element count.
 type Raw = (usize, usize);
@@ -175,31 +178,19 @@ fn want_len(name: &str, got: usize, want: usize) -> PyResult<()> {
     Ok(())
 }
 
-/// The forward pass: fills the 13 output buffers `out` (per token: score, kl, k3, entropy, logp,
-/// logp_masked, lse, lse_masked as f32, mask as u8, dlogp as f32; per response: sbar f32, k i32,
-/// alpha f32) and returns (loss, pg_loss, token_normalizer, clip_fraction, mean_ratio,
-/// selected_fraction). Nothing is written when the crate returns an error.
-#[pyfunction]
-#[pyo3(signature = (device, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out))]
+/// The length checks of [`forward`]'s arguments, before anything is read.
 #[allow(clippy::too_many_arguments)]
-fn forward(
-    py: Python<'_>,
-    device: &str,
-    options: &str,
-    dtype: &str,
+fn forward_checks(
     vocab: usize,
-    logits: Raw,
-    logits_masked: Raw,
-    targets: Raw,
-    old_logp: Raw,
-    advantages: Raw,
-    cu_seqlens: Raw,
-    rows: Option<Raw>,
-    masked_rows: Option<Raw>,
-    out: Vec<Raw>,
-) -> PyResult<(f64, f64, f64, f64, f64, f64)> {
-    let vppo = build(device, options)?;
-    let dtype = parse_dtype(dtype)?;
+    logits: &Raw,
+    logits_masked: &Raw,
+    targets: &Raw,
+    old_logp: &Raw,
+    advantages: &Raw,
+    rows: &Option<Raw>,
+    masked_rows: &Option<Raw>,
+    out: &[Raw],
+) -> PyResult<()> {
     rows_of("logits", logits.1, vocab)?;
     rows_of("logits_masked", logits_masked.1, vocab)?;
     let n = targets.1;
@@ -224,6 +215,113 @@ fn forward(
     for (i, o) in out.iter().enumerate() {
         want_len("an output buffer", o.1, if i < 10 { n } else { b })?;
     }
+    Ok(())
+}
+
+/// A torch.distributed group as the crate's [`Collective`]: `reduce(values, op)` is the Python
+/// function of vppo/torch.py that reduces a list of floats over the group ("sum" or "max", every
+/// rank receiving the same values). Called from the crate with the GIL released: it takes the GIL.
+struct PyGroup {
+    rank: usize,
+    size: usize,
+    reduce: Py<PyAny>,
+}
+
+impl Collective for PyGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+    fn all_reduce(&self, values: &mut [f64], op: ReduceOp) -> vppo::Result<()> {
+        let op = match op {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Max => "max",
+        };
+        let reduced: Vec<f64> = Python::attach(|py| {
+            self.reduce
+                .call1(py, (values.to_vec(), op))
+                .and_then(|r| r.extract(py))
+        })
+        .map_err(|e| VppoError::Kernel(format!("the process group's all_reduce failed: {e}")))?;
+        if reduced.len() != values.len() {
+            return Err(VppoError::Kernel(format!(
+                "the process group's all_reduce returned {} values for {}",
+                reduced.len(),
+                values.len()
+            )));
+        }
+        values.copy_from_slice(&reduced);
+        Ok(())
+    }
+}
+
+/// `e`, after telling the group (if any) that this rank failed before the reductions, so that no
+/// other rank waits for it (`vppo::parallel::report_failure`).
+fn fail_group(py: Python<'_>, group: Option<&PyGroup>, e: PyErr) -> PyErr {
+    if let Some(g) = group {
+        if let Err(collective) = py.detach(|| vppo::parallel::report_failure(g)) {
+            return value_error(collective);
+        }
+    }
+    e
+}
+
+/// Takes part in a data-parallel call as a rank that failed before it (vppo/torch.py's own checks
+/// raised): see [`fail_group`].
+#[pyfunction]
+fn report_failure(py: Python<'_>, rank: usize, size: usize, reduce: Py<PyAny>) -> PyResult<()> {
+    let g = PyGroup { rank, size, reduce };
+    py.detach(|| vppo::parallel::report_failure(&g))
+        .map_err(value_error)
+}
+
+/// The forward pass: fills the 13 output buffers `out` (per token: score, kl, k3, entropy, logp,
+/// logp_masked, lse, lse_masked as f32, mask as u8, dlogp as f32; per response: sbar f32, k i32,
+/// alpha f32) and returns (loss, pg_loss, token_normalizer, clip_fraction, mean_ratio,
+/// selected_fraction). Nothing is written when the crate returns an error.
+#[pyfunction]
+#[pyo3(signature = (device, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, group=None))]
+#[allow(clippy::too_many_arguments)]
+fn forward(
+    py: Python<'_>,
+    device: &str,
+    options: &str,
+    dtype: &str,
+    vocab: usize,
+    logits: Raw,
+    logits_masked: Raw,
+    targets: Raw,
+    old_logp: Raw,
+    advantages: Raw,
+    cu_seqlens: Raw,
+    rows: Option<Raw>,
+    masked_rows: Option<Raw>,
+    out: Vec<Raw>,
+    group: Option<(usize, usize, Py<PyAny>)>,
+) -> PyResult<(f64, f64, f64, f64, f64, f64)> {
+    let group = group.map(|(rank, size, reduce)| PyGroup { rank, size, reduce });
+    let vppo = match build(device, options) {
+        Ok(v) => v,
+        Err(e) => return Err(fail_group(py, group.as_ref(), e)),
+    };
+    let checked = forward_checks(
+        vocab,
+        &logits,
+        &logits_masked,
+        &targets,
+        &old_logp,
+        &advantages,
+        &rows,
+        &masked_rows,
+        &out,
+    );
+    if let Err(e) = checked {
+        return Err(fail_group(py, group.as_ref(), e));
+    }
+
+    let dtype = parse_dtype(dtype).map_err(|e| fail_group(py, group.as_ref(), e))?;
     let result = py.detach(|| {
         // SAFETY: vppo/torch.py passes contiguous CPU tensors of these dtypes and element counts,
         // alive for the call (they are arguments of the op), and nothing else runs on them meanwhile.
@@ -240,7 +338,10 @@ fn forward(
                 masked_rows: masked_rows.map(|r| slice::<i64>(r)),
             }
         };
-        vppo.forward(&batch)
+        match &group {
+            Some(g) => vppo.forward_data_parallel(&batch, g).map(|(o, _)| o),
+            None => vppo.forward(&batch),
+        }
     });
     let o = result.map_err(value_error)?;
     let t = &o.tokens;
@@ -359,5 +460,6 @@ fn _vppo(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
     m.add_function(wrap_pyfunction!(check_options, m)?)?;
+    m.add_function(wrap_pyfunction!(report_failure, m)?)?;
     Ok(())
 }

@@ -145,6 +145,61 @@ def _options_json(options: dict) -> str:
 
 
 # -------------------------------------------------------------------------------------------------
+# Data parallel (SPEC section 11): the reductions go through torch.distributed
+# -------------------------------------------------------------------------------------------------
+
+#: The process groups ``vppo_loss`` was given, by the name the op carries (an op argument must be a
+#: plain value, so the group itself stays here).
+_GROUPS: dict = {}
+
+
+def _group_name(group) -> str:
+    name = f"vppo-group-{id(group)}"
+    _GROUPS[name] = group
+    return name
+
+
+def _group_reducer(name: str):
+    """(rank, size, reduce) for the extension: ``reduce(values, op)`` all-gathers a few float64
+    values over the group and combines them in rank order ("sum" or "max"), so that every rank
+    receives the same bits whatever the backend's own reduction order."""
+    import torch.distributed as dist
+
+    group = _GROUPS[name]
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    on = torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        on = torch.device("cuda", torch.cuda.current_device())
+
+    def reduce(values, op):
+        mine = torch.tensor(values, dtype=torch.float64, device=on)
+        parts = [torch.empty_like(mine) for _ in range(size)]
+        dist.all_gather(parts, mine, group=group)
+        acc = parts[0]
+        for p in parts[1:]:
+            acc = acc + p if op == "sum" else torch.maximum(acc, p)
+        return acc.cpu().tolist()
+
+    return (rank, size, reduce)
+
+
+class _agreeing:
+    """A context in which an error raised on this rank before the extension's collectives is first
+    reported to the group (``_vppo.report_failure``), so that no other rank waits for this one."""
+
+    def __init__(self, reducer):
+        self.reducer = reducer
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is not None and self.reducer is not None and issubclass(kind, Exception):
+            _vppo.report_failure(*self.reducer)
+        return False
+
+
+# -------------------------------------------------------------------------------------------------
 # The ops
 # -------------------------------------------------------------------------------------------------
 
@@ -163,14 +218,17 @@ def _loss(
     device: str,
     grad_dtype: str,
     in_place: bool,
+    group: Optional[str],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
            Tensor, Tensor, Tensor, Tensor]:
-    _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
-                  device, grad_dtype)
-    targets = _as("targets", targets, torch.int32)
-    cu_seqlens = _as("cu_seqlens", cu_seqlens, torch.int32)
-    rows = None if rows is None else _as("rows", rows, torch.int64)
-    masked_rows = None if masked_rows is None else _as("masked_rows", masked_rows, torch.int64)
+    reducer = None if group is None else _group_reducer(group)
+    with _agreeing(reducer):
+        _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows,
+                      masked_rows, device, grad_dtype)
+        targets = _as("targets", targets, torch.int32)
+        cu_seqlens = _as("cu_seqlens", cu_seqlens, torch.int32)
+        rows = None if rows is None else _as("rows", rows, torch.int64)
+        masked_rows = None if masked_rows is None else _as("masked_rows", masked_rows, torch.int64)
     n, b = targets.numel(), advantages.numel()
     token = [torch.empty(n, dtype=torch.uint8 if name == "mask" else torch.float32)
              for name in TOKEN_OUTPUTS]
@@ -182,6 +240,7 @@ def _loss(
         _raw(cu_seqlens), None if rows is None else _raw(rows),
         None if masked_rows is None else _raw(masked_rows),
         [_raw(t) for t in token + resp],
+        reducer,
     )
     loss = torch.tensor(scalars[0], dtype=torch.float32)
     stats = torch.tensor(scalars[1:], dtype=torch.float64)
@@ -190,7 +249,7 @@ def _loss(
 
 @_loss.register_fake
 def _loss_fake(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
-               options, device, grad_dtype, in_place):
+               options, device, grad_dtype, in_place, group):
     n, b = targets.shape[0], advantages.shape[0]
     loss = logits.new_empty((), dtype=torch.float32)
     token = [logits.new_empty((n,), dtype=torch.uint8 if name == "mask" else torch.float32)
@@ -276,7 +335,7 @@ _DLOGP = 1 + TOKEN_OUTPUTS.index("dlogp")
 
 
 def _setup_context(ctx, inputs, output):
-    (logits, _, targets, _, _, _, rows, _, options, device, grad_dtype, in_place) = inputs
+    (logits, _, targets, _, _, _, rows, _, options, device, grad_dtype, in_place, _) = inputs
     ctx.save_for_backward(logits, targets, output[_LSE], output[_DLOGP], rows)
     ctx.options, ctx.device, ctx.grad_dtype, ctx.in_place = options, device, grad_dtype, in_place
     ctx.mark_non_differentiable(*output[1:])
@@ -284,7 +343,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *_):
     logits, targets, lse, dlogp, rows = ctx.saved_tensors
-    none = (None,) * 11
+    none = (None,) * 12
     if grad_loss is None:
         return (None,) + none
     # dloss/dlogits is linear in dloss/dlogp: the incoming gradient of the loss scales dlogp.
@@ -317,6 +376,7 @@ def vppo_loss(
     device: Optional[str] = None,
     grad_dtype: str = "logits",
     in_place: bool = False,
+    process_group=None,
     **options,
 ):
     """The VPPO loss of a packed batch (SPEC sections 1-8) and its outputs.
@@ -332,18 +392,28 @@ def vppo_loss(
     (the f64 reference). ``grad_dtype``: "logits" (default) or "f32" (autograd then stores it in the
     logits' dtype). ``in_place=True``: the backward writes the gradient over ``logits``.
 
+    ``process_group``: data parallel (SPEC section 11). Each rank passes its own whole responses;
+    the op reduces over the group (torch.distributed: gloo for CPU tensors) the token count Z, the
+    count B' of non-empty responses, the Sbar range and, for mean-preserving shaping, the sum of n_b,
+    so that the sum over ranks of the returned losses is the loss of the concatenated batch and
+    every rank's gradient rows are that loss's. An engine that averages gradients over ranks must
+    multiply the loss by the world size. Bad input on any rank raises on every rank (ValueError).
+
     Returns ``(loss, out)``: ``loss`` a 0-dim float32 tensor whose backward gives dloss/dlogits only;
     ``out`` a dict of the per-token (``TOKEN_OUTPUTS``), per-response (``RESPONSE_OUTPUTS``) tensors
     and the statistics (``STATS``). Bad input raises ValueError with the crate's message.
     """
     device = "simt" if device is None else device
-    _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
-                  device, grad_dtype)
-    if in_place and grad_dtype != "logits":
-        raise ValueError('vppo_loss: in_place=True writes the gradient in the logits dtype: '
-                         'grad_dtype must be "logits"')
+    group = None if process_group is None else _group_name(process_group)
+    with _agreeing(None if group is None else _group_reducer(group)):
+        _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows,
+                      masked_rows, device, grad_dtype)
+        if in_place and grad_dtype != "logits":
+            raise ValueError('vppo_loss: in_place=True writes the gradient in the logits dtype: '
+                             'grad_dtype must be "logits"')
+        options_json = _options_json(options)
     result = _loss(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
-                   _options_json(options), device, grad_dtype, bool(in_place))
+                   options_json, device, grad_dtype, bool(in_place), group)
     names = TOKEN_OUTPUTS + RESPONSE_OUTPUTS
     out = {name: result[1 + i] for i, name in enumerate(names)}
     stats = result[1 + len(names)]
@@ -361,9 +431,9 @@ class VppoLoss(torch.nn.Module):
         self.options = dict(options)
 
     def forward(self, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, *, rows=None,
-                masked_rows=None):
+                masked_rows=None, process_group=None):
         return vppo_loss(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows=rows,
-                         masked_rows=masked_rows, **self.options)
+                         masked_rows=masked_rows, process_group=process_group, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in sorted(self.options.items()))

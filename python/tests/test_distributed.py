@@ -1,0 +1,118 @@
+"""Data parallel vppo_loss (SPEC section 11) over gloo ranks on this machine (loopback only): each
+rank holds whole responses of one batch, calls the op with ``process_group``, and the sum over ranks
+of the losses, every token's dlogp and mask, every response's alpha and every rank's gradient rows
+equal the single-process result on the whole batch. Bad input on one rank raises on every rank
+(no hang: each run has a deadline)."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import vppo.torch as vt
+
+from test_torch import call, make_batch
+
+LENGTHS = (5, 0, 7, 4, 3, 6, 1, 2)
+CONFIGS = [
+    {},
+    {"perception": "k3", "shaping": "linear", "tas_scope": "batch"},
+    {"aggregation": "seq_mean_token_mean"},
+    {"aggregation": "seq_mean_token_sum", "shaping": "none"},
+]
+
+
+def pieces(size):
+    """Cut points over the responses for `size` ranks (uneven; with 4 ranks one rank is empty)."""
+    b = len(LENGTHS)
+    return {2: [0, 3, b], 3: [0, 1, 6, b], 4: [0, 2, 2, 5, b]}[size]
+
+
+def rank_batch(full, b0, b1):
+    cu = full["cu_seqlens"]
+    t0, t1 = int(cu[b0]), int(cu[b1])
+    return dict(logits=full["logits"][t0:t1].clone(), logits_masked=full["logits_masked"][t0:t1].clone(),
+                targets=full["targets"][t0:t1].clone(), old_logp=full["old_logp"][t0:t1].clone(),
+                advantages=full["advantages"][b0:b1].clone(),
+                cu_seqlens=(cu[b0:b1 + 1] - t0).to(torch.int32).contiguous())
+
+
+def worker(rank, size, init, out_dir, dtype_name, bad_rank):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    try:
+        dtype = getattr(torch, dtype_name)
+        full = make_batch(lengths=LENGTHS, vocab=29, dtype=dtype, seed=size)
+        cut = pieces(size)
+        mine = rank_batch(full, cut[rank], cut[rank + 1])
+        results = []
+        for options in CONFIGS:
+            b = dict(mine)
+            if rank == bad_rank:
+                b["old_logp"] = b["old_logp"][:-1].clone() if b["old_logp"].numel() else \
+                    torch.zeros(1)  # one element too few (or too many): a shape error
+            b["logits"] = b["logits"].clone().requires_grad_(True)
+            try:
+                loss, out = call(b, process_group=dist.group.WORLD, **options)
+                loss.backward()
+                results.append(("ok", float(loss), out["dlogp"], out["mask"], out["alpha"],
+                                b["logits"].grad.float(), float(out["token_normalizer"])))
+            except ValueError as e:
+                results.append(("error", str(e)))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run(size, dtype, bad_rank=-1):
+    with tempfile.TemporaryDirectory() as d:
+        init = "file://" + os.path.join(d, "rendezvous")
+        ctx = mp.start_processes(worker, args=(size, init, d, str(dtype).replace("torch.", ""),
+                                               bad_rank),
+                                 nprocs=size, join=False, start_method="spawn")
+        for p in ctx.processes:
+            p.join(120)
+        alive = [p for p in ctx.processes if p.is_alive()]
+        for p in alive:
+            p.kill()
+        assert not alive, "a rank hangs (no result within 120 s)"
+        assert all(p.exitcode == 0 for p in ctx.processes), [p.exitcode for p in ctx.processes]
+        return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(size)]
+
+
+@pytest.mark.parametrize("size,dtype", [(2, torch.float32), (4, torch.bfloat16), (3, torch.float16)])
+def test_the_sum_over_ranks_is_the_single_process_loss(size, dtype):
+    got = run(size, dtype)
+    full = make_batch(lengths=LENGTHS, vocab=29, dtype=dtype, seed=size)
+    for c, options in enumerate(CONFIGS):
+        logits = full["logits"].clone().requires_grad_(True)
+        b = dict(full, logits=logits)
+        loss, out = call(b, **options)
+        loss.backward()
+        ranks = [r[c] for r in got]
+        assert all(r[0] == "ok" for r in ranks), ranks
+        total = sum(r[1] for r in ranks)
+        want = loss.item()
+        assert abs(total - want) <= 1e-5 * max(1.0, abs(want)), (options, total, want)
+        assert torch.equal(torch.cat([r[3] for r in ranks]), out["mask"]), options
+        torch.testing.assert_close(torch.cat([r[2] for r in ranks]), out["dlogp"], rtol=1e-5,
+                                   atol=1e-7)
+        torch.testing.assert_close(torch.cat([r[4] for r in ranks]), out["alpha"], rtol=1e-5,
+                                   atol=1e-7)
+        tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}[dtype]
+        torch.testing.assert_close(torch.cat([r[5] for r in ranks]), logits.grad.float(), rtol=tol,
+                                   atol=tol)
+        assert all(r[6] == float(out["token_normalizer"]) for r in ranks)
+
+
+def test_bad_input_on_one_rank_raises_on_every_rank():
+    got = run(3, torch.float32, bad_rank=1)
+    for rank, results in enumerate(got):
+        for r in results:
+            assert r[0] == "error", (rank, r)
+            if rank == 1:
+                assert "old_logp" in r[1], r[1]
+            else:
+                assert "rank(s) of the group reported an error" in r[1], r[1]
