@@ -328,7 +328,8 @@ __device__ void perception(const VppoPerceptionParams &p) {
 
     for (int64_t t = blockIdx.x; t < p.n_tokens; t += gridDim.x) {
         const int32_t y = p.targets[t];
-        if (y < 0 || (int64_t)y >= vocab) {
+        const bool target_here = y >= 0 && (int64_t)y < vocab;
+        if (!target_here && !p.partial) {
             if (threadIdx.x == 0) report(p.status, t, VPPO_ERR_TARGET_OUT_OF_RANGE);
             continue; /* uniform across the block: every thread read the same y */
         }
@@ -340,11 +341,24 @@ __device__ void perception(const VppoPerceptionParams &p) {
         const float k = inv_tau * 1.4426950408889634f; /* log2(e) / tau */
         /* The target's logits are read before the stream (by every thread: one broadcast load per
            warp), so that the row pointers and y are dead during it: fewer registers, 6 blocks per SM. */
-        const float ay = Elt<T>::load(ra + y), by = Elt<T>::load(rb + y);
+        /* In partial mode the target may lie in another shard: a column of this one is read instead
+           (the epilogue flags the state as having no target, and the host ignores these two). */
+        const int64_t yc = target_here ? (int64_t)y : 0;
+        const float ay = Elt<T>::load(ra + yc), by = Elt<T>::load(rb + yc);
         const RowState mine = stream_row(ra, rb, vocab, k);
         const RowState st = block_merge(mine, smem, k);
 
-        if (threadIdx.x == 0) {
+        if (threadIdx.x == 0 && p.partial) {
+            /* A shard's state (vocabulary parallel): the host merges it with the other shards'. */
+            float *o = p.partial + t * VPPO_PARTIAL_STATE_FLOATS;
+            o[0] = st.m_a; o[1] = st.s_a; o[2] = st.e_a; o[3] = st.f_b;
+            o[4] = st.m_b; o[5] = st.s_b;
+            /* the target again from memory: kept live across the stream, the flag costs registers */
+            const int32_t yy = p.targets[t];
+            const bool here = yy >= 0 && (int64_t)yy < vocab;
+            o[6] = (float)(st.flags | (here ? VPPO_PARTIAL_HAS_TARGET : 0u));
+            o[7] = ay; o[8] = by;
+        } else if (threadIdx.x == 0) {
             /* s_a is NaN after a NaN or +inf, 0 for an all -inf row (and lies in [1, V] otherwise). */
             int code = VPPO_ERR_NONE;
             if (!(st.s_a == st.s_a)) code = VPPO_ERR_LOGITS_NONFINITE;
@@ -396,6 +410,7 @@ __device__ void perception(const VppoPerceptionParams &p) {
        block-wide count tells whether the round has any. Without cold rows this is one load per thread
        and a reduction per kThreads rows of the block. */
     double *scratch = reinterpret_cast<double *>(smem);
+    if (p.partial) return; /* a shard's states: the host merges them (f_b too) */
     for (int64_t first = blockIdx.x; first < p.n_tokens; first += (int64_t)gridDim.x * kThreads) {
         const int64_t mine = first + (int64_t)threadIdx.x * gridDim.x;
         const bool marked = mine < p.n_tokens && p.kl[mine] != p.kl[mine];

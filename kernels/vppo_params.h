@@ -77,6 +77,8 @@ typedef enum VppoErrorCode {
  */
 #define VPPO_PERCEPTION_THREADS 256      /* threads per row of pass 1 */
 #define VPPO_PERCEPTION_STATE_BYTES 28   /* sizeof(RowState): dynamic smem = threads * this */
+#define VPPO_PARTIAL_STATE_FLOATS 9      /* per row in `partial` mode: m_a s_a e_a f_b m_b s_b flags a_y b_y */
+#define VPPO_PARTIAL_HAS_TARGET 2u       /* flags bit of a partial state: the target's column is in this shard */
 #define VPPO_SELECT_THREADS 256          /* threads per response of vppo_select */
 #define VPPO_SELECT_SHARED_BYTES 2440    /* sizeof(SelectShared) */
 #define VPPO_LOSS_THREADS 512            /* the one block of vppo_loss (1024 spilled on sm_90) */
@@ -146,6 +148,12 @@ typedef struct VppoPerceptionParams {
     float score_clamp;
     int32_t perception;        /* VppoPerception */
     int32_t pad0;
+    /* Vocabulary parallel (SPEC 11): with `partial` set, the logits are one shard of the columns and
+       targets are shard-local (target - first column; any value, out of the shard when the target's
+       column is elsewhere). Each row's merged state is written to partial[t * VPPO_PARTIAL_STATE_FLOATS]
+       (raw logit units, as RowState, plus flags and the target's two logits when in the shard) and
+       nothing else: no output, no status (the host merges the shards' states and checks the rows). */
+    float *partial;
 } VppoPerceptionParams;
 
 /* Pass 2a, kernels/select_loss.cu: one block per response: top-k mask, k_b and Sbar_b. */

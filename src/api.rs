@@ -118,7 +118,7 @@ impl Vppo {
 
     /// Checks that dloss/dlogits cannot overflow f32: |dlogits[t, v]| <= |dlogp_t| / tau, so each row's
     /// bound is checked (O(N)) before any gradient is written.
-    fn check_grad_bound(&self, dlogp: &[f32]) -> Result<()> {
+    pub(crate) fn check_grad_bound(&self, dlogp: &[f32]) -> Result<()> {
         let tau = self.config.temperature;
         match dlogp
             .iter()

@@ -2,6 +2,8 @@
 
 pub const VPPO_PERCEPTION_THREADS: u32 = 256;
 pub const VPPO_PERCEPTION_STATE_BYTES: u32 = 28;
+pub const VPPO_PARTIAL_STATE_FLOATS: u32 = 9;
+pub const VPPO_PARTIAL_HAS_TARGET: u32 = 2;
 pub const VPPO_SELECT_THREADS: u32 = 256;
 pub const VPPO_SELECT_SHARED_BYTES: u32 = 2440;
 pub const VPPO_LOSS_THREADS: u32 = 512;
@@ -93,10 +95,11 @@ pub struct VppoPerceptionParams {
     pub score_clamp: f32,
     pub perception: i32,
     pub pad0: i32,
+    pub partial: *mut f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of VppoPerceptionParams"][::std::mem::size_of::<VppoPerceptionParams>() - 152usize];
+    ["Size of VppoPerceptionParams"][::std::mem::size_of::<VppoPerceptionParams>() - 160usize];
     ["Alignment of VppoPerceptionParams"][::std::mem::align_of::<VppoPerceptionParams>() - 8usize];
     ["Offset of field: VppoPerceptionParams::logits"]
         [::std::mem::offset_of!(VppoPerceptionParams, logits) - 0usize];
@@ -140,6 +143,8 @@ const _: () = {
         [::std::mem::offset_of!(VppoPerceptionParams, perception) - 144usize];
     ["Offset of field: VppoPerceptionParams::pad0"]
         [::std::mem::offset_of!(VppoPerceptionParams, pad0) - 148usize];
+    ["Offset of field: VppoPerceptionParams::partial"]
+        [::std::mem::offset_of!(VppoPerceptionParams, partial) - 152usize];
 };
 impl Default for VppoPerceptionParams {
     fn default() -> Self {

@@ -48,6 +48,7 @@ pub(crate) fn backward_into(
         batch.vocab,
         grad,
         valid.config(),
+        false,
     )
 }
 
@@ -69,7 +70,7 @@ pub(crate) fn backward_in_place(
         dlogp: &out.tokens.dlogp,
         rows: None,
     };
-    backward_host(device, None, &saved, vocab, logits, cfg)
+    backward_host(device, None, &saved, vocab, logits, cfg, false)
 }
 
 /// What the backward reads of a forward: per token the target, lse and dloss/dlogp, and the row
@@ -91,6 +92,14 @@ impl SavedForward<'_> {
     /// gradient, both N * V (or R * V through valid rows), targets in [0, V), and N finite values of
     /// lse and dlogp.
     pub fn check(&self, logits_len: usize, grad_len: usize, vocab: usize) -> Result<()> {
+        crate::batch::check_targets(self.targets, vocab)?;
+        self.check_but_targets(logits_len, grad_len, vocab)
+    }
+
+    /// [`SavedForward::check`] but the targets' range: for a vocabulary shard, whose targets are
+    /// shard-local and lie outside [0, V) where the target's column is in another shard (the kernel
+    /// only compares them with its columns).
+    fn check_but_targets(&self, logits_len: usize, grad_len: usize, vocab: usize) -> Result<()> {
         let n = self.targets.len();
         // The dtype plays no part here (the launch picks the kernel by dtype).
         let shape = (Dtype::F32, logits_len);
@@ -101,7 +110,6 @@ impl SavedForward<'_> {
                 detail: format!("has {grad_len} elements, expected the {logits_len} of logits"),
             });
         }
-        crate::batch::check_targets(self.targets, vocab)?;
         for (tensor, values) in [(Tensor::Lse, self.lse), (Tensor::Dlogp, self.dlogp)] {
             if values.len() != n {
                 return Err(VppoError::Shape {
@@ -132,7 +140,21 @@ pub(crate) fn backward_saved(
     grad: GradMut,
     cfg: &VppoConfig,
 ) -> Result<()> {
-    backward_host(device, logits, saved, vocab, grad, cfg)
+    backward_host(device, logits, saved, vocab, grad, cfg, false)
+}
+
+/// [`backward_saved`] for one vocabulary shard (SPEC section 11): `saved.targets` are shard-local
+/// (target minus the shard's first column, any value), `saved.lse` the merged rows' lse, `vocab`
+/// the shard's V_r. Each rank writes the gradient of its own columns.
+pub(crate) fn backward_shard(
+    device: Device,
+    logits: &Logits,
+    saved: &SavedForward,
+    vocab: usize,
+    grad: GradMut,
+    cfg: &VppoConfig,
+) -> Result<()> {
+    backward_host(device, Some(logits), saved, vocab, grad, cfg, true)
 }
 
 /// The backward kernel into the caller's host buffer `grad` ([N, V], N = `targets.len()`, or [R, V]
@@ -151,9 +173,15 @@ pub(super) fn backward_host(
     vocab: usize,
     mut grad: GradMut,
     cfg: &VppoConfig,
+    shard: bool,
 ) -> Result<()> {
     let n = saved.targets.len();
-    saved.check(logits.map_or(grad.len(), |x| x.len()), grad.len(), vocab)?;
+    let logits_len = logits.map_or(grad.len(), |x| x.len());
+    if shard {
+        saved.check_but_targets(logits_len, grad.len(), vocab)?;
+    } else {
+        saved.check(logits_len, grad.len(), vocab)?;
+    }
     if n == 0 || vocab == 0 {
         // No token reads a row, but with rows the gradient is still [R, V]: all zeros (SPEC
         // section 10), in place too (the whole buffer becomes the gradient), as the reference writes.
@@ -189,7 +217,8 @@ pub(super) fn backward_host(
         n_rows: nv / vocab,
     };
     // SAFETY: logits [R, V] of the input dtype (the caller's batch, or the one buffer at grad_addr
-    // in place; R = N without rows), lse/dlogp/targets [N], targets in [0, V), rows [N] strictly
+    // in place; R = N without rows), lse/dlogp/targets [N], targets in [0, V) (a shard's may lie
+    // outside: the kernel compares them with column indices and never reads at one), rows [N] strictly
     // increasing in [0, R) or none, grad [R, V] of the output dtype: all checked at the top of this
     // function. In place, each element is
     // loaded and then stored by the same thread, and no two threads touch one element

@@ -26,7 +26,7 @@ use crate::output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
 use crate::params::{
     status_report, VppoBackwardParams, VppoErrorCode, VppoLossParams, VppoLossTotals,
     VppoPerceptionParams, VppoSelectParams, VPPO_MAX_ROW_BLOCKS_GPU, VPPO_MAX_ROW_BLOCKS_SIMT,
-    VPPO_STATUS_CLEAR,
+    VPPO_PARTIAL_STATE_FLOATS, VPPO_STATUS_CLEAR,
 };
 use crate::simt::{self, SimtEntry, SimtLaunch};
 use crate::tensor::{on_dtype, DeviceLogits, DeviceLogitsMut, Dtype, Elem, GradMut, Logits};
@@ -40,10 +40,10 @@ mod workspace;
 
 pub use backward::SavedForward;
 use backward::*;
-pub(crate) use backward::{backward_in_place, backward_into, backward_saved};
+pub(crate) use backward::{backward_in_place, backward_into, backward_saved, backward_shard};
 use launcher::*;
 use perception::*;
-pub(crate) use perception::{mutant_perception, perception};
+pub(crate) use perception::{mutant_perception, perception, perception_partial};
 pub(crate) use resident::{backward_device, backward_device_in_place, forward_device};
 pub use resident::{DeviceBatch, DeviceForward, DeviceStages};
 pub(crate) use select_loss::select;

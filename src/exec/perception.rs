@@ -200,3 +200,66 @@ pub(super) fn run_perception(
     };
     Ok(())
 }
+
+/// Pass 1 over one vocabulary shard in partial mode (SPEC section 11, src/parallel/vocab.rs): per
+/// row the merged state of the shard's columns, `VPPO_PARTIAL_STATE_FLOATS` f32 each (raw logit
+/// units: m_a, s_a, e_a, f_b, m_b, s_b, flags, a_y, b_y), for the host to merge with the other
+/// shards'. `local_targets` [N] are the targets minus the shard's first column (any value: out of
+/// the shard where the target's column is elsewhere; the kernel only compares them and reads an
+/// in-shard column). No output, no status: the merged rows are checked on the host.
+pub(crate) fn perception_partial(
+    valid: &ValidBatch,
+    local_targets: &[i32],
+    device: Device,
+) -> Result<Vec<f32>> {
+    let (batch, cfg) = (valid.batch(), valid.config());
+    let n = batch.n_tokens();
+    if local_targets.len() != n {
+        return Err(VppoError::Shape {
+            tensor: Tensor::Targets,
+            detail: format!("has {} shard-local targets, N = {n}", local_targets.len()),
+        });
+    }
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let floats = n
+        .checked_mul(VPPO_PARTIAL_STATE_FLOATS as usize)
+        .ok_or_else(|| VppoError::Shape {
+            tensor: Tensor::Targets,
+            detail: format!("N = {n} partial states overflow"),
+        })?;
+    let l = Launcher::for_device(device)?;
+    let inputs = Inputs::new(&l, batch)?;
+    let ws = Workspace::new(&l, n, batch.n_responses())?;
+    let targets = Input::new(&l, local_targets)?;
+    let partial = l.alloc(floats * 4)?;
+    let p = VppoPerceptionParams {
+        logits: inputs.logits.addr as *const c_void,
+        logits_masked: inputs.logits_masked.addr as *const c_void,
+        targets: targets.addr as *const i32,
+        old_logp: inputs.old_logp.addr as *const f32,
+        status: ws.ptr(&l, ws.status),
+        rows: inputs.rows.addr as *const i64,
+        masked_rows: inputs.masked_rows.addr as *const i64,
+        n_tokens: n as i64,
+        vocab: batch.vocab as i64,
+        inv_temperature: (1.0 / cfg.temperature) as f32,
+        score_clamp: cfg.score_clamp as f32,
+        partial: l.addr(&partial) as *mut f32,
+        ..Default::default()
+    };
+    // SAFETY: logits and logits_masked hold N * V elements of the kernel's dtype (or R * V through
+    // rows validated in range), targets and old_logp N, partial N * 9 floats, status 1; in partial
+    // mode the kernel writes only `partial` and reads a target column only when it is in [0, V).
+    unsafe {
+        l.launch(
+            perception_kernel(batch.logits.dtype()),
+            l.row_grid(n),
+            PERCEPTION_THREADS,
+            PERCEPTION_THREADS * PERCEPTION_STATE_BYTES,
+            &p,
+        )?
+    };
+    l.download(&partial, floats)
+}

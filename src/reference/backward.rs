@@ -59,6 +59,44 @@ pub fn grad_logits_centred(
     dlogp: &[f64],
     temperature: f64,
     rows: Option<&[i64]>,
+    grad: GradMut,
+) -> Result<()> {
+    for (row, &y) in targets.iter().enumerate() {
+        if y < 0 || y as usize >= vocab {
+            return Err(VppoError::TargetOutOfRange {
+                row,
+                target: y,
+                vocab,
+            });
+        }
+    }
+    grad_logits_shard(
+        logits,
+        vocab,
+        targets,
+        centre,
+        lse_centred,
+        dlogp,
+        temperature,
+        rows,
+        grad,
+    )
+}
+
+/// [`grad_logits_centred`] over one vocabulary shard (SPEC section 11): `logits` and `grad` hold
+/// the shard's V columns, `targets` are shard-local (the global target minus the shard's first
+/// column: outside [0, V) when the target's column is in another shard, whose rows then have no
+/// 1[v = y] term here), and `centre` + `lse_centred` the lse of the whole row, merged across shards.
+#[allow(clippy::too_many_arguments)]
+pub fn grad_logits_shard(
+    logits: Logits,
+    vocab: usize,
+    targets: &[i32],
+    centre: &[f64],
+    lse_centred: &[f64],
+    dlogp: &[f64],
+    temperature: f64,
+    rows: Option<&[i64]>,
     mut grad: GradMut,
 ) -> Result<()> {
     let n = targets.len();
@@ -95,15 +133,6 @@ pub fn grad_logits_centred(
             });
         }
     }
-    for (row, &y) in targets.iter().enumerate() {
-        if y < 0 || y as usize >= vocab {
-            return Err(VppoError::TargetOutOfRange {
-                row,
-                target: y,
-                vocab,
-            });
-        }
-    }
     let mut row = vec![0.0f64; vocab];
     // Output row r is token t's when rows[t] = r (row t without rows), zero otherwise.
     let n_out = nv.checked_div(vocab).unwrap_or(0);
@@ -120,12 +149,12 @@ pub fn grad_logits_centred(
         if g == 0.0 {
             row.iter_mut().for_each(|x| *x = 0.0);
         } else {
-            let y = targets[t] as usize;
+            let y = targets[t] as i64; // may lie outside this shard's [0, V)
             for (v, out) in row.iter_mut().enumerate() {
                 // softmax(a)_v = exp(a_v - lse_t), a_v = logits[r, v] / tau, lse_t = centre_t + lse_centred_t
                 let p =
                     ((logits.get(r * vocab + v) / temperature - centre[t]) - lse_centred[t]).exp();
-                let onehot = if v == y { 1.0 } else { 0.0 };
+                let onehot = if v as i64 == y { 1.0 } else { 0.0 };
                 // g_t (1[v = y] - p_v) / tau
                 *out = g * (onehot - p) / temperature;
             }

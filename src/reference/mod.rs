@@ -56,6 +56,13 @@ pub struct ForwardF64 {
 pub fn forward_f64(batch: &Batch, cfg: &VppoConfig) -> Result<ForwardF64> {
     batch.validate(cfg)?;
     let perception = perception::perception(batch, cfg)?;
+    pass2_f64(perception, batch, cfg)
+}
+
+/// Pass 2 (mask, Sbar, alpha, loss and dloss/dlogp) on the pass-1 values `perception` of `batch`'s
+/// tokens; only `old_logp`, `advantages` and `cu_seqlens` of `batch` are read. Vocabulary parallel
+/// (src/parallel/vocab.rs) runs it on the rows merged across shards.
+pub fn pass2_f64(perception: PerceptionF64, batch: &Batch, cfg: &VppoConfig) -> Result<ForwardF64> {
     let (mask, k) = select::mask_for(
         &perception.score,
         &perception.entropy,
@@ -91,9 +98,13 @@ fn to_f32(x: &[f64]) -> Vec<f32> {
 ///
 /// N = 0 is not an error: the loss is 0 and the per-token outputs are empty.
 pub fn forward(batch: &Batch, cfg: &VppoConfig) -> Result<VppoOutput> {
-    let f = forward_f64(batch, cfg)?;
+    Ok(output_of(&forward_f64(batch, cfg)?))
+}
+
+/// The [`VppoOutput`] of an f64 evaluation: per-token and per-response values rounded to f32.
+pub fn output_of(f: &ForwardF64) -> VppoOutput {
     let p = &f.perception;
-    Ok(VppoOutput {
+    VppoOutput {
         loss: f.surrogate.loss,
         pg_loss: f.surrogate.pg_loss,
         token_normalizer: f.surrogate.token_normalizer,
@@ -106,16 +117,16 @@ pub fn forward(batch: &Batch, cfg: &VppoConfig) -> Result<VppoOutput> {
             logp_masked: to_f32(&p.logp_masked),
             lse: to_f32(&p.lse),
             lse_masked: to_f32(&p.lse_masked),
-            mask: f.mask,
+            mask: f.mask.clone(),
             dlogp: to_f32(&f.surrogate.dlogp),
         },
         responses: ResponseOutputs {
             sbar: to_f32(&f.sbar),
-            k: f.k,
+            k: f.k.clone(),
             alpha: to_f32(&f.alpha),
         },
         stats: f.surrogate.stats,
-    })
+    }
 }
 
 /// dloss/dlogits into `grad` ([N, V], any of f32, f16, bf16), computed by the reference.

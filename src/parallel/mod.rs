@@ -28,6 +28,9 @@
 
 use std::sync::{Arc, Barrier, Mutex};
 
+mod vocab;
+pub use vocab::VocabShard;
+
 use crate::api::Vppo;
 use crate::batch::Batch;
 use crate::config::{Shaping, TasScope, VppoConfig};
@@ -54,6 +57,8 @@ pub trait Collective {
     fn size(&self) -> usize;
     /// Replaces `values` by their reduction over the group.
     fn all_reduce(&self, values: &mut [f64], op: ReduceOp) -> Result<()>;
+    /// Every rank's `values` (the same length on every rank), concatenated in rank order.
+    fn all_gather(&self, values: &[f64]) -> Result<Vec<f64>>;
 }
 
 /// A group of ranks that are threads of this process: [`ThreadGroup::new`] gives one handle per rank,
@@ -93,6 +98,38 @@ impl ThreadGroup {
     }
 }
 
+impl ThreadGroup {
+    /// Every rank's values in rank order (the slots of one exchange), or the rank whose length
+    /// differs from this rank's.
+    fn exchange(&self, values: &[f64]) -> Result<std::result::Result<Vec<Vec<f64>>, usize>> {
+        let lock = || {
+            self.shared
+                .slots
+                .lock()
+                .map_err(|_| VppoError::Kernel("a rank of the thread group panicked".into()))
+        };
+        lock()?[self.rank] = values.to_vec();
+        self.shared.barrier.wait();
+        let all = {
+            let slots = lock()?;
+            match slots.iter().position(|s| s.len() != values.len()) {
+                Some(r) => Err(r),
+                None => Ok(slots.clone()),
+            }
+        };
+        // Nobody writes a slot again before every rank has read them all.
+        self.shared.barrier.wait();
+        Ok(all)
+    }
+
+    fn lengths_differ(&self, other: usize, len: usize) -> VppoError {
+        VppoError::Kernel(format!(
+            "ranks exchange different lengths: rank {} gave {len} values, rank {other} another count",
+            self.rank
+        ))
+    }
+}
+
 impl Collective for ThreadGroup {
     fn rank(&self) -> usize {
         self.rank
@@ -102,49 +139,32 @@ impl Collective for ThreadGroup {
         self.shared.size
     }
 
-    fn all_reduce(&self, values: &mut [f64], op: ReduceOp) -> Result<()> {
-        let lock = || {
-            self.shared
-                .slots
-                .lock()
-                .map_err(|_| VppoError::Kernel("a rank of the thread group panicked".into()))
-        };
-        lock()?[self.rank] = values.to_vec();
-        self.shared.barrier.wait();
-        // Every rank reduces the same slots in rank order: the same bits on every rank.
-        let reduced: std::result::Result<Vec<f64>, usize> = {
-            let slots = lock()?;
-            match slots.iter().position(|s| s.len() != values.len()) {
-                Some(r) => Err(r),
-                None => Ok((0..values.len())
-                    .map(|i| {
-                        let column = slots.iter().map(|s| s[i]);
-                        match op {
-                            ReduceOp::Sum => column.sum(),
-                            ReduceOp::Max => column.fold(f64::NEG_INFINITY, f64::max),
-                        }
-                    })
-                    .collect()),
-            }
-        };
-        // Nobody writes a slot again before every rank has read them all.
-        self.shared.barrier.wait();
-        match reduced {
-            Ok(r) => {
-                values.copy_from_slice(&r);
-                Ok(())
-            }
-            Err(other) => Err(VppoError::Kernel(format!(
-                "ranks reduce different lengths: rank {} gave {} values, rank {other} another count",
-                self.rank,
-                values.len()
-            ))),
+    fn all_gather(&self, values: &[f64]) -> Result<Vec<f64>> {
+        match self.exchange(values)? {
+            Ok(all) => Ok(all.concat()),
+            Err(other) => Err(self.lengths_differ(other, values.len())),
         }
+    }
+
+    fn all_reduce(&self, values: &mut [f64], op: ReduceOp) -> Result<()> {
+        // Every rank reduces the same slots in rank order: the same bits on every rank.
+        let slots = match self.exchange(values)? {
+            Ok(all) => all,
+            Err(other) => return Err(self.lengths_differ(other, values.len())),
+        };
+        for (i, x) in values.iter_mut().enumerate() {
+            let column = slots.iter().map(|s| s[i]);
+            *x = match op {
+                ReduceOp::Sum => column.sum(),
+                ReduceOp::Max => column.fold(f64::NEG_INFINITY, f64::max),
+            };
+        }
+        Ok(())
     }
 }
 
 /// A fingerprint of a config, exact in f64 (below 2^53), that ranks compare.
-fn fingerprint(cfg: &VppoConfig) -> f64 {
+pub(crate) fn fingerprint(cfg: &VppoConfig) -> f64 {
     // FNV-1a over the config's debug text, which names every field and value.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in format!("{cfg:?}").bytes() {
