@@ -11,8 +11,8 @@ use half::{bf16, f16};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use vppo::{
-    Batch, Collective, Device, Dtype, GradMut, LaneOrder, Logits, ReduceOp, SavedForward, Vppo,
-    VppoError,
+    Batch, Collective, Device, Dtype, GradMut, LaneOrder, Logits, ReduceOp, SavedForward,
+    VocabShard, Vppo, VppoError,
 };
 
 /// A tensor as Python passes it: its data pointer (an address in this process) and element count.
@@ -255,6 +255,23 @@ impl Collective for PyGroup {
         values.copy_from_slice(&reduced);
         Ok(())
     }
+    fn all_gather(&self, values: &[f64]) -> vppo::Result<Vec<f64>> {
+        let gathered: Vec<f64> = Python::attach(|py| {
+            self.reduce
+                .call1(py, (values.to_vec(), "gather"))
+                .and_then(|r| r.extract(py))
+        })
+        .map_err(|e| VppoError::Kernel(format!("the process group's all_gather failed: {e}")))?;
+        if gathered.len() != values.len() * self.size {
+            return Err(VppoError::Kernel(format!(
+                "the process group's all_gather returned {} values for {} ranks of {}",
+                gathered.len(),
+                self.size,
+                values.len()
+            )));
+        }
+        Ok(gathered)
+    }
 }
 
 /// `e`, after telling the group (if any) that this rank failed before the reductions, so that no
@@ -282,7 +299,7 @@ fn report_failure(py: Python<'_>, rank: usize, size: usize, reduce: Py<PyAny>) -
 /// alpha f32) and returns (loss, pg_loss, token_normalizer, clip_fraction, mean_ratio,
 /// selected_fraction). Nothing is written when the crate returns an error.
 #[pyfunction]
-#[pyo3(signature = (device, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, group=None))]
+#[pyo3(signature = (device, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, group=None, vocab_shard=None))]
 #[allow(clippy::too_many_arguments)]
 fn forward(
     py: Python<'_>,
@@ -300,7 +317,9 @@ fn forward(
     masked_rows: Option<Raw>,
     out: Vec<Raw>,
     group: Option<(usize, usize, Py<PyAny>)>,
+    vocab_shard: Option<(usize, usize)>,
 ) -> PyResult<(f64, f64, f64, f64, f64, f64)> {
+    // With vocab_shard (start, V), `group` is the vocabulary group (SPEC 11), else the data group.
     let group = group.map(|(rank, size, reduce)| PyGroup { rank, size, reduce });
     let vppo = match build(device, options) {
         Ok(v) => v,
@@ -338,9 +357,12 @@ fn forward(
                 masked_rows: masked_rows.map(|r| slice::<i64>(r)),
             }
         };
-        match &group {
-            Some(g) => vppo.forward_data_parallel(&batch, g).map(|(o, _)| o),
-            None => vppo.forward(&batch),
+        match (&group, vocab_shard) {
+            (Some(g), Some((start, total))) => {
+                vppo.forward_vocab_parallel(&batch, VocabShard { start, total }, g)
+            }
+            (Some(g), None) => vppo.forward_data_parallel(&batch, g).map(|(o, _)| o),
+            (None, _) => vppo.forward(&batch),
         }
     });
     let o = result.map_err(value_error)?;
@@ -392,7 +414,7 @@ fn forward(
 /// None, reads the logits from `grad` and overwrites them with the gradient (in place). `dlogp`
 /// is the forward's dloss/dlogp already scaled by the incoming gradient of the loss.
 #[pyfunction]
-#[pyo3(signature = (device, options, dtype, vocab, logits, grad_dtype, grad, targets, lse, dlogp, rows))]
+#[pyo3(signature = (device, options, dtype, vocab, logits, grad_dtype, grad, targets, lse, dlogp, rows, vocab_shard=None))]
 #[allow(clippy::too_many_arguments)]
 fn backward(
     py: Python<'_>,
@@ -407,6 +429,7 @@ fn backward(
     lse: Raw,
     dlogp: Raw,
     rows: Option<Raw>,
+    vocab_shard: Option<(usize, usize)>,
 ) -> PyResult<()> {
     let vppo = build(device, options)?;
     let dtype = parse_dtype(dtype)?;
@@ -444,7 +467,20 @@ fn backward(
                 },
             )
         };
-        vppo.backward_saved(logits, vocab, &saved, grad)
+        match (vocab_shard, logits) {
+            (Some((start, total)), Some(logits)) => vppo.backward_saved_vocab_parallel(
+                logits,
+                vocab,
+                VocabShard { start, total },
+                &saved,
+                grad,
+            ),
+            (Some(_), None) => Err(VppoError::Shape {
+                tensor: vppo::Tensor::GradLogits,
+                detail: "a vocabulary shard's backward is not in place".into(),
+            }),
+            (None, logits) => vppo.backward_saved(logits, vocab, &saved, grad),
+        }
     })
     .map_err(value_error)
 }

@@ -66,11 +66,11 @@ def worker(rank, size, init, out_dir, dtype_name, bad_rank):
         dist.destroy_process_group()
 
 
-def run(size, dtype, bad_rank=-1):
+def run(size, dtype, bad_rank=-1, fn=None):
     with tempfile.TemporaryDirectory() as d:
         init = "file://" + os.path.join(d, "rendezvous")
-        ctx = mp.start_processes(worker, args=(size, init, d, str(dtype).replace("torch.", ""),
-                                               bad_rank),
+        ctx = mp.start_processes(fn or worker, args=(size, init, d, str(dtype).replace("torch.", ""),
+                                                     bad_rank),
                                  nprocs=size, join=False, start_method="spawn")
         for p in ctx.processes:
             p.join(120)
@@ -116,3 +116,74 @@ def test_bad_input_on_one_rank_raises_on_every_rank():
                 assert "old_logp" in r[1], r[1]
             else:
                 assert "rank(s) of the group reported an error" in r[1], r[1]
+
+
+# -------------------------------------------------------------------------------------------------
+# Vocabulary parallel: each rank holds columns of both logits tensors
+# -------------------------------------------------------------------------------------------------
+
+VOCAB = 29
+
+
+def vocab_cuts(size):
+    return {2: [0, 11, VOCAB], 3: [0, 1, 17, VOCAB]}[size]
+
+
+def vocab_worker(rank, size, init, out_dir, dtype_name, bad_rank):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    try:
+        dtype = getattr(torch, dtype_name)
+        full = make_batch(lengths=LENGTHS, vocab=VOCAB, dtype=dtype, seed=10 + size)
+        c0, c1 = vocab_cuts(size)[rank:rank + 2]
+        results = []
+        for options in CONFIGS[:2]:
+            logits = full["logits"][:, c0:c1].contiguous().requires_grad_(True)
+            masked = full["logits_masked"][:, c0:c1].contiguous()
+            if rank == bad_rank:
+                masked[0, 0] = float("nan")
+            b = dict(full, logits=logits, logits_masked=masked)
+            try:
+                loss, out = call(b, vocab_group=dist.group.WORLD, vocab_start=c0, **options)
+                loss.backward()
+                results.append(("ok", loss.item(), {k: out[k] for k in ("score", "lse", "mask",
+                                                                        "dlogp", "alpha")},
+                                logits.grad.float()))
+            except ValueError as e:
+                results.append(("error", str(e)))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("size,dtype", [(2, torch.float32), (3, torch.bfloat16)])
+def test_vocabulary_shards_give_the_unsharded_loss(size, dtype):
+    got = run(size, dtype, fn=vocab_worker)
+    full = make_batch(lengths=LENGTHS, vocab=VOCAB, dtype=dtype, seed=10 + size)
+    cuts = vocab_cuts(size)
+    for c, options in enumerate(CONFIGS[:2]):
+        logits = full["logits"].clone().requires_grad_(True)
+        loss, out = call(dict(full, logits=logits), **options)
+        loss.backward()
+        ranks = [r[c] for r in got]
+        assert all(r[0] == "ok" for r in ranks), ranks
+        for r in ranks[1:]:  # bit-identical on every rank
+            assert r[1] == ranks[0][1]
+            assert all(torch.equal(r[2][k], ranks[0][2][k]) for k in r[2])
+        want = loss.item()
+        assert abs(ranks[0][1] - want) <= 1e-5 * max(1.0, abs(want)), (options, ranks[0][1], want)
+        assert torch.equal(ranks[0][2]["mask"], out["mask"])
+        for k in ("score", "lse", "dlogp", "alpha"):
+            torch.testing.assert_close(ranks[0][2][k], out[k], rtol=2e-5, atol=1e-6)
+        tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+        grad = torch.cat([r[3] for r in ranks], dim=1)
+        assert [r[3].shape[1] for r in ranks] == [b - a for a, b in zip(cuts, cuts[1:])]
+        torch.testing.assert_close(grad, logits.grad.float(), rtol=tol, atol=tol)
+
+
+def test_a_nan_in_one_vocabulary_shard_raises_on_every_rank():
+    got = run(3, torch.float32, bad_rank=2, fn=vocab_worker)
+    for rank, results in enumerate(got):
+        for r in results:
+            assert r[0] == "error", (rank, r)
+            want = "logits_masked" if rank == 2 else "rank(s) of the group reported an error"
+            assert want in r[1], r[1]

@@ -160,9 +160,9 @@ def _group_name(group) -> str:
 
 
 def _group_reducer(name: str):
-    """(rank, size, reduce) for the extension: ``reduce(values, op)`` all-gathers a few float64
-    values over the group and combines them in rank order ("sum" or "max"), so that every rank
-    receives the same bits whatever the backend's own reduction order."""
+    """(rank, size, reduce) for the extension: ``reduce(values, op)`` all-gathers float64 values
+    over the group and combines them in rank order ("sum" or "max"), so that every rank receives the
+    same bits whatever the backend's own reduction order, or returns them concatenated ("gather")."""
     import torch.distributed as dist
 
     group = _GROUPS[name]
@@ -175,6 +175,8 @@ def _group_reducer(name: str):
         mine = torch.tensor(values, dtype=torch.float64, device=on)
         parts = [torch.empty_like(mine) for _ in range(size)]
         dist.all_gather(parts, mine, group=group)
+        if op == "gather":
+            return torch.cat(parts).cpu().tolist()
         acc = parts[0]
         for p in parts[1:]:
             acc = acc + p if op == "sum" else torch.maximum(acc, p)
@@ -219,6 +221,8 @@ def _loss(
     grad_dtype: str,
     in_place: bool,
     group: Optional[str],
+    vocab_start: int,
+    vocab_size: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
            Tensor, Tensor, Tensor, Tensor]:
     reducer = None if group is None else _group_reducer(group)
@@ -241,6 +245,7 @@ def _loss(
         None if masked_rows is None else _raw(masked_rows),
         [_raw(t) for t in token + resp],
         reducer,
+        None if vocab_start < 0 else (vocab_start, vocab_size),
     )
     loss = torch.tensor(scalars[0], dtype=torch.float32)
     stats = torch.tensor(scalars[1:], dtype=torch.float64)
@@ -249,7 +254,7 @@ def _loss(
 
 @_loss.register_fake
 def _loss_fake(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
-               options, device, grad_dtype, in_place, group):
+               options, device, grad_dtype, in_place, group, vocab_start, vocab_size):
     n, b = targets.shape[0], advantages.shape[0]
     loss = logits.new_empty((), dtype=torch.float32)
     token = [logits.new_empty((n,), dtype=torch.uint8 if name == "mask" else torch.float32)
@@ -272,15 +277,18 @@ def _backward_args(logits, targets, lse, dlogp, rows):
     return targets, rows
 
 
-def _backward_into(grad, logits, targets, lse, dlogp, rows, options, device) -> None:
+def _backward_into(grad, logits, targets, lse, dlogp, rows, options, device, vocab_start=-1,
+                   vocab_size=0) -> None:
     """Writes dloss/dlogits into ``grad`` from arguments checked by ``_backward_args``; ``logits``
-    None means in place (``grad`` holds the logits)."""
+    None means in place (``grad`` holds the logits). With ``vocab_start`` >= 0 the logits are the
+    columns [vocab_start, vocab_start + V_r) of a vocabulary of ``vocab_size`` (SPEC section 11)."""
     source = grad if logits is None else logits
     _vppo.backward(
         device, options, _dtype_name(source.dtype), source.shape[1],
         None if logits is None else _raw(logits),
         _dtype_name(grad.dtype), _raw(grad), _raw(targets), _raw(lse), _raw(dlogp),
         None if rows is None else _raw(rows),
+        None if vocab_start < 0 else (vocab_start, vocab_size),
     )
 
 
@@ -294,17 +302,21 @@ def _loss_backward(
     options: str,
     device: str,
     grad_dtype: str,
+    vocab_start: int = -1,
+    vocab_size: int = 0,
 ) -> Tensor:
-    """dloss/dlogits [R, V] (zero rows where no token reads) from the saved lse and dlogp."""
+    """dloss/dlogits [R, V] (zero rows where no token reads) from the saved lse and dlogp; with
+    ``vocab_start`` >= 0, of this rank's vocabulary columns."""
     targets, rows = _backward_args(logits, targets, lse, dlogp, rows)
     dtype = torch.float32 if grad_dtype == "f32" else logits.dtype
     grad = torch.empty(logits.shape, dtype=dtype)
-    _backward_into(grad, logits, targets, lse, dlogp, rows, options, device)
+    _backward_into(grad, logits, targets, lse, dlogp, rows, options, device, vocab_start, vocab_size)
     return grad
 
 
 @_loss_backward.register_fake
-def _loss_backward_fake(logits, targets, lse, dlogp, rows, options, device, grad_dtype):
+def _loss_backward_fake(logits, targets, lse, dlogp, rows, options, device, grad_dtype,
+                        vocab_start=-1, vocab_size=0):
     dtype = torch.float32 if grad_dtype == "f32" else logits.dtype
     return logits.new_empty(logits.shape, dtype=dtype)
 
@@ -335,15 +347,17 @@ _DLOGP = 1 + TOKEN_OUTPUTS.index("dlogp")
 
 
 def _setup_context(ctx, inputs, output):
-    (logits, _, targets, _, _, _, rows, _, options, device, grad_dtype, in_place, _) = inputs
+    (logits, _, targets, _, _, _, rows, _, options, device, grad_dtype, in_place, _, vocab_start,
+     vocab_size) = inputs
     ctx.save_for_backward(logits, targets, output[_LSE], output[_DLOGP], rows)
     ctx.options, ctx.device, ctx.grad_dtype, ctx.in_place = options, device, grad_dtype, in_place
+    ctx.vocab_start, ctx.vocab_size = vocab_start, vocab_size
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_loss, *_):
     logits, targets, lse, dlogp, rows = ctx.saved_tensors
-    none = (None,) * 12
+    none = (None,) * 14
     if grad_loss is None:
         return (None,) + none
     # dloss/dlogits is linear in dloss/dlogp: the incoming gradient of the loss scales dlogp.
@@ -351,7 +365,8 @@ def _backward(ctx, grad_loss, *_):
     if ctx.in_place:
         _loss_backward_in_place(logits, targets, lse, dlogp, rows, ctx.options, ctx.device)
         return (logits,) + none
-    grad = _loss_backward(logits, targets, lse, dlogp, rows, ctx.options, ctx.device, ctx.grad_dtype)
+    grad = _loss_backward(logits, targets, lse, dlogp, rows, ctx.options, ctx.device, ctx.grad_dtype,
+                          ctx.vocab_start, ctx.vocab_size)
     return (grad,) + none
 
 
@@ -377,6 +392,9 @@ def vppo_loss(
     grad_dtype: str = "logits",
     in_place: bool = False,
     process_group=None,
+    vocab_group=None,
+    vocab_start: Optional[int] = None,
+    vocab_size: Optional[int] = None,
     **options,
 ):
     """The VPPO loss of a packed batch (SPEC sections 1-8) and its outputs.
@@ -399,11 +417,36 @@ def vppo_loss(
     every rank's gradient rows are that loss's. An engine that averages gradients over ranks must
     multiply the loss by the world size. Bad input on any rank raises on every rank (ValueError).
 
+    ``vocab_group``, ``vocab_start``: vocabulary parallel (SPEC section 11). This rank's logits and
+    logits_masked are the columns [vocab_start, vocab_start + V_r) of a vocabulary of ``vocab_size``
+    (default: the sum of the ranks' V_r, one all-reduce); targets are global ids; the other inputs
+    are the same on every rank. Every rank returns the same loss and outputs (bit-identical), and
+    the backward writes the gradient of this rank's columns. Not combined with ``process_group`` or
+    ``in_place`` yet.
+
     Returns ``(loss, out)``: ``loss`` a 0-dim float32 tensor whose backward gives dloss/dlogits only;
     ``out`` a dict of the per-token (``TOKEN_OUTPUTS``), per-response (``RESPONSE_OUTPUTS``) tensors
     and the statistics (``STATS``). Bad input raises ValueError with the crate's message.
     """
     device = "simt" if device is None else device
+    if vocab_group is not None and (process_group is not None or in_place):
+        raise ValueError("vppo_loss: vocab_group is not combined with process_group or in_place yet")
+    start, total = -1, 0
+    if vocab_group is not None:
+        if vocab_start is None:
+            raise ValueError("vppo_loss: vocab_group needs vocab_start, this rank's first column")
+        start = int(vocab_start)
+        total = vocab_size
+        if total is None:
+            import torch.distributed as dist
+
+            width = torch.tensor([logits.shape[-1] if isinstance(logits, Tensor) else 0],
+                                 dtype=torch.int64)
+            if dist.get_backend(vocab_group) == "nccl":
+                width = width.cuda()
+            dist.all_reduce(width, group=vocab_group)
+            total = int(width.item())
+        process_group = vocab_group
     group = None if process_group is None else _group_name(process_group)
     with _agreeing(None if group is None else _group_reducer(group)):
         _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows,
@@ -413,7 +456,7 @@ def vppo_loss(
                              'grad_dtype must be "logits"')
         options_json = _options_json(options)
     result = _loss(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
-                   options_json, device, grad_dtype, bool(in_place), group)
+                   options_json, device, grad_dtype, bool(in_place), group, start, int(total))
     names = TOKEN_OUTPUTS + RESPONSE_OUTPUTS
     out = {name: result[1 + i] for i, name in enumerate(names)}
     stats = result[1 + len(names)]
@@ -431,9 +474,10 @@ class VppoLoss(torch.nn.Module):
         self.options = dict(options)
 
     def forward(self, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, *, rows=None,
-                masked_rows=None, process_group=None):
+                masked_rows=None, process_group=None, vocab_group=None, vocab_start=None):
         return vppo_loss(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows=rows,
-                         masked_rows=masked_rows, process_group=process_group, **self.options)
+                         masked_rows=masked_rows, process_group=process_group,
+                         vocab_group=vocab_group, vocab_start=vocab_start, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in sorted(self.options.items()))

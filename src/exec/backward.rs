@@ -93,13 +93,18 @@ impl SavedForward<'_> {
     /// lse and dlogp.
     pub fn check(&self, logits_len: usize, grad_len: usize, vocab: usize) -> Result<()> {
         crate::batch::check_targets(self.targets, vocab)?;
-        self.check_but_targets(logits_len, grad_len, vocab)
+        self.check_lengths(logits_len, grad_len, vocab)
     }
 
     /// [`SavedForward::check`] but the targets' range: for a vocabulary shard, whose targets are
     /// shard-local and lie outside [0, V) where the target's column is in another shard (the kernel
     /// only compares them with its columns).
-    fn check_but_targets(&self, logits_len: usize, grad_len: usize, vocab: usize) -> Result<()> {
+    pub(crate) fn check_lengths(
+        &self,
+        logits_len: usize,
+        grad_len: usize,
+        vocab: usize,
+    ) -> Result<()> {
         let n = self.targets.len();
         // The dtype plays no part here (the launch picks the kernel by dtype).
         let shape = (Dtype::F32, logits_len);
@@ -178,7 +183,7 @@ pub(super) fn backward_host(
     let n = saved.targets.len();
     let logits_len = logits.map_or(grad.len(), |x| x.len());
     if shard {
-        saved.check_but_targets(logits_len, grad.len(), vocab)?;
+        saved.check_lengths(logits_len, grad.len(), vocab)?;
     } else {
         saved.check(logits_len, grad.len(), vocab)?;
     }

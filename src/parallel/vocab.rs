@@ -479,41 +479,64 @@ impl Vppo {
         out: &VppoOutput,
         grad: GradMut,
     ) -> Result<()> {
-        let targets = local_targets(shard, at)?;
         out.check_for_backward(shard.n_tokens(), Some(shard.n_responses()))?;
-        self.check_grad_bound(&out.tokens.dlogp)?;
+        let saved = crate::exec::SavedForward {
+            targets: shard.targets,
+            lse: &out.tokens.lse,
+            dlogp: &out.tokens.dlogp,
+            rows: shard.rows,
+        };
+        self.backward_saved_vocab_parallel(shard.logits, shard.vocab, at, &saved, grad)
+    }
+
+    /// [`Vppo::backward_vocab_parallel`] from what the forward saved (global targets, the merged
+    /// lse, dloss/dlogp, the rows), as [`Vppo::backward_saved`] is for one process: `logits` are
+    /// this rank's `vocab` columns starting at `at.start`.
+    pub fn backward_saved_vocab_parallel(
+        &self,
+        logits: crate::batch::Logits,
+        vocab: usize,
+        at: VocabShard,
+        saved: &crate::exec::SavedForward,
+        grad: GradMut,
+    ) -> Result<()> {
+        let probe = Batch {
+            logits,
+            logits_masked: logits,
+            targets: saved.targets,
+            old_logp: &[],
+            advantages: &[],
+            cu_seqlens: &[0],
+            vocab,
+            rows: saved.rows,
+            masked_rows: None,
+        };
+        let targets = local_targets(&probe, at)?;
+        self.check_grad_bound(saved.dlogp)?;
         let tau = self.config().temperature;
+        let local = crate::exec::SavedForward {
+            targets: &targets,
+            ..*saved
+        };
         match self.device() {
             Device::Reference => {
-                let lse: Vec<f64> = out.tokens.lse.iter().map(|&x| x as f64).collect();
-                let dlogp: Vec<f64> = out.tokens.dlogp.iter().map(|&x| x as f64).collect();
+                local.check_lengths(logits.len(), grad.len(), vocab)?;
+                let lse: Vec<f64> = saved.lse.iter().map(|&x| x as f64).collect();
+                let dlogp: Vec<f64> = saved.dlogp.iter().map(|&x| x as f64).collect();
                 crate::reference::backward::grad_logits_shard(
-                    shard.logits,
-                    shard.vocab,
+                    logits,
+                    vocab,
                     &targets,
                     &lse,
                     &vec![0.0; lse.len()],
                     &dlogp,
                     tau,
-                    shard.rows,
+                    saved.rows,
                     grad,
                 )
             }
             device => {
-                let saved = crate::exec::SavedForward {
-                    targets: &targets,
-                    lse: &out.tokens.lse,
-                    dlogp: &out.tokens.dlogp,
-                    rows: shard.rows,
-                };
-                crate::exec::backward_shard(
-                    device,
-                    &shard.logits,
-                    &saved,
-                    shard.vocab,
-                    grad,
-                    self.config(),
-                )
+                crate::exec::backward_shard(device, &logits, &local, vocab, grad, self.config())
             }
         }
     }
