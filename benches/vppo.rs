@@ -259,8 +259,7 @@ impl GpuBatch {
             advantages: &h.advantages,
             cu_seqlens: &h.cu_seqlens,
             vocab: vocab(),
-            rows: None,
-            masked_rows: None,
+            ..Default::default()
         };
         Ok(GpuBatch {
             uploaded: UploadedBatch::new(gpu, &batch)?,

@@ -26,16 +26,19 @@
  *   thread per response, sequential over its tokens) writes s_b = mean of logp - old_logp and the
  *   masked count m_b, and every token of b uses s_b as its log-ratio; gspo's gradient through s_b is
  *   m_b w_b dl/ds / L_b on every token of b (l, w and A' are the same for all tokens of b); cispo is
- *   l_t = -A' logp_t c_t with c_t = clamp(r_t) a constant. Per-token arithmetic in double (N values
- *   only: it costs nothing next to pass 1).
+ *   l_t = -A' logp_t c_t with c_t = clamp(r_t) a constant. The KL penalty (SPEC section 12, with
+ *   kl_penalty != VPPO_KL_NONE): kl_t of every response token (masked or not) from k1 = logp - ref_logp,
+ *   weighted as pg without the mask; kl_coef * w_t * d kl_t / d logp_t joins g_t (kl_term). Per-token
+ *   arithmetic in double (N values only: it costs nothing next to pass 1).
  *   Totals are summed per thread in index order and then in a fixed tree: bit-identical loss every run.
  *
- * Shapes: score, entropy, logp, old_logp, mask, dlogp [N]; cu_seqlens [B + 1]; advantages, sbar, alpha, k [B].
+ * Shapes: score, entropy, logp, old_logp, ref_logp, mask, dlogp [N]; cu_seqlens [B + 1]; advantages, sbar,
+ * alpha, k [B].
  *
  * Files: launched by src/exec/select_loss.rs; the CPU reference of these ops is src/reference/select.rs
- * (vppo_select), shaping.rs and surrogate.rs (vppo_loss); tested against it by tests/kernels.rs
+ * (vppo_select), shaping.rs, surrogate.rs and kl.rs (vppo_loss); tested against it by tests/kernels.rs
  * (mask_equals_reference, long_responses_match_reference, every random batch's loss and dlogp,
- * bit_identical_across_runs_and_lane_orders).
+ * bit_identical_across_runs_and_lane_orders) and tests/variants.rs (the variants of SPEC section 12).
  */
 #include "common.cuh"
 
@@ -281,6 +284,28 @@ __device__ void alpha_groups(const VppoLossParams &p) {
     }
 }
 
+/*
+ * The KL penalty of one token (SPEC section 12; src/reference/kl.rs): kl_t, and d kl_t / d logp_t in
+ * dkl, 0 through an active clamp (strictly outside its bounds). k1 = logp - ref_logp; k3 is
+ * clamp(exp(x) - x - 1, -K, K), x = clamp(ref_logp - logp, -C, C), computed as expm1(x) - x.
+ */
+__device__ __forceinline__ double kl_term(int32_t penalty, double logp, double ref_logp, double &dkl) {
+    const double k1 = logp - ref_logp;
+    if (penalty == VPPO_KL_K1) { dkl = 1.0; return k1; }
+    if (penalty == VPPO_KL_ABS) { dkl = k1 > 0.0 ? 1.0 : (k1 < 0.0 ? -1.0 : 0.0); return fabs(k1); }
+    if (penalty == VPPO_KL_MSE) { dkl = k1; return 0.5 * k1 * k1; }
+    if (penalty == VPPO_KL_K3) {
+        const double raw = ref_logp - logp;
+        const double x = fmin(fmax(raw, -VPPO_LOG_RATIO_CLAMP), VPPO_LOG_RATIO_CLAMP);
+        const double em1 = expm1(x), e = em1 - x;
+        const bool clamped = fabs(raw) > VPPO_LOG_RATIO_CLAMP || fabs(e) > VPPO_KL_K3_CLAMP;
+        dkl = clamped ? 0.0 : -em1; /* de/dx = exp(x) - 1, dx/dlogp = -1 */
+        return fmin(fmax(e, -VPPO_KL_K3_CLAMP), VPPO_KL_K3_CLAMP);
+    }
+    dkl = 0.0;
+    return 0.0;
+}
+
 __device__ void loss(const VppoLossParams &p, LossShared &sh) {
     /* ---- Phase 1: alpha ---- */
     if (p.shaping == VPPO_SHAPING_NONE) {
@@ -315,7 +340,8 @@ __device__ void loss(const VppoLossParams &p, LossShared &sh) {
     /* ---- Phase 2: per token ---- */
     const double z = p.token_normalizer;
     const double lo_clip = 1.0 - p.eps_low, hi_clip = 1.0 + p.eps_high;
-    double pg = 0.0, logp_sum = 0.0, ratio_sum = 0.0;
+    const bool has_kl = p.kl_penalty != VPPO_KL_NONE;
+    double pg = 0.0, kl_sum = 0.0, logp_sum = 0.0, ratio_sum = 0.0;
     long long selected = 0, clipped = 0;
     for (int64_t t = threadIdx.x; t < p.n_tokens; t += blockDim.x) {
         const int64_t b = response_of(p.cu_seqlens, p.n_responses, t);
@@ -366,20 +392,28 @@ __device__ void loss(const VppoLossParams &p, LossShared &sh) {
         } else {
             g = m ? dl * weight : 0.0;
         }
+        if (has_kl) {
+            /* every token, masked or not, with the weight of pg */
+            double dkl;
+            kl_sum += kl_term(p.kl_penalty, logp, (double)p.ref_logp[t], dkl) * weight;
+            g += p.kl_coef * weight * dkl;
+        }
         p.dlogp[t] = (float)(g - p.logp_penalty / z);
     }
     pg = block_sum(pg, sh.d);
+    kl_sum = block_sum(kl_sum, sh.d);
     logp_sum = block_sum(logp_sum, sh.d);
     ratio_sum = block_sum(ratio_sum, sh.d);
     selected = block_sum(selected, sh.i);
     clipped = block_sum(clipped, sh.i);
     if (threadIdx.x == 0) {
         p.totals->pg = pg;
+        p.totals->kl = kl_sum;
         p.totals->logp_sum = logp_sum;
         p.totals->ratio_sum = ratio_sum;
         p.totals->n_selected = selected;
         p.totals->n_clipped = clipped;
-        p.totals->loss = pg + p.logp_penalty * (-logp_sum) / z;
+        p.totals->loss = pg + p.kl_coef * kl_sum + p.logp_penalty * (-logp_sum) / z;
     }
 }
 

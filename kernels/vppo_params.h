@@ -48,6 +48,15 @@ typedef enum VppoLossType {
     VPPO_LOSS_CISPO = 3       /* -A' logp c, c the clipped token ratio held constant */
 } VppoLossType;
 
+/* The KL penalty to a reference policy from ref_logp (SPEC section 12), k1 = logp - ref_logp. */
+typedef enum VppoKlPenalty {
+    VPPO_KL_NONE = 0, /* no KL term, ref_logp unread */
+    VPPO_KL_K1 = 1,   /* k1 */
+    VPPO_KL_ABS = 2,  /* |k1| */
+    VPPO_KL_MSE = 3,  /* k1^2 / 2 */
+    VPPO_KL_K3 = 4    /* clamp(exp(x) - x - 1, -K, K), x = clamp(ref_logp - logp, -C, C) */
+} VppoKlPenalty;
+
 /* Which per-token key picks the mask (SPEC section 12). TAS always uses the perception scores. */
 typedef enum VppoMaskBy {
     VPPO_MASK_BY_PERCEPTION = 0,            /* the top top_fraction of each response by score */
@@ -117,9 +126,11 @@ typedef enum VppoErrorCode {
  *   r = exp(clamp(logp - old_logp, -C, C)) and k3's d = clamp(logp_masked - old_logp, -C, C),
  *   C = VPPO_LOG_RATIO_CLAMP (SPEC sections 2 and 5);
  *   every alpha of a scope is 1 when hi - lo <= VPPO_TAS_MIN_SPREAD (SPEC section 4);
- *   mean-preserving shaping: beta_max = beta_min + (1 - beta_min) / (mean n + VPPO_TAS_MEAN_EPS).
+ *   mean-preserving shaping: beta_max = beta_min + (1 - beta_min) / (mean n + VPPO_TAS_MEAN_EPS);
+ *   the k3 KL penalty's value is clamped to [-K, K], K = VPPO_KL_K3_CLAMP (SPEC section 12).
  */
 #define VPPO_LOG_RATIO_CLAMP 20.0
+#define VPPO_KL_K3_CLAMP 10.0
 #define VPPO_TAS_MIN_SPREAD 1e-6
 #define VPPO_TAS_MEAN_EPS 1e-8
 
@@ -175,8 +186,9 @@ typedef struct VppoSelectParams {
 
 /* Totals of pass 2b; every sum is taken in a fixed order, so the loss is bit-identical run to run. */
 typedef struct VppoLossTotals {
-    double loss;           /* pg + logp_penalty * (-sum logp) / Z */
+    double loss;           /* pg + kl_coef * kl + logp_penalty * (-sum logp) / Z */
     double pg;             /* the clipped-surrogate part */
+    double kl;             /* the aggregated KL penalty before kl_coef (0 with VPPO_KL_NONE) */
     double logp_sum;       /* sum over all tokens of logp */
     double ratio_sum;      /* sum over all tokens of r */
     int64_t n_selected;    /* tokens with mask = 1 */
@@ -196,6 +208,7 @@ typedef struct VppoLossParams {
     VppoLossTotals *totals;     /* [1] out */
     double *seq_log_ratio;      /* [B] scratch of the GSPO modes: s_b = mean over b of logp - old_logp */
     int32_t *seq_selected;      /* [B] scratch of the GSPO modes: masked tokens of b */
+    const float *ref_logp;      /* [N], read only when kl_penalty != VPPO_KL_NONE */
     int64_t n_tokens;           /* N */
     int64_t n_responses;        /* B */
     int64_t group_size;         /* G, the scope of VPPO_SCOPE_GROUP */
@@ -211,12 +224,15 @@ typedef struct VppoLossParams {
     double eps_high;
     double dual_clip;           /* used when has_dual_clip */
     double logp_penalty;
+    double kl_coef;             /* beta >= 0 of the KL penalty */
     int32_t shaping;            /* VppoShaping */
     int32_t scope;              /* VppoScope */
     int32_t aggregation;        /* VppoAggregation */
     int32_t has_range;
     int32_t has_dual_clip;
     int32_t loss_type;          /* VppoLossType */
+    int32_t kl_penalty;         /* VppoKlPenalty */
+    int32_t pad0;
 } VppoLossParams;
 
 /* Pass 3, kernels/backward.cu: dloss/dlogits[t, v] = g_t (1[v = y] - softmax(a_t)_v) / tau, over

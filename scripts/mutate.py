@@ -226,6 +226,43 @@ MUTANTS = [
            "const double r_clip = fmin(fmax(r, lo_clip), hi_clip);",
            "const double r_clip = fmin(r, hi_clip);",
            "the lower PPO clip not applied"),
+    # ---- select_loss.cu: vppo_loss's KL penalty (SPEC section 12) ----
+    Mutant("K1", "kernels/select_loss.cu",
+           "if (penalty == VPPO_KL_K1) { dkl = 1.0; return k1; }",
+           "if (penalty == VPPO_KL_K1) { dkl = 0.0; return k1; }",
+           "k1's gradient dropped"),
+    Mutant("K2", "kernels/select_loss.cu",
+           "dkl = k1 > 0.0 ? 1.0 : (k1 < 0.0 ? -1.0 : 0.0);",
+           "dkl = k1 >= 0.0 ? 1.0 : -1.0;",
+           "abs's gradient 1 at k1 = 0 (autograd's sign is 0 there)"),
+    Mutant("K3", "kernels/select_loss.cu",
+           "dkl = k1; return 0.5 * k1 * k1;",
+           "dkl = k1; return k1 * k1;",
+           "mse without the 1/2"),
+    Mutant("K4", "kernels/select_loss.cu",
+           "const bool clamped = fabs(raw) > VPPO_LOG_RATIO_CLAMP || fabs(e) > VPPO_KL_K3_CLAMP;",
+           "const bool clamped = fabs(raw) > VPPO_LOG_RATIO_CLAMP;",
+           "k3's gradient kept through the clamp of its value"),
+    Mutant("K5", "kernels/select_loss.cu",
+           "dkl = clamped ? 0.0 : -em1;",
+           "dkl = clamped ? 0.0 : em1;",
+           "k3's gradient sign (dx/dlogp = -1 forgotten)"),
+    Mutant("K6", "kernels/select_loss.cu",
+           "        if (has_kl) {\n",
+           "        if (has_kl && m) {\n",
+           "the KL on the masked tokens only (the official code takes every response token)"),
+    Mutant("K7", "kernels/select_loss.cu",
+           "kl_sum += kl_term(p.kl_penalty, logp, (double)p.ref_logp[t], dkl) * weight;",
+           "kl_sum += kl_term(p.kl_penalty, logp, (double)p.ref_logp[t], dkl) / z;",
+           "kl_loss weighted 1 / Z in the seq modes too"),
+    Mutant("K8", "kernels/select_loss.cu",
+           "g += p.kl_coef * weight * dkl;",
+           "g += weight * dkl;",
+           "kl_coef forgotten in the gradient"),
+    Mutant("K9", "kernels/select_loss.cu",
+           "p.totals->loss = pg + p.kl_coef * kl_sum + p.logp_penalty * (-logp_sum) / z;",
+           "p.totals->loss = pg + kl_sum + p.logp_penalty * (-logp_sum) / z;",
+           "kl_coef forgotten in the loss"),
     # ---- backward.cu ----
     Mutant("B1", "kernels/backward.cu",
            "            for (int64_t v = tid; v < sp.head; v += nth) rg[v] = Elt<O>::from_f32(0.0f);\n"
@@ -288,8 +325,13 @@ def check_patterns(base, mutants):
                  "mutate; update their patterns in scripts/mutate.py):\n" + "\n".join(bad))
 
 
+TEST_FILES = ["kernels", "simt_executor", "errors", "variants"]
+
+
 def test_command(args):
-    cmd = ["cargo", "test", "--test", "kernels", "--test", "simt_executor", "--test", "errors"]
+    cmd = ["cargo", "test"]
+    for t in args.tests.split(","):
+        cmd += ["--test", t]
     if args.release:
         cmd.append("--release")
     cmd += ["--", "--test-threads", str(args.jobs)]
@@ -323,6 +365,8 @@ def main():
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("--check", action="store_true", help="only check that every pattern applies")
     ap.add_argument("--proptests", action="store_true", help="also run the random property tests")
+    ap.add_argument("--tests", default=",".join(TEST_FILES),
+                    help="the test files to run, comma-separated (default: %(default)s)")
     ap.add_argument("--nvcc", action="store_true", help="build with nvcc too (fake-driver reruns)")
     ap.add_argument("--release", action="store_true", help="cargo test --release")
     ap.add_argument("--jobs", type=int, default=2, help="test threads (default 2)")

@@ -17,6 +17,9 @@ pub use crate::tensor::{Dtype, Logits};
 /// in [0, R')). Without `masked_rows`, `logits_masked` is [N, V], or, when `rows` is given and it has
 /// as many elements as `logits`, it is read through `rows` too. The gradient has the shape of
 /// `logits` ([R, V]); rows that no token reads are zero.
+///
+/// The optional tensors (`rows`, `masked_rows`, `ref_logp`) default to None: a literal may end with
+/// `..Default::default()` ([`Batch::default`] is the empty batch, N = B = 0).
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
     /// [N, V] logits given the real image.
@@ -37,6 +40,27 @@ pub struct Batch<'a> {
     pub rows: Option<&'a [i64]>,
     /// [N] optional: the row of `logits_masked` each token reads (see the type's docs).
     pub masked_rows: Option<&'a [i64]>,
+    /// [N] optional: the reference policy's log-prob of each target, read by the KL penalty
+    /// (SPEC section 12); required when `kl_penalty` is not none, and finite.
+    pub ref_logp: Option<&'a [f32]>,
+}
+
+impl Default for Batch<'_> {
+    /// The empty batch: no tokens, no responses (`cu_seqlens = [0]`), V = 0, no optional tensor.
+    fn default() -> Self {
+        Batch {
+            logits: Logits::F32(&[]),
+            logits_masked: Logits::F32(&[]),
+            targets: &[],
+            old_logp: &[],
+            advantages: &[],
+            cu_seqlens: &[0],
+            vocab: 0,
+            rows: None,
+            masked_rows: None,
+            ref_logp: None,
+        }
+    }
 }
 
 impl<'a> Batch<'a> {
@@ -104,6 +128,7 @@ impl<'a> Batch<'a> {
     {
         config.validate()?;
         self.validate_small(config.group_size, config.needs_groups())?;
+        check_ref_logp_given(config, self.ref_logp.is_some())?;
         Ok(ValidBatch {
             batch: *self,
             config,
@@ -112,7 +137,7 @@ impl<'a> Batch<'a> {
 
     /// Checks everything about the batch that is O(N + B): lengths and dtypes agree, cu_seqlens is
     /// well formed, B is a multiple of `group_size` when `need_groups`, targets lie in [0, V), and
-    /// old_logp and advantages are finite. The O(N V) checks of the logits rows are done by the pass
+    /// old_logp, advantages and (when given) ref_logp are finite. The O(N V) checks of the logits rows are done by the pass
     /// that reads them (the reference or the perception kernel).
     pub fn validate_small(&self, group_size: usize, need_groups: bool) -> Result<()> {
         SmallTensors {
@@ -125,6 +150,7 @@ impl<'a> Batch<'a> {
             vocab: self.vocab,
             rows: self.rows,
             masked_rows: self.masked_rows,
+            ref_logp: self.ref_logp,
         }
         .validate(group_size, need_groups)
     }
@@ -151,6 +177,20 @@ impl<'a> ValidBatch<'a> {
     pub fn config(&self) -> &'a VppoConfig {
         self.config
     }
+}
+
+/// The error of a config whose KL penalty needs `ref_logp` (SPEC section 12) when the batch has none.
+pub(crate) fn check_ref_logp_given(config: &VppoConfig, given: bool) -> Result<()> {
+    if config.needs_ref_logp() && !given {
+        return Err(VppoError::MissingTensor {
+            tensor: Tensor::RefLogp,
+            needed_by: format!(
+                "kl_penalty = {} needs the reference policy's log-prob of each target ([N] f32)",
+                config.kl_penalty.name()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// N * V, or an error naming `logits` when the product overflows.
@@ -221,6 +261,8 @@ pub struct SmallTensors<'a> {
     pub rows: Option<&'a [i64]>,
     /// [N] optional row index of `logits_masked`.
     pub masked_rows: Option<&'a [i64]>,
+    /// [N] optional reference log-probs of the KL penalty.
+    pub ref_logp: Option<&'a [f32]>,
 }
 
 impl SmallTensors<'_> {
@@ -285,6 +327,24 @@ impl SmallTensors<'_> {
                 return Err(VppoError::NonFinite {
                     tensor: Tensor::Advantages,
                     location: Location::Response(resp),
+                    value: x as f64,
+                });
+            }
+        }
+        if let Some(r) = self.ref_logp {
+            if r.len() != n {
+                return Err(VppoError::Shape {
+                    tensor: Tensor::RefLogp,
+                    detail: format!(
+                        "has {} elements, expected N = {n} (the length of targets)",
+                        r.len()
+                    ),
+                });
+            }
+            if let Some((row, &x)) = r.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                return Err(VppoError::NonFinite {
+                    tensor: Tensor::RefLogp,
+                    location: Location::Row(row),
                     value: x as f64,
                 });
             }

@@ -460,6 +460,7 @@ pub fn synthetic_batch(spec: &SyntheticSpec, seed: u64) -> Result<OwnedBatch> {
         advantages,
         cu_seqlens,
         vocab: v,
+        ref_logp: None,
     })
 }
 
@@ -519,6 +520,7 @@ impl UploadedBatch {
             advantages: &self.advantages,
             cu_seqlens: &self.cu_seqlens,
             vocab: self.vocab,
+            ref_logp: None,
         }
     }
 }

@@ -76,7 +76,7 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// Runs `vppo loss`: validates the config, refuses an `--output` that is the input file, reads the
 /// input, computes everything, checks every output (the gradient too) is finite, and only then writes
 /// the output file (atomically, streamed from the buffers: no copy of the gradient is made to write
-/// it). Returns the one-line JSON summary: `loss`, `pg_loss`, `token_normalizer`, `clip_fraction`,
+/// it). Returns the one-line JSON summary: `loss`, `pg_loss`, `kl_loss`, `token_normalizer`, `clip_fraction`,
 /// `mean_ratio`, `selected_fraction`, `n_tokens`, `n_responses`, `vocab`, `dtype`, `grad_dtype`,
 /// `device`.
 ///
@@ -113,6 +113,7 @@ pub fn run_loss(args: &LossArgs) -> Result<serde_json::Value> {
     Ok(serde_json::json!({
         "loss": out.loss,
         "pg_loss": out.pg_loss,
+        "kl_loss": out.kl_loss,
         "token_normalizer": out.token_normalizer,
         "clip_fraction": out.stats.clip_fraction,
         "mean_ratio": out.stats.mean_ratio,

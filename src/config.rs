@@ -75,6 +75,37 @@ pub enum MaskBy {
     PerceptionOrEntropy,
 }
 
+/// The KL penalty to a reference policy (SPEC section 12, official `use_kl_loss` / `kl_penalty`), from
+/// the reference policy's log-prob of each target, `ref_logp` [N], with k1 = logp - ref_logp. It applies
+/// to every response token (the official `average_loss(kld, response_mask)`), not only the masked ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KlPenalty {
+    /// No KL term (the default; the official recipe runs without a reference policy).
+    #[default]
+    None,
+    /// k1 = logp - ref_logp (the official `kl`).
+    K1,
+    /// |k1| (the official `abs`).
+    Abs,
+    /// k1^2 / 2 (the official `mse`).
+    Mse,
+    /// clamp(exp(x) - x - 1, -10, 10), x = clamp(ref_logp - logp, -20, 20) (the official `low_var_kl`).
+    K3,
+}
+
+impl KlPenalty {
+    /// The name the command line and the Python op take (`--kl-penalty`).
+    pub fn name(self) -> &'static str {
+        match self {
+            KlPenalty::None => "none",
+            KlPenalty::K1 => "k1",
+            KlPenalty::Abs => "abs",
+            KlPenalty::Mse => "mse",
+            KlPenalty::K3 => "k3",
+        }
+    }
+}
+
 /// The top-k fraction as an exact decimal: `num / den` with `den` a power of ten.
 ///
 /// `k_b = ceil(top_fraction * L_b)` must be computed in exact arithmetic: 0.4 x 10 is 4, never 5.
@@ -193,6 +224,12 @@ pub struct VppoConfig {
     /// `top_fraction` is. Default 0.2 (the official `top_p_entropy_tokens`); unused with
     /// `mask_by = perception`, but always validated.
     pub entropy_top_fraction: f64,
+    /// The KL penalty to a reference policy (SPEC section 12). Default none; any other needs the
+    /// batch's `ref_logp`.
+    pub kl_penalty: KlPenalty,
+    /// beta >= 0, the weight of the KL term. Default 1e-3 (the official `kl_coef`); unused with
+    /// `kl_penalty = none`, but always validated.
+    pub kl_coef: f64,
 }
 
 impl Default for VppoConfig {
@@ -218,6 +255,8 @@ impl Default for VppoConfig {
             loss_type: LossType::Ppo,
             mask_by: MaskBy::Perception,
             entropy_top_fraction: 0.2,
+            kl_penalty: KlPenalty::None,
+            kl_coef: 1e-3,
         }
     }
 }
@@ -253,6 +292,11 @@ impl VppoConfig {
     /// group at a time.
     pub fn needs_groups(&self) -> bool {
         self.scope() == TasScope::Group && self.shaping != Shaping::None
+    }
+
+    /// Whether the loss reads the batch's `ref_logp`: any KL penalty but none.
+    pub fn needs_ref_logp(&self) -> bool {
+        self.kl_penalty != KlPenalty::None
     }
 
     /// The exact top-k fraction (errors when outside (0, 1]).
@@ -317,6 +361,9 @@ impl VppoConfig {
             if !(b.is_finite() && b > 0.0) {
                 return Err(bad("response-normalizer", b, "a finite value > 0"));
             }
+        }
+        if !(self.kl_coef.is_finite() && self.kl_coef >= 0.0) {
+            return Err(bad("kl-coef", self.kl_coef, "a finite value >= 0"));
         }
         if !self.logp_penalty.is_finite() {
             return Err(bad("logp-penalty", self.logp_penalty, "a finite value"));

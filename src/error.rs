@@ -32,6 +32,9 @@ pub enum Tensor {
     Rows,
     /// `masked_rows` [N]: the row of `logits_masked` each token reads.
     MaskedRows,
+    /// `ref_logp` [N]: the reference policy's log-prob of each target, read by the KL penalty
+    /// (SPEC section 12).
+    RefLogp,
 }
 
 impl Tensor {
@@ -51,6 +54,7 @@ impl Tensor {
             Tensor::Dlogp => "dlogp",
             Tensor::Rows => "rows",
             Tensor::MaskedRows => "masked_rows",
+            Tensor::RefLogp => "ref_logp",
         }
     }
 }
@@ -133,6 +137,14 @@ pub enum VppoError {
         n_responses: usize,
         /// G.
         group_size: usize,
+    },
+    /// An optional tensor that the configuration needs is not in the batch.
+    #[error("{tensor} is missing: {needed_by}")]
+    MissingTensor {
+        /// The tensor the batch lacks.
+        tensor: Tensor,
+        /// Which setting needs it, and what it holds.
+        needed_by: String,
     },
     /// A configuration value outside its range.
     #[error("config: {field} = {value} is out of range: {expected}")]

@@ -2,7 +2,9 @@
 //!
 //! Input tensors, by name: `logits` and `logits_masked` ([N, V], F32, F16 or BF16, the same dtype),
 //! `targets` (`[N]`) and `cu_seqlens` (`[B + 1]`) in I32 (I64 is accepted when every value fits in i32),
-//! `old_logp` (`[N]`) and `advantages` (`[B]`) in F32. Other tensors in the file are ignored.
+//! `old_logp` (`[N]`) and `advantages` (`[B]`) in F32; optionally `ref_logp` (`[N]`, F32), the
+//! reference policy's log-probs of the KL penalty (SPEC section 12). Other tensors in the file are
+//! ignored.
 //!
 //! Output tensors: `loss` (F32, `[1]`), `score`, `kl`, `k3`, `entropy`, `logp` (F32, `[N]`), `mask`
 //! (U8, `[N]`), `sbar`, `alpha` (F32, `[B]`) and, when given, `grad_logits` (`[N, V]`, F32 or the logits
@@ -56,7 +58,8 @@ impl OwnedLogits {
 }
 
 /// A packed batch that owns its tensors (read from a file, or built by a test). [`OwnedBatch::batch`]
-/// lends it as a [`Batch`].
+/// lends it as a [`Batch`]. `Default` is the empty batch (N = B = 0, `cu_seqlens = [0]`), for
+/// struct-update syntax.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OwnedBatch {
     /// [N, V] logits given the real image.
@@ -73,6 +76,23 @@ pub struct OwnedBatch {
     pub cu_seqlens: Vec<i32>,
     /// V.
     pub vocab: usize,
+    /// `[N]` optional reference-policy log-probs (the KL penalty's `ref_logp`).
+    pub ref_logp: Option<Vec<f32>>,
+}
+
+impl Default for OwnedBatch {
+    fn default() -> Self {
+        OwnedBatch {
+            logits: OwnedLogits::F32(Vec::new()),
+            logits_masked: OwnedLogits::F32(Vec::new()),
+            targets: Vec::new(),
+            old_logp: Vec::new(),
+            advantages: Vec::new(),
+            cu_seqlens: vec![0],
+            vocab: 0,
+            ref_logp: None,
+        }
+    }
 }
 
 impl OwnedBatch {
@@ -86,8 +106,8 @@ impl OwnedBatch {
             advantages: &self.advantages,
             cu_seqlens: &self.cu_seqlens,
             vocab: self.vocab,
-            rows: None,
-            masked_rows: None,
+            ref_logp: self.ref_logp.as_deref(),
+            ..Batch::default()
         }
     }
 
@@ -108,6 +128,7 @@ fn tensor_of(name: &str) -> Tensor {
         "targets" => Tensor::Targets,
         "old_logp" => Tensor::OldLogp,
         "advantages" => Tensor::Advantages,
+        "ref_logp" => Tensor::RefLogp,
         _ => Tensor::CuSeqlens,
     }
 }
@@ -231,6 +252,10 @@ pub fn batch_from_bytes(bytes: &[u8]) -> Result<OwnedBatch> {
         advantages: read_f32(&st, "advantages")?,
         cu_seqlens: read_i32(&st, "cu_seqlens")?,
         vocab: shape[1],
+        ref_logp: match st.tensor("ref_logp") {
+            Ok(_) => Some(read_f32(&st, "ref_logp")?),
+            Err(_) => None,
+        },
     })
 }
 

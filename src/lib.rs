@@ -14,8 +14,8 @@
 //!     advantages: &[1.0, -1.0],
 //!     cu_seqlens: &[0, 2, 3],
 //!     vocab: 3,
-//!     rows: None, // token t reads row t (SPEC section 10 lets it read a larger [R, V] tensor)
-//!     masked_rows: None,
+//!     // token t reads row t (SPEC section 10 lets it read a larger [R, V] tensor), no KL penalty
+//!     ..Default::default()
 //! };
 //! // The official VPPO setting; the paper's text is `VppoConfig::paper(group_size)`.
 //! let vppo = Vppo::new(VppoConfig::default(), Device::Reference)?;
@@ -55,7 +55,8 @@ pub mod train;
 pub use api::{Device, GradMut, LaneOrder, Vppo};
 pub use batch::{Batch, Dtype, Logits, ValidBatch};
 pub use config::{
-    Aggregation, LossType, MaskBy, Perception, Shaping, TasScope, TopFraction, VppoConfig,
+    Aggregation, KlPenalty, LossType, MaskBy, Perception, Shaping, TasScope, TopFraction,
+    VppoConfig,
 };
 pub use error::{Location, Result, Tensor, VppoError};
 pub use exec::{DeviceBatch, DeviceForward, SavedForward};

@@ -9,7 +9,9 @@
 use clap::{Args, ValueEnum};
 
 use crate::api::{Device, LaneOrder};
-use crate::config::{Aggregation, LossType, MaskBy, Perception, Shaping, TasScope, VppoConfig};
+use crate::config::{
+    Aggregation, KlPenalty, LossType, MaskBy, Perception, Shaping, TasScope, VppoConfig,
+};
 
 /// `--perception`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -73,6 +75,23 @@ pub enum LossTypeArg {
     GspoToken,
     /// -A' logp c, c the clipped token ratio held constant.
     Cispo,
+}
+
+/// `--kl-penalty` (SPEC section 12); the official names `kl` and `low-var-kl` are aliases of k1 and k3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KlPenaltyArg {
+    /// No KL term.
+    None,
+    /// k1 = logp - ref_logp (the official `kl`).
+    #[value(alias = "kl")]
+    K1,
+    /// |k1|.
+    Abs,
+    /// k1^2 / 2.
+    Mse,
+    /// clamp(exp(x) - x - 1, -10, 10), x = clamp(ref_logp - logp, -20, 20) (the official `low_var_kl`).
+    #[value(alias = "low-var-kl")]
+    K3,
 }
 
 /// `--device`.
@@ -192,6 +211,13 @@ pub struct LossOptions {
     /// Fraction of each response's tokens of highest entropy in the entropy mask, 0 < q <= 1.
     #[arg(long, value_name = "Q", allow_negative_numbers = true, default_value_t = VppoConfig::default().entropy_top_fraction)]
     pub entropy_top_fraction: f64,
+    /// The KL penalty to a reference policy (SPEC section 12): none, k1, abs, mse or k3; any but none
+    /// needs `ref_logp` [N] (F32) in the input.
+    #[arg(long, value_enum, default_value_t = KlPenaltyArg::None)]
+    pub kl_penalty: KlPenaltyArg,
+    /// beta >= 0, the weight of the KL penalty.
+    #[arg(long, value_name = "BETA", allow_negative_numbers = true, default_value_t = VppoConfig::default().kl_coef)]
+    pub kl_coef: f64,
     /// Where to compute: cpu (the f64 reference), cuda (GPU 0) or simt (the kernels run on the CPU).
     #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
     pub device: DeviceArg,
@@ -244,6 +270,14 @@ impl LossOptions {
                 MaskByArg::PerceptionOrEntropy => MaskBy::PerceptionOrEntropy,
             },
             entropy_top_fraction: self.entropy_top_fraction,
+            kl_penalty: match self.kl_penalty {
+                KlPenaltyArg::None => KlPenalty::None,
+                KlPenaltyArg::K1 => KlPenalty::K1,
+                KlPenaltyArg::Abs => KlPenalty::Abs,
+                KlPenaltyArg::Mse => KlPenalty::Mse,
+                KlPenaltyArg::K3 => KlPenalty::K3,
+            },
+            kl_coef: self.kl_coef,
         }
     }
 }

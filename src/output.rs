@@ -52,10 +52,13 @@ pub struct Stats {
 /// Everything one evaluation of the VPPO loss produces.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct VppoOutput {
-    /// The loss: pg + logp_penalty * (-sum_t logp_t) / Z.
+    /// The loss: pg + kl_coef * kl_loss + logp_penalty * (-sum_t logp_t) / Z.
     pub loss: f64,
     /// The clipped-surrogate part of the loss.
     pub pg_loss: f64,
+    /// The KL penalty to the reference policy before kl_coef, aggregated as pg over every response
+    /// token (SPEC section 12; the official `actor/kl_loss`); 0 with `kl_penalty = none`.
+    pub kl_loss: f64,
     /// The normalizer Z that was used (N, or the caller's token_normalizer).
     pub token_normalizer: f64,
     /// Per-token outputs.
@@ -68,8 +71,8 @@ pub struct VppoOutput {
 
 impl VppoOutput {
     /// Checks that every output that must be finite is finite in f32, the dtype it is returned and
-    /// written in: the loss, pg_loss and Z, and per token score, k3, entropy, logp, lse, lse_masked and
-    /// dlogp, per response Sbar and alpha. `kl` may be +inf and `logp_masked` -inf by definition
+    /// written in: the loss, pg_loss, kl_loss and Z, and per token score, k3, entropy, logp, lse,
+    /// lse_masked and dlogp, per response Sbar and alpha. `kl` may be +inf and `logp_masked` -inf by definition
     /// (SPEC section 2). The first value that is not is reported as an overflow naming the output and
     /// its row or response: valid inputs whose result does not fit (a tiny token normalizer, a huge
     /// logp penalty) never come back as a silent inf or NaN.
@@ -78,6 +81,7 @@ impl VppoOutput {
         for (what, x) in [
             ("loss", self.loss),
             ("pg_loss", self.pg_loss),
+            ("kl_loss", self.kl_loss),
             ("token_normalizer", self.token_normalizer),
         ] {
             if !fits(x) {

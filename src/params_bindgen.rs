@@ -16,6 +16,7 @@ pub const VPPO_STATUS_CLEAR: u64 = 9223372036854775807;
 pub const VPPO_RADIX_BITS: u32 = 4;
 pub const VPPO_RADIX_DIGITS: u32 = 16;
 pub const VPPO_LOG_RATIO_CLAMP: f64 = 20.0;
+pub const VPPO_KL_K3_CLAMP: f64 = 10.0;
 pub const VPPO_TAS_MIN_SPREAD: f64 = 0.000001;
 pub const VPPO_TAS_MEAN_EPS: f64 = 0.00000001;
 #[repr(u32)]
@@ -51,6 +52,15 @@ pub enum VppoLossType {
     VPPO_LOSS_GSPO = 1,
     VPPO_LOSS_GSPO_TOKEN = 2,
     VPPO_LOSS_CISPO = 3,
+}
+#[repr(u32)]
+#[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
+pub enum VppoKlPenalty {
+    VPPO_KL_NONE = 0,
+    VPPO_KL_K1 = 1,
+    VPPO_KL_ABS = 2,
+    VPPO_KL_MSE = 3,
+    VPPO_KL_K3 = 4,
 }
 #[repr(u32)]
 #[derive(Debug, Copy, Clone, Hash, PartialEq, Eq)]
@@ -216,6 +226,7 @@ impl Default for VppoSelectParams {
 pub struct VppoLossTotals {
     pub loss: f64,
     pub pg: f64,
+    pub kl: f64,
     pub logp_sum: f64,
     pub ratio_sum: f64,
     pub n_selected: i64,
@@ -223,19 +234,20 @@ pub struct VppoLossTotals {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of VppoLossTotals"][::std::mem::size_of::<VppoLossTotals>() - 48usize];
+    ["Size of VppoLossTotals"][::std::mem::size_of::<VppoLossTotals>() - 56usize];
     ["Alignment of VppoLossTotals"][::std::mem::align_of::<VppoLossTotals>() - 8usize];
     ["Offset of field: VppoLossTotals::loss"]
         [::std::mem::offset_of!(VppoLossTotals, loss) - 0usize];
     ["Offset of field: VppoLossTotals::pg"][::std::mem::offset_of!(VppoLossTotals, pg) - 8usize];
+    ["Offset of field: VppoLossTotals::kl"][::std::mem::offset_of!(VppoLossTotals, kl) - 16usize];
     ["Offset of field: VppoLossTotals::logp_sum"]
-        [::std::mem::offset_of!(VppoLossTotals, logp_sum) - 16usize];
+        [::std::mem::offset_of!(VppoLossTotals, logp_sum) - 24usize];
     ["Offset of field: VppoLossTotals::ratio_sum"]
-        [::std::mem::offset_of!(VppoLossTotals, ratio_sum) - 24usize];
+        [::std::mem::offset_of!(VppoLossTotals, ratio_sum) - 32usize];
     ["Offset of field: VppoLossTotals::n_selected"]
-        [::std::mem::offset_of!(VppoLossTotals, n_selected) - 32usize];
+        [::std::mem::offset_of!(VppoLossTotals, n_selected) - 40usize];
     ["Offset of field: VppoLossTotals::n_clipped"]
-        [::std::mem::offset_of!(VppoLossTotals, n_clipped) - 40usize];
+        [::std::mem::offset_of!(VppoLossTotals, n_clipped) - 48usize];
 };
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]
@@ -251,6 +263,7 @@ pub struct VppoLossParams {
     pub totals: *mut VppoLossTotals,
     pub seq_log_ratio: *mut f64,
     pub seq_selected: *mut i32,
+    pub ref_logp: *const f32,
     pub n_tokens: i64,
     pub n_responses: i64,
     pub group_size: i64,
@@ -264,16 +277,19 @@ pub struct VppoLossParams {
     pub eps_high: f64,
     pub dual_clip: f64,
     pub logp_penalty: f64,
+    pub kl_coef: f64,
     pub shaping: i32,
     pub scope: i32,
     pub aggregation: i32,
     pub has_range: i32,
     pub has_dual_clip: i32,
     pub loss_type: i32,
+    pub kl_penalty: i32,
+    pub pad0: i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of VppoLossParams"][::std::mem::size_of::<VppoLossParams>() - 216usize];
+    ["Size of VppoLossParams"][::std::mem::size_of::<VppoLossParams>() - 240usize];
     ["Alignment of VppoLossParams"][::std::mem::align_of::<VppoLossParams>() - 8usize];
     ["Offset of field: VppoLossParams::logp"]
         [::std::mem::offset_of!(VppoLossParams, logp) - 0usize];
@@ -297,44 +313,52 @@ const _: () = {
         [::std::mem::offset_of!(VppoLossParams, seq_log_ratio) - 72usize];
     ["Offset of field: VppoLossParams::seq_selected"]
         [::std::mem::offset_of!(VppoLossParams, seq_selected) - 80usize];
+    ["Offset of field: VppoLossParams::ref_logp"]
+        [::std::mem::offset_of!(VppoLossParams, ref_logp) - 88usize];
     ["Offset of field: VppoLossParams::n_tokens"]
-        [::std::mem::offset_of!(VppoLossParams, n_tokens) - 88usize];
+        [::std::mem::offset_of!(VppoLossParams, n_tokens) - 96usize];
     ["Offset of field: VppoLossParams::n_responses"]
-        [::std::mem::offset_of!(VppoLossParams, n_responses) - 96usize];
+        [::std::mem::offset_of!(VppoLossParams, n_responses) - 104usize];
     ["Offset of field: VppoLossParams::group_size"]
-        [::std::mem::offset_of!(VppoLossParams, group_size) - 104usize];
+        [::std::mem::offset_of!(VppoLossParams, group_size) - 112usize];
     ["Offset of field: VppoLossParams::token_normalizer"]
-        [::std::mem::offset_of!(VppoLossParams, token_normalizer) - 112usize];
+        [::std::mem::offset_of!(VppoLossParams, token_normalizer) - 120usize];
     ["Offset of field: VppoLossParams::response_normalizer"]
-        [::std::mem::offset_of!(VppoLossParams, response_normalizer) - 120usize];
+        [::std::mem::offset_of!(VppoLossParams, response_normalizer) - 128usize];
     ["Offset of field: VppoLossParams::beta_min"]
-        [::std::mem::offset_of!(VppoLossParams, beta_min) - 128usize];
+        [::std::mem::offset_of!(VppoLossParams, beta_min) - 136usize];
     ["Offset of field: VppoLossParams::beta_max"]
-        [::std::mem::offset_of!(VppoLossParams, beta_max) - 136usize];
+        [::std::mem::offset_of!(VppoLossParams, beta_max) - 144usize];
     ["Offset of field: VppoLossParams::range_lo"]
-        [::std::mem::offset_of!(VppoLossParams, range_lo) - 144usize];
+        [::std::mem::offset_of!(VppoLossParams, range_lo) - 152usize];
     ["Offset of field: VppoLossParams::range_hi"]
-        [::std::mem::offset_of!(VppoLossParams, range_hi) - 152usize];
+        [::std::mem::offset_of!(VppoLossParams, range_hi) - 160usize];
     ["Offset of field: VppoLossParams::eps_low"]
-        [::std::mem::offset_of!(VppoLossParams, eps_low) - 160usize];
+        [::std::mem::offset_of!(VppoLossParams, eps_low) - 168usize];
     ["Offset of field: VppoLossParams::eps_high"]
-        [::std::mem::offset_of!(VppoLossParams, eps_high) - 168usize];
+        [::std::mem::offset_of!(VppoLossParams, eps_high) - 176usize];
     ["Offset of field: VppoLossParams::dual_clip"]
-        [::std::mem::offset_of!(VppoLossParams, dual_clip) - 176usize];
+        [::std::mem::offset_of!(VppoLossParams, dual_clip) - 184usize];
     ["Offset of field: VppoLossParams::logp_penalty"]
-        [::std::mem::offset_of!(VppoLossParams, logp_penalty) - 184usize];
+        [::std::mem::offset_of!(VppoLossParams, logp_penalty) - 192usize];
+    ["Offset of field: VppoLossParams::kl_coef"]
+        [::std::mem::offset_of!(VppoLossParams, kl_coef) - 200usize];
     ["Offset of field: VppoLossParams::shaping"]
-        [::std::mem::offset_of!(VppoLossParams, shaping) - 192usize];
+        [::std::mem::offset_of!(VppoLossParams, shaping) - 208usize];
     ["Offset of field: VppoLossParams::scope"]
-        [::std::mem::offset_of!(VppoLossParams, scope) - 196usize];
+        [::std::mem::offset_of!(VppoLossParams, scope) - 212usize];
     ["Offset of field: VppoLossParams::aggregation"]
-        [::std::mem::offset_of!(VppoLossParams, aggregation) - 200usize];
+        [::std::mem::offset_of!(VppoLossParams, aggregation) - 216usize];
     ["Offset of field: VppoLossParams::has_range"]
-        [::std::mem::offset_of!(VppoLossParams, has_range) - 204usize];
+        [::std::mem::offset_of!(VppoLossParams, has_range) - 220usize];
     ["Offset of field: VppoLossParams::has_dual_clip"]
-        [::std::mem::offset_of!(VppoLossParams, has_dual_clip) - 208usize];
+        [::std::mem::offset_of!(VppoLossParams, has_dual_clip) - 224usize];
     ["Offset of field: VppoLossParams::loss_type"]
-        [::std::mem::offset_of!(VppoLossParams, loss_type) - 212usize];
+        [::std::mem::offset_of!(VppoLossParams, loss_type) - 228usize];
+    ["Offset of field: VppoLossParams::kl_penalty"]
+        [::std::mem::offset_of!(VppoLossParams, kl_penalty) - 232usize];
+    ["Offset of field: VppoLossParams::pad0"]
+        [::std::mem::offset_of!(VppoLossParams, pad0) - 236usize];
 };
 impl Default for VppoLossParams {
     fn default() -> Self {

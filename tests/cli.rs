@@ -188,6 +188,10 @@ fn options_reach_the_loss() {
         "perception-or-entropy",
         "--entropy-top-fraction",
         "0.3",
+        "--kl-penalty",
+        "none",
+        "--kl-coef",
+        "0.5",
         "--device",
         "cpu",
     ];
@@ -218,6 +222,8 @@ fn options_reach_the_loss() {
         loss_type: vppo::LossType::GspoToken,
         mask_by: vppo::MaskBy::PerceptionOrEntropy,
         entropy_top_fraction: 0.3,
+        kl_penalty: vppo::KlPenalty::None,
+        kl_coef: 0.5,
     };
     let owned = vppo::io::read_batch(&fixture("batch_f16.safetensors")).unwrap();
     let want = Vppo::new(cfg.clone(), Device::Reference)
@@ -449,6 +455,8 @@ fn help_explains_every_option_and_default() {
         ("--logp-penalty", "[default: 0.06]"),
         ("--temperature", "[default: 1]"),
         ("--loss-type", "[default: ppo]"),
+        ("--kl-penalty", "[default: none]"),
+        ("--kl-coef", "[default: 0.001]"),
         ("--device", "[default: cpu]"),
     ] {
         assert!(help.contains(option), "--help lacks {option}:\n{help}");
@@ -602,4 +610,129 @@ fn grad_dtype_logits_writes_the_gradient_in_the_logits_dtype() {
             assert_eq!(v, &fb[name], "{name}");
         }
     }
+}
+
+/// SPEC 12 through the command line: `ref_logp` is read from the input file when present and
+/// `--kl-penalty` / `--kl-coef` reach the loss (the official names `kl` and `low-var-kl` are aliases
+/// of k1 and k3); the summary reports kl_loss. A penalty without ref_logp in the file, or a
+/// ref_logp of the wrong length or dtype, fails naming ref_logp and writes nothing.
+#[test]
+fn kl_penalty_reads_ref_logp_from_the_input() {
+    let inputs = tempfile::tempdir().unwrap();
+    let owned = vppo::io::read_batch(&fixture("batch_f16.safetensors")).unwrap();
+    let n = owned.targets.len();
+    let ref_logp: Vec<f32> = owned
+        .old_logp
+        .iter()
+        .enumerate()
+        .map(|(t, &x)| x + [0.3, -0.8, 2.9, -0.1][t % 4])
+        .collect();
+    let bytes: Vec<u8> = ref_logp.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let with_ref = edited_fixture(
+        inputs.path(),
+        "ref_logp",
+        Some((StDtype::F32, vec![n], bytes.clone())),
+    );
+    let with = vppo::OwnedBatch {
+        ref_logp: Some(ref_logp),
+        ..owned.clone()
+    };
+    assert_eq!(vppo::io::read_batch(&with_ref).unwrap(), with);
+    for (name, penalty) in [
+        ("k1", vppo::KlPenalty::K1),
+        ("kl", vppo::KlPenalty::K1),
+        ("abs", vppo::KlPenalty::Abs),
+        ("mse", vppo::KlPenalty::Mse),
+        ("k3", vppo::KlPenalty::K3),
+        ("low-var-kl", vppo::KlPenalty::K3),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out_path = dir.path().join("out.safetensors");
+        let out = loss_cmd(
+            &with_ref,
+            &out_path,
+            &["--kl-penalty", name, "--kl-coef", "0.3"],
+        );
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cfg = VppoConfig {
+            kl_penalty: penalty,
+            kl_coef: 0.3,
+            ..VppoConfig::default()
+        };
+        let want = Vppo::new(cfg, Device::Reference)
+            .unwrap()
+            .forward(&with.batch())
+            .unwrap();
+        let s = summary(&out);
+        assert_eq!(s["loss"].as_f64().unwrap(), want.loss, "{name}");
+        // (serde_json's float parsing may be one ulp off the printed shortest decimal)
+        let kl_loss = s["kl_loss"].as_f64().unwrap();
+        assert!(
+            (kl_loss - want.kl_loss).abs() <= 1e-15 * want.kl_loss.abs(),
+            "{name}: kl_loss {kl_loss} vs {}",
+            want.kl_loss
+        );
+        assert!(
+            want.kl_loss > 0.0 || penalty == vppo::KlPenalty::K1,
+            "{name}"
+        );
+        let written = read_all(&out_path);
+        let dlogp: Vec<f64> = want.tokens.dlogp.iter().map(|&x| x as f64).collect();
+        assert_eq!(written["dlogp"].2, dlogp, "{name}");
+    }
+    // Without --kl-penalty the file's ref_logp changes nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out.safetensors");
+    let plain = summary(&loss_cmd(&with_ref, &out_path, &[]));
+    let base = Vppo::new(VppoConfig::default(), Device::Reference)
+        .unwrap()
+        .forward(&owned.batch())
+        .unwrap();
+    assert_eq!(plain["loss"].as_f64().unwrap(), base.loss);
+    assert_eq!(plain["kl_loss"].as_f64().unwrap(), 0.0);
+
+    let run = |input: &Path, extra: &[&str], needle: &str| {
+        let outdir = tempfile::tempdir().unwrap();
+        let out_path = outdir.path().join("out.safetensors");
+        let out = loss_cmd(input, &out_path, extra);
+        assert_fails_without_output(&out, &out_path, needle);
+    };
+    run(
+        &fixture("batch_f16.safetensors"),
+        &["--kl-penalty", "k3"],
+        "ref_logp is missing: kl_penalty = k3 needs",
+    );
+    let short = edited_fixture(
+        inputs.path(),
+        "ref_logp",
+        Some((StDtype::F32, vec![n - 1], bytes[4..].to_vec())),
+    );
+    run(
+        &short,
+        &["--kl-penalty", "mse"],
+        &format!(
+            "shape mismatch in ref_logp: has {} elements, expected N = {n}",
+            n - 1
+        ),
+    );
+    let f16 = edited_fixture(
+        inputs.path(),
+        "ref_logp",
+        Some((StDtype::F16, vec![n], vec![0; 2 * n])),
+    );
+    run(
+        &f16,
+        &["--kl-penalty", "k1"],
+        "ref_logp: has dtype F16, expected F32",
+    );
+    run(
+        &with_ref,
+        &["--kl-penalty", "k3", "--kl-coef", "-0.5"],
+        "kl-coef = -0.5 is out of range",
+    );
+    run(&with_ref, &["--kl-penalty", "full"], "invalid value 'full'");
 }

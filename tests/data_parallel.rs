@@ -35,6 +35,7 @@ fn piece(full: &OwnedBatch, b0: usize, b1: usize) -> OwnedBatch {
             .map(|&c| c - t0 as i32)
             .collect(),
         vocab: v,
+        ref_logp: full.ref_logp.as_ref().map(|r| r[t0..t1].to_vec()),
     }
 }
 
@@ -119,6 +120,23 @@ fn configs() -> Vec<(&'static str, VppoConfig)> {
                 ..d()
             },
         ),
+        (
+            "KL penalty k3 (SPEC 12)",
+            VppoConfig {
+                kl_penalty: vppo::KlPenalty::K3,
+                kl_coef: 0.5,
+                ..d()
+            },
+        ),
+        (
+            "KL penalty mse, seq-mean-token-mean",
+            VppoConfig {
+                kl_penalty: vppo::KlPenalty::Mse,
+                kl_coef: 0.2,
+                aggregation: Aggregation::SeqMeanTokenMean,
+                ..d()
+            },
+        ),
     ]
 }
 
@@ -159,7 +177,16 @@ fn the_sum_over_ranks_is_the_single_process_loss() {
             max_len: 9,
             ..BatchSpec::default()
         };
-        let full = std::sync::Arc::new(seeded_batch(seed, &spec));
+        let mut full = seeded_batch(seed, &spec);
+        // a reference policy's log-probs for the KL configs (ignored by the others)
+        full.ref_logp = Some(
+            full.old_logp
+                .iter()
+                .enumerate()
+                .map(|(t, &x)| x + (t as f32 * 0.7).sin())
+                .collect(),
+        );
+        let full = std::sync::Arc::new(full);
         let b_count = full.advantages.len();
         for (name, cfg) in configs() {
             for &device in &devices {
@@ -184,6 +211,12 @@ fn the_sum_over_ranks_is_the_single_process_loss() {
                         .map(|r| r.unwrap_or_else(|e| panic!("{case}: {e}")))
                         .collect();
                     let loss: f64 = got.iter().map(|(o, _)| o.loss).sum();
+                    let kl_loss: f64 = got.iter().map(|(o, _)| o.kl_loss).sum();
+                    assert!(
+                        close(kl_loss, want.kl_loss, 1e-5),
+                        "{case}: kl_loss {kl_loss} vs {}",
+                        want.kl_loss
+                    );
                     assert!(
                         close(loss, want.loss, 1e-5),
                         "{case}: loss {loss} vs {}",
@@ -220,7 +253,7 @@ fn the_sum_over_ranks_is_the_single_process_loss() {
             }
         }
     }
-    assert_eq!(checked, seeds * 6 * 4 * devices.len() as u64);
+    assert_eq!(checked, seeds * 8 * 4 * devices.len() as u64);
 }
 
 #[test]

@@ -597,6 +597,7 @@ fn caller_streams_are_waited_for() {
         advantages: &advantages,
         cu_seqlens: &cu_seqlens,
         vocab: v,
+        ref_logp: None,
     };
     let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
     let fwd = vppo.forward_device(&db).unwrap();

@@ -43,8 +43,7 @@ impl Owned {
             advantages: &self.advantages,
             cu_seqlens: &self.cu,
             vocab: self.vocab,
-            rows: None,
-            masked_rows: None,
+            ..Default::default()
         }
     }
 
@@ -787,8 +786,7 @@ fn one_huge_logit_in_a_long_row_is_not_refused() {
             advantages: &[1.0],
             cu_seqlens: &[0, 2],
             vocab: v,
-            rows: None,
-            masked_rows: None,
+            ..Default::default()
         };
         let case = format!("huge in logits {huge_a}, in logits_masked {huge_b}");
         for perception in [Perception::FullKl, Perception::K3] {
@@ -853,4 +851,154 @@ fn a_row_the_kernels_cannot_hold_names_its_tensor_and_row() {
         ),
         "{e}"
     );
+}
+
+/// SPEC 12: a KL penalty without ref_logp is an error naming the missing tensor and the penalty; a
+/// ref_logp of the wrong length, or with a NaN or an inf, names ref_logp (and the row); a ref_logp
+/// given with no KL penalty is still checked, and otherwise changes nothing. On every host device.
+#[test]
+fn kl_penalty_needs_a_valid_ref_logp() {
+    use vppo::KlPenalty;
+    let o = Owned::new();
+    let good = [-1.2f32, -0.4, -2.0, -0.7];
+    for device in host_devices() {
+        for penalty in [KlPenalty::K1, KlPenalty::Abs, KlPenalty::Mse, KlPenalty::K3] {
+            let cfg = VppoConfig {
+                kl_penalty: penalty,
+                ..VppoConfig::default()
+            };
+            let vppo = Vppo::new(cfg, device).unwrap();
+            let e = vppo.forward(&o.batch()).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    VppoError::MissingTensor {
+                        tensor: Tensor::RefLogp,
+                        ..
+                    }
+                ),
+                "{device:?} {penalty:?}: {e}"
+            );
+            assert_eq!(
+                e.to_string(),
+                format!(
+                    "ref_logp is missing: kl_penalty = {} needs the reference policy's log-prob \
+                     of each target ([N] f32)",
+                    penalty.name()
+                )
+            );
+            assert_eq!(
+                vppo.loss_and_grad(&o.batch()).unwrap_err().to_string(),
+                e.to_string()
+            );
+            let short = [-1.0f32; 3];
+            let e = vppo
+                .forward(&Batch {
+                    ref_logp: Some(&short),
+                    ..o.batch()
+                })
+                .unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    VppoError::Shape {
+                        tensor: Tensor::RefLogp,
+                        ..
+                    }
+                ),
+                "{device:?}: {e}"
+            );
+            assert!(
+                e.to_string().contains("has 3 elements, expected N = 4"),
+                "{e}"
+            );
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let mut r = good;
+                r[2] = bad;
+                let e = vppo
+                    .forward(&Batch {
+                        ref_logp: Some(&r),
+                        ..o.batch()
+                    })
+                    .unwrap_err();
+                assert!(
+                    matches!(
+                        e,
+                        VppoError::NonFinite {
+                            tensor: Tensor::RefLogp,
+                            location: Location::Row(2),
+                            ..
+                        }
+                    ),
+                    "{device:?} {bad}: {e}"
+                );
+            }
+            assert!(vppo
+                .forward(&Batch {
+                    ref_logp: Some(&good),
+                    ..o.batch()
+                })
+                .is_ok());
+        }
+        // No KL penalty: a bad ref_logp is still refused, a good one is ignored.
+        let vppo = Vppo::new(VppoConfig::default(), device).unwrap();
+        let mut r = good;
+        r[1] = f32::NAN;
+        let e = vppo
+            .forward(&Batch {
+                ref_logp: Some(&r),
+                ..o.batch()
+            })
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                VppoError::NonFinite {
+                    tensor: Tensor::RefLogp,
+                    location: Location::Row(1),
+                    ..
+                }
+            ),
+            "{device:?}: {e}"
+        );
+        let with = vppo
+            .forward(&Batch {
+                ref_logp: Some(&good),
+                ..o.batch()
+            })
+            .unwrap();
+        assert_eq!(with, vppo.forward(&o.batch()).unwrap(), "{device:?}");
+    }
+}
+
+/// SPEC 12: kl_coef (beta) must be finite and >= 0, whatever the penalty.
+#[test]
+fn kl_coef_out_of_range_is_a_config_error() {
+    for beta in [-1e-3, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        for penalty in [vppo::KlPenalty::None, vppo::KlPenalty::K3] {
+            let cfg = VppoConfig {
+                kl_penalty: penalty,
+                kl_coef: beta,
+                ..VppoConfig::default()
+            };
+            let e = Vppo::new(cfg, Device::Reference).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    VppoError::Config {
+                        field: "kl-coef",
+                        ..
+                    }
+                ),
+                "{beta}: {e}"
+            );
+            assert!(e.to_string().contains("a finite value >= 0"), "{e}");
+        }
+    }
+    // 0 is allowed (the term is computed and weighs nothing)
+    let cfg = VppoConfig {
+        kl_coef: 0.0,
+        ..VppoConfig::default()
+    };
+    assert!(Vppo::new(cfg, Device::Reference).is_ok());
 }

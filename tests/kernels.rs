@@ -682,8 +682,7 @@ fn past_65536_tokens_on_gpu() {
         advantages: &adv,
         cu_seqlens: &cu,
         vocab: v,
-        rows: None,
-        masked_rows: None,
+        ..Default::default()
     };
     let cfg = VppoConfig::default();
     let out = Vppo::new(cfg.clone(), Device::Cuda(0))
@@ -813,8 +812,7 @@ fn small_kl_keeps_relative_precision() {
             advantages: &adv,
             cu_seqlens: &cu,
             vocab: v,
-            rows: None,
-            masked_rows: None,
+            ..Default::default()
         };
         let cfg = VppoConfig::default();
         let want = reference::perception::perception(&batch, &cfg).unwrap();
@@ -882,8 +880,7 @@ impl Fixed {
             advantages: &self.advantages,
             cu_seqlens: &self.cu_seqlens,
             vocab: self.vocab,
-            rows: None,
-            masked_rows: None,
+            ..Default::default()
         }
     }
 

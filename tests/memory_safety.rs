@@ -48,8 +48,7 @@ impl Owned {
             advantages: &self.advantages,
             cu_seqlens: &self.cu,
             vocab: V,
-            rows: None,
-            masked_rows: None,
+            ..Default::default()
         }
     }
 

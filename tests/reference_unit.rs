@@ -34,8 +34,7 @@ fn batch<'a>(
         advantages,
         cu_seqlens: cu,
         vocab,
-        rows: None,
-        masked_rows: None,
+        ..Default::default()
     }
 }
 

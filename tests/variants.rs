@@ -2,9 +2,9 @@
 //! against the reference for each variant.
 //!
 //! The port (`official` below) follows huaixuheqing/VPPO-RL's `compute_policy_loss`, `compute_kl` and
-//! `average_loss` (verl/trainer/core_algos.py) and the entropy mask of dp_actor.py line by line, on
-//! padded [B, L_max] tensors with a response mask, as the official code sees them, including the 1e-8 of
-//! its masked means. Its gradient is taken by forward-mode automatic differentiation (a dual number per
+//! `average_loss` (verl/trainer/core_algos.py), the KL loss and the entropy mask of dp_actor.py line
+//! by line, on padded [B, L_max] tensors with a response mask, as the official code sees them,
+//! including the 1e-8 of its masked means. Its gradient is taken by forward-mode automatic differentiation (a dual number per
 //! seeded logp), so it is what autograd computes on those lines, with no hand-derived formula shared
 //! with the crate. The reference and the port agree to 1e-7 relative, and 1e-7 absolute for the loss
 //! (a sum of O(1) terms that may cancel) and 1e-7 of the largest for dloss/dlogp: the official 1e-8
@@ -15,7 +15,7 @@ mod common;
 
 use common::{devices, seeded_batch, BatchSpec};
 use vppo::reference;
-use vppo::{Aggregation, Device, LossType, MaskBy, OwnedBatch, Vppo, VppoConfig};
+use vppo::{Aggregation, Device, KlPenalty, LossType, MaskBy, OwnedBatch, Vppo, VppoConfig};
 
 /// Every test of this file again on `Device::Cuda(0)` through the fake CUDA driver.
 #[test]
@@ -68,6 +68,20 @@ impl D {
     }
     fn detach(self) -> D {
         D::c(self.v)
+    }
+    /// torch.abs: the gradient sgn(x), 0 at x = 0.
+    fn abs(self) -> D {
+        if self.v > 0.0 {
+            self
+        } else if self.v < 0.0 {
+            -self
+        } else {
+            D::c(0.0)
+        }
+    }
+    /// torch.square.
+    fn square(self) -> D {
+        self * self
     }
 }
 
@@ -195,6 +209,28 @@ mod official {
         total / D::c(p.b as f64)
     }
 
+    /// core_algos.compute_kl (the official names: "kl", "abs", "mse", "low_var_kl").
+    pub fn compute_kl(log_probs: &[D], ref_log_probs: &[f64], kl_penalty: &str) -> Vec<D> {
+        log_probs
+            .iter()
+            .zip(ref_log_probs)
+            .map(|(&log_probs, &ref_log_probs)| {
+                let ref_log_probs = D::c(ref_log_probs);
+                match kl_penalty {
+                    "kl" => log_probs - ref_log_probs,
+                    "abs" => (log_probs - ref_log_probs).abs(),
+                    "mse" => D::c(0.5) * (log_probs - ref_log_probs).square(),
+                    "low_var_kl" => {
+                        let kl = (ref_log_probs - log_probs).clamp(-20.0, 20.0);
+                        let kld = kl.exp() - kl - D::c(1.0);
+                        kld.clamp(-10.0, 10.0)
+                    }
+                    other => panic!("unknown KL penalty {other}"),
+                }
+            })
+            .collect()
+    }
+
     pub struct Clip {
         pub low: f64,
         pub high: f64,
@@ -262,15 +298,17 @@ mod official {
 }
 
 /// The official loss of a batch, and its gradient with respect to every packed logp: the policy loss
-/// with the crate's mask and alpha as `loss_token_mask` and advantage scaling, plus the entropy penalty
-/// (`-masked_mean(log_probs) * coef`, the crate's logp penalty).
+/// with the crate's mask and alpha as `loss_token_mask` and advantage scaling, plus the KL loss when
+/// `cfg.kl_penalty` is not none (dp_actor.py's `use_kl_loss`: `kl_loss = average_loss(compute_kl(..),
+/// response_mask)`, `loss = pg_loss + kl_loss * kl_coef`), plus the entropy penalty
+/// (`-masked_mean(log_probs) * coef`, the crate's logp penalty). Also returns kl_loss (0 without).
 fn official_loss_and_grad(
     ob: &OwnedBatch,
     cfg: &VppoConfig,
     logp: &[f64],
     mask: &[u8],
     alpha: &[f64],
-) -> (f64, Vec<f64>) {
+) -> (f64, Vec<f64>, f64) {
     let cu = &ob.cu_seqlens;
     let p = Padded::new(cu);
     let old: Vec<f64> = p.pad(
@@ -301,6 +339,24 @@ fn official_loss_and_grad(
         high: cfg.eps_high,
         dual: cfg.dual_clip.unwrap_or(f64::INFINITY),
     };
+    let kl_penalty = match cfg.kl_penalty {
+        KlPenalty::None => None,
+        KlPenalty::K1 => Some("kl"),
+        KlPenalty::Abs => Some("abs"),
+        KlPenalty::Mse => Some("mse"),
+        KlPenalty::K3 => Some("low_var_kl"),
+    };
+    let ref_log_probs: Vec<f64> = match &ob.ref_logp {
+        Some(r) => p.pad(&r.iter().map(|&x| x as f64).collect::<Vec<_>>(), 0.0),
+        None => vec![],
+    };
+    let kl_loss = |lp: &[D]| match kl_penalty {
+        Some(name) => {
+            let kld = official::compute_kl(lp, &ref_log_probs, name);
+            official::average_loss(&kld, &p, seq)
+        }
+        None => D::c(0.0),
+    };
     let eval = |seed: Option<usize>| {
         let lp: Vec<D> = (0..logp.len())
             .map(|t| D {
@@ -311,6 +367,7 @@ fn official_loss_and_grad(
         let lp = p.pad(&lp, D::c(0.0));
         let pg =
             official::compute_policy_loss(&old, &lp, &adv, &p, &clip, loss_type, seq, &token_mask);
+        let pg = pg + kl_loss(&lp) * D::c(cfg.kl_coef);
         // use_entropy_penalty: -masked_mean(log_probs, response_mask) * coef
         let mut s = D::c(0.0);
         let mut m = 0.0;
@@ -322,7 +379,11 @@ fn official_loss_and_grad(
     };
     let loss = eval(None).v;
     let grad = (0..logp.len()).map(|t| eval(Some(t)).d).collect();
-    (loss, grad)
+    let lp: Vec<D> = p.pad(
+        &logp.iter().map(|&x| D::c(x)).collect::<Vec<_>>(),
+        D::c(0.0),
+    );
+    (loss, grad, kl_loss(&lp).v)
 }
 
 fn close(got: f64, want: f64, rel: f64, abs: f64) -> bool {
@@ -391,7 +452,7 @@ fn loss_types_match_the_official_port() {
                 ..VppoConfig::default()
             };
             let f = reference::forward_f64(&b, &cfg).unwrap();
-            let (loss, grad) =
+            let (loss, grad, _) =
                 official_loss_and_grad(&ob, &cfg, &f.perception.logp, &f.mask, &f.alpha);
             let s = &f.surrogate;
             assert!(
@@ -733,6 +794,289 @@ fn bad_entropy_top_fraction_is_an_error() {
                 e.to_string().contains("entropy-top-fraction"),
                 "{q} {mb:?}: {e}"
             );
+        }
+    }
+}
+
+// ---- the KL penalty (SPEC section 12, kl_penalty and kl_coef) ----
+
+fn kl_penalties() -> [KlPenalty; 4] {
+    [KlPenalty::K1, KlPenalty::Abs, KlPenalty::Mse, KlPenalty::K3]
+}
+
+/// `ob` with a ref_logp of old_logp + U(-spread, spread) (old_logp lies near the policy's logp, so
+/// ref_logp - logp spans about the spread: 3 takes k3 past its clamp of 10 on some tokens).
+fn with_ref_logp(mut ob: OwnedBatch, seed: u64, spread: f32) -> OwnedBatch {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x6b6c);
+    ob.ref_logp = Some(
+        ob.old_logp
+            .iter()
+            .map(|&x| x + rng.gen_range(-spread..=spread))
+            .collect(),
+    );
+    ob
+}
+
+/// The reference's loss, kl_loss and dloss/dlogp equal the official port's (compute_kl, then
+/// average_loss over the response mask, times kl_coef, added to pg_loss), for every penalty, in
+/// token-mean and seq-mean-token-mean, under every loss type. The official KL loss averages over
+/// every response token, not only the masked ones (the policy loss alone takes `loss_token_mask`):
+/// with top_fraction 0.4 most tokens are outside the mask, so a KL on the masked tokens only would
+/// fail here.
+#[test]
+fn kl_penalty_matches_the_official_port() {
+    let mut checked = 0;
+    for seed in 0..40u64 {
+        let seq = seed % 2 == 1;
+        let spread = [0.05, 0.5, 3.0][seed as usize % 3];
+        let ob = with_ref_logp(batch(500 + seed, &spec(9, 0.3), seq), seed, spread);
+        if ob.targets.is_empty() {
+            continue;
+        }
+        let b = ob.batch();
+        for penalty in kl_penalties() {
+            let cfg = VppoConfig {
+                kl_penalty: penalty,
+                kl_coef: [0.01, 0.5, 2.0][seed as usize % 3],
+                loss_type: loss_types()[(seed / 2) as usize % 4],
+                aggregation: if seq {
+                    Aggregation::SeqMeanTokenMean
+                } else {
+                    Aggregation::TokenMean
+                },
+                group_size: 2,
+                ..VppoConfig::default()
+            };
+            let f = reference::forward_f64(&b, &cfg).unwrap();
+            let (loss, grad, kl_loss) =
+                official_loss_and_grad(&ob, &cfg, &f.perception.logp, &f.mask, &f.alpha);
+            let s = &f.surrogate;
+            let ctx = format!("seed {seed} {penalty:?} {:?}", cfg.loss_type);
+            assert!(
+                close(s.kl_loss, kl_loss, 1e-7, 1e-12),
+                "{ctx}: kl_loss {} vs official {kl_loss}",
+                s.kl_loss
+            );
+            assert!(
+                close(s.loss, loss, 1e-7, 1e-7),
+                "{ctx}: loss {} vs official {loss}",
+                s.loss
+            );
+            let gmax = grad.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+            for (t, (&g, &w)) in s.dlogp.iter().zip(&grad).enumerate() {
+                assert!(
+                    close(g, w, 1e-7, 1e-7 * gmax + 1e-15),
+                    "{ctx}: dlogp[{t}] {g} vs official {w}"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 120, "only {checked} cases");
+}
+
+/// Every penalty on the kernels (both lane orders, the fake driver), in the three aggregations and
+/// under every loss type, against the reference fed with the kernel's own logp, mask and alpha: loss,
+/// kl_loss and dloss/dlogp; then dloss/dlogits against the reference's from the same output.
+#[test]
+fn kl_penalty_on_the_kernels_matches_the_reference() {
+    for seed in 0..9u64 {
+        let spread = [0.05, 0.5, 3.0][seed as usize % 3];
+        let ob = with_ref_logp(seeded_batch(600 + seed, &spec(20, 0.3)), seed, spread);
+        let b = ob.batch();
+        for penalty in kl_penalties() {
+            let cfg = VppoConfig {
+                kl_penalty: penalty,
+                kl_coef: [0.01, 0.5, 2.0][(seed / 3) as usize % 3],
+                loss_type: loss_types()[seed as usize % 4],
+                aggregation: [
+                    Aggregation::TokenMean,
+                    Aggregation::SeqMeanTokenMean,
+                    Aggregation::SeqMeanTokenSum,
+                ][seed as usize % 3],
+                group_size: 2,
+                ..VppoConfig::default()
+            };
+            for device in devices() {
+                let vppo = Vppo::new(cfg.clone(), device).unwrap();
+                let (out, grad) = vppo.loss_and_grad(&b).unwrap();
+                let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+                let s = reference::surrogate::surrogate_kl(
+                    &f64s(&out.tokens.logp),
+                    b.old_logp,
+                    b.ref_logp,
+                    &out.tokens.mask,
+                    &f64s(&out.responses.alpha),
+                    b.advantages,
+                    b.cu_seqlens,
+                    &cfg,
+                )
+                .unwrap();
+                let ctx = format!("seed {seed} {penalty:?} {:?} {device:?}", cfg.loss_type);
+                for (name, got, want) in [
+                    ("loss", out.loss, s.loss),
+                    ("kl_loss", out.kl_loss, s.kl_loss),
+                    ("pg_loss", out.pg_loss, s.pg_loss),
+                ] {
+                    assert!(
+                        close(got, want, 1e-9, 1e-12),
+                        "{ctx}: {name} {got} vs {want}"
+                    );
+                }
+                let gmax = s.dlogp.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+                for (t, (&g, &w)) in out.tokens.dlogp.iter().zip(&s.dlogp).enumerate() {
+                    assert!(
+                        close(g as f64, w, 1e-6, 1e-9 * gmax + 1e-30),
+                        "{ctx}: dlogp[{t}] {g} vs {w}"
+                    );
+                }
+                let mut want = vec![0.0f32; grad.len()];
+                reference::backward_into(&b, &cfg, &out, vppo::GradMut::F32(&mut want)).unwrap();
+                let wmax = want.iter().fold(0.0f32, |m, x| m.max(x.abs())) as f64;
+                for (i, (&g, &w)) in grad.iter().zip(&want).enumerate() {
+                    assert!(
+                        close(g as f64, w as f64, 1e-4, 1e-5 * wmax + 1e-30),
+                        "{ctx}: grad[{i}] {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Hand-derived values at the clamps of k3 and at k1 = 0, on every device: kl_loss is the sum of the
+/// expected kl_t over Z, and dloss/dlogp moves by kl_coef (d kl_t / d logp_t) / Z from the loss
+/// without the penalty, with 0 through an active clamp.
+#[test]
+fn kl_penalty_at_the_clamps() {
+    let ob = seeded_batch(21, &spec(12, 0.3));
+    let n = ob.targets.len();
+    assert!(n >= 10, "N = {n}");
+    let beta = 0.25;
+    let none = VppoConfig {
+        group_size: 2,
+        ..VppoConfig::default()
+    };
+    let mut all = vec![Device::Reference];
+    all.extend(devices());
+    for device in all {
+        let base = Vppo::new(none.clone(), device)
+            .unwrap()
+            .forward(&ob.batch())
+            .unwrap();
+        let logp = &base.tokens.logp;
+        let z = n as f64;
+        // (ref_logp - logp, k3, d k3 / d logp): x past 20 on both sides and e^x - x - 1 past 10 on
+        // both sides (clamped: gradient 0), and two inside
+        let shifts: [(f32, f64, f64); 6] = [
+            (25.0, 10.0, 0.0),
+            (-25.0, 10.0, 0.0),
+            (3.0, 10.0, 0.0),
+            (-12.0, 10.0, 0.0),
+            (-5.0, 4.0 + (-5.0f64).exp(), 1.0 - (-5.0f64).exp()),
+            (0.5, 0.5f64.exp() - 1.5, 1.0 - 0.5f64.exp()),
+        ];
+        let mut ref_logp = logp.clone();
+        let (mut want_kl, mut want_dkl) = (vec![0.0f64; n], vec![0.0f64; n]);
+        for t in 0..n {
+            let (shift, kl, dkl) = shifts[t % shifts.len()];
+            ref_logp[t] = logp[t] + shift;
+            want_kl[t] = kl;
+            want_dkl[t] = dkl;
+        }
+        let b = vppo::Batch {
+            ref_logp: Some(&ref_logp),
+            ..ob.batch()
+        };
+        let cfg = VppoConfig {
+            kl_penalty: KlPenalty::K3,
+            kl_coef: beta,
+            ..none.clone()
+        };
+        let out = Vppo::new(cfg, device).unwrap().forward(&b).unwrap();
+        let kl_loss: f64 = want_kl.iter().sum::<f64>() / z;
+        assert!(
+            close(out.kl_loss, kl_loss, 1e-6, 0.0),
+            "{device:?}: kl_loss {} vs {kl_loss}",
+            out.kl_loss
+        );
+        assert_eq!(out.tokens.mask, base.tokens.mask, "{device:?}");
+        assert!(
+            close(out.loss, base.loss + beta * kl_loss, 1e-6, 1e-9),
+            "{device:?}"
+        );
+        for t in 0..n {
+            let moved = out.tokens.dlogp[t] as f64 - base.tokens.dlogp[t] as f64;
+            let want = beta * want_dkl[t] / z;
+            assert!(
+                close(moved, want, 1e-4, 1e-7 * beta / z),
+                "{device:?}: token {t} (shift {}): dlogp moved by {moved}, expected {want}",
+                shifts[t % shifts.len()].0
+            );
+        }
+        if device == Device::Reference {
+            continue; // its logp is the f64 one: ref_logp = the f32 logp is not k1 = 0 there
+        }
+        // ref_logp = the kernels' own logp: k1 = 0 on every token. abs, mse and k3 are 0 with
+        // gradient 0 (abs's sign is 0 at 0), so everything is bit-identical to no penalty; k1 is 0
+        // with gradient 1.
+        let b = vppo::Batch {
+            ref_logp: Some(logp),
+            ..ob.batch()
+        };
+        for penalty in kl_penalties() {
+            let cfg = VppoConfig {
+                kl_penalty: penalty,
+                kl_coef: beta,
+                ..none.clone()
+            };
+            let out = Vppo::new(cfg, device).unwrap().forward(&b).unwrap();
+            assert_eq!(out.kl_loss, 0.0, "{device:?} {penalty:?}");
+            if penalty == KlPenalty::K1 {
+                for t in 0..n {
+                    let moved = out.tokens.dlogp[t] as f64 - base.tokens.dlogp[t] as f64;
+                    assert!(close(moved, beta / z, 1e-4, 0.0), "{device:?} token {t}");
+                }
+            } else {
+                assert_eq!(out.loss, base.loss, "{device:?} {penalty:?}");
+                assert_eq!(
+                    out.tokens.dlogp, base.tokens.dlogp,
+                    "{device:?} {penalty:?}"
+                );
+            }
+        }
+    }
+}
+
+/// kl_coef = 0 weighs the penalty to nothing: loss and dloss/dlogp bit-identical to no penalty, on
+/// every device; kl_loss is still reported.
+#[test]
+fn kl_coef_zero_is_no_penalty() {
+    let ob = with_ref_logp(seeded_batch(31, &spec(12, 0.3)), 31, 0.5);
+    let mut all = vec![Device::Reference];
+    all.extend(devices());
+    for device in all {
+        let base = Vppo::new(VppoConfig::default(), device)
+            .unwrap()
+            .forward(&ob.batch())
+            .unwrap();
+        for penalty in kl_penalties() {
+            let cfg = VppoConfig {
+                kl_penalty: penalty,
+                kl_coef: 0.0,
+                ..VppoConfig::default()
+            };
+            let out = Vppo::new(cfg, device)
+                .unwrap()
+                .forward(&ob.batch())
+                .unwrap();
+            assert_eq!(out.loss, base.loss, "{device:?} {penalty:?}");
+            assert_eq!(
+                out.tokens.dlogp, base.tokens.dlogp,
+                "{device:?} {penalty:?}"
+            );
+            assert!(out.kl_loss != 0.0, "{device:?} {penalty:?}");
         }
     }
 }

@@ -103,6 +103,12 @@ fn the_shards_together_are_the_unsharded_loss() {
             temperature: 0.8,
             ..VppoConfig::default()
         },
+        // SPEC 12: the KL penalty from ref_logp (the same [N] on every rank)
+        VppoConfig {
+            kl_penalty: vppo::KlPenalty::K3,
+            kl_coef: 0.5,
+            ..VppoConfig::default()
+        },
     ];
     let seeds = if std::env::var_os("VPPO_TEST_DEVICE").is_some() {
         2
@@ -117,7 +123,15 @@ fn the_shards_together_are_the_unsharded_loss() {
             max_len: 8,
             ..BatchSpec::default()
         };
-        let full = Arc::new(seeded_batch(seed, &spec));
+        let mut full = seeded_batch(seed, &spec);
+        full.ref_logp = Some(
+            full.old_logp
+                .iter()
+                .enumerate()
+                .map(|(t, &x)| x + (t as f32 * 0.9).cos())
+                .collect(),
+        );
+        let full = Arc::new(full);
         let v = full.vocab;
         for cfg in &configs {
             for &device in &devices {
@@ -160,6 +174,12 @@ fn the_shards_together_are_the_unsharded_loss() {
                         "{case}: loss {} vs {}",
                         o.loss,
                         want.loss
+                    );
+                    assert!(
+                        close(o.kl_loss, want.kl_loss, 1e-5),
+                        "{case}: kl_loss {} vs {}",
+                        o.kl_loss,
+                        want.kl_loss
                     );
                     assert_eq!(o.tokens.mask, want.tokens.mask, "{case}: mask");
                     let t = &want.tokens;

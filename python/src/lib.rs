@@ -189,6 +189,7 @@ fn forward_checks(
     advantages: &Raw,
     rows: &Option<Raw>,
     masked_rows: &Option<Raw>,
+    ref_logp: &Option<Raw>,
     out: &[Raw],
 ) -> PyResult<()> {
     rows_of("logits", logits.1, vocab)?;
@@ -205,6 +206,9 @@ fn forward_checks(
     }
     if let Some(r) = masked_rows {
         want_len("masked_rows", r.1, n)?;
+    }
+    if let Some(r) = ref_logp {
+        want_len("ref_logp", r.1, n)?;
     }
     if out.len() != 13 {
         return Err(bad(format!(
@@ -297,9 +301,10 @@ fn report_failure(py: Python<'_>, rank: usize, size: usize, reduce: Py<PyAny>) -
 /// The forward pass: fills the 13 output buffers `out` (per token: score, kl, k3, entropy, logp,
 /// logp_masked, lse, lse_masked as f32, mask as u8, dlogp as f32; per response: sbar f32, k i32,
 /// alpha f32) and returns (loss, pg_loss, token_normalizer, clip_fraction, mean_ratio,
-/// selected_fraction). Nothing is written when the crate returns an error.
+/// selected_fraction, kl_loss). `ref_logp` ([N] f32) is the KL penalty's (SPEC section 12). Nothing
+/// is written when the crate returns an error.
 #[pyfunction]
-#[pyo3(signature = (device, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, group=None, vocab_shard=None))]
+#[pyo3(signature = (device, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, group=None, vocab_shard=None, ref_logp=None))]
 #[allow(clippy::too_many_arguments)]
 fn forward(
     py: Python<'_>,
@@ -318,7 +323,8 @@ fn forward(
     out: Vec<Raw>,
     group: Option<(usize, usize, Py<PyAny>)>,
     vocab_shard: Option<(usize, usize)>,
-) -> PyResult<(f64, f64, f64, f64, f64, f64)> {
+    ref_logp: Option<Raw>,
+) -> PyResult<(f64, f64, f64, f64, f64, f64, f64)> {
     // With vocab_shard (start, V), `group` is the vocabulary group (SPEC 11), else the data group.
     let group = group.map(|(rank, size, reduce)| PyGroup { rank, size, reduce });
     let vppo = match build(device, options) {
@@ -334,6 +340,7 @@ fn forward(
         &advantages,
         &rows,
         &masked_rows,
+        &ref_logp,
         &out,
     );
     if let Err(e) = checked {
@@ -355,6 +362,7 @@ fn forward(
                 vocab,
                 rows: rows.map(|r| slice::<i64>(r)),
                 masked_rows: masked_rows.map(|r| slice::<i64>(r)),
+                ref_logp: ref_logp.map(|r| slice::<f32>(r)),
             }
         };
         match (&group, vocab_shard) {
@@ -406,6 +414,7 @@ fn forward(
         s.clip_fraction,
         s.mean_ratio,
         s.selected_fraction,
+        o.kl_loss,
     ))
 }
 

@@ -145,6 +145,47 @@ def test_matches_eager_pytorch_f32(options):
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kl_penalty", ["k1", "abs", "mse", "k3", "low_var_kl"])
+@pytest.mark.parametrize("device", ["simt", "reference"])
+def test_kl_penalty_matches_eager_pytorch(kl_penalty, device):
+    """SPEC 12: the official compute_kl on every response token (masked or not), averaged as the
+    token-mean policy loss, times kl_coef, added to the loss; the gradient by autograd."""
+    b = make_batch(seed=5)
+    n = b["targets"].numel()
+    g = torch.Generator().manual_seed(9)
+    ref_logp = (b["old_logp"] + 1.5 * torch.randn(n, generator=g)).float()
+    x = b["logits"].double().requires_grad_(True)
+    loss, out = eager_vppo(x, b["logits_masked"].double(), b["targets"], b["old_logp"],
+                           b["advantages"], b["cu_seqlens"])
+    d = out["logp"] - ref_logp.double()
+    if kl_penalty in ("k3", "low_var_kl"):
+        kl = torch.clamp(-d, -20, 20)
+        kld = torch.clamp(kl.exp() - kl - 1, -10, 10)
+    else:
+        kld = {"k1": d, "abs": d.abs(), "mse": 0.5 * d.square()}[kl_penalty]
+    kl_loss = kld.sum() / n
+    (loss + 0.5 * kl_loss).backward()
+    got_loss, got, grad = vppo_loss_and_grad(b, ref_logp=ref_logp, kl_penalty=kl_penalty, kl_coef=0.5,
+                                             device=device)
+    assert got_loss.item() == pytest.approx(loss.item() + 0.5 * kl_loss.item(), rel=1e-5, abs=1e-6)
+    assert got["kl_loss"].item() == pytest.approx(kl_loss.item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(grad.double(), x.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_kl_penalty_needs_a_float32_ref_logp():
+    b = make_batch(seed=6)
+    with pytest.raises(ValueError, match="ref_logp is missing: kl_penalty = k3"):
+        call(b, kl_penalty="k3")
+    with pytest.raises(ValueError, match="ref_logp has dtype float64"):
+        call(b, kl_penalty="k1", ref_logp=b["old_logp"].double())
+    bad = b["old_logp"].clone()
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match="ref_logp has a non-finite value"):
+        call(b, kl_penalty="k1", ref_logp=bad)
+    with pytest.raises(ValueError, match="kl-coef"):
+        call(b, kl_penalty="k1", ref_logp=b["old_logp"], kl_coef=-1.0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_simt_matches_reference_device(dtype):
     b = make_batch(dtype=dtype, seed=2)
@@ -319,8 +360,8 @@ def test_in_place_error_leaves_the_logits_untouched():
 
 def op_args(b, **options):
     return (b["logits"].clone().requires_grad_(True), b["logits_masked"], b["targets"], b["old_logp"],
-            b["advantages"], b["cu_seqlens"], b.get("rows"), None, vt._options_json(options), "simt",
-            "logits", False, None, -1, 0)
+            b["advantages"], b["cu_seqlens"], b.get("rows"), None, None, vt._options_json(options),
+            "simt", "logits", False, None, -1, 0)
 
 
 @pytest.mark.parametrize("rows_total", [None, 24])

@@ -39,7 +39,7 @@ TOKEN_OUTPUTS = (
 #: Per-response outputs in ``out`` ([B]; ``k`` int32, the others float32).
 RESPONSE_OUTPUTS = ("sbar", "k", "alpha")
 #: Scalars in ``out`` (0-dim float64 tensors).
-STATS = ("pg_loss", "token_normalizer", "clip_fraction", "mean_ratio", "selected_fraction")
+STATS = ("pg_loss", "token_normalizer", "clip_fraction", "mean_ratio", "selected_fraction", "kl_loss")
 
 _LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -97,6 +97,11 @@ def _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqle
         raise ValueError(f'vppo_loss: device must be "simt" or "reference", not {device!r}')
     if grad_dtype not in _GRAD_DTYPES:
         raise ValueError(f'vppo_loss: grad_dtype must be "logits" or "f32", not {grad_dtype!r}')
+
+
+def _check_ref_logp(ref_logp):
+    if ref_logp is not None:
+        _check("ref_logp", ref_logp, (torch.float32,), 1)
 
 
 def _as(name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -216,6 +221,7 @@ def _loss(
     cu_seqlens: Tensor,
     rows: Optional[Tensor],
     masked_rows: Optional[Tensor],
+    ref_logp: Optional[Tensor],
     options: str,
     device: str,
     grad_dtype: str,
@@ -229,6 +235,7 @@ def _loss(
     with _agreeing(reducer):
         _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows,
                       masked_rows, device, grad_dtype)
+        _check_ref_logp(ref_logp)
         targets = _as("targets", targets, torch.int32)
         cu_seqlens = _as("cu_seqlens", cu_seqlens, torch.int32)
         rows = None if rows is None else _as("rows", rows, torch.int64)
@@ -246,6 +253,7 @@ def _loss(
         [_raw(t) for t in token + resp],
         reducer,
         None if vocab_start < 0 else (vocab_start, vocab_size),
+        None if ref_logp is None else _raw(ref_logp),
     )
     loss = torch.tensor(scalars[0], dtype=torch.float32)
     stats = torch.tensor(scalars[1:], dtype=torch.float64)
@@ -254,7 +262,7 @@ def _loss(
 
 @_loss.register_fake
 def _loss_fake(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
-               options, device, grad_dtype, in_place, group, vocab_start, vocab_size):
+               ref_logp, options, device, grad_dtype, in_place, group, vocab_start, vocab_size):
     n, b = targets.shape[0], advantages.shape[0]
     loss = logits.new_empty((), dtype=torch.float32)
     token = [logits.new_empty((n,), dtype=torch.uint8 if name == "mask" else torch.float32)
@@ -347,7 +355,7 @@ _DLOGP = 1 + TOKEN_OUTPUTS.index("dlogp")
 
 
 def _setup_context(ctx, inputs, output):
-    (logits, _, targets, _, _, _, rows, _, options, device, grad_dtype, in_place, _, vocab_start,
+    (logits, _, targets, _, _, _, rows, _, _, options, device, grad_dtype, in_place, _, vocab_start,
      vocab_size) = inputs
     ctx.save_for_backward(logits, targets, output[_LSE], output[_DLOGP], rows)
     ctx.options, ctx.device, ctx.grad_dtype, ctx.in_place = options, device, grad_dtype, in_place
@@ -357,7 +365,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *_):
     logits, targets, lse, dlogp, rows = ctx.saved_tensors
-    none = (None,) * 14
+    none = (None,) * 15
     if grad_loss is None:
         return (None,) + none
     # dloss/dlogits is linear in dloss/dlogp: the incoming gradient of the loss scales dlogp.
@@ -388,6 +396,7 @@ def vppo_loss(
     *,
     rows: Optional[Tensor] = None,
     masked_rows: Optional[Tensor] = None,
+    ref_logp: Optional[Tensor] = None,
     device: Optional[str] = None,
     grad_dtype: str = "logits",
     in_place: bool = False,
@@ -405,8 +414,11 @@ def vppo_loss(
     options with ``_`` (``top_fraction=0.4``, ``perception="k3"``, ``dual_clip=None`` turns the dual
     clip off, ``tas_scope``, ``eps_low``, ``loss_type="gspo"`` (SPEC section 12: "ppo", "gspo",
     "gspo_token", "cispo"), ``mask_by="entropy"`` ("perception", "entropy", "perception_or_entropy")
-    with ``entropy_top_fraction=0.2``, ...), plus ``tas_range=(lo, hi)``; defaults are the
-    command line's. ``device``: "simt" (default: the kernels on the SIMT executor) or "reference"
+    with ``entropy_top_fraction=0.2``, ``kl_penalty="k3"`` ("none", "k1", "abs", "mse", "k3"; the
+    official "kl" and "low_var_kl" too) with ``kl_coef=1e-3``, ...), plus ``tas_range=(lo, hi)``;
+    defaults are the command line's. ``ref_logp`` [N] float32: the reference policy's log-prob of
+    each target, which any ``kl_penalty`` but "none" needs (SPEC section 12); ``out["kl_loss"]`` is
+    the penalty before ``kl_coef``. ``device``: "simt" (default: the kernels on the SIMT executor) or "reference"
     (the f64 reference). ``grad_dtype``: "logits" (default) or "f32" (autograd then stores it in the
     logits' dtype). ``in_place=True``: the backward writes the gradient over ``logits``.
 
@@ -451,12 +463,13 @@ def vppo_loss(
     with _agreeing(None if group is None else _group_reducer(group)):
         _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows,
                       masked_rows, device, grad_dtype)
+        _check_ref_logp(ref_logp)
         if in_place and grad_dtype != "logits":
             raise ValueError('vppo_loss: in_place=True writes the gradient in the logits dtype: '
                              'grad_dtype must be "logits"')
         options_json = _options_json(options)
     result = _loss(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
-                   options_json, device, grad_dtype, bool(in_place), group, start, int(total))
+                   ref_logp, options_json, device, grad_dtype, bool(in_place), group, start, int(total))
     names = TOKEN_OUTPUTS + RESPONSE_OUTPUTS
     out = {name: result[1 + i] for i, name in enumerate(names)}
     stats = result[1 + len(names)]
@@ -474,9 +487,10 @@ class VppoLoss(torch.nn.Module):
         self.options = dict(options)
 
     def forward(self, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, *, rows=None,
-                masked_rows=None, process_group=None, vocab_group=None, vocab_start=None):
+                masked_rows=None, ref_logp=None, process_group=None, vocab_group=None,
+                vocab_start=None):
         return vppo_loss(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows=rows,
-                         masked_rows=masked_rows, process_group=process_group,
+                         masked_rows=masked_rows, ref_logp=ref_logp, process_group=process_group,
                          vocab_group=vocab_group, vocab_start=vocab_start, **self.options)
 
     def extra_repr(self) -> str:

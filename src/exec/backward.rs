@@ -201,7 +201,7 @@ pub(super) fn backward_host(
     let targets = Input::new(l, saved.targets)?;
     let lse = Input::new(l, saved.lse)?;
     let dlogp = Input::new(l, saved.dlogp)?;
-    let rows = Input::index(l, saved.rows)?;
+    let rows = Input::optional(l, saved.rows)?;
     let device_grad = match (l, &logits) {
         (Launcher::Simt(_), _) => None,
         (Launcher::Cuda(_), None) => Some(on_dtype!(&grad, g => l.upload(&g[..]))?),

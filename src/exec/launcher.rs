@@ -219,9 +219,12 @@ impl<'a> Input<'a> {
         }
     }
 
-    /// An optional row index: address 0 (the kernels' NULL) when there is none.
-    pub(super) fn index(launcher: &Launcher, rows: Option<&'a [i64]>) -> Result<Input<'a>> {
-        match rows {
+    /// An optional tensor (a row index, ref_logp): address 0 (the kernels' NULL) when there is none.
+    pub(super) fn optional<T: bytemuck::Pod>(
+        launcher: &Launcher,
+        data: Option<&'a [T]>,
+    ) -> Result<Input<'a>> {
+        match data {
             Some(r) => Input::new(launcher, r),
             None => Ok(Input::borrowed(0)),
         }

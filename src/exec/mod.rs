@@ -18,7 +18,9 @@ use std::ffi::{c_char, c_int, c_void};
 use std::sync::Arc;
 
 use crate::batch::{check_elements, Batch, ValidBatch};
-use crate::config::{Aggregation, LossType, MaskBy, Perception, Shaping, TasScope, VppoConfig};
+use crate::config::{
+    Aggregation, KlPenalty, LossType, MaskBy, Perception, Shaping, TasScope, VppoConfig,
+};
 use crate::cuda::Gpu;
 use crate::device::{Device, LaneOrder};
 use crate::error::{Location, Result, Tensor, VppoError};
@@ -165,6 +167,8 @@ struct Inputs<'a> {
     /// The row indices of SPEC section 10 (address 0: none, token t reads row t).
     rows: Input<'a>,
     masked_rows: Input<'a>,
+    /// The KL penalty's reference log-probs (address 0: none given, or none needed).
+    ref_logp: Input<'a>,
 }
 
 impl<'a> Inputs<'a> {
@@ -180,10 +184,13 @@ impl<'a> Inputs<'a> {
             cu_seqlens: at(gpu.device_ptr_u64(batch.cu_seqlens)),
             rows: at(0),
             masked_rows: at(0),
+            ref_logp: at(batch.ref_logp.map_or(0, |r| gpu.device_ptr_u64(r))),
         }
     }
 
-    fn new(l: &Launcher, batch: &Batch<'a>) -> Result<Inputs<'a>> {
+    /// The batch's tensors where the kernels of `l` read them; `ref_logp` only `with_ref_logp` (the
+    /// loss pass of a config with a KL penalty), else address 0.
+    fn new(l: &Launcher, batch: &Batch<'a>, with_ref_logp: bool) -> Result<Inputs<'a>> {
         Ok(Inputs {
             logits: Input::logits(l, &batch.logits)?,
             logits_masked: Input::logits(l, &batch.logits_masked)?,
@@ -191,8 +198,9 @@ impl<'a> Inputs<'a> {
             old_logp: Input::new(l, batch.old_logp)?,
             advantages: Input::new(l, batch.advantages)?,
             cu_seqlens: Input::new(l, batch.cu_seqlens)?,
-            rows: Input::index(l, batch.rows)?,
-            masked_rows: Input::index(l, batch.masked_index())?,
+            rows: Input::optional(l, batch.rows)?,
+            masked_rows: Input::optional(l, batch.masked_index())?,
+            ref_logp: Input::optional(l, batch.ref_logp.filter(|_| with_ref_logp))?,
         })
     }
 }
@@ -206,7 +214,7 @@ pub(crate) fn forward(valid: &ValidBatch, device: Device) -> Result<VppoOutput> 
     if n == 0 {
         return Ok(empty_output(z, b));
     }
-    let inputs = Inputs::new(&l, batch)?;
+    let inputs = Inputs::new(&l, batch, cfg.needs_ref_logp())?;
     let ws = Workspace::new(&l, n, b)?;
     let dims = Dims::of(batch);
     run_passes(
@@ -240,7 +248,7 @@ pub(crate) fn forward_then(
             None => first,
         });
     }
-    let inputs = Inputs::new(&l, batch)?;
+    let inputs = Inputs::new(&l, batch, cfg.needs_ref_logp())?;
     let ws = Workspace::new(&l, n, b)?;
     let dims = Dims::of(batch);
     let first = run_passes(
@@ -315,6 +323,7 @@ fn output_from(ws: &Workspace, c: &ArenaCopy, z: f64) -> VppoOutput {
     VppoOutput {
         loss: t.loss,
         pg_loss: t.pg,
+        kl_loss: t.kl,
         token_normalizer: z,
         tokens: TokenOutputs {
             mask: c.get(ws.mask),

@@ -119,7 +119,7 @@ pub(super) fn perception_with(
 ) -> Result<TokenOutputs> {
     let (batch, cfg) = (valid.batch(), valid.config());
     let ws = Workspace::new(&l, batch.n_tokens(), batch.n_responses())?;
-    let inputs = Inputs::new(&l, batch)?;
+    let inputs = Inputs::new(&l, batch, false)?;
     run_perception(&l, kernel, Dims::of(batch), cfg, &inputs, &ws)?;
     let copy = ws.download(&l)?;
     status_error(
@@ -230,7 +230,7 @@ pub(crate) fn perception_partial(
             detail: format!("N = {n} partial states overflow"),
         })?;
     let l = Launcher::for_device(device)?;
-    let inputs = Inputs::new(&l, batch)?;
+    let inputs = Inputs::new(&l, batch, false)?;
     let ws = Workspace::new(&l, n, batch.n_responses())?;
     let targets = Input::new(&l, local_targets)?;
     let partial = l.alloc(floats * 4)?;

@@ -58,6 +58,9 @@ pub struct DeviceBatch<'a> {
     pub cu_seqlens: &'a CudaSlice<i32>,
     /// V.
     pub vocab: usize,
+    /// [N] optional: the reference policy's log-prob of each target, read by the KL penalty
+    /// (SPEC section 12; required when `kl_penalty` is not none).
+    pub ref_logp: Option<&'a CudaSlice<f32>>,
 }
 
 /// The result of a forward pass on GPU-resident inputs: every output copied to the host (O(N + B)),
@@ -100,16 +103,19 @@ pub(super) struct SmallHost {
     pub(super) old_logp: Vec<f32>,
     pub(super) advantages: Vec<f32>,
     pub(super) cu_seqlens: Vec<i32>,
+    pub(super) ref_logp: Option<Vec<f32>>,
 }
 
-/// The O(N + B) tensors of a device batch (targets, old_logp, advantages, cu_seqlens), gathered on
-/// the device into one buffer and copied back in one transfer: one wait for the GPU, not four.
+/// The O(N + B) tensors of a device batch (targets, old_logp, advantages, cu_seqlens and ref_logp
+/// when given), gathered on the device into one buffer and copied back in one transfer: one wait for
+/// the GPU, not four.
 pub(super) fn download_small_tensors(gpu: &Gpu, batch: &DeviceBatch) -> Result<SmallHost> {
     let mut layout = ArenaLayout::new(16);
     let targets = layout.array::<i32>(batch.targets.len());
     let old_logp = layout.array::<f32>(batch.old_logp.len());
     let advantages = layout.array::<f32>(batch.advantages.len());
     let cu_seqlens = layout.array::<i32>(batch.cu_seqlens.len());
+    let ref_logp = batch.ref_logp.map(|r| (r, layout.array::<f32>(r.len())));
     let mut raw = vec![0u8; layout.end];
     if layout.end > 0 {
         let mut staging = gpu.alloc_uninit::<u8>(layout.end)?;
@@ -117,6 +123,9 @@ pub(super) fn download_small_tensors(gpu: &Gpu, batch: &DeviceBatch) -> Result<S
         gpu.copy_bytes_on_device(batch.old_logp, &mut staging, old_logp.offset)?;
         gpu.copy_bytes_on_device(batch.advantages, &mut staging, advantages.offset)?;
         gpu.copy_bytes_on_device(batch.cu_seqlens, &mut staging, cu_seqlens.offset)?;
+        if let Some((r, region)) = ref_logp {
+            gpu.copy_bytes_on_device(r, &mut staging, region.offset)?;
+        }
         gpu.download_range_into(&staging, 0, &mut raw)?;
     }
     let copy = ArenaCopy(raw);
@@ -125,6 +134,7 @@ pub(super) fn download_small_tensors(gpu: &Gpu, batch: &DeviceBatch) -> Result<S
         old_logp: copy.get(old_logp),
         advantages: copy.get(advantages),
         cu_seqlens: copy.get(cu_seqlens),
+        ref_logp: ref_logp.map(|(_, region)| copy.get(region)),
     })
 }
 
@@ -153,15 +163,17 @@ impl DeviceLogitsMut<'_> {
 
 impl<'a> DeviceBatch<'a> {
     /// Where each of the batch's buffers lives, for [`join_caller_streams`].
-    pub(super) fn residences(&self) -> [Residence<'a>; 6] {
-        [
+    pub(super) fn residences(&self) -> Vec<Residence<'a>> {
+        let mut all = vec![
             self.logits.residence(Tensor::Logits),
             self.logits_masked.residence(Tensor::LogitsMasked),
             residence(Tensor::Targets, self.targets),
             residence(Tensor::OldLogp, self.old_logp),
             residence(Tensor::Advantages, self.advantages),
             residence(Tensor::CuSeqlens, self.cu_seqlens),
-        ]
+        ];
+        all.extend(self.ref_logp.map(|r| residence(Tensor::RefLogp, r)));
+        all
     }
 }
 
@@ -197,7 +209,7 @@ pub(super) fn join_caller_streams(gpu: &Gpu, buffers: &[Residence]) -> Result<()
 }
 
 /// The forward pass on the caller's device buffers. The O(N + B) tensors (targets, old_logp,
-/// advantages, cu_seqlens) are copied back once and validated on the host before any launch; the
+/// advantages, cu_seqlens, ref_logp) are copied back once and validated on the host before any launch; the
 /// logits are only read by the perception kernel.
 pub(crate) fn forward_device(
     gpu: &Arc<Gpu>,
@@ -211,6 +223,7 @@ pub(crate) fn forward_device(
         old_logp,
         advantages,
         cu_seqlens,
+        ref_logp,
     } = download_small_tensors(gpu, batch)?;
     crate::batch::SmallTensors {
         logits: (batch.logits.dtype(), batch.logits.len()),
@@ -222,8 +235,10 @@ pub(crate) fn forward_device(
         vocab: batch.vocab,
         rows: None,
         masked_rows: None,
+        ref_logp: ref_logp.as_deref(),
     }
     .validate(cfg.group_size, cfg.needs_groups())?;
+    crate::batch::check_ref_logp_given(cfg, ref_logp.is_some())?;
     let (n, b) = (targets.len(), advantages.len());
     let dims = Dims {
         n,

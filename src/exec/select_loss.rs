@@ -9,7 +9,8 @@ use super::*;
 /// The exact parameters of the loss kernel for this config.
 pub(super) fn loss_params(cfg: &VppoConfig, n: usize, b: usize) -> VppoLossParams {
     use crate::params::{
-        VppoAggregation as A, VppoLossType as T, VppoScope as S, VppoShaping as Sh,
+        VppoAggregation as A, VppoKlPenalty as K, VppoLossType as T, VppoScope as S,
+        VppoShaping as Sh,
     };
     let (has_range, (lo, hi)) = match cfg.tas_range {
         Some(r) => (1, r),
@@ -51,6 +52,14 @@ pub(super) fn loss_params(cfg: &VppoConfig, n: usize, b: usize) -> VppoLossParam
             LossType::GspoToken => T::VPPO_LOSS_GSPO_TOKEN,
             LossType::Cispo => T::VPPO_LOSS_CISPO,
         } as i32,
+        kl_penalty: match cfg.kl_penalty {
+            KlPenalty::None => K::VPPO_KL_NONE,
+            KlPenalty::K1 => K::VPPO_KL_K1,
+            KlPenalty::Abs => K::VPPO_KL_ABS,
+            KlPenalty::Mse => K::VPPO_KL_MSE,
+            KlPenalty::K3 => K::VPPO_KL_K3,
+        } as i32,
+        kl_coef: cfg.kl_coef,
         ..Default::default()
     }
 }
@@ -171,9 +180,12 @@ pub(super) fn run_select_loss(
         totals: ws.ptr(l, ws.totals),
         seq_log_ratio: ws.ptr(l, ws.seq_log_ratio),
         seq_selected: ws.ptr(l, ws.seq_selected),
+        ref_logp: inp.ref_logp.addr as *const f32,
         ..loss_params(cfg, n, b)
     };
-    // SAFETY: logp, old_logp, mask, dlogp [N]; sbar, advantages, alpha, seq_log_ratio, seq_selected [B]; cu_seqlens [B+1]; totals 1;
-    // B % G == 0 when the group scope is used (validate_small). One block.
+    // SAFETY: logp, old_logp, mask, dlogp [N]; sbar, advantages, alpha, seq_log_ratio, seq_selected
+    // [B]; cu_seqlens [B+1]; totals 1; ref_logp [N] whenever kl_penalty != none (Batch::validate
+    // refuses a batch without it), else address 0 and never read. B % G == 0 when the group scope
+    // is used (validate_small). One block.
     unsafe { l.launch(LOSS, 1, LOSS_THREADS, LOSS_SHARED_BYTES, &p) }
 }

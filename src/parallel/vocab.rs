@@ -509,7 +509,7 @@ impl Vppo {
             cu_seqlens: &[0],
             vocab,
             rows: saved.rows,
-            masked_rows: None,
+            ..Default::default()
         };
         let targets = local_targets(&probe, at)?;
         self.check_grad_bound(saved.dlogp)?;

@@ -11,6 +11,7 @@
 //! | per response: top-k mask and k | [`select::topk_mask`] | kernels/select_loss.cu |
 //! | per response: Sbar and alpha | [`shaping::sbar`], [`shaping::alpha`] | kernels/select_loss.cu |
 //! | loss, dloss/dlogp, statistics | [`surrogate::surrogate`] | kernels/select_loss.cu |
+//! | the KL penalty of one token (SPEC section 12) | [`kl::kl_term`], in [`surrogate::surrogate_kl`] | kernels/select_loss.cu |
 //! | dloss/dlogits | [`backward::grad_logits`] | kernels/backward.cu |
 //!
 //! The reference selects the top-k on its f64 scores. [`forward`] rounds the per-token and per-response
@@ -20,6 +21,7 @@
 //! Every stage function validates its own inputs and returns an error rather than panicking.
 
 pub mod backward;
+pub mod kl;
 pub mod perception;
 pub mod select;
 pub mod shaping;
@@ -71,9 +73,10 @@ pub fn pass2_f64(perception: PerceptionF64, batch: &Batch, cfg: &VppoConfig) -> 
     )?;
     let sbar = shaping::sbar(&perception.score, batch.cu_seqlens)?;
     let alpha = shaping::alpha(&sbar, batch.cu_seqlens, cfg)?;
-    let surrogate = surrogate::surrogate(
+    let surrogate = surrogate::surrogate_kl(
         &perception.logp,
         batch.old_logp,
+        batch.ref_logp,
         &mask,
         &alpha,
         batch.advantages,
@@ -107,6 +110,7 @@ pub fn output_of(f: &ForwardF64) -> VppoOutput {
     VppoOutput {
         loss: f.surrogate.loss,
         pg_loss: f.surrogate.pg_loss,
+        kl_loss: f.surrogate.kl_loss,
         token_normalizer: f.surrogate.token_normalizer,
         tokens: TokenOutputs {
             score: to_f32(&p.score),

@@ -24,9 +24,15 @@
 //!   dl_t/dlogp_t = -A' c_t; no max and no dual clip. A token counts as clipped when r_t lies outside
 //!   the clip range (c_t != r_t).
 //! - mean_ratio is the mean over tokens of the ratio the loss uses (exp(clamp(s_b)) in the GSPO modes).
+//!
+//! The KL penalty (SPEC section 12, [`surrogate_kl`]): kl_t of every response token, masked or not
+//! (the official `average_loss(kld, response_mask)`), aggregated with the weight of pg without the
+//! mask: kl_loss = sum_t w_t kl_t, w_t = 1 / Z, 1 / (B' L_b) or 1 / B'; loss += kl_coef * kl_loss and
+//! dloss/dlogp_t += kl_coef * w_t * d kl_t / d logp_t (src/reference/kl.rs).
 
 use crate::batch::validate_cu_seqlens;
 use crate::config::{Aggregation, LossType, VppoConfig};
+use crate::error::Location;
 use crate::error::{Result, Tensor, VppoError};
 use crate::output::Stats;
 
@@ -37,10 +43,12 @@ pub const LOG_RATIO_CLAMP: f64 = crate::params::VPPO_LOG_RATIO_CLAMP;
 /// The loss of a batch and its gradient with respect to logp, in f64.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SurrogateF64 {
-    /// loss = pg + logp_penalty * (-sum_t logp_t) / Z.
+    /// loss = pg + kl_coef * kl_loss + logp_penalty * (-sum_t logp_t) / Z.
     pub loss: f64,
     /// The clipped-surrogate part pg.
     pub pg_loss: f64,
+    /// The aggregated KL penalty before kl_coef (0 with `kl_penalty = none`).
+    pub kl_loss: f64,
     /// Z: `cfg.token_normalizer`, or N.
     pub token_normalizer: f64,
     /// dloss/dlogp_t, `[N]`.
@@ -73,9 +81,33 @@ fn shape_err(tensor: Tensor, len: usize, what: &str, want: usize) -> VppoError {
 /// B' is the number of responses with L_b > 0; Z is `cfg.token_normalizer` or N. With N = 0 the loss is
 /// 0, the statistics are 0 and Z is reported as the configured value or 0. See the module docs for the
 /// gradient convention at the clip boundaries. The config and every length are checked first.
+/// A config with a KL penalty needs [`surrogate_kl`] (its `ref_logp`); here it is an error.
 pub fn surrogate(
     logp: &[f64],
     old_logp: &[f32],
+    mask: &[u8],
+    alpha: &[f64],
+    advantages: &[f32],
+    cu_seqlens: &[i32],
+    cfg: &VppoConfig,
+) -> Result<SurrogateF64> {
+    surrogate_kl(
+        logp, old_logp, None, mask, alpha, advantages, cu_seqlens, cfg,
+    )
+}
+
+/// [`surrogate`] with the KL penalty of `cfg.kl_penalty` (SPEC section 12) from `ref_logp` [N]
+/// (required, finite, when the penalty is not none; ignored otherwise):
+///
+/// ```text
+/// kl_loss = sum over every response token t of w_t kl_t,   w_t = 1 / Z, 1 / (B' L_b) or 1 / B'
+/// loss    = pg + kl_coef * kl_loss + logp_penalty * (-sum_t logp_t) / Z
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn surrogate_kl(
+    logp: &[f64],
+    old_logp: &[f32],
+    ref_logp: Option<&[f32]>,
     mask: &[u8],
     alpha: &[f64],
     advantages: &[f32],
@@ -87,6 +119,20 @@ pub fn surrogate(
     let b_count = advantages.len();
     if old_logp.len() != n {
         return Err(shape_err(Tensor::OldLogp, old_logp.len(), "N", n));
+    }
+    crate::batch::check_ref_logp_given(cfg, ref_logp.is_some())?;
+    let ref_logp = if cfg.needs_ref_logp() { ref_logp } else { None };
+    if let Some(r) = ref_logp {
+        if r.len() != n {
+            return Err(shape_err(Tensor::RefLogp, r.len(), "N", n));
+        }
+        if let Some((row, &x)) = r.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+            return Err(VppoError::NonFinite {
+                tensor: Tensor::RefLogp,
+                location: Location::Row(row),
+                value: x as f64,
+            });
+        }
     }
     if mask.len() != n {
         return Err(VppoError::Shape {
@@ -210,10 +256,23 @@ pub fn surrogate(
         for t in start..end {
             out.dlogp[t] += dloss_dseq / len;
         }
+        // the KL penalty: every token of b, with the weight of pg (no mask)
+        if let Some(r) = ref_logp {
+            let w = match cfg.aggregation {
+                Aggregation::TokenMean => 1.0 / z,
+                Aggregation::SeqMeanTokenMean => 1.0 / (b_nonempty * len),
+                Aggregation::SeqMeanTokenSum => 1.0 / b_nonempty,
+            };
+            for t in start..end {
+                let (kl, dkl) = super::kl::kl_term(cfg.kl_penalty, logp[t], r[t] as f64);
+                out.kl_loss += w * kl;
+                out.dlogp[t] += cfg.kl_coef * w * dkl;
+            }
+        }
     }
     out.pg_loss = pg;
-    // loss = pg + logp_penalty * (-sum_t logp_t) / Z
-    out.loss = pg + cfg.logp_penalty * (-logp_sum) / z;
+    // loss = pg + kl_coef * kl_loss + logp_penalty * (-sum_t logp_t) / Z
+    out.loss = pg + cfg.kl_coef * out.kl_loss + cfg.logp_penalty * (-logp_sum) / z;
     out.stats = Stats {
         clip_fraction: if n_selected > 0 {
             n_clipped as f64 / n_selected as f64

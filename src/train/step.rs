@@ -51,8 +51,7 @@ impl Trainer {
             advantages: &advantages,
             cu_seqlens: &cu,
             vocab: v,
-            rows: None,
-            masked_rows: None,
+            ..Default::default()
         };
         let (out, dlogits) = self.vppo.loss_and_grad(&batch)?;
 

@@ -164,8 +164,7 @@ fn probe(vppo: &Vppo) -> Result<()> {
         advantages: &[1.0, 0.0],
         cu_seqlens: &[0, 1, 1],
         vocab: 2,
-        rows: None,
-        masked_rows: None,
+        ..Default::default()
     };
     let probe = Vppo::new(
         VppoConfig {

@@ -171,6 +171,7 @@ pub fn random_batch(rng: &mut impl Rng, spec: &BatchSpec) -> OwnedBatch {
         advantages,
         cu_seqlens: cu,
         vocab: v,
+        ref_logp: None,
     }
 }
 
