@@ -28,6 +28,7 @@
 
 use std::sync::{Arc, Barrier, Mutex};
 
+mod sequence;
 mod vocab;
 pub use vocab::VocabShard;
 

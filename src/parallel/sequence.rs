@@ -1,0 +1,296 @@
+//! Sequence parallel VPPO (SPEC section 11): a response may be split into contiguous pieces held by
+//! consecutive ranks of a group (token order = rank order, as verl's Ulysses splits sequences). Each
+//! rank's batch is its pieces: whole responses, and possibly a first response that continues the
+//! previous rank's last one (`continues`), with the same advantage on both sides.
+//!
+//! Per call, on every rank:
+//! 1. pass 1 over the rank's own rows (kernels, or the reference), with its row checks; an error is
+//!    this rank's, agreed in round 1 (the data-parallel protocol, [`super::report_failure`]);
+//! 2. an all-gather of each rank's layout (N_r, B_r, continues: 3 f64), then of its per-token pass-1
+//!    values and advantages, padded to the largest rank (5 max N_r + max B_r f64 per rank: score,
+//!    entropy, logp, old_logp, ref_logp; advantages), and of its pieces' boundaries (max B_r + 1);
+//! 3. every rank joins the pieces into the group's batch and runs pass 2 on it in f64 (the
+//!    reference's mask, Sbar, alpha and loss, O(N + B)): the mask of a split response is exactly that
+//!    of the unsplit one (the same per-row scores, ties to the lower global index), its Sbar and k
+//!    are the whole response's, and Z and B' are the group's. The rank keeps its own tokens' mask and
+//!    dloss/dlogp; the loss and statistics returned are the whole group's, the same on every rank.
+//!
+//! SPEC 11 sketches a cheaper exchange for the mask (the radix select's digit histograms summed
+//! across ranks, for the split responses only); this gathers the per-token values of the group
+//! instead (5 f64 per token), which is simpler and exact. The backward is the ordinary one from the
+//! returned output ([`Vppo::backward_sequence_parallel`]): the rows are the rank's own.
+//! Tests: tests/sequence_parallel.rs.
+
+use super::{fingerprint, report_failure, Collective, ReduceOp};
+use crate::api::Vppo;
+use crate::batch::Batch;
+use crate::config::{KlPenalty, VppoConfig};
+use crate::device::Device;
+use crate::error::{Result, Tensor, VppoError};
+use crate::output::{ResponseOutputs, TokenOutputs, VppoOutput};
+use crate::reference::PerceptionF64;
+use crate::tensor::GradMut;
+
+/// This rank's pass-1 values: the outputs, and the f64 score, entropy and logp pass 2 reads.
+struct Local {
+    tokens: TokenOutputs,
+    score: Vec<f64>,
+    entropy: Vec<f64>,
+    logp: Vec<f64>,
+}
+
+fn pass1(vppo: &Vppo, piece: &Batch) -> Result<Local> {
+    // A rank's pieces need not be whole groups (the group's batch is checked for that in pass 2).
+    let cfg = &VppoConfig {
+        group_size: 1,
+        ..vppo.config().clone()
+    };
+    let valid = piece.validate(cfg)?;
+    let widen = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    match vppo.device() {
+        Device::Reference => {
+            let p = crate::reference::perception::perception(piece, cfg)?;
+            let f32s = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+            Ok(Local {
+                tokens: TokenOutputs {
+                    score: f32s(&p.score),
+                    kl: f32s(&p.kl),
+                    k3: f32s(&p.k3),
+                    entropy: f32s(&p.entropy),
+                    logp: f32s(&p.logp),
+                    logp_masked: f32s(&p.logp_masked),
+                    lse: f32s(&p.lse),
+                    lse_masked: f32s(&p.lse_masked),
+                    mask: Vec::new(),
+                    dlogp: Vec::new(),
+                },
+                score: p.score,
+                entropy: p.entropy,
+                logp: p.logp,
+            })
+        }
+        _ if piece.n_tokens() == 0 => Ok(Local {
+            tokens: TokenOutputs::default(),
+            score: Vec::new(),
+            entropy: Vec::new(),
+            logp: Vec::new(),
+        }),
+        device => {
+            if cfg.temperature < 1.0 {
+                crate::reference::perception::check_rows(piece, cfg)?;
+            }
+            let tokens = crate::exec::perception(&valid, device)?;
+            let (score, entropy, logp) = (
+                widen(&tokens.score),
+                widen(&tokens.entropy),
+                widen(&tokens.logp),
+            );
+            Ok(Local {
+                tokens,
+                score,
+                entropy,
+                logp,
+            })
+        }
+    }
+}
+
+/// A layout error every rank finds alike (from gathered values).
+fn layout_error(detail: String) -> VppoError {
+    VppoError::Shape {
+        tensor: Tensor::CuSeqlens,
+        detail,
+    }
+}
+
+impl Vppo {
+    /// The forward of this rank of a sequence-parallel group (module docs). `piece` is this rank's
+    /// batch (its rows of the responses it holds, their targets, old_logp, one advantage per piece
+    /// and cu_seqlens over its pieces); `continues` says that its first response is the rest of the
+    /// previous rank's last one. The returned mask and dloss/dlogp are this rank's tokens', equal to
+    /// those of the unsplit batch (the mask exactly); Sbar, k and alpha of each piece are its whole
+    /// response's; the loss and statistics are the group's, the same on every rank.
+    pub fn forward_sequence_parallel(
+        &self,
+        piece: &Batch,
+        continues: bool,
+        group: &dyn Collective,
+    ) -> Result<VppoOutput> {
+        let cfg = self.config();
+        let local = match pass1(self, piece) {
+            Ok(l) => l,
+            Err(e) => {
+                report_failure(group)?;
+                return Err(e);
+            }
+        };
+        // Round 1, as data parallel: failures, and the config agrees.
+        let mut sums = [0.0, 0.0, 0.0];
+        group.all_reduce(&mut sums, ReduceOp::Sum)?;
+        let fp = fingerprint(cfg);
+        let mut maxima = [fp, -fp, f64::NEG_INFINITY, f64::NEG_INFINITY];
+        group.all_reduce(&mut maxima, ReduceOp::Max)?;
+        if sums[0] > 0.0 {
+            return Err(VppoError::GroupFailed {
+                rank: group.rank(),
+                failed: sums[0] as usize,
+            });
+        }
+        if maxima[0] != -maxima[1] {
+            return Err(VppoError::GroupConfig { rank: group.rank() });
+        }
+
+        // The layout of every rank, then the padded per-token values.
+        let (n, b) = (piece.n_tokens(), piece.n_responses());
+        let layout = group.all_gather(&[n as f64, b as f64, continues as u8 as f64])?;
+        let ranks: Vec<(usize, usize, bool)> = layout
+            .chunks_exact(3)
+            .map(|x| (x[0] as usize, x[1] as usize, x[2] != 0.0))
+            .collect();
+        let n_max = ranks.iter().map(|r| r.0).max().unwrap_or(0);
+        let b_max = ranks.iter().map(|r| r.1).max().unwrap_or(0);
+        let mut mine = vec![0.0; 5 * n_max + b_max];
+        for t in 0..n {
+            mine[t] = local.score[t];
+            mine[n_max + t] = local.entropy[t];
+            mine[2 * n_max + t] = local.logp[t];
+            mine[3 * n_max + t] = piece.old_logp[t] as f64;
+            mine[4 * n_max + t] = piece.ref_logp.map_or(0.0, |r| r[t] as f64);
+        }
+        for (i, &a) in piece.advantages.iter().enumerate() {
+            mine[5 * n_max + i] = a as f64;
+        }
+        let all = group.all_gather(&mine)?;
+        let stride = mine.len();
+
+        // The group's batch: pieces joined where a rank continues the previous one.
+        let mut cu = vec![0i32];
+        let (mut score, mut entropy, mut logp) = (vec![], vec![], vec![]);
+        let (mut old_logp, mut ref_logp) = (vec![], vec![]);
+        let mut advantages: Vec<f32> = Vec::new();
+        // for this rank: its first token's index and the group response of each of its pieces
+        let (mut my_start, mut my_responses) = (0usize, Vec::new());
+        for (r, &(n_r, b_r, cont)) in ranks.iter().enumerate() {
+            let x = &all[r * stride..(r + 1) * stride];
+            if r == group.rank() {
+                my_start = score.len();
+            }
+            score.extend_from_slice(&x[..n_r]);
+            entropy.extend_from_slice(&x[n_max..n_max + n_r]);
+            logp.extend_from_slice(&x[2 * n_max..2 * n_max + n_r]);
+            old_logp.extend(x[3 * n_max..3 * n_max + n_r].iter().map(|&v| v as f32));
+            ref_logp.extend(x[4 * n_max..4 * n_max + n_r].iter().map(|&v| v as f32));
+            if cont && (r == 0 || b_r == 0 || ranks[r - 1].1 == 0) {
+                return Err(layout_error(format!(
+                    "rank {r} continues the previous rank's last response, but {}",
+                    if r == 0 {
+                        "it is the first rank".to_string()
+                    } else if b_r == 0 {
+                        "it holds no response".to_string()
+                    } else {
+                        format!("rank {} holds no response", r - 1)
+                    }
+                )));
+            }
+            let adv = &x[5 * n_max..5 * n_max + b_r];
+            if cont {
+                let prev = *advantages.last().unwrap_or(&0.0);
+                if prev.to_bits() != (adv[0] as f32).to_bits() {
+                    return Err(VppoError::Shape {
+                        tensor: Tensor::Advantages,
+                        detail: format!(
+                            "rank {r} continues a response whose advantage is {prev} on rank {} \
+                             and {} here: the pieces of a response share one advantage",
+                            r - 1,
+                            adv[0]
+                        ),
+                    });
+                }
+            }
+            // the group's response of each piece: a continuing first piece is the previous one's
+            let first = advantages.len() - cont as usize;
+            if r == group.rank() {
+                my_responses = (first..first + b_r).collect();
+            }
+            advantages.extend(adv.iter().skip(cont as usize).map(|&v| v as f32));
+        }
+        // Piece lengths of every rank (a second small gather: B_max + 1 boundaries per rank).
+        let mut bounds = vec![0.0; b_max + 1];
+        for (i, &c) in piece.cu_seqlens.iter().enumerate() {
+            bounds[i] = c as f64;
+        }
+        let all_bounds = group.all_gather(&bounds)?;
+        let mut total = 0i32;
+        for (r, &(_, b_r, cont)) in ranks.iter().enumerate() {
+            let c = &all_bounds[r * (b_max + 1)..(r + 1) * (b_max + 1)];
+            for i in 0..b_r {
+                let len = (c[i + 1] - c[i]) as i32;
+                total += len;
+                if i == 0 && cont {
+                    *cu.last_mut().unwrap_or(&mut 0) = total;
+                } else {
+                    cu.push(total);
+                }
+            }
+        }
+
+        let cfg = self.config();
+        let perception = PerceptionF64 {
+            score,
+            entropy,
+            logp,
+            ..Default::default()
+        };
+        // Pass 2 reads old_logp, advantages and cu_seqlens only (each stage checks its inputs).
+        let group_batch = Batch {
+            old_logp: &old_logp,
+            advantages: &advantages,
+            cu_seqlens: &cu,
+            ref_logp: (cfg.kl_penalty != KlPenalty::None).then_some(&ref_logp[..]),
+            ..Default::default()
+        };
+        let f = crate::reference::pass2_f64(perception, &group_batch, cfg)?;
+        let t0 = my_start;
+        let tokens = TokenOutputs {
+            mask: f.mask[t0..t0 + n].to_vec(),
+            dlogp: f.surrogate.dlogp[t0..t0 + n]
+                .iter()
+                .map(|&x| x as f32)
+                .collect(),
+            ..local.tokens
+        };
+        let out = VppoOutput {
+            loss: f.surrogate.loss,
+            pg_loss: f.surrogate.pg_loss,
+            kl_loss: f.surrogate.kl_loss,
+            token_normalizer: f.surrogate.token_normalizer,
+            tokens,
+            responses: ResponseOutputs {
+                sbar: my_responses.iter().map(|&g| f.sbar[g] as f32).collect(),
+                k: my_responses.iter().map(|&g| f.k[g]).collect(),
+                alpha: my_responses.iter().map(|&g| f.alpha[g] as f32).collect(),
+            },
+            stats: f.surrogate.stats,
+        };
+        out.check_finite()?;
+        Ok(out)
+    }
+
+    /// dloss/dlogits of this rank's rows from its [`Vppo::forward_sequence_parallel`] output (the
+    /// backward of [`Vppo::backward_saved`] on the rank's targets, lse and dloss/dlogp): no collective.
+    pub fn backward_sequence_parallel(
+        &self,
+        piece: &Batch,
+        out: &VppoOutput,
+        grad: GradMut,
+    ) -> Result<()> {
+        out.check_for_backward(piece.n_tokens(), Some(piece.n_responses()))?;
+        let saved = crate::exec::SavedForward {
+            targets: piece.targets,
+            lse: &out.tokens.lse,
+            dlogp: &out.tokens.dlogp,
+            rows: piece.rows,
+        };
+        self.backward_saved(Some(piece.logits), piece.vocab, &saved, grad)
+    }
+}
