@@ -304,7 +304,7 @@ fn report_failure(py: Python<'_>, rank: usize, size: usize, reduce: Py<PyAny>) -
 /// selected_fraction, kl_loss). `ref_logp` ([N] f32) is the KL penalty's (SPEC section 12). Nothing
 /// is written when the crate returns an error.
 #[pyfunction]
-#[pyo3(signature = (device, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, group=None, vocab_shard=None, ref_logp=None))]
+#[pyo3(signature = (device, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, group=None, vocab_shard=None, ref_logp=None, seq_continues=None))]
 #[allow(clippy::too_many_arguments)]
 fn forward(
     py: Python<'_>,
@@ -324,8 +324,11 @@ fn forward(
     group: Option<(usize, usize, Py<PyAny>)>,
     vocab_shard: Option<(usize, usize)>,
     ref_logp: Option<Raw>,
+    seq_continues: Option<bool>,
 ) -> PyResult<(f64, f64, f64, f64, f64, f64, f64)> {
-    // With vocab_shard (start, V), `group` is the vocabulary group (SPEC 11), else the data group.
+    // With vocab_shard (start, V), `group` is the vocabulary group (SPEC 11); with seq_continues
+    // (whether this rank's first response continues the previous rank's), the sequence group;
+    // else the data group.
     let group = group.map(|(rank, size, reduce)| PyGroup { rank, size, reduce });
     let vppo = match build(device, options) {
         Ok(v) => v,
@@ -365,12 +368,13 @@ fn forward(
                 ref_logp: ref_logp.map(|r| slice::<f32>(r)),
             }
         };
-        match (&group, vocab_shard) {
-            (Some(g), Some((start, total))) => {
+        match (&group, vocab_shard, seq_continues) {
+            (Some(g), Some((start, total)), _) => {
                 vppo.forward_vocab_parallel(&batch, VocabShard { start, total }, g)
             }
-            (Some(g), None) => vppo.forward_data_parallel(&batch, g).map(|(o, _)| o),
-            (None, _) => vppo.forward(&batch),
+            (Some(g), None, Some(c)) => vppo.forward_sequence_parallel(&batch, c, g),
+            (Some(g), None, None) => vppo.forward_data_parallel(&batch, g).map(|(o, _)| o),
+            (None, _, _) => vppo.forward(&batch),
         }
     });
     let o = result.map_err(value_error)?;

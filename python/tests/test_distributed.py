@@ -187,3 +187,69 @@ def test_a_nan_in_one_vocabulary_shard_raises_on_every_rank():
             assert r[0] == "error", (rank, r)
             want = "logits_masked" if rank == 2 else "rank(s) of the group reported an error"
             assert want in r[1], r[1]
+
+
+# -------------------------------------------------------------------------------------------------
+# Sequence parallel: responses cut at token positions, pieces on consecutive ranks
+# -------------------------------------------------------------------------------------------------
+
+
+def seq_piece(full, t0, t1):
+    """Tokens [t0, t1) of `full` as a rank's pieces, and whether the first continues a response."""
+    cu = [int(c) for c in full["cu_seqlens"]]
+    n = cu[-1]
+    bounds, adv, continues = [0], [], False
+    for b in range(len(cu) - 1):
+        s, e = cu[b], cu[b + 1]
+        here = (s >= t0 and (s < t1 or (t1 == n and s == t1))) if s == e else (s < t1 and e > t0)
+        if not here:
+            continue
+        if s < t0 and not adv:
+            continues = True
+        bounds.append(min(e, t1) - t0)
+        adv.append(float(full["advantages"][b]))
+    return dict(logits=full["logits"][t0:t1].clone(), logits_masked=full["logits_masked"][t0:t1].clone(),
+                targets=full["targets"][t0:t1].clone(), old_logp=full["old_logp"][t0:t1].clone(),
+                advantages=torch.tensor(adv, dtype=torch.float32),
+                cu_seqlens=torch.tensor(bounds, dtype=torch.int32)), continues
+
+
+def seq_cuts(size):
+    # LENGTHS = (5, 0, 7, 4, 3, 6, 1, 2): response 2 is tokens [5, 12); 3 ranks: 7 and 9 cut inside it
+    return {2: [0, 8, 28], 3: [0, 7, 9, 28]}[size]
+
+
+def seq_worker(rank, size, init, out_dir, dtype_name, bad_rank):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    try:
+        dtype = getattr(torch, dtype_name)
+        full = make_batch(lengths=LENGTHS, vocab=23, dtype=dtype, seed=20 + size)
+        t0, t1 = seq_cuts(size)[rank:rank + 2]
+        results = []
+        for options in CONFIGS[:3]:
+            b, continues = seq_piece(full, t0, t1)
+            b["logits"].requires_grad_(True)
+            loss, out = call(b, seq_group=dist.group.WORLD, seq_continues=continues, **options)
+            loss.backward()
+            results.append((loss.item(), out["mask"], out["dlogp"], out["alpha"], b["logits"].grad.float()))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_sequence_pieces_give_the_unsplit_mask_and_gradient(size):
+    got = run(size, torch.float32, fn=seq_worker)
+    full = make_batch(lengths=LENGTHS, vocab=23, dtype=torch.float32, seed=20 + size)
+    for c, options in enumerate(CONFIGS[:3]):
+        logits = full["logits"].clone().requires_grad_(True)
+        loss, out = call(dict(full, logits=logits), **options)
+        loss.backward()
+        ranks = [r[c] for r in got]
+        want = loss.item()
+        for r in ranks:  # the group's loss on every rank
+            assert abs(r[0] - want) <= 1e-5 * max(1.0, abs(want)), (options, r[0], want)
+        assert torch.equal(torch.cat([r[1] for r in ranks]), out["mask"]), options
+        torch.testing.assert_close(torch.cat([r[2] for r in ranks]), out["dlogp"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(torch.cat([r[4] for r in ranks]), logits.grad.float(), rtol=1e-5,
+                                   atol=1e-7)

@@ -361,7 +361,7 @@ def test_in_place_error_leaves_the_logits_untouched():
 def op_args(b, **options):
     return (b["logits"].clone().requires_grad_(True), b["logits_masked"], b["targets"], b["old_logp"],
             b["advantages"], b["cu_seqlens"], b.get("rows"), None, None, vt._options_json(options),
-            "simt", "logits", False, None, -1, 0)
+            "simt", "logits", False, None, -1, 0, -1)
 
 
 @pytest.mark.parametrize("rows_total", [None, 24])

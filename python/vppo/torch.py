@@ -229,6 +229,7 @@ def _loss(
     group: Optional[str],
     vocab_start: int,
     vocab_size: int,
+    seq_continues: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
            Tensor, Tensor, Tensor, Tensor]:
     reducer = None if group is None else _group_reducer(group)
@@ -254,6 +255,7 @@ def _loss(
         reducer,
         None if vocab_start < 0 else (vocab_start, vocab_size),
         None if ref_logp is None else _raw(ref_logp),
+        None if seq_continues < 0 else bool(seq_continues),
     )
     loss = torch.tensor(scalars[0], dtype=torch.float32)
     stats = torch.tensor(scalars[1:], dtype=torch.float64)
@@ -262,7 +264,8 @@ def _loss(
 
 @_loss.register_fake
 def _loss_fake(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
-               ref_logp, options, device, grad_dtype, in_place, group, vocab_start, vocab_size):
+               ref_logp, options, device, grad_dtype, in_place, group, vocab_start, vocab_size,
+               seq_continues):
     n, b = targets.shape[0], advantages.shape[0]
     loss = logits.new_empty((), dtype=torch.float32)
     token = [logits.new_empty((n,), dtype=torch.uint8 if name == "mask" else torch.float32)
@@ -356,7 +359,7 @@ _DLOGP = 1 + TOKEN_OUTPUTS.index("dlogp")
 
 def _setup_context(ctx, inputs, output):
     (logits, _, targets, _, _, _, rows, _, _, options, device, grad_dtype, in_place, _, vocab_start,
-     vocab_size) = inputs
+     vocab_size, _) = inputs
     ctx.save_for_backward(logits, targets, output[_LSE], output[_DLOGP], rows)
     ctx.options, ctx.device, ctx.grad_dtype, ctx.in_place = options, device, grad_dtype, in_place
     ctx.vocab_start, ctx.vocab_size = vocab_start, vocab_size
@@ -365,7 +368,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *_):
     logits, targets, lse, dlogp, rows = ctx.saved_tensors
-    none = (None,) * 15
+    none = (None,) * 16
     if grad_loss is None:
         return (None,) + none
     # dloss/dlogits is linear in dloss/dlogp: the incoming gradient of the loss scales dlogp.
@@ -404,6 +407,8 @@ def vppo_loss(
     vocab_group=None,
     vocab_start: Optional[int] = None,
     vocab_size: Optional[int] = None,
+    seq_group=None,
+    seq_continues: bool = False,
     **options,
 ):
     """The VPPO loss of a packed batch (SPEC sections 1-8) and its outputs.
@@ -439,10 +444,23 @@ def vppo_loss(
     Returns ``(loss, out)``: ``loss`` a 0-dim float32 tensor whose backward gives dloss/dlogits only;
     ``out`` a dict of the per-token (``TOKEN_OUTPUTS``), per-response (``RESPONSE_OUTPUTS``) tensors
     and the statistics (``STATS``). Bad input raises ValueError with the crate's message.
+
+    ``seq_group``, ``seq_continues``: sequence parallel (SPEC section 11). This rank holds pieces of
+    responses in token order (its rows, targets, old_logp, one advantage per piece, cu_seqlens over
+    its pieces); ``seq_continues=True`` says its first piece continues the previous rank's last
+    response (with the same advantage). The mask of a split response is exactly the unsplit one,
+    Sbar, k and alpha are its whole response's, and the loss returned is the group's (the same on
+    every rank); the backward writes this rank's rows.
     """
     device = "simt" if device is None else device
-    if vocab_group is not None and (process_group is not None or in_place):
-        raise ValueError("vppo_loss: vocab_group is not combined with process_group or in_place yet")
+    if sum(g is not None for g in (process_group, vocab_group, seq_group)) > 1:
+        raise ValueError("vppo_loss: process_group, vocab_group and seq_group are not combined yet")
+    if vocab_group is not None and in_place:
+        raise ValueError("vppo_loss: vocab_group is not combined with in_place yet")
+    seq = -1
+    if seq_group is not None:
+        seq = int(bool(seq_continues))
+        process_group = seq_group
     start, total = -1, 0
     if vocab_group is not None:
         if vocab_start is None:
@@ -469,7 +487,8 @@ def vppo_loss(
                              'grad_dtype must be "logits"')
         options_json = _options_json(options)
     result = _loss(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
-                   ref_logp, options_json, device, grad_dtype, bool(in_place), group, start, int(total))
+                   ref_logp, options_json, device, grad_dtype, bool(in_place), group, start, int(total),
+                   seq)
     names = TOKEN_OUTPUTS + RESPONSE_OUTPUTS
     out = {name: result[1 + i] for i, name in enumerate(names)}
     stats = result[1 + len(names)]
@@ -488,10 +507,11 @@ class VppoLoss(torch.nn.Module):
 
     def forward(self, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, *, rows=None,
                 masked_rows=None, ref_logp=None, process_group=None, vocab_group=None,
-                vocab_start=None):
+                vocab_start=None, seq_group=None, seq_continues=False):
         return vppo_loss(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows=rows,
                          masked_rows=masked_rows, ref_logp=ref_logp, process_group=process_group,
-                         vocab_group=vocab_group, vocab_start=vocab_start, **self.options)
+                         vocab_group=vocab_group, vocab_start=vocab_start, seq_group=seq_group,
+                         seq_continues=seq_continues, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in sorted(self.options.items()))
