@@ -50,6 +50,22 @@ BARRIER = "__syncthreads();"
 
 MUTANTS = [
     # ---- perception.cu ----
+    Mutant("P15", "kernels/perception.cu",
+           "            if (p.kl[t] != p.kl[t]) finish_cold_row<T>(p, t, scratch);",
+           "            if (false) finish_cold_row<T>(p, t, scratch);",
+           "the marked rows (f_b overflowed f32) never finished: kl left NaN"),
+    Mutant("P16", "kernels/perception.cu",
+           "ea * ((double)b - (double)m_b);",
+           "ea * (double)b;",
+           "the cold path's f_b not centred on m_b"),
+    Mutant("V1", "kernels/perception.cu",
+           "            o[6] = (float)(st.flags | (here ? VPPO_PARTIAL_HAS_TARGET : 0u));",
+           "            o[6] = (float)(here ? VPPO_PARTIAL_HAS_TARGET : 0u);",
+           "a shard's kl = +inf flag dropped from its partial state"),
+    Mutant("V2", "kernels/perception.cu",
+           "o[2] = st.e_a;",
+           "o[2] = 0.0f;",
+           "a shard's e_a (entropy and kl) left out of its partial state"),
     Mutant("P1", "kernels/perception.cu",
            "        /* smem is rewritten by the next row's block_merge: every thread must be done reading it. */\n"
            "        __syncthreads();\n",
@@ -325,7 +341,7 @@ def check_patterns(base, mutants):
                  "mutate; update their patterns in scripts/mutate.py):\n" + "\n".join(bad))
 
 
-TEST_FILES = ["kernels", "simt_executor", "errors", "variants"]
+TEST_FILES = ["kernels", "simt_executor", "errors", "variants", "vocab_parallel"]
 
 
 def test_command(args):
