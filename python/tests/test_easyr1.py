@@ -122,6 +122,23 @@ def official_micro_batch(logits, responses, response_mask, old_log_probs, aug_lo
         pg = ((per_token * response_mask).sum(-1) / (response_mask.sum(-1) + 1e-8)).mean()
 
     loss = pg
+    if cfg.get("use_kl_loss"):  # compute_kl, then average_loss over the response tokens
+        lp, ref = log_probs.float(), cfg["ref_log_probs"].float()
+        penalty = cfg["kl_penalty"]
+        if penalty == "kl":
+            kld = lp - ref
+        elif penalty == "abs":
+            kld = (lp - ref).abs()
+        elif penalty == "mse":
+            kld = 0.5 * (lp - ref).square()
+        else:
+            x = (ref - lp).clamp(-20.0, 20.0)
+            kld = torch.clamp((x.exp() - x - 1).contiguous(), min=-10.0, max=10.0)
+        if cfg["loss_avg_mode"] == "token":
+            kl_loss = masked_mean(kld, response_mask)
+        else:
+            kl_loss = ((kld * response_mask).sum(-1) / (response_mask.sum(-1) + 1e-8)).mean()
+        loss = loss + kl_loss * cfg["kl_coef"]
     if cfg["entropy_penalty_coef"]:
         loss = loss + (-masked_mean(log_probs, response_mask)) * cfg["entropy_penalty_coef"]
     loss = loss * torch.sum(response_mask) * world_size / total_response_tokens
@@ -157,8 +174,9 @@ def make_mini_batch(lengths, L=9, P=4, V=37, dtype=torch.float32, seed=0, holes=
     old = aug + sign * (0.1 + 1.4 * torch.rand(bs, L, generator=g))
     per_response = torch.randn(bs, generator=g)
     advantages = per_response[:, None] * response_mask  # GRPO's broadcast
+    ref = old + 0.3 * torch.randn(bs, L, generator=g)  # a reference policy's log-probs
     return dict(full=full, full_masked=full_masked, responses=responses, response_mask=response_mask,
-                attention_mask=attention_mask, old_log_probs=old, aug_log_probs=aug,
+                attention_mask=attention_mask, old_log_probs=old, aug_log_probs=aug, ref_log_probs=ref,
                 advantages=advantages, L=L, S=S, temperature=temperature)
 
 
@@ -201,6 +219,7 @@ def run_both(mb, sizes, kind="sliced", world_size=2, **cfg):
     results, each (loss, out, grad of the leaf logits). The official code divides the logits by the
     temperature before anything (logits.div_); the drop-in is given it."""
     cfg = {**OFFICIAL, **cfg}
+    use_kl = cfg.pop("use_kl_loss", False)
     temperature = mb["temperature"]
     tas = official_tas_range(mb["old_log_probs"], mb["aug_log_probs"], mb["response_mask"])
     tas_ours = easyr1.minibatch_tas_range(mb["old_log_probs"], mb["aug_log_probs"],
@@ -214,15 +233,17 @@ def run_both(mb, sizes, kind="sliced", world_size=2, **cfg):
     for micro in split(mb, sizes):
         a, b, kw, to_official = layout(micro, kind)
         x = a.clone().requires_grad_(True)
+        official_cfg = dict(cfg, use_kl_loss=use_kl, ref_log_probs=micro["ref_log_probs"])
         o_loss, o_out = official_micro_batch(
             to_official(x) / temperature, micro["responses"], micro["response_mask"], micro["old_log_probs"],
-            micro["aug_log_probs"], micro["advantages"], tas, total, world_size, cfg)
+            micro["aug_log_probs"], micro["advantages"], tas, total, world_size, official_cfg)
         o_loss.backward()
         y = a.clone().requires_grad_(True)
         loss, out = easyr1.policy_loss(
             y, b, micro["responses"], micro["response_mask"], micro["old_log_probs"],
             micro["advantages"], tas_range=tas_ours, total_response_tokens=total,
-            world_size=world_size, temperature=temperature, **kw, **cfg)
+            world_size=world_size, temperature=temperature,
+            ref_log_probs=micro["ref_log_probs"] if use_kl else None, **kw, **cfg)
         loss.backward()
         results.append(((o_loss, o_out, x.grad), (loss, out, y.grad), micro))
     return results
@@ -271,6 +292,10 @@ VARIANTS = [
     dict(use_advantage_shaping=False, entropy_penalty_coef=0.0, top_p_perception_tokens=0.7),
     dict(advantage_scaling_min=0.8, clip_ratio_low=0.15, clip_ratio_dual=2.5, entropy_penalty_coef=0.1,
          temperature=0.7),
+    dict(use_kl_loss=True, kl_penalty="low_var_kl", kl_coef=0.1),
+    dict(use_kl_loss=True, kl_penalty="kl", kl_coef=0.5, loss_avg_mode="seq"),
+    dict(use_kl_loss=True, kl_penalty="mse", kl_coef=0.2),
+    dict(use_kl_loss=True, kl_penalty="abs", kl_coef=0.3, loss_type="gspo_token"),
 ]
 
 

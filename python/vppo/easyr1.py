@@ -54,8 +54,8 @@ lower token index (the official sort breaks them arbitrarily); the entropy mask 
 ``compute_policy_loss`` multiplies the [bs] sequence log-ratio by the [bs, L] mask without
 ``unsqueeze(-1)`` (a broadcast error unless bs = L, a wrong pairing when bs = L); the drop-in does
 what is meant, s_b on every token of b (SPEC section 12), as the fork's ``gspo_token`` does. Not
-covered: the KL loss to a reference model (``use_kl_loss``; the official VPPO runs set
-``disable_kl``), advantages that vary within a response (GAE), Ulysses sequence parallelism.
+covered: the KL penalty ``full`` (the other official KL penalties are, through
+``ref_log_probs``), advantages that vary within a response (GAE), Ulysses sequence parallelism.
 
 No [N, V] tensor is copied: the logits are viewed as [R, V] and read through row indices (SPEC
 section 10); only O(bs * L) index tensors are built (with one host synchronization, the nonzero of the
@@ -74,6 +74,8 @@ from . import torch as vt
 __all__ = ["policy_loss", "minibatch_tas_range", "to_padded"]
 
 _LOSS_TYPES = {"default": "ppo", "gspo": "gspo", "gspo_token": "gspo_token", "cispo": "cispo"}
+#: The official kl_penalty names (core_algos.compute_kl) and the op's.
+_KL_PENALTIES = {"kl": "k1", "abs": "abs", "mse": "mse", "low_var_kl": "k3"}
 
 
 def minibatch_tas_range(old_log_probs: Tensor, aug_log_probs: Tensor,
@@ -201,6 +203,9 @@ def policy_loss(
     loss_avg_mode: str = "token",
     entropy_penalty_coef: float = 0.06,
     temperature: float = 1.0,
+    ref_log_probs: Optional[Tensor] = None,
+    kl_penalty: str = "low_var_kl",
+    kl_coef: float = 1e-3,
     device: Optional[str] = None,
     grad_dtype: str = "logits",
     in_place: bool = False,
@@ -241,6 +246,12 @@ def policy_loss(
     ``entropy_penalty_coef=0.06``; ``entropy_penalty_coef=0`` is ``use_entropy_penalty=False``).
     ``loss_type``: "default", "gspo", "gspo_token", "cispo"; ``loss_avg_mode``: "token" or "seq".
     ``device``, ``grad_dtype``, ``in_place``: as ``vt.vppo_loss``.
+
+    The KL loss to a reference policy (the official ``use_kl_loss``): pass ``ref_log_probs`` [bs, L]
+    (the official ``model_inputs["ref_log_probs"]``), with ``kl_penalty`` "kl", "abs", "mse" or
+    "low_var_kl" (default) and ``kl_coef`` (default 1e-3). The official ``average_loss(kld,
+    response_mask)`` over every response token is the op's KL term (``out["kl_loss"]``), under the
+    same token scaling as the policy loss. ``kl_penalty="full"`` is not implemented by the op.
 
     How it maps: ``perception="k3"``, ``top_fraction=top_p_perception_tokens``,
     ``shaping="mean-preserving"`` with ``beta_min=advantage_scaling_min`` and the caller's range,
@@ -332,10 +343,20 @@ def policy_loss(
         options["tas_range"] = tas_range
     if use_vppo_on_entropy:
         options.update(mask_by="perception_or_entropy", entropy_top_fraction=top_p_entropy_tokens)
+    ref_logp = None
+    if ref_log_probs is not None:
+        if not isinstance(ref_log_probs, Tensor) or ref_log_probs.shape != responses.shape:
+            raise ValueError("policy_loss: ref_log_probs must be a [bs, L] tensor like responses, not "
+                             f"{getattr(ref_log_probs, 'shape', type(ref_log_probs).__name__)}")
+        if kl_penalty not in _KL_PENALTIES:
+            raise ValueError(f"policy_loss: kl_penalty must be one of {', '.join(_KL_PENALTIES)}, "
+                             f"not {kl_penalty!r}")
+        ref_logp = ref_log_probs.reshape(-1)[pos].to(torch.float32)  # [N], O(N)
+        options.update(kl_penalty=_KL_PENALTIES[kl_penalty], kl_coef=kl_coef)
 
     loss, out = vt.vppo_loss(
         flat, flat_m, responses.reshape(-1)[pos], old_log_probs.reshape(-1)[pos].to(torch.float32),
-        adv, cu_seqlens, rows=rows, masked_rows=rows_m, device=device, grad_dtype=grad_dtype,
-        in_place=in_place, **options)
+        adv, cu_seqlens, rows=rows, masked_rows=rows_m, ref_logp=ref_logp, device=device,
+        grad_dtype=grad_dtype, in_place=in_place, **options)
     out.update(cu_seqlens=cu_seqlens, rows=rows, response_lengths=lengths, advantages=adv)
     return loss, out
