@@ -187,7 +187,7 @@ fn nonempty_sbar<'o>(out: &'o VppoOutput, cu_seqlens: &'o [i32]) -> impl Iterato
 /// The collectives of this module's table, for a rank whose first forward `local` succeeded (a rank
 /// that failed takes part through [`report_failure`]). Returns the config pass 2 reruns under, or
 /// the error every rank agrees on.
-fn agree(
+pub(crate) fn agree(
     cfg: &VppoConfig,
     cu_seqlens: &[i32],
     local: &VppoOutput,
@@ -239,6 +239,34 @@ fn agree(
         }
     }
     Ok(global)
+}
+
+/// Pass 2 in f64 (the reference's) on pass-1 values that are the same on every rank of a
+/// vocabulary or sequence group, and, with a data group over such groups (SPEC 11: the layouts
+/// combined), again under the data group's Z, B', Sbar range and beta_max ([`agree`]).
+pub(crate) fn pass2_across(
+    perception: crate::reference::PerceptionF64,
+    batch: &Batch,
+    cfg: &VppoConfig,
+    data: Option<&dyn Collective>,
+) -> Result<crate::reference::ForwardF64> {
+    let Some(data) = data else {
+        return crate::reference::pass2_f64(perception, batch, cfg);
+    };
+    let local = match crate::reference::pass2_f64(perception.clone(), batch, cfg) {
+        Ok(f) => f,
+        Err(e) => {
+            report_failure(data)?;
+            return Err(e);
+        }
+    };
+    let global = agree(
+        cfg,
+        batch.cu_seqlens,
+        &crate::reference::output_of(&local),
+        data,
+    )?;
+    crate::reference::pass2_f64(perception, batch, &global)
 }
 
 /// Tells the group that this rank failed before [`Vppo::forward_data_parallel`]'s reductions (for a

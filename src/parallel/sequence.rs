@@ -116,6 +116,37 @@ impl Vppo {
         continues: bool,
         group: &dyn Collective,
     ) -> Result<VppoOutput> {
+        self.forward_sequence_parallel_in(piece, continues, group, None)
+    }
+
+    /// Sequence parallel inside data parallel (SPEC 11, the layouts combined): `group` is this
+    /// rank's sequence group, `data` its data group (one rank of each sequence group). Pass 2 runs
+    /// under the data group's Z, B', Sbar range and beta_max, so the sum over the data group of the
+    /// losses is the loss of all the sequence groups' batches together. An error anywhere is an
+    /// error on every rank of both groups.
+    pub fn forward_sequence_data_parallel(
+        &self,
+        piece: &Batch,
+        continues: bool,
+        group: &dyn Collective,
+        data: &dyn Collective,
+    ) -> Result<VppoOutput> {
+        let mut reached = false;
+        let result =
+            self.forward_sequence_parallel_in(piece, continues, group, Some((data, &mut reached)));
+        if result.is_err() && !reached {
+            report_failure(data)?;
+        }
+        result
+    }
+
+    fn forward_sequence_parallel_in(
+        &self,
+        piece: &Batch,
+        continues: bool,
+        group: &dyn Collective,
+        data: Option<(&dyn Collective, &mut bool)>,
+    ) -> Result<VppoOutput> {
         let cfg = self.config();
         let local = match pass1(self, piece) {
             Ok(l) => l,
@@ -249,7 +280,11 @@ impl Vppo {
             ref_logp: (cfg.kl_penalty != KlPenalty::None).then_some(&ref_logp[..]),
             ..Default::default()
         };
-        let f = crate::reference::pass2_f64(perception, &group_batch, cfg)?;
+        let data = data.map(|(d, reached)| {
+            *reached = true;
+            d
+        });
+        let f = super::pass2_across(perception, &group_batch, cfg, data)?;
         let t0 = my_start;
         let tokens = TokenOutputs {
             mask: f.mask[t0..t0 + n].to_vec(),

@@ -395,6 +395,36 @@ impl Vppo {
         at: VocabShard,
         group: &dyn Collective,
     ) -> Result<VppoOutput> {
+        self.forward_vocab_parallel_in(shard, at, group, None)
+    }
+
+    /// Vocabulary parallel inside data parallel (SPEC 11, the layouts combined): `group` is this
+    /// rank's vocabulary group, `data` its data group (one rank of each vocabulary group, all of
+    /// the same vocabulary position). The outputs are as [`Vppo::forward_data_parallel`]'s over the
+    /// data group's batches: pass 2 runs under the data group's Z, B', Sbar range and beta_max. An
+    /// error anywhere is an error on every rank of both groups.
+    pub fn forward_vocab_data_parallel(
+        &self,
+        shard: &Batch,
+        at: VocabShard,
+        group: &dyn Collective,
+        data: &dyn Collective,
+    ) -> Result<VppoOutput> {
+        let mut reached = false;
+        let result = self.forward_vocab_parallel_in(shard, at, group, Some((data, &mut reached)));
+        if result.is_err() && !reached {
+            report_failure(data)?;
+        }
+        result
+    }
+
+    fn forward_vocab_parallel_in(
+        &self,
+        shard: &Batch,
+        at: VocabShard,
+        group: &dyn Collective,
+        data: Option<(&dyn Collective, &mut bool)>,
+    ) -> Result<VppoOutput> {
         let cfg = self.config();
         let local = local_targets(shard, at).and_then(|y| shard_states(self, shard, &y));
         let states = match local {
@@ -464,8 +494,11 @@ impl Vppo {
             })
             .collect();
         let perception = finish(&rows, shard, cfg)?;
-        let out =
-            crate::reference::output_of(&crate::reference::pass2_f64(perception, shard, cfg)?);
+        let data = data.map(|(d, reached)| {
+            *reached = true;
+            d
+        });
+        let out = crate::reference::output_of(&super::pass2_across(perception, shard, cfg, data)?);
         out.check_finite()?;
         Ok(out)
     }
