@@ -101,15 +101,26 @@ impl Vppo {
     /// where a finite logit divided by it can overflow f32, the kernel devices first run the
     /// reference's row checks on the host, so each device reports the same first bad row.
     pub fn forward(&self, batch: &Batch) -> Result<VppoOutput> {
-        let valid = batch.validate(&self.config)?;
+        self.forward_then(batch, &mut |_| Ok(None))
+    }
+
+    /// [`Vppo::forward`], with pass 2 rerun under the config `then` derives from the first output
+    /// when it returns one (data parallel, src/parallel/mod.rs; the kernels run pass 1 once).
+    pub(crate) fn forward_then(
+        &self,
+        batch: &Batch,
+        then: &mut dyn FnMut(&VppoOutput) -> Result<Option<VppoConfig>>,
+    ) -> Result<VppoOutput> {
+        let cfg = &self.config;
+        let valid = batch.validate(cfg)?;
         let out = match self.device {
-            Device::Reference => crate::reference::forward(batch, &self.config),
-            _ if batch.n_tokens() == 0 => crate::reference::forward(batch, &self.config),
+            Device::Reference => reference_then(batch, cfg, then),
+            _ if batch.n_tokens() == 0 => reference_then(batch, cfg, then),
             Device::Simt(_) | Device::Cuda(_) => {
-                if self.config.temperature < 1.0 {
-                    crate::reference::perception::check_rows(batch, &self.config)?;
+                if cfg.temperature < 1.0 {
+                    crate::reference::perception::check_rows(batch, cfg)?;
                 }
-                crate::exec::forward(&valid, self.device)
+                crate::exec::forward_then(&valid, self.device, then)
             }
         }?;
         out.check_finite()?;
@@ -277,5 +288,19 @@ impl Vppo {
         let mut grad = vec![0.0f32; batch.logits.len()];
         self.backward_into(batch, &out, GradMut::F32(&mut grad))?;
         Ok((out, grad))
+    }
+}
+
+/// The reference's forward, then the whole forward again under the config `then` derives, if any
+/// (the oracle recomputes pass 1: it is written for clarity, not speed).
+fn reference_then(
+    batch: &Batch,
+    cfg: &VppoConfig,
+    then: &mut dyn FnMut(&VppoOutput) -> Result<Option<VppoConfig>>,
+) -> Result<VppoOutput> {
+    let first = crate::reference::forward(batch, cfg)?;
+    match then(&first)? {
+        Some(second) => crate::reference::forward(batch, &second),
+        None => Ok(first),
     }
 }

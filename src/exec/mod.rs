@@ -207,25 +207,7 @@ impl<'a> Inputs<'a> {
 
 /// The whole forward pass on the kernels, over a batch validated for its config.
 pub(crate) fn forward(valid: &ValidBatch, device: Device) -> Result<VppoOutput> {
-    let (batch, cfg) = (valid.batch(), valid.config());
-    let l = Launcher::for_device(device)?;
-    let (n, b) = (batch.n_tokens(), batch.n_responses());
-    let z = cfg.token_normalizer.unwrap_or(n as f64);
-    if n == 0 {
-        return Ok(empty_output(z, b));
-    }
-    let inputs = Inputs::new(&l, batch, cfg.needs_ref_logp())?;
-    let ws = Workspace::new(&l, n, b)?;
-    let dims = Dims::of(batch);
-    run_passes(
-        &l,
-        dims,
-        cfg,
-        &inputs,
-        &ws,
-        batch.targets,
-        &host_rows(batch),
-    )
+    forward_then(valid, device, &mut |_| Ok(None))
 }
 
 /// The forward of [`forward`], then pass 2 once more under the config `then` derives from its output,

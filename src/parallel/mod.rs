@@ -35,7 +35,6 @@ pub use vocab::VocabShard;
 use crate::api::Vppo;
 use crate::batch::Batch;
 use crate::config::{Shaping, TasScope, VppoConfig};
-use crate::device::Device;
 use crate::error::{Result, VppoError};
 use crate::output::VppoOutput;
 use crate::reference::shaping::{TAS_MEAN_EPS, TAS_MIN_SPREAD};
@@ -165,7 +164,7 @@ impl Collective for ThreadGroup {
 }
 
 /// A fingerprint of a config, exact in f64 (below 2^53), that ranks compare.
-pub(crate) fn fingerprint(cfg: &VppoConfig) -> f64 {
+fn fingerprint(cfg: &VppoConfig) -> f64 {
     // FNV-1a over the config's debug text, which names every field and value.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in format!("{cfg:?}").bytes() {
@@ -184,6 +183,34 @@ fn nonempty_sbar<'o>(out: &'o VppoOutput, cu_seqlens: &'o [i32]) -> impl Iterato
         .map(|(&s, _)| s as f64)
 }
 
+/// Round 1 of every layout, for a rank whose own work so far succeeded (a rank that failed takes
+/// part through [`report_failure`], which makes the same two reductions): the sum over the group of
+/// `sums` (after a 0: this rank did not fail) and the maximum of `maxima` (after the config's
+/// fingerprint and its negative). Every rank returns the same error when some rank failed or the
+/// configs differ; otherwise the reduced `sums` and `maxima`.
+pub(crate) fn round_one(
+    cfg: &VppoConfig,
+    group: &dyn Collective,
+    sums: [f64; 2],
+    maxima: [f64; 2],
+) -> Result<([f64; 2], [f64; 2])> {
+    let mut s = [0.0, sums[0], sums[1]];
+    group.all_reduce(&mut s, ReduceOp::Sum)?;
+    let fp = fingerprint(cfg);
+    let mut m = [fp, -fp, maxima[0], maxima[1]];
+    group.all_reduce(&mut m, ReduceOp::Max)?;
+    if s[0] > 0.0 {
+        return Err(VppoError::GroupFailed {
+            rank: group.rank(),
+            failed: s[0] as usize,
+        });
+    }
+    if m[0] != -m[1] {
+        return Err(VppoError::GroupConfig { rank: group.rank() });
+    }
+    Ok(([s[1], s[2]], [m[2], m[3]]))
+}
+
 /// The collectives of this module's table, for a rank whose first forward `local` succeeded (a rank
 /// that failed takes part through [`report_failure`]). Returns the config pass 2 reruns under, or
 /// the error every rank agrees on.
@@ -199,22 +226,13 @@ pub(crate) fn agree(
         lo = lo.min(s);
     }
     let b_local = cu_seqlens.windows(2).filter(|w| w[1] > w[0]).count();
-    let mut sums = [0.0, local.tokens.score.len() as f64, b_local as f64];
-    group.all_reduce(&mut sums, ReduceOp::Sum)?;
-    let fp = fingerprint(cfg);
-    let mut maxima = [fp, -fp, hi, -lo];
-    group.all_reduce(&mut maxima, ReduceOp::Max)?;
-    if sums[0] > 0.0 {
-        return Err(VppoError::GroupFailed {
-            rank: group.rank(),
-            failed: sums[0] as usize,
-        });
-    }
-    if maxima[0] != -maxima[1] {
-        return Err(VppoError::GroupConfig { rank: group.rank() });
-    }
-    let (n, b_nonempty) = (sums[1], sums[2]);
-    let (hi, lo) = (maxima[2], -maxima[3]);
+    let ([n, b_nonempty], [hi, neg_lo]) = round_one(
+        cfg,
+        group,
+        [local.tokens.score.len() as f64, b_local as f64],
+        [hi, -lo],
+    )?;
+    let lo = -neg_lo;
 
     let mut global = cfg.clone();
     if global.token_normalizer.is_none() && n > 0.0 {
@@ -317,41 +335,5 @@ impl Vppo {
         };
         report_failure(group)?;
         Err(e)
-    }
-
-    /// [`Vppo::forward`] with pass 2 rerun under the config `then` derives from the first output.
-    fn forward_then(
-        &self,
-        batch: &Batch,
-        then: &mut dyn FnMut(&VppoOutput) -> Result<Option<VppoConfig>>,
-    ) -> Result<VppoOutput> {
-        let cfg = self.config();
-        let valid = batch.validate(cfg)?;
-        let out = match self.device() {
-            Device::Reference => reference_then(batch, cfg, then),
-            _ if batch.n_tokens() == 0 => reference_then(batch, cfg, then),
-            Device::Simt(_) | Device::Cuda(_) => {
-                if cfg.temperature < 1.0 {
-                    crate::reference::perception::check_rows(batch, cfg)?;
-                }
-                crate::exec::forward_then(&valid, self.device(), then)
-            }
-        }?;
-        out.check_finite()?;
-        Ok(out)
-    }
-}
-
-/// The reference's forward, then the whole forward again under the config `then` derives (the
-/// oracle recomputes pass 1: it is written for clarity, not speed).
-fn reference_then(
-    batch: &Batch,
-    cfg: &VppoConfig,
-    then: &mut dyn FnMut(&VppoOutput) -> Result<Option<VppoConfig>>,
-) -> Result<VppoOutput> {
-    let first = crate::reference::forward(batch, cfg)?;
-    match then(&first)? {
-        Some(second) => crate::reference::forward(batch, &second),
-        None => Ok(first),
     }
 }

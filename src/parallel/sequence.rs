@@ -21,7 +21,7 @@
 //! returned output ([`Vppo::backward_sequence_parallel`]): the rows are the rank's own.
 //! Tests: tests/sequence_parallel.rs.
 
-use super::{fingerprint, report_failure, Collective, ReduceOp};
+use super::{report_failure, round_one, Collective};
 use crate::api::Vppo;
 use crate::batch::Batch;
 use crate::config::{KlPenalty, VppoConfig};
@@ -50,20 +50,8 @@ fn pass1(vppo: &Vppo, piece: &Batch) -> Result<Local> {
     match vppo.device() {
         Device::Reference => {
             let p = crate::reference::perception::perception(piece, cfg)?;
-            let f32s = |x: &[f64]| x.iter().map(|&v| v as f32).collect::<Vec<f32>>();
             Ok(Local {
-                tokens: TokenOutputs {
-                    score: f32s(&p.score),
-                    kl: f32s(&p.kl),
-                    k3: f32s(&p.k3),
-                    entropy: f32s(&p.entropy),
-                    logp: f32s(&p.logp),
-                    logp_masked: f32s(&p.logp_masked),
-                    lse: f32s(&p.lse),
-                    lse_masked: f32s(&p.lse_masked),
-                    mask: Vec::new(),
-                    dlogp: Vec::new(),
-                },
+                tokens: crate::reference::token_outputs(&p),
                 score: p.score,
                 entropy: p.entropy,
                 logp: p.logp,
@@ -156,20 +144,12 @@ impl Vppo {
             }
         };
         // Round 1, as data parallel: failures, and the config agrees.
-        let mut sums = [0.0, 0.0, 0.0];
-        group.all_reduce(&mut sums, ReduceOp::Sum)?;
-        let fp = fingerprint(cfg);
-        let mut maxima = [fp, -fp, f64::NEG_INFINITY, f64::NEG_INFINITY];
-        group.all_reduce(&mut maxima, ReduceOp::Max)?;
-        if sums[0] > 0.0 {
-            return Err(VppoError::GroupFailed {
-                rank: group.rank(),
-                failed: sums[0] as usize,
-            });
-        }
-        if maxima[0] != -maxima[1] {
-            return Err(VppoError::GroupConfig { rank: group.rank() });
-        }
+        round_one(
+            cfg,
+            group,
+            [0.0, 0.0],
+            [f64::NEG_INFINITY, f64::NEG_INFINITY],
+        )?;
 
         // The layout of every rank, then the padded per-token values.
         let (n, b) = (piece.n_tokens(), piece.n_responses());

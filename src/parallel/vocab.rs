@@ -19,7 +19,7 @@
 //! lse: g_t (1[v_r + v = y_t] - p_v) / tau, with the backward kernel (shard-local targets) or the
 //! reference. Tests: tests/vocab_parallel.rs.
 
-use super::{fingerprint, report_failure, Collective, ReduceOp};
+use super::{report_failure, round_one, Collective};
 use crate::api::Vppo;
 use crate::batch::Batch;
 use crate::config::{Perception, VppoConfig};
@@ -434,22 +434,9 @@ impl Vppo {
                 return Err(e);
             }
         };
-        // Round 1: failures; N, V and the config agree (max of x and of -x)
+        // Round 1: failures, and the config agrees (N and the tiling: the gather below)
         let n = shard.n_tokens() as f64;
-        let mut sums = [0.0, 0.0, 0.0];
-        group.all_reduce(&mut sums, ReduceOp::Sum)?;
-        let fp = fingerprint(cfg);
-        let mut maxima = [fp, -fp, n, -n];
-        group.all_reduce(&mut maxima, ReduceOp::Max)?;
-        if sums[0] > 0.0 {
-            return Err(VppoError::GroupFailed {
-                rank: group.rank(),
-                failed: sums[0] as usize,
-            });
-        }
-        if maxima[0] != -maxima[1] {
-            return Err(VppoError::GroupConfig { rank: group.rank() });
-        }
+        round_one(cfg, group, [0.0, 0.0], [n, -n])?;
         let tiling =
             group.all_gather(&[at.start as f64, shard.vocab as f64, at.total as f64, n])?;
         let mut next = 0.0;

@@ -104,6 +104,22 @@ pub fn forward(batch: &Batch, cfg: &VppoConfig) -> Result<VppoOutput> {
     Ok(output_of(&forward_f64(batch, cfg)?))
 }
 
+/// The per-token outputs of pass 1, rounded to f32; `mask` and `dlogp` (pass 2) are left empty.
+pub fn token_outputs(p: &PerceptionF64) -> TokenOutputs {
+    TokenOutputs {
+        score: to_f32(&p.score),
+        kl: to_f32(&p.kl),
+        k3: to_f32(&p.k3),
+        entropy: to_f32(&p.entropy),
+        logp: to_f32(&p.logp),
+        logp_masked: to_f32(&p.logp_masked),
+        lse: to_f32(&p.lse),
+        lse_masked: to_f32(&p.lse_masked),
+        mask: Vec::new(),
+        dlogp: Vec::new(),
+    }
+}
+
 /// The [`VppoOutput`] of an f64 evaluation: per-token and per-response values rounded to f32.
 pub fn output_of(f: &ForwardF64) -> VppoOutput {
     let p = &f.perception;
@@ -113,16 +129,9 @@ pub fn output_of(f: &ForwardF64) -> VppoOutput {
         kl_loss: f.surrogate.kl_loss,
         token_normalizer: f.surrogate.token_normalizer,
         tokens: TokenOutputs {
-            score: to_f32(&p.score),
-            kl: to_f32(&p.kl),
-            k3: to_f32(&p.k3),
-            entropy: to_f32(&p.entropy),
-            logp: to_f32(&p.logp),
-            logp_masked: to_f32(&p.logp_masked),
-            lse: to_f32(&p.lse),
-            lse_masked: to_f32(&p.lse_masked),
             mask: f.mask.clone(),
             dlogp: to_f32(&f.surrogate.dlogp),
+            ..token_outputs(p)
         },
         responses: ResponseOutputs {
             sbar: to_f32(&f.sbar),
