@@ -6,9 +6,6 @@
 
 mod common;
 
-use std::sync::mpsc;
-use std::time::Duration;
-
 use common::{seeded_batch, BatchSpec};
 use vppo::{
     Aggregation, Batch, Collective, Device, Dtype, GradMut, OwnedBatch, OwnedLogits, Perception,
@@ -37,31 +34,6 @@ fn piece(full: &OwnedBatch, b0: usize, b1: usize) -> OwnedBatch {
         vocab: v,
         ref_logp: full.ref_logp.as_ref().map(|r| r[t0..t1].to_vec()),
     }
-}
-
-/// Runs `f(rank, group)` on one thread per rank and returns the results in rank order; a rank that
-/// has not returned after 60 s fails the test (a hang, not a slow run: each call is milliseconds).
-fn on_ranks<T: Send + 'static>(
-    size: usize,
-    f: impl Fn(usize, &ThreadGroup) -> T + Send + Sync + 'static,
-) -> Vec<T> {
-    let f = std::sync::Arc::new(f);
-    let (tx, rx) = mpsc::channel();
-    for (rank, g) in ThreadGroup::new(size).unwrap().into_iter().enumerate() {
-        let (f, tx) = (f.clone(), tx.clone());
-        std::thread::spawn(move || {
-            let r = f(rank, &g);
-            tx.send((rank, r)).unwrap();
-        });
-    }
-    let mut out: Vec<Option<T>> = (0..size).map(|_| None).collect();
-    for _ in 0..size {
-        let (rank, r) = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("a rank hangs: no result within 60 s");
-        out[rank] = Some(r);
-    }
-    out.into_iter().map(Option::unwrap).collect()
 }
 
 /// Split points over B responses for `size` ranks at group boundaries (uneven, some ranks empty).
@@ -196,7 +168,7 @@ fn the_sum_over_ranks_is_the_single_process_loss() {
                 for size in [1, 2, 3, 4] {
                     let cut = splits(b_count, 2, size, seed);
                     let (full2, cut2, cfg2) = (full.clone(), cut.clone(), cfg.clone());
-                    let got = on_ranks(size, move |rank, g| {
+                    let got = common::on_ranks(size, move |rank, g| {
                         let mine = piece(&full2, cut2[rank], cut2[rank + 1]);
                         let vppo = Vppo::new(cfg2.clone(), device).unwrap();
                         let out = vppo.forward_data_parallel(&mine.batch(), g);
@@ -266,7 +238,7 @@ fn bad_input_on_one_rank_is_an_error_on_every_rank() {
     let full = std::sync::Arc::new(seeded_batch(3, &spec));
     for device in [Device::Reference, Device::Simt(vppo::LaneOrder::Forward)] {
         let full2 = full.clone();
-        let got = on_ranks(3, move |rank, g| {
+        let got = common::on_ranks(3, move |rank, g| {
             let mut mine = piece(&full2, rank, rank + 1);
             if rank == 1 {
                 mine.old_logp.iter_mut().for_each(|x| *x = f32::NAN);
@@ -291,7 +263,7 @@ fn bad_input_on_one_rank_is_an_error_on_every_rank() {
 fn ranks_with_different_configs_are_an_error_on_every_rank() {
     let spec = BatchSpec::default();
     let full = std::sync::Arc::new(seeded_batch(5, &spec));
-    let got = on_ranks(2, move |rank, g| {
+    let got = common::on_ranks(2, move |rank, g| {
         let cfg = VppoConfig {
             top_fraction: if rank == 0 { 0.4 } else { 0.5 },
             ..VppoConfig::default()
@@ -308,7 +280,7 @@ fn ranks_with_different_configs_are_an_error_on_every_rank() {
 
 #[test]
 fn the_thread_group_reduces_in_rank_order() {
-    let got = on_ranks(4, |rank, g| {
+    let got = common::on_ranks(4, |rank, g| {
         assert_eq!((g.rank(), g.size()), (rank, 4));
         let mut v = [rank as f64, -(rank as f64), 0.1 * rank as f64];
         g.all_reduce(&mut v, ReduceOp::Sum).unwrap();
@@ -325,7 +297,7 @@ fn the_thread_group_reduces_in_rank_order() {
         assert_eq!(*m, [3.0, 0.0]);
     }
     // different lengths on different ranks: an error on every rank, not a hang
-    let got = on_ranks(2, |rank, g| {
+    let got = common::on_ranks(2, |rank, g| {
         let mut v = vec![1.0; rank + 1];
         g.all_reduce(&mut v, ReduceOp::Sum)
     });

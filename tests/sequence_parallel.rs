@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::sync::Arc;
 
 use common::{seeded_batch, BatchSpec};
 use vppo::{
-    Aggregation, Device, Dtype, GradMut, LossType, MaskBy, OwnedBatch, OwnedLogits, ThreadGroup,
-    Vppo, VppoConfig, VppoError, VppoOutput,
+    Aggregation, Device, Dtype, GradMut, LossType, MaskBy, OwnedBatch, OwnedLogits, Vppo,
+    VppoConfig, VppoError, VppoOutput,
 };
 
 /// Tokens [t0, t1) of `full` as a rank's pieces, and whether its first piece continues a response
@@ -55,29 +54,6 @@ fn piece(full: &OwnedBatch, t0: usize, t1: usize) -> (OwnedBatch, bool) {
         ..full.clone()
     };
     (batch, continues)
-}
-
-fn on_ranks<T: Send + 'static>(
-    size: usize,
-    f: impl Fn(usize, &ThreadGroup) -> T + Send + Sync + 'static,
-) -> Vec<T> {
-    let f = Arc::new(f);
-    let (tx, rx) = mpsc::channel();
-    for (rank, g) in ThreadGroup::new(size).unwrap().into_iter().enumerate() {
-        let (f, tx) = (f.clone(), tx.clone());
-        std::thread::spawn(move || {
-            let r = f(rank, &g);
-            tx.send((rank, r)).unwrap();
-        });
-    }
-    let mut out: Vec<Option<T>> = (0..size).map(|_| None).collect();
-    for _ in 0..size {
-        let (rank, r) = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("a rank hangs: no result within 60 s");
-        out[rank] = Some(r);
-    }
-    out.into_iter().map(Option::unwrap).collect()
 }
 
 /// Token cut points for `size` ranks, each rank at least one token. With 3 or more ranks the
@@ -153,7 +129,7 @@ fn the_pieces_give_the_unsplit_mask_and_gradient() {
                 for size in [1, 2, 3, 4].into_iter().filter(|&s| s <= n) {
                     let c = cuts(&full.cu_seqlens, size);
                     let (full2, c2, cfg2) = (full.clone(), c.clone(), cfg.clone());
-                    let got = on_ranks(size, move |rank, g| {
+                    let got = common::on_ranks(size, move |rank, g| {
                         let (t0, t1) = (c2[rank], c2[rank + 1]);
                         let (mine, continues) = piece(&full2, t0, t1);
                         // The rank reads its rows in place out of the whole tensors (SPEC section
@@ -261,7 +237,7 @@ fn bad_layouts_and_bad_input_are_errors_on_every_rank() {
     // 0: rank 0 claims to continue; 1: a continued piece with another advantage; 2: a NaN on rank 1
     for case in 0..3 {
         let full2 = full.clone();
-        let got = on_ranks(2, move |rank, g| {
+        let got = common::on_ranks(2, move |rank, g| {
             let cut = [0, n / 2, n];
             let (mut mine, mut continues) = piece(&full2, cut[rank], cut[rank + 1]);
             match (case, rank) {

@@ -8,13 +8,12 @@
 
 mod common;
 
-use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::sync::Arc;
 
 use common::{seeded_batch, BatchSpec};
 use vppo::{
-    Aggregation, Device, Dtype, GradMut, OwnedBatch, OwnedLogits, Perception, ThreadGroup,
-    VocabShard, Vppo, VppoConfig, VppoError, VppoOutput,
+    Aggregation, Device, Dtype, GradMut, OwnedBatch, OwnedLogits, Perception, VocabShard, Vppo,
+    VppoConfig, VppoError, VppoOutput,
 };
 
 /// Columns [c0, c1) of every row of `full`'s two logits tensors.
@@ -37,29 +36,6 @@ fn columns(full: &OwnedBatch, c0: usize, c1: usize) -> OwnedBatch {
         vocab: c1 - c0,
         ..full.clone()
     }
-}
-
-fn on_ranks<T: Send + 'static>(
-    size: usize,
-    f: impl Fn(usize, &ThreadGroup) -> T + Send + Sync + 'static,
-) -> Vec<T> {
-    let f = Arc::new(f);
-    let (tx, rx) = mpsc::channel();
-    for (rank, g) in ThreadGroup::new(size).unwrap().into_iter().enumerate() {
-        let (f, tx) = (f.clone(), tx.clone());
-        std::thread::spawn(move || {
-            let r = f(rank, &g);
-            tx.send((rank, r)).unwrap();
-        });
-    }
-    let mut out: Vec<Option<T>> = (0..size).map(|_| None).collect();
-    for _ in 0..size {
-        let (rank, r) = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("a rank hangs: no result within 60 s");
-        out[rank] = Some(r);
-    }
-    out.into_iter().map(Option::unwrap).collect()
 }
 
 /// Shard boundaries over V columns for `size` ranks: uneven, each at least one column wide.
@@ -143,7 +119,7 @@ fn the_shards_together_are_the_unsharded_loss() {
                 for size in [1, 2, 3, 4].into_iter().filter(|&s| s <= v) {
                     let cut = shards(v, size);
                     let (full2, cut2, cfg2) = (full.clone(), cut.clone(), cfg.clone());
-                    let got = on_ranks(size, move |rank, g| {
+                    let got = common::on_ranks(size, move |rank, g| {
                         let mine = columns(&full2, cut2[rank], cut2[rank + 1]);
                         let at = VocabShard {
                             start: cut2[rank],
@@ -236,7 +212,7 @@ fn bad_input_in_one_shard_is_an_error_on_every_rank() {
     let full = Arc::new(seeded_batch(11, &spec));
     for device in [Device::Reference, Device::Simt(vppo::LaneOrder::Forward)] {
         let full2 = full.clone();
-        let got = on_ranks(3, move |rank, g| {
+        let got = common::on_ranks(3, move |rank, g| {
             let cut = [0, 10, 25, 40];
             let mut mine = columns(&full2, cut[rank], cut[rank + 1]);
             if rank == 2 {
@@ -272,7 +248,7 @@ fn shards_that_do_not_tile_the_vocabulary_are_an_error_on_every_rank() {
     // a gap (rank 1 starts at 12 where rank 0 ends at 10), then a last shard short of V
     for shards in [[(0, 10), (12, 20), (20, 30)], [(0, 10), (10, 20), (20, 28)]] {
         let full2 = full.clone();
-        let got = on_ranks(3, move |rank, g| {
+        let got = common::on_ranks(3, move |rank, g| {
             let (start, end) = shards[rank];
             let mine = columns(&full2, start, end);
             let at = VocabShard { start, total: 30 };

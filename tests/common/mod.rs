@@ -270,3 +270,33 @@ pub fn devices() -> Vec<vppo::Device> {
         ],
     }
 }
+
+/// Runs `f(rank, group)` on one thread per rank of a `ThreadGroup` of `size` (src/parallel/) and
+/// returns the results in rank order; a rank that has not returned after 60 s fails the test (a
+/// hang, not a slow run: each call is milliseconds).
+pub fn on_ranks<T: Send + 'static>(
+    size: usize,
+    f: impl Fn(usize, &vppo::ThreadGroup) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let f = std::sync::Arc::new(f);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (rank, g) in vppo::ThreadGroup::new(size)
+        .unwrap()
+        .into_iter()
+        .enumerate()
+    {
+        let (f, tx) = (f.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let r = f(rank, &g);
+            tx.send((rank, r)).unwrap();
+        });
+    }
+    let mut out: Vec<Option<T>> = (0..size).map(|_| None).collect();
+    for _ in 0..size {
+        let (rank, r) = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a rank hangs: no result within 60 s");
+        out[rank] = Some(r);
+    }
+    out.into_iter().map(Option::unwrap).collect()
+}
