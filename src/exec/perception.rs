@@ -231,7 +231,9 @@ pub(crate) fn perception_partial(
         })?;
     let l = Launcher::for_device(device)?;
     let inputs = Inputs::new(&l, batch, false)?;
-    let ws = Workspace::new(&l, n, batch.n_responses())?;
+    // In partial mode the kernel writes no output and no status; the status word is still a live
+    // buffer (8 bytes), not the whole workspace of a forward.
+    let status = l.alloc(8)?;
     let targets = Input::new(&l, local_targets)?;
     let partial = l.alloc(floats * 4)?;
     let p = VppoPerceptionParams {
@@ -239,7 +241,7 @@ pub(crate) fn perception_partial(
         logits_masked: inputs.logits_masked.addr as *const c_void,
         targets: targets.addr as *const i32,
         old_logp: inputs.old_logp.addr as *const f32,
-        status: ws.ptr(&l, ws.status),
+        status: l.addr(&status) as *mut std::os::raw::c_longlong,
         rows: inputs.rows.addr as *const i64,
         masked_rows: inputs.masked_rows.addr as *const i64,
         n_tokens: n as i64,
