@@ -15,45 +15,6 @@ use vppo::{
     VppoError, VppoOutput,
 };
 
-/// Responses [b0, b1) of `full`, and of them the columns [c0, c1).
-fn part(full: &OwnedBatch, b0: usize, b1: usize, c0: usize, c1: usize) -> OwnedBatch {
-    let (t0, t1) = (full.cu_seqlens[b0] as usize, full.cu_seqlens[b1] as usize);
-    let v = full.vocab;
-    let cut = |l: &OwnedLogits| match l {
-        OwnedLogits::F32(x) => OwnedLogits::F32(
-            x[t0 * v..t1 * v]
-                .chunks(v)
-                .flat_map(|r| r[c0..c1].to_vec())
-                .collect(),
-        ),
-        OwnedLogits::F16(x) => OwnedLogits::F16(
-            x[t0 * v..t1 * v]
-                .chunks(v)
-                .flat_map(|r| r[c0..c1].to_vec())
-                .collect(),
-        ),
-        OwnedLogits::Bf16(x) => OwnedLogits::Bf16(
-            x[t0 * v..t1 * v]
-                .chunks(v)
-                .flat_map(|r| r[c0..c1].to_vec())
-                .collect(),
-        ),
-    };
-    OwnedBatch {
-        logits: cut(&full.logits),
-        logits_masked: cut(&full.logits_masked),
-        targets: full.targets[t0..t1].to_vec(),
-        old_logp: full.old_logp[t0..t1].to_vec(),
-        advantages: full.advantages[b0..b1].to_vec(),
-        cu_seqlens: full.cu_seqlens[b0..=b1]
-            .iter()
-            .map(|&c| c - t0 as i32)
-            .collect(),
-        vocab: c1 - c0,
-        ..full.clone()
-    }
-}
-
 /// Runs `f(d, i, inner, data)` for a 2 x 2 grid: data rank d, inner rank i (vocabulary or
 /// sequence), `inner` the handle of data replica d's inner group, `data` the handle of the data
 /// group of inner position i. Results in (d, i) order; a hang fails the test.
@@ -121,7 +82,7 @@ fn data_over_vocabulary_groups_is_the_single_process() {
             let got = on_grid(move |d, i, vg, dg| {
                 let (b0, b1) = [(0, b_cut), (b_cut, b)][d];
                 let (c0, c1) = [(0, c_cut), (c_cut, v)][i];
-                let mine = part(&full2, b0, b1, c0, c1);
+                let mine = common::part(&full2, b0, b1, c0, c1);
                 let at = VocabShard {
                     start: c0,
                     total: v,
@@ -190,7 +151,7 @@ fn data_over_sequence_groups_is_the_single_process() {
             let got = on_grid(move |d, i, sg, dg| {
                 // data replica d holds responses [b0, b1); its sequence ranks split them mid-way
                 let (b0, b1) = [(0, b_cut), (b_cut, b)][d];
-                let whole = part(&full2, b0, b1, 0, full2.vocab);
+                let whole = common::part(&full2, b0, b1, 0, full2.vocab);
                 let n = whole.targets.len();
                 let cut = n / 2;
                 let (t0, t1) = [(0, cut), (cut, n)][i];
@@ -255,7 +216,7 @@ fn bad_input_on_one_rank_is_an_error_on_every_rank_of_both_groups() {
     let got = on_grid(move |d, i, vg, dg| {
         let (b0, b1) = [(0, b_cut), (b_cut, b)][d];
         let (c0, c1) = [(0, c_cut), (c_cut, v)][i];
-        let mut mine = part(&full, b0, b1, c0, c1);
+        let mut mine = common::part(&full, b0, b1, c0, c1);
         if (d, i) == (1, 1) {
             match &mut mine.logits {
                 OwnedLogits::F32(x) => x[0] = f32::NAN,

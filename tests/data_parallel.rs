@@ -8,33 +8,9 @@ mod common;
 
 use common::{seeded_batch, BatchSpec};
 use vppo::{
-    Aggregation, Batch, Collective, Device, Dtype, GradMut, OwnedBatch, OwnedLogits, Perception,
-    ReduceOp, Shaping, TasScope, ThreadGroup, Vppo, VppoConfig, VppoError, VppoOutput,
+    Aggregation, Batch, Collective, Device, Dtype, GradMut, Perception, ReduceOp, Shaping,
+    TasScope, ThreadGroup, Vppo, VppoConfig, VppoError, VppoOutput,
 };
-
-/// Responses [b0, b1) of `full` as a batch of their own.
-fn piece(full: &OwnedBatch, b0: usize, b1: usize) -> OwnedBatch {
-    let (t0, t1) = (full.cu_seqlens[b0] as usize, full.cu_seqlens[b1] as usize);
-    let v = full.vocab;
-    let rows = |l: &OwnedLogits| match l {
-        OwnedLogits::F32(x) => OwnedLogits::F32(x[t0 * v..t1 * v].to_vec()),
-        OwnedLogits::F16(x) => OwnedLogits::F16(x[t0 * v..t1 * v].to_vec()),
-        OwnedLogits::Bf16(x) => OwnedLogits::Bf16(x[t0 * v..t1 * v].to_vec()),
-    };
-    OwnedBatch {
-        logits: rows(&full.logits),
-        logits_masked: rows(&full.logits_masked),
-        targets: full.targets[t0..t1].to_vec(),
-        old_logp: full.old_logp[t0..t1].to_vec(),
-        advantages: full.advantages[b0..b1].to_vec(),
-        cu_seqlens: full.cu_seqlens[b0..=b1]
-            .iter()
-            .map(|&c| c - t0 as i32)
-            .collect(),
-        vocab: v,
-        ref_logp: full.ref_logp.as_ref().map(|r| r[t0..t1].to_vec()),
-    }
-}
 
 /// Split points over B responses for `size` ranks at group boundaries (uneven, some ranks empty).
 fn splits(b_count: usize, group: usize, size: usize, seed: u64) -> Vec<usize> {
@@ -169,7 +145,7 @@ fn the_sum_over_ranks_is_the_single_process_loss() {
                     let cut = splits(b_count, 2, size, seed);
                     let (full2, cut2, cfg2) = (full.clone(), cut.clone(), cfg.clone());
                     let got = common::on_ranks(size, move |rank, g| {
-                        let mine = piece(&full2, cut2[rank], cut2[rank + 1]);
+                        let mine = common::part(&full2, cut2[rank], cut2[rank + 1], 0, full2.vocab);
                         let vppo = Vppo::new(cfg2.clone(), device).unwrap();
                         let out = vppo.forward_data_parallel(&mine.batch(), g);
                         out.map(|(o, global)| {
@@ -239,7 +215,7 @@ fn bad_input_on_one_rank_is_an_error_on_every_rank() {
     for device in [Device::Reference, Device::Simt(vppo::LaneOrder::Forward)] {
         let full2 = full.clone();
         let got = common::on_ranks(3, move |rank, g| {
-            let mut mine = piece(&full2, rank, rank + 1);
+            let mut mine = common::part(&full2, rank, rank + 1, 0, full2.vocab);
             if rank == 1 {
                 mine.old_logp.iter_mut().for_each(|x| *x = f32::NAN);
                 mine.old_logp.push(f32::NAN); // and one too many: a shape error

@@ -12,31 +12,9 @@ use std::sync::Arc;
 
 use common::{seeded_batch, BatchSpec};
 use vppo::{
-    Aggregation, Device, Dtype, GradMut, OwnedBatch, OwnedLogits, Perception, VocabShard, Vppo,
-    VppoConfig, VppoError, VppoOutput,
+    Aggregation, Device, Dtype, GradMut, OwnedLogits, Perception, VocabShard, Vppo, VppoConfig,
+    VppoError, VppoOutput,
 };
-
-/// Columns [c0, c1) of every row of `full`'s two logits tensors.
-fn columns(full: &OwnedBatch, c0: usize, c1: usize) -> OwnedBatch {
-    let v = full.vocab;
-    let cut = |l: &OwnedLogits| match l {
-        OwnedLogits::F32(x) => {
-            OwnedLogits::F32(x.chunks(v).flat_map(|r| r[c0..c1].to_vec()).collect())
-        }
-        OwnedLogits::F16(x) => {
-            OwnedLogits::F16(x.chunks(v).flat_map(|r| r[c0..c1].to_vec()).collect())
-        }
-        OwnedLogits::Bf16(x) => {
-            OwnedLogits::Bf16(x.chunks(v).flat_map(|r| r[c0..c1].to_vec()).collect())
-        }
-    };
-    OwnedBatch {
-        logits: cut(&full.logits),
-        logits_masked: cut(&full.logits_masked),
-        vocab: c1 - c0,
-        ..full.clone()
-    }
-}
 
 /// Shard boundaries over V columns for `size` ranks: uneven, each at least one column wide.
 fn shards(v: usize, size: usize) -> Vec<usize> {
@@ -120,7 +98,13 @@ fn the_shards_together_are_the_unsharded_loss() {
                     let cut = shards(v, size);
                     let (full2, cut2, cfg2) = (full.clone(), cut.clone(), cfg.clone());
                     let got = common::on_ranks(size, move |rank, g| {
-                        let mine = columns(&full2, cut2[rank], cut2[rank + 1]);
+                        let mine = common::part(
+                            &full2,
+                            0,
+                            full2.advantages.len(),
+                            cut2[rank],
+                            cut2[rank + 1],
+                        );
                         let at = VocabShard {
                             start: cut2[rank],
                             total: full2.vocab,
@@ -214,7 +198,8 @@ fn bad_input_in_one_shard_is_an_error_on_every_rank() {
         let full2 = full.clone();
         let got = common::on_ranks(3, move |rank, g| {
             let cut = [0, 10, 25, 40];
-            let mut mine = columns(&full2, cut[rank], cut[rank + 1]);
+            let mut mine =
+                common::part(&full2, 0, full2.advantages.len(), cut[rank], cut[rank + 1]);
             if rank == 2 {
                 if let OwnedLogits::F32(x) = &mut mine.logits_masked {
                     x[3] = f32::NAN; // row 0
@@ -250,7 +235,7 @@ fn shards_that_do_not_tile_the_vocabulary_are_an_error_on_every_rank() {
         let full2 = full.clone();
         let got = common::on_ranks(3, move |rank, g| {
             let (start, end) = shards[rank];
-            let mine = columns(&full2, start, end);
+            let mine = common::part(&full2, 0, full2.advantages.len(), start, end);
             let at = VocabShard { start, total: 30 };
             Vppo::new(VppoConfig::default(), Device::Reference)
                 .unwrap()

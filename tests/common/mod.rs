@@ -300,3 +300,34 @@ pub fn on_ranks<T: Send + 'static>(
     }
     out.into_iter().map(Option::unwrap).collect()
 }
+
+/// Responses [b0, b1) of `full` as a batch of their own, and of their logits rows the columns
+/// [c0, c1) only (a data-parallel piece, a vocabulary shard, or both).
+pub fn part(full: &OwnedBatch, b0: usize, b1: usize, c0: usize, c1: usize) -> OwnedBatch {
+    let (t0, t1) = (full.cu_seqlens[b0] as usize, full.cu_seqlens[b1] as usize);
+    let v = full.vocab;
+    fn cut<T: Copy>(x: &[T], rows: (usize, usize), v: usize, cols: (usize, usize)) -> Vec<T> {
+        x[rows.0 * v..rows.1 * v]
+            .chunks(v)
+            .flat_map(|r| r[cols.0..cols.1].to_vec())
+            .collect()
+    }
+    let rows = |l: &OwnedLogits| match l {
+        OwnedLogits::F32(x) => OwnedLogits::F32(cut(x, (t0, t1), v, (c0, c1))),
+        OwnedLogits::F16(x) => OwnedLogits::F16(cut(x, (t0, t1), v, (c0, c1))),
+        OwnedLogits::Bf16(x) => OwnedLogits::Bf16(cut(x, (t0, t1), v, (c0, c1))),
+    };
+    OwnedBatch {
+        logits: rows(&full.logits),
+        logits_masked: rows(&full.logits_masked),
+        targets: full.targets[t0..t1].to_vec(),
+        old_logp: full.old_logp[t0..t1].to_vec(),
+        advantages: full.advantages[b0..b1].to_vec(),
+        cu_seqlens: full.cu_seqlens[b0..=b1]
+            .iter()
+            .map(|&c| c - t0 as i32)
+            .collect(),
+        vocab: c1 - c0,
+        ref_logp: full.ref_logp.as_ref().map(|r| r[t0..t1].to_vec()),
+    }
+}
