@@ -231,6 +231,27 @@ struct PyGroup {
     reduce: Py<PyAny>,
 }
 
+impl PyGroup {
+    /// `reduce(values, op)` in Python ("sum", "max" or "gather"), checked to return `want` values.
+    fn call(&self, values: &[f64], op: &str, want: usize) -> vppo::Result<Vec<f64>> {
+        let out: Vec<f64> = Python::attach(|py| {
+            self.reduce
+                .call1(py, (values.to_vec(), op))
+                .and_then(|r| r.extract(py))
+        })
+        .map_err(|e| VppoError::Kernel(format!("the process group's {op} failed: {e}")))?;
+        if out.len() != want {
+            return Err(VppoError::Kernel(format!(
+                "the process group's {op} returned {} values for {} ranks of {}",
+                out.len(),
+                self.size,
+                values.len()
+            )));
+        }
+        Ok(out)
+    }
+}
+
 impl Collective for PyGroup {
     fn rank(&self) -> usize {
         self.rank
@@ -243,38 +264,12 @@ impl Collective for PyGroup {
             ReduceOp::Sum => "sum",
             ReduceOp::Max => "max",
         };
-        let reduced: Vec<f64> = Python::attach(|py| {
-            self.reduce
-                .call1(py, (values.to_vec(), op))
-                .and_then(|r| r.extract(py))
-        })
-        .map_err(|e| VppoError::Kernel(format!("the process group's all_reduce failed: {e}")))?;
-        if reduced.len() != values.len() {
-            return Err(VppoError::Kernel(format!(
-                "the process group's all_reduce returned {} values for {}",
-                reduced.len(),
-                values.len()
-            )));
-        }
+        let reduced = self.call(values, op, values.len())?;
         values.copy_from_slice(&reduced);
         Ok(())
     }
     fn all_gather(&self, values: &[f64]) -> vppo::Result<Vec<f64>> {
-        let gathered: Vec<f64> = Python::attach(|py| {
-            self.reduce
-                .call1(py, (values.to_vec(), "gather"))
-                .and_then(|r| r.extract(py))
-        })
-        .map_err(|e| VppoError::Kernel(format!("the process group's all_gather failed: {e}")))?;
-        if gathered.len() != values.len() * self.size {
-            return Err(VppoError::Kernel(format!(
-                "the process group's all_gather returned {} values for {} ranks of {}",
-                gathered.len(),
-                self.size,
-                values.len()
-            )));
-        }
-        Ok(gathered)
+        self.call(values, "gather", values.len() * self.size)
     }
 }
 
