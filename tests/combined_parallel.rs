@@ -155,31 +155,15 @@ fn data_over_sequence_groups_is_the_single_process() {
                 let n = whole.targets.len();
                 let cut = n / 2;
                 let (t0, t1) = [(0, cut), (cut, n)][i];
-                let (mut cu, mut adv, mut continues) = (vec![0i32], vec![], false);
-                for (r, w) in whole.cu_seqlens.windows(2).enumerate() {
-                    let (s, e) = (w[0] as usize, w[1] as usize);
-                    let last = t1 == n;
-                    let here = if s == e {
-                        s >= t0 && (s < t1 || (last && s == t1))
-                    } else {
-                        s < t1 && e > t0
-                    };
-                    if !here {
-                        continue;
-                    }
-                    continues |= s < t0 && adv.is_empty();
-                    cu.push((e.min(t1) - t0) as i32);
-                    adv.push(whole.advantages[r]);
-                }
+                let (mine, continues) = common::pieces(&whole, t0, t1);
+                // the rows read in place out of the replica's tensors (SPEC section 10)
                 let rows: Vec<i64> = (t0 as i64..t1 as i64).collect();
                 let batch = vppo::Batch {
-                    targets: &whole.targets[t0..t1],
-                    old_logp: &whole.old_logp[t0..t1],
-                    advantages: &adv,
-                    cu_seqlens: &cu,
+                    logits: whole.logits.view(),
+                    logits_masked: whole.logits_masked.view(),
                     rows: Some(&rows),
                     masked_rows: Some(&rows),
-                    ..whole.batch()
+                    ..mine.batch()
                 };
                 let vppo = Vppo::new(VppoConfig::default(), device).unwrap();
                 vppo.forward_sequence_data_parallel(&batch, continues, sg, dg)

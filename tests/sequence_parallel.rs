@@ -11,50 +11,8 @@ use std::sync::Arc;
 
 use common::{seeded_batch, BatchSpec};
 use vppo::{
-    Aggregation, Device, Dtype, GradMut, LossType, MaskBy, OwnedBatch, OwnedLogits, Vppo,
-    VppoConfig, VppoError, VppoOutput,
+    Aggregation, Device, Dtype, GradMut, LossType, MaskBy, Vppo, VppoConfig, VppoError, VppoOutput,
 };
-
-/// Tokens [t0, t1) of `full` as a rank's pieces, and whether its first piece continues a response
-/// begun on an earlier rank.
-fn piece(full: &OwnedBatch, t0: usize, t1: usize) -> (OwnedBatch, bool) {
-    let v = full.vocab;
-    let rows = |l: &OwnedLogits| match l {
-        OwnedLogits::F32(x) => OwnedLogits::F32(x[t0 * v..t1 * v].to_vec()),
-        OwnedLogits::F16(x) => OwnedLogits::F16(x[t0 * v..t1 * v].to_vec()),
-        OwnedLogits::Bf16(x) => OwnedLogits::Bf16(x[t0 * v..t1 * v].to_vec()),
-    };
-    let (mut cu, mut adv, mut continues) = (vec![0i32], vec![], false);
-    for (b, w) in full.cu_seqlens.windows(2).enumerate() {
-        let (s, e) = (w[0] as usize, w[1] as usize);
-        // a response is here when it overlaps [t0, t1), or is empty and starts in it (or at the
-        // end of the batch, on the last rank)
-        let last = t1 == full.targets.len();
-        let here = if s == e {
-            s >= t0 && (s < t1 || (last && s == t1))
-        } else {
-            s < t1 && e > t0
-        };
-        if !here {
-            continue;
-        }
-        if s < t0 && adv.is_empty() {
-            continues = true;
-        }
-        cu.push((e.min(t1) - t0) as i32);
-        adv.push(full.advantages[b]);
-    }
-    let batch = OwnedBatch {
-        logits: rows(&full.logits),
-        logits_masked: rows(&full.logits_masked),
-        targets: full.targets[t0..t1].to_vec(),
-        old_logp: full.old_logp[t0..t1].to_vec(),
-        advantages: adv,
-        cu_seqlens: cu,
-        ..full.clone()
-    };
-    (batch, continues)
-}
 
 /// Token cut points for `size` ranks, each rank at least one token. With 3 or more ranks the
 /// first two cuts fall inside the longest response (when it has at least 3 tokens), so that it
@@ -131,7 +89,7 @@ fn the_pieces_give_the_unsplit_mask_and_gradient() {
                     let (full2, c2, cfg2) = (full.clone(), c.clone(), cfg.clone());
                     let got = common::on_ranks(size, move |rank, g| {
                         let (t0, t1) = (c2[rank], c2[rank + 1]);
-                        let (mine, continues) = piece(&full2, t0, t1);
+                        let (mine, continues) = common::pieces(&full2, t0, t1);
                         // The rank reads its rows in place out of the whole tensors (SPEC section
                         // 10), at the addresses the unsplit run reads them: the kernels' per-row
                         // results (whose bits can depend on a row's 16-byte phase) are the same.
@@ -239,7 +197,7 @@ fn bad_layouts_and_bad_input_are_errors_on_every_rank() {
         let full2 = full.clone();
         let got = common::on_ranks(2, move |rank, g| {
             let cut = [0, n / 2, n];
-            let (mut mine, mut continues) = piece(&full2, cut[rank], cut[rank + 1]);
+            let (mut mine, mut continues) = common::pieces(&full2, cut[rank], cut[rank + 1]);
             match (case, rank) {
                 (0, 0) => continues = true,
                 (1, 1) => {

@@ -331,3 +331,45 @@ pub fn part(full: &OwnedBatch, b0: usize, b1: usize, c0: usize, c1: usize) -> Ow
         ref_logp: full.ref_logp.as_ref().map(|r| r[t0..t1].to_vec()),
     }
 }
+
+/// Tokens [t0, t1) of `full` as a rank's pieces, and whether its first piece continues a response
+/// begun on an earlier rank.
+pub fn pieces(full: &OwnedBatch, t0: usize, t1: usize) -> (OwnedBatch, bool) {
+    let v = full.vocab;
+    let rows = |l: &OwnedLogits| match l {
+        OwnedLogits::F32(x) => OwnedLogits::F32(x[t0 * v..t1 * v].to_vec()),
+        OwnedLogits::F16(x) => OwnedLogits::F16(x[t0 * v..t1 * v].to_vec()),
+        OwnedLogits::Bf16(x) => OwnedLogits::Bf16(x[t0 * v..t1 * v].to_vec()),
+    };
+    let (mut cu, mut adv, mut continues) = (vec![0i32], vec![], false);
+    for (b, w) in full.cu_seqlens.windows(2).enumerate() {
+        let (s, e) = (w[0] as usize, w[1] as usize);
+        // a response is here when it overlaps [t0, t1), or is empty and starts in it (or at the
+        // end of the batch, on the last rank)
+        let last = t1 == full.targets.len();
+        let here = if s == e {
+            s >= t0 && (s < t1 || (last && s == t1))
+        } else {
+            s < t1 && e > t0
+        };
+        if !here {
+            continue;
+        }
+        if s < t0 && adv.is_empty() {
+            continues = true;
+        }
+        cu.push((e.min(t1) - t0) as i32);
+        adv.push(full.advantages[b]);
+    }
+    let batch = OwnedBatch {
+        logits: rows(&full.logits),
+        logits_masked: rows(&full.logits_masked),
+        targets: full.targets[t0..t1].to_vec(),
+        old_logp: full.old_logp[t0..t1].to_vec(),
+        advantages: adv,
+        cu_seqlens: cu,
+        vocab: v,
+        ref_logp: full.ref_logp.as_ref().map(|r| r[t0..t1].to_vec()),
+    };
+    (batch, continues)
+}
