@@ -31,6 +31,14 @@ def pieces(size):
     return {2: [0, 3, b], 3: [0, 1, 6, b], 4: [0, 2, 2, 5, b]}[size]
 
 
+def _close():
+    """Every rank waits for the others before tearing the group down: a rank that destroyed it
+    while a peer's gloo thread still sent it the last collective's data aborted that peer
+    ("terminate called without an active exception", seen once in CI)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def rank_batch(full, b0, b1):
     cu = full["cu_seqlens"]
     t0, t1 = int(cu[b0]), int(cu[b1])
@@ -63,7 +71,7 @@ def worker(rank, size, init, out_dir, dtype_name, bad_rank):
                 results.append(("error", str(e)))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _close()
 
 
 def run(size, dtype, bad_rank=-1, fn=None):
@@ -152,7 +160,7 @@ def vocab_worker(rank, size, init, out_dir, dtype_name, bad_rank):
                 results.append(("error", str(e)))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _close()
 
 
 @pytest.mark.parametrize("size,dtype", [(2, torch.float32), (3, torch.bfloat16)])
@@ -234,7 +242,7 @@ def seq_worker(rank, size, init, out_dir, dtype_name, bad_rank):
             results.append((loss.item(), out["mask"], out["dlogp"], out["alpha"], b["logits"].grad.float()))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _close()
 
 
 @pytest.mark.parametrize("size", [2, 3])
