@@ -273,19 +273,29 @@ impl Collective for PyGroup {
     }
 }
 
-/// `e`, after telling the group (if any) that this rank failed before the reductions, so that no
-/// other rank waits for it (`vppo::parallel::report_failure`).
-fn fail_group(py: Python<'_>, group: Option<&PyGroup>, e: PyErr) -> PyErr {
-    if let Some(g) = group {
-        if let Err(collective) = py.detach(|| vppo::parallel::report_failure(g)) {
-            return value_error(collective);
+/// The groups of one forward call (SPEC 11): each layout's, absent where it is not used.
+struct Groups {
+    data: Option<PyGroup>,
+    vocab: Option<PyGroup>,
+    seq: Option<PyGroup>,
+}
+
+impl Groups {
+    /// `e`, after telling each group that this rank failed before the reductions, in the order the
+    /// crate runs their first rounds (vocabulary, sequence, data), so that no other rank waits for
+    /// it (`vppo::parallel::report_failure`).
+    fn fail(&self, py: Python<'_>, e: PyErr) -> PyErr {
+        for g in [&self.vocab, &self.seq, &self.data].into_iter().flatten() {
+            if let Err(collective) = py.detach(|| vppo::parallel::report_failure(g)) {
+                return value_error(collective);
+            }
         }
+        e
     }
-    e
 }
 
 /// Takes part in a data-parallel call as a rank that failed before it (vppo/torch.py's own checks
-/// raised): see [`fail_group`].
+/// raised): see [`Groups::fail`].
 #[pyfunction]
 fn report_failure(py: Python<'_>, rank: usize, size: usize, reduce: Py<PyAny>) -> PyResult<()> {
     let g = PyGroup { rank, size, reduce };
@@ -299,7 +309,7 @@ fn report_failure(py: Python<'_>, rank: usize, size: usize, reduce: Py<PyAny>) -
 /// selected_fraction, kl_loss). `ref_logp` ([N] f32) is the KL penalty's (SPEC section 12). Nothing
 /// is written when the crate returns an error.
 #[pyfunction]
-#[pyo3(signature = (device, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, group=None, vocab_shard=None, ref_logp=None, seq_continues=None))]
+#[pyo3(signature = (device, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, group=None, vocab_shard=None, ref_logp=None, seq_continues=None, vocab_group=None, seq_group=None))]
 #[allow(clippy::too_many_arguments)]
 fn forward(
     py: Python<'_>,
@@ -320,15 +330,37 @@ fn forward(
     vocab_shard: Option<(usize, usize)>,
     ref_logp: Option<Raw>,
     seq_continues: Option<bool>,
+    vocab_group: Option<(usize, usize, Py<PyAny>)>,
+    seq_group: Option<(usize, usize, Py<PyAny>)>,
 ) -> PyResult<(f64, f64, f64, f64, f64, f64, f64)> {
-    // With vocab_shard (start, V), `group` is the vocabulary group (SPEC 11); with seq_continues
-    // (whether this rank's first response continues the previous rank's), the sequence group;
-    // else the data group.
-    let group = group.map(|(rank, size, reduce)| PyGroup { rank, size, reduce });
+    // `group` is the data group, `vocab_group` (with vocab_shard: start, V) the vocabulary group,
+    // `seq_group` (with seq_continues: whether this rank's first response continues the previous
+    // rank's) the sequence group (SPEC 11); any of them may be absent.
+    let py_group = |g: Option<(usize, usize, Py<PyAny>)>| {
+        g.map(|(rank, size, reduce)| PyGroup { rank, size, reduce })
+    };
+    let groups = Groups {
+        data: py_group(group),
+        vocab: py_group(vocab_group),
+        seq: py_group(seq_group),
+    };
     let vppo = match build(device, options) {
         Ok(v) => v,
-        Err(e) => return Err(fail_group(py, group.as_ref(), e)),
+        Err(e) => return Err(groups.fail(py, e)),
     };
+    let layout = match (&groups.vocab, vocab_shard, &groups.seq, seq_continues) {
+        (Some(_), None, ..) | (None, Some(_), ..) => {
+            Some("vocab_group and vocab_shard go together")
+        }
+        (.., Some(_), None) | (.., None, Some(_)) => {
+            Some("seq_group and seq_continues go together")
+        }
+        (Some(_), _, Some(_), _) => Some("vocab_group and seq_group are not combined yet"),
+        _ => None,
+    };
+    if let Some(msg) = layout {
+        return Err(groups.fail(py, bad(msg.into())));
+    }
     let checked = forward_checks(
         vocab,
         &logits,
@@ -342,10 +374,10 @@ fn forward(
         &out,
     );
     if let Err(e) = checked {
-        return Err(fail_group(py, group.as_ref(), e));
+        return Err(groups.fail(py, e));
     }
 
-    let dtype = parse_dtype(dtype).map_err(|e| fail_group(py, group.as_ref(), e))?;
+    let dtype = parse_dtype(dtype).map_err(|e| groups.fail(py, e))?;
     let result = py.detach(|| {
         // SAFETY: vppo/torch.py passes contiguous CPU tensors of these dtypes and element counts,
         // alive for the call (they are arguments of the op), and nothing else runs on them meanwhile.
@@ -363,13 +395,23 @@ fn forward(
                 ref_logp: ref_logp.map(|r| slice::<f32>(r)),
             }
         };
-        match (&group, vocab_shard, seq_continues) {
-            (Some(g), Some((start, total)), _) => {
-                vppo.forward_vocab_parallel(&batch, VocabShard { start, total }, g)
+        let data = groups.data.as_ref();
+        match (&groups.vocab, vocab_shard, &groups.seq, seq_continues) {
+            (Some(v), Some((start, total)), _, _) => {
+                let at = VocabShard { start, total };
+                match data {
+                    Some(d) => vppo.forward_vocab_data_parallel(&batch, at, v, d),
+                    None => vppo.forward_vocab_parallel(&batch, at, v),
+                }
             }
-            (Some(g), None, Some(c)) => vppo.forward_sequence_parallel(&batch, c, g),
-            (Some(g), None, None) => vppo.forward_data_parallel(&batch, g).map(|(o, _)| o),
-            (None, _, _) => vppo.forward(&batch),
+            (_, _, Some(s), Some(c)) => match data {
+                Some(d) => vppo.forward_sequence_data_parallel(&batch, c, s, d),
+                None => vppo.forward_sequence_parallel(&batch, c, s),
+            },
+            _ => match data {
+                Some(d) => vppo.forward_data_parallel(&batch, d).map(|(o, _)| o),
+                None => vppo.forward(&batch),
+            },
         }
     });
     let o = result.map_err(value_error)?;

@@ -1,8 +1,9 @@
-"""Data parallel vppo_loss (SPEC section 11) over gloo ranks on this machine (loopback only): each
-rank holds whole responses of one batch, calls the op with ``process_group``, and the sum over ranks
-of the losses, every token's dlogp and mask, every response's alpha and every rank's gradient rows
-equal the single-process result on the whole batch. Bad input on one rank raises on every rank
-(no hang: each run has a deadline)."""
+"""vppo_loss across gloo ranks on this machine (loopback only), SPEC section 11: data parallel (each
+rank holds whole responses of one batch, ``process_group``: the sum over ranks of the losses, every
+token's dlogp and mask, every response's alpha and every rank's gradient rows equal the
+single-process result on the whole batch), vocabulary parallel (``vocab_group``), sequence parallel
+(``seq_group``), and the combined layouts on a 2 x 2 grid of 4 ranks (data x vocabulary, data x
+sequence). Bad input on one rank raises on every rank (no hang: each run has a deadline)."""
 
 import os
 import tempfile
@@ -261,3 +262,164 @@ def test_sequence_pieces_give_the_unsplit_mask_and_gradient(size):
         torch.testing.assert_close(torch.cat([r[2] for r in ranks]), out["dlogp"], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(torch.cat([r[4] for r in ranks]), logits.grad.float(), rtol=1e-5,
                                    atol=1e-7)
+
+
+# -------------------------------------------------------------------------------------------------
+# Layouts combined: 4 ranks as a 2 x 2 grid, data replica d = rank // 2 over inner position
+# i = rank % 2 (vocabulary shard or sequence piece); one spawn for all of them (`grid`)
+# -------------------------------------------------------------------------------------------------
+
+
+def grid_groups(rank):
+    """(inner group, data group) of `rank`: the inner groups {0, 1}, {2, 3} and the data groups
+    {0, 2}, {1, 3}, each created on every rank in the same order (torch.distributed.new_group)."""
+    inner = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    data = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    return inner[rank // 2], data[rank % 2]
+
+
+def grid_bad_calls(rank, b, call_it):
+    """Two calls with bad input on rank 3 only, each result ("error", message) or ("ok",): a NaN
+    in its logits_masked (the crate's row checks), then an old_logp one element short (the
+    extension's length checks)."""
+    results = []
+    for kind in ("nan", "short"):
+        bad = dict(b)
+        if rank == 3 and kind == "nan":
+            bad["logits_masked"] = b["logits_masked"].clone()
+            bad["logits_masked"][0, 0] = float("nan")
+        if rank == 3 and kind == "short":
+            bad["old_logp"] = b["old_logp"][:-1].clone()
+        try:
+            call_it(bad)
+            results.append(("ok",))
+        except ValueError as e:
+            results.append(("error", str(e)))
+    return results
+
+
+def data_vocab_calls(rank, vocab_g, data_g):
+    """Data x vocabulary: replica d holds responses pieces(2)[d:d + 2], its rank i the columns
+    vocab_cuts(2)[i:i + 2] of them (bfloat16)."""
+    d, i = rank // 2, rank % 2
+    full = make_batch(lengths=LENGTHS, vocab=VOCAB, dtype=torch.bfloat16, seed=30)
+    b0, b1 = pieces(2)[d:d + 2]
+    c0, c1 = vocab_cuts(2)[i:i + 2]
+    mine = rank_batch(full, b0, b1)
+    mine["logits"] = mine["logits"][:, c0:c1].contiguous()
+    mine["logits_masked"] = mine["logits_masked"][:, c0:c1].contiguous()
+    results = []
+    for options in CONFIGS:
+        logits = mine["logits"].clone().requires_grad_(True)
+        loss, out = call(dict(mine, logits=logits), process_group=data_g, vocab_group=vocab_g,
+                         vocab_start=c0, **options)
+        loss.backward()
+        results.append((loss.item(), {k: out[k] for k in ("score", "lse", "mask", "dlogp",
+                                                         "alpha")}, logits.grad.float()))
+    results.append(grid_bad_calls(rank, mine, lambda b: call(
+        b, process_group=data_g, vocab_group=vocab_g, vocab_start=c0)))
+    return results
+
+
+def data_seq_cut(d):
+    """Where replica d's tokens are cut between its two sequence ranks: inside response 2 of replica
+    0 (tokens [5, 12) of 12) and inside response 4 of replica 1 (its tokens [4, 7) of 16)."""
+    return [8, 6][d]
+
+
+def data_seq_calls(rank, seq_g, data_g):
+    """Data x sequence: replica d holds responses pieces(2)[d:d + 2], cut at data_seq_cut(d) between
+    its two sequence ranks (float32)."""
+    d, i = rank // 2, rank % 2
+    full = make_batch(lengths=LENGTHS, vocab=23, dtype=torch.float32, seed=31)
+    b0, b1 = pieces(2)[d:d + 2]
+    whole = rank_batch(full, b0, b1)
+    cut, n = data_seq_cut(d), int(whole["cu_seqlens"][-1])
+    t0, t1 = [(0, cut), (cut, n)][i]
+    mine, continues = seq_piece(whole, t0, t1)
+    results = []
+    for options in CONFIGS:
+        logits = mine["logits"].clone().requires_grad_(True)
+        loss, out = call(dict(mine, logits=logits), process_group=data_g, seq_group=seq_g,
+                         seq_continues=continues, **options)
+        loss.backward()
+        results.append((loss.item(), {k: out[k] for k in ("score", "lse", "mask", "dlogp",
+                                                         "alpha")}, logits.grad.float(),
+                        out["token_normalizer"].item()))
+    results.append(grid_bad_calls(rank, mine, lambda b: call(
+        b, process_group=data_g, seq_group=seq_g, seq_continues=continues)))
+    return results
+
+
+def grid_worker(rank, size, init, out_dir, dtype_name, bad_rank):
+    """Every combined layout in one spawn of 4 ranks (each spawn costs tens of seconds on CI)."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    try:
+        inner_g, data_g = grid_groups(rank)
+        results = {"vocab": data_vocab_calls(rank, inner_g, data_g),
+                   "seq": data_seq_calls(rank, inner_g, data_g)}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        _close()
+
+
+@pytest.fixture(scope="module")
+def grid():
+    return run(4, torch.float32, fn=grid_worker)
+
+
+def check_grid_errors(got):
+    for kind, r in enumerate(zip(*[g[-1] for g in got])):
+        for rank, x in enumerate(r):
+            assert x[0] == "error", (kind, rank, x)
+            want = ["logits_masked", "old_logp"][kind] if rank == 3 else \
+                "rank(s) of the group reported an error"
+            assert want in x[1], (kind, rank, x[1])
+
+
+def test_data_over_vocabulary_groups_gives_the_single_process_loss(grid):
+    got = [g["vocab"] for g in grid]
+    full = make_batch(lengths=LENGTHS, vocab=VOCAB, dtype=torch.bfloat16, seed=30)
+    cuts = vocab_cuts(2)
+    for c, options in enumerate(CONFIGS):
+        logits = full["logits"].clone().requires_grad_(True)
+        loss, out = call(dict(full, logits=logits), **options)
+        loss.backward()
+        ranks = [r[c] for r in got]
+        for d in (0, 1):  # bit-identical over each vocabulary group
+            a, b = ranks[2 * d], ranks[2 * d + 1]
+            assert a[0] == b[0], (options, d)
+            assert all(torch.equal(a[1][k], b[1][k]) for k in a[1]), (options, d)
+        total, want = ranks[0][0] + ranks[2][0], loss.item()
+        assert abs(total - want) <= 1e-5 * max(1.0, abs(want)), (options, total, want)
+        assert torch.equal(torch.cat([ranks[0][1]["mask"], ranks[2][1]["mask"]]), out["mask"])
+        for k in ("score", "lse", "dlogp", "alpha"):
+            torch.testing.assert_close(torch.cat([ranks[0][1][k], ranks[2][1][k]]), out[k],
+                                       rtol=2e-5, atol=1e-6)
+        assert [r[2].shape[1] for r in ranks[:2]] == [b - a for a, b in zip(cuts, cuts[1:])]
+        grad = torch.cat([torch.cat([ranks[2 * d][2], ranks[2 * d + 1][2]], dim=1) for d in (0, 1)])
+        torch.testing.assert_close(grad, logits.grad.float(), rtol=1e-2, atol=1e-2)
+    check_grid_errors(got)
+
+
+def test_data_over_sequence_groups_gives_the_single_process_loss(grid):
+    got = [g["seq"] for g in grid]
+    full = make_batch(lengths=LENGTHS, vocab=23, dtype=torch.float32, seed=31)
+    for c, options in enumerate(CONFIGS):
+        logits = full["logits"].clone().requires_grad_(True)
+        loss, out = call(dict(full, logits=logits), **options)
+        loss.backward()
+        ranks = [r[c] for r in got]
+        for d in (0, 1):  # each sequence group returns its batch's loss, the same bits on both
+            assert ranks[2 * d][0] == ranks[2 * d + 1][0], (options, d)
+            assert ranks[2 * d][3] == ranks[2 * d + 1][3] == float(out["token_normalizer"])
+        total, want = ranks[0][0] + ranks[2][0], loss.item()
+        assert abs(total - want) <= 1e-5 * max(1.0, abs(want)), (options, total, want)
+        # the ranks' tokens in rank order are the batch's
+        assert torch.equal(torch.cat([r[1]["mask"] for r in ranks]), out["mask"]), options
+        for k in ("score", "lse", "dlogp"):
+            torch.testing.assert_close(torch.cat([r[1][k] for r in ranks]), out[k], rtol=1e-5,
+                                       atol=1e-7)
+        torch.testing.assert_close(torch.cat([r[2] for r in ranks]), logits.grad.float(), rtol=1e-5,
+                                   atol=1e-7)
+    check_grid_errors(got)

@@ -190,19 +190,27 @@ def _group_reducer(name: str):
     return (rank, size, reduce)
 
 
+def _reducers(names):
+    """The reducers of the groups named (None where a layout is not used), in the order the crate
+    runs their first rounds: vocabulary, sequence, data (src/parallel/)."""
+    return [None if n is None else _group_reducer(n) for n in names]
+
+
 class _agreeing:
     """A context in which an error raised on this rank before the extension's collectives is first
-    reported to the group (``_vppo.report_failure``), so that no other rank waits for this one."""
+    reported to each group (``_vppo.report_failure``, in the crate's order), so that no other rank
+    waits for this one."""
 
-    def __init__(self, reducer):
-        self.reducer = reducer
+    def __init__(self, reducers):
+        self.reducers = [r for r in reducers if r is not None]
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, value, tb):
-        if kind is not None and self.reducer is not None and issubclass(kind, Exception):
-            _vppo.report_failure(*self.reducer)
+        if kind is not None and issubclass(kind, Exception):
+            for r in self.reducers:
+                _vppo.report_failure(*r)
         return False
 
 
@@ -230,10 +238,13 @@ def _loss(
     vocab_start: int,
     vocab_size: int,
     seq_continues: int,
+    vocab_group: Optional[str] = None,
+    seq_group: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
            Tensor, Tensor, Tensor, Tensor]:
-    reducer = None if group is None else _group_reducer(group)
-    with _agreeing(reducer):
+    # `group` is the data group; `vocab_group` and `seq_group` the other layouts' (SPEC 11)
+    vocab_r, seq_r, data_r = _reducers((vocab_group, seq_group, group))
+    with _agreeing((vocab_r, seq_r, data_r)):
         _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows,
                       masked_rows, device, grad_dtype)
         _check_ref_logp(ref_logp)
@@ -252,10 +263,12 @@ def _loss(
         _raw(cu_seqlens), None if rows is None else _raw(rows),
         None if masked_rows is None else _raw(masked_rows),
         [_raw(t) for t in token + resp],
-        reducer,
+        data_r,
         None if vocab_start < 0 else (vocab_start, vocab_size),
         None if ref_logp is None else _raw(ref_logp),
         None if seq_continues < 0 else bool(seq_continues),
+        vocab_group=vocab_r,
+        seq_group=seq_r,
     )
     loss = torch.tensor(scalars[0], dtype=torch.float32)
     stats = torch.tensor(scalars[1:], dtype=torch.float64)
@@ -265,7 +278,7 @@ def _loss(
 @_loss.register_fake
 def _loss_fake(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
                ref_logp, options, device, grad_dtype, in_place, group, vocab_start, vocab_size,
-               seq_continues):
+               seq_continues, vocab_group=None, seq_group=None):
     n, b = targets.shape[0], advantages.shape[0]
     loss = logits.new_empty((), dtype=torch.float32)
     token = [logits.new_empty((n,), dtype=torch.uint8 if name == "mask" else torch.float32)
@@ -359,7 +372,7 @@ _DLOGP = 1 + TOKEN_OUTPUTS.index("dlogp")
 
 def _setup_context(ctx, inputs, output):
     (logits, _, targets, _, _, _, rows, _, _, options, device, grad_dtype, in_place, _, vocab_start,
-     vocab_size, _) = inputs
+     vocab_size) = inputs[:16]
     ctx.save_for_backward(logits, targets, output[_LSE], output[_DLOGP], rows)
     ctx.options, ctx.device, ctx.grad_dtype, ctx.in_place = options, device, grad_dtype, in_place
     ctx.vocab_start, ctx.vocab_size = vocab_start, vocab_size
@@ -368,7 +381,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *_):
     logits, targets, lse, dlogp, rows = ctx.saved_tensors
-    none = (None,) * 16
+    none = (None,) * 18
     if grad_loss is None:
         return (None,) + none
     # dloss/dlogits is linear in dloss/dlogp: the incoming gradient of the loss scales dlogp.
@@ -438,12 +451,7 @@ def vppo_loss(
     logits_masked are the columns [vocab_start, vocab_start + V_r) of a vocabulary of ``vocab_size``
     (default: the sum of the ranks' V_r, one all-reduce); targets are global ids; the other inputs
     are the same on every rank. Every rank returns the same loss and outputs (bit-identical), and
-    the backward writes the gradient of this rank's columns. Not combined with ``process_group`` or
-    ``in_place`` yet.
-
-    Returns ``(loss, out)``: ``loss`` a 0-dim float32 tensor whose backward gives dloss/dlogits only;
-    ``out`` a dict of the per-token (``TOKEN_OUTPUTS``), per-response (``RESPONSE_OUTPUTS``) tensors
-    and the statistics (``STATS``). Bad input raises ValueError with the crate's message.
+    the backward writes the gradient of this rank's columns. Not combined with ``in_place`` yet.
 
     ``seq_group``, ``seq_continues``: sequence parallel (SPEC section 11). This rank holds pieces of
     responses in token order (its rows, targets, old_logp, one advantage per piece, cu_seqlens over
@@ -451,16 +459,27 @@ def vppo_loss(
     response (with the same advantage). The mask of a split response is exactly the unsplit one,
     Sbar, k and alpha are its whole response's, and the loss returned is the group's (the same on
     every rank); the backward writes this rank's rows.
+
+    Combined layouts: ``process_group`` with ``vocab_group`` (each data rank's batch sharded over
+    its vocabulary group) or with ``seq_group`` (each data rank's batch split over its sequence
+    group). ``process_group`` is then the data group of this rank's position in the inner group
+    (one rank of each vocabulary or sequence group, all at the same position; create every group
+    with ``torch.distributed.new_group`` on every rank). The loss returned is the inner group's
+    batch's share of the data group's loss: the sum over the data group is the loss of all the
+    batches together. Bad input on any rank raises on every rank of both groups.
+
+    Returns ``(loss, out)``: ``loss`` a 0-dim float32 tensor whose backward gives dloss/dlogits only;
+    ``out`` a dict of the per-token (``TOKEN_OUTPUTS``), per-response (``RESPONSE_OUTPUTS``) tensors
+    and the statistics (``STATS``). Bad input raises ValueError with the crate's message.
     """
     device = "simt" if device is None else device
-    if sum(g is not None for g in (process_group, vocab_group, seq_group)) > 1:
-        raise ValueError("vppo_loss: process_group, vocab_group and seq_group are not combined yet")
     if vocab_group is not None and in_place:
         raise ValueError("vppo_loss: vocab_group is not combined with in_place yet")
+    if vocab_group is not None and seq_group is not None:
+        raise ValueError("vppo_loss: vocab_group and seq_group are not combined yet")
     seq = -1
     if seq_group is not None:
         seq = int(bool(seq_continues))
-        process_group = seq_group
     start, total = -1, 0
     if vocab_group is not None:
         if vocab_start is None:
@@ -476,9 +495,8 @@ def vppo_loss(
                 width = width.cuda()
             dist.all_reduce(width, group=vocab_group)
             total = int(width.item())
-        process_group = vocab_group
-    group = None if process_group is None else _group_name(process_group)
-    with _agreeing(None if group is None else _group_reducer(group)):
+    names = tuple(None if g is None else _group_name(g) for g in (vocab_group, seq_group, process_group))
+    with _agreeing(_reducers(names)):
         _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows,
                       masked_rows, device, grad_dtype)
         _check_ref_logp(ref_logp)
@@ -487,8 +505,8 @@ def vppo_loss(
                              'grad_dtype must be "logits"')
         options_json = _options_json(options)
     result = _loss(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
-                   ref_logp, options_json, device, grad_dtype, bool(in_place), group, start, int(total),
-                   seq)
+                   ref_logp, options_json, device, grad_dtype, bool(in_place), names[2], start,
+                   int(total), seq, names[0], names[1])
     names = TOKEN_OUTPUTS + RESPONSE_OUTPUTS
     out = {name: result[1 + i] for i, name in enumerate(names)}
     stats = result[1 + len(names)]
