@@ -190,11 +190,13 @@ fn dl_error() -> String {
     }
 }
 
-/// Compiles the fake driver with the C compiler ($CC, which may carry a wrapper such as ccache, else
-/// cc) into a file of this process's own (the name has the pid and the time, so concurrent test
-/// processes never share one).
-fn compile() -> Result<PathBuf, String> {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fake_cuda/libcuda.c");
+/// Compiles `source` (a C file of tests/, relative to the crate) with the C compiler ($CC, which may
+/// carry a wrapper such as ccache, else cc) into a shared object named `soname` (a file of this
+/// process's own: the name has the pid and the time, so concurrent test processes never share one).
+/// The fake NCCL library (fake_nccl.rs) is built the same way.
+pub fn compile(source: &str, soname: &str) -> Result<PathBuf, String> {
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(source);
+    let stem = soname.trim_end_matches(".so");
     let mut dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fake_cuda");
     if std::fs::create_dir_all(&dir).is_err() {
         dir = std::env::temp_dir();
@@ -202,7 +204,7 @@ fn compile() -> Result<PathBuf, String> {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let out = dir.join(format!("libcuda-{}-{nanos}.so", std::process::id()));
+    let out = dir.join(format!("{stem}-{}-{nanos}.so", std::process::id()));
     let cc = std::env::var("CC").ok().filter(|c| !c.trim().is_empty());
     let cc = cc.unwrap_or_else(|| "cc".into());
     let mut words = cc.split_whitespace();
@@ -212,7 +214,7 @@ fn compile() -> Result<PathBuf, String> {
         .args([
             "-shared", "-fPIC", "-O1", "-std=c11", "-Wall", "-Wextra", "-pthread",
         ])
-        .arg("-Wl,-soname,libcuda.so")
+        .arg(format!("-Wl,-soname,{soname}"))
         .arg("-o")
         .arg(&out)
         .arg(&src)
@@ -228,8 +230,11 @@ fn compile() -> Result<PathBuf, String> {
     Ok(out)
 }
 
-fn load(schedule: c_int) -> Result<Loaded, String> {
-    let path = compile()?;
+/// Compiles `source` ([`compile`]) and loads it into this process under `soname`, for every later
+/// dlopen of that name (cudarc's): RTLD_GLOBAL, so a library loaded after it (the fake NCCL) links to
+/// its functions. Never closed. Returns the handle.
+pub fn load_global(source: &str, soname: &str) -> Result<*mut c_void, String> {
+    let path = compile(source, soname)?;
     let c_path = CString::new(path.as_os_str().to_string_lossy().as_bytes()).unwrap();
     // SAFETY: a valid C string; the library's only initialiser is the C runtime's. It is never closed,
     // so every pointer into it stays valid for the life of the process.
@@ -239,15 +244,21 @@ fn load(schedule: c_int) -> Result<Loaded, String> {
     }
     // Loaded under its SONAME; the file itself is no longer needed.
     let _ = std::fs::remove_file(&path);
-    // The name cudarc opens first must now be this library, not a real driver loaded earlier.
+    // The name cudarc opens first must now be this library, not a real one loaded earlier.
+    let c_name = CString::new(soname).unwrap();
     // SAFETY: a valid C string; RTLD_NOLOAD loads nothing, it only looks the name up.
-    let by_name = unsafe { dlopen(c"libcuda.so".as_ptr(), RTLD_NOW | RTLD_NOLOAD) };
+    let by_name = unsafe { dlopen(c_name.as_ptr(), RTLD_NOW | RTLD_NOLOAD) };
     if by_name != handle {
         return Err(format!(
-            "dlopen(\"libcuda.so\") does not resolve to the fake driver (a CUDA driver was loaded \
+            "dlopen(\"{soname}\") does not resolve to the fake library (a real one was loaded \
              before it, or this C library does not match loaded objects by SONAME): {by_name:?} != {handle:?}"
         ));
     }
+    Ok(handle)
+}
+
+fn load(schedule: c_int) -> Result<Loaded, String> {
+    let handle = load_global("tests/fake_cuda/libcuda.c", "libcuda.so")?;
     let sym = |name: &str| {
         let c = CString::new(name).unwrap();
         // SAFETY: a live handle and a valid C string.
@@ -268,7 +279,9 @@ fn load(schedule: c_int) -> Result<Loaded, String> {
         )
     };
     // SAFETY: `resolve` is a plain extern "C" function that lives as long as the process.
-    unsafe { install(resolve, pointer_fields, schedule) };
+    if unsafe { install(resolve, pointer_fields, schedule) } != 0 {
+        return Err("vppo_fake_cuda_install refused the environment (see stderr)".into());
+    }
     Ok(Loaded { stats })
 }
 

@@ -27,6 +27,11 @@
  * is not written yet, and results read without waiting for them are not there. Events record host
  * time when they run.
  *
+ * Devices: one, or VPPO_FAKE_CUDA_DEVICES=n of them (at most FAKE_MAX_DEVICES, for ranks as threads of
+ * one process: tests/fake_nccl/), each with its primary context and default stream. Streams and
+ * allocations belong to the device whose context was current when they were made; a stream used with
+ * another device's context current is an invalid handle, as on a GPU.
+ *
  * What it is not: a GPU. Kernels run on the SIMT executor with its lane order, one at a time, under the
  * executor's test settings of the draining thread: VPPO_SIMT_GRID_CAP=n in the environment caps every
  * grid at n blocks (the crate's kernels loop over the grid), VPPO_SIMT_RACE_CHECK=1 runs the race check
@@ -84,6 +89,7 @@ typedef size_t (*PointerFields)(const char *kernel_name, const size_t **offsets,
 #define FAKE_SHARED_OPTIN (227 * 1024)
 #define FAKE_SHARED_DEFAULT (48 * 1024)
 #define FAKE_TOTAL_MEM (80ull << 30)
+#define FAKE_MAX_DEVICES 8
 #define FATBIN_MAGIC 0xBA55ED50u
 
 #define HANDLE_MAGIC_STREAM 0x5354524du
@@ -94,7 +100,7 @@ typedef size_t (*PointerFields)(const char *kernel_name, const size_t **offsets,
 
 typedef struct FakeCtx {
     int refcount;
-} FakeCtx;
+} FakeCtx; /* the primary context of device (this - g_primary) */
 struct Op;
 typedef struct FakeStream {
     uint32_t magic;
@@ -103,6 +109,7 @@ typedef struct FakeStream {
     uint64_t enqueued; /* operations ever queued: the last one's position */
     uint64_t executed; /* operations ever run: positions 1 ..= executed are done */
     int draining;
+    int device; /* whose context was current at its creation */
 } FakeStream;
 typedef struct FakeEvent {
     uint32_t magic;
@@ -160,6 +167,7 @@ typedef struct {
     size_t size;    /* bytes asked for */
     void *map;      /* the mapping holding it and its guard page */
     size_t map_bytes;
+    int device; /* whose context was current at the allocation */
 } Alloc;
 
 /* Where the guard page of each allocation goes (VPPO_FAKE_CUDA_GUARD): right after its last byte,
@@ -179,7 +187,9 @@ static Resolver g_resolve;
 static PointerFields g_pointer_fields;
 static int g_schedule;
 static int g_initialised;
-static FakeCtx g_primary;
+static FakeCtx g_primary[FAKE_MAX_DEVICES];
+static int g_ndevices = 1; /* VPPO_FAKE_CUDA_DEVICES */
+static FakeStream g_defaults[FAKE_MAX_DEVICES]; /* each device's default stream (set up by cuInit) */
 static Alloc *g_allocs;
 static size_t g_nallocs, g_cap_allocs;
 static VppoFakeCudaStats g_stats;
@@ -224,11 +234,24 @@ int vppo_fake_cuda_install(Resolver resolve, PointerFields pointer_fields, int s
     g_pointer_fields = pointer_fields;
     const char *guard = getenv("VPPO_FAKE_CUDA_GUARD");
     g_guard = guard && strcmp(guard, "start") == 0 ? GUARD_START : GUARD_END;
+    const char *devices = getenv("VPPO_FAKE_CUDA_DEVICES");
+    int rc = 0;
+    if (devices && *devices) {
+        char *end;
+        long n = strtol(devices, &end, 10);
+        if (*end || n < 1 || n > FAKE_MAX_DEVICES) {
+            fail("VPPO_FAKE_CUDA_DEVICES=%s: expected a count of devices in 1..=%d", devices, FAKE_MAX_DEVICES);
+            rc = -1;
+        } else {
+            g_ndevices = (int)n;
+        }
+    }
     install_fault_report();
     g_schedule = schedule;
     pthread_mutex_unlock(&g_lock);
-    return 0;
+    return rc;
 }
+
 
 void vppo_fake_cuda_stats(VppoFakeCudaStats *out) {
     pthread_mutex_lock(&g_lock);
@@ -283,7 +306,11 @@ CUresult cuGetErrorString(CUresult e, const char **out) {
 
 CUresult cuInit(unsigned int flags) {
     if (flags != 0) return CUDA_ERROR_INVALID_VALUE;
+    pthread_mutex_lock(&g_lock);
+    if (!g_initialised)
+        for (int d = 0; d < FAKE_MAX_DEVICES; d++) g_defaults[d] = (FakeStream){.magic = HANDLE_MAGIC_STREAM, .device = d};
     __atomic_store_n(&g_initialised, 1, __ATOMIC_SEQ_CST);
+    pthread_mutex_unlock(&g_lock);
     return CUDA_SUCCESS;
 }
 
@@ -300,35 +327,35 @@ CUresult cuDriverGetVersion(int *v) {
 CUresult cuDeviceGetCount(int *n) {
     if (!n) return CUDA_ERROR_INVALID_VALUE;
     if (need_init()) return CUDA_ERROR_NOT_INITIALIZED;
-    *n = 1;
+    *n = g_ndevices;
     return CUDA_SUCCESS;
 }
 
 CUresult cuDeviceGet(CUdevice *d, int ordinal) {
     if (!d) return CUDA_ERROR_INVALID_VALUE;
     if (need_init()) return CUDA_ERROR_NOT_INITIALIZED;
-    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
-    *d = 0;
+    if (ordinal < 0 || ordinal >= g_ndevices) return CUDA_ERROR_INVALID_DEVICE;
+    *d = ordinal;
     return CUDA_SUCCESS;
 }
 
 CUresult cuDeviceGetName(char *name, int len, CUdevice d) {
     if (!name || len <= 0) return CUDA_ERROR_INVALID_VALUE;
-    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (d < 0 || d >= g_ndevices) return CUDA_ERROR_INVALID_DEVICE;
     snprintf(name, (size_t)len, "vppo fake CUDA device (SIMT executor)");
     return CUDA_SUCCESS;
 }
 
 CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice d) {
     if (!bytes) return CUDA_ERROR_INVALID_VALUE;
-    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (d < 0 || d >= g_ndevices) return CUDA_ERROR_INVALID_DEVICE;
     *bytes = (size_t)FAKE_TOTAL_MEM;
     return CUDA_SUCCESS;
 }
 
 CUresult cuDeviceGetAttribute(int *v, int attr, CUdevice d) {
     if (!v) return CUDA_ERROR_INVALID_VALUE;
-    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
+    if (d < 0 || d >= g_ndevices) return CUDA_ERROR_INVALID_DEVICE;
     switch (attr) {
     case 1: *v = 1024; break;                     /* MAX_THREADS_PER_BLOCK */
     case 2: case 3: *v = 1024; break;             /* MAX_BLOCK_DIM_X, Y */
@@ -357,23 +384,23 @@ CUresult cuDeviceGetAttribute(int *v, int attr, CUdevice d) {
 CUresult cuDevicePrimaryCtxRetain(FakeCtx **ctx, CUdevice d) {
     if (!ctx) return CUDA_ERROR_INVALID_VALUE;
     if (need_init()) return CUDA_ERROR_NOT_INITIALIZED;
-    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
-    __atomic_add_fetch(&g_primary.refcount, 1, __ATOMIC_SEQ_CST);
-    *ctx = &g_primary;
+    if (d < 0 || d >= g_ndevices) return CUDA_ERROR_INVALID_DEVICE;
+    __atomic_add_fetch(&g_primary[d].refcount, 1, __ATOMIC_SEQ_CST);
+    *ctx = &g_primary[d];
     return CUDA_SUCCESS;
 }
 
 CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
-    if (d != 0) return CUDA_ERROR_INVALID_DEVICE;
-    int count = __atomic_load_n(&g_primary.refcount, __ATOMIC_SEQ_CST);
-    while (count > 0 && !__atomic_compare_exchange_n(&g_primary.refcount, &count, count - 1, 0, __ATOMIC_SEQ_CST,
+    if (d < 0 || d >= g_ndevices) return CUDA_ERROR_INVALID_DEVICE;
+    int count = __atomic_load_n(&g_primary[d].refcount, __ATOMIC_SEQ_CST);
+    while (count > 0 && !__atomic_compare_exchange_n(&g_primary[d].refcount, &count, count - 1, 0, __ATOMIC_SEQ_CST,
                                                       __ATOMIC_SEQ_CST)) {
     }
     return count > 0 ? CUDA_SUCCESS : CUDA_ERROR_INVALID_CONTEXT;
 }
 
 CUresult cuCtxSetCurrent(FakeCtx *ctx) {
-    if (ctx && ctx != &g_primary) return CUDA_ERROR_INVALID_CONTEXT;
+    if (ctx && (ctx < g_primary || ctx >= g_primary + g_ndevices)) return CUDA_ERROR_INVALID_CONTEXT;
     t_current = ctx;
     return CUDA_SUCCESS;
 }
@@ -387,13 +414,16 @@ CUresult cuCtxGetCurrent(FakeCtx **ctx) {
 CUresult cuCtxGetDevice(CUdevice *d) {
     if (!d) return CUDA_ERROR_INVALID_VALUE;
     if (!t_current) return CUDA_ERROR_INVALID_CONTEXT;
-    *d = 0;
+    *d = (int)(t_current - g_primary);
     return CUDA_SUCCESS;
 }
 
+/* The device of the current context (0 when there is none: need_ctx fails those calls). */
+static int current_device(void) { return t_current ? (int)(t_current - g_primary) : 0; }
+
 /* Every call that works on the device needs the context current on the calling thread, as on a GPU. */
 static CUresult need_ctx(const char *call) {
-    if (t_current == &g_primary && __atomic_load_n(&g_primary.refcount, __ATOMIC_SEQ_CST) > 0) return CUDA_SUCCESS;
+    if (t_current && __atomic_load_n(&t_current->refcount, __ATOMIC_SEQ_CST) > 0) return CUDA_SUCCESS;
     fail("%s: no current context on this thread", call);
     return CUDA_ERROR_INVALID_CONTEXT;
 }
@@ -412,6 +442,16 @@ static Alloc *find_alloc(uintptr_t p, size_t n) {
         if (p >= a->base && p - a->base <= a->size && n <= a->size - (p - a->base)) return a;
     }
     return NULL;
+}
+
+/* The device of the live allocation holding [p, p + n), or -1 (for tests/fake_nccl/libnccl.c, which
+ * checks that a communicator's buffers are on its device). */
+int vppo_fake_cuda_device_of(CUdeviceptr p, size_t n) {
+    pthread_mutex_lock(&g_lock);
+    Alloc *a = find_alloc((uintptr_t)p, n);
+    int d = a ? a->device : -1;
+    pthread_mutex_unlock(&g_lock);
+    return d;
 }
 
 static CUresult check_range(const char *call, CUdeviceptr p, size_t n) {
@@ -496,7 +536,7 @@ static CUresult mem_alloc(CUdeviceptr *out, size_t bytes) {
         g_allocs = grown;
         g_cap_allocs = cap;
     }
-    g_allocs[g_nallocs++] = (Alloc){(uintptr_t)p, bytes, map, map_bytes};
+    g_allocs[g_nallocs++] = (Alloc){(uintptr_t)p, bytes, map, map_bytes, current_device()};
     g_stats.allocs++;
     g_stats.live_allocs++;
     g_stats.live_bytes += bytes;
@@ -530,7 +570,6 @@ static CUresult mem_free(CUdeviceptr p) {
  * nothing.
  * ---------------------------------------------------------------------------------------------- */
 
-static FakeStream g_default = {.magic = HANDLE_MAGIC_STREAM};
 
 static int is_default(const FakeStream *s) { return s == NULL || (uintptr_t)s == 1 || (uintptr_t)s == 2; }
 
@@ -539,8 +578,9 @@ static int valid_stream(const FakeStream *s) {
     return is_default(s) || s->magic == HANDLE_MAGIC_STREAM;
 }
 
-/* The stream a handle names (the three default-stream handles are one stream here). */
-static FakeStream *stream_of(FakeStream *s) { return is_default(s) ? &g_default : s; }
+/* The stream a handle names (the three default-stream handles are one stream here: the current
+ * device's). */
+static FakeStream *stream_of(FakeStream *s) { return is_default(s) ? &g_defaults[current_device()] : s; }
 
 /* The checks of every call on a stream (a valid handle, a current context); the stream in *out. */
 static CUresult on_stream(const char *call, FakeStream *s, FakeStream **out) {
@@ -549,7 +589,14 @@ static CUresult on_stream(const char *call, FakeStream *s, FakeStream **out) {
         return CUDA_ERROR_INVALID_HANDLE;
     }
     *out = stream_of(s);
-    return need_ctx(call);
+    CUresult rc = need_ctx(call);
+    if (rc) return rc;
+    if ((*out)->device != current_device()) {
+        fail("%s: a stream of device %d used with the context of device %d current", call, (*out)->device,
+             current_device());
+        return CUDA_ERROR_INVALID_HANDLE;
+    }
+    return CUDA_SUCCESS;
 }
 
 static int valid_event(const FakeEvent *e) { return e && e->magic == HANDLE_MAGIC_EVENT; }
@@ -607,7 +654,11 @@ static CUresult drain_to(FakeStream *s, uint64_t pos) {
 static CUresult drain(FakeStream *s) { return drain_to(s, s->enqueued); }
 
 static CUresult drain_all(void) {
-    CUresult rc = drain(&g_default);
+    CUresult rc = CUDA_SUCCESS;
+    for (int d = 0; d < g_ndevices; d++) {
+        CUresult r = drain(&g_defaults[d]);
+        if (r && !rc) rc = r;
+    }
     for (size_t i = 0; i < g_nstreams; i++) {
         CUresult r = drain(g_streams[i]);
         if (r && !rc) rc = r;
@@ -797,6 +848,7 @@ static CUresult stream_create(FakeStream **out, unsigned flags) {
     FakeStream *s = calloc(1, sizeof *s);
     if (!s) return CUDA_ERROR_OUT_OF_MEMORY;
     s->magic = HANDLE_MAGIC_STREAM;
+    s->device = current_device();
     g_streams[g_nstreams++] = s;
     *out = s;
     return CUDA_SUCCESS;
