@@ -226,6 +226,13 @@ pub enum VppoError {
     /// The GPU was asked for, but there is no CUDA driver library on this machine.
     #[error("no CUDA driver: libcuda could not be loaded")]
     NoCudaDriver,
+    /// An NCCL group was asked for, but the NCCL library cannot be loaded (see README, "Beyond one
+    /// GPU": cudarc opens `libnccl.so`).
+    #[error("no NCCL: {0}")]
+    NoNccl(String),
+    /// An NCCL call failed: what was being done, NCCL's result code and its last error text.
+    #[error("NCCL error: {0}")]
+    Nccl(String),
     /// The CUDA driver is present but reports no usable GPU.
     #[error("no GPU: {0}")]
     NoGpu(String),

@@ -63,7 +63,7 @@ pub use exec::{DeviceBatch, DeviceForward, SavedForward};
 pub use grpo::grpo_advantages;
 pub use io::{OwnedBatch, OwnedLogits};
 pub use output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
-pub use parallel::{Collective, ReduceOp, ThreadGroup, VocabShard};
+pub use parallel::{Collective, NcclGroup, NcclId, ReduceOp, ThreadGroup, VocabShard};
 pub use tensor::{ByDtype, DeviceLogits, DeviceLogitsMut};
 
 /// The README's code blocks, compiled and run as doctests so the README stays true.

@@ -23,13 +23,18 @@
 //! available: call [`Vppo::forward`] with a caller range (`tas_range`).
 //!
 //! The collectives go through [`Collective`]: [`ThreadGroup`] (ranks as threads of one process, for
-//! tests and single-node use) here, torch.distributed from Python (python/vppo/torch.py).
-//! Tests: tests/data_parallel.rs (Rust), python/tests/test_distributed.py (gloo ranks).
+//! tests and single-node use) here, [`NcclGroup`] (NCCL through cudarc, one rank per GPU: nccl.rs),
+//! torch.distributed from Python (python/vppo/torch.py). Every engine reduces with [`combine`], on
+//! the host, in rank order, so all of them give the same bits.
+//! Tests: tests/data_parallel.rs (Rust), tests/nccl_parallel.rs (NCCL on the fake driver),
+//! python/tests/test_distributed.py (gloo ranks).
 
 use std::sync::{Arc, Barrier, Mutex};
 
+mod nccl;
 mod sequence;
 mod vocab;
+pub use nccl::{NcclGroup, NcclId};
 pub use vocab::VocabShard;
 
 use crate::api::Vppo;
@@ -152,14 +157,22 @@ impl Collective for ThreadGroup {
             Ok(all) => all,
             Err(other) => return Err(self.lengths_differ(other, values.len())),
         };
-        for (i, x) in values.iter_mut().enumerate() {
-            let column = slots.iter().map(|s| s[i]);
-            *x = match op {
-                ReduceOp::Sum => column.sum(),
-                ReduceOp::Max => column.fold(f64::NEG_INFINITY, f64::max),
-            };
-        }
+        let slots: Vec<&[f64]> = slots.iter().map(Vec::as_slice).collect();
+        combine(values, &slots, op);
         Ok(())
+    }
+}
+
+/// Replaces `values[i]` by the reduction of `slots[r][i]` over the ranks r, in rank order: the one
+/// reduction of every [`Collective`] (the same bits on every rank, and with every engine). Each slot
+/// is at least as long as `values`.
+pub(crate) fn combine(values: &mut [f64], slots: &[&[f64]], op: ReduceOp) {
+    for (i, x) in values.iter_mut().enumerate() {
+        let column = slots.iter().map(|s| s[i]);
+        *x = match op {
+            ReduceOp::Sum => column.sum(),
+            ReduceOp::Max => column.fold(f64::NEG_INFINITY, f64::max),
+        };
     }
 }
 

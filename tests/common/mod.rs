@@ -19,6 +19,7 @@
 #![allow(dead_code)]
 
 pub mod fake_cuda;
+pub mod fake_nccl;
 
 use half::{bf16, f16};
 use proptest::prelude::*;

@@ -1,0 +1,457 @@
+//! `NcclGroup` (src/parallel/nccl.rs, NCCL through cudarc) on the fake CUDA driver with 4 devices and
+//! the fake NCCL library (tests/fake_nccl/libnccl.c): ranks are threads, rank r on `Device::Cuda(r)`.
+//! Data-parallel and vocabulary-parallel forward and backward over NCCL groups of 1, 2 and 4 ranks
+//! give every rank the same bits as a `ThreadGroup` of the same ranks on the same devices (outputs
+//! compared through their Debug text, which round-trips every f32 and f64), and together the
+//! single-process result to rounding (the mask exactly). Bad input on one rank is an error on every
+//! rank; ranks that disagree on a length, two ranks on one GPU, and a missing libnccl are clear errors.
+//!
+//! `cargo test` runs the parent, which re-runs this binary with the fakes installed
+//! (`all_tests_through_the_fake_nccl_library`); the other tests run in that child only (and with
+//! VPPO_TEST_DEVICE=cuda and a real NCCL on as many GPUs as there are, groups up to that size).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{seeded_batch, BatchSpec};
+use vppo::{
+    Aggregation, Collective, Device, Dtype, GradMut, NcclGroup, NcclId, OwnedBatch, ReduceOp,
+    ThreadGroup, VocabShard, Vppo, VppoConfig, VppoError, VppoOutput,
+};
+
+/// Fake devices in the child process, one per rank of the largest group.
+const DEVICES: usize = 4;
+
+/// The GPUs the NCCL tests of this process may use, or None when this process does not run them.
+fn gpus() -> Option<usize> {
+    if common::fake_nccl::active() {
+        common::fake_nccl::install();
+        return Some(DEVICES);
+    }
+    if std::env::var("VPPO_TEST_DEVICE").as_deref() == Ok("cuda") {
+        // a real GPU: only where NCCL is installed, with one rank per GPU
+        if NcclId::new().is_ok() {
+            let n = cudarc::driver::CudaContext::device_count().unwrap_or(0);
+            return Some(n.max(0) as usize);
+        }
+    }
+    eprintln!("skipped: runs in the child of all_tests_through_the_fake_nccl_library");
+    None
+}
+
+/// The group sizes to test on `gpus` devices.
+fn sizes(gpus: usize) -> Vec<usize> {
+    [1, 2, 4].into_iter().filter(|&s| s <= gpus).collect()
+}
+
+#[test]
+fn all_tests_through_the_fake_nccl_library() {
+    if std::env::var_os("VPPO_TEST_DEVICE").is_some() {
+        eprintln!("skipped: this process already runs under VPPO_TEST_DEVICE");
+        return;
+    }
+    if !vppo::cuda::kernels_built() {
+        eprintln!("skipped: this build has no CUDA kernels (nvcc was not found at build time)");
+        return;
+    }
+    let devices = DEVICES.to_string();
+    let run = common::run_this_binary(
+        &[
+            ("VPPO_TEST_DEVICE", common::fake_cuda::MODE),
+            ("VPPO_FAKE_CUDA_DEVICES", devices.as_str()),
+            ("VPPO_TEST_NCCL", common::fake_nccl::MODE),
+        ],
+        &[
+            "--skip",
+            "all_tests_through_the_fake_nccl_library",
+            "--test-threads",
+            "2",
+        ],
+        std::time::Duration::from_secs(600),
+    );
+    let text = run.text();
+    let status = run
+        .status
+        .unwrap_or_else(|| panic!("the tests on the fake NCCL library ran over 600 s:\n{text}"));
+    assert!(
+        status.success(),
+        "the tests failed on the fake NCCL library:\n{text}"
+    );
+    let summary: Vec<_> = text
+        .lines()
+        .filter(|l| l.starts_with("test result"))
+        .collect();
+    eprintln!("fake NCCL library: {summary:?}");
+}
+
+/// Runs `f(rank, group)` on one thread per rank of a new NCCL group of `size`, rank r on GPU r, and
+/// returns the results in rank order; a rank that has not returned after 60 s fails the test.
+fn on_nccl_ranks<T: Send + 'static>(
+    size: usize,
+    f: impl Fn(usize, &NcclGroup) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let id = NcclId::new().unwrap();
+    let f = Arc::new(f);
+    let (tx, rx) = std::sync::mpsc::channel();
+    for rank in 0..size {
+        let (f, tx) = (f.clone(), tx.clone());
+        std::thread::spawn(move || {
+            let g = NcclGroup::new(rank, rank, size, &id)
+                .unwrap_or_else(|e| panic!("rank {rank} of {size}: {e}"));
+            let r = f(rank, &g);
+            tx.send((rank, r)).unwrap();
+        });
+    }
+    let mut out: Vec<Option<T>> = (0..size).map(|_| None).collect();
+    for _ in 0..size {
+        let (rank, r) = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a rank hangs or panicked: no result within 60 s");
+        out[rank] = Some(r);
+    }
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+/// The same on a `ThreadGroup`, rank r on GPU r.
+fn on_thread_ranks<T: Send + 'static>(
+    size: usize,
+    f: impl Fn(usize, &ThreadGroup) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    common::on_ranks(size, f)
+}
+
+fn close(got: f64, want: f64, tol: f64) -> bool {
+    got == want || (got - want).abs() <= tol * want.abs().max(1.0)
+}
+
+fn grad(vppo: &Vppo, batch: &vppo::Batch, out: &VppoOutput) -> vppo::Result<Vec<f32>> {
+    let mut g = vec![0.0f32; batch.targets.len() * batch.vocab];
+    vppo.backward_into(batch, out, GradMut::F32(&mut g))?;
+    Ok(g)
+}
+
+/// Every rank's output and gradient, as text that differs whenever a bit of a value does.
+fn text(got: &[(VppoOutput, Vec<f32>)]) -> String {
+    format!("{got:?}")
+}
+
+fn configs() -> Vec<VppoConfig> {
+    vec![
+        VppoConfig::default(),
+        VppoConfig {
+            aggregation: Aggregation::SeqMeanTokenMean,
+            kl_penalty: vppo::KlPenalty::K3,
+            kl_coef: 0.5,
+            ..VppoConfig::default()
+        },
+    ]
+}
+
+fn with_ref_logp(mut full: OwnedBatch) -> Arc<OwnedBatch> {
+    full.ref_logp = Some(
+        full.old_logp
+            .iter()
+            .enumerate()
+            .map(|(t, &x)| x + (t as f32 * 0.7).sin())
+            .collect(),
+    );
+    Arc::new(full)
+}
+
+#[test]
+fn nccl_collectives_are_the_thread_group_s_bits() {
+    let Some(gpus) = gpus() else { return };
+    fn exchange(rank: usize, g: &dyn Collective) -> vppo::Result<Vec<f64>> {
+        assert_eq!(g.rank(), rank);
+        // sums whose value depends on the order of the additions
+        let mut s = [
+            0.1 * (rank + 1) as f64,
+            1e16 * (-1f64).powi(rank as i32),
+            3.0,
+        ];
+        g.all_reduce(&mut s, ReduceOp::Sum)?;
+        let mut m = [rank as f64, -(rank as f64), f64::NEG_INFINITY];
+        g.all_reduce(&mut m, ReduceOp::Max)?;
+        let gathered = g.all_gather(&[rank as f64, 0.5])?;
+        let empty = g.all_gather(&[])?;
+        let mut out = s.to_vec();
+        out.extend(m);
+        out.extend(gathered);
+        out.extend(empty);
+        Ok(out)
+    }
+    for size in sizes(gpus) {
+        let nccl = on_nccl_ranks(size, move |rank, g| {
+            assert_eq!((g.size(), g.gpu().ordinal()), (size, rank));
+            exchange(rank, g)
+        });
+        let threads = on_thread_ranks(size, |rank, g| exchange(rank, g));
+        let nccl: Vec<Vec<u64>> = nccl
+            .into_iter()
+            .map(|r| r.unwrap().iter().map(|x| x.to_bits()).collect())
+            .collect();
+        let threads: Vec<Vec<u64>> = threads
+            .into_iter()
+            .map(|r| r.unwrap().iter().map(|x| x.to_bits()).collect())
+            .collect();
+        assert_eq!(nccl, threads, "{size} ranks");
+        for r in &nccl[1..] {
+            assert_eq!(r, &nccl[0], "{size} ranks: ranks differ");
+        }
+        // different lengths on different ranks: an error on every rank, not a hang
+        if size > 1 {
+            let got = on_nccl_ranks(size, |rank, g| {
+                let mut v = vec![1.0; rank + 1];
+                g.all_reduce(&mut v, ReduceOp::Sum)
+            });
+            for r in &got {
+                assert!(
+                    matches!(r, Err(VppoError::Kernel(m)) if m.contains("different lengths")),
+                    "{r:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn data_parallel_over_nccl_is_the_thread_group_result() {
+    let Some(gpus) = gpus() else { return };
+    for seed in 0..2u64 {
+        let spec = BatchSpec {
+            dtype: [Dtype::F32, Dtype::Bf16][seed as usize % 2],
+            groups: (2, 5),
+            group_size: 2,
+            max_len: 9,
+            ..BatchSpec::default()
+        };
+        let full = with_ref_logp(seeded_batch(seed, &spec));
+        let b_count = full.advantages.len();
+        for cfg in configs() {
+            let single = Vppo::new(cfg.clone(), Device::Cuda(0)).unwrap();
+            let want = single.forward(&full.batch()).unwrap();
+            let want_grad = grad(&single, &full.batch(), &want).unwrap();
+            for size in sizes(gpus) {
+                // whole groups of 2 responses per rank, uneven, the last rank possibly empty
+                let mut cut: Vec<usize> = (0..size).map(|r| (b_count / 2 * r / size) * 2).collect();
+                cut.push(b_count);
+                let case = format!("seed {seed}, {cfg:?}, {size} ranks {cut:?}");
+                let rank_work = {
+                    let (full, cut, cfg) = (full.clone(), cut.clone(), cfg.clone());
+                    move |rank: usize, g: &dyn Collective| {
+                        let mine = common::part(&full, cut[rank], cut[rank + 1], 0, full.vocab);
+                        let vppo = Vppo::new(cfg.clone(), Device::Cuda(rank))?;
+                        let (out, global) = vppo.forward_data_parallel(&mine.batch(), g)?;
+                        let gr = grad(&global, &mine.batch(), &out)?;
+                        Ok::<_, VppoError>((out, gr))
+                    }
+                };
+                let work = Arc::new(rank_work);
+                let w = work.clone();
+                let nccl = on_nccl_ranks(size, move |rank, g| w(rank, g));
+                let w = work.clone();
+                let threads = on_thread_ranks(size, move |rank, g| w(rank, g));
+                let unwrap = |v: Vec<vppo::Result<(VppoOutput, Vec<f32>)>>| -> Vec<_> {
+                    v.into_iter()
+                        .map(|r| r.unwrap_or_else(|e| panic!("{case}: {e}")))
+                        .collect()
+                };
+                let (nccl, threads) = (unwrap(nccl), unwrap(threads));
+                assert_eq!(text(&nccl), text(&threads), "{case}: NCCL vs threads");
+                let loss: f64 = nccl.iter().map(|(o, _)| o.loss).sum();
+                assert!(
+                    close(loss, want.loss, 1e-5),
+                    "{case}: loss {loss} vs {}",
+                    want.loss
+                );
+                let mask: Vec<u8> = nccl
+                    .iter()
+                    .flat_map(|(o, _)| o.tokens.mask.clone())
+                    .collect();
+                assert_eq!(mask, want.tokens.mask, "{case}: mask");
+                let g: Vec<f32> = nccl.iter().flat_map(|(_, g)| g.clone()).collect();
+                assert_eq!(g.len(), want_grad.len(), "{case}");
+                for (i, (&x, &w)) in g.iter().zip(&want_grad).enumerate() {
+                    assert!(
+                        close(x as f64, w as f64, 1e-5),
+                        "{case}: grad {i}: {x} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn vocab_parallel_over_nccl_is_the_thread_group_result() {
+    let Some(gpus) = gpus() else { return };
+    for seed in 0..2u64 {
+        let spec = BatchSpec {
+            dtype: [Dtype::F32, Dtype::F16][seed as usize % 2],
+            vocab: (5, 300),
+            groups: (1, 3),
+            max_len: 8,
+            ..BatchSpec::default()
+        };
+        let full = with_ref_logp(seeded_batch(seed, &spec));
+        let v = full.vocab;
+        for cfg in configs() {
+            let single = Vppo::new(cfg.clone(), Device::Cuda(0)).unwrap();
+            let want = single.forward(&full.batch()).unwrap();
+            let want_grad = grad(&single, &full.batch(), &want).unwrap();
+            for size in sizes(gpus).into_iter().filter(|&s| s <= v) {
+                // uneven shards, each at least one column
+                let mut cut: Vec<usize> = (0..size).map(|r| (v * r * r) / (size * size)).collect();
+                for r in 1..size {
+                    cut[r] = cut[r].max(cut[r - 1] + 1);
+                }
+                cut.push(v);
+                let case = format!("seed {seed}, V {v}, {cfg:?}, {size} shards {cut:?}");
+                let work = {
+                    let (full, cut, cfg) = (full.clone(), cut.clone(), cfg.clone());
+                    Arc::new(move |rank: usize, g: &dyn Collective| {
+                        let all = full.advantages.len();
+                        let mine = common::part(&full, 0, all, cut[rank], cut[rank + 1]);
+                        let at = VocabShard {
+                            start: cut[rank],
+                            total: full.vocab,
+                        };
+                        let vppo = Vppo::new(cfg.clone(), Device::Cuda(rank))?;
+                        let out = vppo.forward_vocab_parallel(&mine.batch(), at, g)?;
+                        let mut gr = vec![0.0f32; mine.targets.len() * mine.vocab];
+                        vppo.backward_vocab_parallel(
+                            &mine.batch(),
+                            at,
+                            &out,
+                            GradMut::F32(&mut gr),
+                        )?;
+                        Ok::<_, VppoError>((out, gr))
+                    })
+                };
+                let w = work.clone();
+                let nccl = on_nccl_ranks(size, move |rank, g| w(rank, g));
+                let w = work.clone();
+                let threads = on_thread_ranks(size, move |rank, g| w(rank, g));
+                let unwrap = |v: Vec<vppo::Result<(VppoOutput, Vec<f32>)>>| -> Vec<_> {
+                    v.into_iter()
+                        .map(|r| r.unwrap_or_else(|e| panic!("{case}: {e}")))
+                        .collect()
+                };
+                let (nccl, threads) = (unwrap(nccl), unwrap(threads));
+                assert_eq!(text(&nccl), text(&threads), "{case}: NCCL vs threads");
+                let o = &nccl[0].0;
+                for (r, (other, _)) in nccl.iter().enumerate() {
+                    assert_eq!(
+                        format!("{other:?}"),
+                        format!("{o:?}"),
+                        "{case}: rank {r} differs"
+                    );
+                }
+                assert!(
+                    close(o.loss, want.loss, 1e-5),
+                    "{case}: loss {} vs {}",
+                    o.loss,
+                    want.loss
+                );
+                assert_eq!(o.tokens.mask, want.tokens.mask, "{case}: mask");
+                for (row, wrow) in want_grad.chunks(v).enumerate() {
+                    for (r, (_, gr)) in nccl.iter().enumerate() {
+                        let w = cut[r + 1] - cut[r];
+                        for (j, &x) in gr[row * w..(row + 1) * w].iter().enumerate() {
+                            let y = wrow[cut[r] + j];
+                            assert!(
+                                close(x as f64, y as f64, 2e-5),
+                                "{case}: grad [{row}, {}]: {x} vs {y}",
+                                cut[r] + j
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_input_on_one_nccl_rank_is_an_error_on_every_rank() {
+    let Some(gpus) = gpus() else { return };
+    if gpus < 2 {
+        return;
+    }
+    let spec = BatchSpec {
+        groups: (4, 4),
+        group_size: 1,
+        ..BatchSpec::default()
+    };
+    let full = Arc::new(seeded_batch(3, &spec));
+    let got = on_nccl_ranks(2, move |rank, g| {
+        let mut mine = common::part(&full, rank, rank + 1, 0, full.vocab);
+        if rank == 1 {
+            mine.old_logp.push(f32::NAN); // one too many: a shape error
+        }
+        Vppo::new(VppoConfig::default(), Device::Cuda(rank))
+            .unwrap()
+            .forward_data_parallel(&mine.batch(), g)
+            .map(|(o, _)| o)
+    });
+    assert!(
+        matches!(got[1], Err(VppoError::Shape { .. })),
+        "{:?}",
+        got[1]
+    );
+    assert!(
+        matches!(got[0], Err(VppoError::GroupFailed { rank: 0, failed: 1 })),
+        "{:?}",
+        got[0]
+    );
+}
+
+#[test]
+fn nccl_groups_that_cannot_be_built_are_clear_errors() {
+    let Some(gpus) = gpus() else { return };
+    let id = NcclId::new().unwrap();
+    assert!(matches!(
+        NcclGroup::new(0, 2, 2, &id),
+        Err(VppoError::Config { .. })
+    ));
+    assert!(matches!(
+        NcclGroup::new(0, 0, 0, &id),
+        Err(VppoError::Config { .. })
+    ));
+    // the id round-trips through its bytes: a group of one built from them works
+    let again = NcclId::from_bytes(id.to_bytes());
+    let g = NcclGroup::new(0, 0, 1, &again).unwrap();
+    assert_eq!(g.all_gather(&[2.5]).unwrap(), vec![2.5]);
+    drop(g);
+    if common::fake_nccl::active() && gpus >= 2 {
+        // two ranks on one GPU: NCCL refuses, on both ranks, with its reason
+        let id = NcclId::new().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for rank in 0..2 {
+            let tx = tx.clone();
+            std::thread::spawn(move || tx.send(NcclGroup::new(0, rank, 2, &id).map(|_| ())));
+        }
+        for _ in 0..2 {
+            let r = rx.recv_timeout(std::time::Duration::from_secs(60)).unwrap();
+            assert!(
+                matches!(&r, Err(VppoError::Nccl(m)) if m.contains("ncclInvalidUsage")),
+                "{r:?}"
+            );
+        }
+    }
+}
+
+/// In the parent process (no fake library loaded, and no NCCL on a CI machine): building a group is
+/// a clear error naming the library, not a panic.
+#[test]
+fn a_missing_nccl_library_is_a_clear_error() {
+    if common::fake_nccl::active() || std::env::var_os("VPPO_TEST_DEVICE").is_some() {
+        return;
+    }
+    match NcclId::new() {
+        Err(VppoError::NoNccl(m)) => assert!(m.contains("libnccl.so"), "{m}"),
+        Ok(_) => eprintln!("skipped: this machine has an NCCL library"),
+        Err(e) => panic!("expected NoNccl, got {e:?}"),
+    }
+}
