@@ -1,7 +1,7 @@
 //! `NcclGroup` (src/parallel/nccl.rs, NCCL through cudarc) on the fake CUDA driver with 4 devices and
 //! the fake NCCL library (tests/fake_nccl/libnccl.c): ranks are threads, rank r on `Device::Cuda(r)`.
-//! Data-parallel and vocabulary-parallel forward and backward over NCCL groups of 1, 2 and 4 ranks
-//! give every rank the same bits as a `ThreadGroup` of the same ranks on the same devices (outputs
+//! Data-, vocabulary- and sequence-parallel forward and backward over NCCL groups of 1, 2 and 4 ranks,
+//! and data over vocabulary groups on a 2 x 2 grid, give every rank the same bits as a `ThreadGroup` of the same ranks on the same devices (outputs
 //! compared through their Debug text, which round-trips every f32 and f64), and together the
 //! single-process result to rounding (the mask exactly). Bad input on one rank is an error on every
 //! rank; ranks that disagree on a length, two ranks on one GPU, and a missing libnccl are clear errors.
@@ -370,6 +370,177 @@ fn vocab_parallel_over_nccl_is_the_thread_group_result() {
                 }
             }
         }
+    }
+}
+
+#[test]
+fn sequence_parallel_over_nccl_is_the_thread_group_result() {
+    let Some(gpus) = gpus() else { return };
+    for seed in 0..2u64 {
+        let spec = BatchSpec {
+            dtype: [Dtype::Bf16, Dtype::F32][seed as usize % 2],
+            groups: (2, 3),
+            group_size: 2,
+            max_len: 12,
+            ..BatchSpec::default()
+        };
+        let full = with_ref_logp(seeded_batch(seed, &spec));
+        let n = full.targets.len();
+        for cfg in configs() {
+            let single = Vppo::new(cfg.clone(), Device::Cuda(0)).unwrap();
+            let want = single.forward(&full.batch()).unwrap();
+            for size in sizes(gpus).into_iter().filter(|&s| s <= n) {
+                // token cuts, each rank at least one token: responses split across ranks
+                let cut: Vec<usize> = (0..=size).map(|r| n * r / size).collect();
+                let case = format!("seed {seed}, {cfg:?}, {size} ranks, cuts {cut:?}");
+                let work = {
+                    let (full, cut, cfg) = (full.clone(), cut.clone(), cfg.clone());
+                    Arc::new(move |rank: usize, g: &dyn Collective| {
+                        let (mine, continues) = common::pieces(&full, cut[rank], cut[rank + 1]);
+                        let vppo = Vppo::new(cfg.clone(), Device::Cuda(rank))?;
+                        let out = vppo.forward_sequence_parallel(&mine.batch(), continues, g)?;
+                        let mut gr = vec![0.0f32; mine.targets.len() * mine.vocab];
+                        vppo.backward_sequence_parallel(
+                            &mine.batch(),
+                            &out,
+                            GradMut::F32(&mut gr),
+                        )?;
+                        Ok::<_, VppoError>((out, gr))
+                    })
+                };
+                let w = work.clone();
+                let nccl = on_nccl_ranks(size, move |rank, g| w(rank, g));
+                let w = work.clone();
+                let threads = on_thread_ranks(size, move |rank, g| w(rank, g));
+                let unwrap = |v: Vec<vppo::Result<(VppoOutput, Vec<f32>)>>| -> Vec<_> {
+                    v.into_iter()
+                        .map(|r| r.unwrap_or_else(|e| panic!("{case}: {e}")))
+                        .collect()
+                };
+                let (nccl, threads) = (unwrap(nccl), unwrap(threads));
+                assert_eq!(text(&nccl), text(&threads), "{case}: NCCL vs threads");
+                let mask: Vec<u8> = nccl
+                    .iter()
+                    .flat_map(|(o, _)| o.tokens.mask.clone())
+                    .collect();
+                assert_eq!(mask, want.tokens.mask, "{case}: mask");
+                for (r, (o, _)) in nccl.iter().enumerate() {
+                    assert!(
+                        close(o.loss, want.loss, 1e-5),
+                        "{case}: rank {r} loss {} vs {}",
+                        o.loss,
+                        want.loss
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f(d, i, inner, data)` on a 2 x 2 grid of ranks, rank (d, i) on GPU 2 d + i: `inner` its
+/// replica d's vocabulary group (rank i), `data` the data group of inner position i (rank d), both
+/// NCCL groups when `nccl`, else thread groups. Results in (d, i) order.
+fn on_grid<T: Send + 'static>(
+    nccl: bool,
+    f: impl Fn(usize, usize, &dyn Collective, &dyn Collective) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    let f = Arc::new(f);
+    let (tx, rx) = std::sync::mpsc::channel();
+    if nccl {
+        let ids: Vec<[NcclId; 2]> = (0..2)
+            .map(|_| [NcclId::new().unwrap(), NcclId::new().unwrap()])
+            .collect();
+        for k in 0..4 {
+            let (d, i, f, tx, ids) = (k / 2, k % 2, f.clone(), tx.clone(), ids.clone());
+            std::thread::spawn(move || {
+                // every rank joins its inner group first, then its data group: no rank waits on a
+                // group whose members are all blocked in another
+                let inner = NcclGroup::new(k, i, 2, &ids[0][d]).unwrap();
+                let data = NcclGroup::new(k, d, 2, &ids[1][i]).unwrap();
+                tx.send((k, f(d, i, &inner, &data))).unwrap();
+            });
+        }
+    } else {
+        let groups = || -> Vec<Vec<Option<ThreadGroup>>> {
+            (0..2)
+                .map(|_| ThreadGroup::new(2).unwrap().into_iter().map(Some).collect())
+                .collect()
+        };
+        let (mut inner, mut data) = (groups(), groups());
+        for k in 0..4 {
+            let (d, i, f, tx) = (k / 2, k % 2, f.clone(), tx.clone());
+            let (ig, dg) = (inner[d][i].take().unwrap(), data[i][d].take().unwrap());
+            std::thread::spawn(move || tx.send((k, f(d, i, &ig, &dg))).unwrap());
+        }
+    }
+    let mut out: Vec<Option<T>> = (0..4).map(|_| None).collect();
+    for _ in 0..4 {
+        let (k, r) = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("a rank hangs or panicked: no result within 60 s");
+        out[k] = Some(r);
+    }
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+#[test]
+fn data_over_vocabulary_groups_over_nccl_is_the_thread_groups_result() {
+    let Some(gpus) = gpus() else { return };
+    if gpus < 4 {
+        return;
+    }
+    for seed in 0..2u64 {
+        let spec = BatchSpec {
+            dtype: [Dtype::F32, Dtype::Bf16][seed as usize % 2],
+            vocab: (6, 60),
+            groups: (2, 3),
+            group_size: 2,
+            max_len: 8,
+            ..BatchSpec::default()
+        };
+        let full = Arc::new(seeded_batch(seed, &spec));
+        let (b, v) = (full.advantages.len(), full.vocab);
+        let (b_cut, c_cut) = (b / 2 / 2 * 2, v / 3);
+        let single = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
+        let want = single.forward(&full.batch()).unwrap();
+        let work = Arc::new(
+            move |d: usize, i: usize, vg: &dyn Collective, dg: &dyn Collective| {
+                let (b0, b1) = [(0, b_cut), (b_cut, b)][d];
+                let (c0, c1) = [(0, c_cut), (c_cut, v)][i];
+                let mine = common::part(&full, b0, b1, c0, c1);
+                let at = VocabShard {
+                    start: c0,
+                    total: v,
+                };
+                let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(2 * d + i))?;
+                let out = vppo.forward_vocab_data_parallel(&mine.batch(), at, vg, dg)?;
+                let mut gr = vec![0.0f32; mine.targets.len() * mine.vocab];
+                vppo.backward_vocab_parallel(&mine.batch(), at, &out, GradMut::F32(&mut gr))?;
+                Ok::<_, VppoError>((out, gr))
+            },
+        );
+        let case = format!("seed {seed}, responses cut at {b_cut}, columns at {c_cut}");
+        let unwrap = |v: Vec<vppo::Result<(VppoOutput, Vec<f32>)>>| -> Vec<_> {
+            v.into_iter()
+                .map(|r| r.unwrap_or_else(|e| panic!("{case}: {e}")))
+                .collect()
+        };
+        let w = work.clone();
+        let nccl = unwrap(on_grid(true, move |d, i, vg, dg| w(d, i, vg, dg)));
+        let w = work.clone();
+        let threads = unwrap(on_grid(false, move |d, i, vg, dg| w(d, i, vg, dg)));
+        assert_eq!(text(&nccl), text(&threads), "{case}: NCCL vs threads");
+        let loss: f64 = [0, 2].iter().map(|&k| nccl[k].0.loss).sum();
+        assert!(
+            close(loss, want.loss, 1e-5),
+            "{case}: loss {loss} vs {}",
+            want.loss
+        );
+        let mask: Vec<u8> = [0, 2]
+            .iter()
+            .flat_map(|&k| nccl[k].0.tokens.mask.clone())
+            .collect();
+        assert_eq!(mask, want.tokens.mask, "{case}: mask");
     }
 }
 
