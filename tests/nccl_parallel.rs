@@ -626,3 +626,30 @@ fn a_missing_nccl_library_is_a_clear_error() {
         Err(e) => panic!("expected NoNccl, got {e:?}"),
     }
 }
+
+/// The fake driver keeps its devices apart as a GPU does: a stream of device 1 used while device 0's
+/// context is current is an invalid handle, and the same call under device 1's context works.
+#[test]
+fn the_fake_devices_keep_their_streams_apart() {
+    if !common::fake_nccl::active() {
+        return;
+    }
+    common::fake_nccl::install();
+    use cudarc::driver::{result::memset_d8_async, sys::CUresult, CudaContext, DevicePtr};
+    let (c0, c1) = (CudaContext::new(0).unwrap(), CudaContext::new(1).unwrap());
+    let s1 = c1.new_stream().unwrap();
+    let buf = s1.alloc_zeros::<u8>(16).unwrap();
+    let (p, _done) = buf.device_ptr(&s1);
+    c0.bind_to_thread().unwrap();
+    // SAFETY: p is a live 16-byte allocation and s1 a live stream (the call is refused, or writes
+    // zeros into the allocation).
+    let wrong = unsafe { memset_d8_async(p, 0, 16, s1.cu_stream()) };
+    assert_eq!(
+        wrong.map_err(|e| e.0),
+        Err(CUresult::CUDA_ERROR_INVALID_HANDLE)
+    );
+    c1.bind_to_thread().unwrap();
+    // SAFETY: as above.
+    unsafe { memset_d8_async(p, 0, 16, s1.cu_stream()) }.unwrap();
+    s1.synchronize().unwrap();
+}
