@@ -84,6 +84,31 @@ impl Vppo {
         crate::exec::backward_device_in_place(fwd, logits, targets, &self.config)
     }
 
+    /// dloss/dlogits on the GPU from what a forward saved there ([`DeviceSaved`]: targets, lse,
+    /// dlogp, rows), for a caller that keeps only those tensors (an autograd framework; the GPU form
+    /// of [`Vppo::backward_saved`]). Reads `logits` ([N, V], or [R, V] through `saved.rows`) and
+    /// writes `grad` (its shape, f32 or the logits dtype; rows no token reads are zero), or, with
+    /// `logits` None, overwrites the logits held in `grad` (in place). The O(N) saved tensors are
+    /// copied back once and checked before the launch; the call is ordered after the work queued
+    /// on every buffer's stream and returns once the gradient is written. Needs [`Device::Cuda`].
+    pub fn backward_saved_device(
+        &self,
+        logits: Option<crate::DeviceLogits>,
+        vocab: usize,
+        saved: &crate::exec::DeviceSaved,
+        grad: crate::DeviceLogitsMut,
+    ) -> Result<()> {
+        crate::exec::backward_saved_device(
+            &self.gpu()?,
+            logits,
+            vocab,
+            saved,
+            grad,
+            &self.config,
+            &|dlogp| self.check_grad_bound(dlogp),
+        )
+    }
+
     /// The configuration.
     pub fn config(&self) -> &VppoConfig {
         &self.config

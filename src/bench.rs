@@ -521,6 +521,8 @@ impl UploadedBatch {
             cu_seqlens: &self.cu_seqlens,
             vocab: self.vocab,
             ref_logp: None,
+            rows: None,
+            masked_rows: None,
         }
     }
 }

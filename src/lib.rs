@@ -59,7 +59,7 @@ pub use config::{
     VppoConfig,
 };
 pub use error::{Location, Result, Tensor, VppoError};
-pub use exec::{DeviceBatch, DeviceForward, SavedForward};
+pub use exec::{DeviceBatch, DeviceForward, DeviceSaved, SavedForward};
 pub use grpo::grpo_advantages;
 pub use io::{OwnedBatch, OwnedLogits};
 pub use output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};

@@ -598,6 +598,8 @@ fn caller_streams_are_waited_for() {
         cu_seqlens: &cu_seqlens,
         vocab: v,
         ref_logp: None,
+        rows: None,
+        masked_rows: None,
     };
     let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
     let fwd = vppo.forward_device(&db).unwrap();
@@ -669,4 +671,309 @@ fn ranged_copies_move_the_bytes_asked_for() {
     assert!(gpu.copy_bytes_on_device(&words, &mut buf, 93).is_err());
     assert!(gpu.alloc_uninit::<f32>(0).is_err());
     assert_eq!(gpu.download(&buf).unwrap()[..5], [0, 1, 2, 3, 4]);
+}
+
+/// A small random f32 batch (the generator of tests/common) and the rng that drew it.
+fn small_f32_batch(seed: u64) -> (vppo::OwnedBatch, rand_chacha::ChaCha8Rng) {
+    use rand::SeedableRng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let spec = common::BatchSpec {
+        vocab: (1, 37),
+        max_len: 9,
+        ..Default::default()
+    };
+    (common::random_batch(&mut rng, &spec).to_f32(), rng)
+}
+
+/// Rows (SPEC section 10) on the GPU path: a device batch reading [R, V] logits through `rows` and
+/// `masked_rows` (the unread rows hold junk, NaN included) gives the outputs of the same batch on the
+/// host path, bit for bit; the backward writes an [R, V] gradient with zero rows where no token
+/// reads, equal to the host's; and the stateless backward from the saved tensors
+/// (`backward_saved_device`, the Python op's CUDA path) equals the host's `backward_saved`, into a
+/// new buffer and in place.
+#[test]
+fn device_rows_and_saved_backward_match_the_host_path() {
+    let _serial = common::fake_cuda::serial();
+    let Some(gpu) = gpu() else {
+        eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda or fake-cuda");
+        return;
+    };
+    let s = gpu.stream();
+    let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
+    for seed in 0..4 {
+        let (owned, mut rng) = small_f32_batch(seed);
+        let spread = common::spread(&owned, &mut rng);
+        let host = vppo::Batch {
+            logits: vppo::Logits::F32(&spread.logits),
+            logits_masked: vppo::Logits::F32(&spread.masked),
+            rows: Some(&spread.rows),
+            masked_rows: Some(&spread.masked_rows),
+            ..owned.batch()
+        };
+        let v = owned.vocab;
+        let up = |x: &[f32]| s.clone_htod(x).unwrap();
+        let (logits, masked) = (up(&spread.logits), up(&spread.masked));
+        let (old_logp, advantages) = (up(&owned.old_logp), up(&owned.advantages));
+        let targets = s.clone_htod(&owned.targets).unwrap();
+        let cu_seqlens = s.clone_htod(&owned.cu_seqlens).unwrap();
+        let rows = s.clone_htod(&spread.rows).unwrap();
+        let masked_rows = s.clone_htod(&spread.masked_rows).unwrap();
+        let db = DeviceBatch {
+            logits: DeviceLogits::F32(&logits),
+            logits_masked: DeviceLogits::F32(&masked),
+            targets: &targets,
+            old_logp: &old_logp,
+            advantages: &advantages,
+            cu_seqlens: &cu_seqlens,
+            vocab: v,
+            ref_logp: None,
+            rows: Some(&rows),
+            masked_rows: Some(&masked_rows),
+        };
+        let fwd = vppo.forward_device(&db).unwrap();
+        let want = vppo.forward(&host).unwrap();
+        assert_eq!(fwd.output, want, "seed {seed}");
+
+        let mut want_grad = vec![0.0f32; spread.r * v];
+        vppo.backward_into(&host, &want, GradMut::F32(&mut want_grad))
+            .unwrap();
+        let bits = |x: &[f32]| x.iter().map(|g| g.to_bits()).collect::<Vec<_>>();
+        // Every element of the device gradient is written (it starts as NaN bytes).
+        let mut grad = s.clone_htod(&vec![f32::NAN; spread.r * v]).unwrap();
+        vppo.backward_device(&fwd, &db, DeviceLogitsMut::F32(&mut grad))
+            .unwrap();
+        assert_eq!(
+            bits(&s.clone_dtoh(&grad).unwrap()),
+            bits(&want_grad),
+            "seed {seed}"
+        );
+
+        // The stateless backward from the saved tensors, as the Python op calls it.
+        let lse = up(&want.tokens.lse);
+        let dlogp = up(&want.tokens.dlogp);
+        let saved = vppo::DeviceSaved {
+            targets: &targets,
+            lse: &lse,
+            dlogp: &dlogp,
+            rows: Some(&rows),
+        };
+        let host_saved = vppo::SavedForward {
+            targets: &owned.targets,
+            lse: &want.tokens.lse,
+            dlogp: &want.tokens.dlogp,
+            rows: Some(&spread.rows),
+        };
+        let mut saved_want = vec![0.0f32; spread.r * v];
+        vppo.backward_saved(
+            Some(vppo::Logits::F32(&spread.logits)),
+            v,
+            &host_saved,
+            GradMut::F32(&mut saved_want),
+        )
+        .unwrap();
+        let mut grad = s.clone_htod(&vec![f32::NAN; spread.r * v]).unwrap();
+        vppo.backward_saved_device(
+            Some(DeviceLogits::F32(&logits)),
+            v,
+            &saved,
+            DeviceLogitsMut::F32(&mut grad),
+        )
+        .unwrap();
+        assert_eq!(bits(&s.clone_dtoh(&grad).unwrap()), bits(&saved_want));
+        // In place: the logits buffer becomes the gradient (the unread junk rows become zeros).
+        let mut in_place = up(&spread.logits);
+        vppo.backward_saved_device(None, v, &saved, DeviceLogitsMut::F32(&mut in_place))
+            .unwrap();
+        assert_eq!(bits(&s.clone_dtoh(&in_place).unwrap()), bits(&saved_want));
+    }
+}
+
+/// The saved backward on the GPU checks what it indexes with before any launch, as the host one:
+/// rows out of order, a target outside [0, V), a non-finite lse, and a gradient of another shape are
+/// errors naming the tensor, and nothing is launched. No token (N = 0) with rows gives an all-zero
+/// [R, V] gradient.
+#[test]
+fn device_saved_backward_refuses_bad_saved_tensors() {
+    let _serial = common::fake_cuda::serial();
+    let Some(gpu) = gpu() else {
+        eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda or fake-cuda");
+        return;
+    };
+    let s = gpu.stream();
+    let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
+    let (v, r) = (8usize, 5usize);
+    let logits = s.clone_htod(&vec![0.5f32; r * v]).unwrap();
+    let run = |targets: &[i32], lse: &[f32], rows: &[i64], grad_rows: usize| {
+        let targets = s.clone_htod(targets).unwrap();
+        let lse = s.clone_htod(lse).unwrap();
+        let dlogp = s.clone_htod(&vec![0.25f32; rows.len()]).unwrap();
+        let rows = s.clone_htod(rows).unwrap();
+        let mut grad = s.clone_htod(&vec![f32::NAN; grad_rows * v]).unwrap();
+        let saved = vppo::DeviceSaved {
+            targets: &targets,
+            lse: &lse,
+            dlogp: &dlogp,
+            rows: Some(&rows),
+        };
+        let result = vppo.backward_saved_device(
+            Some(DeviceLogits::F32(&logits)),
+            v,
+            &saved,
+            DeviceLogitsMut::F32(&mut grad),
+        );
+        (result, s.clone_dtoh(&grad).unwrap())
+    };
+    let ok_lse = [2.5f32, 2.5];
+    // (targets, lse, rows, rows of the gradient, the tensor the error names)
+    type Case<'a> = (&'a [i32], &'a [f32], &'a [i64], usize, &'a str);
+    let cases: [Case; 4] = [
+        (&[1, 2], &ok_lse, &[3, 1], r, "rows"),
+        (&[1, 8], &ok_lse, &[1, 3], r, "targets"),
+        (&[1, 2], &[2.5, f32::INFINITY], &[1, 3], r, "lse"),
+        (&[1, 2], &ok_lse, &[1, 3], r + 1, "grad"),
+    ];
+    for (targets, lse, rows, grad_rows, named) in cases {
+        let (result, grad) = run(targets, lse, rows, grad_rows);
+        let e = result.expect_err(named).to_string();
+        assert!(e.contains(named), "{named}: {e}");
+        assert!(
+            grad.iter().all(|g| g.is_nan()),
+            "{named}: the gradient was written"
+        );
+    }
+    let (ok, grad) = run(&[1, 2], &ok_lse, &[1, 3], r);
+    ok.unwrap();
+    assert!(grad.iter().all(|g| g.is_finite()));
+    for row in [0, 2, 4] {
+        assert!(grad[row * v..(row + 1) * v].iter().all(|&g| g == 0.0));
+    }
+    // N = 0: empty tensors (address 0, as a framework's empty tensors may have) and an all-zero
+    // [R, V] gradient.
+    // SAFETY: empty views: no memory is behind them and none is read.
+    let (t0, f0, r0) = unsafe {
+        use vppo::cuda::Borrowed;
+        (
+            Borrowed::<i32>::new(&gpu, 0, 0),
+            Borrowed::<f32>::new(&gpu, 0, 0),
+            Borrowed::<i64>::new(&gpu, 0, 0),
+        )
+    };
+    let saved = vppo::DeviceSaved {
+        targets: &t0,
+        lse: &f0,
+        dlogp: &f0,
+        rows: Some(&r0),
+    };
+    let mut grad = s.clone_htod(&vec![f32::NAN; r * v]).unwrap();
+    vppo.backward_saved_device(
+        Some(DeviceLogits::F32(&logits)),
+        v,
+        &saved,
+        DeviceLogitsMut::F32(&mut grad),
+    )
+    .unwrap();
+    assert!(
+        s.clone_dtoh(&grad).unwrap().iter().all(|&g| g == 0.0),
+        "N = 0: all zeros"
+    );
+}
+
+/// Memory and a stream the crate does not own, as the PyTorch entry point hands them over: raw
+/// addresses viewed as `vppo::cuda::Borrowed` slices and the caller's raw stream handle. On the fake
+/// driver a stream runs its work only when something waits for it, so the uploads queued on the
+/// caller's stream are not there until the crate joins that stream: without the join the forward
+/// reads 0xFF bytes (an error); with it, the result of the host path. Dropping a `Borrowed` frees
+/// nothing (the caller's buffers still read back), and the caller's stream is ordered after the
+/// crate's writes.
+#[test]
+fn foreign_memory_and_stream_are_used_in_place() {
+    let _serial = common::fake_cuda::serial();
+    let Some(gpu) = gpu() else {
+        eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda or fake-cuda");
+        return;
+    };
+    let theirs = gpu.context().new_stream().unwrap();
+    let (owned, _) = small_f32_batch(11);
+    let host = owned.batch();
+    let (n, v) = (host.n_tokens(), host.vocab);
+    let logits = theirs.clone_htod(&owned.logits.to_f32()).unwrap();
+    let masked = theirs.clone_htod(&owned.logits_masked.to_f32()).unwrap();
+    let targets = theirs.clone_htod(&owned.targets).unwrap();
+    let old_logp = theirs.clone_htod(&owned.old_logp).unwrap();
+    let advantages = theirs.clone_htod(&owned.advantages).unwrap();
+    let cu_seqlens = theirs.clone_htod(&owned.cu_seqlens).unwrap();
+    let mut grad = theirs.alloc_zeros::<f32>(n * v).unwrap();
+    let raw = |len: usize, ptr: u64| (ptr, len);
+    let addr = |x: &CudaSlice<f32>| raw(x.len(), gpu.device_ptr_u64(x));
+    let (l_ptr, m_ptr, o_ptr, a_ptr) = (
+        addr(&logits),
+        addr(&masked),
+        addr(&old_logp),
+        addr(&advantages),
+    );
+    let t_ptr = raw(targets.len(), gpu.device_ptr_u64(&targets));
+    let c_ptr = raw(cu_seqlens.len(), gpu.device_ptr_u64(&cu_seqlens));
+    let g_ptr = addr(&grad);
+    // Frees are queued on the stream they were made on: run the crate's stream's before counting.
+    gpu.synchronize().unwrap();
+    let live = common::fake_cuda::active().then(|| common::fake_cuda::stats().live_allocs);
+    let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
+    let want = vppo.forward(&host).unwrap();
+    let mut want_grad = vec![0.0f32; n * v];
+    vppo.backward_into(&host, &want, GradMut::F32(&mut want_grad))
+        .unwrap();
+    {
+        // SAFETY: each (address, length) is a live allocation above of that many elements of the
+        // type, in this GPU's context, alive until after this block.
+        let (bl, bm, bt, bo, ba, bc, mut bg) = unsafe {
+            use vppo::cuda::Borrowed;
+            (
+                Borrowed::<f32>::new(&gpu, l_ptr.0, l_ptr.1),
+                Borrowed::<f32>::new(&gpu, m_ptr.0, m_ptr.1),
+                Borrowed::<i32>::new(&gpu, t_ptr.0, t_ptr.1),
+                Borrowed::<f32>::new(&gpu, o_ptr.0, o_ptr.1),
+                Borrowed::<f32>::new(&gpu, a_ptr.0, a_ptr.1),
+                Borrowed::<i32>::new(&gpu, c_ptr.0, c_ptr.1),
+                Borrowed::<f32>::new(&gpu, g_ptr.0, g_ptr.1),
+            )
+        };
+        let db = DeviceBatch {
+            logits: DeviceLogits::F32(&bl),
+            logits_masked: DeviceLogits::F32(&bm),
+            targets: &bt,
+            old_logp: &bo,
+            advantages: &ba,
+            cu_seqlens: &bc,
+            vocab: v,
+            ref_logp: None,
+            rows: None,
+            masked_rows: None,
+        };
+        if common::fake_cuda::active() && n > 0 {
+            // Not joined: the caller's uploads have not run yet.
+            assert!(vppo.forward_device(&db).is_err());
+        }
+        // SAFETY: `theirs` is a live stream of this GPU's context.
+        unsafe { gpu.wait_for_foreign_stream(theirs.cu_stream() as u64) }.unwrap();
+        let fwd = vppo.forward_device(&db).unwrap();
+        assert_eq!(fwd.output, want);
+        vppo.backward_device(&fwd, &db, DeviceLogitsMut::F32(&mut bg))
+            .unwrap();
+        // SAFETY: as above.
+        unsafe { gpu.order_foreign_stream_after(theirs.cu_stream() as u64) }.unwrap();
+    }
+    gpu.synchronize().unwrap();
+    if let Some(live) = live {
+        assert_eq!(
+            common::fake_cuda::stats().live_allocs,
+            live,
+            "a Borrowed freed memory"
+        );
+    }
+    let bits = |x: &[f32]| x.iter().map(|g| g.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&theirs.clone_dtoh(&grad).unwrap()), bits(&want_grad));
+    assert_eq!(theirs.clone_dtoh(&targets).unwrap(), owned.targets);
+    grad = theirs.alloc_zeros::<f32>(1).unwrap();
+    drop(grad);
+    theirs.synchronize().unwrap();
 }

@@ -12,60 +12,7 @@ use vppo::{
     VppoConfig, VppoError,
 };
 
-/// A compact batch spread over bigger tensors: `logits` [R, V] with the token rows at strictly
-/// increasing random positions (the rest filled with junk, NaN included: a row no token reads is
-/// never read), and `logits_masked` [R', V] with the token rows at a random permutation.
-struct Spread {
-    logits: Vec<f32>,
-    masked: Vec<f32>,
-    rows: Vec<i64>,
-    masked_rows: Vec<i64>,
-    r: usize,
-}
-
-fn spread(owned: &OwnedBatch, rng: &mut impl Rng) -> Spread {
-    let v = owned.vocab;
-    let n = owned.targets.len();
-    let a = owned.logits.to_f32();
-    let b = owned.logits_masked.to_f32();
-    let mut rows = Vec::with_capacity(n);
-    let mut next = 0i64;
-    for _ in 0..n {
-        next += rng.gen_range(1..4);
-        rows.push(next - 1);
-    }
-    let r = next as usize + rng.gen_range(0..3);
-    let junk = |rng: &mut dyn rand::RngCore, i: usize| {
-        if i % 7 == 3 {
-            f32::NAN
-        } else {
-            rng.gen_range(-30.0f32..30.0)
-        }
-    };
-    let mut logits: Vec<f32> = (0..r * v).map(|i| junk(rng, i)).collect();
-    for (t, &row) in rows.iter().enumerate() {
-        logits[row as usize * v..(row as usize + 1) * v].copy_from_slice(&a[t * v..(t + 1) * v]);
-    }
-    let r2 = n + 2;
-    let mut perm: Vec<usize> = (0..r2).collect();
-    for i in (1..r2).rev() {
-        perm.swap(i, rng.gen_range(0..=i));
-    }
-    let masked_rows: Vec<i64> = perm[..n].iter().map(|&p| p as i64).collect();
-    let mut masked: Vec<f32> = (0..r2 * v).map(|i| junk(rng, i)).collect();
-    for (t, &row) in masked_rows.iter().enumerate() {
-        masked[row as usize * v..(row as usize + 1) * v].copy_from_slice(&b[t * v..(t + 1) * v]);
-    }
-    Spread {
-        logits,
-        masked,
-        rows,
-        masked_rows,
-        r,
-    }
-}
-
-fn with_rows<'a>(owned: &'a OwnedBatch, s: &'a Spread) -> Batch<'a> {
+fn with_rows<'a>(owned: &'a OwnedBatch, s: &'a common::Spread) -> Batch<'a> {
     Batch {
         logits: Logits::F32(&s.logits),
         logits_masked: Logits::F32(&s.masked),
@@ -97,7 +44,7 @@ fn random(seed: u64) -> (OwnedBatch, ChaCha8Rng) {
 fn rows_give_the_outputs_and_gradient_of_the_compact_batch() {
     for seed in 0..12 {
         let (owned, mut rng) = random(seed);
-        let s = spread(&owned, &mut rng);
+        let s = common::spread(&owned, &mut rng);
         let (v, n) = (owned.vocab, owned.targets.len());
         for device in devices() {
             let vppo = Vppo::new(VppoConfig::default(), device).unwrap();
@@ -150,7 +97,7 @@ fn rows_give_the_outputs_and_gradient_of_the_compact_batch() {
 #[test]
 fn logits_masked_is_read_through_rows_when_it_has_the_shape_of_logits() {
     let (owned, mut rng) = random(3);
-    let mut s = spread(&owned, &mut rng);
+    let mut s = common::spread(&owned, &mut rng);
     let v = owned.vocab;
     // logits_masked [R, V] laid out like logits: token t's masked row at rows[t].
     let b = owned.logits_masked.to_f32();
@@ -182,7 +129,7 @@ fn logits_masked_is_read_through_rows_when_it_has_the_shape_of_logits() {
 fn backward_saved_in_place_over_rows_zeroes_the_other_rows() {
     for dtype in [Dtype::F32, Dtype::Bf16] {
         let (owned, mut rng) = random(5);
-        let s = spread(&owned, &mut rng);
+        let s = common::spread(&owned, &mut rng);
         let v = owned.vocab;
         for device in devices() {
             let vppo = Vppo::new(VppoConfig::default(), device).unwrap();
@@ -311,7 +258,7 @@ fn error_of(batch: &Batch) -> VppoError {
 #[test]
 fn bad_rows_are_errors_naming_the_index_and_position() {
     let (owned, mut rng) = random(7);
-    let s = spread(&owned, &mut rng);
+    let s = common::spread(&owned, &mut rng);
     let n = owned.targets.len();
     assert!(n >= 3, "the seed must give a few tokens");
     let base = with_rows(&owned, &s);
@@ -455,7 +402,7 @@ fn bad_rows_are_errors_naming_the_index_and_position() {
 #[test]
 fn a_bad_value_is_named_by_its_token_row() {
     let (owned, mut rng) = random(9);
-    let mut s = spread(&owned, &mut rng);
+    let mut s = common::spread(&owned, &mut rng);
     let v = owned.vocab;
     let t = owned.targets.len() / 2;
     let y = owned.targets[t] as usize;

@@ -28,12 +28,14 @@ use crate::params::{
 };
 
 pub mod fatbin;
+pub mod foreign;
 
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/fatbins.rs"));
 }
 
 pub use fatbin::{fatbin_entries, FatbinEntry};
+pub use foreign::Borrowed;
 pub use generated::{CUDA_ARCHS, CUDA_PTX_ARCH, FATBINS, NVCC_VERSION, RESOURCE_REPORT};
 
 // SAFETY: each of these is the bindgen mirror of a struct in kernels/vppo_params.h: #[repr(C)],

@@ -46,8 +46,10 @@ pub(crate) use backward::{backward_in_place, backward_into, backward_saved, back
 use launcher::*;
 use perception::*;
 pub(crate) use perception::{mutant_perception, perception, perception_partial};
-pub(crate) use resident::{backward_device, backward_device_in_place, forward_device};
-pub use resident::{DeviceBatch, DeviceForward, DeviceStages};
+pub(crate) use resident::{
+    backward_device, backward_device_in_place, backward_saved_device, forward_device,
+};
+pub use resident::{DeviceBatch, DeviceForward, DeviceSaved, DeviceStages};
 pub(crate) use select_loss::select;
 use select_loss::*;
 use workspace::*;
@@ -182,8 +184,8 @@ impl<'a> Inputs<'a> {
             old_logp: at(gpu.device_ptr_u64(batch.old_logp)),
             advantages: at(gpu.device_ptr_u64(batch.advantages)),
             cu_seqlens: at(gpu.device_ptr_u64(batch.cu_seqlens)),
-            rows: at(0),
-            masked_rows: at(0),
+            rows: at(batch.rows.map_or(0, |r| gpu.device_ptr_u64(r))),
+            masked_rows: at(batch.masked_index().map_or(0, |r| gpu.device_ptr_u64(r))),
             ref_logp: at(batch.ref_logp.map_or(0, |r| gpu.device_ptr_u64(r))),
         }
     }

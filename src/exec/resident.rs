@@ -61,6 +61,12 @@ pub struct DeviceBatch<'a> {
     /// [N] optional: the reference policy's log-prob of each target, read by the KL penalty
     /// (SPEC section 12; required when `kl_penalty` is not none).
     pub ref_logp: Option<&'a CudaSlice<f32>>,
+    /// [N] optional row of `logits` each token reads (SPEC section 10): strictly increasing, in
+    /// [0, R) for [R, V] logits (the model's rows, prompt rows included). None: [N, V].
+    pub rows: Option<&'a CudaSlice<i64>>,
+    /// [N] optional row of `logits_masked` each token reads (any order); None: through `rows` when
+    /// both tensors have the same shape, else [N, V].
+    pub masked_rows: Option<&'a CudaSlice<i64>>,
 }
 
 /// The result of a forward pass on GPU-resident inputs: every output copied to the host (O(N + B)),
@@ -73,6 +79,10 @@ pub struct DeviceForward {
     pub(super) targets: Vec<i32>,
     pub(super) vocab: usize,
     pub(super) dtype: Dtype,
+    /// The validated rows of the logits (a crate-owned copy, so the backward never indexes with a
+    /// buffer it has not checked) and R, the rows of logits and gradient (N without rows).
+    pub(super) rows: Option<CudaSlice<i64>>,
+    pub(super) n_rows: usize,
 }
 
 impl DeviceForward {
@@ -104,6 +114,8 @@ pub(super) struct SmallHost {
     pub(super) advantages: Vec<f32>,
     pub(super) cu_seqlens: Vec<i32>,
     pub(super) ref_logp: Option<Vec<f32>>,
+    pub(super) rows: Option<Vec<i64>>,
+    pub(super) masked_rows: Option<Vec<i64>>,
 }
 
 /// The O(N + B) tensors of a device batch (targets, old_logp, advantages, cu_seqlens and ref_logp
@@ -116,6 +128,8 @@ pub(super) fn download_small_tensors(gpu: &Gpu, batch: &DeviceBatch) -> Result<S
     let advantages = layout.array::<f32>(batch.advantages.len());
     let cu_seqlens = layout.array::<i32>(batch.cu_seqlens.len());
     let ref_logp = batch.ref_logp.map(|r| (r, layout.array::<f32>(r.len())));
+    let rows = batch.rows.map(|r| (r, layout.array::<i64>(r.len())));
+    let masked_rows = batch.masked_rows.map(|r| (r, layout.array::<i64>(r.len())));
     let mut raw = vec![0u8; layout.end];
     if layout.end > 0 {
         let mut staging = gpu.alloc_uninit::<u8>(layout.end)?;
@@ -126,6 +140,9 @@ pub(super) fn download_small_tensors(gpu: &Gpu, batch: &DeviceBatch) -> Result<S
         if let Some((r, region)) = ref_logp {
             gpu.copy_bytes_on_device(r, &mut staging, region.offset)?;
         }
+        for (r, region) in rows.iter().chain(&masked_rows) {
+            gpu.copy_bytes_on_device(*r, &mut staging, region.offset)?;
+        }
         gpu.download_range_into(&staging, 0, &mut raw)?;
     }
     let copy = ArenaCopy(raw);
@@ -135,6 +152,8 @@ pub(super) fn download_small_tensors(gpu: &Gpu, batch: &DeviceBatch) -> Result<S
         advantages: copy.get(advantages),
         cu_seqlens: copy.get(cu_seqlens),
         ref_logp: ref_logp.map(|(_, region)| copy.get(region)),
+        rows: rows.map(|(_, region)| copy.get(region)),
+        masked_rows: masked_rows.map(|(_, region)| copy.get(region)),
     })
 }
 
@@ -162,6 +181,16 @@ impl DeviceLogitsMut<'_> {
 }
 
 impl<'a> DeviceBatch<'a> {
+    /// The row index `logits_masked` is read through: `masked_rows`, else `rows` when both tensors
+    /// have the same length (SPEC section 10), else none. As `Batch::masked_index`.
+    pub(super) fn masked_index(&self) -> Option<&'a CudaSlice<i64>> {
+        match (self.masked_rows, self.rows) {
+            (Some(m), _) => Some(m),
+            (None, Some(r)) if self.logits_masked.len() == self.logits.len() => Some(r),
+            _ => None,
+        }
+    }
+
     /// Where each of the batch's buffers lives, for [`join_caller_streams`].
     pub(super) fn residences(&self) -> Vec<Residence<'a>> {
         let mut all = vec![
@@ -173,6 +202,8 @@ impl<'a> DeviceBatch<'a> {
             residence(Tensor::CuSeqlens, self.cu_seqlens),
         ];
         all.extend(self.ref_logp.map(|r| residence(Tensor::RefLogp, r)));
+        all.extend(self.rows.map(|r| residence(Tensor::Rows, r)));
+        all.extend(self.masked_rows.map(|r| residence(Tensor::MaskedRows, r)));
         all
     }
 }
@@ -224,17 +255,20 @@ pub(crate) fn forward_device(
         advantages,
         cu_seqlens,
         ref_logp,
+        rows,
+        masked_rows,
     } = download_small_tensors(gpu, batch)?;
+    let (logits_len, masked_len) = (batch.logits.len(), batch.logits_masked.len());
     crate::batch::SmallTensors {
-        logits: (batch.logits.dtype(), batch.logits.len()),
-        logits_masked: (batch.logits_masked.dtype(), batch.logits_masked.len()),
+        logits: (batch.logits.dtype(), logits_len),
+        logits_masked: (batch.logits_masked.dtype(), masked_len),
         targets: &targets,
         old_logp: &old_logp,
         advantages: &advantages,
         cu_seqlens: &cu_seqlens,
         vocab: batch.vocab,
-        rows: None,
-        masked_rows: None,
+        rows: rows.as_deref(),
+        masked_rows: masked_rows.as_deref(),
         ref_logp: ref_logp.as_deref(),
     }
     .validate(cfg.group_size, cfg.needs_groups())?;
@@ -246,6 +280,8 @@ pub(crate) fn forward_device(
         vocab: batch.vocab,
         dtype: batch.logits.dtype(),
     };
+    // Validated above: V > 0 whenever N > 0, and R * V = the logits' length.
+    let n_rows = logits_len.checked_div(batch.vocab).unwrap_or(n);
     let z = cfg.token_normalizer.unwrap_or(n as f64);
     if n == 0 {
         return Ok(DeviceForward {
@@ -255,20 +291,31 @@ pub(crate) fn forward_device(
             targets,
             vocab: batch.vocab,
             dtype: dims.dtype,
+            rows: None,
+            n_rows,
         });
     }
     let l = Launcher::Cuda(gpu.clone());
+    let masked_index = crate::batch::effective_masked_rows(
+        rows.as_deref(),
+        masked_rows.as_deref(),
+        logits_len,
+        masked_len,
+    );
     let inputs = Inputs::device(gpu, batch);
     let ws = Workspace::new(&l, n, b)?;
-    let rows = |tensor: Tensor, row: usize| {
-        let logits = if tensor == Tensor::Logits {
-            &batch.logits
+    let row_of = |tensor: Tensor, token: usize| {
+        // `token` names the token: copy back the row it read.
+        let (logits, index) = if tensor == Tensor::Logits {
+            (&batch.logits, rows.as_deref())
         } else {
-            &batch.logits_masked
+            (&batch.logits_masked, masked_index)
         };
+        let row = index.map_or(token, |r| r[token] as usize);
         logits.row_f64(gpu, row, batch.vocab)
     };
-    let output = run_passes(&l, dims, cfg, &inputs, &ws, &targets, &rows)?;
+    let output = run_passes(&l, dims, cfg, &inputs, &ws, &targets, &row_of)?;
+    let rows = rows.map(|r| gpu.upload(&r)).transpose()?;
     Ok(DeviceForward {
         output,
         gpu: gpu.clone(),
@@ -276,6 +323,8 @@ pub(crate) fn forward_device(
         targets,
         vocab: batch.vocab,
         dtype: dims.dtype,
+        rows,
+        n_rows,
     })
 }
 
@@ -287,30 +336,34 @@ pub(super) fn launch_backward(
     fwd: &DeviceForward,
     logits_addr: u64,
     logits_len: usize,
-    logits_residence: Residence,
+    logits_residence: Option<Residence>,
     targets: &CudaSlice<i32>,
-    grad: &DeviceLogitsMut,
+    grad: &mut DeviceLogitsMut,
     cfg: &VppoConfig,
 ) -> Result<()> {
     let n = fwd.targets.len();
-    check_elements(Tensor::Logits, logits_len, n, fwd.vocab)?;
-    check_elements(Tensor::GradLogits, grad.len(), n, fwd.vocab)?;
+    // R rows of V (R = N without rows), as the forward read.
+    check_elements(Tensor::Logits, logits_len, fwd.n_rows, fwd.vocab)?;
+    check_elements(Tensor::GradLogits, grad.len(), fwd.n_rows, fwd.vocab)?;
     if targets.len() != n {
         return Err(VppoError::Shape {
             tensor: Tensor::Targets,
             detail: format!("has {} elements, the forward had N = {n}", targets.len()),
         });
     }
-    let Some(ws) = &fwd.ws else { return Ok(()) };
     let gpu = &fwd.gpu;
-    join_caller_streams(
-        gpu,
-        &[
-            logits_residence,
-            residence(Tensor::Targets, targets),
-            grad.residence(Tensor::GradLogits),
-        ],
-    )?;
+    let mut buffers = vec![
+        residence(Tensor::Targets, targets),
+        grad.residence(Tensor::GradLogits),
+    ];
+    buffers.extend(logits_residence);
+    join_caller_streams(gpu, &buffers)?;
+    let Some(ws) = &fwd.ws else {
+        // No token reads a row, but with rows the gradient is still [R, V]: all zeros (SPEC
+        // section 10), as the host backward and the reference write.
+        return on_dtype!(grad, g => gpu.stream().memset_zeros(&mut **g))
+            .map_err(|e| crate::cuda::cuda_err("zeroing the gradient", e));
+    };
     let l = Launcher::Cuda(gpu.clone());
     let kernel = backward_kernel(fwd.dtype, grad.dtype())?;
     let addrs = BackwardAddrs {
@@ -319,11 +372,11 @@ pub(super) fn launch_backward(
         dlogp: ws.addr(&l, ws.dlogp),
         targets: gpu.device_ptr_u64(targets),
         grad: grad.addr(gpu),
-        rows: 0,
-        n_rows: n,
+        rows: fwd.rows.as_ref().map_or(0, |r| gpu.device_ptr_u64(r)),
+        n_rows: fwd.n_rows,
     };
-    // SAFETY: logits and grad hold N * V elements of their dtypes (checked above), lse, dlogp and
-    // targets N; grad is borrowed mutably by the caller for this call; the kernel is queued on the
+    // SAFETY: logits and grad hold R * V elements of their dtypes (checked above), lse, dlogp and
+    // targets N, rows (the forward's validated copy) N strictly increasing values in [0, R); grad is borrowed mutably by the caller for this call; the kernel is queued on the
     // one stream every buffer of this Gpu lives on, and a CudaSlice is freed in stream order (or
     // after a synchronize), so every buffer outlives the kernel even when the caller does not wait.
     unsafe { launch_backward_kernel(&l, kernel, &addrs, n, fwd.vocab, cfg) }
@@ -333,7 +386,7 @@ pub(super) fn launch_backward(
 pub(crate) fn backward_device(
     fwd: &DeviceForward,
     batch: &DeviceBatch,
-    grad: DeviceLogitsMut,
+    mut grad: DeviceLogitsMut,
     cfg: &VppoConfig,
 ) -> Result<()> {
     fwd.check_logits_dtype(batch.logits.dtype())?;
@@ -341,9 +394,9 @@ pub(crate) fn backward_device(
         fwd,
         batch.logits.addr(&fwd.gpu),
         batch.logits.len(),
-        batch.logits.residence(Tensor::Logits),
+        Some(batch.logits.residence(Tensor::Logits)),
         batch.targets,
-        &grad,
+        &mut grad,
         cfg,
     )?;
     fwd.gpu.synchronize()
@@ -354,22 +407,133 @@ pub(crate) fn backward_device(
 /// logits afterwards: an autograd framework that saved them for another op must not use this.
 pub(crate) fn backward_device_in_place(
     fwd: &DeviceForward,
-    logits: DeviceLogitsMut,
+    mut logits: DeviceLogitsMut,
     targets: &CudaSlice<i32>,
     cfg: &VppoConfig,
 ) -> Result<()> {
     fwd.check_logits_dtype(logits.dtype())?;
     let addr = logits.addr(&fwd.gpu);
-    launch_backward(
-        fwd,
-        addr,
-        logits.len(),
-        logits.residence(Tensor::Logits),
-        targets,
-        &logits,
-        cfg,
-    )?;
+    launch_backward(fwd, addr, logits.len(), None, targets, &mut logits, cfg)?;
     fwd.gpu.synchronize()
+}
+
+/// What a forward saved for its backward, on the GPU (per token: target, lse, dlogp; the rows it
+/// read): the device form of [`SavedForward`], for a caller that keeps only those tensors, as an
+/// autograd framework does (the PyTorch entry point's CUDA path).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceSaved<'a> {
+    /// [N] the forward's targets.
+    pub targets: &'a CudaSlice<i32>,
+    /// [N] logsumexp(logits[row] / tau) from the forward.
+    pub lse: &'a CudaSlice<f32>,
+    /// [N] dloss/dlogp from the forward (scaled by the incoming gradient of the loss).
+    pub dlogp: &'a CudaSlice<f32>,
+    /// [N] strictly increasing rows of [R, V] logits, or None ([N, V]).
+    pub rows: Option<&'a CudaSlice<i64>>,
+}
+
+/// dloss/dlogits from a [`DeviceSaved`] into the caller's device buffer `grad`, reading `logits`,
+/// or, with `logits` None, reading the logits from `grad` and overwriting them (in place).
+///
+/// The O(N) saved tensors are copied back once (one transfer) and checked as the host backward
+/// checks them ([`SavedForward::check`]: shapes against N, V and the rows, targets in [0, V), lse and
+/// dlogp finite) before any launch; the kernel then indexes rows through a crate-owned copy of the
+/// checked rows. Ordered after the work queued on every buffer's stream; synchronizes before it
+/// returns.
+pub(crate) fn backward_saved_device(
+    gpu: &Arc<Gpu>,
+    logits: Option<DeviceLogits>,
+    vocab: usize,
+    saved: &DeviceSaved,
+    mut grad: DeviceLogitsMut,
+    cfg: &VppoConfig,
+    check_dlogp: &dyn Fn(&[f32]) -> Result<()>,
+) -> Result<()> {
+    let mut buffers = vec![
+        residence(Tensor::Targets, saved.targets),
+        residence(Tensor::Lse, saved.lse),
+        residence(Tensor::Dlogp, saved.dlogp),
+        grad.residence(Tensor::GradLogits),
+    ];
+    buffers.extend(logits.map(|x| x.residence(Tensor::Logits)));
+    buffers.extend(saved.rows.map(|r| residence(Tensor::Rows, r)));
+    join_caller_streams(gpu, &buffers)?;
+
+    let mut layout = ArenaLayout::new(16);
+    let targets = layout.array::<i32>(saved.targets.len());
+    let lse = layout.array::<f32>(saved.lse.len());
+    let dlogp = layout.array::<f32>(saved.dlogp.len());
+    let rows = saved.rows.map(|r| (r, layout.array::<i64>(r.len())));
+    let mut raw = vec![0u8; layout.end];
+    if layout.end > 0 {
+        let mut staging = gpu.alloc_uninit::<u8>(layout.end)?;
+        gpu.copy_bytes_on_device(saved.targets, &mut staging, targets.offset)?;
+        gpu.copy_bytes_on_device(saved.lse, &mut staging, lse.offset)?;
+        gpu.copy_bytes_on_device(saved.dlogp, &mut staging, dlogp.offset)?;
+        if let Some((r, region)) = rows {
+            gpu.copy_bytes_on_device(r, &mut staging, region.offset)?;
+        }
+        gpu.download_range_into(&staging, 0, &mut raw)?;
+    }
+    let copy = ArenaCopy(raw);
+    let host_targets: Vec<i32> = copy.get(targets);
+    let host_lse: Vec<f32> = copy.get(lse);
+    let host_dlogp: Vec<f32> = copy.get(dlogp);
+    let host_rows: Option<Vec<i64>> = rows.map(|(_, region)| copy.get(region));
+    let logits_len = logits.map_or(grad.len(), |x| x.len());
+    let input_dtype = logits.map_or(grad.dtype(), |x| x.dtype());
+    SavedForward {
+        targets: &host_targets,
+        lse: &host_lse,
+        dlogp: &host_dlogp,
+        rows: host_rows.as_deref(),
+    }
+    .check(logits_len, grad.len(), vocab)?;
+    check_grad_dtype(input_dtype, grad.dtype())?;
+    check_dlogp(&host_dlogp)?;
+    let n = host_targets.len();
+    if n == 0 || vocab == 0 {
+        // No token reads a row: the [R, V] gradient is all zeros (SPEC section 10), in place too.
+        on_dtype!(&mut grad, g => gpu.stream().memset_zeros(&mut **g))
+            .map_err(|e| crate::cuda::cuda_err("zeroing the gradient", e))?;
+        return gpu.synchronize();
+    }
+    let checked_rows = host_rows.map(|r| gpu.upload(&r)).transpose()?;
+    let l = Launcher::Cuda(gpu.clone());
+    let kernel = backward_kernel(input_dtype, grad.dtype())?;
+    let grad_addr = grad.addr(gpu);
+    let addrs = BackwardAddrs {
+        logits: logits.map_or(grad_addr, |x| x.addr(gpu)),
+        lse: gpu.device_ptr_u64(saved.lse),
+        dlogp: gpu.device_ptr_u64(saved.dlogp),
+        targets: gpu.device_ptr_u64(saved.targets),
+        grad: grad_addr,
+        rows: checked_rows.as_ref().map_or(0, |r| gpu.device_ptr_u64(r)),
+        n_rows: grad.len() / vocab,
+    };
+    // SAFETY: logits and grad hold R * V elements of their dtypes (R = N without rows), lse, dlogp
+    // and targets N (all checked above against the copies just made of them), rows the crate's own
+    // upload of the checked N strictly increasing values in [0, R); targets are only compared with
+    // column indices. In place, each element is loaded and then stored by one thread
+    // (kernels/backward.cu). `grad` is borrowed mutably for this call, and the call synchronizes
+    // before any buffer can be dropped.
+    unsafe { launch_backward_kernel(&l, kernel, &addrs, n, vocab, cfg)? };
+    gpu.synchronize()
+}
+
+/// A gradient buffer has the logits dtype or f32.
+fn check_grad_dtype(logits: Dtype, grad: Dtype) -> Result<()> {
+    if grad != Dtype::F32 && grad != logits {
+        return Err(VppoError::Shape {
+            tensor: Tensor::GradLogits,
+            detail: format!(
+                "dtype {} is neither f32 nor the logits dtype {}",
+                grad.name(),
+                logits.name()
+            ),
+        });
+    }
+    Ok(())
 }
 
 // -------------------------------------------------------------------------------------------------
@@ -452,14 +616,14 @@ impl<'a> DeviceStages<'a> {
 
     /// Queues pass 3: dloss/dlogits of the batch's logits into `grad` ([N, V], f32 or the logits
     /// dtype).
-    pub fn backward(&self, grad: DeviceLogitsMut) -> Result<()> {
+    pub fn backward(&self, mut grad: DeviceLogitsMut) -> Result<()> {
         launch_backward(
             &self.fwd,
             self.batch.logits.addr(&self.fwd.gpu),
             self.batch.logits.len(),
-            self.batch.logits.residence(Tensor::Logits),
+            Some(self.batch.logits.residence(Tensor::Logits)),
             self.batch.targets,
-            &grad,
+            &mut grad,
             &self.cfg,
         )
     }
@@ -467,16 +631,16 @@ impl<'a> DeviceStages<'a> {
     /// Queues pass 3 in place over `logits`, a buffer of the batch's shape and dtype that the caller
     /// filled with a copy of the batch's logits (the values are the caller's business: the forward's
     /// lse is used as is). Afterwards `logits` holds the gradient.
-    pub fn backward_in_place(&self, logits: DeviceLogitsMut) -> Result<()> {
+    pub fn backward_in_place(&self, mut logits: DeviceLogitsMut) -> Result<()> {
         self.fwd.check_logits_dtype(logits.dtype())?;
         let addr = logits.addr(&self.fwd.gpu);
         launch_backward(
             &self.fwd,
             addr,
             logits.len(),
-            logits.residence(Tensor::Logits),
+            None,
             self.batch.targets,
-            &logits,
+            &mut logits,
             &self.cfg,
         )
     }

@@ -374,3 +374,56 @@ pub fn pieces(full: &OwnedBatch, t0: usize, t1: usize) -> (OwnedBatch, bool) {
     };
     (batch, continues)
 }
+
+/// A compact (f32) batch spread over bigger tensors: `logits` [R, V] with the token rows at strictly
+/// increasing random positions (the rest filled with junk, NaN included: a row no token reads is
+/// never read), and `logits_masked` [R', V] with the token rows at a random permutation.
+pub struct Spread {
+    pub logits: Vec<f32>,
+    pub masked: Vec<f32>,
+    pub rows: Vec<i64>,
+    pub masked_rows: Vec<i64>,
+    pub r: usize,
+}
+
+pub fn spread(owned: &OwnedBatch, rng: &mut impl Rng) -> Spread {
+    let v = owned.vocab;
+    let n = owned.targets.len();
+    let a = owned.logits.to_f32();
+    let b = owned.logits_masked.to_f32();
+    let mut rows = Vec::with_capacity(n);
+    let mut next = 0i64;
+    for _ in 0..n {
+        next += rng.gen_range(1..4);
+        rows.push(next - 1);
+    }
+    let r = next as usize + rng.gen_range(0..3);
+    let junk = |rng: &mut dyn rand::RngCore, i: usize| {
+        if i % 7 == 3 {
+            f32::NAN
+        } else {
+            rng.gen_range(-30.0f32..30.0)
+        }
+    };
+    let mut logits: Vec<f32> = (0..r * v).map(|i| junk(rng, i)).collect();
+    for (t, &row) in rows.iter().enumerate() {
+        logits[row as usize * v..(row as usize + 1) * v].copy_from_slice(&a[t * v..(t + 1) * v]);
+    }
+    let r2 = n + 2;
+    let mut perm: Vec<usize> = (0..r2).collect();
+    for i in (1..r2).rev() {
+        perm.swap(i, rng.gen_range(0..=i));
+    }
+    let masked_rows: Vec<i64> = perm[..n].iter().map(|&p| p as i64).collect();
+    let mut masked: Vec<f32> = (0..r2 * v).map(|i| junk(rng, i)).collect();
+    for (t, &row) in masked_rows.iter().enumerate() {
+        masked[row as usize * v..(row as usize + 1) * v].copy_from_slice(&b[t * v..(t + 1) * v]);
+    }
+    Spread {
+        logits,
+        masked,
+        rows,
+        masked_rows,
+        r,
+    }
+}
