@@ -15,30 +15,45 @@
  *   k = ceil(entropy_top_fraction * L_b) in place of the score's; perception-or-entropy runs both and
  *   ORs the second into the first. Sbar and k_b are always the perception ones.
  *
- * vppo_loss: Trajectory-level Advantage Shaping and the clipped surrogate, in one block of kLossThreads.
+ *   For the loss pass, the same blocks write token_response[t] = b for every token of response b
+ *   (the loss reads a token's response from it: no search over cu_seqlens) and, in the GSPO modes,
+ *   s_b = mean of logp - old_logp over b and m_b = the masked count of b (per-thread sums in index
+ *   order, then the fixed tree of block_sum).
+ *
+ * Pass 2b: Trajectory-level Advantage Shaping and the clipped surrogate, three kernels.
+ *   vppo_loss_prep, one block of kLossThreads, per response:
  *   Phase 1, per scope (batch, or groups of G): lo/hi of Sbar over responses with L_b > 0 (or the
  *   caller's range), n_b = clamp((Sbar_b - lo) / (hi - lo), 0, 1), alpha_b by the shaping rule; alpha = 1
- *   when hi - lo <= VPPO_TAS_MIN_SPREAD (1e-6) and for empty responses.
- *   Phase 2, per token: r = exp(clamp(logp - old_logp, -C, C)) with C = VPPO_LOG_RATIO_CLAMP (20),
+ *   when hi - lo <= VPPO_TAS_MIN_SPREAD (1e-6) and for empty responses. Then B' (the non-empty
+ *   responses, or the caller's) and every per-response constant of the per-token loss (A'_b, the
+ *   aggregation weight, s_b, gspo's gradient share), written once to `responses`: the per-token kernel
+ *   does no division by L_b, B' or Z.
+ *   vppo_loss, a grid over tiles of kTileTokens tokens (blocks loop over tiles), per token:
+ *   r = exp(clamp(logp - old_logp, -C, C)) with C = VPPO_LOG_RATIO_CLAMP (20),
  *   l_t = max(-A' r, -A' clamp(r)), the
  *   dual clip for A' < 0, the aggregation weight, and g_t = dloss/dlogp_t with no gradient through an
- *   active clamp or clip. Loss types (SPEC section 12): in the GSPO modes a phase between the two (one
- *   thread per response, sequential over its tokens) writes s_b = mean of logp - old_logp and the
- *   masked count m_b, and every token of b uses s_b as its log-ratio; gspo's gradient through s_b is
- *   m_b w_b dl/ds / L_b on every token of b (l, w and A' are the same for all tokens of b); cispo is
- *   l_t = -A' logp_t c_t with c_t = clamp(r_t) a constant. The KL penalty (SPEC section 12, with
- *   kl_penalty != VPPO_KL_NONE): kl_t of every response token (masked or not) from k1 = logp - ref_logp,
- *   weighted as pg without the mask; kl_coef * w_t * d kl_t / d logp_t joins g_t (kl_term). Per-token
- *   arithmetic in double (N values only: it costs nothing next to pass 1).
- *   Totals are summed per thread in index order and then in a fixed tree: bit-identical loss every run.
+ *   active clamp or clip. Loss types (SPEC section 12): in the GSPO modes every token of b uses s_b
+ *   as its log-ratio; gspo's gradient through s_b is m_b w_b dl/ds / L_b on every token of b (l, w and
+ *   A' are the same for all tokens of b); cispo is l_t = -A' logp_t c_t with c_t = clamp(r_t) a
+ *   constant. The KL penalty (SPEC section 12, with kl_penalty != VPPO_KL_NONE): kl_t of every
+ *   response token (masked or not) from k1 = logp - ref_logp, weighted as pg without the mask;
+ *   kl_coef * w_t * d kl_t / d logp_t joins g_t (kl_term). Per-token arithmetic in double (N values
+ *   only: it costs nothing next to pass 1). A token's response comes from token_response, and its
+ *   constants are loaded again only where the response changes (a warp's tokens are consecutive).
+ *   Each tile's sums: per thread in index order, then per warp and over the warps in a fixed tree
+ *   (block_sums), into partials[tile].
+ *   vppo_loss_finish, one block: the tiles' sums, per thread in tile order and then in the same fixed
+ *   tree, into totals. A tile's tokens, threads and order do not depend on the grid, so the loss is
+ *   bit-identical run to run and for any grid (the SIMT executor's grid cap, any GPU).
  *
- * Shapes: score, entropy, logp, old_logp, ref_logp, mask, dlogp [N]; cu_seqlens [B + 1]; advantages, sbar,
- * alpha, k [B].
+ * Shapes: score, entropy, logp, old_logp, ref_logp, mask, dlogp, token_response [N]; cu_seqlens [B + 1];
+ * advantages, sbar, alpha, k, seq_log_ratio, seq_selected, responses [B]; partials [ceil(N / kTileTokens)].
  *
  * Files: launched by src/exec/select_loss.rs; the CPU reference of these ops is src/reference/select.rs
  * (vppo_select), shaping.rs, surrogate.rs and kl.rs (vppo_loss); tested against it by tests/kernels.rs
  * (mask_equals_reference, long_responses_match_reference, every random batch's loss and dlogp,
- * bit_identical_across_runs_and_lane_orders) and tests/variants.rs (the variants of SPEC section 12).
+ * bit_identical_across_runs_and_lane_orders, loss_bits_do_not_depend_on_the_grid) and tests/variants.rs
+ * (the variants of SPEC section 12).
  */
 #include "common.cuh"
 
@@ -46,6 +61,11 @@ namespace {
 
 constexpr int kSelectThreads = VPPO_SELECT_THREADS;
 constexpr int kLossThreads = VPPO_LOSS_THREADS;
+constexpr int kTileThreads = VPPO_LOSS_TILE_THREADS;
+constexpr int kTokensPerThread = VPPO_LOSS_TOKENS_PER_THREAD;
+constexpr int64_t kTileTokens = VPPO_LOSS_TILE_TOKENS;
+static_assert(kTileTokens == (int64_t)kTileThreads * kTokensPerThread, "a tile is every thread's tokens");
+static_assert(kTileThreads % 32 == 0, "a tile's warps are whole");
 constexpr int kMaxWarps = 32;
 constexpr unsigned int kDigitMask = VPPO_RADIX_DIGITS - 1; /* the digit of a key: (key >> shift) & this */
 static_assert(VPPO_RADIX_BITS == 4, "radix_select counts a digit with one ballot per bit: 4 of them");
@@ -170,7 +190,10 @@ __device__ void select_response(const VppoSelectParams &p, int64_t b, SelectShar
 
     /* Sbar: per-thread sums in index order, then the fixed tree of block_sum. */
     double part = 0.0;
-    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) part += (double)score[i];
+    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+        part += (double)score[i];
+        if (p.token_response) p.token_response[start + i] = (int32_t)b;
+    }
     const double total = block_sum(part, sh.sum_scratch);
     if (threadIdx.x == 0) {
         p.k[b] = (int32_t)k;
@@ -190,6 +213,27 @@ __device__ void select_response(const VppoSelectParams &p, int64_t b, SelectShar
     }
 }
 
+/*
+ * The GSPO modes' s_b and m_b of response b, after its mask is written: each thread reads back only
+ * the mask bytes it wrote itself (mark_topk's indices threadIdx.x + j blockDim.x), so no barrier is
+ * needed before; the sums are per thread in index order, then block_sum's fixed tree.
+ */
+__device__ void seq_sums(const VppoSelectParams &p, int64_t b, SelectShared &sh) {
+    const int64_t start = p.cu_seqlens[b];
+    const int64_t len = (int64_t)p.cu_seqlens[b + 1] - start;
+    double part = 0.0, count = 0.0; /* the count in double: exact below 2^53 */
+    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+        part += (double)p.logp[start + i] - (double)p.old_logp[start + i];
+        count += p.mask[start + i] != 0 ? 1.0 : 0.0;
+    }
+    const double sum = block_sum(part, sh.sum_scratch);
+    const double selected = block_sum(count, sh.sum_scratch);
+    if (threadIdx.x == 0) {
+        p.seq_log_ratio[b] = len > 0 ? sum / (double)len : 0.0;
+        p.seq_selected[b] = (int32_t)selected;
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 
 struct LossShared {
@@ -199,14 +243,60 @@ struct LossShared {
 };
 static_assert(sizeof(LossShared) == VPPO_LOSS_SHARED_BYTES, "LossShared changed: update vppo_params.h");
 
-/* Response of token t: the largest b with cu_seqlens[b] <= t (empty responses are skipped over). */
-__device__ __forceinline__ int64_t response_of(const int32_t *cu, int64_t n_resp, int64_t t) {
-    int64_t lo = 0, hi = n_resp; /* invariant: cu[lo] <= t < cu[hi] */
-    while (hi - lo > 1) {
-        const int64_t mid = lo + (hi - lo) / 2;
-        if ((int64_t)cu[mid] <= t) lo = mid; else hi = mid;
+/* The sums of the loss over some tokens (a thread's, a tile's, the batch's). */
+struct Sums {
+    double pg, kl, logp, ratio;
+    long long selected, clipped;
+};
+
+/* Shared memory of vppo_loss and vppo_loss_finish: the warps' Sums. */
+struct TileShared {
+    double d[kMaxWarps][4];
+    long long i[kMaxWarps][2];
+};
+static_assert(sizeof(TileShared) == VPPO_LOSS_TILE_SHARED_BYTES, "TileShared changed: update vppo_params.h");
+
+/*
+ * The block's total of every thread's Sums, every thread gets it: per warp by butterfly, then the warp
+ * totals by butterfly in warp 0's lanes order, as block_reduce, with the six sums sharing its two
+ * barriers (the first publishes the warp totals, the second keeps the next call from overwriting them
+ * before every thread has read them).
+ */
+__device__ __forceinline__ Sums block_sums(Sums s, TileShared &sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const SumOp add;
+    s.pg = warp_reduce(s.pg, add);
+    s.kl = warp_reduce(s.kl, add);
+    s.logp = warp_reduce(s.logp, add);
+    s.ratio = warp_reduce(s.ratio, add);
+    s.selected = warp_reduce(s.selected, add);
+    s.clipped = warp_reduce(s.clipped, add);
+    if (lane == 0) {
+        sh.d[warp][0] = s.pg;
+        sh.d[warp][1] = s.kl;
+        sh.d[warp][2] = s.logp;
+        sh.d[warp][3] = s.ratio;
+        sh.i[warp][0] = s.selected;
+        sh.i[warp][1] = s.clipped;
     }
-    return lo;
+    __syncthreads();
+    Sums t = {0.0, 0.0, 0.0, 0.0, 0, 0};
+    if (lane < nwarps) {
+        t.pg = sh.d[lane][0];
+        t.kl = sh.d[lane][1];
+        t.logp = sh.d[lane][2];
+        t.ratio = sh.d[lane][3];
+        t.selected = sh.i[lane][0];
+        t.clipped = sh.i[lane][1];
+    }
+    t.pg = warp_reduce(t.pg, add);
+    t.kl = warp_reduce(t.kl, add);
+    t.logp = warp_reduce(t.logp, add);
+    t.ratio = warp_reduce(t.ratio, add);
+    t.selected = warp_reduce(t.selected, add);
+    t.clipped = warp_reduce(t.clipped, add);
+    __syncthreads();
+    return t;
 }
 
 /* alpha for the responses first .. first + count - 1 of one scope, given its lo and hi. */
@@ -306,7 +396,8 @@ __device__ __forceinline__ double kl_term(int32_t penalty, double logp, double r
     return 0.0;
 }
 
-__device__ void loss(const VppoLossParams &p, LossShared &sh) {
+/* vppo_loss_prep: alpha, B' and the per-response constants of the per-token loss. */
+__device__ void loss_prep(const VppoLossParams &p, LossShared &sh) {
     /* ---- Phase 1: alpha ---- */
     if (p.shaping == VPPO_SHAPING_NONE) {
         for (int64_t b = threadIdx.x; b < p.n_responses; b += blockDim.x) p.alpha[b] = 1.0f;
@@ -315,105 +406,173 @@ __device__ void loss(const VppoLossParams &p, LossShared &sh) {
     } else {
         alpha_batch(p, sh);
     }
-    const bool seq_ratio = p.loss_type == VPPO_LOSS_GSPO || p.loss_type == VPPO_LOSS_GSPO_TOKEN;
-    if (seq_ratio) {
-        /* s_b and m_b, one thread per response, in index order */
-        for (int64_t b = threadIdx.x; b < p.n_responses; b += blockDim.x) {
-            const int64_t start = p.cu_seqlens[b], len = resp_len(p, b);
-            double sum = 0.0;
-            int32_t selected_b = 0;
-            for (int64_t t = start; t < start + len; ++t) {
-                sum += (double)p.logp[t] - (double)p.old_logp[t];
-                selected_b += p.mask[t] != 0;
-            }
-            p.seq_log_ratio[b] = len > 0 ? sum / (double)len : 0.0;
-            p.seq_selected[b] = selected_b;
-        }
-    }
     long long nonempty_part = 0;
     for (int64_t b = threadIdx.x; b < p.n_responses; b += blockDim.x) nonempty_part += resp_len(p, b) > 0;
-    /* B'; its barriers also publish alpha, s_b and m_b */
+    /* B'; its barriers also publish alpha (written by another thread in the group scope) */
     const long long own_nonempty = block_sum(nonempty_part, sh.i);
     /* the caller's B' (data parallel: the count over every rank), else this batch's */
     const double n_nonempty = p.response_normalizer > 0.0 ? p.response_normalizer : (double)own_nonempty;
 
-    /* ---- Phase 2: per token ---- */
-    const double z = p.token_normalizer;
-    const double lo_clip = 1.0 - p.eps_low, hi_clip = 1.0 + p.eps_high;
-    const bool has_kl = p.kl_penalty != VPPO_KL_NONE;
-    double pg = 0.0, kl_sum = 0.0, logp_sum = 0.0, ratio_sum = 0.0;
-    long long selected = 0, clipped = 0;
-    for (int64_t t = threadIdx.x; t < p.n_tokens; t += blockDim.x) {
-        const int64_t b = response_of(p.cu_seqlens, p.n_responses, t);
-        const double adv = (double)p.alpha[b] * (double)p.advantages[b]; /* A' */
-        const double logp = p.logp[t];
-        /* the log-ratio: per token, or s_b in the GSPO modes */
-        const double x = seq_ratio ? p.seq_log_ratio[b] : logp - (double)p.old_logp[t];
-        const bool ratio_clamped = x < -VPPO_LOG_RATIO_CLAMP || x > VPPO_LOG_RATIO_CLAMP;
-        const double r = exp(fmin(fmax(x, -VPPO_LOG_RATIO_CLAMP), VPPO_LOG_RATIO_CLAMP));
-        const double r_clip = fmin(fmax(r, lo_clip), hi_clip);
-        const bool inside = r >= lo_clip && r <= hi_clip;
-        double l, dl; /* l_t and dl_t / d(log-ratio), or dl_t / dlogp_t for cispo */
-        bool is_clipped;
-        if (p.loss_type == VPPO_LOSS_CISPO) {
-            l = -adv * logp * r_clip;
-            dl = -adv * r_clip;
-            is_clipped = !inside;
-        } else {
-            const double unclipped = -adv * r, clipped_branch = -adv * r_clip;
-            l = fmax(unclipped, clipped_branch);
-            /* the unclipped branch's gradient -A' r where it is the one taken */
-            dl = (inside || unclipped > clipped_branch) ? -adv * r : 0.0;
-            is_clipped = !inside && clipped_branch > unclipped;
-            if (p.has_dual_clip && adv < 0.0) {
-                const double cap = -adv * p.dual_clip;
-                if (l > cap) { l = cap; dl = 0.0; is_clipped = true; }
-            }
-            if (ratio_clamped) dl = 0.0;
-        }
-
-        double weight; /* d pg / d (mask l_t) */
-        if (p.aggregation == VPPO_AGG_TOKEN_MEAN) weight = 1.0 / z;
-        else if (p.aggregation == VPPO_AGG_SEQ_MEAN_TOKEN_MEAN) weight = 1.0 / ((double)resp_len(p, b) * n_nonempty);
-        else weight = 1.0 / n_nonempty;
-
-        const bool m = p.mask[t] != 0;
-        if (m) {
-            pg += l * weight;
-            selected += 1;
-            clipped += is_clipped;
-        }
-        logp_sum += logp;
-        ratio_sum += r;
-        double g; /* d pg / d logp_t */
-        if (p.loss_type == VPPO_LOSS_GSPO) {
-            /* sum over the m_b masked tokens u of b of w dl_u / ds_b, times ds_b / dlogp_t = 1 / L_b */
-            g = (double)p.seq_selected[b] * dl * weight / (double)resp_len(p, b);
-        } else {
-            g = m ? dl * weight : 0.0;
-        }
-        if (has_kl) {
-            /* every token, masked or not, with the weight of pg */
-            double dkl;
-            kl_sum += kl_term(p.kl_penalty, logp, (double)p.ref_logp[t], dkl) * weight;
-            g += p.kl_coef * weight * dkl;
-        }
-        p.dlogp[t] = (float)(g - p.logp_penalty / z);
+    /* ---- Phase 2: the constants of each response ---- */
+    const bool seq_ratio = p.loss_type == VPPO_LOSS_GSPO || p.loss_type == VPPO_LOSS_GSPO_TOKEN;
+    for (int64_t b = threadIdx.x; b < p.n_responses; b += blockDim.x) {
+        const int64_t len = resp_len(p, b);
+        VppoLossResponse r;
+        r.adv = (double)p.alpha[b] * (double)p.advantages[b]; /* A' */
+        if (len == 0) r.weight = 0.0; /* no token reads it */
+        else if (p.aggregation == VPPO_AGG_TOKEN_MEAN) r.weight = 1.0 / p.token_normalizer;
+        else if (p.aggregation == VPPO_AGG_SEQ_MEAN_TOKEN_MEAN) r.weight = 1.0 / ((double)len * n_nonempty);
+        else r.weight = 1.0 / n_nonempty;
+        r.seq_log_ratio = seq_ratio ? p.seq_log_ratio[b] : 0.0;
+        /* gspo: the sum over the m_b masked tokens u of b of w dl_u / ds_b (dl the same for all of
+           them), times ds_b / dlogp_t = 1 / L_b, is dl times this */
+        r.seq_grad = p.loss_type == VPPO_LOSS_GSPO && len > 0
+                         ? (double)p.seq_selected[b] * r.weight / (double)len
+                         : 0.0;
+        p.responses[b] = r;
     }
-    pg = block_sum(pg, sh.d);
-    kl_sum = block_sum(kl_sum, sh.d);
-    logp_sum = block_sum(logp_sum, sh.d);
-    ratio_sum = block_sum(ratio_sum, sh.d);
-    selected = block_sum(selected, sh.i);
-    clipped = block_sum(clipped, sh.i);
+}
+
+/* The per-response constants of vppo_loss_prep for response b (read-only during vppo_loss). */
+__device__ __forceinline__ VppoLossResponse response_constants(const VppoLossParams &p, int32_t b) {
+    const VppoLossResponse *q = p.responses + b;
+    VppoLossResponse r;
+    r.adv = __ldg(&q->adv);
+    r.weight = __ldg(&q->weight);
+    r.seq_log_ratio = __ldg(&q->seq_log_ratio);
+    r.seq_grad = __ldg(&q->seq_grad);
+    return r;
+}
+
+/* Loop-invariant values of the per-token loss. */
+struct TokenConsts {
+    double lo_clip, hi_clip; /* 1 - eps_low, 1 + eps_high */
+    double logp_grad;        /* d/dlogp_t of logp_penalty * (-sum logp) / Z, negated */
+    bool seq_ratio, has_kl;
+};
+
+/* Token t of a response with constants r: its terms into s, dloss/dlogp_t into dlogp[t]. */
+__device__ __forceinline__ void loss_token(const VppoLossParams &p, const TokenConsts &c, int64_t t,
+                                           const VppoLossResponse &rc, Sums &s) {
+    const double adv = rc.adv; /* A' */
+    const double logp = __ldg(p.logp + t);
+    /* the log-ratio: per token, or s_b in the GSPO modes */
+    const double x = c.seq_ratio ? rc.seq_log_ratio : logp - (double)__ldg(p.old_logp + t);
+    const bool ratio_clamped = x < -VPPO_LOG_RATIO_CLAMP || x > VPPO_LOG_RATIO_CLAMP;
+    const double r = exp(fmin(fmax(x, -VPPO_LOG_RATIO_CLAMP), VPPO_LOG_RATIO_CLAMP));
+    const double r_clip = fmin(fmax(r, c.lo_clip), c.hi_clip);
+    const bool inside = r >= c.lo_clip && r <= c.hi_clip;
+    double l, dl; /* l_t and dl_t / d(log-ratio), or dl_t / dlogp_t for cispo */
+    bool is_clipped;
+    if (p.loss_type == VPPO_LOSS_CISPO) {
+        l = -adv * logp * r_clip;
+        dl = -adv * r_clip;
+        is_clipped = !inside;
+    } else {
+        const double unclipped = -adv * r, clipped_branch = -adv * r_clip;
+        l = fmax(unclipped, clipped_branch);
+        /* the unclipped branch's gradient -A' r where it is the one taken */
+        dl = (inside || unclipped > clipped_branch) ? -adv * r : 0.0;
+        is_clipped = !inside && clipped_branch > unclipped;
+        if (p.has_dual_clip && adv < 0.0) {
+            const double cap = -adv * p.dual_clip;
+            if (l > cap) { l = cap; dl = 0.0; is_clipped = true; }
+        }
+        if (ratio_clamped) dl = 0.0;
+    }
+
+    const double weight = rc.weight; /* d pg / d (mask l_t) */
+    const bool m = __ldg(p.mask + t) != 0;
+    if (m) {
+        s.pg += l * weight;
+        s.selected += 1;
+        s.clipped += is_clipped;
+    }
+    s.logp += logp;
+    s.ratio += r;
+    double g; /* d pg / d logp_t */
+    if (p.loss_type == VPPO_LOSS_GSPO) {
+        g = dl * rc.seq_grad;
+    } else {
+        g = m ? dl * weight : 0.0;
+    }
+    if (c.has_kl) {
+        /* every token, masked or not, with the weight of pg */
+        double dkl;
+        s.kl += kl_term(p.kl_penalty, logp, (double)__ldg(p.ref_logp + t), dkl) * weight;
+        g += p.kl_coef * weight * dkl;
+    }
+    p.dlogp[t] = (float)(g - c.logp_grad);
+}
+
+/*
+ * vppo_loss: the tiles blockIdx.x, blockIdx.x + gridDim.x, ... Warp w of a tile takes its tokens
+ * tile * kTileTokens + w * 32 kTokensPerThread + [0, 32 kTokensPerThread), lane l every 32nd from l, so
+ * a thread's consecutive tokens are 32 apart and mostly of one response.
+ */
+__device__ void loss_tiles(const VppoLossParams &p, TileShared &sh) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    TokenConsts c;
+    c.lo_clip = 1.0 - p.eps_low;
+    c.hi_clip = 1.0 + p.eps_high;
+    c.logp_grad = p.logp_penalty / p.token_normalizer;
+    c.seq_ratio = p.loss_type == VPPO_LOSS_GSPO || p.loss_type == VPPO_LOSS_GSPO_TOKEN;
+    c.has_kl = p.kl_penalty != VPPO_KL_NONE;
+    const int64_t n_tiles = (p.n_tokens + kTileTokens - 1) / kTileTokens;
+    for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+        const int64_t first = tile * kTileTokens + (int64_t)warp * (32 * kTokensPerThread) + lane;
+        Sums s = {0.0, 0.0, 0.0, 0.0, 0, 0};
+        int32_t cur = -1; /* the response whose constants rc holds */
+        VppoLossResponse rc = {0.0, 0.0, 0.0, 0.0};
+#pragma unroll
+        for (int j = 0; j < kTokensPerThread; ++j) {
+            const int64_t t = first + 32 * j;
+            if (t < p.n_tokens) {
+                const int32_t b = __ldg(p.token_response + t);
+                if (b != cur) {
+                    cur = b;
+                    rc = response_constants(p, b);
+                }
+                loss_token(p, c, t, rc, s);
+            }
+        }
+        const Sums total = block_sums(s, sh);
+        if (threadIdx.x == 0) {
+            VppoLossTotals &out = p.partials[tile];
+            out.loss = 0.0;
+            out.pg = total.pg;
+            out.kl = total.kl;
+            out.logp_sum = total.logp;
+            out.ratio_sum = total.ratio;
+            out.n_selected = total.selected;
+            out.n_clipped = total.clipped;
+        }
+    }
+}
+
+/* vppo_loss_finish: the tiles' sums, thread i taking tiles i, i + blockDim.x, ... in order. */
+__device__ void loss_finish(const VppoLossParams &p, TileShared &sh) {
+    const int64_t n_tiles = (p.n_tokens + kTileTokens - 1) / kTileTokens;
+    Sums s = {0.0, 0.0, 0.0, 0.0, 0, 0};
+    for (int64_t tile = threadIdx.x; tile < n_tiles; tile += blockDim.x) {
+        const VppoLossTotals &q = p.partials[tile];
+        s.pg += q.pg;
+        s.kl += q.kl;
+        s.logp += q.logp_sum;
+        s.ratio += q.ratio_sum;
+        s.selected += q.n_selected;
+        s.clipped += q.n_clipped;
+    }
+    const Sums t = block_sums(s, sh);
     if (threadIdx.x == 0) {
-        p.totals->pg = pg;
-        p.totals->kl = kl_sum;
-        p.totals->logp_sum = logp_sum;
-        p.totals->ratio_sum = ratio_sum;
-        p.totals->n_selected = selected;
-        p.totals->n_clipped = clipped;
-        p.totals->loss = pg + p.kl_coef * kl_sum + p.logp_penalty * (-logp_sum) / z;
+        const double z = p.token_normalizer;
+        p.totals->pg = t.pg;
+        p.totals->kl = t.kl;
+        p.totals->logp_sum = t.logp;
+        p.totals->ratio_sum = t.ratio;
+        p.totals->n_selected = t.selected;
+        p.totals->n_clipped = t.clipped;
+        p.totals->loss = t.pg + p.kl_coef * t.kl + p.logp_penalty * (-t.logp) / z;
     }
 }
 
@@ -423,13 +582,26 @@ extern "C" __global__ void __launch_bounds__(kSelectThreads, 1) vppo_select(cons
     VPPO_DYNAMIC_SHARED(SelectShared, sh);
     for (int64_t b = blockIdx.x; b < p.n_responses; b += gridDim.x) {
         select_response(p, b, *sh);
+        if (p.seq_log_ratio) seq_sums(p, b, *sh);
         __syncthreads(); /* the next response reuses the shared state */
     }
 }
 VPPO_EXPORT_KERNEL(vppo_select, VppoSelectParams)
 
-extern "C" __global__ void __launch_bounds__(kLossThreads, 1) vppo_loss(const VppoLossParams p) {
+extern "C" __global__ void __launch_bounds__(kLossThreads, 1) vppo_loss_prep(const VppoLossParams p) {
     VPPO_DYNAMIC_SHARED(LossShared, sh);
-    loss(p, *sh);
+    loss_prep(p, *sh);
+}
+VPPO_EXPORT_KERNEL(vppo_loss_prep, VppoLossParams)
+
+extern "C" __global__ void __launch_bounds__(kTileThreads, 4) vppo_loss(const VppoLossParams p) {
+    VPPO_DYNAMIC_SHARED(TileShared, sh);
+    loss_tiles(p, *sh);
 }
 VPPO_EXPORT_KERNEL(vppo_loss, VppoLossParams)
+
+extern "C" __global__ void __launch_bounds__(kLossThreads, 1) vppo_loss_finish(const VppoLossParams p) {
+    VPPO_DYNAMIC_SHARED(TileShared, sh);
+    loss_finish(p, *sh);
+}
+VPPO_EXPORT_KERNEL(vppo_loss_finish, VppoLossParams)

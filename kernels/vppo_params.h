@@ -90,8 +90,16 @@ typedef enum VppoErrorCode {
 #define VPPO_PARTIAL_HAS_TARGET 2u       /* flags bit of a partial state: the target's column is in this shard */
 #define VPPO_SELECT_THREADS 256          /* threads per response of vppo_select */
 #define VPPO_SELECT_SHARED_BYTES 2440    /* sizeof(SelectShared) */
-#define VPPO_LOSS_THREADS 512            /* the one block of vppo_loss (1024 spilled on sm_90) */
+#define VPPO_LOSS_THREADS 512            /* the one block of vppo_loss_prep and of vppo_loss_finish */
 #define VPPO_LOSS_SHARED_BYTES 640       /* sizeof(LossShared) */
+/* vppo_loss, the per-token part of pass 2b, runs over tiles of VPPO_LOSS_TILE_TOKENS consecutive
+   tokens, each handled by one block of VPPO_LOSS_TILE_THREADS (a warp takes 32 x
+   VPPO_LOSS_TOKENS_PER_THREAD consecutive tokens of it), so each tile's sums, and the sum of the
+   tiles in tile order, are the same whatever the grid. */
+#define VPPO_LOSS_TILE_THREADS 256
+#define VPPO_LOSS_TOKENS_PER_THREAD 4
+#define VPPO_LOSS_TILE_TOKENS 1024       /* VPPO_LOSS_TILE_THREADS x VPPO_LOSS_TOKENS_PER_THREAD */
+#define VPPO_LOSS_TILE_SHARED_BYTES 1536 /* sizeof(TileShared) */
 #define VPPO_BACKWARD_THREADS 256        /* threads per row of pass 3 */
 
 /*
@@ -182,6 +190,14 @@ typedef struct VppoSelectParams {
     uint64_t entropy_frac_den;
     int32_t mask_by;            /* VppoMaskBy */
     int32_t pad0;
+    /* For the loss pass (NULL: not written). token_response[t] = b for every token t of response b;
+       with seq_log_ratio, the GSPO modes' s_b = mean over b of logp - old_logp (0 when L_b = 0) and
+       seq_selected[b] = m_b, the count of b's tokens in the mask of mask_by. */
+    int32_t *token_response;    /* [N] out, or NULL */
+    const float *logp;          /* [N], read only with seq_log_ratio */
+    const float *old_logp;      /* [N], read only with seq_log_ratio */
+    double *seq_log_ratio;      /* [B] out, or NULL */
+    int32_t *seq_selected;      /* [B] out, with seq_log_ratio */
 } VppoSelectParams;
 
 /* Totals of pass 2b; every sum is taken in a fixed order, so the loss is bit-identical run to run. */
@@ -195,7 +211,21 @@ typedef struct VppoLossTotals {
     int64_t n_clipped;     /* masked tokens where a clip is active */
 } VppoLossTotals;
 
-/* Pass 2b, kernels/select_loss.cu: one block: TAS alpha, the clipped surrogate, dloss/dlogp, totals. */
+/* The constants of one response for the per-token loss, written by vppo_loss_prep. */
+typedef struct VppoLossResponse {
+    double adv;           /* A'_b = alpha_b * advantages[b] (alpha_b as stored, in f32) */
+    double weight;        /* d pg / d (mask_t l_t) of the tokens of b (0 when L_b = 0) */
+    double seq_log_ratio; /* s_b in the GSPO modes, else 0 */
+    double seq_grad;      /* gspo: m_b weight / L_b (every token's share of d pg / d s_b), else 0 */
+} VppoLossResponse;
+
+/*
+ * Pass 2b, kernels/select_loss.cu, three kernels over one params struct:
+ *   vppo_loss_prep (one block): TAS alpha, B', the per-response constants `responses`;
+ *   vppo_loss (a grid over tiles of VPPO_LOSS_TILE_TOKENS tokens): the clipped surrogate and
+ *     dloss/dlogp per token, each tile's sums into partials[tile];
+ *   vppo_loss_finish (one block): the tiles' sums in tile order into totals.
+ */
 typedef struct VppoLossParams {
     const float *logp;          /* [N] */
     const float *old_logp;      /* [N] */
@@ -206,9 +236,12 @@ typedef struct VppoLossParams {
     float *alpha;               /* [B] out */
     float *dlogp;               /* [N] out: dloss/dlogp */
     VppoLossTotals *totals;     /* [1] out */
-    double *seq_log_ratio;      /* [B] scratch of the GSPO modes: s_b = mean over b of logp - old_logp */
-    int32_t *seq_selected;      /* [B] scratch of the GSPO modes: masked tokens of b */
+    const double *seq_log_ratio; /* [B] the GSPO modes' s_b (vppo_select's seq_log_ratio) */
+    const int32_t *seq_selected; /* [B] the GSPO modes' m_b (vppo_select's seq_selected) */
     const float *ref_logp;      /* [N], read only when kl_penalty != VPPO_KL_NONE */
+    const int32_t *token_response; /* [N] the response of each token (vppo_select's token_response) */
+    VppoLossResponse *responses;   /* [B] scratch: written by vppo_loss_prep, read by vppo_loss */
+    VppoLossTotals *partials;      /* [ceil(N / VPPO_LOSS_TILE_TOKENS)] scratch: each tile's sums */
     int64_t n_tokens;           /* N */
     int64_t n_responses;        /* B */
     int64_t group_size;         /* G, the scope of VPPO_SCOPE_GROUP */

@@ -67,10 +67,18 @@ DRAM_LATENCY_NS = 600.0
 L2_LATENCY_NS = 150.0
 
 # The loss kernel's prediction is made at this size (the issue's): N tokens of V = 151,936 bf16 pass 1,
-# and B responses of about 1,000 tokens (so the binary search, where there is one, takes log2 B steps).
+# and B responses of about 1,000 tokens (so a search over responses, where there is one, takes log2 B
+# steps), in groups of LOSS_G (GRPO's usual 8: the group scope's loops over a group's responses). The
+# second size, a realistic batch (16 responses of 1,024 tokens), is printed for information only.
 LOSS_N = 1_000_000
 LOSS_B = 1_000
+LOSS_G = 8
+LOSS_SIZES = [(LOSS_N, LOSS_B), (16_384, 16)]
 PASS1_V = 151_936
+# Pass 2b is three launches (vppo_loss_prep, vppo_loss, vppo_loss_finish), each waiting for the one
+# before on the stream: each is charged this gap (launch latency plus the drain and ramp between two
+# dependent kernels; an assumption until the GPU script measures it).
+LAUNCH_GAP_NS = 3000.0
 
 DTYPE_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 
@@ -98,7 +106,7 @@ BUDGETS = [
     # small outputs from L2 before pass 2 reads them.
     (r"vppo_(perception|backward)_", r".", "hot_loads_not_evict_first", "<=", 0, 0),
     # the loss kernel at N = 1,000,000 against pass 1 bf16 (predicted on H100 and H200).
-    (r"vppo_loss$", r"sm_90", "loss_share_of_pass1_pct", "<=", 3.0, 2.0),
+    (r"vppo_loss$", r"sm_90", "loss_share_of_pass1_pct", "<=", 2.0, 2.0),
 ]
 
 # ------------------------------------------------------------------------------------------------
@@ -132,15 +140,33 @@ KERNELS = [
         "dyn_smem": None,
     },
     {
+        # the per-token loss: a grid over tiles of VPPO_LOSS_TILE_TOKENS tokens, each thread
+        # VPPO_LOSS_TOKENS_PER_THREAD of them per tile; the hot loop is the innermost loop holding the
+        # dlogp store, and its tokens per iteration are the stores of that line in it (the token loop
+        # unrolled: 4 per tile iteration)
         "match": r"vppo_loss$",
         "file": "select_loss.cu",
         "kind": "anchor",
         "anchor": r"p\.dlogp\[t\]\s*=",
         "unit": "token",
         "cold": [],
+        "threads": "VPPO_LOSS_TILE_THREADS",
+        "dyn_smem": ("VPPO_LOSS_TILE_SHARED_BYTES",),
+    },
+    {
+        # the one-block kernels of pass 2b: loops over the B responses (prep) or the tiles (finish)
+        "match": r"vppo_loss_prep$",
+        "file": "select_loss.cu",
+        "kind": "one_block",
         "threads": "VPPO_LOSS_THREADS",
         "dyn_smem": ("VPPO_LOSS_SHARED_BYTES",),
-        "blocks": "VPPO_LOSS_BLOCKS",  # grid of the loss kernel (1 when the define is absent)
+    },
+    {
+        "match": r"vppo_loss_finish$",
+        "file": "select_loss.cu",
+        "kind": "one_block",
+        "threads": "VPPO_LOSS_THREADS",
+        "dyn_smem": ("VPPO_LOSS_TILE_SHARED_BYTES",),
     },
     {
         "match": r"vppo_select$",
@@ -439,6 +465,26 @@ def analyse(kernel, arch, insns, labels, res, cfg, params, src_text):
         return out
 
     loops = loops_of(insns, labels)
+    if cfg["kind"] == "one_block":
+        # Each outermost loop: its memory chain per trip (DRAM_LATENCY_NS for the first level,
+        # L2_LATENCY_NS for each further one) and, for the loops nested in it, LOSS_G trips of theirs.
+        out["loops"] = []
+        for lp in loops:
+            if any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in loops):
+                continue
+            inner = [l2 for l2 in nested(loops, lp)
+                     if not any(o != l2 and o in nested(loops, lp) and o[0] <= l2[0] and l2[1] <= o[1]
+                                for o in loops)]
+            inner_idx = set()
+            for (h2, b2) in inner:
+                inner_idx |= set(range(h2, b2 + 1))
+            body = [insns[i] for i in range(lp[0], lp[1] + 1) if i not in inner_idx]
+            out["loops"].append({
+                "range": "0x%04x-0x%04x" % (insns[lp[0]].addr, insns[lp[1]].addr),
+                "depth": mem_depth(body),
+                "inner_depths": [mem_depth(insns[h2:b2 + 1]) for (h2, b2) in inner],
+            })
+        return out
     cold_lines = set()
     for fn in cfg.get("cold", []):
         rng = function_lines(src_text, fn)
@@ -527,8 +573,11 @@ def analyse(kernel, arch, insns, labels, res, cfg, params, src_text):
         elems = loads16 * (16 // in_b) // cfg["tensors"]
         out["bytes_per_elem"] = cfg["tensors"] * in_b + out_b
     else:
-        elems = 1
-        out["bytes_per_elem"] = sum(mem_width(i) or 0 for i in path if i.base in ("LDG", "STG", "LD", "ST"))
+        # tokens per iteration: the stores of the anchor line (the token loop, unrolled or not)
+        elems = max(1, sum(1 for i in path if i.base in ("STG", "ST") and i.file
+                           and i.file.endswith("/" + src_name) and i.line in anchor_lines))
+        out["bytes_per_elem"] = sum(mem_width(i) or 0 for i in path
+                                    if i.base in ("LDG", "STG", "LD", "ST")) / elems
     out["elems_per_iter"] = elems
     out["insns_per_iter"] = len(path) + inner_cost
     out["instr_per_elem"] = (len(path) + inner_cost) / elems
@@ -572,18 +621,45 @@ def predict_stream(r, card):
     return bounds, binding
 
 
-def predict_loss(r, card, grid_blocks):
-    """Seconds for the loss kernel at LOSS_N tokens on `card`."""
+def chain_ns(depth):
+    """A chain of `depth` dependent memory levels: the first from DRAM, each further one an L2 hit."""
+    return DRAM_LATENCY_NS + (max(1, depth) - 1) * L2_LATENCY_NS
+
+
+def one_block_ns(r, count):
+    """A one-block kernel whose outermost loops each run ceil(count / threads) trips (prep: the B
+    responses; finish: the tiles), a nested loop LOSS_G trips per trip, plus the launch gap."""
+    trips = math.ceil(count / max(1, r["threads"]))
+    t = LAUNCH_GAP_NS
+    for lp in r["loops"]:
+        t += trips * (chain_ns(lp["depth"]) + sum(LOSS_G * chain_ns(d) for d in lp["inner_depths"]))
+    return t
+
+
+def predict_loss(r, card, params, one_block, n, b):
+    """Seconds of pass 2b (prep, the tiles, finish) at n tokens and b responses on `card`."""
     clk = card["clock_ghz"] * 1e9
-    sms_used = min(card["sms"], max(1, math.ceil(grid_blocks / max(1, r["blocks_per_sm"]))))
-    resident_threads = min(grid_blocks, card["sms"] * max(1, r["blocks_per_sm"])) * r["threads"]
-    issue = LOSS_N * r["instr_per_elem"] / (ISSUE_PER_SM_CLK * sms_used * clk)
-    chain_ns = DRAM_LATENCY_NS + (max(1, r["mem_depth"]) - 1) * L2_LATENCY_NS
-    latency = math.ceil(LOSS_N / resident_threads) * chain_ns * 1e-9
-    memory = LOSS_N * r["bytes_per_elem"] / (card["copy_tbs"] * 1e12)
+    tile = params["VPPO_LOSS_TILE_TOKENS"]
+    per_thread = params["VPPO_LOSS_TOKENS_PER_THREAD"]
+    tiles = math.ceil(n / tile)
+    grid = min(tiles, params.get("VPPO_MAX_ROW_BLOCKS_GPU", 65535))
+    per_sm = max(1, r["blocks_per_sm"])
+    resident = min(grid, card["sms"] * per_sm)
+    sms_used = min(card["sms"], math.ceil(grid / per_sm))
+    issue = n * r["instr_per_elem"] / (ISSUE_PER_SM_CLK * sms_used * clk)
+    # one tile per resident block at a time; each thread runs ceil(tokens per thread / tokens per
+    # iteration) iterations of the hot loop per tile, each a chain of mem_depth levels
+    rounds = math.ceil(tiles / resident)
+    iters = math.ceil(per_thread / r["elems_per_iter"])
+    latency = rounds * iters * chain_ns(r["mem_depth"]) * 1e-9
+    memory = n * r["bytes_per_elem"] / (card["copy_tbs"] * 1e12)
     bounds = {"issue": issue, "latency": latency, "memory": memory}
     binding = max(bounds, key=bounds.get)
-    return bounds, binding
+    extra = {"grid": grid, "tiles": tiles, "launch": LAUNCH_GAP_NS * 1e-9}
+    for name, count in (("vppo_loss_prep", b), ("vppo_loss_finish", tiles)):
+        extra[name] = one_block_ns(one_block[name], count) * 1e-9 if name in one_block else float("nan")
+    total = bounds[binding] + extra["launch"] + extra["vppo_loss_prep"] + extra["vppo_loss_finish"]
+    return bounds, binding, extra, total
 
 
 # ------------------------------------------------------------------------------------------------
@@ -759,7 +835,6 @@ def main(argv):
 
     # ---- predictions ----
     print("\npredicted bound, sm_90 (elements per second under each bound; the smallest binds):")
-    pass1 = {}
     for r in results:
         if r["arch"] != "sm_90" or "instr_per_elem" not in r or kernel_cfg(r["kernel"])["kind"] != "stream":
             continue
@@ -772,22 +847,28 @@ def main(argv):
                       r["kernel"], card["name"], bounds["issue"], bounds["mufu"], bounds["memory"],
                       bounds["latency"], binding, gbs, 100 * gbs / (card["copy_tbs"] * 1e3),
                       bounds["issue"] / bounds["memory"]))
-            if r["kernel"] == "vppo_perception_bf16":
-                pass1[card["name"]] = LOSS_N * PASS1_V / bounds[binding]
+    one_block = {r["kernel"]: r for r in results if r["arch"] == "sm_90" and "loops" in r}
     for r in results:
         if r["arch"] != "sm_90" or r["kernel"] != "vppo_loss" or "instr_per_elem" not in r:
             continue
-        grid = params.get(kernel_cfg("vppo_loss")["blocks"], 1)
         share = 0.0
-        for card in CARDS:
-            bounds, binding = predict_loss(r, card, grid)
-            t1 = pass1.get(card["name"], float("nan"))
-            pct = 100 * bounds[binding] / t1
-            share = max(share, pct)
-            print("  %-26s %-8s N=%d, %d block(s): issue %.3f ms, latency %.3f ms (%d dependent memory levels"
-                  " per token), memory %.3f ms -> %.3f ms = %.2f%% of pass 1 bf16 (%.1f ms)" % (
-                      r["kernel"], card["name"], LOSS_N, grid, 1e3 * bounds["issue"], 1e3 * bounds["latency"],
-                      r["mem_depth"], 1e3 * bounds["memory"], 1e3 * bounds[binding], pct, 1e3 * t1))
+        for (n, b) in LOSS_SIZES:
+            for card in CARDS:
+                bounds, binding, extra, total = predict_loss(r, card, params, one_block, n, b)
+                # pass 1 bf16 at the same N: its per-pair rate times N V pairs
+                p1 = next(x for x in results if x["kernel"] == "vppo_perception_bf16" and x["arch"] == "sm_90")
+                pb, pbind = predict_stream(p1, card)
+                t1 = n * PASS1_V / pb[pbind]
+                pct = 100 * total / t1
+                if n == LOSS_N:
+                    share = max(share, pct)
+                print("  %-26s %-8s N=%d, B=%d: vppo_loss %d tiles on %d blocks: issue %.4f ms, latency %.4f ms"
+                      " (%d dependent memory levels per iteration), memory %.4f ms -> %.4f ms; + prep %.4f ms"
+                      " + finish %.4f ms + 3 launch gaps = %.4f ms = %.3f%% of pass 1 bf16 (%.2f ms)%s" % (
+                          r["kernel"], card["name"], n, b, extra["tiles"], extra["grid"], 1e3 * bounds["issue"],
+                          1e3 * bounds["latency"], r["mem_depth"], 1e3 * bounds["memory"],
+                          1e3 * bounds[binding], 1e3 * extra["vppo_loss_prep"], 1e3 * extra["vppo_loss_finish"],
+                          1e3 * total, pct, 1e3 * t1, "" if n == LOSS_N else " (information)"))
         r["loss_share_of_pass1_pct"] = share
 
     # ---- budgets ----

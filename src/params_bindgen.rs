@@ -8,6 +8,10 @@ pub const VPPO_SELECT_THREADS: u32 = 256;
 pub const VPPO_SELECT_SHARED_BYTES: u32 = 2440;
 pub const VPPO_LOSS_THREADS: u32 = 512;
 pub const VPPO_LOSS_SHARED_BYTES: u32 = 640;
+pub const VPPO_LOSS_TILE_THREADS: u32 = 256;
+pub const VPPO_LOSS_TOKENS_PER_THREAD: u32 = 4;
+pub const VPPO_LOSS_TILE_TOKENS: u32 = 1024;
+pub const VPPO_LOSS_TILE_SHARED_BYTES: u32 = 1536;
 pub const VPPO_BACKWARD_THREADS: u32 = 256;
 pub const VPPO_MAX_ROW_BLOCKS_GPU: u32 = 65535;
 pub const VPPO_MAX_ROW_BLOCKS_SIMT: u32 = 64;
@@ -181,10 +185,15 @@ pub struct VppoSelectParams {
     pub entropy_frac_den: u64,
     pub mask_by: i32,
     pub pad0: i32,
+    pub token_response: *mut i32,
+    pub logp: *const f32,
+    pub old_logp: *const f32,
+    pub seq_log_ratio: *mut f64,
+    pub seq_selected: *mut i32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of VppoSelectParams"][::std::mem::size_of::<VppoSelectParams>() - 96usize];
+    ["Size of VppoSelectParams"][::std::mem::size_of::<VppoSelectParams>() - 136usize];
     ["Alignment of VppoSelectParams"][::std::mem::align_of::<VppoSelectParams>() - 8usize];
     ["Offset of field: VppoSelectParams::score"]
         [::std::mem::offset_of!(VppoSelectParams, score) - 0usize];
@@ -211,6 +220,16 @@ const _: () = {
         [::std::mem::offset_of!(VppoSelectParams, mask_by) - 88usize];
     ["Offset of field: VppoSelectParams::pad0"]
         [::std::mem::offset_of!(VppoSelectParams, pad0) - 92usize];
+    ["Offset of field: VppoSelectParams::token_response"]
+        [::std::mem::offset_of!(VppoSelectParams, token_response) - 96usize];
+    ["Offset of field: VppoSelectParams::logp"]
+        [::std::mem::offset_of!(VppoSelectParams, logp) - 104usize];
+    ["Offset of field: VppoSelectParams::old_logp"]
+        [::std::mem::offset_of!(VppoSelectParams, old_logp) - 112usize];
+    ["Offset of field: VppoSelectParams::seq_log_ratio"]
+        [::std::mem::offset_of!(VppoSelectParams, seq_log_ratio) - 120usize];
+    ["Offset of field: VppoSelectParams::seq_selected"]
+        [::std::mem::offset_of!(VppoSelectParams, seq_selected) - 128usize];
 };
 impl Default for VppoSelectParams {
     fn default() -> Self {
@@ -250,6 +269,27 @@ const _: () = {
         [::std::mem::offset_of!(VppoLossTotals, n_clipped) - 48usize];
 };
 #[repr(C)]
+#[derive(Debug, Default, Copy, Clone)]
+pub struct VppoLossResponse {
+    pub adv: f64,
+    pub weight: f64,
+    pub seq_log_ratio: f64,
+    pub seq_grad: f64,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of VppoLossResponse"][::std::mem::size_of::<VppoLossResponse>() - 32usize];
+    ["Alignment of VppoLossResponse"][::std::mem::align_of::<VppoLossResponse>() - 8usize];
+    ["Offset of field: VppoLossResponse::adv"]
+        [::std::mem::offset_of!(VppoLossResponse, adv) - 0usize];
+    ["Offset of field: VppoLossResponse::weight"]
+        [::std::mem::offset_of!(VppoLossResponse, weight) - 8usize];
+    ["Offset of field: VppoLossResponse::seq_log_ratio"]
+        [::std::mem::offset_of!(VppoLossResponse, seq_log_ratio) - 16usize];
+    ["Offset of field: VppoLossResponse::seq_grad"]
+        [::std::mem::offset_of!(VppoLossResponse, seq_grad) - 24usize];
+};
+#[repr(C)]
 #[derive(Debug, Copy, Clone)]
 pub struct VppoLossParams {
     pub logp: *const f32,
@@ -261,9 +301,12 @@ pub struct VppoLossParams {
     pub alpha: *mut f32,
     pub dlogp: *mut f32,
     pub totals: *mut VppoLossTotals,
-    pub seq_log_ratio: *mut f64,
-    pub seq_selected: *mut i32,
+    pub seq_log_ratio: *const f64,
+    pub seq_selected: *const i32,
     pub ref_logp: *const f32,
+    pub token_response: *const i32,
+    pub responses: *mut VppoLossResponse,
+    pub partials: *mut VppoLossTotals,
     pub n_tokens: i64,
     pub n_responses: i64,
     pub group_size: i64,
@@ -289,7 +332,7 @@ pub struct VppoLossParams {
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of VppoLossParams"][::std::mem::size_of::<VppoLossParams>() - 240usize];
+    ["Size of VppoLossParams"][::std::mem::size_of::<VppoLossParams>() - 264usize];
     ["Alignment of VppoLossParams"][::std::mem::align_of::<VppoLossParams>() - 8usize];
     ["Offset of field: VppoLossParams::logp"]
         [::std::mem::offset_of!(VppoLossParams, logp) - 0usize];
@@ -315,50 +358,56 @@ const _: () = {
         [::std::mem::offset_of!(VppoLossParams, seq_selected) - 80usize];
     ["Offset of field: VppoLossParams::ref_logp"]
         [::std::mem::offset_of!(VppoLossParams, ref_logp) - 88usize];
+    ["Offset of field: VppoLossParams::token_response"]
+        [::std::mem::offset_of!(VppoLossParams, token_response) - 96usize];
+    ["Offset of field: VppoLossParams::responses"]
+        [::std::mem::offset_of!(VppoLossParams, responses) - 104usize];
+    ["Offset of field: VppoLossParams::partials"]
+        [::std::mem::offset_of!(VppoLossParams, partials) - 112usize];
     ["Offset of field: VppoLossParams::n_tokens"]
-        [::std::mem::offset_of!(VppoLossParams, n_tokens) - 96usize];
+        [::std::mem::offset_of!(VppoLossParams, n_tokens) - 120usize];
     ["Offset of field: VppoLossParams::n_responses"]
-        [::std::mem::offset_of!(VppoLossParams, n_responses) - 104usize];
+        [::std::mem::offset_of!(VppoLossParams, n_responses) - 128usize];
     ["Offset of field: VppoLossParams::group_size"]
-        [::std::mem::offset_of!(VppoLossParams, group_size) - 112usize];
+        [::std::mem::offset_of!(VppoLossParams, group_size) - 136usize];
     ["Offset of field: VppoLossParams::token_normalizer"]
-        [::std::mem::offset_of!(VppoLossParams, token_normalizer) - 120usize];
+        [::std::mem::offset_of!(VppoLossParams, token_normalizer) - 144usize];
     ["Offset of field: VppoLossParams::response_normalizer"]
-        [::std::mem::offset_of!(VppoLossParams, response_normalizer) - 128usize];
+        [::std::mem::offset_of!(VppoLossParams, response_normalizer) - 152usize];
     ["Offset of field: VppoLossParams::beta_min"]
-        [::std::mem::offset_of!(VppoLossParams, beta_min) - 136usize];
+        [::std::mem::offset_of!(VppoLossParams, beta_min) - 160usize];
     ["Offset of field: VppoLossParams::beta_max"]
-        [::std::mem::offset_of!(VppoLossParams, beta_max) - 144usize];
+        [::std::mem::offset_of!(VppoLossParams, beta_max) - 168usize];
     ["Offset of field: VppoLossParams::range_lo"]
-        [::std::mem::offset_of!(VppoLossParams, range_lo) - 152usize];
+        [::std::mem::offset_of!(VppoLossParams, range_lo) - 176usize];
     ["Offset of field: VppoLossParams::range_hi"]
-        [::std::mem::offset_of!(VppoLossParams, range_hi) - 160usize];
+        [::std::mem::offset_of!(VppoLossParams, range_hi) - 184usize];
     ["Offset of field: VppoLossParams::eps_low"]
-        [::std::mem::offset_of!(VppoLossParams, eps_low) - 168usize];
+        [::std::mem::offset_of!(VppoLossParams, eps_low) - 192usize];
     ["Offset of field: VppoLossParams::eps_high"]
-        [::std::mem::offset_of!(VppoLossParams, eps_high) - 176usize];
+        [::std::mem::offset_of!(VppoLossParams, eps_high) - 200usize];
     ["Offset of field: VppoLossParams::dual_clip"]
-        [::std::mem::offset_of!(VppoLossParams, dual_clip) - 184usize];
+        [::std::mem::offset_of!(VppoLossParams, dual_clip) - 208usize];
     ["Offset of field: VppoLossParams::logp_penalty"]
-        [::std::mem::offset_of!(VppoLossParams, logp_penalty) - 192usize];
+        [::std::mem::offset_of!(VppoLossParams, logp_penalty) - 216usize];
     ["Offset of field: VppoLossParams::kl_coef"]
-        [::std::mem::offset_of!(VppoLossParams, kl_coef) - 200usize];
+        [::std::mem::offset_of!(VppoLossParams, kl_coef) - 224usize];
     ["Offset of field: VppoLossParams::shaping"]
-        [::std::mem::offset_of!(VppoLossParams, shaping) - 208usize];
+        [::std::mem::offset_of!(VppoLossParams, shaping) - 232usize];
     ["Offset of field: VppoLossParams::scope"]
-        [::std::mem::offset_of!(VppoLossParams, scope) - 212usize];
+        [::std::mem::offset_of!(VppoLossParams, scope) - 236usize];
     ["Offset of field: VppoLossParams::aggregation"]
-        [::std::mem::offset_of!(VppoLossParams, aggregation) - 216usize];
+        [::std::mem::offset_of!(VppoLossParams, aggregation) - 240usize];
     ["Offset of field: VppoLossParams::has_range"]
-        [::std::mem::offset_of!(VppoLossParams, has_range) - 220usize];
+        [::std::mem::offset_of!(VppoLossParams, has_range) - 244usize];
     ["Offset of field: VppoLossParams::has_dual_clip"]
-        [::std::mem::offset_of!(VppoLossParams, has_dual_clip) - 224usize];
+        [::std::mem::offset_of!(VppoLossParams, has_dual_clip) - 248usize];
     ["Offset of field: VppoLossParams::loss_type"]
-        [::std::mem::offset_of!(VppoLossParams, loss_type) - 228usize];
+        [::std::mem::offset_of!(VppoLossParams, loss_type) - 252usize];
     ["Offset of field: VppoLossParams::kl_penalty"]
-        [::std::mem::offset_of!(VppoLossParams, kl_penalty) - 232usize];
+        [::std::mem::offset_of!(VppoLossParams, kl_penalty) - 256usize];
     ["Offset of field: VppoLossParams::pad0"]
-        [::std::mem::offset_of!(VppoLossParams, pad0) - 236usize];
+        [::std::mem::offset_of!(VppoLossParams, pad0) - 260usize];
 };
 impl Default for VppoLossParams {
     fn default() -> Self {

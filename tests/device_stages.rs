@@ -274,7 +274,7 @@ fn host_path_traffic_on_the_fake_driver() {
     let small = 256 * n + 65536; // per-token and per-response vectors, never a row of V
     let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
 
-    // Host forward: three kernels; six inputs uploaded (each logits tensor once) into six buffers plus
+    // Host forward: five kernels (perception, select, and the loss's prep, tiles and finish); six inputs uploaded (each logits tensor once) into six buffers plus
     // one workspace arena, whose status word is the seventh copy up; one copy back (the arena, pass 1's
     // status word in it).
     let s0 = stats();
@@ -284,7 +284,7 @@ fn host_path_traffic_on_the_fake_driver() {
     eprintln!("forward: {d:?}");
     assert_eq!(
         (d.launches, d.allocs, d.htod_copies, d.dtoh_copies),
-        (3, 7, 7, 1),
+        (5, 7, 7, 1),
         "{d:?}"
     );
     assert!(
@@ -323,7 +323,7 @@ fn host_path_traffic_on_the_fake_driver() {
     assert_eq!(fwd.output, out);
     assert_eq!(
         (d.launches, d.allocs, d.dtoh_copies, d.htod_bytes),
-        (3, 2, 2, 8),
+        (5, 2, 2, 8),
         "{d:?}"
     );
     assert_eq!(d.dtod_bytes, 4 * (2 * n + 2 * b + 1), "{d:?}");

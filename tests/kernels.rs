@@ -1313,6 +1313,99 @@ fn schedules_grid_caps_and_race_check() {
     }
 }
 
+/// The loss pass sums per tile of 1,024 tokens and then the tiles in tile order (kernels/select_loss.cu),
+/// so its outputs are bit-identical whatever the grid: the default grid, one block looping over every
+/// tile, grid caps 2 and 3, in every lane order and under the race check, for the default config,
+/// gspo with a k3 KL penalty and group-scope linear TAS per response, and cispo per response with the
+/// entropy-or-perception mask. Responses of up to 1,000 tokens (some empty) cross the tiles' and warps'
+/// edges; the first run is also checked against the reference.
+#[test]
+fn loss_bits_do_not_depend_on_the_grid() {
+    if on_gpu() {
+        eprintln!(
+            "skipped: the SIMT executor's test modes (the fake driver's reruns cap the grid)"
+        );
+        return;
+    }
+    use vppo::simt::{with_test_mode, TestMode};
+    use vppo::{KlPenalty, LossType, MaskBy};
+    let mut owned = seeded_batch(
+        71,
+        &BatchSpec {
+            dtype: Dtype::Bf16,
+            vocab: (3, 9),
+            max_len: 1000,
+            groups: (5, 5),
+            group_size: 4,
+            ..BatchSpec::default()
+        },
+    );
+    let spread = [-0.4f32, 0.1, 0.9, -1.7, 0.0, 2.5, -0.2];
+    owned.ref_logp = Some(
+        owned
+            .old_logp
+            .iter()
+            .enumerate()
+            .map(|(t, &x)| x + spread[t % spread.len()])
+            .collect(),
+    );
+    let batch = owned.batch();
+    let lens: Vec<i32> = batch.cu_seqlens.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(batch.n_tokens() > 4 * 1024, "{lens:?}");
+    assert!(lens.contains(&0), "an empty response: {lens:?}");
+    let configs = [
+        VppoConfig::default(),
+        VppoConfig {
+            loss_type: LossType::Gspo,
+            kl_penalty: KlPenalty::K3,
+            kl_coef: 0.05,
+            aggregation: Aggregation::SeqMeanTokenMean,
+            shaping: Shaping::Linear,
+            group_size: 4,
+            ..VppoConfig::default()
+        },
+        VppoConfig {
+            loss_type: LossType::Cispo,
+            aggregation: Aggregation::SeqMeanTokenSum,
+            mask_by: MaskBy::PerceptionOrEntropy,
+            ..VppoConfig::default()
+        },
+    ];
+    let modes = [
+        (LaneOrder::Forward, 0, false),
+        (LaneOrder::Reverse, 1, false),
+        (LaneOrder::RunAhead, 2, false),
+        (LaneOrder::Reverse, 3, true),
+    ];
+    for (c, cfg) in configs.iter().enumerate() {
+        let runs: Vec<vppo::VppoOutput> = modes
+            .iter()
+            .map(|&(order, grid_cap, race_check)| {
+                let mode = TestMode {
+                    grid_cap,
+                    race_check,
+                };
+                with_test_mode(mode, || {
+                    Vppo::new(cfg.clone(), Device::Simt(order))
+                        .unwrap()
+                        .forward(&batch)
+                        .unwrap_or_else(|e| panic!("config {c}, {order:?}, {mode:?}: {e}"))
+                })
+            })
+            .collect();
+        if c == 0 {
+            check_forward(&batch, cfg, &runs[0]).unwrap();
+        }
+        for (r, mode) in runs.iter().zip(&modes).skip(1) {
+            let what = format!("config {c}, {mode:?}");
+            assert_eq!(r.loss.to_bits(), runs[0].loss.to_bits(), "{what}");
+            assert_eq!(r.pg_loss.to_bits(), runs[0].pg_loss.to_bits(), "{what}");
+            assert_eq!(r.kl_loss.to_bits(), runs[0].kl_loss.to_bits(), "{what}");
+            assert_eq!(r, &runs[0], "{what}");
+        }
+    }
+}
+
 /// `x` copied one element past the start of a fresh buffer: a view whose rows sit in another 16-byte
 /// phase than those of an ordinary allocation (a sliced tensor, a row of a packed [R, V] view).
 fn out_of_phase<T: Copy + Default>(x: &[T]) -> Vec<T> {

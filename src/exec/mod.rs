@@ -1,8 +1,9 @@
 //! The kernel pipeline: the one place where kernels are launched, on a GPU through cudarc or on the CPU
 //! through the SIMT executor, with the same kernel, launch configuration and parameter struct.
 //!
-//! Pass 1 `vppo_perception_*` (kernels/perception.cu) -> pass 2a `vppo_select` and 2b `vppo_loss`
-//! (kernels/select_loss.cu) -> pass 3 `vppo_backward_*` (kernels/backward.cu). Extra memory is O(N + B):
+//! Pass 1 `vppo_perception_*` (kernels/perception.cu) -> pass 2a `vppo_select` and 2b
+//! `vppo_loss_prep`, `vppo_loss`, `vppo_loss_finish` (kernels/select_loss.cu) -> pass 3
+//! `vppo_backward_*` (kernels/backward.cu). Extra memory is O(N + B):
 //! per-token and per-response vectors, never an [N, V] temporary.
 //!
 //! One file per kernel source, named after it: perception.rs (kernels/perception.cu), select_loss.rs
@@ -26,9 +27,9 @@ use crate::device::{Device, LaneOrder};
 use crate::error::{Location, Result, Tensor, VppoError};
 use crate::output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
 use crate::params::{
-    status_report, VppoBackwardParams, VppoErrorCode, VppoLossParams, VppoLossTotals,
-    VppoPerceptionParams, VppoSelectParams, VPPO_MAX_ROW_BLOCKS_GPU, VPPO_MAX_ROW_BLOCKS_SIMT,
-    VPPO_PARTIAL_STATE_FLOATS, VPPO_STATUS_CLEAR,
+    status_report, VppoBackwardParams, VppoErrorCode, VppoLossParams, VppoLossResponse,
+    VppoLossTotals, VppoPerceptionParams, VppoSelectParams, VPPO_MAX_ROW_BLOCKS_GPU,
+    VPPO_MAX_ROW_BLOCKS_SIMT, VPPO_PARTIAL_STATE_FLOATS, VPPO_STATUS_CLEAR,
 };
 use crate::simt::{self, SimtEntry, SimtLaunch};
 use crate::tensor::{on_dtype, DeviceLogits, DeviceLogitsMut, Dtype, Elem, GradMut, Logits};
@@ -95,7 +96,9 @@ kernel_table! {
     PERCEPTION_F16: VppoPerceptionParams => vppo_perception_f16 / vppo_simt_vppo_perception_f16;
     PERCEPTION_BF16: VppoPerceptionParams => vppo_perception_bf16 / vppo_simt_vppo_perception_bf16;
     SELECT: VppoSelectParams => vppo_select / vppo_simt_vppo_select;
+    LOSS_PREP: VppoLossParams => vppo_loss_prep / vppo_simt_vppo_loss_prep;
     LOSS: VppoLossParams => vppo_loss / vppo_simt_vppo_loss;
+    LOSS_FINISH: VppoLossParams => vppo_loss_finish / vppo_simt_vppo_loss_finish;
     BACKWARD_F32_F32: VppoBackwardParams => vppo_backward_f32_f32 / vppo_simt_vppo_backward_f32_f32;
     BACKWARD_F16_F32: VppoBackwardParams => vppo_backward_f16_f32 / vppo_simt_vppo_backward_f16_f32;
     BACKWARD_F16_F16: VppoBackwardParams => vppo_backward_f16_f16 / vppo_simt_vppo_backward_f16_f16;
@@ -121,6 +124,9 @@ const SELECT_THREADS: u32 = crate::params::VPPO_SELECT_THREADS;
 const SELECT_SHARED_BYTES: u32 = crate::params::VPPO_SELECT_SHARED_BYTES;
 const LOSS_THREADS: u32 = crate::params::VPPO_LOSS_THREADS;
 const LOSS_SHARED_BYTES: u32 = crate::params::VPPO_LOSS_SHARED_BYTES;
+const LOSS_TILE_THREADS: u32 = crate::params::VPPO_LOSS_TILE_THREADS;
+const LOSS_TILE_SHARED_BYTES: u32 = crate::params::VPPO_LOSS_TILE_SHARED_BYTES;
+const LOSS_TILE_TOKENS: usize = crate::params::VPPO_LOSS_TILE_TOKENS as usize;
 const BACKWARD_THREADS: u32 = crate::params::VPPO_BACKWARD_THREADS;
 /// Blocks of the row kernels loop over rows, so the grid is capped and any N runs (the caps and why
 /// they are what they are: kernels/vppo_params.h).

@@ -1,10 +1,18 @@
-//! Pass 2, kernels/select_loss.cu: `vppo_select` (the per-response top-k mask and Sbar) and
-//! `vppo_loss` (TAS alpha, the clipped surrogate, dloss/dlogp and the totals).
+//! Pass 2, kernels/select_loss.cu: `vppo_select` (the per-response top-k mask and Sbar, and the
+//! token-to-response map and GSPO sums the loss reads), then the loss in three kernels:
+//! `vppo_loss_prep` (one block: TAS alpha and the per-response constants), `vppo_loss` (a grid over
+//! tiles of tokens: the clipped surrogate, dloss/dlogp and each tile's sums) and `vppo_loss_finish`
+//! (one block: the tiles' sums in tile order into the totals).
 //!
 //! Reference: src/reference/select.rs, shaping.rs, surrogate.rs. Tests: tests/kernels.rs.
 
 #[allow(unused_imports)]
 use super::*;
+
+/// Tiles of `vppo_loss` over `n` tokens: each tile's sums are one `VppoLossTotals` of the partials.
+pub(super) fn loss_tiles(n: usize) -> usize {
+    n.div_ceil(LOSS_TILE_TOKENS)
+}
 
 /// The exact parameters of the loss kernel for this config.
 pub(super) fn loss_params(cfg: &VppoConfig, n: usize, b: usize) -> VppoLossParams {
@@ -163,10 +171,20 @@ pub(super) fn run_select_loss(
                 crate::params::VppoMaskBy::VPPO_MASK_BY_PERCEPTION_OR_ENTROPY
             }
         } as i32,
+        token_response: ws.ptr(l, ws.token_response),
+        logp: ws.ptr(l, ws.logp),
+        old_logp: inp.old_logp.addr as *const f32,
+        // s_b and m_b only for the loss types that read them
+        seq_log_ratio: if matches!(cfg.loss_type, LossType::Gspo | LossType::GspoToken) {
+            ws.ptr(l, ws.seq_log_ratio)
+        } else {
+            std::ptr::null_mut()
+        },
+        seq_selected: ws.ptr(l, ws.seq_selected),
         ..Default::default()
     };
-    // SAFETY: score, entropy (written by pass 1) and mask [N], cu_seqlens [B+1] validated, k and
-    // sbar [B]; all live.
+    // SAFETY: score, entropy, logp (written by pass 1), old_logp, mask and token_response [N],
+    // cu_seqlens [B+1] validated, k, sbar, seq_log_ratio and seq_selected [B]; all live.
     unsafe { launch_select(l, &p)? };
     let p = VppoLossParams {
         logp: ws.ptr(l, ws.logp),
@@ -181,11 +199,27 @@ pub(super) fn run_select_loss(
         seq_log_ratio: ws.ptr(l, ws.seq_log_ratio),
         seq_selected: ws.ptr(l, ws.seq_selected),
         ref_logp: inp.ref_logp.addr as *const f32,
+        token_response: ws.ptr(l, ws.token_response),
+        responses: ws.ptr(l, ws.loss_responses),
+        partials: ws.ptr(l, ws.loss_partials),
         ..loss_params(cfg, n, b)
     };
-    // SAFETY: logp, old_logp, mask, dlogp [N]; sbar, advantages, alpha, seq_log_ratio, seq_selected
-    // [B]; cu_seqlens [B+1]; totals 1; ref_logp [N] whenever kl_penalty != none (Batch::validate
-    // refuses a batch without it), else address 0 and never read. B % G == 0 when the group scope
-    // is used (validate_small). One block.
-    unsafe { l.launch(LOSS, 1, LOSS_THREADS, LOSS_SHARED_BYTES, &p) }
+    // SAFETY: logp, old_logp, mask, dlogp, token_response [N] (every entry in [0, B): written by
+    // vppo_select above from the validated cu_seqlens, or the arena's zeros); sbar, advantages,
+    // alpha, seq_log_ratio, seq_selected, responses [B]; partials [loss_tiles(N)]; cu_seqlens
+    // [B+1]; totals 1; ref_logp [N] whenever kl_penalty != none (Batch::validate refuses a batch
+    // without it), else address 0 and never read. B % G == 0 when the group scope is used
+    // (validate_small). The prep and finish kernels are one block each; vppo_loss loops over the
+    // tiles, so any grid covers them.
+    unsafe {
+        l.launch(LOSS_PREP, 1, LOSS_THREADS, LOSS_SHARED_BYTES, &p)?;
+        l.launch(
+            LOSS,
+            l.row_grid(loss_tiles(n)),
+            LOSS_TILE_THREADS,
+            LOSS_TILE_SHARED_BYTES,
+            &p,
+        )?;
+        l.launch(LOSS_FINISH, 1, LOSS_THREADS, LOSS_TILE_SHARED_BYTES, &p)
+    }
 }

@@ -45,7 +45,8 @@ pub(super) struct Workspace {
     pub(super) n: usize,
     pub(super) b: usize,
     pub(super) arena: Buffer,
-    /// Bytes of the arena in use (the end of the last region).
+    /// Bytes of the arena that [`Workspace::download`] copies back: the outputs, not the scratch
+    /// regions after them.
     pub(super) bytes: usize,
     pub(super) totals: Region,
     pub(super) status: Region,
@@ -62,10 +63,17 @@ pub(super) struct Workspace {
     pub(super) k: Region,
     pub(super) sbar: Region,
     pub(super) alpha: Region,
+    // Scratch of pass 2 (kernels/select_loss.cu), after the outputs: never copied back.
     /// s_b, scratch of the GSPO loss types.
     pub(super) seq_log_ratio: Region,
     /// The masked count of each response, scratch of the GSPO loss types.
     pub(super) seq_selected: Region,
+    /// The response of each token [N] (i32), written by `vppo_select` for `vppo_loss`.
+    pub(super) token_response: Region,
+    /// The per-response constants of the per-token loss [B] (`VppoLossResponse`).
+    pub(super) loss_responses: Region,
+    /// The sums of each tile of `vppo_loss` [ceil(N / VPPO_LOSS_TILE_TOKENS)] (`VppoLossTotals`).
+    pub(super) loss_partials: Region,
 }
 
 impl Workspace {
@@ -80,8 +88,12 @@ impl Workspace {
         let mask = layout.array::<u8>(n);
         let k = layout.array::<i32>(b);
         let [sbar, alpha] = [(); 2].map(|_| layout.array::<f32>(b));
+        let outputs_end = layout.end;
         let seq_log_ratio = layout.array::<f64>(b);
         let seq_selected = layout.array::<i32>(b);
+        let token_response = layout.array::<i32>(n);
+        let loss_responses = layout.array::<VppoLossResponse>(b);
+        let loss_partials = layout.array::<VppoLossTotals>(loss_tiles(n));
         let end = layout.end;
         // Zeroed (not just allocated): after a bad row pass 2 still runs over every region before
         // the status is read (see `forward`), and zeros keep those reads defined and finite.
@@ -91,7 +103,7 @@ impl Workspace {
             n,
             b,
             arena,
-            bytes: end,
+            bytes: outputs_end,
             totals,
             status,
             lse,
@@ -109,6 +121,9 @@ impl Workspace {
             alpha,
             seq_log_ratio,
             seq_selected,
+            token_response,
+            loss_responses,
+            loss_partials,
         })
     }
 

@@ -115,15 +115,20 @@ mod pointer_fields {
         offset_of!(P, status),
     ];
     type S = VppoSelectParams;
-    pub static SELECT: [usize; 5] = [
+    pub static SELECT: [usize; 10] = [
         offset_of!(S, score),
         offset_of!(S, cu_seqlens),
         offset_of!(S, mask),
         offset_of!(S, k),
         offset_of!(S, sbar),
+        offset_of!(S, token_response),
+        offset_of!(S, logp),
+        offset_of!(S, old_logp),
+        offset_of!(S, seq_log_ratio),
+        offset_of!(S, seq_selected),
     ];
     type L = VppoLossParams;
-    pub static LOSS: [usize; 9] = [
+    pub static LOSS: [usize; 15] = [
         offset_of!(L, logp),
         offset_of!(L, old_logp),
         offset_of!(L, mask),
@@ -133,6 +138,12 @@ mod pointer_fields {
         offset_of!(L, alpha),
         offset_of!(L, dlogp),
         offset_of!(L, totals),
+        offset_of!(L, token_response),
+        offset_of!(L, responses),
+        offset_of!(L, partials),
+        offset_of!(L, seq_log_ratio),
+        offset_of!(L, seq_selected),
+        offset_of!(L, ref_logp),
     ];
     type B = VppoBackwardParams;
     pub static BACKWARD: [usize; 5] = [
@@ -150,7 +161,7 @@ mod pointer_fields {
             (&PERCEPTION, size_of::<P>())
         } else if kernel == "vppo_select" {
             (&SELECT, size_of::<S>())
-        } else if kernel == "vppo_loss" {
+        } else if kernel.starts_with("vppo_loss") {
             (&LOSS, size_of::<L>())
         } else if kernel.starts_with("vppo_backward_") {
             (&BACKWARD, size_of::<B>())
