@@ -19,7 +19,14 @@
 //! across ranks, for the split responses only); this gathers the per-token values of the group
 //! instead (5 f64 per token), which is simpler and exact. The backward is the ordinary one from the
 //! returned output ([`Vppo::backward_sequence_parallel`]): the rows are the rank's own.
-//! Tests: tests/sequence_parallel.rs.
+//!
+//! With vocabulary shards of the pieces ([`Vppo::forward_vocab_sequence_parallel`]), step 1 is the
+//! vocabulary group's merged pass 1 (src/parallel/vocab.rs: its rounds and gathers over the ranks
+//! holding the same pieces), whose per-token values are the same bits on each of them; steps 2 and
+//! 3 then run over the sequence group of the ranks holding the same columns, and a data group, if
+//! any, reduces pass 2's scalars last. A failure is reported to each group whose first round the
+//! rank has not passed, in that order (vocabulary, sequence, data).
+//! Tests: tests/sequence_parallel.rs, tests/combined_parallel.rs.
 
 use super::{report_failure, round_one, Collective};
 use crate::api::Vppo;
@@ -39,6 +46,18 @@ struct Local {
     logp: Vec<f64>,
 }
 
+impl Local {
+    /// The f64 pass-1 values of a piece (the reference's, or a vocabulary group's merged rows).
+    fn of(p: PerceptionF64) -> Local {
+        Local {
+            tokens: crate::reference::token_outputs(&p),
+            score: p.score,
+            entropy: p.entropy,
+            logp: p.logp,
+        }
+    }
+}
+
 fn pass1(vppo: &Vppo, piece: &Batch) -> Result<Local> {
     // A rank's pieces need not be whole groups (the group's batch is checked for that in pass 2).
     let cfg = &VppoConfig {
@@ -48,15 +67,9 @@ fn pass1(vppo: &Vppo, piece: &Batch) -> Result<Local> {
     let valid = piece.validate(cfg)?;
     let widen = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
     match vppo.device() {
-        Device::Reference => {
-            let p = crate::reference::perception::perception(piece, cfg)?;
-            Ok(Local {
-                tokens: crate::reference::token_outputs(&p),
-                score: p.score,
-                entropy: p.entropy,
-                logp: p.logp,
-            })
-        }
+        Device::Reference => Ok(Local::of(crate::reference::perception::perception(
+            piece, cfg,
+        )?)),
         _ if piece.n_tokens() == 0 => Ok(Local {
             tokens: TokenOutputs::default(),
             score: Vec::new(),
@@ -104,7 +117,7 @@ impl Vppo {
         continues: bool,
         group: &dyn Collective,
     ) -> Result<VppoOutput> {
-        self.forward_sequence_parallel_in(piece, continues, group, None)
+        self.join_pieces(pass1(self, piece), piece, continues, group, None)
     }
 
     /// Sequence parallel inside data parallel (SPEC 11, the layouts combined): `group` is this
@@ -120,23 +133,77 @@ impl Vppo {
         data: &dyn Collective,
     ) -> Result<VppoOutput> {
         let mut reached = false;
-        let result =
-            self.forward_sequence_parallel_in(piece, continues, group, Some((data, &mut reached)));
+        let local = pass1(self, piece);
+        let result = self.join_pieces(local, piece, continues, group, Some((data, &mut reached)));
         if result.is_err() && !reached {
             report_failure(data)?;
         }
         result
     }
 
-    fn forward_sequence_parallel_in(
+    /// Vocabulary parallel inside sequence parallel, optionally inside data parallel (SPEC 11, the
+    /// layouts combined): `shard` holds this rank's pieces (as [`Vppo::forward_sequence_parallel`]'s
+    /// `piece`) and of their logits rows the columns [at.start, at.start + shard.vocab) (as
+    /// [`Vppo::forward_vocab_parallel`]'s shard). `vocab` is the group of the ranks holding the
+    /// same pieces (all the columns), `seq` that of the ranks holding the same columns of the
+    /// other pieces of this group's responses, in token order, and `data`, if any, that of the
+    /// ranks at this position of the other data replicas.
+    ///
+    /// The vocabulary group merges its shards' states (the per-token values of the pieces, the
+    /// same bits on each of its ranks), then the sequence group joins the pieces and runs pass 2
+    /// (under the data group's Z, B', Sbar range and beta_max with `data`). The outputs are
+    /// [`Vppo::forward_sequence_parallel`]'s (this rank's tokens, its pieces' whole responses, the
+    /// sequence group's loss), the same on every rank of the vocabulary group; the backward is
+    /// [`Vppo::backward_vocab_parallel`] (this rank's rows and columns). An error on any rank is an
+    /// error on every rank of every group.
+    pub fn forward_vocab_sequence_parallel(
         &self,
+        shard: &Batch,
+        at: super::VocabShard,
+        continues: bool,
+        vocab: &dyn Collective,
+        seq: &dyn Collective,
+        data: Option<&dyn Collective>,
+    ) -> Result<VppoOutput> {
+        let mut reached = false;
+        // A rank's pieces need not be whole groups of G responses (the sequence group's batch is
+        // checked for that in pass 2), so the vocabulary stage checks them with G = 1.
+        let pieces_cfg = VppoConfig {
+            group_size: 1,
+            ..self.config().clone()
+        };
+        let local = match Vppo::new(pieces_cfg, self.device()) {
+            Ok(v) => v.vocab_perception(shard, at, vocab).map(Local::of),
+            Err(e) => report_failure(vocab).and(Err(e)),
+        };
+        let result = self.join_pieces(
+            local,
+            shard,
+            continues,
+            seq,
+            data.map(|d| (d, &mut reached)),
+        );
+        match data {
+            Some(d) if result.is_err() && !reached => {
+                report_failure(d)?;
+                result
+            }
+            _ => result,
+        }
+    }
+
+    /// Steps 2 and 3 of the module docs on this rank's pass-1 values `local` (or its error, which
+    /// this rank then reports to `group`).
+    fn join_pieces(
+        &self,
+        local: Result<Local>,
         piece: &Batch,
         continues: bool,
         group: &dyn Collective,
         data: Option<(&dyn Collective, &mut bool)>,
     ) -> Result<VppoOutput> {
         let cfg = self.config();
-        let local = match pass1(self, piece) {
+        let local = match local {
             Ok(l) => l,
             Err(e) => {
                 report_failure(group)?;

@@ -426,6 +426,27 @@ impl Vppo {
         data: Option<(&dyn Collective, &mut bool)>,
     ) -> Result<VppoOutput> {
         let cfg = self.config();
+        let perception = self.vocab_perception(shard, at, group)?;
+        let data = data.map(|(d, reached)| {
+            *reached = true;
+            d
+        });
+        let out = crate::reference::output_of(&super::pass2_across(perception, shard, cfg, data)?);
+        out.check_finite()?;
+        Ok(out)
+    }
+
+    /// Steps 1 to 3 of the module docs up to pass 2: this rank's shard states, round 1 and the
+    /// tiling check across `group`, the gather and the merge in rank order. Returns pass 1's
+    /// per-token values of the whole rows, the same bits on every rank of the group, or the error
+    /// every rank of the group agrees on (a rank whose own shard failed has told the group).
+    pub(super) fn vocab_perception(
+        &self,
+        shard: &Batch,
+        at: VocabShard,
+        group: &dyn Collective,
+    ) -> Result<PerceptionF64> {
+        let cfg = self.config();
         let local = local_targets(shard, at).and_then(|y| shard_states(self, shard, &y));
         let states = match local {
             Ok(s) => s,
@@ -480,14 +501,7 @@ impl Vppo {
                 )
             })
             .collect();
-        let perception = finish(&rows, shard, cfg)?;
-        let data = data.map(|(d, reached)| {
-            *reached = true;
-            d
-        });
-        let out = crate::reference::output_of(&super::pass2_across(perception, shard, cfg, data)?);
-        out.check_finite()?;
-        Ok(out)
+        finish(&rows, shard, cfg)
     }
 
     /// dloss/dlogits of this rank's columns ([N, V_r] or [R, V_r] through rows, f32 or the logits
