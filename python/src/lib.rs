@@ -355,7 +355,6 @@ fn forward(
         (.., Some(_), None) | (.., None, Some(_)) => {
             Some("seq_group and seq_continues go together")
         }
-        (Some(_), _, Some(_), _) => Some("vocab_group and seq_group are not combined yet"),
         _ => None,
     };
     if let Some(msg) = layout {
@@ -397,6 +396,11 @@ fn forward(
         };
         let data = groups.data.as_ref();
         match (&groups.vocab, vocab_shard, &groups.seq, seq_continues) {
+            (Some(v), Some((start, total)), Some(s), Some(c)) => {
+                let at = VocabShard { start, total };
+                let data = data.map(|d| d as &dyn Collective);
+                vppo.forward_vocab_sequence_parallel(&batch, at, c, v, s, data)
+            }
             (Some(v), Some((start, total)), _, _) => {
                 let at = VocabShard { start, total };
                 match data {

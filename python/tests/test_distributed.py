@@ -3,7 +3,7 @@ rank holds whole responses of one batch, ``process_group``: the sum over ranks o
 token's dlogp and mask, every response's alpha and every rank's gradient rows equal the
 single-process result on the whole batch), vocabulary parallel (``vocab_group``), sequence parallel
 (``seq_group``), and the combined layouts on a 2 x 2 grid of 4 ranks (data x vocabulary, data x
-sequence). Bad input on one rank raises on every rank (no hang: each run has a deadline)."""
+sequence, sequence x vocabulary). Bad input on one rank raises on every rank (no hang: each run has a deadline)."""
 
 import os
 import tempfile
@@ -265,9 +265,14 @@ def test_sequence_pieces_give_the_unsplit_mask_and_gradient(size):
 
 
 # -------------------------------------------------------------------------------------------------
-# Layouts combined: 4 ranks as a 2 x 2 grid, data replica d = rank // 2 over inner position
-# i = rank % 2 (vocabulary shard or sequence piece); one spawn for all of them (`grid`)
+# Layouts combined: 4 ranks as a 2 x 2 grid, outer position rank // 2 (data replica, or sequence
+# piece) over inner position rank % 2 (vocabulary shard, or sequence piece); one spawn for all of
+# them (`grid`)
 # -------------------------------------------------------------------------------------------------
+
+
+#: The per-token outputs the grid tests compare.
+TOKEN_KEYS = ("score", "kl", "entropy", "logp", "lse", "mask", "dlogp")
 
 
 def grid_groups(rank):
@@ -314,8 +319,8 @@ def data_vocab_calls(rank, vocab_g, data_g):
         loss, out = call(dict(mine, logits=logits), process_group=data_g, vocab_group=vocab_g,
                          vocab_start=c0, **options)
         loss.backward()
-        results.append((loss.item(), {k: out[k] for k in ("score", "lse", "mask", "dlogp",
-                                                         "alpha")}, logits.grad.float()))
+        results.append((loss.item(), {k: out[k] for k in TOKEN_KEYS + ("alpha",)},
+                        logits.grad.float()))
     results.append(grid_bad_calls(rank, mine, lambda b: call(
         b, process_group=data_g, vocab_group=vocab_g, vocab_start=c0)))
     return results
@@ -343,11 +348,32 @@ def data_seq_calls(rank, seq_g, data_g):
         loss, out = call(dict(mine, logits=logits), process_group=data_g, seq_group=seq_g,
                          seq_continues=continues, **options)
         loss.backward()
-        results.append((loss.item(), {k: out[k] for k in ("score", "lse", "mask", "dlogp",
-                                                         "alpha")}, logits.grad.float(),
-                        out["token_normalizer"].item()))
+        results.append((loss.item(), {k: out[k] for k in TOKEN_KEYS + ("alpha",)},
+                        logits.grad.float(), out["token_normalizer"].item()))
     results.append(grid_bad_calls(rank, mine, lambda b: call(
         b, process_group=data_g, seq_group=seq_g, seq_continues=continues)))
+    return results
+
+
+def vocab_seq_calls(rank, vocab_g, seq_g):
+    """Vocabulary x sequence: sequence position s = rank // 2 holds tokens seq_cuts(2)[s:s + 2]
+    (response 2 is split), its rank v the columns vocab_cuts(2)[v:v + 2] of them (float32)."""
+    s, v = rank // 2, rank % 2
+    full = make_batch(lengths=LENGTHS, vocab=VOCAB, dtype=torch.float32, seed=32)
+    t0, t1 = seq_cuts(2)[s:s + 2]
+    c0, c1 = vocab_cuts(2)[v:v + 2]
+    mine, continues = seq_piece(full, t0, t1)
+    mine["logits"] = mine["logits"][:, c0:c1].contiguous()
+    mine["logits_masked"] = mine["logits_masked"][:, c0:c1].contiguous()
+    results = []
+    for options in CONFIGS:
+        logits = mine["logits"].clone().requires_grad_(True)
+        loss, out = call(dict(mine, logits=logits), vocab_group=vocab_g, vocab_start=c0,
+                         seq_group=seq_g, seq_continues=continues, **options)
+        loss.backward()
+        results.append((loss.item(), {k: out[k] for k in TOKEN_KEYS}, logits.grad.float()))
+    results.append(grid_bad_calls(rank, mine, lambda b: call(
+        b, vocab_group=vocab_g, vocab_start=c0, seq_group=seq_g, seq_continues=continues)))
     return results
 
 
@@ -357,7 +383,9 @@ def grid_worker(rank, size, init, out_dir, dtype_name, bad_rank):
     try:
         inner_g, data_g = grid_groups(rank)
         results = {"vocab": data_vocab_calls(rank, inner_g, data_g),
-                   "seq": data_seq_calls(rank, inner_g, data_g)}
+                   "seq": data_seq_calls(rank, inner_g, data_g),
+                   # the same grid as sequence position x vocabulary position
+                   "vocab_seq": vocab_seq_calls(rank, inner_g, data_g)}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         _close()
@@ -422,4 +450,30 @@ def test_data_over_sequence_groups_gives_the_single_process_loss(grid):
                                        atol=1e-7)
         torch.testing.assert_close(torch.cat([r[2] for r in ranks]), logits.grad.float(), rtol=1e-5,
                                    atol=1e-7)
+    check_grid_errors(got)
+
+
+def test_vocabulary_shards_of_sequence_pieces_give_the_single_process_loss(grid):
+    got = [g["vocab_seq"] for g in grid]
+    full = make_batch(lengths=LENGTHS, vocab=VOCAB, dtype=torch.float32, seed=32)
+    cuts, t_cut = vocab_cuts(2), seq_cuts(2)[1]
+    for c, options in enumerate(CONFIGS):
+        logits = full["logits"].clone().requires_grad_(True)
+        loss, out = call(dict(full, logits=logits), **options)
+        loss.backward()
+        ranks = [r[c] for r in got]
+        for s in (0, 1):  # bit-identical over each vocabulary group
+            a, b = ranks[2 * s], ranks[2 * s + 1]
+            assert all(torch.equal(a[1][k], b[1][k]) for k in TOKEN_KEYS), (options, s)
+        assert all(r[0] == ranks[0][0] for r in ranks), options  # the group's loss, on every rank
+        want = loss.item()
+        assert abs(ranks[0][0] - want) <= 1e-5 * max(1.0, abs(want)), (options, ranks[0][0], want)
+        assert torch.equal(torch.cat([ranks[0][1]["mask"], ranks[2][1]["mask"]]), out["mask"])
+        for k in ("score", "lse", "dlogp"):
+            torch.testing.assert_close(torch.cat([ranks[0][1][k], ranks[2][1][k]]), out[k],
+                                       rtol=2e-5, atol=1e-6)
+        assert [r[2].shape for r in ranks] == [(n, w) for n in (t_cut, 28 - t_cut)
+                                               for w in (cuts[1], VOCAB - cuts[1])]
+        grad = torch.cat([torch.cat([ranks[2 * s][2], ranks[2 * s + 1][2]], dim=1) for s in (0, 1)])
+        torch.testing.assert_close(grad, logits.grad.float(), rtol=1e-5, atol=1e-6)
     check_grid_errors(got)

@@ -466,7 +466,10 @@ def vppo_loss(
     (one rank of each vocabulary or sequence group, all at the same position; create every group
     with ``torch.distributed.new_group`` on every rank). The loss returned is the inner group's
     batch's share of the data group's loss: the sum over the data group is the loss of all the
-    batches together. Bad input on any rank raises on every rank of both groups.
+    batches together. ``vocab_group`` with ``seq_group`` (and optionally ``process_group``): this
+    rank holds the columns [vocab_start, vocab_start + V_r) of its pieces; ``vocab_group`` is the
+    ranks holding the same pieces, ``seq_group`` the ranks holding the same columns of the other
+    pieces, in token order. Bad input on any rank raises on every rank of every group.
 
     Returns ``(loss, out)``: ``loss`` a 0-dim float32 tensor whose backward gives dloss/dlogits only;
     ``out`` a dict of the per-token (``TOKEN_OUTPUTS``), per-response (``RESPONSE_OUTPUTS``) tensors
@@ -475,8 +478,6 @@ def vppo_loss(
     device = "simt" if device is None else device
     if vocab_group is not None and in_place:
         raise ValueError("vppo_loss: vocab_group is not combined with in_place yet")
-    if vocab_group is not None and seq_group is not None:
-        raise ValueError("vppo_loss: vocab_group and seq_group are not combined yet")
     seq = -1
     if seq_group is not None:
         seq = int(bool(seq_continues))
