@@ -101,6 +101,7 @@ typedef enum VppoErrorCode {
 #define VPPO_LOSS_TILE_TOKENS 1024       /* VPPO_LOSS_TILE_THREADS x VPPO_LOSS_TOKENS_PER_THREAD */
 #define VPPO_LOSS_TILE_SHARED_BYTES 1536 /* sizeof(TileShared) */
 #define VPPO_BACKWARD_THREADS 256        /* threads per row of pass 3 */
+#define VPPO_KL_DIV_THREADS 256          /* threads per row of the KL op's backward (kernels/kl_div.cu) */
 
 /*
  * Blocks of the row kernels (perception, backward) and of vppo_select loop over rows, so the launcher
@@ -283,5 +284,30 @@ typedef struct VppoBackwardParams {
     float inv_temperature;   /* 1 / tau */
     int32_t pad0;
 } VppoBackwardParams;
+
+/* The backward of the general KL op (vppo.torch.kl, SPEC section 13), kernels/kl_div.cu. For token t,
+   with a = p_logits[p_row(t)] / tau, b = q_logits[q_row(t)] / tau, p = softmax(a), q = softmax(b),
+   kl_t = KL(p || q) and u_t = grad_kl[t]:
+       grad_p[v] = u_t p_v ((a_v - lse_p) - (b_v - lse_q) - kl_t) / tau,  grad_q[v] = u_t (q_v - p_v) / tau.
+   lse_p, lse_q and kl come from the forward (the perception kernel in partial mode). Rows of either
+   gradient that no token reads are written as zeros. */
+typedef struct VppoKlDivBackwardParams {
+    const void *p_logits;    /* [R, V], the kernel's dtype */
+    const void *q_logits;    /* [R', V], same dtype */
+    const float *lse_p;      /* [N] logsumexp(a) */
+    const float *lse_q;      /* [N] logsumexp(b) */
+    const float *kl;         /* [N] KL(p || q), finite */
+    const float *grad_kl;    /* [N] u_t, the upstream gradient */
+    void *grad_p;            /* [R, V] out, the kernel's dtype */
+    void *grad_q;            /* [R', V] out, the kernel's dtype */
+    const int64_t *p_rows;   /* [N] strictly increasing, in [0, R), or NULL (R = N, row t) */
+    const int64_t *q_rows;   /* [N] strictly increasing, in [0, R'), or NULL (R' = N, row t) */
+    int64_t n_p_rows;        /* R */
+    int64_t n_q_rows;        /* R' */
+    int64_t n_tokens;        /* N */
+    int64_t vocab;           /* V */
+    float inv_temperature;   /* 1 / tau */
+    int32_t pad0;
+} VppoKlDivBackwardParams;
 
 #endif /* VPPO_PARAMS_H */

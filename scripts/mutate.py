@@ -339,6 +339,43 @@ MUTANTS = [
            "if ((reinterpret_cast<uintptr_t>(rg + sp.head) & 15u) != 0) {",
            "if ((reinterpret_cast<uintptr_t>(rg + sp.head) & 15u) == 99) {",
            "16-byte stores to a misaligned output row"),
+    # ---- kl_div.cu (the KL op's backward; tests/kl_div.rs) ----
+    Mutant("K1", "kernels/kl_div.cu",
+           "gp = a == -INFINITY ? 0.0f : r.scale * (p * ((lp - lq) - r.kl));",
+           "gp = r.scale * (p * ((lp - lq) - r.kl));",
+           "grad_p without the p_v = 0 guard (0 * inf = NaN at -inf entries)"),
+    Mutant("K2", "kernels/kl_div.cu",
+           "gp = a == -INFINITY ? 0.0f : r.scale * (p * ((lp - lq) - r.kl));",
+           "gp = a == -INFINITY ? 0.0f : r.scale * (p * (lp - lq));",
+           "grad_p forgets the - kl_t term"),
+    Mutant("K3", "kernels/kl_div.cu",
+           "gq = r.scale * (q - p);",
+           "gq = r.scale * (p - q);",
+           "grad_q with the wrong sign"),
+    Mutant("K4", "kernels/kl_div.cu",
+           "    r.scale = u * p.inv_temperature;",
+           "    r.scale = u;",
+           "the gradients without the 1 / tau of a = logits / tau"),
+    Mutant("K5", "kernels/kl_div.cu",
+           "    if (u == 0.0f) {",
+           "    if (false) {",
+           "no u = 0 fast path (the general path writes -0.0 there)"),
+    Mutant("K6", "kernels/kl_div.cu",
+           "            if (token_of_row(p.q_rows, p.n_tokens, r) < 0) {",
+           "            if (false) {",
+           "rows of q_logits that no token reads are not zeroed"),
+    Mutant("K7", "kernels/kl_div.cu",
+           "          (a0 ^ reinterpret_cast<uintptr_t>(gb))) & 15u) != 0) {",
+           "          (a0 ^ reinterpret_cast<uintptr_t>(gb))) & 15u) == 99) {",
+           "16-byte loads and stores of rows on different 16-byte phases"),
+    Mutant("K8", "kernels/kl_div.cu",
+           "                token_rows<T>(p, t, i, p.q_rows ? p.q_rows[t] : t);",
+           "                token_rows<T>(p, t, i, t);",
+           "q's row taken as the token's index, not through q_rows"),
+    Mutant("K9", "kernels/kl_div.cu",
+           "    for (int64_t v = sp.head + sp.nvec * K + tid; v < vocab; v += nth) rg[v] = Elt<T>::from_f32(0.0f);\n",
+           "",
+           "zero_row leaves the tail of a row unwritten"),
 ]
 
 PROPTESTS = [
@@ -378,7 +415,7 @@ def check_patterns(base, mutants):
                  "mutate; update their patterns in scripts/mutate.py):\n" + "\n".join(bad))
 
 
-TEST_FILES = ["kernels", "simt_executor", "errors", "variants", "vocab_parallel"]
+TEST_FILES = ["kernels", "simt_executor", "errors", "variants", "vocab_parallel", "kl_div"]
 
 
 def test_command(args):

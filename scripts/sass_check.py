@@ -105,6 +105,11 @@ BUDGETS = [
     # the logits stream carries the evict-first hint (__ldcs: LDG.E.EF), so it does not flush pass 1's
     # small outputs from L2 before pass 2 reads them.
     (r"vppo_(perception|backward)_", r".", "hot_loads_not_evict_first", "<=", 0, 0),
+    # the KL op's backward (kernels/kl_div.cu): both rows read and both gradient rows written 16 bytes
+    # wide in the hot loop, the reads evict-first.
+    (r"vppo_kl_div_backward_", r".", "hot_loads_not_16B", "<=", 0, 0),
+    (r"vppo_kl_div_backward_", r".", "hot_stores_not_16B", "<=", 0, 0),
+    (r"vppo_kl_div_backward_", r".", "hot_loads_not_evict_first", "<=", 0, 0),
     # the loss kernel at N = 1,000,000 against pass 1 bf16 (predicted on H100 and H200).
     (r"vppo_loss$", r"sm_90", "loss_share_of_pass1_pct", "<=", 2.0, 2.0),
 ]
@@ -137,6 +142,16 @@ KERNELS = [
         "tensors": 1,
         "cold": ["target_vector"],
         "threads": "VPPO_BACKWARD_THREADS",
+        "dyn_smem": None,
+    },
+    {
+        "match": r"vppo_kl_div_backward_(f32|f16|bf16)$",
+        "file": "kl_div.cu",
+        "kind": "stream",
+        "unit": "element",
+        "tensors": 2,  # 16-byte loads of p and of q: an element of each per element
+        "cold": [],
+        "threads": "VPPO_KL_DIV_THREADS",
         "dyn_smem": None,
     },
     {
@@ -397,6 +412,9 @@ def elem_bytes(kernel):
         return DTYPE_BYTES[parts[2]], 0
     if kernel.startswith("vppo_backward_"):
         return DTYPE_BYTES[parts[2]], DTYPE_BYTES[parts[3]]
+    if kernel.startswith("vppo_kl_div_backward_"):
+        # two gradient rows of the input dtype written per element (of p and of q)
+        return DTYPE_BYTES[parts[4]], 2 * DTYPE_BYTES[parts[4]]
     return None, None
 
 

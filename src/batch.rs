@@ -7,6 +7,9 @@ use crate::output::VppoOutput;
 use crate::tensor::GradMut;
 pub use crate::tensor::{Dtype, Logits};
 
+mod kl_div;
+pub use kl_div::KlBatch;
+
 /// A packed batch of B responses with N tokens in all over a vocabulary of V (SPEC section 1).
 ///
 /// Response b owns tokens `cu_seqlens[b] .. cu_seqlens[b+1]`. Nothing is copied: the batch borrows.

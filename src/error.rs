@@ -35,6 +35,27 @@ pub enum Tensor {
     /// `ref_logp` [N]: the reference policy's log-prob of each target, read by the KL penalty
     /// (SPEC section 12).
     RefLogp,
+    /// `p_logits` [N, V] (or [R, V] through `p_rows`): the first distribution of the KL op
+    /// (`vppo.torch.kl`, SPEC section 13), KL(p || q).
+    PLogits,
+    /// `q_logits` [N, V] (or [R', V] through `q_rows`): the second distribution of the KL op.
+    QLogits,
+    /// `p_rows` [N]: the row of `p_logits` each token reads.
+    PRows,
+    /// `q_rows` [N]: the row of `q_logits` each token reads.
+    QRows,
+    /// `lse_p` [N]: logsumexp of each `p_logits` row, saved by the KL op's forward.
+    LseP,
+    /// `lse_q` [N]: logsumexp of each `q_logits` row, saved by the KL op's forward.
+    LseQ,
+    /// `kl` [N]: the KL op's output, saved for its backward.
+    Kl,
+    /// `grad_kl` [N]: the upstream gradient of the KL op's output.
+    GradKl,
+    /// The KL op's gradient with respect to `p_logits`.
+    GradP,
+    /// The KL op's gradient with respect to `q_logits`.
+    GradQ,
 }
 
 impl Tensor {
@@ -55,6 +76,16 @@ impl Tensor {
             Tensor::Rows => "rows",
             Tensor::MaskedRows => "masked_rows",
             Tensor::RefLogp => "ref_logp",
+            Tensor::PLogits => "p_logits",
+            Tensor::QLogits => "q_logits",
+            Tensor::PRows => "p_rows",
+            Tensor::QRows => "q_rows",
+            Tensor::LseP => "lse_p",
+            Tensor::LseQ => "lse_q",
+            Tensor::Kl => "kl",
+            Tensor::GradKl => "grad_kl",
+            Tensor::GradP => "grad_p",
+            Tensor::GradQ => "grad_q",
         }
     }
 }
@@ -101,6 +132,20 @@ pub enum VppoError {
         row: usize,
         /// The target token id.
         target: i32,
+    },
+    /// KL(p || q) is +inf: in this row, `q` (the tensor named) is -inf at a column where `p` has a
+    /// probability above 0. The KL op (SPEC section 13) reports it rather than return an inf.
+    #[error(
+        "KL(p || q) is +inf at row {row}: {tensor} is -inf at column {column}, where p has \
+         probability > 0"
+    )]
+    KlInfinite {
+        /// The tensor at -inf (`q_logits`, or `ref_logits` for the full KL penalty).
+        tensor: Tensor,
+        /// The token row.
+        row: usize,
+        /// The first such column.
+        column: usize,
     },
     /// A row index (`rows`, `masked_rows`) out of range or out of order.
     #[error("{tensor} position {position}: {detail}")]

@@ -43,6 +43,7 @@ pub mod grpo;
 #[doc(hidden)]
 pub mod hooks;
 pub mod io;
+pub mod kl_div;
 pub mod options;
 pub mod output;
 pub mod parallel;
@@ -53,7 +54,7 @@ pub mod tensor;
 pub mod train;
 
 pub use api::{Device, GradMut, LaneOrder, Vppo};
-pub use batch::{Batch, Dtype, Logits, ValidBatch};
+pub use batch::{Batch, Dtype, KlBatch, Logits, ValidBatch};
 pub use config::{
     Aggregation, KlPenalty, LossType, MaskBy, Perception, Shaping, TasScope, TopFraction,
     VppoConfig,
@@ -62,6 +63,7 @@ pub use error::{Location, Result, Tensor, VppoError};
 pub use exec::{DeviceBatch, DeviceForward, DeviceSaved, SavedForward};
 pub use grpo::grpo_advantages;
 pub use io::{OwnedBatch, OwnedLogits};
+pub use kl_div::{KlDiv, KlOutput, KlSaved};
 pub use output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
 pub use parallel::{Collective, NcclGroup, NcclId, ReduceOp, ThreadGroup, VocabShard};
 pub use tensor::{ByDtype, DeviceLogits, DeviceLogitsMut};

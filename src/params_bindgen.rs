@@ -13,6 +13,7 @@ pub const VPPO_LOSS_TOKENS_PER_THREAD: u32 = 4;
 pub const VPPO_LOSS_TILE_TOKENS: u32 = 1024;
 pub const VPPO_LOSS_TILE_SHARED_BYTES: u32 = 1536;
 pub const VPPO_BACKWARD_THREADS: u32 = 256;
+pub const VPPO_KL_DIV_THREADS: u32 = 256;
 pub const VPPO_MAX_ROW_BLOCKS_GPU: u32 = 65535;
 pub const VPPO_MAX_ROW_BLOCKS_SIMT: u32 = 64;
 pub const VPPO_STATUS_CODE_BITS: u32 = 8;
@@ -461,6 +462,74 @@ const _: () = {
         [::std::mem::offset_of!(VppoBackwardParams, pad0) - 76usize];
 };
 impl Default for VppoBackwardParams {
+    fn default() -> Self {
+        let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
+        unsafe {
+            ::std::ptr::write_bytes(s.as_mut_ptr(), 0, 1);
+            s.assume_init()
+        }
+    }
+}
+#[repr(C)]
+#[derive(Debug, Copy, Clone)]
+pub struct VppoKlDivBackwardParams {
+    pub p_logits: *const ::std::os::raw::c_void,
+    pub q_logits: *const ::std::os::raw::c_void,
+    pub lse_p: *const f32,
+    pub lse_q: *const f32,
+    pub kl: *const f32,
+    pub grad_kl: *const f32,
+    pub grad_p: *mut ::std::os::raw::c_void,
+    pub grad_q: *mut ::std::os::raw::c_void,
+    pub p_rows: *const i64,
+    pub q_rows: *const i64,
+    pub n_p_rows: i64,
+    pub n_q_rows: i64,
+    pub n_tokens: i64,
+    pub vocab: i64,
+    pub inv_temperature: f32,
+    pub pad0: i32,
+}
+#[allow(clippy::unnecessary_operation, clippy::identity_op)]
+const _: () = {
+    ["Size of VppoKlDivBackwardParams"]
+        [::std::mem::size_of::<VppoKlDivBackwardParams>() - 120usize];
+    ["Alignment of VppoKlDivBackwardParams"]
+        [::std::mem::align_of::<VppoKlDivBackwardParams>() - 8usize];
+    ["Offset of field: VppoKlDivBackwardParams::p_logits"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, p_logits) - 0usize];
+    ["Offset of field: VppoKlDivBackwardParams::q_logits"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, q_logits) - 8usize];
+    ["Offset of field: VppoKlDivBackwardParams::lse_p"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, lse_p) - 16usize];
+    ["Offset of field: VppoKlDivBackwardParams::lse_q"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, lse_q) - 24usize];
+    ["Offset of field: VppoKlDivBackwardParams::kl"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, kl) - 32usize];
+    ["Offset of field: VppoKlDivBackwardParams::grad_kl"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, grad_kl) - 40usize];
+    ["Offset of field: VppoKlDivBackwardParams::grad_p"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, grad_p) - 48usize];
+    ["Offset of field: VppoKlDivBackwardParams::grad_q"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, grad_q) - 56usize];
+    ["Offset of field: VppoKlDivBackwardParams::p_rows"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, p_rows) - 64usize];
+    ["Offset of field: VppoKlDivBackwardParams::q_rows"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, q_rows) - 72usize];
+    ["Offset of field: VppoKlDivBackwardParams::n_p_rows"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, n_p_rows) - 80usize];
+    ["Offset of field: VppoKlDivBackwardParams::n_q_rows"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, n_q_rows) - 88usize];
+    ["Offset of field: VppoKlDivBackwardParams::n_tokens"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, n_tokens) - 96usize];
+    ["Offset of field: VppoKlDivBackwardParams::vocab"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, vocab) - 104usize];
+    ["Offset of field: VppoKlDivBackwardParams::inv_temperature"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, inv_temperature) - 112usize];
+    ["Offset of field: VppoKlDivBackwardParams::pad0"]
+        [::std::mem::offset_of!(VppoKlDivBackwardParams, pad0) - 116usize];
+};
+impl Default for VppoKlDivBackwardParams {
     fn default() -> Self {
         let mut s = ::std::mem::MaybeUninit::<Self>::uninit();
         unsafe {

@@ -24,7 +24,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("oracle", &["reference"]),
     ("backends", &["simt", "cuda"]),
     ("pipeline", &["exec"]),
-    ("API", &["api", "hooks", "parallel"]),
+    ("API", &["api", "hooks", "kl_div", "parallel"]),
     ("apps", &["io", "options", "cli", "bench", "train", "bin"]),
 ];
 

@@ -11,8 +11,8 @@ use half::{bf16, f16};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use vppo::{
-    Batch, Collective, Device, Dtype, GradMut, LaneOrder, Logits, ReduceOp, SavedForward,
-    VocabShard, Vppo, VppoError,
+    Batch, Collective, Device, Dtype, GradMut, KlBatch, KlDiv, KlSaved, LaneOrder, Logits,
+    ReduceOp, SavedForward, Tensor, VocabShard, Vppo, VppoError,
 };
 
 /// A tensor as Python passes it: its data pointer (an address in this process) and element count.
@@ -539,6 +539,139 @@ fn backward(
     .map_err(value_error)
 }
 
+/// The executor of the KL op for CPU tensors.
+fn kl_op(device: &str, temperature: f64) -> PyResult<KlDiv> {
+    let device = match device {
+        "reference" => Device::Reference,
+        "simt" => Device::Simt(LaneOrder::Forward),
+        other => {
+            return Err(bad(format!(
+                "device must be \"simt\" or \"reference\" for CPU tensors, not {other:?}"
+            )))
+        }
+    };
+    KlDiv::new(temperature, device).map_err(value_error)
+}
+
+/// The KL op's batch at these buffers.
+///
+/// # Safety
+/// As [`slice`]: each buffer holds its count of initialized elements (of `dtype` for the logits,
+/// i64 for the indices) that nothing writes while the batch lives.
+unsafe fn kl_batch<'a>(
+    dtype: Dtype,
+    vocab: usize,
+    p_logits: Raw,
+    q_logits: Raw,
+    p_rows: Option<Raw>,
+    q_rows: Option<Raw>,
+) -> KlBatch<'a> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        KlBatch {
+            p_logits: logits(dtype, p_logits),
+            q_logits: logits(dtype, q_logits),
+            vocab,
+            p_rows: p_rows.map(|r| slice::<i64>(r)),
+            q_rows: q_rows.map(|r| slice::<i64>(r)),
+        }
+    }
+}
+
+/// `vppo.torch.kl`'s forward (SPEC section 13): KL(p || q) [N] into `kl`, with the lse of both rows
+/// into `lse_p` and `lse_q` (each [N] f32, N the tokens of the batch). Nothing is written when the
+/// crate returns an error.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn kl_forward(
+    py: Python<'_>,
+    device: &str,
+    temperature: f64,
+    dtype: &str,
+    vocab: usize,
+    p_logits: Raw,
+    q_logits: Raw,
+    p_rows: Option<Raw>,
+    q_rows: Option<Raw>,
+    kl: Raw,
+    lse_p: Raw,
+    lse_q: Raw,
+) -> PyResult<()> {
+    let op = kl_op(device, temperature)?;
+    let dtype = parse_dtype(dtype)?;
+    py.detach(|| {
+        // SAFETY: vppo/torch.py passes contiguous CPU tensors of these dtypes and counts, alive for
+        // the call, and fresh torch.empty float32 buffers for the three outputs.
+        let batch = unsafe { kl_batch(dtype, vocab, p_logits, q_logits, p_rows, q_rows) };
+        batch.validate()?;
+        let n = batch.n_tokens();
+        for (tensor, o) in [
+            (Tensor::Kl, kl),
+            (Tensor::LseP, lse_p),
+            (Tensor::LseQ, lse_q),
+        ] {
+            if o.1 != n {
+                return Err(VppoError::Shape {
+                    tensor,
+                    detail: format!("has {} elements, expected N = {n}", o.1),
+                });
+            }
+        }
+        let out = op.forward(&batch)?;
+        for (o, x) in [(kl, &out.kl), (lse_p, &out.lse_p), (lse_q, &out.lse_q)] {
+            // SAFETY: a fresh float32 buffer of N elements (checked above), written only here.
+            unsafe { slice_mut::<f32>(o) }.copy_from_slice(x);
+        }
+        Ok(())
+    })
+    .map_err(value_error)
+}
+
+/// `vppo.torch.kl`'s backward: the gradient of sum_t grad_kl[t] kl_t into `grad_p` and `grad_q`
+/// (the shapes and dtype of the two logits tensors), from the forward's kl, lse_p and lse_q.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn kl_backward(
+    py: Python<'_>,
+    device: &str,
+    temperature: f64,
+    dtype: &str,
+    vocab: usize,
+    p_logits: Raw,
+    q_logits: Raw,
+    p_rows: Option<Raw>,
+    q_rows: Option<Raw>,
+    kl: Raw,
+    lse_p: Raw,
+    lse_q: Raw,
+    grad_kl: Raw,
+    grad_p: Raw,
+    grad_q: Raw,
+) -> PyResult<()> {
+    let op = kl_op(device, temperature)?;
+    let dtype = parse_dtype(dtype)?;
+    py.detach(|| {
+        // SAFETY: vppo/torch.py passes contiguous CPU tensors of these dtypes and counts, alive for
+        // the call; grad_p and grad_q are fresh torch.empty buffers of the logits' dtype, distinct
+        // from every input, and no other slice of them exists here.
+        let (batch, saved, grad_kl, grad_p, grad_q) = unsafe {
+            (
+                kl_batch(dtype, vocab, p_logits, q_logits, p_rows, q_rows),
+                KlSaved {
+                    kl: slice::<f32>(kl),
+                    lse_p: slice::<f32>(lse_p),
+                    lse_q: slice::<f32>(lse_q),
+                },
+                slice::<f32>(grad_kl),
+                grad_mut(dtype, grad_p),
+                grad_mut(dtype, grad_q),
+            )
+        };
+        op.backward(&batch, &saved, grad_kl, grad_p, grad_q)
+    })
+    .map_err(value_error)
+}
+
 /// Checks the loss options without computing anything (ValueError with the crate's message).
 #[pyfunction]
 fn check_options(device: &str, options: &str) -> PyResult<()> {
@@ -551,5 +684,7 @@ fn _vppo(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(backward, m)?)?;
     m.add_function(wrap_pyfunction!(check_options, m)?)?;
     m.add_function(wrap_pyfunction!(report_failure, m)?)?;
+    m.add_function(wrap_pyfunction!(kl_forward, m)?)?;
+    m.add_function(wrap_pyfunction!(kl_backward, m)?)?;
     Ok(())
 }

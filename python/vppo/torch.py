@@ -534,3 +534,131 @@ class VppoLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in sorted(self.options.items()))
+
+
+# -------------------------------------------------------------------------------------------------
+# The KL op (SPEC section 13): pass 1 alone, differentiable with respect to both logits tensors
+# -------------------------------------------------------------------------------------------------
+
+__all__ += ["kl"]
+
+
+def _kl_check(name: str, t: Tensor, dtypes, dim: int) -> None:
+    """``_check`` with the op's own name in the message."""
+    try:
+        _check(name, t, dtypes, dim)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise type(e)(str(e).replace("vppo_loss:", "vppo.torch.kl:", 1)) from None
+
+
+def _kl_inputs(p_logits, q_logits, p_rows, q_rows, device):
+    _kl_check("p_logits", p_logits, _LOGITS_DTYPES, 2)
+    _kl_check("q_logits", q_logits, _LOGITS_DTYPES, 2)
+    if q_logits.dtype != p_logits.dtype:
+        raise ValueError(
+            f"vppo.torch.kl: q_logits has dtype {_dtype_name(q_logits.dtype)}, p_logits "
+            f"{_dtype_name(p_logits.dtype)}: they must agree"
+        )
+    if q_logits.shape[1] != p_logits.shape[1]:
+        raise ValueError(f"vppo.torch.kl: q_logits has V = {q_logits.shape[1]}, p_logits V = "
+                         f"{p_logits.shape[1]}")
+    if p_rows is not None:
+        _kl_check("p_rows", p_rows, _INT_DTYPES, 1)
+        p_rows = _as("p_rows", p_rows, torch.int64)
+    if q_rows is not None:
+        _kl_check("q_rows", q_rows, _INT_DTYPES, 1)
+        q_rows = _as("q_rows", q_rows, torch.int64)
+    if device not in _DEVICES:
+        raise ValueError(f'vppo.torch.kl: device must be "simt" or "reference", not {device!r}')
+    return p_rows, q_rows
+
+
+def _kl_tokens(p_logits, p_rows) -> int:
+    return p_logits.shape[0] if p_rows is None else p_rows.shape[0]
+
+
+def _opt_raw(t):
+    return None if t is None else _raw(t)
+
+
+@torch.library.custom_op("vppo::kl", mutates_args=())
+def _kl(p_logits: Tensor, q_logits: Tensor, p_rows: Optional[Tensor], q_rows: Optional[Tensor],
+        temperature: float, device: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """(kl, lse_p, lse_q), each [N] float32."""
+    p_rows, q_rows = _kl_inputs(p_logits, q_logits, p_rows, q_rows, device)
+    n = _kl_tokens(p_logits, p_rows)
+    kl, lse_p, lse_q = (torch.empty(n, dtype=torch.float32) for _ in range(3))
+    _vppo.kl_forward(device, float(temperature), _dtype_name(p_logits.dtype), p_logits.shape[1],
+                     _raw(p_logits), _raw(q_logits), _opt_raw(p_rows), _opt_raw(q_rows),
+                     _raw(kl), _raw(lse_p), _raw(lse_q))
+    return kl, lse_p, lse_q
+
+
+@_kl.register_fake
+def _kl_fake(p_logits, q_logits, p_rows, q_rows, temperature, device):
+    n = _kl_tokens(p_logits, p_rows)
+    return tuple(p_logits.new_empty((n,), dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("vppo::kl_backward", mutates_args=())
+def _kl_backward(p_logits: Tensor, q_logits: Tensor, p_rows: Optional[Tensor],
+                 q_rows: Optional[Tensor], kl: Tensor, lse_p: Tensor, lse_q: Tensor, grad_kl: Tensor,
+                 temperature: float, device: str) -> Tuple[Tensor, Tensor]:
+    """(d/dp_logits, d/dq_logits) of sum_t grad_kl[t] kl_t, in the logits' shapes and dtype; rows
+    that no token reads are zero."""
+    p_rows, q_rows = _kl_inputs(p_logits, q_logits, p_rows, q_rows, device)
+    for name, t in (("kl", kl), ("lse_p", lse_p), ("lse_q", lse_q), ("grad_kl", grad_kl)):
+        _kl_check(name, t, (torch.float32,), 1)
+    grad_p = torch.empty(p_logits.shape, dtype=p_logits.dtype)
+    grad_q = torch.empty(q_logits.shape, dtype=q_logits.dtype)
+    _vppo.kl_backward(device, float(temperature), _dtype_name(p_logits.dtype), p_logits.shape[1],
+                      _raw(p_logits), _raw(q_logits), _opt_raw(p_rows), _opt_raw(q_rows),
+                      _raw(kl), _raw(lse_p), _raw(lse_q), _raw(grad_kl), _raw(grad_p), _raw(grad_q))
+    return grad_p, grad_q
+
+
+@_kl_backward.register_fake
+def _kl_backward_fake(p_logits, q_logits, p_rows, q_rows, kl, lse_p, lse_q, grad_kl, temperature,
+                      device):
+    return p_logits.new_empty(p_logits.shape), q_logits.new_empty(q_logits.shape)
+
+
+def _kl_setup_context(ctx, inputs, output):
+    p_logits, q_logits, p_rows, q_rows, temperature, device = inputs
+    kl, lse_p, lse_q = output
+    ctx.save_for_backward(p_logits, q_logits, p_rows, q_rows, kl, lse_p, lse_q)
+    ctx.temperature, ctx.device = temperature, device
+    ctx.mark_non_differentiable(lse_p, lse_q)
+
+
+def _kl_autograd(ctx, grad_kl, *_):
+    p_logits, q_logits, p_rows, q_rows, kl, lse_p, lse_q = ctx.saved_tensors
+    if grad_kl is None:
+        return (None,) * 6
+    grad_kl = grad_kl.to(torch.float32).contiguous()
+    grad_p, grad_q = _kl_backward(p_logits, q_logits, p_rows, q_rows, kl, lse_p, lse_q, grad_kl,
+                                  ctx.temperature, ctx.device)
+    return grad_p, grad_q, None, None, None, None
+
+
+_kl.register_autograd(_kl_autograd, setup_context=_kl_setup_context)
+
+
+def kl(p_logits: Tensor, q_logits: Tensor, *, temperature: float = 1.0,
+       p_rows: Optional[Tensor] = None, q_rows: Optional[Tensor] = None,
+       device: Optional[str] = None) -> Tensor:
+    """The exact per-token KL(p || q) [N] float32, p = softmax(p_logits / temperature) and q =
+    softmax(q_logits / temperature) over the whole vocabulary, differentiable with respect to both
+    logits tensors (SPEC section 13; the op ``vppo::kl``).
+
+    ``p_logits`` [N, V] (or [R, V] read through ``p_rows`` [N], strictly increasing) and
+    ``q_logits`` [N, V] (or [R', V] through ``q_rows``, strictly increasing; without ``q_rows``, a
+    ``q_logits`` of the shape of ``p_logits`` is read through ``p_rows``) in float32, float16 or
+    bfloat16, the same for both. The gradients have the shapes and dtype of the logits (rows no
+    token reads are zero). A term with p_v = 0 (-inf logit) adds nothing; KL = +inf (q_v = 0 where
+    p_v > 0) raises ValueError naming q_logits, the row and the column, as any bad input does.
+    ``device``: "simt" (default: the kernels on the SIMT executor) or "reference" (f64).
+    """
+    device = "simt" if device is None else device
+    p_rows, q_rows = _kl_inputs(p_logits, q_logits, p_rows, q_rows, device)
+    return _kl(p_logits, q_logits, p_rows, q_rows, float(temperature), device)[0]

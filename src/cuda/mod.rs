@@ -24,7 +24,8 @@ use cudarc::driver::{
 
 use crate::error::{CudaError, Result, VppoError};
 use crate::params::{
-    VppoBackwardParams, VppoLossParams, VppoLossTotals, VppoPerceptionParams, VppoSelectParams,
+    VppoBackwardParams, VppoKlDivBackwardParams, VppoLossParams, VppoLossTotals,
+    VppoPerceptionParams, VppoSelectParams,
 };
 
 pub mod fatbin;
@@ -50,6 +51,8 @@ unsafe impl DeviceRepr for VppoSelectParams {}
 unsafe impl DeviceRepr for VppoLossParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for VppoBackwardParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for VppoKlDivBackwardParams {}
 // SAFETY: as above; VppoLossTotals is the device-side output of the loss kernel (doubles and i64).
 unsafe impl DeviceRepr for VppoLossTotals {}
 // SAFETY: VppoLossTotals holds only f64 and i64 fields, for which all-zero bytes are 0.0 and 0.

@@ -7,7 +7,8 @@
 //! per-token and per-response vectors, never an [N, V] temporary.
 //!
 //! One file per kernel source, named after it: perception.rs (kernels/perception.cu), select_loss.rs
-//! (kernels/select_loss.cu), backward.rs (kernels/backward.cu); launcher.rs runs a kernel and owns
+//! (kernels/select_loss.cu), backward.rs (kernels/backward.cu), kl_div.rs (the KL op: the perception
+//! kernel in partial mode and kernels/kl_div.cu); launcher.rs runs a kernel and owns
 //! its memory, workspace.rs lays out a forward's per-token buffers, resident.rs takes the caller's
 //! GPU-resident tensors. Every entry point takes a [`ValidBatch`] or checks what it is given first.
 //!
@@ -27,7 +28,8 @@ use crate::device::{Device, LaneOrder};
 use crate::error::{Location, Result, Tensor, VppoError};
 use crate::output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
 use crate::params::{
-    status_report, VppoBackwardParams, VppoErrorCode, VppoLossParams, VppoLossResponse,
+    status_report, VppoBackwardParams, VppoErrorCode, VppoKlDivBackwardParams, VppoLossParams,
+    VppoLossResponse,
     VppoLossTotals, VppoPerceptionParams, VppoSelectParams, VPPO_MAX_ROW_BLOCKS_GPU,
     VPPO_MAX_ROW_BLOCKS_SIMT, VPPO_PARTIAL_STATE_FLOATS, VPPO_STATUS_CLEAR,
 };
@@ -35,6 +37,7 @@ use crate::simt::{self, SimtEntry, SimtLaunch};
 use crate::tensor::{on_dtype, DeviceLogits, DeviceLogitsMut, Dtype, Elem, GradMut, Logits};
 
 mod backward;
+mod kl_div;
 mod launcher;
 mod perception;
 mod resident;
@@ -44,6 +47,8 @@ mod workspace;
 pub use backward::SavedForward;
 use backward::*;
 pub(crate) use backward::{backward_in_place, backward_into, backward_saved, backward_shard};
+pub use kl_div::KlSaved;
+pub(crate) use kl_div::{kl_div_backward, kl_div_forward};
 use launcher::*;
 use perception::*;
 pub(crate) use perception::{mutant_perception, perception, perception_partial};
@@ -104,6 +109,9 @@ kernel_table! {
     BACKWARD_F16_F16: VppoBackwardParams => vppo_backward_f16_f16 / vppo_simt_vppo_backward_f16_f16;
     BACKWARD_BF16_F32: VppoBackwardParams => vppo_backward_bf16_f32 / vppo_simt_vppo_backward_bf16_f32;
     BACKWARD_BF16_BF16: VppoBackwardParams => vppo_backward_bf16_bf16 / vppo_simt_vppo_backward_bf16_bf16;
+    KL_DIV_BACKWARD_F32: VppoKlDivBackwardParams => vppo_kl_div_backward_f32 / vppo_simt_vppo_kl_div_backward_f32;
+    KL_DIV_BACKWARD_F16: VppoKlDivBackwardParams => vppo_kl_div_backward_f16 / vppo_simt_vppo_kl_div_backward_f16;
+    KL_DIV_BACKWARD_BF16: VppoKlDivBackwardParams => vppo_kl_div_backward_bf16 / vppo_simt_vppo_kl_div_backward_bf16;
     // Built for the SIMT executor only, with VPPO_MUTANT (every exp times 1.001): see `mutant_perception`.
     PERCEPTION_F32_MUTANT: VppoPerceptionParams => vppo_perception_f32_mutant / vppo_simt_vppo_perception_f32_mutant;
     PERCEPTION_F16_MUTANT: VppoPerceptionParams => vppo_perception_f16_mutant / vppo_simt_vppo_perception_f16_mutant;
@@ -128,6 +136,7 @@ const LOSS_TILE_THREADS: u32 = crate::params::VPPO_LOSS_TILE_THREADS;
 const LOSS_TILE_SHARED_BYTES: u32 = crate::params::VPPO_LOSS_TILE_SHARED_BYTES;
 const LOSS_TILE_TOKENS: usize = crate::params::VPPO_LOSS_TILE_TOKENS as usize;
 const BACKWARD_THREADS: u32 = crate::params::VPPO_BACKWARD_THREADS;
+const KL_DIV_THREADS: u32 = crate::params::VPPO_KL_DIV_THREADS;
 /// Blocks of the row kernels loop over rows, so the grid is capped and any N runs (the caps and why
 /// they are what they are: kernels/vppo_params.h).
 const MAX_ROW_BLOCKS_GPU: usize = VPPO_MAX_ROW_BLOCKS_GPU as usize;
@@ -139,6 +148,7 @@ impl KernelParams for VppoPerceptionParams {}
 impl KernelParams for VppoSelectParams {}
 impl KernelParams for VppoLossParams {}
 impl KernelParams for VppoBackwardParams {}
+impl KernelParams for VppoKlDivBackwardParams {}
 
 // -------------------------------------------------------------------------------------------------
 // The whole forward: passes 1 and 2 (perception.rs, select_loss.rs)

@@ -13,6 +13,7 @@
 //! | loss, dloss/dlogp, statistics | [`surrogate::surrogate`] | kernels/select_loss.cu |
 //! | the KL penalty of one token (SPEC section 12) | [`kl::kl_term`], in [`surrogate::surrogate_kl`] | kernels/select_loss.cu |
 //! | dloss/dlogits | [`backward::grad_logits`] | kernels/backward.cu |
+//! | the KL op (SPEC section 13): KL(p \|\| q) and its gradient to both tensors | [`kl_div::kl_div`], [`kl_div::kl_div_backward`] | kernels/perception.cu (partial mode), kernels/kl_div.cu |
 //!
 //! The reference selects the top-k on its f64 scores. [`forward`] rounds the per-token and per-response
 //! values of [`VppoOutput`] to f32; the loss stays f64. [`backward_into`] recomputes lse and dloss/dlogp
@@ -22,6 +23,7 @@
 
 pub mod backward;
 pub mod kl;
+pub mod kl_div;
 pub mod perception;
 pub mod select;
 pub mod shaping;

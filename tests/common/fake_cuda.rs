@@ -95,7 +95,8 @@ extern "C" fn resolve(name: *const c_char) -> Option<SimtEntry> {
 mod pointer_fields {
     use std::mem::offset_of;
     use vppo::params::{
-        VppoBackwardParams, VppoLossParams, VppoPerceptionParams, VppoSelectParams,
+        VppoBackwardParams, VppoKlDivBackwardParams, VppoLossParams, VppoPerceptionParams,
+        VppoSelectParams,
     };
 
     type P = VppoPerceptionParams;
@@ -153,6 +154,19 @@ mod pointer_fields {
         offset_of!(B, targets),
         offset_of!(B, grad),
     ];
+    type K = VppoKlDivBackwardParams;
+    pub static KL_DIV_BACKWARD: [usize; 10] = [
+        offset_of!(K, p_logits),
+        offset_of!(K, q_logits),
+        offset_of!(K, lse_p),
+        offset_of!(K, lse_q),
+        offset_of!(K, kl),
+        offset_of!(K, grad_kl),
+        offset_of!(K, grad_p),
+        offset_of!(K, grad_q),
+        offset_of!(K, p_rows),
+        offset_of!(K, q_rows),
+    ];
 
     /// The pointer offsets and the size of the params struct of `kernel`.
     pub fn of(kernel: &str) -> (&'static [usize], usize) {
@@ -165,6 +179,8 @@ mod pointer_fields {
             (&LOSS, size_of::<L>())
         } else if kernel.starts_with("vppo_backward_") {
             (&BACKWARD, size_of::<B>())
+        } else if kernel.starts_with("vppo_kl_div_backward_") {
+            (&KL_DIV_BACKWARD, size_of::<K>())
         } else {
             (&[], 0)
         }
