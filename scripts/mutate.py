@@ -373,9 +373,9 @@ MUTANTS = [
            "                token_rows<T>(p, t, i, t);",
            "q's row taken as the token's index, not through q_rows"),
     Mutant("K9", "kernels/kl_div.cu",
-           "    for (int64_t v = sp.head + sp.nvec * K + tid; v < vocab; v += nth) rg[v] = Elt<T>::from_f32(0.0f);\n",
-           "",
-           "zero_row leaves the tail of a row unwritten"),
+           "    for (int64_t v = sp.head + sp.nvec * K + tid; v < vocab; v += nth) rg[v] = Elt<T>::from_f32(0.0f);",
+           "    for (int64_t v = sp.head + sp.nvec * K + tid; v + 1 < vocab; v += nth) rg[v] = Elt<T>::from_f32(0.0f);",
+           "zero_row leaves the last element of a row unwritten"),
 ]
 
 PROPTESTS = [

@@ -42,20 +42,12 @@ impl<'a> KlBatch<'a> {
 
     /// R, the rows of `p_logits` (and of its gradient).
     pub fn n_p_rows(&self) -> usize {
-        if self.vocab == 0 {
-            0
-        } else {
-            self.p_logits.len() / self.vocab
-        }
+        self.p_logits.len().checked_div(self.vocab).unwrap_or(0)
     }
 
     /// R', the rows of `q_logits` (and of its gradient).
     pub fn n_q_rows(&self) -> usize {
-        if self.vocab == 0 {
-            0
-        } else {
-            self.q_logits.len() / self.vocab
-        }
+        self.q_logits.len().checked_div(self.vocab).unwrap_or(0)
     }
 
     /// The index `q_logits` is read through: `q_rows`, or `p_rows` when `q_logits` has the shape of

@@ -143,7 +143,7 @@ fn finish(batch: &KlBatch, tau: f64, states: &[f32]) -> Result<(Vec<f32>, Vec<f3
                     value: first_bad(tensor, t),
                 });
             }
-            if !(s > 0.0) {
+            if s <= 0.0 {
                 return Err(VppoError::AllNegInf { tensor, row: t });
             }
         }
@@ -171,7 +171,7 @@ fn finish(batch: &KlBatch, tau: f64, states: &[f32]) -> Result<(Vec<f32>, Vec<f3
             ("lse_p", m_a + s_a.ln(), &mut lse_p),
             ("lse_q", m_b + s_b.ln(), &mut lse_q),
         ] {
-            if !(value.abs() <= f32::MAX as f64) {
+            if value.is_nan() || value.abs() > f32::MAX as f64 {
                 return Err(VppoError::Overflow {
                     what,
                     location: Some(Location::Row(t)),

@@ -201,10 +201,10 @@ pub fn kl_div_backward(
     check_grad(Tensor::GradQ, &grad_q, batch, batch.q_logits.len())?;
     let mut gp = vec![0.0f64; batch.p_logits.len()];
     let mut gq = vec![0.0f64; batch.q_logits.len()];
-    for t in 0..n {
+    for (t, &u) in grad_kl.iter().enumerate() {
         let (a, b) = checked_rows(batch, t, tau)?;
         let (lse_p, lse_q, kl) = token(&a, &b);
-        let u = grad_kl[t] as f64;
+        let u = u as f64;
         let (rp, rq) = (batch.p_row(t) * v, batch.q_row(t) * v);
         for j in 0..v {
             let (log_p, log_q) = (a[j] - lse_p, b[j] - lse_q);
