@@ -30,7 +30,7 @@
  *
  * Files: launched by src/exec/kl_div.rs; the CPU reference of this op is src/reference/kl_div.rs
  * (`kl_div_backward`); the Rust API is src/kl_div.rs (`KlDiv`); tested against the reference and
- * finite differences by tests/kl_div.rs, its mutants in scripts/mutate.py (K1..K8).
+ * finite differences by tests/kl_div.rs, its mutants in scripts/mutate.py (KD1..KD9).
  */
 #include "common.cuh"
 
