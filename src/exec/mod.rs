@@ -29,9 +29,9 @@ use crate::error::{Location, Result, Tensor, VppoError};
 use crate::output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
 use crate::params::{
     status_report, VppoBackwardParams, VppoErrorCode, VppoKlDivBackwardParams, VppoLossParams,
-    VppoLossResponse,
-    VppoLossTotals, VppoPerceptionParams, VppoSelectParams, VPPO_MAX_ROW_BLOCKS_GPU,
-    VPPO_MAX_ROW_BLOCKS_SIMT, VPPO_PARTIAL_STATE_FLOATS, VPPO_STATUS_CLEAR,
+    VppoLossResponse, VppoLossTotals, VppoPerceptionParams, VppoSelectParams,
+    VPPO_MAX_ROW_BLOCKS_GPU, VPPO_MAX_ROW_BLOCKS_SIMT, VPPO_PARTIAL_STATE_FLOATS,
+    VPPO_STATUS_CLEAR,
 };
 use crate::simt::{self, SimtEntry, SimtLaunch};
 use crate::tensor::{on_dtype, DeviceLogits, DeviceLogitsMut, Dtype, Elem, GradMut, Logits};
