@@ -57,9 +57,11 @@ def worker(rank, size, init, out_dir, dtype_name, bad_rank):
         cut = pieces(size)
         mine = rank_batch(full, cut[rank], cut[rank + 1])
         results = []
-        for options in CONFIGS:
+        # every config with good input, then (with a bad rank) every config with bad input there
+        for spoilt, options in [(-1, o) for o in CONFIGS] + \
+                [(bad_rank, o) for o in CONFIGS if bad_rank >= 0]:
             b = dict(mine)
-            if rank == bad_rank:
+            if rank == spoilt:
                 b["old_logp"] = b["old_logp"][:-1].clone() if b["old_logp"].numel() else \
                     torch.zeros(1)  # one element too few (or too many): a shape error
             b["logits"] = b["logits"].clone().requires_grad_(True)
@@ -75,7 +77,20 @@ def worker(rank, size, init, out_dir, dtype_name, bad_rank):
         _close()
 
 
+_RUNS = {}
+
+
 def run(size, dtype, bad_rank=-1, fn=None):
+    """Every rank's saved results of `fn` (default `worker`) on `size` gloo ranks; each distinct
+    run is spawned once per session and shared by the tests that read it (a spawn costs tens of
+    seconds on CI's 2 cores)."""
+    key = (size, dtype, bad_rank, fn)
+    if key not in _RUNS:
+        _RUNS[key] = _spawn(size, dtype, bad_rank, fn)
+    return _RUNS[key]
+
+
+def _spawn(size, dtype, bad_rank, fn):
     with tempfile.TemporaryDirectory() as d:
         init = "file://" + os.path.join(d, "rendezvous")
         ctx = mp.start_processes(fn or worker, args=(size, init, d, str(dtype).replace("torch.", ""),
@@ -91,9 +106,13 @@ def run(size, dtype, bad_rank=-1, fn=None):
         return [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(size)]
 
 
+#: The run of 3 ranks also calls every config with a bad old_logp on rank 1 (the same spawn).
+DATA_BAD_RANK = {3: 1}
+
+
 @pytest.mark.parametrize("size,dtype", [(2, torch.float32), (4, torch.bfloat16), (3, torch.float16)])
 def test_the_sum_over_ranks_is_the_single_process_loss(size, dtype):
-    got = run(size, dtype)
+    got = run(size, dtype, bad_rank=DATA_BAD_RANK.get(size, -1))
     full = make_batch(lengths=LENGTHS, vocab=29, dtype=dtype, seed=size)
     for c, options in enumerate(CONFIGS):
         logits = full["logits"].clone().requires_grad_(True)
@@ -117,9 +136,10 @@ def test_the_sum_over_ranks_is_the_single_process_loss(size, dtype):
 
 
 def test_bad_input_on_one_rank_raises_on_every_rank():
-    got = run(3, torch.float32, bad_rank=1)
+    got = run(3, torch.float16, bad_rank=DATA_BAD_RANK[3])
     for rank, results in enumerate(got):
-        for r in results:
+        assert len(results) == 2 * len(CONFIGS)
+        for r in results[len(CONFIGS):]:
             assert r[0] == "error", (rank, r)
             if rank == 1:
                 assert "old_logp" in r[1], r[1]
@@ -145,10 +165,12 @@ def vocab_worker(rank, size, init, out_dir, dtype_name, bad_rank):
         full = make_batch(lengths=LENGTHS, vocab=VOCAB, dtype=dtype, seed=10 + size)
         c0, c1 = vocab_cuts(size)[rank:rank + 2]
         results = []
-        for options in CONFIGS[:2]:
+        # two configs with good input, then (with a bad rank) a NaN in its shard
+        for spoilt, options in [(-1, o) for o in CONFIGS[:2]] + \
+                [(bad_rank, o) for o in CONFIGS[:2] if bad_rank >= 0]:
             logits = full["logits"][:, c0:c1].contiguous().requires_grad_(True)
             masked = full["logits_masked"][:, c0:c1].contiguous()
-            if rank == bad_rank:
+            if rank == spoilt:
                 masked[0, 0] = float("nan")
             b = dict(full, logits=logits, logits_masked=masked)
             try:
@@ -164,9 +186,13 @@ def vocab_worker(rank, size, init, out_dir, dtype_name, bad_rank):
         _close()
 
 
+#: The run of 3 ranks also calls with a NaN in rank 2's shard (the same spawn).
+VOCAB_BAD_RANK = {3: 2}
+
+
 @pytest.mark.parametrize("size,dtype", [(2, torch.float32), (3, torch.bfloat16)])
 def test_vocabulary_shards_give_the_unsharded_loss(size, dtype):
-    got = run(size, dtype, fn=vocab_worker)
+    got = run(size, dtype, bad_rank=VOCAB_BAD_RANK.get(size, -1), fn=vocab_worker)
     full = make_batch(lengths=LENGTHS, vocab=VOCAB, dtype=dtype, seed=10 + size)
     cuts = vocab_cuts(size)
     for c, options in enumerate(CONFIGS[:2]):
@@ -190,9 +216,10 @@ def test_vocabulary_shards_give_the_unsharded_loss(size, dtype):
 
 
 def test_a_nan_in_one_vocabulary_shard_raises_on_every_rank():
-    got = run(3, torch.float32, bad_rank=2, fn=vocab_worker)
+    got = run(3, torch.bfloat16, bad_rank=VOCAB_BAD_RANK[3], fn=vocab_worker)
     for rank, results in enumerate(got):
-        for r in results:
+        assert len(results) == 4
+        for r in results[2:]:
             assert r[0] == "error", (rank, r)
             want = "logits_masked" if rank == 2 else "rank(s) of the group reported an error"
             assert want in r[1], r[1]
