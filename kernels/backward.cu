@@ -18,7 +18,15 @@
  * Mapping: one block of kThreads per row, grid-stride over rows; 16-byte loads and stores in the row's
  * aligned middle (when the output row shares that alignment), scalar head and tail. 64-bit offsets.
  *
- * Versions: vppo_backward_{f32_f32, f16_f32, f16_f16, bf16_f32, bf16_bf16} (input_output).
+ * kl_penalty = full (SPEC section 12): the vppo_backward_full_* versions also stream the row of
+ * ref_logits (c = ref_logits[row] / tau) and add d_t p_v ((a_v / tau - lse_t) - (c_v - lse_ref_t) - kl_t)
+ * / tau, with d_t = dloss/dkl_t, kl_t and lse_ref_t from the forward's reference launch of pass 1 (a
+ * term with p_v = 0 adds nothing); a row is written as zeros without reading when g_t = d_t = 0. The
+ * 16-byte path then also needs the ref row on the logits row's phase. The other versions compile
+ * exactly as before (the extra code is under `if constexpr (kFull)`).
+ *
+ * Versions: vppo_backward_{f32_f32, f16_f32, f16_f16, bf16_f32, bf16_bf16} (input_output), and
+ * vppo_backward_full_{...} of the same pairs.
  *
  * Files: launched by src/exec/backward.rs; the CPU reference of this op is src/reference/backward.rs;
  * tested against it by tests/kernels.rs (every random batch's gradient,
@@ -85,7 +93,13 @@ __device__ __forceinline__ int64_t token_of_row(const int64_t *rows, int64_t n, 
     return (lo < n && rows[lo] == r) ? lo : -1;
 }
 
-template <typename T, typename O>
+/* The full KL penalty's term of one element (see the file comment); 0 where a = -inf (p = 0). */
+__device__ __forceinline__ float full_kl_term(float a, float c, float prob, float inv_tau, float lse,
+                                              float lse_ref, float kl, float dscale) {
+    return a == -INFINITY ? 0.0f : dscale * (prob * ((a * inv_tau - lse) - (c * inv_tau - lse_ref) - kl));
+}
+
+template <typename T, typename O, bool kFull>
 __device__ void backward(const VppoBackwardParams &p) {
     constexpr int K = Elt<T>::kPerVec;
     const T *logits = static_cast<const T *>(p.logits);
@@ -98,15 +112,24 @@ __device__ void backward(const VppoBackwardParams &p) {
         O *rg = grad + r * vocab;
         const int64_t t = token_of_row(p.rows, p.n_tokens, r);
         const float g = t < 0 ? 0.0f : p.dlogp[t];
+        const float d = (kFull && t >= 0) ? p.dref_kl[t] : 0.0f;
+        const T *rc = kFull ? static_cast<const T *>(p.ref_logits) + r * vocab : nullptr;
         RowSplit sp = split_row(ra, vocab);
         /* The vector path needs the output row aligned at the same element. */
         if ((reinterpret_cast<uintptr_t>(rg + sp.head) & 15u) != 0) {
             sp.head = vocab;
             sp.nvec = 0;
         }
+        if constexpr (kFull) {
+            /* ... and the ref row on the phase of the logits row */
+            if (((reinterpret_cast<uintptr_t>(ra) ^ reinterpret_cast<uintptr_t>(rc)) & 15u) != 0) {
+                sp.head = vocab;
+                sp.nvec = 0;
+            }
+        }
         const int64_t body_end = sp.head + sp.nvec * K;
 
-        if (g == 0.0f) {
+        if (g == 0.0f && (!kFull || d == 0.0f)) {
             /* No read of the logits: only the write. */
             const float zeros[K] = {};
             for (int64_t v = tid; v < sp.head; v += nth) rg[v] = Elt<O>::from_f32(0.0f);
@@ -123,8 +146,25 @@ __device__ void backward(const VppoBackwardParams &p) {
             const float prob = VPPO_EXP(a * inv_tau - lse);
             return scale * (is_target ? 1.0f - prob : -prob);
         };
+        /* with the full KL penalty: the element's loss gradient plus its KL term */
+        float lse_ref = 0.0f, kl = 0.0f, dscale = 0.0f;
+        if constexpr (kFull) {
+            lse_ref = p.lse_ref[t];
+            kl = p.ref_kl[t];
+            dscale = d * inv_tau;
+        }
+        auto one_full = [&](float a, float c, bool is_target) -> float {
+            const float prob = VPPO_EXP(a * inv_tau - lse);
+            return scale * (is_target ? 1.0f - prob : -prob) +
+                   full_kl_term(a, c, prob, inv_tau, lse, lse_ref, kl, dscale);
+        };
 
+        if constexpr (kFull) {
+            for (int64_t v = tid; v < sp.head; v += nth)
+                rg[v] = Elt<O>::from_f32(one_full(Elt<T>::load(ra + v), Elt<T>::load(rc + v), v == y));
+        } else {
         for (int64_t v = tid; v < sp.head; v += nth) rg[v] = Elt<O>::from_f32(one(Elt<T>::load(ra + v), v == y));
+        }
 
         /* The body in 16-byte vectors, with a 32-bit index (a row of more than 2^30 vectors is walked
            in slices of 2^30). The target is tested once per vector (the vector y_vec holds it, at
@@ -143,7 +183,12 @@ __device__ void backward(const VppoBackwardParams &p) {
                 const uint4 x = __ldcs(va + i);
                 float a[K];
                 Elt<T>::unpack(x, a);
-                if (i == yv) {
+                if constexpr (kFull) {
+                    float c[K];
+                    Elt<T>::unpack(__ldcs(reinterpret_cast<const uint4 *>(rc + sp.head) + base + i), c);
+#pragma unroll
+                    for (int k = 0; k < K; ++k) a[k] = one_full(a[k], c[k], i == yv && k == y_lane);
+                } else if (i == yv) {
                     target_vector<K>(a, y_lane, inv_tau, lse, scale);
                 } else {
 #pragma unroll
@@ -153,20 +198,30 @@ __device__ void backward(const VppoBackwardParams &p) {
             }
         }
 
+        if constexpr (kFull) {
+            for (int64_t v = body_end + tid; v < vocab; v += nth)
+                rg[v] = Elt<O>::from_f32(one_full(Elt<T>::load(ra + v), Elt<T>::load(rc + v), v == y));
+        } else {
         for (int64_t v = body_end + tid; v < vocab; v += nth) rg[v] = Elt<O>::from_f32(one(Elt<T>::load(ra + v), v == y));
+        }
     }
 }
 
 } // namespace
 
-#define VPPO_BACKWARD(NAME, T, O)                                                                     \
+#define VPPO_BACKWARD(NAME, T, O, FULL)                                                               \
     extern "C" __global__ void __launch_bounds__(kThreads) NAME(const VppoBackwardParams p) {         \
-        backward<T, O>(p);                                                                            \
+        backward<T, O, FULL>(p);                                                                      \
     }                                                                                                 \
     VPPO_EXPORT_KERNEL(NAME, VppoBackwardParams)
 
-VPPO_BACKWARD(vppo_backward_f32_f32, float, float)
-VPPO_BACKWARD(vppo_backward_f16_f32, __half, float)
-VPPO_BACKWARD(vppo_backward_f16_f16, __half, __half)
-VPPO_BACKWARD(vppo_backward_bf16_f32, __nv_bfloat16, float)
-VPPO_BACKWARD(vppo_backward_bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+VPPO_BACKWARD(vppo_backward_f32_f32, float, float, false)
+VPPO_BACKWARD(vppo_backward_f16_f32, __half, float, false)
+VPPO_BACKWARD(vppo_backward_f16_f16, __half, __half, false)
+VPPO_BACKWARD(vppo_backward_bf16_f32, __nv_bfloat16, float, false)
+VPPO_BACKWARD(vppo_backward_bf16_bf16, __nv_bfloat16, __nv_bfloat16, false)
+VPPO_BACKWARD(vppo_backward_full_f32_f32, float, float, true)
+VPPO_BACKWARD(vppo_backward_full_f16_f32, __half, float, true)
+VPPO_BACKWARD(vppo_backward_full_f16_f16, __half, __half, true)
+VPPO_BACKWARD(vppo_backward_full_bf16_f32, __nv_bfloat16, float, true)
+VPPO_BACKWARD(vppo_backward_full_bf16_bf16, __nv_bfloat16, __nv_bfloat16, true)

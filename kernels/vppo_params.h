@@ -283,6 +283,12 @@ typedef struct VppoBackwardParams {
     int64_t vocab;           /* V */
     float inv_temperature;   /* 1 / tau */
     int32_t pad0;
+    /* kl_penalty = full (SPEC section 12), read by the vppo_backward_full_* kernels only: the row adds
+       d_t p_v ((a_v - lse_t) - (c_v - lse_ref_t) - kl_t) / tau, c = ref_logits[row] / tau. */
+    const void *ref_logits;  /* [R, V], the input dtype, read through rows as logits is */
+    const float *lse_ref;    /* [N] logsumexp(ref_logits[row] / tau) from the reference launch of pass 1 */
+    const float *ref_kl;     /* [N] kl_t = KL(pi || pi_ref) */
+    const float *dref_kl;    /* [N] d_t = dloss/dkl_t = kl_coef w_t */
 } VppoBackwardParams;
 
 /* The backward of the general KL op (vppo.torch.kl, SPEC section 13), kernels/kl_div.cu. For token t,

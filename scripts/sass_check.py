@@ -145,6 +145,16 @@ KERNELS = [
         "dyn_smem": None,
     },
     {
+        "match": r"vppo_backward_full_(f32|f16|bf16)_(f32|f16|bf16)$",
+        "file": "backward.cu",
+        "kind": "stream",
+        "unit": "element",
+        "tensors": 2,  # the logits row and the ref_logits row
+        "cold": [],
+        "threads": "VPPO_BACKWARD_THREADS",
+        "dyn_smem": None,
+    },
+    {
         "match": r"vppo_kl_div_backward_(f32|f16|bf16)$",
         "file": "kl_div.cu",
         "kind": "stream",
@@ -410,6 +420,8 @@ def elem_bytes(kernel):
     parts = kernel.split("_")
     if kernel.startswith("vppo_perception_"):
         return DTYPE_BYTES[parts[2]], 0
+    if kernel.startswith("vppo_backward_full_"):
+        return DTYPE_BYTES[parts[3]], DTYPE_BYTES[parts[4]]
     if kernel.startswith("vppo_backward_"):
         return DTYPE_BYTES[parts[2]], DTYPE_BYTES[parts[3]]
     if kernel.startswith("vppo_kl_div_backward_"):

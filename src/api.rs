@@ -98,6 +98,7 @@ impl Vppo {
         saved: &crate::exec::DeviceSaved,
         grad: crate::DeviceLogitsMut,
     ) -> Result<()> {
+        self.refuse_full_kl("backward_saved_device")?;
         crate::exec::backward_saved_device(
             &self.gpu()?,
             logits,
@@ -144,6 +145,10 @@ impl Vppo {
             Device::Simt(_) | Device::Cuda(_) => {
                 if cfg.temperature < 1.0 {
                     crate::reference::perception::check_rows(batch, cfg)?;
+                    if cfg.needs_ref_logits() {
+                        // the ref_logits rows too (kl_penalty = full), in f64
+                        crate::reference::kl::full_kl(batch, cfg.temperature)?;
+                    }
                 }
                 crate::exec::forward_then(&valid, self.device, then)
             }
@@ -186,6 +191,9 @@ impl Vppo {
             crate::tensor::on_dtype!(&mut grad, g => g.fill(Default::default()));
             return Ok(());
         }
+        if self.config.needs_ref_logits() {
+            check_full_kl_outputs(out, batch.n_tokens())?;
+        }
         match self.device {
             Device::Reference => crate::reference::backward_into(batch, &self.config, out, grad),
             Device::Simt(_) | Device::Cuda(_) => {
@@ -207,6 +215,7 @@ impl Vppo {
     ) -> Result<()> {
         check_in_place(logits.len(), vocab, targets, out)?;
         self.check_grad_bound(&out.tokens.dlogp)?;
+        self.refuse_full_kl("backward_in_place")?;
         match self.device {
             Device::Reference => {
                 // The reference writes from f64: widen the logits first, then overwrite them.
@@ -252,6 +261,7 @@ impl Vppo {
         saved: &crate::exec::SavedForward,
         grad: GradMut,
     ) -> Result<()> {
+        self.refuse_full_kl("backward_saved")?;
         let len = logits.as_ref().map_or(grad.len(), |x| x.len());
         let dtype = logits.as_ref().map_or(grad.dtype(), |x| x.dtype());
         saved.check(len, grad.len(), vocab)?;
@@ -306,6 +316,104 @@ impl Vppo {
         }
     }
 
+    /// The backwards that know no ref_logits: an error with `kl_penalty = full`, whose gradient needs
+    /// them ([`Vppo::backward_into`] or [`Vppo::backward_saved_full`]).
+    fn refuse_full_kl(&self, what: &str) -> Result<()> {
+        if self.config.needs_ref_logits() {
+            return Err(VppoError::MissingTensor {
+                tensor: Tensor::RefLogits,
+                needed_by: format!(
+                    "kl_penalty = full: {what} has no ref_logits; use backward_into or \
+                     backward_saved_full"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Vppo::backward_saved`] for `kl_penalty = full` (SPEC section 12): `full` holds the
+    /// reference logits (the shape and dtype of `logits`, read through `saved.rows`) and the
+    /// forward's per-token lse_ref, ref_kl and dref_kl; the row gains
+    /// d_t p_v ((a_v - lse_t) - (c_v - lse_ref_t) - kl_t) / tau. Reads `logits` (or, None, the logits
+    /// in `grad`, overwritten in place).
+    pub fn backward_saved_full(
+        &self,
+        logits: Option<crate::batch::Logits>,
+        vocab: usize,
+        saved: &crate::exec::SavedForward,
+        full: &crate::exec::FullKlSaved,
+        grad: GradMut,
+    ) -> Result<()> {
+        let len = logits.as_ref().map_or(grad.len(), |x| x.len());
+        let dtype = logits.as_ref().map_or(grad.dtype(), |x| x.dtype());
+        saved.check(len, grad.len(), vocab)?;
+        full.check(len, dtype, saved.targets.len())?;
+        if grad.dtype() != Dtype::F32 && grad.dtype() != dtype {
+            return Err(VppoError::Shape {
+                tensor: Tensor::GradLogits,
+                detail: format!(
+                    "dtype {} is neither f32 nor the logits dtype {}",
+                    grad.dtype().name(),
+                    dtype.name()
+                ),
+            });
+        }
+        self.check_grad_bound(saved.dlogp)?;
+        match self.device {
+            Device::Reference => {
+                let widened: Vec<f32>;
+                let logits = match logits {
+                    Some(x) => x,
+                    None => {
+                        widened = match &grad {
+                            GradMut::F32(x) => x.to_vec(),
+                            GradMut::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
+                            GradMut::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
+                        };
+                        crate::batch::Logits::F32(&widened)
+                    }
+                };
+                let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+                let values = crate::reference::kl::FullKlF64 {
+                    kl: f64s(full.ref_kl),
+                    lse_ref: f64s(full.lse_ref),
+                    dkl: f64s(full.dref_kl),
+                };
+                let widened_ref: Vec<f32>;
+                let ref_logits = match (logits, full.ref_logits) {
+                    // the reference reads both in one dtype: widen ref_logits with the logits
+                    (crate::batch::Logits::F32(_), r) if r.dtype() != Dtype::F32 => {
+                        widened_ref = (0..r.len()).map(|i| r.get(i) as f32).collect();
+                        crate::batch::Logits::F32(&widened_ref)
+                    }
+                    (_, r) => r,
+                };
+                crate::reference::backward::grad_logits_full_kl(
+                    logits,
+                    ref_logits,
+                    vocab,
+                    saved.targets,
+                    &f64s(saved.lse),
+                    &vec![0.0; saved.targets.len()],
+                    &f64s(saved.dlogp),
+                    &values,
+                    self.config.temperature,
+                    saved.rows,
+                    grad,
+                )
+            }
+            Device::Simt(_) | Device::Cuda(_) => crate::exec::backward_saved_full(
+                self.device,
+                logits.as_ref(),
+                saved,
+                full,
+                vocab,
+                grad,
+                &self.config,
+            ),
+        }
+    }
+
     /// The forward outputs and dloss/dlogits as a new f32 vector of the shape of the logits
     /// ([N, V], or [R, V] with rows).
     pub fn loss_and_grad(&self, batch: &Batch) -> Result<(VppoOutput, Vec<f32>)> {
@@ -314,6 +422,28 @@ impl Vppo {
         self.backward_into(batch, &out, GradMut::F32(&mut grad))?;
         Ok((out, grad))
     }
+}
+
+/// A forward output of `kl_penalty = full` carries its per-token lse_ref, ref_kl and dref_kl.
+fn check_full_kl_outputs(out: &VppoOutput, n: usize) -> Result<()> {
+    let t = &out.tokens;
+    for (what, x) in [
+        ("lse_ref", &t.lse_ref),
+        ("ref_kl", &t.ref_kl),
+        ("dref_kl", &t.dref_kl),
+    ] {
+        if x.len() != n {
+            return Err(VppoError::Shape {
+                tensor: Tensor::RefLogits,
+                detail: format!(
+                    "the forward output's {what} has {} elements, expected N = {n} (the output of \
+                     a kl_penalty = full forward)",
+                    x.len()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The reference's forward, then the whole forward again under the config `then` derives, if any

@@ -46,6 +46,9 @@ pub struct Batch<'a> {
     /// [N] optional: the reference policy's log-prob of each target, read by the KL penalty
     /// (SPEC section 12); required when `kl_penalty` is not none, and finite.
     pub ref_logp: Option<&'a [f32]>,
+    /// Optional: the reference policy's logits, read by `kl_penalty = full` (SPEC section 12). The
+    /// shape and dtype of `logits` ([N, V], or [R, V] read through `rows`).
+    pub ref_logits: Option<Logits<'a>>,
 }
 
 impl Default for Batch<'_> {
@@ -62,6 +65,7 @@ impl Default for Batch<'_> {
             rows: None,
             masked_rows: None,
             ref_logp: None,
+            ref_logits: None,
         }
     }
 }
@@ -132,6 +136,7 @@ impl<'a> Batch<'a> {
         config.validate()?;
         self.validate_small(config.group_size, config.needs_groups())?;
         check_ref_logp_given(config, self.ref_logp.is_some())?;
+        check_ref_logits(config, self.logits, self.ref_logits)?;
         Ok(ValidBatch {
             batch: *self,
             config,
@@ -179,6 +184,44 @@ impl<'a> ValidBatch<'a> {
     /// The configuration the batch was checked against.
     pub fn config(&self) -> &'a VppoConfig {
         self.config
+    }
+}
+
+/// The checks of `ref_logits` (SPEC section 12): required by `kl_penalty = full` (a missing-tensor
+/// error naming it otherwise), and, when given, of the dtype and shape of `logits` (it is read
+/// through the same `rows`). Its rows' values are checked by the pass that reads them.
+pub(crate) fn check_ref_logits(
+    config: &VppoConfig,
+    logits: Logits,
+    ref_logits: Option<Logits>,
+) -> Result<()> {
+    match ref_logits {
+        None if config.needs_ref_logits() => Err(VppoError::MissingTensor {
+            tensor: Tensor::RefLogits,
+            needed_by:
+                "kl_penalty = full needs the reference policy's logits (the shape and dtype \
+                        of logits)"
+                    .into(),
+        }),
+        None => Ok(()),
+        Some(r) if r.dtype() != logits.dtype() => Err(VppoError::Shape {
+            tensor: Tensor::RefLogits,
+            detail: format!(
+                "dtype {} differs from logits dtype {}",
+                r.dtype().name(),
+                logits.dtype().name()
+            ),
+        }),
+        Some(r) if r.len() != logits.len() => Err(VppoError::Shape {
+            tensor: Tensor::RefLogits,
+            detail: format!(
+                "has {} elements, logits {}: ref_logits has the shape of logits (read through \
+                 the same rows)",
+                r.len(),
+                logits.len()
+            ),
+        }),
+        Some(_) => Ok(()),
     }
 }
 

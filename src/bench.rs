@@ -461,6 +461,7 @@ pub fn synthetic_batch(spec: &SyntheticSpec, seed: u64) -> Result<OwnedBatch> {
         cu_seqlens,
         vocab: v,
         ref_logp: None,
+        ref_logits: None,
     })
 }
 

@@ -91,6 +91,9 @@ pub enum KlPenalty {
     Mse,
     /// clamp(exp(x) - x - 1, -10, 10), x = clamp(ref_logp - logp, -20, 20) (the official `low_var_kl`).
     K3,
+    /// The exact KL(pi || pi_ref) of each token over the whole vocabulary, from the reference
+    /// policy's logits `ref_logits` (the official code accepts "full" but cannot compute it).
+    Full,
 }
 
 impl KlPenalty {
@@ -102,6 +105,7 @@ impl KlPenalty {
             KlPenalty::Abs => "abs",
             KlPenalty::Mse => "mse",
             KlPenalty::K3 => "k3",
+            KlPenalty::Full => "full",
         }
     }
 }
@@ -294,9 +298,14 @@ impl VppoConfig {
         self.scope() == TasScope::Group && self.shaping != Shaping::None
     }
 
-    /// Whether the loss reads the batch's `ref_logp`: any KL penalty but none.
+    /// Whether the loss reads the batch's `ref_logp`: any KL penalty but none and full.
     pub fn needs_ref_logp(&self) -> bool {
-        self.kl_penalty != KlPenalty::None
+        !matches!(self.kl_penalty, KlPenalty::None | KlPenalty::Full)
+    }
+
+    /// Whether the loss reads the batch's `ref_logits`: the full KL penalty.
+    pub fn needs_ref_logits(&self) -> bool {
+        self.kl_penalty == KlPenalty::Full
     }
 
     /// The exact top-k fraction (errors when outside (0, 1]).

@@ -56,6 +56,9 @@ pub enum Tensor {
     GradP,
     /// The KL op's gradient with respect to `q_logits`.
     GradQ,
+    /// `ref_logits` [N, V] (or [R, V] through `rows`): the reference policy's logits, read by the
+    /// `full` KL penalty (SPEC section 12).
+    RefLogits,
 }
 
 impl Tensor {
@@ -86,6 +89,7 @@ impl Tensor {
             Tensor::GradKl => "grad_kl",
             Tensor::GradP => "grad_p",
             Tensor::GradQ => "grad_q",
+            Tensor::RefLogits => "ref_logits",
         }
     }
 }

@@ -78,6 +78,9 @@ pub struct OwnedBatch {
     pub vocab: usize,
     /// `[N]` optional reference-policy log-probs (the KL penalty's `ref_logp`).
     pub ref_logp: Option<Vec<f32>>,
+    /// [N, V] optional reference-policy logits (the `full` KL penalty's `ref_logits`), the shape and
+    /// dtype of `logits`.
+    pub ref_logits: Option<OwnedLogits>,
 }
 
 impl Default for OwnedBatch {
@@ -91,6 +94,7 @@ impl Default for OwnedBatch {
             cu_seqlens: vec![0],
             vocab: 0,
             ref_logp: None,
+            ref_logits: None,
         }
     }
 }
@@ -107,6 +111,7 @@ impl OwnedBatch {
             cu_seqlens: &self.cu_seqlens,
             vocab: self.vocab,
             ref_logp: self.ref_logp.as_deref(),
+            ref_logits: self.ref_logits.as_ref().map(|r| r.view()),
             ..Batch::default()
         }
     }
@@ -116,6 +121,10 @@ impl OwnedBatch {
         OwnedBatch {
             logits: OwnedLogits::F32(self.logits.to_f32()),
             logits_masked: OwnedLogits::F32(self.logits_masked.to_f32()),
+            ref_logits: self
+                .ref_logits
+                .as_ref()
+                .map(|r| OwnedLogits::F32(r.to_f32())),
             ..self.clone()
         }
     }
@@ -129,6 +138,7 @@ fn tensor_of(name: &str) -> Tensor {
         "old_logp" => Tensor::OldLogp,
         "advantages" => Tensor::Advantages,
         "ref_logp" => Tensor::RefLogp,
+        "ref_logits" => Tensor::RefLogits,
         _ => Tensor::CuSeqlens,
     }
 }
@@ -254,6 +264,19 @@ pub fn batch_from_bytes(bytes: &[u8]) -> Result<OwnedBatch> {
         vocab: shape[1],
         ref_logp: match st.tensor("ref_logp") {
             Ok(_) => Some(read_f32(&st, "ref_logp")?),
+            Err(_) => None,
+        },
+        ref_logits: match st.tensor("ref_logits") {
+            Ok(_) => {
+                let (r, shape_r) = read_logits(&st, "ref_logits")?;
+                if shape_r != shape {
+                    return Err(VppoError::Shape {
+                        tensor: Tensor::RefLogits,
+                        detail: format!("has shape {shape_r:?}, logits has {shape:?}"),
+                    });
+                }
+                Some(r)
+            }
             Err(_) => None,
         },
     })

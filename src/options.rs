@@ -92,6 +92,8 @@ pub enum KlPenaltyArg {
     /// clamp(exp(x) - x - 1, -10, 10), x = clamp(ref_logp - logp, -20, 20) (the official `low_var_kl`).
     #[value(alias = "low-var-kl")]
     K3,
+    /// The exact KL(pi || pi_ref) over the vocabulary, from `ref_logits` (SPEC section 12).
+    Full,
 }
 
 /// `--device`.
@@ -276,6 +278,7 @@ impl LossOptions {
                 KlPenaltyArg::Abs => KlPenalty::Abs,
                 KlPenaltyArg::Mse => KlPenalty::Mse,
                 KlPenaltyArg::K3 => KlPenalty::K3,
+                KlPenaltyArg::Full => KlPenalty::Full,
             },
             kl_coef: self.kl_coef,
         }

@@ -25,6 +25,12 @@ pub struct TokenOutputs {
     pub mask: Vec<u8>,
     /// dloss/dlogp_t.
     pub dlogp: Vec<f32>,
+    /// `kl_penalty = full` only (else empty): kl_t = KL(pi || pi_ref) of each token (SPEC section 12).
+    pub ref_kl: Vec<f32>,
+    /// `kl_penalty = full` only: logsumexp(ref_logits[row] / tau), for the backward.
+    pub lse_ref: Vec<f32>,
+    /// `kl_penalty = full` only: dloss/dkl_t = kl_coef w_t, the weight of the token's KL in the loss.
+    pub dref_kl: Vec<f32>,
 }
 
 /// Per-response outputs, each of length B.

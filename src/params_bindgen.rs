@@ -433,10 +433,14 @@ pub struct VppoBackwardParams {
     pub vocab: i64,
     pub inv_temperature: f32,
     pub pad0: i32,
+    pub ref_logits: *const ::std::os::raw::c_void,
+    pub lse_ref: *const f32,
+    pub ref_kl: *const f32,
+    pub dref_kl: *const f32,
 }
 #[allow(clippy::unnecessary_operation, clippy::identity_op)]
 const _: () = {
-    ["Size of VppoBackwardParams"][::std::mem::size_of::<VppoBackwardParams>() - 80usize];
+    ["Size of VppoBackwardParams"][::std::mem::size_of::<VppoBackwardParams>() - 112usize];
     ["Alignment of VppoBackwardParams"][::std::mem::align_of::<VppoBackwardParams>() - 8usize];
     ["Offset of field: VppoBackwardParams::logits"]
         [::std::mem::offset_of!(VppoBackwardParams, logits) - 0usize];
@@ -460,6 +464,14 @@ const _: () = {
         [::std::mem::offset_of!(VppoBackwardParams, inv_temperature) - 72usize];
     ["Offset of field: VppoBackwardParams::pad0"]
         [::std::mem::offset_of!(VppoBackwardParams, pad0) - 76usize];
+    ["Offset of field: VppoBackwardParams::ref_logits"]
+        [::std::mem::offset_of!(VppoBackwardParams, ref_logits) - 80usize];
+    ["Offset of field: VppoBackwardParams::lse_ref"]
+        [::std::mem::offset_of!(VppoBackwardParams, lse_ref) - 88usize];
+    ["Offset of field: VppoBackwardParams::ref_kl"]
+        [::std::mem::offset_of!(VppoBackwardParams, ref_kl) - 96usize];
+    ["Offset of field: VppoBackwardParams::dref_kl"]
+        [::std::mem::offset_of!(VppoBackwardParams, dref_kl) - 104usize];
 };
 impl Default for VppoBackwardParams {
     fn default() -> Self {

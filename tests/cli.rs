@@ -734,5 +734,95 @@ fn kl_penalty_reads_ref_logp_from_the_input() {
         &["--kl-penalty", "k3", "--kl-coef", "-0.5"],
         "kl-coef = -0.5 is out of range",
     );
-    run(&with_ref, &["--kl-penalty", "full"], "invalid value 'full'");
+    run(
+        &fixture("batch_f16.safetensors"),
+        &["--kl-penalty", "full"],
+        "ref_logits is missing: kl_penalty = full needs",
+    );
+}
+
+/// SPEC 12 `full` through the command line: `ref_logits` (the shape and dtype of logits) is read
+/// from the input file when present, `--kl-penalty full` computes the exact KL to it; without it,
+/// or with another dtype or shape, the run fails naming ref_logits and writes nothing.
+#[test]
+fn full_kl_penalty_reads_ref_logits_from_the_input() {
+    let inputs = tempfile::tempdir().unwrap();
+    let owned = vppo::io::read_batch(&fixture("batch_f16.safetensors")).unwrap();
+    let (n, v) = (owned.targets.len(), owned.vocab);
+    let vppo::OwnedLogits::F16(logits) = &owned.logits else {
+        panic!("the fixture is f16")
+    };
+    // the policy's logits moved by -1/4, 0 or +1/4 (exact in f16), -inf where they are -inf
+    let reference: Vec<half::f16> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| half::f16::from_f32(x.to_f32() + 0.25 * ((i % 3) as f32 - 1.0)))
+        .collect();
+    let bytes: Vec<u8> = reference
+        .iter()
+        .flat_map(|x| x.to_bits().to_le_bytes())
+        .collect();
+    let with_ref = edited_fixture(
+        inputs.path(),
+        "ref_logits",
+        Some((StDtype::F16, vec![n, v], bytes.clone())),
+    );
+    let with = vppo::OwnedBatch {
+        ref_logits: Some(vppo::OwnedLogits::F16(reference)),
+        ..owned.clone()
+    };
+    assert_eq!(vppo::io::read_batch(&with_ref).unwrap(), with);
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("out.safetensors");
+    let out = loss_cmd(
+        &with_ref,
+        &out_path,
+        &["--kl-penalty", "full", "--kl-coef", "0.3"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = VppoConfig {
+        kl_penalty: vppo::KlPenalty::Full,
+        kl_coef: 0.3,
+        ..VppoConfig::default()
+    };
+    let want = Vppo::new(cfg, Device::Reference)
+        .unwrap()
+        .forward(&with.batch())
+        .unwrap();
+    let s = summary(&out);
+    assert_eq!(s["loss"].as_f64().unwrap(), want.loss);
+    let kl_loss = s["kl_loss"].as_f64().unwrap();
+    assert!(want.kl_loss > 0.0);
+    assert!((kl_loss - want.kl_loss).abs() <= 1e-15 * want.kl_loss);
+
+    let run = |input: &Path, extra: &[&str], needle: &str| {
+        let outdir = tempfile::tempdir().unwrap();
+        let out_path = outdir.path().join("out.safetensors");
+        let out = loss_cmd(input, &out_path, extra);
+        assert_fails_without_output(&out, &out_path, needle);
+    };
+    let f32s = edited_fixture(
+        inputs.path(),
+        "ref_logits",
+        Some((StDtype::F32, vec![n, v], vec![0; 4 * n * v])),
+    );
+    run(
+        &f32s,
+        &["--kl-penalty", "full"],
+        "shape mismatch in ref_logits: dtype f32 differs from logits dtype f16",
+    );
+    let short = edited_fixture(
+        inputs.path(),
+        "ref_logits",
+        Some((StDtype::F16, vec![n - 1, v], bytes[2 * v..].to_vec())),
+    );
+    run(
+        &short,
+        &["--kl-penalty", "full"],
+        "shape mismatch in ref_logits: has shape",
+    );
 }

@@ -519,7 +519,7 @@ fn guard_page_catches_an_out_of_bounds_kernel() {
             n_tokens: n as i64,
             vocab: v as i64,
             inv_temperature: 1.0,
-            pad0: 0,
+            ..Default::default()
         };
         let threads = vppo::params::VPPO_BACKWARD_THREADS;
         // SAFETY: deliberately not: the last row of grad is outside its buffer. This runs only in a

@@ -15,7 +15,9 @@ mod common;
 
 use common::{devices, seeded_batch, BatchSpec};
 use vppo::reference;
-use vppo::{Aggregation, Device, KlPenalty, LossType, MaskBy, OwnedBatch, Vppo, VppoConfig};
+use vppo::{
+    Aggregation, Device, KlPenalty, LossType, MaskBy, OwnedBatch, OwnedLogits, Vppo, VppoConfig,
+};
 
 /// Every test of this file again on `Device::Cuda(0)` through the fake CUDA driver.
 #[test]
@@ -82,6 +84,12 @@ impl D {
     /// torch.square.
     fn square(self) -> D {
         self * self
+    }
+    fn ln(self) -> D {
+        D {
+            v: self.v.ln(),
+            d: self.d / self.v,
+        }
     }
 }
 
@@ -345,6 +353,7 @@ fn official_loss_and_grad(
         KlPenalty::Abs => Some("abs"),
         KlPenalty::Mse => Some("mse"),
         KlPenalty::K3 => Some("low_var_kl"),
+        KlPenalty::Full => panic!("kl_penalty = full: see official_full_loss_and_grad"),
     };
     let ref_log_probs: Vec<f64> = match &ob.ref_logp {
         Some(r) => p.pad(&r.iter().map(|&x| x as f64).collect::<Vec<_>>(), 0.0),
@@ -1077,6 +1086,429 @@ fn kl_coef_zero_is_no_penalty() {
                 "{device:?} {penalty:?}"
             );
             assert!(out.kl_loss != 0.0, "{device:?} {penalty:?}");
+        }
+    }
+}
+
+// -------------------------------------------------------------------------------------------------
+// kl_penalty = full: the exact KL(pi || pi_ref) from ref_logits (SPEC section 12)
+// -------------------------------------------------------------------------------------------------
+
+/// `ob` with ref_logits = logits + a perturbation of up to `spread` (on the grid of 1/256, so exact
+/// in every dtype for small logits), the dtype of the logits.
+fn with_ref_logits(mut ob: OwnedBatch, seed: u64, spread: f32) -> OwnedBatch {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x7266);
+    let steps = (spread * 256.0) as i32;
+    let view = ob.logits.view();
+    let r: Vec<f32> = (0..view.len())
+        .map(|i| view.get(i) as f32 + rng.gen_range(-steps..=steps) as f32 / 256.0)
+        .collect();
+    ob.ref_logits = Some(match view.dtype() {
+        vppo::Dtype::F32 => OwnedLogits::F32(r),
+        vppo::Dtype::F16 => OwnedLogits::F16(r.into_iter().map(half::f16::from_f32).collect()),
+        vppo::Dtype::Bf16 => OwnedLogits::Bf16(r.into_iter().map(half::bf16::from_f32).collect()),
+    });
+    ob
+}
+
+/// The official update with `kl_penalty = "full"` computed exactly, as a function of the logits:
+/// log_probs = log_softmax(logits / tau)[targets], kld = KL(pi || pi_ref) of each token summed over
+/// the vocabulary (F.kl_div(ref_log_probs, log_probs, log_target=True).sum(-1)), then dp_actor.py's
+/// `kl_loss = average_loss(kld, response_mask)`, `loss = pg_loss + kl_loss * kl_coef` and the entropy
+/// penalty, with the crate's mask and alpha as in [`official_loss_and_grad`]. Returns the loss, its
+/// gradient with respect to every logit ([N, V], forward mode, one direction per logit) and kl_loss.
+fn official_full_loss_and_grad(
+    ob: &OwnedBatch,
+    cfg: &VppoConfig,
+    mask: &[u8],
+    alpha: &[f64],
+) -> (f64, Vec<f64>, f64) {
+    let cu = &ob.cu_seqlens;
+    let p = Padded::new(cu);
+    let (n, v, tau) = (ob.targets.len(), ob.vocab, cfg.temperature);
+    let logits = ob.logits.view();
+    let reference = ob.ref_logits.as_ref().unwrap().view();
+    let old: Vec<f64> = p.pad(
+        &ob.old_logp.iter().map(|&x| x as f64).collect::<Vec<_>>(),
+        0.0,
+    );
+    let mut adv_tok = vec![];
+    for r in 0..cu.len() - 1 {
+        for _ in cu[r]..cu[r + 1] {
+            adv_tok.push(alpha[r] * ob.advantages[r] as f64);
+        }
+    }
+    let adv = p.pad(&adv_tok, 0.0);
+    let token_mask = p.pad(&mask.iter().map(|&m| m as f64).collect::<Vec<_>>(), 0.0);
+    let loss_type = match cfg.loss_type {
+        LossType::Ppo => "default",
+        LossType::Gspo => "gspo",
+        LossType::GspoToken => "gspo_token",
+        LossType::Cispo => "cispo",
+    };
+    let seq = cfg.aggregation == Aggregation::SeqMeanTokenMean;
+    let clip = official::Clip {
+        low: cfg.eps_low,
+        high: cfg.eps_high,
+        dual: cfg.dual_clip.unwrap_or(f64::INFINITY),
+    };
+    // log_softmax of a row of D, centred on the row's maximum
+    let log_softmax = |a: &[D]| -> Vec<D> {
+        let m = D::c(a.iter().map(|x| x.v).fold(f64::NEG_INFINITY, f64::max));
+        let mut s = D::c(0.0);
+        for &x in a {
+            s = s + (x - m).exp();
+        }
+        let lse = m + s.ln();
+        a.iter().map(|&x| x - lse).collect()
+    };
+    let eval = |seed: Option<(usize, usize)>| -> (D, D) {
+        let mut lp = Vec::with_capacity(n);
+        let mut kld = Vec::with_capacity(n);
+        for t in 0..n {
+            let a: Vec<D> = (0..v)
+                .map(|j| D {
+                    v: logits.get(t * v + j) / tau,
+                    d: if seed == Some((t, j)) { 1.0 / tau } else { 0.0 },
+                })
+                .collect();
+            let c: Vec<D> = (0..v)
+                .map(|j| D::c(reference.get(t * v + j) / tau))
+                .collect();
+            let (log_p, log_ref) = (log_softmax(&a), log_softmax(&c));
+            lp.push(log_p[ob.targets[t] as usize]);
+            // F.kl_div(ref_log_probs, log_probs, log_target=True).sum(-1)
+            let mut k = D::c(0.0);
+            for j in 0..v {
+                k = k + log_p[j].exp() * (log_p[j] - log_ref[j]);
+            }
+            kld.push(k);
+        }
+        let lp = p.pad(&lp, D::c(0.0));
+        let kld = p.pad(&kld, D::c(0.0));
+        let pg =
+            official::compute_policy_loss(&old, &lp, &adv, &p, &clip, loss_type, seq, &token_mask);
+        let kl_loss = official::average_loss(&kld, &p, seq);
+        let mut s = D::c(0.0);
+        let mut m = 0.0;
+        for (x, &k) in lp.iter().zip(&p.response_mask) {
+            s = s + *x * D::c(k);
+            m += k;
+        }
+        let loss =
+            pg + kl_loss * D::c(cfg.kl_coef) + D::c(cfg.logp_penalty) * -(s / D::c(m + 1e-8));
+        (loss, kl_loss)
+    };
+    let (loss, kl_loss) = eval(None);
+    let grad = (0..n * v).map(|i| eval(Some((i / v, i % v))).0.d).collect();
+    (loss.v, grad, kl_loss.v)
+}
+
+fn full_cfg(seed: u64, seq: bool) -> VppoConfig {
+    VppoConfig {
+        kl_penalty: KlPenalty::Full,
+        kl_coef: [0.05, 0.5, 2.0][seed as usize % 3],
+        loss_type: loss_types()[(seed / 2) as usize % 4],
+        aggregation: if seq {
+            Aggregation::SeqMeanTokenMean
+        } else {
+            Aggregation::TokenMean
+        },
+        temperature: [1.0, 0.8, 1.5][(seed / 3) as usize % 3],
+        // no logp penalty on some seeds: tokens outside the mask then have g_t = 0 and only the KL
+        // term (every response token) in their gradient row
+        logp_penalty: if seed % 4 == 0 { 0.0 } else { 0.06 },
+        group_size: 2,
+        ..VppoConfig::default()
+    }
+}
+
+/// The reference's loss, kl_loss and dloss/dlogits equal the official port's with the exact KL.
+#[test]
+fn full_kl_penalty_matches_the_official_port() {
+    let mut checked = 0;
+    for seed in 0..16u64 {
+        let seq = seed % 2 == 1;
+        let spread = [0.05, 0.5, 2.0][seed as usize % 3];
+        let ob = with_ref_logits(batch(700 + seed, &spec(7, 0.3), seq), seed, spread);
+        if ob.targets.is_empty() {
+            continue;
+        }
+        let cfg = full_cfg(seed, seq);
+        let b = ob.batch();
+        let f = reference::forward_f64(&b, &cfg).unwrap();
+        let (loss, grad, kl_loss) = official_full_loss_and_grad(&ob, &cfg, &f.mask, &f.alpha);
+        let ctx = format!("seed {seed} {:?} {:?}", cfg.loss_type, cfg.aggregation);
+        let s = &f.surrogate;
+        // 1e-7: the official masked means divide by L_b + 1e-8
+        assert!(
+            close(s.kl_loss, kl_loss, 1e-7, 1e-14),
+            "{ctx}: kl_loss {} vs official {kl_loss}",
+            s.kl_loss
+        );
+        assert!(
+            close(s.loss, loss, 1e-7, 1e-12),
+            "{ctx}: loss {} vs official {loss}",
+            s.loss
+        );
+        let vppo = Vppo::new(cfg.clone(), Device::Reference).unwrap();
+        let (out, g) = vppo.loss_and_grad(&b).unwrap();
+        let gmax = grad.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+        for (i, (&x, &w)) in g.iter().zip(&grad).enumerate() {
+            assert!(
+                close(x as f64, w, 1e-5, 1e-6 * gmax + 1e-12),
+                "{ctx}: grad[{}, {}] {x} vs official {w}",
+                i / ob.vocab,
+                i % ob.vocab
+            );
+        }
+        assert!(close(out.kl_loss, kl_loss, 1e-7, 1e-14));
+        checked += 1;
+    }
+    assert!(checked >= 12, "only {checked} cases");
+}
+
+/// The full penalty on the kernels (both lane orders, the fake driver): loss, kl_loss, the
+/// per-token KL and the gradient against the reference, f32, f16 and bf16, the three aggregations,
+/// with -inf entries in both tensors (where the reference's p is 0 too).
+#[test]
+fn full_kl_penalty_on_the_kernels_matches_the_reference() {
+    for seed in 0..9u64 {
+        let dtype = [vppo::Dtype::F32, vppo::Dtype::Bf16, vppo::Dtype::F16][seed as usize % 3];
+        let s = BatchSpec {
+            dtype,
+            vocab: (2, 300),
+            neg_inf_prob: 0.05,
+            ..spec(12, 0.3)
+        };
+        // ref_logits = logits + noise is -inf exactly where the logits are (p_v = 0 and
+        // pi_ref_v = 0); in f32, half of those get a finite reference logit (p_v = 0 alone)
+        let mut ob = with_ref_logits(seeded_batch(800 + seed, &s), seed, 1.0);
+        if let (OwnedLogits::F32(l), Some(OwnedLogits::F32(r))) = (&ob.logits, &mut ob.ref_logits) {
+            for (i, x) in l.iter().enumerate() {
+                if *x == f32::NEG_INFINITY && i % 2 == 1 {
+                    r[i] = 0.5;
+                }
+            }
+        }
+        let b = ob.batch();
+        let cfg = VppoConfig {
+            aggregation: [
+                Aggregation::TokenMean,
+                Aggregation::SeqMeanTokenMean,
+                Aggregation::SeqMeanTokenSum,
+            ][seed as usize % 3],
+            ..full_cfg(seed, false)
+        };
+        let want = Vppo::new(cfg.clone(), Device::Reference)
+            .unwrap()
+            .forward(&b)
+            .unwrap();
+        for device in devices() {
+            let vppo = Vppo::new(cfg.clone(), device).unwrap();
+            let (out, grad) = vppo.loss_and_grad(&b).unwrap();
+            let ctx = format!("seed {seed} {dtype:?} {:?} {device:?}", cfg.aggregation);
+            for (name, got, w) in [
+                ("loss", out.loss, want.loss),
+                ("kl_loss", out.kl_loss, want.kl_loss),
+            ] {
+                assert!(close(got, w, 1e-4, 1e-6), "{ctx}: {name} {got} vs {w}");
+            }
+            for (t, (&k, &w)) in out
+                .tokens
+                .ref_kl
+                .iter()
+                .zip(&want.tokens.ref_kl)
+                .enumerate()
+            {
+                assert!(
+                    close(k as f64, w as f64, 2e-4, 2e-6),
+                    "{ctx}: ref_kl[{t}] {k} vs {w}"
+                );
+            }
+            // the gradient against the reference's from the same output (mask, alpha, kl)
+            let mut want_g = vec![0.0f32; grad.len()];
+            reference::backward_into(&b, &cfg, &out, vppo::GradMut::F32(&mut want_g)).unwrap();
+            let wmax = want_g.iter().fold(0.0f32, |m, x| m.max(x.abs())) as f64;
+            for (i, (&g, &w)) in grad.iter().zip(&want_g).enumerate() {
+                assert!(
+                    close(g as f64, w as f64, 1e-3, 1e-5 * wmax + 1e-30),
+                    "{ctx}: grad[{i}] {g} vs {w}"
+                );
+            }
+            // kl_coef = 0: bit for bit the loss without a penalty, and its gradient
+            if seed == 0 {
+                let zero = VppoConfig {
+                    kl_coef: 0.0,
+                    ..cfg.clone()
+                };
+                let none = VppoConfig {
+                    kl_penalty: KlPenalty::None,
+                    ..cfg.clone()
+                };
+                let (a, ga) = Vppo::new(zero, device).unwrap().loss_and_grad(&b).unwrap();
+                let (c, gc) = Vppo::new(none, device).unwrap().loss_and_grad(&b).unwrap();
+                assert_eq!(a.loss, c.loss, "{ctx}");
+                assert_eq!(ga, gc, "{ctx}");
+            }
+        }
+    }
+}
+
+/// ref_logits read through `rows` as logits is: the same results as the packed batch.
+#[test]
+fn full_kl_penalty_reads_ref_logits_through_rows() {
+    let ob = with_ref_logits(seeded_batch(901, &spec(9, 0.3)), 3, 0.5);
+    let (n, v) = (ob.targets.len(), ob.vocab);
+    // [R, V] = every token row after one padding row of zeros
+    let rows: Vec<i64> = (0..n as i64).map(|t| 2 * t + 1).collect();
+    let spread = |x: &OwnedLogits| -> OwnedLogits {
+        let x = x.view();
+        let mut out = vec![0.0f32; 2 * n * v];
+        for t in 0..n {
+            for j in 0..v {
+                out[(2 * t + 1) * v + j] = x.get(t * v + j) as f32;
+            }
+        }
+        OwnedLogits::F32(out)
+    };
+    let (l, m, r) = (
+        spread(&ob.logits),
+        spread(&ob.logits_masked),
+        spread(ob.ref_logits.as_ref().unwrap()),
+    );
+    let f32s = ob.to_f32();
+    let cfg = full_cfg(2, false);
+    let packed = f32s.batch();
+    let through = vppo::Batch {
+        logits: l.view(),
+        logits_masked: m.view(),
+        ref_logits: Some(r.view()),
+        rows: Some(&rows),
+        ..packed
+    };
+    let mut all = vec![Device::Reference];
+    all.extend(devices());
+    for device in all {
+        let vppo = Vppo::new(cfg.clone(), device).unwrap();
+        let (a, ga) = vppo.loss_and_grad(&packed).unwrap();
+        let (b, gb) = vppo.loss_and_grad(&through).unwrap();
+        assert!(close(a.loss, b.loss, 1e-12, 1e-12), "{device:?}");
+        assert_eq!(a.tokens.ref_kl, b.tokens.ref_kl, "{device:?}");
+        for t in 0..n {
+            assert_eq!(
+                &ga[t * v..(t + 1) * v],
+                &gb[(2 * t + 1) * v..(2 * t + 2) * v],
+                "{device:?}"
+            );
+            assert!(gb[2 * t * v..(2 * t + 1) * v].iter().all(|x| *x == 0.0));
+        }
+    }
+}
+
+/// Bad combinations and bad ref_logits are errors naming ref_logits, on every device.
+#[test]
+fn full_kl_penalty_errors() {
+    let ob = with_ref_logits(seeded_batch(902, &spec(6, 0.3)), 4, 0.5);
+    let cfg = full_cfg(1, false);
+    let mut all = vec![Device::Reference];
+    all.extend(devices());
+    for device in all {
+        let vppo = Vppo::new(cfg.clone(), device).unwrap();
+        let err = |b: &vppo::Batch| vppo.forward(b).unwrap_err().to_string();
+        // full without ref_logits
+        let none = vppo::Batch {
+            ref_logits: None,
+            ..ob.batch()
+        };
+        assert!(
+            err(&none).contains("ref_logits is missing"),
+            "{device:?}: {}",
+            err(&none)
+        );
+        // another dtype, another shape
+        let bf = OwnedLogits::Bf16(vec![half::bf16::ZERO; ob.logits.len()]);
+        let e = err(&vppo::Batch {
+            ref_logits: Some(bf.view()),
+            ..ob.batch()
+        });
+        assert!(e.contains("ref_logits") && e.contains("dtype"), "{e}");
+        let short = OwnedLogits::F32(vec![0.0; ob.logits.len() - 1]);
+        let e = err(&vppo::Batch {
+            ref_logits: Some(short.view()),
+            ..ob.batch()
+        });
+        assert!(e.contains("ref_logits") && e.contains("elements"), "{e}");
+        // a NaN in row 1, and KL = +inf (a finite logit over a ref at -inf) in row 2
+        let OwnedLogits::F32(r) = ob.ref_logits.as_ref().unwrap() else {
+            unreachable!()
+        };
+        let v = ob.vocab;
+        let mut nan = r.clone();
+        nan[v + 1] = f32::NAN;
+        let nan = OwnedLogits::F32(nan);
+        let e = err(&vppo::Batch {
+            ref_logits: Some(nan.view()),
+            ..ob.batch()
+        });
+        assert!(
+            e.contains("ref_logits has a non-finite value (NaN) at row 1"),
+            "{device:?}: {e}"
+        );
+        let mut inf = r.clone();
+        inf[2 * v] = f32::NEG_INFINITY;
+        let inf = OwnedLogits::F32(inf);
+        let e = err(&vppo::Batch {
+            ref_logits: Some(inf.view()),
+            ..ob.batch()
+        });
+        assert!(
+            e.contains("KL(p || q) is +inf at row 2: ref_logits is -inf at column 0"),
+            "{device:?}: {e}"
+        );
+        // the backwards that have no ref_logits refuse
+        let out = vppo.forward(&ob.batch()).unwrap();
+        let mut g = vec![0.0f32; ob.logits.len()];
+        let saved = vppo::SavedForward {
+            targets: &ob.targets,
+            lse: &out.tokens.lse,
+            dlogp: &out.tokens.dlogp,
+            rows: None,
+        };
+        let e = vppo
+            .backward_saved(
+                Some(ob.logits.view()),
+                v,
+                &saved,
+                vppo::GradMut::F32(&mut g),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("ref_logits"), "{e}");
+        // backward_saved_full equals backward_into
+        let full = vppo::FullKlSaved {
+            ref_logits: ob.ref_logits.as_ref().unwrap().view(),
+            lse_ref: &out.tokens.lse_ref,
+            ref_kl: &out.tokens.ref_kl,
+            dref_kl: &out.tokens.dref_kl,
+        };
+        vppo.backward_saved_full(
+            Some(ob.logits.view()),
+            v,
+            &saved,
+            &full,
+            vppo::GradMut::F32(&mut g),
+        )
+        .unwrap();
+        let mut h = vec![0.0f32; ob.logits.len()];
+        vppo.backward_into(&ob.batch(), &out, vppo::GradMut::F32(&mut h))
+            .unwrap();
+        let hmax = h.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        for (x, y) in g.iter().zip(&h) {
+            assert!(
+                (x - y).abs() <= 1e-5 * hmax + 1e-6 * y.abs(),
+                "{device:?}: {x} vs {y}"
+            );
         }
     }
 }

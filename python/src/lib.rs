@@ -392,6 +392,8 @@ fn forward(
                 rows: rows.map(|r| slice::<i64>(r)),
                 masked_rows: masked_rows.map(|r| slice::<i64>(r)),
                 ref_logp: ref_logp.map(|r| slice::<f32>(r)),
+                // kl_penalty = full from Python: not yet (the missing-tensor error names it)
+                ref_logits: None,
             }
         };
         let data = groups.data.as_ref();

@@ -7,7 +7,22 @@
 use super::*;
 
 pub(super) fn backward_kernel(input: Dtype, output: Dtype) -> Result<Kernel<VppoBackwardParams>> {
+    backward_kernel_for(input, output, false)
+}
+
+/// The backward kernel of these dtypes; with `full`, the version that adds the `full` KL penalty's
+/// gradient (vppo_backward_full_*, SPEC section 12).
+pub(super) fn backward_kernel_for(
+    input: Dtype,
+    output: Dtype,
+    full: bool,
+) -> Result<Kernel<VppoBackwardParams>> {
     Ok(match (input, output) {
+        (Dtype::F32, Dtype::F32) if full => BACKWARD_FULL_F32_F32,
+        (Dtype::F16, Dtype::F32) if full => BACKWARD_FULL_F16_F32,
+        (Dtype::F16, Dtype::F16) if full => BACKWARD_FULL_F16_F16,
+        (Dtype::Bf16, Dtype::F32) if full => BACKWARD_FULL_BF16_F32,
+        (Dtype::Bf16, Dtype::Bf16) if full => BACKWARD_FULL_BF16_BF16,
         (Dtype::F32, Dtype::F32) => BACKWARD_F32_F32,
         (Dtype::F16, Dtype::F32) => BACKWARD_F16_F32,
         (Dtype::F16, Dtype::F16) => BACKWARD_F16_F16,
@@ -41,10 +56,20 @@ pub(crate) fn backward_into(
         dlogp: &out.tokens.dlogp,
         rows: batch.rows,
     };
-    backward_host(
+    let full = match batch.ref_logits {
+        Some(ref_logits) if valid.config().needs_ref_logits() => Some(FullKlSaved {
+            ref_logits,
+            lse_ref: &out.tokens.lse_ref,
+            ref_kl: &out.tokens.ref_kl,
+            dref_kl: &out.tokens.dref_kl,
+        }),
+        _ => None,
+    };
+    backward_host_full(
         device,
         Some(&batch.logits),
         &saved,
+        full.as_ref(),
         batch.vocab,
         grad,
         valid.config(),
@@ -85,6 +110,61 @@ pub struct SavedForward<'a> {
     pub dlogp: &'a [f32],
     /// [N] strictly increasing rows of [R, V] logits, or None ([N, V]).
     pub rows: Option<&'a [i64]>,
+}
+
+/// What the backward of `kl_penalty = full` (SPEC section 12) reads besides [`SavedForward`]: the
+/// reference logits (the shape and dtype of the logits, read through the same rows) and, per token,
+/// lse_ref, kl_t and dloss/dkl_t from the forward ([`crate::TokenOutputs`]'s `lse_ref`, `ref_kl`,
+/// `dref_kl`).
+#[derive(Debug, Clone, Copy)]
+pub struct FullKlSaved<'a> {
+    /// [N, V] or [R, V]: the reference policy's logits.
+    pub ref_logits: Logits<'a>,
+    /// [N] logsumexp(ref_logits[row] / tau).
+    pub lse_ref: &'a [f32],
+    /// [N] kl_t = KL(pi || pi_ref).
+    pub ref_kl: &'a [f32],
+    /// [N] dloss/dkl_t.
+    pub dref_kl: &'a [f32],
+}
+
+impl FullKlSaved<'_> {
+    /// ref_logits of `logits_len` elements of `dtype`, and N finite values of each per-token tensor.
+    pub fn check(&self, logits_len: usize, dtype: Dtype, n: usize) -> Result<()> {
+        let r = &self.ref_logits;
+        if r.dtype() != dtype || r.len() != logits_len {
+            return Err(VppoError::Shape {
+                tensor: Tensor::RefLogits,
+                detail: format!(
+                    "{} elements of {}, expected the {logits_len} of the logits' dtype {} (the \
+                     shape of logits, read through the same rows)",
+                    r.len(),
+                    r.dtype().name(),
+                    dtype.name()
+                ),
+            });
+        }
+        for (what, values) in [
+            ("lse_ref", self.lse_ref),
+            ("ref_kl", self.ref_kl),
+            ("dref_kl", self.dref_kl),
+        ] {
+            if values.len() != n {
+                return Err(VppoError::Shape {
+                    tensor: Tensor::RefLogits,
+                    detail: format!("{what} has {} elements, targets has N = {n}", values.len()),
+                });
+            }
+            if let Some((row, &x)) = values.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+                return Err(VppoError::Overflow {
+                    what: "ref_kl",
+                    location: Some(Location::Row(row)),
+                    value: x as f64,
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 impl SavedForward<'_> {
@@ -148,6 +228,19 @@ pub(crate) fn backward_saved(
     backward_host(device, logits, saved, vocab, grad, cfg, false)
 }
 
+/// [`backward_saved`] with the `full` KL penalty's gradient added (SPEC section 12).
+pub(crate) fn backward_saved_full(
+    device: Device,
+    logits: Option<&Logits>,
+    saved: &SavedForward,
+    full: &FullKlSaved,
+    vocab: usize,
+    grad: GradMut,
+    cfg: &VppoConfig,
+) -> Result<()> {
+    backward_host_full(device, logits, saved, Some(full), vocab, grad, cfg, false)
+}
+
 /// [`backward_saved`] for one vocabulary shard (SPEC section 11): `saved.targets` are shard-local
 /// (target minus the shard's first column, any value), `saved.lse` the merged rows' lse, `vocab`
 /// the shard's V_r. Each rank writes the gradient of its own columns.
@@ -176,6 +269,22 @@ pub(super) fn backward_host(
     logits: Option<&Logits>,
     saved: &SavedForward,
     vocab: usize,
+    grad: GradMut,
+    cfg: &VppoConfig,
+    shard: bool,
+) -> Result<()> {
+    backward_host_full(device, logits, saved, None, vocab, grad, cfg, shard)
+}
+
+/// [`backward_host`], with the `full` KL penalty's gradient added when `full` is given (the
+/// vppo_backward_full_* kernels, which also stream the ref_logits row).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward_host_full(
+    device: Device,
+    logits: Option<&Logits>,
+    saved: &SavedForward,
+    full: Option<&FullKlSaved>,
+    vocab: usize,
     mut grad: GradMut,
     cfg: &VppoConfig,
     shard: bool,
@@ -187,6 +296,9 @@ pub(super) fn backward_host(
     } else {
         saved.check(logits_len, grad.len(), vocab)?;
     }
+    if let Some(f) = full {
+        f.check(logits_len, logits.map_or(grad.dtype(), |x| x.dtype()), n)?;
+    }
     if n == 0 || vocab == 0 {
         // No token reads a row, but with rows the gradient is still [R, V]: all zeros (SPEC
         // section 10), in place too (the whole buffer becomes the gradient), as the reference writes.
@@ -195,8 +307,18 @@ pub(super) fn backward_host(
     }
     let l = &Launcher::for_device(device)?;
     let input_dtype = logits.map_or(grad.dtype(), |x| x.dtype());
-    let kernel = backward_kernel(input_dtype, grad.dtype())?;
+    let kernel = backward_kernel_for(input_dtype, grad.dtype(), full.is_some())?;
     let logits = logits.map(|x| Input::logits(l, x)).transpose()?;
+    let ref_logits = full.map(|f| Input::logits(l, &f.ref_logits)).transpose()?;
+    let ref_values = full
+        .map(|f| -> Result<[Input; 3]> {
+            Ok([
+                Input::new(l, f.lse_ref)?,
+                Input::new(l, f.ref_kl)?,
+                Input::new(l, f.dref_kl)?,
+            ])
+        })
+        .transpose()?;
     let nv = grad.len();
     let targets = Input::new(l, saved.targets)?;
     let lse = Input::new(l, saved.lse)?;
@@ -220,7 +342,18 @@ pub(super) fn backward_host(
         grad: grad_addr,
         rows: rows.addr,
         n_rows: nv / vocab,
+        full: match (&ref_logits, &ref_values) {
+            (Some(r), Some([lse_ref, ref_kl, dref_kl])) => Some(FullAddrs {
+                ref_logits: r.addr,
+                lse_ref: lse_ref.addr,
+                ref_kl: ref_kl.addr,
+                dref_kl: dref_kl.addr,
+            }),
+            _ => None,
+        },
     };
+    // With the full KL penalty, ref_logits has the shape and dtype of logits and lse_ref, ref_kl,
+    // dref_kl N values (FullKlSaved::check above); the kernel only reads them.
     // SAFETY: logits [R, V] of the input dtype (the caller's batch, or the one buffer at grad_addr
     // in place; R = N without rows), lse/dlogp/targets [N], targets in [0, V) (a shard's may lie
     // outside: the kernel compares them with column indices and never reads at one), rows [N] strictly
@@ -247,6 +380,17 @@ pub(super) struct BackwardAddrs {
     /// [N] row index or 0 (none), and R, the rows of logits and grad.
     pub(super) rows: u64,
     pub(super) n_rows: usize,
+    /// The `full` KL penalty's inputs (the vppo_backward_full_* kernels), or None.
+    pub(super) full: Option<FullAddrs>,
+}
+
+/// The addresses of a [`FullKlSaved`]: ref_logits ([R, V], the input dtype) and lse_ref, ref_kl,
+/// dref_kl ([N] each).
+pub(super) struct FullAddrs {
+    pub(super) ref_logits: u64,
+    pub(super) lse_ref: u64,
+    pub(super) ref_kl: u64,
+    pub(super) dref_kl: u64,
 }
 
 /// Launches the backward kernel over the `a.n_rows` rows of `vocab` logits of `n` tokens.
@@ -256,6 +400,8 @@ pub(super) struct BackwardAddrs {
 /// input and output dtypes, `lse`, `dlogp` and `targets` hold `n` values, `rows` is 0 (then
 /// `a.n_rows` = n) or holds n strictly increasing values in [0, a.n_rows), and nothing else accesses `grad`
 /// while the kernel runs (it may alias `logits`: each element is loaded, then stored, by one thread).
+/// With `a.full` (and then a vppo_backward_full_* kernel), ref_logits holds `a.n_rows * vocab`
+/// elements of the input dtype and lse_ref, ref_kl, dref_kl `n` values.
 pub(super) unsafe fn launch_backward_kernel(
     l: &Launcher,
     kernel: Kernel<VppoBackwardParams>,
@@ -275,6 +421,10 @@ pub(super) unsafe fn launch_backward_kernel(
         n_tokens: n as i64,
         vocab: vocab as i64,
         inv_temperature: (1.0 / cfg.temperature) as f32,
+        ref_logits: a.full.as_ref().map_or(0, |f| f.ref_logits) as *const c_void,
+        lse_ref: a.full.as_ref().map_or(0, |f| f.lse_ref) as *const f32,
+        ref_kl: a.full.as_ref().map_or(0, |f| f.ref_kl) as *const f32,
+        dref_kl: a.full.as_ref().map_or(0, |f| f.dref_kl) as *const f32,
         ..Default::default()
     };
     // SAFETY: forwarded from this function's contract.

@@ -37,6 +37,7 @@ use crate::simt::{self, SimtEntry, SimtLaunch};
 use crate::tensor::{on_dtype, DeviceLogits, DeviceLogitsMut, Dtype, Elem, GradMut, Logits};
 
 mod backward;
+mod full_kl;
 mod kl_div;
 mod launcher;
 mod perception;
@@ -44,9 +45,10 @@ mod resident;
 mod select_loss;
 mod workspace;
 
-pub use backward::SavedForward;
+pub(crate) use backward::backward_saved_full;
 use backward::*;
 pub(crate) use backward::{backward_in_place, backward_into, backward_saved, backward_shard};
+pub use backward::{FullKlSaved, SavedForward};
 pub use kl_div::KlSaved;
 pub(crate) use kl_div::{kl_div_backward, kl_div_forward};
 use launcher::*;
@@ -109,6 +111,11 @@ kernel_table! {
     BACKWARD_F16_F16: VppoBackwardParams => vppo_backward_f16_f16 / vppo_simt_vppo_backward_f16_f16;
     BACKWARD_BF16_F32: VppoBackwardParams => vppo_backward_bf16_f32 / vppo_simt_vppo_backward_bf16_f32;
     BACKWARD_BF16_BF16: VppoBackwardParams => vppo_backward_bf16_bf16 / vppo_simt_vppo_backward_bf16_bf16;
+    BACKWARD_FULL_F32_F32: VppoBackwardParams => vppo_backward_full_f32_f32 / vppo_simt_vppo_backward_full_f32_f32;
+    BACKWARD_FULL_F16_F32: VppoBackwardParams => vppo_backward_full_f16_f32 / vppo_simt_vppo_backward_full_f16_f32;
+    BACKWARD_FULL_F16_F16: VppoBackwardParams => vppo_backward_full_f16_f16 / vppo_simt_vppo_backward_full_f16_f16;
+    BACKWARD_FULL_BF16_F32: VppoBackwardParams => vppo_backward_full_bf16_f32 / vppo_simt_vppo_backward_full_bf16_f32;
+    BACKWARD_FULL_BF16_BF16: VppoBackwardParams => vppo_backward_full_bf16_bf16 / vppo_simt_vppo_backward_full_bf16_bf16;
     KL_DIV_BACKWARD_F32: VppoKlDivBackwardParams => vppo_kl_div_backward_f32 / vppo_simt_vppo_kl_div_backward_f32;
     KL_DIV_BACKWARD_F16: VppoKlDivBackwardParams => vppo_kl_div_backward_f16 / vppo_simt_vppo_kl_div_backward_f16;
     KL_DIV_BACKWARD_BF16: VppoKlDivBackwardParams => vppo_kl_div_backward_bf16 / vppo_simt_vppo_kl_div_backward_bf16;
@@ -251,7 +258,7 @@ pub(crate) fn forward_then(
     let inputs = Inputs::new(&l, batch, cfg.needs_ref_logp())?;
     let ws = Workspace::new(&l, n, b)?;
     let dims = Dims::of(batch);
-    let first = run_passes(
+    let mut first = run_passes(
         &l,
         dims,
         cfg,
@@ -260,16 +267,24 @@ pub(crate) fn forward_then(
         batch.targets,
         &host_rows(batch),
     )?;
+    // kl_penalty = full: the reference launch of pass 1 (exec/full_kl.rs), added on the host
+    let full = if cfg.needs_ref_logits() {
+        let full = full_kl::full_kl_pass(&l, dims, cfg, &inputs, batch)?;
+        full_kl::apply_full_kl(&mut first, &full, batch.cu_seqlens, cfg);
+        Some(full)
+    } else {
+        None
+    };
     let Some(second) = then(&first)? else {
         return Ok(first);
     };
     run_select_loss(&l, dims, &second, &inputs, &ws)?;
     let copy = ws.download(&l)?;
-    Ok(output_from(
-        &ws,
-        &copy,
-        second.token_normalizer.unwrap_or(n as f64),
-    ))
+    let mut out = output_from(&ws, &copy, second.token_normalizer.unwrap_or(n as f64));
+    if let Some(full) = &full {
+        full_kl::apply_full_kl(&mut out, full, batch.cu_seqlens, &second);
+    }
+    Ok(out)
 }
 
 /// Passes 1 and 2 over `inputs` into `ws`, then every output of the forward, or the error of the

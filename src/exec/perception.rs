@@ -145,6 +145,7 @@ pub(super) fn perception_outputs(ws: &Workspace, c: &ArenaCopy) -> TokenOutputs 
         lse_masked: c.get(ws.lse_masked),
         mask: Vec::new(),
         dlogp: Vec::new(),
+        ..Default::default()
     }
 }
 

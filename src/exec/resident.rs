@@ -248,6 +248,13 @@ pub(crate) fn forward_device(
     cfg: &VppoConfig,
 ) -> Result<DeviceForward> {
     cfg.validate()?;
+    if cfg.needs_ref_logits() {
+        return Err(VppoError::MissingTensor {
+            tensor: Tensor::RefLogits,
+            needed_by: "kl_penalty = full: a DeviceBatch has no ref_logits yet (pass a host Batch)"
+                .into(),
+        });
+    }
     join_caller_streams(gpu, &batch.residences())?;
     let SmallHost {
         targets,
@@ -374,6 +381,7 @@ pub(super) fn launch_backward(
         grad: grad.addr(gpu),
         rows: fwd.rows.as_ref().map_or(0, |r| gpu.device_ptr_u64(r)),
         n_rows: fwd.n_rows,
+        full: None,
     };
     // SAFETY: logits and grad hold R * V elements of their dtypes (checked above), lse, dlogp and
     // targets N, rows (the forward's validated copy) N strictly increasing values in [0, R); grad is borrowed mutably by the caller for this call; the kernel is queued on the
@@ -510,6 +518,7 @@ pub(crate) fn backward_saved_device(
         grad: grad_addr,
         rows: checked_rows.as_ref().map_or(0, |r| gpu.device_ptr_u64(r)),
         n_rows: grad.len() / vocab,
+        full: None,
     };
     // SAFETY: logits and grad hold R * V elements of their dtypes (R = N without rows), lse, dlogp
     // and targets N (all checked above against the copies just made of them), rows the crate's own

@@ -66,6 +66,9 @@ pub(super) fn loss_params(cfg: &VppoConfig, n: usize, b: usize) -> VppoLossParam
             KlPenalty::Abs => K::VPPO_KL_ABS,
             KlPenalty::Mse => K::VPPO_KL_MSE,
             KlPenalty::K3 => K::VPPO_KL_K3,
+            // the full KL is not a function of logp: the loss kernel runs without a penalty, and
+            // the host adds kl_coef times the aggregated KL of the reference launch (exec/mod.rs)
+            KlPenalty::Full => K::VPPO_KL_NONE,
         } as i32,
         kl_coef: cfg.kl_coef,
         ..Default::default()

@@ -350,3 +350,18 @@ impl Vppo {
         Err(e)
     }
 }
+
+/// `kl_penalty = full` is not combined with the vocabulary and sequence layouts yet (the reference
+/// launch of pass 1 would need its states merged across the group like the policy's): an error on
+/// every rank, reported to the group like any bad input.
+pub(crate) fn refuse_full_kl(cfg: &VppoConfig, layout: &str) -> Result<()> {
+    if cfg.needs_ref_logits() {
+        return Err(VppoError::Config {
+            field: "kl-penalty",
+            value: format!("full with {layout}"),
+            expected: "a penalty from ref_logp (k1, abs, mse, k3) or none: full is not combined \
+                       with vocabulary or sequence parallel yet",
+        });
+    }
+    Ok(())
+}

@@ -59,6 +59,7 @@ impl Local {
 }
 
 fn pass1(vppo: &Vppo, piece: &Batch) -> Result<Local> {
+    super::refuse_full_kl(vppo.config(), "sequence parallel")?;
     // A rank's pieces need not be whole groups (the group's batch is checked for that in pass 2).
     let cfg = &VppoConfig {
         group_size: 1,

@@ -447,7 +447,9 @@ impl Vppo {
         group: &dyn Collective,
     ) -> Result<PerceptionF64> {
         let cfg = self.config();
-        let local = local_targets(shard, at).and_then(|y| shard_states(self, shard, &y));
+        let local = super::refuse_full_kl(cfg, "vocabulary parallel")
+            .and_then(|_| local_targets(shard, at))
+            .and_then(|y| shard_states(self, shard, &y));
         let states = match local {
             Ok(s) => s,
             Err(e) => {

@@ -164,6 +164,103 @@ pub fn grad_logits_shard(
     Ok(())
 }
 
+/// [`grad_logits_centred`] plus the gradient of the `full` KL penalty (SPEC section 12): for token t,
+/// with a = logits[row] / tau, c = ref_logits[row] / tau, p = softmax(a),
+///
+/// ```text
+/// dloss/dlogits[t, v] = (g_t (1[v = y] - p_v) + d_t p_v ((a_v - lse_a) - (c_v - lse_c) - kl_t)) / tau
+/// ```
+///
+/// with d_t = `full.dkl[t]`, kl_t and lse_c from `full` (a term with p_v = 0 is 0). In f64, rounded
+/// once. `logits` and `ref_logits` are [N, V] or [R, V] through `rows` (same shape, checked).
+#[allow(clippy::too_many_arguments)]
+pub fn grad_logits_full_kl(
+    logits: Logits,
+    ref_logits: Logits,
+    vocab: usize,
+    targets: &[i32],
+    centre: &[f64],
+    lse_centred: &[f64],
+    dlogp: &[f64],
+    full: &crate::reference::kl::FullKlF64,
+    temperature: f64,
+    rows: Option<&[i64]>,
+    mut grad: GradMut,
+) -> Result<()> {
+    let n = targets.len();
+    if ref_logits.len() != logits.len() || ref_logits.dtype() != logits.dtype() {
+        return Err(VppoError::Shape {
+            tensor: Tensor::RefLogits,
+            detail: "ref_logits must have the shape and dtype of logits".into(),
+        });
+    }
+    for (what, len) in [
+        ("kl", full.kl.len()),
+        ("lse_ref", full.lse_ref.len()),
+        ("dkl", full.dkl.len()),
+        ("lse", centre.len()),
+        ("lse", lse_centred.len()),
+        ("dlogp", dlogp.len()),
+    ] {
+        if len != n {
+            return Err(VppoError::Shape {
+                tensor: Tensor::RefLogits,
+                detail: format!("{what} has {len} elements, expected N = {n}"),
+            });
+        }
+    }
+    crate::batch::validate_logits_shapes(
+        (logits.dtype(), logits.len()),
+        (logits.dtype(), logits.len()),
+        n,
+        vocab,
+        rows,
+        None,
+    )?;
+    if grad.len() != logits.len() {
+        return Err(VppoError::Shape {
+            tensor: Tensor::GradLogits,
+            detail: format!(
+                "has {} elements, expected the {} of logits",
+                grad.len(),
+                logits.len()
+            ),
+        });
+    }
+    crate::batch::check_targets(targets, vocab)?;
+    let n_out = logits.len().checked_div(vocab).unwrap_or(0);
+    let mut token_of = vec![None; n_out];
+    for t in 0..n {
+        token_of[rows.map_or(t, |r| r[t] as usize)] = Some(t);
+    }
+    let tau = temperature;
+    let mut row = vec![0.0f64; vocab];
+    for (r, tok) in token_of.into_iter().enumerate() {
+        row.iter_mut().for_each(|x| *x = 0.0);
+        if let Some(t) = tok {
+            let (g, d) = (dlogp[t], full.dkl[t]);
+            if g != 0.0 || d != 0.0 {
+                let lse_a = centre[t] + lse_centred[t];
+                for (v, out) in row.iter_mut().enumerate() {
+                    let a = logits.get(r * vocab + v) / tau;
+                    let c = ref_logits.get(r * vocab + v) / tau;
+                    let p = ((a - centre[t]) - lse_centred[t]).exp();
+                    let onehot = if v == targets[t] as usize { 1.0 } else { 0.0 };
+                    // p_v = 0 (a_v = -inf): the KL term adds nothing (never 0 * inf)
+                    let kl_term = if a == f64::NEG_INFINITY {
+                        0.0
+                    } else {
+                        d * p * ((a - lse_a) - (c - full.lse_ref[t]) - full.kl[t])
+                    };
+                    *out = (g * (onehot - p) + kl_term) / tau;
+                }
+            }
+        }
+        write_row(&mut grad, r * vocab..(r + 1) * vocab, &row);
+    }
+    Ok(())
+}
+
 /// Rounds the f64 `row` once into `grad[dst]`.
 fn write_row(grad: &mut GradMut, dst: std::ops::Range<usize>, row: &[f64]) {
     match grad {

@@ -97,8 +97,10 @@ fn logsumexp(x: &[f64]) -> f64 {
     m + x.iter().map(|&x| (x - m).exp()).sum::<f64>().ln()
 }
 
-/// One token's lse_p, lse_q and kl from its rows divided by tau.
-fn token(a: &[f64], b: &[f64]) -> (f64, f64, f64) {
+/// One token's lse_p, lse_q and kl = KL(softmax(a) || softmax(b)) from its rows already divided by
+/// tau (each with a finite entry; terms with a_v = -inf add nothing). Also the full KL penalty's
+/// (src/reference/kl.rs).
+pub fn token(a: &[f64], b: &[f64]) -> (f64, f64, f64) {
     let (lse_p, lse_q) = (logsumexp(a), logsumexp(b));
     let mut kl = 0.0;
     for (&a, &b) in a.iter().zip(b) {

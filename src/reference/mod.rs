@@ -53,6 +53,8 @@ pub struct ForwardF64 {
     pub alpha: Vec<f64>,
     /// Loss, dloss/dlogp and statistics.
     pub surrogate: SurrogateF64,
+    /// The `full` KL penalty's per-token values (SPEC section 12), with that penalty only.
+    pub full_kl: Option<kl::FullKlF64>,
 }
 
 /// Validates the config and the batch (all of SPEC section 7 that is O(N + B)), then runs every stage
@@ -60,7 +62,21 @@ pub struct ForwardF64 {
 pub fn forward_f64(batch: &Batch, cfg: &VppoConfig) -> Result<ForwardF64> {
     batch.validate(cfg)?;
     let perception = perception::perception(batch, cfg)?;
-    pass2_f64(perception, batch, cfg)
+    let full = if cfg.needs_ref_logits() {
+        Some(kl::full_kl(batch, cfg.temperature)?)
+    } else {
+        None
+    };
+    let mut f = pass2_f64(perception, batch, cfg)?;
+    if let Some(mut full) = full {
+        // loss = pg + kl_coef * kl_loss + logp_penalty * (-sum logp) / Z, the KL from ref_logits
+        let (kl_loss, dkl) = kl::full_kl_loss(&full.kl, batch.cu_seqlens, cfg);
+        full.dkl = dkl;
+        f.surrogate.kl_loss = kl_loss;
+        f.surrogate.loss += cfg.kl_coef * kl_loss;
+        f.full_kl = Some(full);
+    }
+    Ok(f)
 }
 
 /// Pass 2 (mask, Sbar, alpha, loss and dloss/dlogp) on the pass-1 values `perception` of `batch`'s
@@ -92,6 +108,7 @@ pub fn pass2_f64(perception: PerceptionF64, batch: &Batch, cfg: &VppoConfig) -> 
         sbar,
         alpha,
         surrogate,
+        full_kl: None,
     })
 }
 
@@ -119,6 +136,7 @@ pub fn token_outputs(p: &PerceptionF64) -> TokenOutputs {
         lse_masked: to_f32(&p.lse_masked),
         mask: Vec::new(),
         dlogp: Vec::new(),
+        ..Default::default()
     }
 }
 
@@ -133,6 +151,12 @@ pub fn output_of(f: &ForwardF64) -> VppoOutput {
         tokens: TokenOutputs {
             mask: f.mask.clone(),
             dlogp: to_f32(&f.surrogate.dlogp),
+            ref_kl: f.full_kl.as_ref().map_or(Vec::new(), |k| to_f32(&k.kl)),
+            lse_ref: f
+                .full_kl
+                .as_ref()
+                .map_or(Vec::new(), |k| to_f32(&k.lse_ref)),
+            dref_kl: f.full_kl.as_ref().map_or(Vec::new(), |k| to_f32(&k.dkl)),
             ..token_outputs(p)
         },
         responses: ResponseOutputs {
@@ -158,6 +182,21 @@ pub fn backward_into(
 ) -> Result<()> {
     out.check_for_backward(batch.n_tokens(), Some(batch.n_responses()))?;
     let f = forward_f64(batch, cfg)?;
+    if let (Some(full), Some(reference)) = (&f.full_kl, batch.ref_logits) {
+        return backward::grad_logits_full_kl(
+            batch.logits,
+            reference,
+            batch.vocab,
+            batch.targets,
+            &f.perception.row_max,
+            &f.perception.lse_centred,
+            &f.surrogate.dlogp,
+            full,
+            cfg.temperature,
+            batch.rows,
+            grad,
+        );
+    }
     backward::grad_logits_centred(
         batch.logits,
         batch.vocab,

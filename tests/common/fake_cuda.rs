@@ -147,12 +147,16 @@ mod pointer_fields {
         offset_of!(L, ref_logp),
     ];
     type B = VppoBackwardParams;
-    pub static BACKWARD: [usize; 5] = [
+    pub static BACKWARD: [usize; 9] = [
         offset_of!(B, logits),
         offset_of!(B, lse),
         offset_of!(B, dlogp),
         offset_of!(B, targets),
         offset_of!(B, grad),
+        offset_of!(B, ref_logits),
+        offset_of!(B, lse_ref),
+        offset_of!(B, ref_kl),
+        offset_of!(B, dref_kl),
     ];
     type K = VppoKlDivBackwardParams;
     pub static KL_DIV_BACKWARD: [usize; 10] = [

@@ -173,6 +173,7 @@ pub fn random_batch(rng: &mut impl Rng, spec: &BatchSpec) -> OwnedBatch {
         cu_seqlens: cu,
         vocab: v,
         ref_logp: None,
+        ref_logits: None,
     }
 }
 
@@ -330,6 +331,7 @@ pub fn part(full: &OwnedBatch, b0: usize, b1: usize, c0: usize, c1: usize) -> Ow
             .collect(),
         vocab: c1 - c0,
         ref_logp: full.ref_logp.as_ref().map(|r| r[t0..t1].to_vec()),
+        ref_logits: full.ref_logits.as_ref().map(rows),
     }
 }
 
@@ -371,6 +373,7 @@ pub fn pieces(full: &OwnedBatch, t0: usize, t1: usize) -> (OwnedBatch, bool) {
         cu_seqlens: cu,
         vocab: v,
         ref_logp: full.ref_logp.as_ref().map(|r| r[t0..t1].to_vec()),
+        ref_logits: full.ref_logits.as_ref().map(rows),
     };
     (batch, continues)
 }
