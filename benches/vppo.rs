@@ -28,10 +28,16 @@
 //! Always (and alone on a machine without a GPU, after a line saying why the GPU benches were
 //! skipped): the CPU reference's forward and forward + backward at N = 256, V = 32,000, bf16, and the
 //! SIMT executor's forward at N = 64, V = 4,096 (N = 64, V = 4,096 and N = 16, V = 1,024 with
-//! `VPPO_BENCH_SIZE=small`).
+//! `VPPO_BENCH_SIZE=small`); and the SIMT executor's passes one at a time
+//! (`vppo::hooks::HostStages`) at N = 2,048, V = 4,096, 32 responses (N = 512, V = 1,024, 8 with
+//! `small`): `pass1_perception`, `pass2a_select` and `pass2b_loss` (the three loss kernels), then a
+//! line `vppo-simt ...` with the medians and each part of pass 2 as a share of pass 1. The SIMT
+//! executor runs one thread of one block at a time on one CPU core: this measures the kernels' total
+//! work on a CPU, not a GPU's time (no parallelism, no memory latency, no launch gaps); pass 1's work
+//! grows with V, the loss's does not.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The tests' helpers (the module allows its own dead code), for the fake CUDA driver: a smoke run
 /// of the GPU benches without a GPU.
@@ -45,7 +51,7 @@ use half::bf16;
 use vppo::bench::{parse_synthetic, synthetic_batch, UploadedBatch};
 use vppo::cuda::{copy_bandwidth, Gpu};
 use vppo::error::CudaError;
-use vppo::hooks::DeviceStages;
+use vppo::hooks::{DeviceStages, HostStages};
 use vppo::{
     Device, DeviceBatch, DeviceLogits, DeviceLogitsMut, GradMut, LaneOrder, Vppo, VppoConfig,
     VppoError,
@@ -128,6 +134,59 @@ fn cpu_benches(c: &mut Criterion) {
         b.iter(|| simt.forward(&batch).expect("forward").loss)
     });
     g.finish();
+
+    simt_stages(c);
+}
+
+/// Pass 1, pass 2a and pass 2b one at a time on the SIMT executor (issue 12: the loss benchmarked
+/// against pass 1 where CI can run it), and the loss's share of pass 1.
+fn simt_stages(c: &mut Criterion) {
+    let (n, v, b) = if small() {
+        (512, 1_024, 8)
+    } else {
+        (2_048, 4_096, 32)
+    };
+    let spec = parse_synthetic(&format!("{n},{v},{b},bf16")).expect("spec");
+    let owned = synthetic_batch(&spec, 3).expect("synthetic batch");
+    let batch = owned.batch();
+    let cfg = VppoConfig::default();
+    let stages = HostStages::new(&batch, &cfg, LaneOrder::Forward).expect("SIMT stages");
+    let want = stages.loss_value().expect("loss");
+    let mut g = c.benchmark_group(format!("cpu/simt_stages/N={n},V={v},B={b},bf16"));
+    g.sampling_mode(SamplingMode::Flat);
+    let mut samples: [Samples; 3] = Default::default();
+    type Stage<'s> = &'s dyn Fn() -> vppo::Result<()>;
+    let (pass1, select, loss): (Stage, Stage, Stage) =
+        (&|| stages.perception(), &|| stages.select(), &|| {
+            stages.loss()
+        });
+    let names = ["pass1_perception", "pass2a_select", "pass2b_loss"];
+    for ((name, run), s) in names.iter().zip([pass1, select, loss]).zip(&mut samples) {
+        g.bench_function(*name, |bch| {
+            bch.iter_custom(|iters| {
+                let t = Instant::now();
+                for _ in 0..iters {
+                    run().expect("SIMT stage");
+                }
+                s.record(t.elapsed().as_secs_f64() * 1e3, iters)
+            })
+        });
+    }
+    g.finish();
+    // rerunning a pass rewrites the workspace with the same values: the loss is unchanged
+    let got = stages.loss_value().expect("loss");
+    assert_eq!(
+        got.to_bits(),
+        want.to_bits(),
+        "SIMT stages: loss {got} after the reruns, {want} before"
+    );
+    if let [Some(p1), Some(sel), Some(l)] = samples.each_ref().map(Samples::median) {
+        println!(
+            "vppo-simt N={n},V={v},B={b}: median pass 1 {p1:.3} ms, pass 2a (select) {sel:.3} ms = {:.2}% of pass 1, pass 2b (loss: prep, tiles, finish) {l:.3} ms = {:.2}% of pass 1 (the SIMT executor's CPU work, not a GPU's time)",
+            100.0 * sel / p1,
+            100.0 * l / p1
+        );
+    }
 }
 
 // -------------------------------------------------------------------------------------------------

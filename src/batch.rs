@@ -23,6 +23,16 @@ pub use kl_div::KlBatch;
 ///
 /// The optional tensors (`rows`, `masked_rows`, `ref_logp`) default to None: a literal may end with
 /// `..Default::default()` ([`Batch::default`] is the empty batch, N = B = 0).
+///
+/// Speed: a token's rows are read with 16-byte loads only when its two rows start at the same address
+/// modulo 16 bytes (the `logits` and `logits_masked` rows in pass 1; the `logits` row and its gradient
+/// row in pass 3). A row pair out of that phase is read one element at a time, correctly but with 4
+/// (f32) or 8 (bf16, f16) times the load instructions per element, far slower on a GPU: a view that
+/// starts a few elements into its storage (`x[..., 1:]`), or, when V times the element size is not a
+/// multiple of 16 bytes, a token whose two rows have different indices (`rows[t]` against
+/// `masked_rows[t]`, or against t for an [N, V] `logits_masked`) whose byte offsets differ modulo 16.
+/// Whole [*, V] allocations with V times the element size a multiple of 16 (V = 151,936 in bf16) and
+/// the same row index in both always share the phase.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
     /// [N, V] logits given the real image.

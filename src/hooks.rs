@@ -13,7 +13,7 @@ use crate::output::{TokenOutputs, VppoOutput};
 use crate::simt::SimtEntry;
 use crate::{Device, GradMut, LaneOrder};
 
-pub use crate::exec::DeviceStages;
+pub use crate::exec::{DeviceStages, HostStages};
 
 /// The whole forward on `device` (a kernel device), as [`crate::Vppo::forward`] runs it for N > 0.
 pub fn forward(batch: &Batch, cfg: &VppoConfig, device: Device) -> Result<VppoOutput> {

@@ -43,6 +43,7 @@ mod launcher;
 mod perception;
 mod resident;
 mod select_loss;
+mod stages;
 mod workspace;
 
 pub(crate) use backward::backward_saved_full;
@@ -60,6 +61,7 @@ pub(crate) use resident::{
 pub use resident::{DeviceBatch, DeviceForward, DeviceSaved, DeviceStages};
 pub(crate) use select_loss::select;
 use select_loss::*;
+pub use stages::HostStages;
 use workspace::*;
 
 // -------------------------------------------------------------------------------------------------

@@ -145,6 +145,7 @@ pub(super) unsafe fn launch_select(l: &Launcher, p: &VppoSelectParams) -> Result
     }
 }
 
+/// Pass 2 over the scores pass 1 left in `ws`: `vppo_select`, then the loss ([`run_loss`]).
 pub(super) fn run_select_loss(
     l: &Launcher,
     dims: Dims,
@@ -152,7 +153,20 @@ pub(super) fn run_select_loss(
     inp: &Inputs,
     ws: &Workspace,
 ) -> Result<()> {
-    let (n, b) = (dims.n, dims.b);
+    run_select(l, dims, cfg, inp, ws)?;
+    run_loss(l, dims, cfg, inp, ws)
+}
+
+/// Pass 2a: `vppo_select` (mask, k, Sbar, the token-to-response map and, for the GSPO modes, s_b
+/// and m_b) over the scores pass 1 left in `ws`.
+pub(super) fn run_select(
+    l: &Launcher,
+    dims: Dims,
+    cfg: &VppoConfig,
+    inp: &Inputs,
+    ws: &Workspace,
+) -> Result<()> {
+    let b = dims.b;
     let frac = cfg.top_fraction_exact()?;
     let efrac = cfg.entropy_top_fraction_exact()?;
     let p = VppoSelectParams {
@@ -188,7 +202,19 @@ pub(super) fn run_select_loss(
     };
     // SAFETY: score, entropy, logp (written by pass 1), old_logp, mask and token_response [N],
     // cu_seqlens [B+1] validated, k, sbar, seq_log_ratio and seq_selected [B]; all live.
-    unsafe { launch_select(l, &p)? };
+    unsafe { launch_select(l, &p) }
+}
+
+/// Pass 2b: `vppo_loss_prep`, `vppo_loss`, `vppo_loss_finish` over what pass 1 and [`run_select`]
+/// left in `ws`.
+pub(super) fn run_loss(
+    l: &Launcher,
+    dims: Dims,
+    cfg: &VppoConfig,
+    inp: &Inputs,
+    ws: &Workspace,
+) -> Result<()> {
+    let (n, b) = (dims.n, dims.b);
     let p = VppoLossParams {
         logp: ws.ptr(l, ws.logp),
         old_logp: inp.old_logp.addr as *const f32,
@@ -208,7 +234,8 @@ pub(super) fn run_select_loss(
         ..loss_params(cfg, n, b)
     };
     // SAFETY: logp, old_logp, mask, dlogp, token_response [N] (every entry in [0, B): written by
-    // vppo_select above from the validated cu_seqlens, or the arena's zeros); sbar, advantages,
+    // vppo_select (run_select, always queued before this) from the validated cu_seqlens, or the
+    // arena's zeros); sbar, advantages,
     // alpha, seq_log_ratio, seq_selected, responses [B]; partials [loss_tiles(N)]; cu_seqlens
     // [B+1]; totals 1; ref_logp [N] whenever kl_penalty != none (Batch::validate refuses a batch
     // without it), else address 0 and never read. B % G == 0 when the group scope is used
