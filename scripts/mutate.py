@@ -342,7 +342,7 @@ MUTANTS = [
     # ---- backward.cu, the full KL penalty's versions (tests/variants.rs) ----
     Mutant("F1", "kernels/backward.cu",
            "    return a == -INFINITY ? 0.0f : dscale * (prob * ((a * inv_tau - lse) - (c * inv_tau - lse_ref) - kl));",
-           "    return a == -INFINITY ? 0.0f : dscale * (prob * ((a * inv_tau - lse) - (c * inv_tau - lse_ref)));",
+           "    return a == -INFINITY ? 0.0f : dscale * (prob * ((a * inv_tau - lse) - (c * inv_tau - lse_ref) + 0.0f * kl));",
            "the full KL's gradient forgets the - kl_t term"),
     Mutant("F2", "kernels/backward.cu",
            "    return a == -INFINITY ? 0.0f : dscale * (prob * ((a * inv_tau - lse) - (c * inv_tau - lse_ref) - kl));",

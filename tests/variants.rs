@@ -1512,3 +1512,45 @@ fn full_kl_penalty_errors() {
         }
     }
 }
+
+/// ref_logits rows on another 16-byte phase than the logits rows (both passes then read those rows
+/// element by element, in another order of the f32 sums): the aligned copy's results to rounding,
+/// on every kernel device.
+#[test]
+fn full_kl_penalty_ref_logits_on_another_phase() {
+    let s = BatchSpec {
+        vocab: (16, 40),
+        ..spec(9, 0.3)
+    };
+    let ob = with_ref_logits(seeded_batch(903, &s).to_f32(), 5, 0.5);
+    let OwnedLogits::F32(r) = ob.ref_logits.as_ref().unwrap() else {
+        unreachable!()
+    };
+    // one f32 in front: every row of the view starts 4 bytes off the phase of the same row of r
+    let mut shifted = vec![0.0f32; r.len() + 1];
+    shifted[1..].copy_from_slice(r);
+    let cfg = full_cfg(0, false);
+    let aligned = ob.batch();
+    let off = vppo::Batch {
+        ref_logits: Some(vppo::Logits::F32(&shifted[1..])),
+        ..aligned
+    };
+    for device in devices() {
+        let vppo = Vppo::new(cfg.clone(), device).unwrap();
+        let (a, ga) = vppo.loss_and_grad(&aligned).unwrap();
+        let (b, gb) = vppo.loss_and_grad(&off).unwrap();
+        assert!(
+            close(a.loss, b.loss, 1e-6, 1e-9),
+            "{device:?}: {} vs {}",
+            a.loss,
+            b.loss
+        );
+        let gmax = ga.iter().fold(0.0f32, |m, x| m.max(x.abs())) as f64;
+        for (i, (&x, &y)) in ga.iter().zip(&gb).enumerate() {
+            assert!(
+                close(x as f64, y as f64, 1e-5, 1e-7 * gmax),
+                "{device:?}: grad[{i}] {x} vs {y}"
+            );
+        }
+    }
+}
