@@ -10,9 +10,11 @@ use clap::Parser;
 use half::{bf16, f16};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use vppo::cuda::{Borrowed, Gpu};
 use vppo::{
-    Batch, Collective, Device, Dtype, GradMut, KlBatch, KlDiv, KlSaved, LaneOrder, Logits,
-    ReduceOp, SavedForward, Tensor, VocabShard, Vppo, VppoError,
+    Batch, Collective, Device, DeviceBatch, DeviceLogits, DeviceLogitsMut, DeviceSaved, Dtype,
+    GradMut, KlBatch, KlDiv, KlSaved, LaneOrder, Logits, ReduceOp, SavedForward, Tensor,
+    VocabShard, Vppo, VppoError,
 };
 
 /// A tensor as Python passes it: its data pointer (an address in this process) and element count.
@@ -53,6 +55,11 @@ fn build(device: &str, options: &str) -> PyResult<Vppo> {
             )))
         }
     };
+    build_on(device, options)
+}
+
+/// [`build`] on an explicit executor (`Device::Cuda(ordinal)` for CUDA tensors).
+fn build_on(device: Device, options: &str) -> PyResult<Vppo> {
     let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(options)
         .map_err(|e| bad(format!("options are not a JSON object: {e}")))?;
     let mut args = Vec::new();
@@ -421,40 +428,65 @@ fn forward(
         }
     });
     let o = result.map_err(value_error)?;
-    let t = &o.tokens;
-    let r = &o.responses;
-    let f32_outs: [(&[f32], Raw); 9] = [
-        (&t.score, out[0]),
-        (&t.kl, out[1]),
-        (&t.k3, out[2]),
-        (&t.entropy, out[3]),
-        (&t.logp, out[4]),
-        (&t.logp_masked, out[5]),
-        (&t.lse, out[6]),
-        (&t.lse_masked, out[7]),
-        (&t.dlogp, out[9]),
-    ];
-    for (src, dst) in f32_outs {
-        want_len("a per-token output", src.len(), dst.1)?;
+    let cols = OutputColumns::of(&o)?;
+    for (src, dst) in cols.floats {
+        want_len("an output", src.len(), out[dst].1)?;
         // SAFETY: out[i] are fresh torch.empty buffers of this dtype and count, owned by the call.
-        unsafe { slice_mut::<f32>(dst) }.copy_from_slice(src);
+        unsafe { slice_mut::<f32>(out[dst]) }.copy_from_slice(src);
     }
-    want_len("mask", t.mask.len(), out[8].1)?;
+    want_len("mask", cols.mask.len(), out[MASK].1)?;
     // SAFETY: as above, a uint8 buffer of N elements.
-    unsafe { slice_mut::<u8>(out[8]) }.copy_from_slice(&t.mask);
-    for (src, dst) in [(&r.sbar, out[10]), (&r.alpha, out[12])] {
-        want_len("a per-response output", src.len(), dst.1)?;
-        // SAFETY: as above, f32 buffers of B elements.
-        unsafe { slice_mut::<f32>(dst) }.copy_from_slice(src);
-    }
-    want_len("k", r.k.len(), out[11].1)?;
+    unsafe { slice_mut::<u8>(out[MASK]) }.copy_from_slice(cols.mask);
+    want_len("k", cols.k.len(), out[K].1)?;
     // SAFETY: as above, an int32 buffer of B elements.
-    let k = unsafe { slice_mut::<i32>(out[11]) };
-    for (d, &s) in k.iter_mut().zip(&r.k) {
-        *d = i32::try_from(s).map_err(|_| bad(format!("k = {s} does not fit int32")))?;
+    unsafe { slice_mut::<i32>(out[K]) }.copy_from_slice(&cols.k);
+    Ok(scalars(&o))
+}
+
+/// Where the mask and k go among the 13 output buffers of [`forward`] (the rest are f32).
+const MASK: usize = 8;
+const K: usize = 11;
+
+/// The 13 outputs of a forward in the order of [`forward`]'s `out`: the f32 ones with the index of
+/// their buffer, the mask, and k as int32.
+struct OutputColumns<'a> {
+    floats: [(&'a [f32], usize); 11],
+    mask: &'a [u8],
+    k: Vec<i32>,
+}
+
+impl<'a> OutputColumns<'a> {
+    fn of(o: &'a vppo::VppoOutput) -> PyResult<OutputColumns<'a>> {
+        let t = &o.tokens;
+        let r = &o.responses;
+        let k =
+            r.k.iter()
+                .map(|&s| i32::try_from(s).map_err(|_| bad(format!("k = {s} does not fit int32"))))
+                .collect::<PyResult<Vec<i32>>>()?;
+        Ok(OutputColumns {
+            floats: [
+                (&t.score, 0),
+                (&t.kl, 1),
+                (&t.k3, 2),
+                (&t.entropy, 3),
+                (&t.logp, 4),
+                (&t.logp_masked, 5),
+                (&t.lse, 6),
+                (&t.lse_masked, 7),
+                (&t.dlogp, 9),
+                (&r.sbar, 10),
+                (&r.alpha, 12),
+            ],
+            mask: &t.mask,
+            k,
+        })
     }
+}
+
+/// (loss, pg_loss, token_normalizer, clip_fraction, mean_ratio, selected_fraction, kl_loss).
+fn scalars(o: &vppo::VppoOutput) -> (f64, f64, f64, f64, f64, f64, f64) {
     let s = &o.stats;
-    Ok((
+    (
         o.loss,
         o.pg_loss,
         o.token_normalizer,
@@ -462,7 +494,7 @@ fn forward(
         s.mean_ratio,
         s.selected_fraction,
         o.kl_loss,
-    ))
+    )
 }
 
 /// dloss/dlogits from what the forward saved (`Vppo::backward_saved`): reads `logits` and writes
@@ -674,6 +706,244 @@ fn kl_backward(
     .map_err(value_error)
 }
 
+// -------------------------------------------------------------------------------------------------
+// CUDA tensors: the caller's device memory used in place, ordered on the caller's stream
+// -------------------------------------------------------------------------------------------------
+
+/// A CUDA tensor as Python passes it: its device address and element count.
+type DeviceRaw = (u64, usize);
+
+/// The caller's device buffer `raw` as a slice of `T` on `gpu` (never freed by us).
+///
+/// # Safety
+/// `raw` must be a live allocation of `raw.1` elements of `T` on `gpu`'s device (a contiguous torch
+/// CUDA tensor of that dtype and count, alive for the call), or have `raw.1` = 0.
+unsafe fn borrow<T>(gpu: &Gpu, raw: DeviceRaw) -> Borrowed<T> {
+    // SAFETY: forwarded from the caller.
+    unsafe { Borrowed::new(gpu, raw.0, raw.1) }
+}
+
+/// Logits of `dtype` at `raw`, borrowed; see [`borrow`].
+enum BorrowedLogits {
+    F32(Borrowed<f32>),
+    F16(Borrowed<f16>),
+    Bf16(Borrowed<bf16>),
+}
+
+impl BorrowedLogits {
+    /// # Safety
+    /// As [`borrow`] for the element type of `dtype`.
+    unsafe fn new(gpu: &Gpu, dtype: Dtype, raw: DeviceRaw) -> BorrowedLogits {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match dtype {
+                Dtype::F32 => BorrowedLogits::F32(borrow(gpu, raw)),
+                Dtype::F16 => BorrowedLogits::F16(borrow(gpu, raw)),
+                Dtype::Bf16 => BorrowedLogits::Bf16(borrow(gpu, raw)),
+            }
+        }
+    }
+
+    fn view(&self) -> DeviceLogits<'_> {
+        match self {
+            BorrowedLogits::F32(x) => DeviceLogits::F32(x),
+            BorrowedLogits::F16(x) => DeviceLogits::F16(x),
+            BorrowedLogits::Bf16(x) => DeviceLogits::Bf16(x),
+        }
+    }
+
+    fn view_mut(&mut self) -> DeviceLogitsMut<'_> {
+        match self {
+            BorrowedLogits::F32(x) => DeviceLogitsMut::F32(x),
+            BorrowedLogits::F16(x) => DeviceLogitsMut::F16(x),
+            BorrowedLogits::Bf16(x) => DeviceLogitsMut::Bf16(x),
+        }
+    }
+}
+
+/// The GPU `ordinal`, with `stream` (torch's current stream there, a raw `cudaStream_t`) joined: our
+/// work is queued after what the caller queued so far.
+///
+/// # Safety
+/// `stream` must be 0 or a live stream of the primary context of GPU `ordinal`.
+unsafe fn gpu_after(ordinal: usize, stream: u64) -> vppo::Result<std::sync::Arc<Gpu>> {
+    let gpu = Gpu::new(ordinal)?;
+    // SAFETY: forwarded from the caller.
+    unsafe { gpu.wait_for_foreign_stream(stream) }?;
+    Ok(gpu)
+}
+
+/// [`forward`] on CUDA tensors of GPU `ordinal`: every argument is a device buffer, used in place;
+/// the 13 outputs are device buffers (torch.empty on the device) that this fills. `stream` is
+/// torch's current stream: the work is ordered after what is queued there, and what is queued there
+/// afterwards sees the outputs (the call also synchronizes: it copies the O(N + B) tensors back once
+/// for validation, as `Vppo::forward_device` does). No group: the parallel layouts take CPU
+/// tensors for now.
+#[pyfunction]
+#[pyo3(signature = (ordinal, stream, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, ref_logp=None))]
+#[allow(clippy::too_many_arguments)]
+fn forward_cuda(
+    py: Python<'_>,
+    ordinal: usize,
+    stream: u64,
+    options: &str,
+    dtype: &str,
+    vocab: usize,
+    logits: DeviceRaw,
+    logits_masked: DeviceRaw,
+    targets: DeviceRaw,
+    old_logp: DeviceRaw,
+    advantages: DeviceRaw,
+    cu_seqlens: DeviceRaw,
+    rows: Option<DeviceRaw>,
+    masked_rows: Option<DeviceRaw>,
+    out: Vec<DeviceRaw>,
+    ref_logp: Option<DeviceRaw>,
+) -> PyResult<(f64, f64, f64, f64, f64, f64, f64)> {
+    let vppo = build_on(Device::Cuda(ordinal), options)?;
+    let host = |r: &DeviceRaw| (r.0 as usize, r.1);
+    forward_checks(
+        vocab,
+        &host(&logits),
+        &host(&logits_masked),
+        &host(&targets),
+        &host(&old_logp),
+        &host(&advantages),
+        &rows.as_ref().map(host),
+        &masked_rows.as_ref().map(host),
+        &ref_logp.as_ref().map(host),
+        &out.iter().map(host).collect::<Vec<_>>(),
+    )?;
+    let dtype = parse_dtype(dtype)?;
+    py.detach(|| -> PyResult<_> {
+        // SAFETY: vppo/torch.py passes torch's current stream of this device.
+        let gpu = unsafe { gpu_after(ordinal, stream) }.map_err(value_error)?;
+        // SAFETY: vppo/torch.py passes contiguous CUDA tensors of device `ordinal` with these dtypes
+        // and element counts (checked above against each other), alive for the call; the outputs are
+        // fresh torch.empty buffers nothing else uses.
+        let (a, b, t, o, adv, cu, r, mr, rl) = unsafe {
+            (
+                BorrowedLogits::new(&gpu, dtype, logits),
+                BorrowedLogits::new(&gpu, dtype, logits_masked),
+                borrow::<i32>(&gpu, targets),
+                borrow::<f32>(&gpu, old_logp),
+                borrow::<f32>(&gpu, advantages),
+                borrow::<i32>(&gpu, cu_seqlens),
+                rows.map(|x| borrow::<i64>(&gpu, x)),
+                masked_rows.map(|x| borrow::<i64>(&gpu, x)),
+                ref_logp.map(|x| borrow::<f32>(&gpu, x)),
+            )
+        };
+        let batch = DeviceBatch {
+            logits: a.view(),
+            logits_masked: b.view(),
+            targets: &t,
+            old_logp: &o,
+            advantages: &adv,
+            cu_seqlens: &cu,
+            vocab,
+            ref_logp: rl.as_deref(),
+            rows: r.as_deref(),
+            masked_rows: mr.as_deref(),
+        };
+        let fwd = vppo.forward_device(&batch).map_err(value_error)?;
+        let cols = OutputColumns::of(&fwd.output)?;
+        let upload_err = |e: VppoError| value_error(e);
+        for (src, dst) in cols.floats {
+            want_len("an output", src.len(), out[dst].1)?;
+            // SAFETY: out[dst] is a fresh f32 CUDA tensor of this count (checked).
+            let mut d = unsafe { borrow::<f32>(&gpu, out[dst]) };
+            gpu.upload_into(src, &mut d).map_err(upload_err)?;
+        }
+        want_len("mask", cols.mask.len(), out[MASK].1)?;
+        // SAFETY: a fresh uint8 CUDA tensor of N elements.
+        let mut d = unsafe { borrow::<u8>(&gpu, out[MASK]) };
+        gpu.upload_into(cols.mask, &mut d).map_err(upload_err)?;
+        want_len("k", cols.k.len(), out[K].1)?;
+        // SAFETY: a fresh int32 CUDA tensor of B elements.
+        let mut d = unsafe { borrow::<i32>(&gpu, out[K]) };
+        gpu.upload_into(&cols.k, &mut d).map_err(upload_err)?;
+        // SAFETY: as gpu_after.
+        unsafe { gpu.order_foreign_stream_after(stream) }.map_err(value_error)?;
+        gpu.synchronize().map_err(value_error)?;
+        Ok(scalars(&fwd.output))
+    })
+}
+
+/// [`backward`] on CUDA tensors of GPU `ordinal` (`Vppo::backward_saved_device`): `logits` None
+/// means in place over `grad`. Ordered after torch's current stream `stream`, and synchronized.
+#[pyfunction]
+#[pyo3(signature = (ordinal, stream, options, dtype, vocab, logits, grad_dtype, grad, targets, lse, dlogp, rows))]
+#[allow(clippy::too_many_arguments)]
+fn backward_cuda(
+    py: Python<'_>,
+    ordinal: usize,
+    stream: u64,
+    options: &str,
+    dtype: &str,
+    vocab: usize,
+    logits: Option<DeviceRaw>,
+    grad_dtype: &str,
+    grad: DeviceRaw,
+    targets: DeviceRaw,
+    lse: DeviceRaw,
+    dlogp: DeviceRaw,
+    rows: Option<DeviceRaw>,
+) -> PyResult<()> {
+    let vppo = build_on(Device::Cuda(ordinal), options)?;
+    let dtype = parse_dtype(dtype)?;
+    let grad_dtype = parse_dtype(grad_dtype)?;
+    if logits.is_none() && grad_dtype != dtype {
+        return Err(bad(format!(
+            "the in-place gradient has the logits dtype {}, not {}",
+            dtype.name(),
+            grad_dtype.name()
+        )));
+    }
+    if let Some(l) = logits {
+        want_len("grad_logits", grad.1, l.1)?;
+    }
+    rows_of("grad_logits", grad.1, vocab)?;
+    py.detach(|| {
+        // SAFETY: vppo/torch.py passes torch's current stream of this device.
+        let gpu = unsafe { gpu_after(ordinal, stream) }?;
+        // SAFETY: contiguous CUDA tensors of device `ordinal` with these dtypes and counts, alive
+        // for the call; `grad` is a fresh torch.empty buffer or (in place) the logits the op declares
+        // it mutates, and no other view of it exists here.
+        let (x, mut g, t, l, d, r) = unsafe {
+            (
+                logits.map(|x| BorrowedLogits::new(&gpu, dtype, x)),
+                BorrowedLogits::new(&gpu, grad_dtype, grad),
+                borrow::<i32>(&gpu, targets),
+                borrow::<f32>(&gpu, lse),
+                borrow::<f32>(&gpu, dlogp),
+                rows.map(|x| borrow::<i64>(&gpu, x)),
+            )
+        };
+        let saved = DeviceSaved {
+            targets: &t,
+            lse: &l,
+            dlogp: &d,
+            rows: r.as_deref(),
+        };
+        vppo.backward_saved_device(x.as_ref().map(|x| x.view()), vocab, &saved, g.view_mut())?;
+        // SAFETY: as gpu_after.
+        unsafe { gpu.order_foreign_stream_after(stream) }
+    })
+    .map_err(value_error)
+}
+
+/// The two callbacks the fake CUDA driver's `vppo_fake_cuda_install` takes, as addresses: the kernel
+/// resolver and the params' pointer fields (`vppo::hooks`), for the tests that run the CUDA path on
+/// the fake driver (python/tests/test_cuda_fake.py). Not API.
+#[pyfunction]
+fn _fake_cuda_hooks() -> (usize, usize) {
+    (
+        vppo::hooks::simt_entry_of_c_name as *const () as usize,
+        vppo::hooks::kernel_pointer_fields as *const () as usize,
+    )
+}
+
 /// Checks the loss options without computing anything (ValueError with the crate's message).
 #[pyfunction]
 fn check_options(device: &str, options: &str) -> PyResult<()> {
@@ -686,6 +956,9 @@ fn _vppo(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(backward, m)?)?;
     m.add_function(wrap_pyfunction!(check_options, m)?)?;
     m.add_function(wrap_pyfunction!(report_failure, m)?)?;
+    m.add_function(wrap_pyfunction!(forward_cuda, m)?)?;
+    m.add_function(wrap_pyfunction!(backward_cuda, m)?)?;
+    m.add_function(wrap_pyfunction!(_fake_cuda_hooks, m)?)?;
     m.add_function(wrap_pyfunction!(kl_forward, m)?)?;
     m.add_function(wrap_pyfunction!(kl_backward, m)?)?;
     Ok(())

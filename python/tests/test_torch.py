@@ -446,10 +446,14 @@ def test_input_checks_name_the_tensor():
         call(dict(b, old_logp=b["old_logp"].double()))
     with pytest.raises(ValueError, match="logits_masked has dtype"):
         call(dict(b, logits_masked=b["logits_masked"].half()))
-    with pytest.raises(ValueError, match="device"):
+    with pytest.raises(ValueError, match='device="cuda" needs CUDA tensors'):
         call(b, device="cuda")
-    with pytest.raises(RuntimeError, match="CUDA tensors are not yet supported"):
+    with pytest.raises(ValueError, match='device must be "cuda", "simt" or "reference"'):
+        call(b, device="gpu")
+    with pytest.raises(RuntimeError, match="takes CUDA or CPU tensors"):
         call(dict(b, logits=b["logits"].to("meta")))
+    with pytest.raises(RuntimeError, match="old_logp is on meta"):
+        call(dict(b, old_logp=b["old_logp"].to("meta")))
     with pytest.raises(ValueError, match="in_place"):
         call(b, in_place=True, grad_dtype="f32")
 

@@ -4,12 +4,14 @@
 implementation (so it runs under ``torch.compile`` without a graph break) and an autograd formula
 whose backward op computes dloss/dlogits from what the forward saved (``Vppo::backward_saved``).
 
-Implemented: CPU tensors, through the crate's kernels on the SIMT executor (``device="simt"``, the
-default) or the f64 reference (``device="reference"``). Not yet: CUDA tensors (a RuntimeError, never a
-silent copy to the CPU).
+CUDA tensors run the crate's kernels on their own GPU (``device="cuda"``, the default for them), in
+place (no copy of the logits), ordered after torch's current stream of that device. CPU tensors run
+the same kernels on the SIMT executor (``device="simt"``, their default) or the f64 reference
+(``device="reference"``). A tensor on another device than ``logits`` is an error, never a silent copy.
 
 No libtorch is linked: tensors reach the extension as (data pointer, element count) after the checks
-below, and every output is allocated here with ``torch.empty`` and filled by the extension.
+below, and every output is allocated here with ``torch.empty`` (on the logits' device) and filled by
+the extension.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ STATS = ("pg_loss", "token_normalizer", "clip_fraction", "mean_ratio", "selected
 
 _LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
-_DEVICES = ("simt", "reference")
+_DEVICES = ("simt", "reference", "cuda")
 _GRAD_DTYPES = ("logits", "f32")
 
 
@@ -51,14 +53,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _check(name: str, t: Tensor, dtypes, dim: int) -> None:
-    """Device, dtype, rank and contiguity of one input: metadata only, so it traces."""
+def _check(name: str, t: Tensor, dtypes, dim: int, on: Optional[torch.device] = None) -> None:
+    """Device, dtype, rank and contiguity of one input: metadata only, so it traces. ``on``: the
+    device the tensor must be on (that of ``logits``); None: the CPU."""
     if not isinstance(t, Tensor):
         raise TypeError(f"vppo_loss: {name} must be a torch.Tensor, not {type(t).__name__}")
-    if t.device.type != "cpu":
+    if t.device.type not in ("cpu", "cuda"):
         raise RuntimeError(
-            f"vppo_loss: {name} is on {t.device}; CUDA tensors are not yet supported from Python "
-            "(pass CPU tensors: they run the same kernels on the SIMT executor). No copy is made."
+            f"vppo_loss: {name} is on {t.device}; the op takes CUDA or CPU tensors (no copy is made)"
+        )
+    want = torch.device("cpu") if on is None else on
+    if t.device != want:
+        raise ValueError(
+            f"vppo_loss: {name} is on {t.device}, expected {want} (the logits' device; no copy is "
+            "made)"
         )
     if t.dtype not in dtypes:
         want = ", ".join(_dtype_name(d) for d in dtypes)
@@ -72,10 +80,30 @@ def _check(name: str, t: Tensor, dtypes, dim: int) -> None:
         )
 
 
+def _on(logits) -> Optional[torch.device]:
+    """The device every tensor of a call must be on: the logits' CUDA device, or None (the CPU)."""
+    if isinstance(logits, Tensor) and logits.device.type == "cuda":
+        return logits.device
+    return None
+
+
+def _check_device(device: str, on: Optional[torch.device]) -> None:
+    if device not in _DEVICES:
+        raise ValueError(f'vppo_loss: device must be "cuda", "simt" or "reference", not {device!r}')
+    if on is not None and device != "cuda":
+        raise ValueError(
+            f'vppo_loss: device={device!r} runs on the CPU, the logits are on {on} (no copy is made): '
+            'use device="cuda" (the default for CUDA tensors)'
+        )
+    if on is None and device == "cuda":
+        raise ValueError('vppo_loss: device="cuda" needs CUDA tensors, the logits are on the CPU')
+
+
 def _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
                   device, grad_dtype):
-    _check("logits", logits, _LOGITS_DTYPES, 2)
-    _check("logits_masked", logits_masked, _LOGITS_DTYPES, 2)
+    on = _on(logits)
+    _check("logits", logits, _LOGITS_DTYPES, 2, on)
+    _check("logits_masked", logits_masked, _LOGITS_DTYPES, 2, on)
     if logits_masked.dtype != logits.dtype:
         raise ValueError(
             f"vppo_loss: logits_masked has dtype {_dtype_name(logits_masked.dtype)}, logits "
@@ -85,23 +113,22 @@ def _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqle
         raise ValueError(
             f"vppo_loss: logits_masked has V = {logits_masked.shape[1]}, logits V = {logits.shape[1]}"
         )
-    _check("targets", targets, _INT_DTYPES, 1)
-    _check("old_logp", old_logp, (torch.float32,), 1)
-    _check("advantages", advantages, (torch.float32,), 1)
-    _check("cu_seqlens", cu_seqlens, _INT_DTYPES, 1)
+    _check("targets", targets, _INT_DTYPES, 1, on)
+    _check("old_logp", old_logp, (torch.float32,), 1, on)
+    _check("advantages", advantages, (torch.float32,), 1, on)
+    _check("cu_seqlens", cu_seqlens, _INT_DTYPES, 1, on)
     if rows is not None:
-        _check("rows", rows, _INT_DTYPES, 1)
+        _check("rows", rows, _INT_DTYPES, 1, on)
     if masked_rows is not None:
-        _check("masked_rows", masked_rows, _INT_DTYPES, 1)
-    if device not in _DEVICES:
-        raise ValueError(f'vppo_loss: device must be "simt" or "reference", not {device!r}')
+        _check("masked_rows", masked_rows, _INT_DTYPES, 1, on)
+    _check_device(device, on)
     if grad_dtype not in _GRAD_DTYPES:
         raise ValueError(f'vppo_loss: grad_dtype must be "logits" or "f32", not {grad_dtype!r}')
 
 
-def _check_ref_logp(ref_logp):
+def _check_ref_logp(ref_logp, on=None):
     if ref_logp is not None:
-        _check("ref_logp", ref_logp, (torch.float32,), 1)
+        _check("ref_logp", ref_logp, (torch.float32,), 1, on)
 
 
 def _as(name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -247,16 +274,34 @@ def _loss(
     with _agreeing((vocab_r, seq_r, data_r)):
         _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows,
                       masked_rows, device, grad_dtype)
-        _check_ref_logp(ref_logp)
+        _check_ref_logp(ref_logp, _on(logits))
+        if device == "cuda" and (group is not None or vocab_group is not None
+                                 or seq_group is not None):
+            raise ValueError("vppo_loss: process_group, vocab_group and seq_group take CPU tensors "
+                             "for now (the parallel layouts are not on the CUDA path yet)")
         targets = _as("targets", targets, torch.int32)
         cu_seqlens = _as("cu_seqlens", cu_seqlens, torch.int32)
         rows = None if rows is None else _as("rows", rows, torch.int64)
         masked_rows = None if masked_rows is None else _as("masked_rows", masked_rows, torch.int64)
     n, b = targets.numel(), advantages.numel()
-    token = [torch.empty(n, dtype=torch.uint8 if name == "mask" else torch.float32)
+    on = logits.device
+    token = [torch.empty(n, dtype=torch.uint8 if name == "mask" else torch.float32, device=on)
              for name in TOKEN_OUTPUTS]
-    resp = [torch.empty(b, dtype=torch.int32 if name == "k" else torch.float32)
+    resp = [torch.empty(b, dtype=torch.int32 if name == "k" else torch.float32, device=on)
             for name in RESPONSE_OUTPUTS]
+    if device == "cuda":
+        scalars = _vppo.forward_cuda(
+            on.index, torch.cuda.current_stream(on).cuda_stream, options,
+            _dtype_name(logits.dtype), logits.shape[1],
+            _raw(logits), _raw(logits_masked), _raw(targets), _raw(old_logp), _raw(advantages),
+            _raw(cu_seqlens), None if rows is None else _raw(rows),
+            None if masked_rows is None else _raw(masked_rows),
+            [_raw(t) for t in token + resp],
+            None if ref_logp is None else _raw(ref_logp),
+        )
+        loss = torch.tensor(scalars[0], dtype=torch.float32, device=on)
+        stats = torch.tensor(scalars[1:], dtype=torch.float64, device=on)
+        return (loss, *token, *resp, stats)
     scalars = _vppo.forward(
         device, options, _dtype_name(logits.dtype), logits.shape[1],
         _raw(logits), _raw(logits_masked), _raw(targets), _raw(old_logp), _raw(advantages),
@@ -290,13 +335,14 @@ def _loss_fake(logits, logits_masked, targets, old_logp, advantages, cu_seqlens,
 
 
 def _backward_args(logits, targets, lse, dlogp, rows):
-    _check("logits", logits, _LOGITS_DTYPES, 2)
-    _check("targets", targets, _INT_DTYPES, 1)
-    _check("lse", lse, (torch.float32,), 1)
-    _check("dlogp", dlogp, (torch.float32,), 1)
+    on = _on(logits)
+    _check("logits", logits, _LOGITS_DTYPES, 2, on)
+    _check("targets", targets, _INT_DTYPES, 1, on)
+    _check("lse", lse, (torch.float32,), 1, on)
+    _check("dlogp", dlogp, (torch.float32,), 1, on)
     targets = _as("targets", targets, torch.int32)
     if rows is not None:
-        _check("rows", rows, _INT_DTYPES, 1)
+        _check("rows", rows, _INT_DTYPES, 1, on)
         rows = _as("rows", rows, torch.int64)
     return targets, rows
 
@@ -307,6 +353,17 @@ def _backward_into(grad, logits, targets, lse, dlogp, rows, options, device, voc
     None means in place (``grad`` holds the logits). With ``vocab_start`` >= 0 the logits are the
     columns [vocab_start, vocab_start + V_r) of a vocabulary of ``vocab_size`` (SPEC section 11)."""
     source = grad if logits is None else logits
+    if device == "cuda":
+        if vocab_start >= 0:
+            raise ValueError("vppo_loss: vocab_group takes CPU tensors for now")
+        _vppo.backward_cuda(
+            grad.device.index, torch.cuda.current_stream(grad.device).cuda_stream, options,
+            _dtype_name(source.dtype), source.shape[1],
+            None if logits is None else _raw(logits),
+            _dtype_name(grad.dtype), _raw(grad), _raw(targets), _raw(lse), _raw(dlogp),
+            None if rows is None else _raw(rows),
+        )
+        return
     _vppo.backward(
         device, options, _dtype_name(source.dtype), source.shape[1],
         None if logits is None else _raw(logits),
@@ -333,7 +390,7 @@ def _loss_backward(
     ``vocab_start`` >= 0, of this rank's vocabulary columns."""
     targets, rows = _backward_args(logits, targets, lse, dlogp, rows)
     dtype = torch.float32 if grad_dtype == "f32" else logits.dtype
-    grad = torch.empty(logits.shape, dtype=dtype)
+    grad = torch.empty(logits.shape, dtype=dtype, device=logits.device)
     _backward_into(grad, logits, targets, lse, dlogp, rows, options, device, vocab_start, vocab_size)
     return grad
 
@@ -436,8 +493,10 @@ def vppo_loss(
     official "kl" and "low_var_kl" too) with ``kl_coef=1e-3``, ...), plus ``tas_range=(lo, hi)``;
     defaults are the command line's. ``ref_logp`` [N] float32: the reference policy's log-prob of
     each target, which any ``kl_penalty`` but "none" needs (SPEC section 12); ``out["kl_loss"]`` is
-    the penalty before ``kl_coef``. ``device``: "simt" (default: the kernels on the SIMT executor) or "reference"
-    (the f64 reference). ``grad_dtype``: "logits" (default) or "f32" (autograd then stores it in the
+    the penalty before ``kl_coef``. ``device``: for CUDA tensors "cuda" (the default: the kernels on
+    the tensors' GPU, in place, ordered after torch's current stream there; ``process_group``,
+    ``vocab_group`` and ``seq_group`` take CPU tensors for now); for CPU tensors "simt" (the default:
+    the kernels on the SIMT executor) or "reference" (the f64 reference). ``grad_dtype``: "logits" (default) or "f32" (autograd then stores it in the
     logits' dtype). ``in_place=True``: the backward writes the gradient over ``logits``.
 
     ``process_group``: data parallel (SPEC section 11). Each rank passes its own whole responses;
@@ -475,7 +534,8 @@ def vppo_loss(
     ``out`` a dict of the per-token (``TOKEN_OUTPUTS``), per-response (``RESPONSE_OUTPUTS``) tensors
     and the statistics (``STATS``). Bad input raises ValueError with the crate's message.
     """
-    device = "simt" if device is None else device
+    if device is None:
+        device = "cuda" if _on(logits) is not None else "simt"
     if vocab_group is not None and in_place:
         raise ValueError("vppo_loss: vocab_group is not combined with in_place yet")
     seq = -1

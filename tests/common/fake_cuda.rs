@@ -47,8 +47,8 @@ impl Stats {
     }
 }
 
-type ResolveFn = extern "C" fn(*const c_char) -> Option<SimtEntry>;
-type PointerFieldsFn = extern "C" fn(*const c_char, *mut *const usize, *mut usize) -> usize;
+type ResolveFn = unsafe extern "C" fn(*const c_char) -> Option<SimtEntry>;
+type PointerFieldsFn = unsafe extern "C" fn(*const c_char, *mut *const usize, *mut usize) -> usize;
 type InstallFn = unsafe extern "C" fn(ResolveFn, PointerFieldsFn, c_int) -> c_int;
 type StatsFn = unsafe extern "C" fn(*mut Stats);
 
@@ -80,135 +80,6 @@ unsafe impl Send for Loaded {}
 unsafe impl Sync for Loaded {}
 
 static LOADED: OnceLock<Result<Loaded, String>> = OnceLock::new();
-
-extern "C" fn resolve(name: *const c_char) -> Option<SimtEntry> {
-    if name.is_null() {
-        return None;
-    }
-    // SAFETY: the fake driver passes the NUL-terminated name cuModuleGetFunction was given.
-    let name = unsafe { CStr::from_ptr(name) }.to_str().ok()?;
-    vppo::hooks::simt_entry(name)
-}
-
-/// The byte offsets of the pointer fields of each params struct (kernels/vppo_params.h), which the
-/// fake driver checks against its live allocations at every launch.
-mod pointer_fields {
-    use std::mem::offset_of;
-    use vppo::params::{
-        VppoBackwardParams, VppoKlDivBackwardParams, VppoLossParams, VppoPerceptionParams,
-        VppoSelectParams,
-    };
-
-    type P = VppoPerceptionParams;
-    pub static PERCEPTION: [usize; 13] = [
-        offset_of!(P, logits),
-        offset_of!(P, logits_masked),
-        offset_of!(P, targets),
-        offset_of!(P, old_logp),
-        offset_of!(P, lse),
-        offset_of!(P, lse_masked),
-        offset_of!(P, logp),
-        offset_of!(P, logp_masked),
-        offset_of!(P, kl),
-        offset_of!(P, k3),
-        offset_of!(P, entropy),
-        offset_of!(P, score),
-        offset_of!(P, status),
-    ];
-    type S = VppoSelectParams;
-    pub static SELECT: [usize; 10] = [
-        offset_of!(S, score),
-        offset_of!(S, cu_seqlens),
-        offset_of!(S, mask),
-        offset_of!(S, k),
-        offset_of!(S, sbar),
-        offset_of!(S, token_response),
-        offset_of!(S, logp),
-        offset_of!(S, old_logp),
-        offset_of!(S, seq_log_ratio),
-        offset_of!(S, seq_selected),
-    ];
-    type L = VppoLossParams;
-    pub static LOSS: [usize; 15] = [
-        offset_of!(L, logp),
-        offset_of!(L, old_logp),
-        offset_of!(L, mask),
-        offset_of!(L, sbar),
-        offset_of!(L, cu_seqlens),
-        offset_of!(L, advantages),
-        offset_of!(L, alpha),
-        offset_of!(L, dlogp),
-        offset_of!(L, totals),
-        offset_of!(L, token_response),
-        offset_of!(L, responses),
-        offset_of!(L, partials),
-        offset_of!(L, seq_log_ratio),
-        offset_of!(L, seq_selected),
-        offset_of!(L, ref_logp),
-    ];
-    type B = VppoBackwardParams;
-    pub static BACKWARD: [usize; 9] = [
-        offset_of!(B, logits),
-        offset_of!(B, lse),
-        offset_of!(B, dlogp),
-        offset_of!(B, targets),
-        offset_of!(B, grad),
-        offset_of!(B, ref_logits),
-        offset_of!(B, lse_ref),
-        offset_of!(B, ref_kl),
-        offset_of!(B, dref_kl),
-    ];
-    type K = VppoKlDivBackwardParams;
-    pub static KL_DIV_BACKWARD: [usize; 10] = [
-        offset_of!(K, p_logits),
-        offset_of!(K, q_logits),
-        offset_of!(K, lse_p),
-        offset_of!(K, lse_q),
-        offset_of!(K, kl),
-        offset_of!(K, grad_kl),
-        offset_of!(K, grad_p),
-        offset_of!(K, grad_q),
-        offset_of!(K, p_rows),
-        offset_of!(K, q_rows),
-    ];
-
-    /// The pointer offsets and the size of the params struct of `kernel`.
-    pub fn of(kernel: &str) -> (&'static [usize], usize) {
-        use std::mem::size_of;
-        if kernel.starts_with("vppo_perception_") {
-            (&PERCEPTION, size_of::<P>())
-        } else if kernel == "vppo_select" {
-            (&SELECT, size_of::<S>())
-        } else if kernel.starts_with("vppo_loss") {
-            (&LOSS, size_of::<L>())
-        } else if kernel.starts_with("vppo_backward_") {
-            (&BACKWARD, size_of::<B>())
-        } else if kernel.starts_with("vppo_kl_div_backward_") {
-            (&KL_DIV_BACKWARD, size_of::<K>())
-        } else {
-            (&[], 0)
-        }
-    }
-}
-
-extern "C" fn pointer_fields(
-    name: *const c_char,
-    out: *mut *const usize,
-    params_bytes: *mut usize,
-) -> usize {
-    if name.is_null() || out.is_null() || params_bytes.is_null() {
-        return 0;
-    }
-    // SAFETY: the fake driver passes the kernel's NUL-terminated name and valid out-pointers.
-    let name = unsafe { CStr::from_ptr(name) }.to_str().unwrap_or("");
-    let (fields, size) = pointer_fields::of(name);
-    // SAFETY: both are valid for one write; the slice is a static, alive for the process.
-    unsafe {
-        *out = fields.as_ptr();
-        *params_bytes = size;
-    }
-    fields.len()
-}
 
 fn dl_error() -> String {
     // SAFETY: dlerror returns NULL or a NUL-terminated string owned by libc, read before any other dl call.
@@ -309,8 +180,17 @@ fn load(schedule: c_int) -> Result<Loaded, String> {
             std::mem::transmute::<*mut c_void, StatsFn>(stats),
         )
     };
-    // SAFETY: `resolve` is a plain extern "C" function that lives as long as the process.
-    if unsafe { install(resolve, pointer_fields, schedule) } != 0 {
+    // SAFETY: the resolver (`vppo::hooks::simt_entry_of_c_name`, which the fake driver calls with
+    // the NUL-terminated names cuModuleGetFunction is given) and `kernel_pointer_fields` are plain
+    // extern "C" functions that live as long as the process.
+    if unsafe {
+        install(
+            vppo::hooks::simt_entry_of_c_name,
+            vppo::hooks::kernel_pointer_fields,
+            schedule,
+        )
+    } != 0
+    {
         return Err("vppo_fake_cuda_install refused the environment (see stderr)".into());
     }
     Ok(Loaded { stats })

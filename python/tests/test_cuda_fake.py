@@ -1,0 +1,229 @@
+"""The extension's CUDA path (``_vppo.forward_cuda`` / ``backward_cuda``, what ``vppo.torch`` calls for
+CUDA tensors) on the fake CUDA driver of the Rust tests (tests/fake_cuda/libcuda.c: the driver API on
+the SIMT executor, device memory in host memory with guard pages, streams that run only when waited
+for). The PyPI torch wheel here has no CUDA, so device memory is made through the fake driver itself
+(ctypes) and handed to the extension as raw (address, count) pairs and a raw stream, exactly as
+``vppo.torch`` hands over ``tensor.data_ptr()`` and ``torch.cuda.current_stream().cuda_stream``.
+
+Each test runs in a fresh Python process (the fake driver must be loaded before the extension first
+loads libcuda, and cannot be unloaded). Compared with the extension's CPU path on the SIMT executor
+(the same kernels, same lane order): bit-identical outputs and gradients, with and without rows, in
+place, and bad input refused before anything is written.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FAKE = REPO / "tests" / "fake_cuda" / "libcuda.c"
+
+# Everything the child needs: the fake driver loaded, device memory helpers, the CPU reference run.
+PRELUDE = r'''
+import ctypes, sys
+import torch
+import vppo.torch as vt
+from vppo import _vppo
+
+lib = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
+lib.vppo_fake_cuda_install.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+assert lib.vppo_fake_cuda_install(*_vppo._fake_cuda_hooks(), 0) == 0
+u64 = ctypes.c_uint64
+def ok(rc, what):
+    assert rc == 0, f"{what}: CUresult {rc}"
+ok(lib.cuInit(0), "cuInit")
+dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+ok(lib.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
+ok(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "retain")
+ok(lib.cuCtxSetCurrent(ctx), "set current")
+stream = ctypes.c_void_p()
+ok(lib.cuStreamCreate(ctypes.byref(stream), 1), "cuStreamCreate")  # non-blocking, as torch's
+STREAM = stream.value
+lib.cuMemAlloc_v2.argtypes = [ctypes.POINTER(u64), ctypes.c_size_t]
+lib.cuMemcpyHtoDAsync_v2.argtypes = [u64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+lib.cuMemcpyDtoH_v2.argtypes = [ctypes.c_void_p, u64, ctypes.c_size_t]
+lib.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
+KEEP = []  # host tensors whose queued uploads have not run yet
+
+def upload(t):
+    """A device copy of CPU tensor t, queued on STREAM (it runs only when something waits)."""
+    t = t.contiguous()
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        return (0, 0)
+    p = u64()
+    ok(lib.cuMemAlloc_v2(ctypes.byref(p), nbytes), "cuMemAlloc")
+    ok(lib.cuMemcpyHtoDAsync_v2(p.value, t.data_ptr(), nbytes, STREAM), "upload")
+    KEEP.append(t)
+    return (p.value, t.numel())
+
+def empty(numel, dtype):
+    """A device buffer of numel elements of dtype holding 0xFF bytes (NaN), as garbage would."""
+    if numel == 0:
+        return (0, 0)
+    size = torch.tensor([], dtype=dtype).element_size()
+    return (upload(torch.full((numel * size,), 255, dtype=torch.uint8))[0], numel)
+
+def download(raw, dtype):
+    out = torch.empty(raw[1], dtype=dtype)
+    if raw[1]:
+        ok(lib.cuMemcpyDtoH_v2(out.data_ptr(), raw[0], out.numel() * out.element_size()), "download")
+    return out
+
+def batch(lengths=(5, 0, 7, 4), vocab=33, dtype=torch.float32, seed=0, rows_total=None):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    r = n if rows_total is None else rows_total
+    logits = (torch.randn(r, vocab, generator=g) * 2).to(dtype)
+    masked = (logits.float() + torch.randn(r, vocab, generator=g)).to(dtype)
+    targets = torch.randint(0, vocab, (n,), generator=g).to(torch.int32)
+    old_logp = (torch.randn(n, generator=g) * 0.3 - 3.0).float()
+    adv = torch.randn(len(lengths), generator=g).float()
+    cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
+    rows = None
+    if rows_total is not None:
+        rows = torch.sort(torch.randperm(rows_total, generator=g)[:n]).values
+    return logits, masked, targets, old_logp, adv, cu, rows
+
+TOKEN = [torch.uint8 if name == "mask" else torch.float32 for name in vt.TOKEN_OUTPUTS]
+RESP = [torch.int32 if name == "k" else torch.float32 for name in vt.RESPONSE_OUTPUTS]
+
+def raw(t):
+    return (t.data_ptr(), t.numel())
+
+def cpu_forward(options, b):
+    logits, masked, targets, old_logp, adv, cu, rows = b
+    n, nb = targets.numel(), adv.numel()
+    outs = [torch.empty(n, dtype=d) for d in TOKEN] + [torch.empty(nb, dtype=d) for d in RESP]
+    scalars = _vppo.forward("simt", options, vt._dtype_name(logits.dtype), logits.shape[1],
+                            raw(logits), raw(masked), raw(targets), raw(old_logp), raw(adv), raw(cu),
+                            None if rows is None else raw(rows), None, [raw(o) for o in outs])
+    return scalars, outs
+
+def cuda_forward(options, b):
+    logits, masked, targets, old_logp, adv, cu, rows = b
+    n, nb = targets.numel(), adv.numel()
+    dev = [upload(t) for t in (logits, masked, targets, old_logp, adv, cu)]
+    drows = None if rows is None else upload(rows)
+    outs = [empty(n, d) for d in TOKEN] + [empty(nb, d) for d in RESP]
+    scalars = _vppo.forward_cuda(0, STREAM, options, vt._dtype_name(logits.dtype), logits.shape[1],
+                                 *dev, drows, None, outs)
+    return scalars, [download(o, d) for o, d in zip(outs, TOKEN + RESP)], dev, drows
+
+def same(a, b):
+    a, b = a.contiguous(), b.contiguous()
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+'''
+
+FORWARD_AND_BACKWARD = r'''
+options = vt._options_json({})
+for dtype, rows_total, grad_dtype in [(torch.float32, None, torch.float32),
+                                      (torch.bfloat16, None, torch.bfloat16),
+                                      (torch.float16, 40, torch.float32),
+                                      (torch.bfloat16, 23, torch.bfloat16)]:
+    b = batch(dtype=dtype, seed=3, rows_total=rows_total)
+    want, want_outs = cpu_forward(options, b)
+    got, got_outs, dev, drows = cuda_forward(options, b)
+    assert got == want, (got, want)
+    for name, x, y in zip(vt.TOKEN_OUTPUTS + vt.RESPONSE_OUTPUTS, got_outs, want_outs):
+        assert same(x, y), name
+    logits, targets = b[0], b[2]
+    lse, dlogp = want_outs[vt.TOKEN_OUTPUTS.index("lse")], want_outs[vt.TOKEN_OUTPUTS.index("dlogp")]
+    rows = b[6]
+    # The CPU backward.
+    grad_want = torch.empty(logits.shape, dtype=grad_dtype)
+    _vppo.backward("simt", options, vt._dtype_name(dtype), logits.shape[1], raw(logits),
+                   vt._dtype_name(grad_dtype), raw(grad_want), raw(targets), raw(lse), raw(dlogp),
+                   None if rows is None else raw(rows))
+    # The CUDA backward from the saved tensors on the device, into a buffer of NaN bytes.
+    dlse, ddlogp = upload(lse), upload(dlogp)
+    grad = empty(logits.numel(), grad_dtype)
+    _vppo.backward_cuda(0, STREAM, options, vt._dtype_name(dtype), logits.shape[1], dev[0],
+                        vt._dtype_name(grad_dtype), grad, dev[2], dlse, ddlogp, drows)
+    assert same(download(grad, grad_dtype).view(logits.shape), grad_want), (dtype, rows_total)
+    if rows is not None:
+        hit = torch.zeros(logits.shape[0], dtype=torch.bool)
+        hit[rows] = True
+        assert (grad_want[~hit] == 0).all()
+    if grad_dtype == dtype:
+        # In place: the device logits become the gradient.
+        _vppo.backward_cuda(0, STREAM, options, vt._dtype_name(dtype), logits.shape[1], None,
+                            vt._dtype_name(dtype), dev[0], dev[2], dlse, ddlogp, drows)
+        assert same(download(dev[0], dtype).view(logits.shape), grad_want)
+print("ok")
+'''
+
+ERRORS = r'''
+options = vt._options_json({})
+b = list(batch(seed=5))
+b[2] = b[2].clone()
+b[2][3] = 33  # a target outside [0, V)
+logits, masked, targets, old_logp, adv, cu, rows = b
+dev = [upload(t) for t in (logits, masked, targets, old_logp, adv, cu)]
+outs = [empty(targets.numel(), d) for d in TOKEN] + [empty(adv.numel(), d) for d in RESP]
+try:
+    _vppo.forward_cuda(0, STREAM, options, "float32", logits.shape[1], *dev, None, None, outs)
+    raise SystemExit("no error for a bad target")
+except ValueError as e:
+    assert "targets" in str(e), e
+# Nothing was written: every output still holds its NaN bytes.
+for o, d in zip(outs, TOKEN + RESP):
+    assert (download(o, d).view(torch.uint8) == 255).all()
+# A bad saved tensor (lse not finite) is refused before the backward writes anything.
+lse = torch.full((targets.numel(),), float("inf"))
+grad = empty(logits.numel(), torch.float32)
+good = upload(torch.zeros(targets.numel(), dtype=torch.int32))
+try:
+    _vppo.backward_cuda(0, STREAM, options, "float32", logits.shape[1], dev[0], "float32", grad,
+                        good, upload(lse), upload(torch.zeros(targets.numel())), None)
+    raise SystemExit("no error for an infinite lse")
+except ValueError as e:
+    assert "lse" in str(e), e
+assert (download(grad, torch.float32).view(torch.uint8) == 255).all()
+# Length mismatches are refused before any device memory is touched.
+try:
+    _vppo.forward_cuda(0, STREAM, options, "float32", logits.shape[1], *dev[:3], (dev[3][0], 1),
+                       *dev[4:], None, None, outs)
+    raise SystemExit("no error for a short old_logp")
+except ValueError as e:
+    assert "old_logp" in str(e), e
+print("ok")
+'''
+
+
+def _cc():
+    cc = os.environ.get("CC", "").split() or ["cc"]
+    return cc if shutil.which(cc[0]) else None
+
+
+def _run(tmp_path, body):
+    from vppo import _vppo  # noqa: F401  (the extension must be importable)
+
+    cc = _cc()
+    if not FAKE.exists() or cc is None:
+        pytest.skip("needs the repository's tests/fake_cuda/libcuda.c and a C compiler")
+    so = tmp_path / "libcuda.so"
+    subprocess.run([*cc, "-shared", "-fPIC", "-O1", "-std=c11", "-pthread",
+                    "-Wl,-soname,libcuda.so", "-o", str(so), str(FAKE)], check=True)
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(PRELUDE) + textwrap.dedent(body))
+    run = subprocess.run([sys.executable, str(script), str(so)], capture_output=True, text=True,
+                         timeout=600)
+    text = run.stdout + run.stderr
+    if "kernels not built" in text:
+        pytest.skip("this build of the extension has no CUDA kernels (no nvcc at build time)")
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), text
+
+
+def test_cuda_forward_and_backward_on_the_fake_driver(tmp_path):
+    _run(tmp_path, FORWARD_AND_BACKWARD)
+
+
+def test_cuda_errors_on_the_fake_driver(tmp_path):
+    _run(tmp_path, ERRORS)
