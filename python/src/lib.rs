@@ -316,7 +316,7 @@ fn report_failure(py: Python<'_>, rank: usize, size: usize, reduce: Py<PyAny>) -
 /// selected_fraction, kl_loss). `ref_logp` ([N] f32) is the KL penalty's (SPEC section 12). Nothing
 /// is written when the crate returns an error.
 #[pyfunction]
-#[pyo3(signature = (device, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, group=None, vocab_shard=None, ref_logp=None, seq_continues=None, vocab_group=None, seq_group=None))]
+#[pyo3(signature = (device, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, group=None, vocab_shard=None, ref_logp=None, seq_continues=None, vocab_group=None, seq_group=None, ref_logits=None, full_out=None))]
 #[allow(clippy::too_many_arguments)]
 fn forward(
     py: Python<'_>,
@@ -339,7 +339,11 @@ fn forward(
     seq_continues: Option<bool>,
     vocab_group: Option<(usize, usize, Py<PyAny>)>,
     seq_group: Option<(usize, usize, Py<PyAny>)>,
+    ref_logits: Option<Raw>,
+    full_out: Option<Raw>,
 ) -> PyResult<(f64, f64, f64, f64, f64, f64, f64)> {
+    // `ref_logits` (the logits' dtype and shape) is `kl_penalty = full`'s; `full_out` ([3, N] f32)
+    // then receives the per-token lse_ref, ref_kl and dref_kl its backward needs (SPEC section 12).
     // `group` is the data group, `vocab_group` (with vocab_shard: start, V) the vocabulary group,
     // `seq_group` (with seq_continues: whether this rank's first response continues the previous
     // rank's) the sequence group (SPEC 11); any of them may be absent.
@@ -399,8 +403,7 @@ fn forward(
                 rows: rows.map(|r| slice::<i64>(r)),
                 masked_rows: masked_rows.map(|r| slice::<i64>(r)),
                 ref_logp: ref_logp.map(|r| slice::<f32>(r)),
-                // kl_penalty = full from Python: not yet (the missing-tensor error names it)
-                ref_logits: None,
+                ref_logits: ref_logits.map(|r| crate::logits(dtype, r)),
             }
         };
         let data = groups.data.as_ref();
@@ -440,6 +443,20 @@ fn forward(
     want_len("k", cols.k.len(), out[K].1)?;
     // SAFETY: as above, an int32 buffer of B elements.
     unsafe { slice_mut::<i32>(out[K]) }.copy_from_slice(&cols.k);
+    if let Some(f) = full_out {
+        let t = &o.tokens;
+        let n = t.logp.len();
+        want_len("the full KL's saved tensors", f.1, 3 * n)?;
+        // SAFETY: a fresh torch.zeros float32 buffer of 3N elements, owned by the call.
+        let dst = unsafe { slice_mut::<f32>(f) };
+        // Empty (zeros left) unless kl_penalty = full computed them.
+        for (i, src) in [&t.lse_ref, &t.ref_kl, &t.dref_kl].into_iter().enumerate() {
+            if !src.is_empty() {
+                want_len("a full KL output", src.len(), n)?;
+                dst[i * n..(i + 1) * n].copy_from_slice(src);
+            }
+        }
+    }
     Ok(scalars(&o))
 }
 
@@ -502,7 +519,7 @@ fn scalars(o: &vppo::VppoOutput) -> (f64, f64, f64, f64, f64, f64, f64) {
 /// None, reads the logits from `grad` and overwrites them with the gradient (in place). `dlogp`
 /// is the forward's dloss/dlogp already scaled by the incoming gradient of the loss.
 #[pyfunction]
-#[pyo3(signature = (device, options, dtype, vocab, logits, grad_dtype, grad, targets, lse, dlogp, rows, vocab_shard=None))]
+#[pyo3(signature = (device, options, dtype, vocab, logits, grad_dtype, grad, targets, lse, dlogp, rows, vocab_shard=None, ref_logits=None, full=None))]
 #[allow(clippy::too_many_arguments)]
 fn backward(
     py: Python<'_>,
@@ -518,7 +535,11 @@ fn backward(
     dlogp: Raw,
     rows: Option<Raw>,
     vocab_shard: Option<(usize, usize)>,
+    ref_logits: Option<Raw>,
+    full: Option<Raw>,
 ) -> PyResult<()> {
+    // With `ref_logits`, `full` is the forward's [3, N] lse_ref, ref_kl and dref_kl (the last
+    // scaled by the incoming gradient of the loss): `kl_penalty = full`'s backward.
     let vppo = build(device, options)?;
     let dtype = parse_dtype(dtype)?;
     let grad_dtype = parse_dtype(grad_dtype)?;
@@ -539,10 +560,29 @@ fn backward(
         want_len("grad_logits", grad.1, l.1)?;
     }
     rows_of("grad_logits", grad.1, vocab)?;
+    let full = match (ref_logits, full) {
+        (Some(r), Some(f)) => {
+            want_len("the full KL's saved tensors", f.1, 3 * n)?;
+            Some((r, f))
+        }
+        (None, None) => None,
+        _ => return Err(bad("ref_logits and the full KL's saved tensors go together".into())),
+    };
     py.detach(|| {
         // SAFETY: vppo/torch.py passes contiguous CPU tensors of these dtypes and counts, alive for
         // the call; `grad` is a fresh torch.empty buffer or (in place, `logits` None) the logits the
         // op declares it mutates, and no other slice of it exists here.
+        // The full KL's: ref_logits of the logits' dtype and count, and 3N f32 (checked above).
+        let full = full.map(|(r, f)| unsafe {
+            let f = slice::<f32>(f);
+            vppo::FullKlSaved {
+                ref_logits: crate::logits(dtype, r),
+                lse_ref: &f[..n],
+                ref_kl: &f[n..2 * n],
+                dref_kl: &f[2 * n..],
+            }
+        });
+        // SAFETY: as above.
         let (logits, grad, saved) = unsafe {
             (
                 logits.map(|l| crate::logits(dtype, l)),
@@ -555,6 +595,15 @@ fn backward(
                 },
             )
         };
+        if let Some(full) = &full {
+            if vocab_shard.is_some() {
+                return Err(VppoError::Shape {
+                    tensor: vppo::Tensor::RefLogits,
+                    detail: "kl_penalty = full is not combined with a vocabulary shard".into(),
+                });
+            }
+            return vppo.backward_saved_full(logits, vocab, &saved, full, grad);
+        }
         match (vocab_shard, logits) {
             (Some((start, total)), Some(logits)) => vppo.backward_saved_vocab_parallel(
                 logits,

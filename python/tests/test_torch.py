@@ -172,6 +172,62 @@ def test_kl_penalty_matches_eager_pytorch(kl_penalty, device):
     torch.testing.assert_close(grad.double(), x.grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", ["simt", "reference"])
+@pytest.mark.parametrize("rows_total,in_place", [(None, False), (30, False), (None, True)])
+def test_full_kl_penalty_matches_eager_pytorch(device, rows_total, in_place):
+    """SPEC 12, kl_penalty="full": the exact KL(pi || pi_ref) over the vocabulary of every response
+    token (F.kl_div with log_target, summed over V), token-mean, times kl_coef, added to the loss;
+    its gradient by autograd through log_softmax (the reference is constant), with rows and in place."""
+    b = make_batch(seed=21, rows_total=rows_total)
+    g = torch.Generator().manual_seed(4)
+    ref_logits = (b["logits"] + 1.5 * torch.randn(b["logits"].shape, generator=g)).float()
+    x = b["logits"].double().requires_grad_(True)
+    rows = b["rows"]
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    loss, out = eager_vppo(pick(x), pick(b["logits_masked"].double()), b["targets"], b["old_logp"],
+                           b["advantages"], b["cu_seqlens"])
+    logp = F.log_softmax(pick(x), -1)
+    logr = F.log_softmax(pick(ref_logits.double()), -1)
+    kl = F.kl_div(logr, logp, log_target=True, reduction="none").sum(-1)
+    n = b["targets"].numel()
+    kl_loss = kl.sum() / n
+    (loss + 0.5 * kl_loss).backward()
+    y = b["logits"].clone().requires_grad_(True)
+    source = y * 1.0 if in_place else y  # in place overwrites the op's input: give it a copy
+    got_loss, got = vt.vppo_loss(source, b["logits_masked"], b["targets"], b["old_logp"],
+                                 b["advantages"], b["cu_seqlens"], rows=rows, ref_logits=ref_logits,
+                                 kl_penalty="full", kl_coef=0.5, device=device, in_place=in_place)
+    got_loss.backward()
+    assert got_loss.item() == pytest.approx(loss.item() + 0.5 * kl_loss.item(), rel=1e-5, abs=1e-6)
+    assert got["kl_loss"].item() == pytest.approx(kl_loss.item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(got["ref_kl"].double(), kl.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.grad.double(), x.grad, rtol=1e-4, atol=1e-6)
+    # Twice the incoming gradient, twice the gradient (the KL term's too).
+    y2 = b["logits"].clone().requires_grad_(True)
+    loss2, _ = vt.vppo_loss(y2, b["logits_masked"], b["targets"], b["old_logp"], b["advantages"],
+                            b["cu_seqlens"], rows=rows, ref_logits=ref_logits, kl_penalty="full",
+                            kl_coef=0.5, device=device)
+    (2.0 * loss2).backward()
+    torch.testing.assert_close(y2.grad.double(), 2.0 * x.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_full_kl_penalty_errors():
+    b = make_batch(seed=22)
+    with pytest.raises(ValueError, match="ref_logits"):
+        call(b, kl_penalty="full")
+    with pytest.raises(ValueError, match="ref_logits is bfloat16"):
+        call(b, kl_penalty="full", ref_logits=b["logits"].bfloat16())
+    with pytest.raises(ValueError, match="ref_logits is float32"):
+        call(b, kl_penalty="full", ref_logits=b["logits"][:-1].contiguous())
+
+
+def test_opcheck_full_kl():
+    b = make_batch(seed=23)
+    # (the op's vocab_group, seq_group, then ref_logits)
+    args = op_args(b, kl_penalty="full", kl_coef=0.25) + (None, None, b["logits"] * 0.5)
+    torch.library.opcheck(vt._loss, args)
+
+
 def test_kl_penalty_needs_a_float32_ref_logp():
     b = make_batch(seed=6)
     with pytest.raises(ValueError, match="ref_logp is missing: kl_penalty = k3"):

@@ -131,6 +131,19 @@ def _check_ref_logp(ref_logp, on=None):
         _check("ref_logp", ref_logp, (torch.float32,), 1, on)
 
 
+def _check_ref_logits(ref_logits, logits):
+    """``ref_logits`` (kl_penalty = full): the dtype and shape of ``logits`` (read through the same
+    rows); the crate checks the rest."""
+    if ref_logits is None:
+        return
+    _check("ref_logits", ref_logits, _LOGITS_DTYPES, 2, _on(logits))
+    if ref_logits.dtype != logits.dtype or ref_logits.shape != logits.shape:
+        raise ValueError(
+            f"vppo_loss: ref_logits is {_dtype_name(ref_logits.dtype)} {tuple(ref_logits.shape)}, "
+            f"logits {_dtype_name(logits.dtype)} {tuple(logits.shape)}: they must agree"
+        )
+
+
 def _as(name: str, t: Tensor, dtype: torch.dtype) -> Tensor:
     """An index tensor as the extension reads it (int32 or int64): an O(N) conversion, range checked
     so that no value is silently truncated."""
@@ -267,14 +280,18 @@ def _loss(
     seq_continues: int,
     vocab_group: Optional[str] = None,
     seq_group: Optional[str] = None,
+    ref_logits: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-           Tensor, Tensor, Tensor, Tensor]:
+           Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # The last output is kl_penalty = full's [3, N] lse_ref, ref_kl, dref_kl (SPEC section 12),
+    # [3, 0] without ref_logits.
     # `group` is the data group; `vocab_group` and `seq_group` the other layouts' (SPEC 11)
     vocab_r, seq_r, data_r = _reducers((vocab_group, seq_group, group))
     with _agreeing((vocab_r, seq_r, data_r)):
         _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows,
                       masked_rows, device, grad_dtype)
         _check_ref_logp(ref_logp, _on(logits))
+        _check_ref_logits(ref_logits, logits)
         if device == "cuda" and (group is not None or vocab_group is not None
                                  or seq_group is not None):
             raise ValueError("vppo_loss: process_group, vocab_group and seq_group take CPU tensors "
@@ -289,7 +306,10 @@ def _loss(
              for name in TOKEN_OUTPUTS]
     resp = [torch.empty(b, dtype=torch.int32 if name == "k" else torch.float32, device=on)
             for name in RESPONSE_OUTPUTS]
+    full = torch.zeros((3, n if ref_logits is not None else 0), dtype=torch.float32, device=on)
     if device == "cuda":
+        if ref_logits is not None:
+            raise ValueError("vppo_loss: ref_logits (kl_penalty=\"full\") takes CPU tensors for now")
         scalars = _vppo.forward_cuda(
             on.index, torch.cuda.current_stream(on).cuda_stream, options,
             _dtype_name(logits.dtype), logits.shape[1],
@@ -301,7 +321,7 @@ def _loss(
         )
         loss = torch.tensor(scalars[0], dtype=torch.float32, device=on)
         stats = torch.tensor(scalars[1:], dtype=torch.float64, device=on)
-        return (loss, *token, *resp, stats)
+        return (loss, *token, *resp, stats, full)
     scalars = _vppo.forward(
         device, options, _dtype_name(logits.dtype), logits.shape[1],
         _raw(logits), _raw(logits_masked), _raw(targets), _raw(old_logp), _raw(advantages),
@@ -314,16 +334,18 @@ def _loss(
         None if seq_continues < 0 else bool(seq_continues),
         vocab_group=vocab_r,
         seq_group=seq_r,
+        ref_logits=None if ref_logits is None else _raw(ref_logits),
+        full_out=None if ref_logits is None else _raw(full),
     )
     loss = torch.tensor(scalars[0], dtype=torch.float32)
     stats = torch.tensor(scalars[1:], dtype=torch.float64)
-    return (loss, *token, *resp, stats)
+    return (loss, *token, *resp, stats, full)
 
 
 @_loss.register_fake
 def _loss_fake(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
                ref_logp, options, device, grad_dtype, in_place, group, vocab_start, vocab_size,
-               seq_continues, vocab_group=None, seq_group=None):
+               seq_continues, vocab_group=None, seq_group=None, ref_logits=None):
     n, b = targets.shape[0], advantages.shape[0]
     loss = logits.new_empty((), dtype=torch.float32)
     token = [logits.new_empty((n,), dtype=torch.uint8 if name == "mask" else torch.float32)
@@ -331,7 +353,21 @@ def _loss_fake(logits, logits_masked, targets, old_logp, advantages, cu_seqlens,
     resp = [logits.new_empty((b,), dtype=torch.int32 if name == "k" else torch.float32)
             for name in RESPONSE_OUTPUTS]
     stats = logits.new_empty((len(STATS),), dtype=torch.float64)
-    return (loss, *token, *resp, stats)
+    full = logits.new_empty((3, n if ref_logits is not None else 0), dtype=torch.float32)
+    return (loss, *token, *resp, stats, full)
+
+
+def _check_full(ref_logits, full, logits, targets) -> None:
+    """The full KL's backward inputs: both or neither, ``full`` [3, N] float32."""
+    if (ref_logits is None) != (full is None):
+        raise ValueError("vppo_loss: ref_logits and the full KL's saved tensors go together")
+    if ref_logits is None:
+        return
+    _check_ref_logits(ref_logits, logits)
+    _check("full", full, (torch.float32,), 2, _on(logits))
+    if tuple(full.shape) != (3, targets.shape[0]):
+        raise ValueError(f"vppo_loss: the full KL's saved tensors are {tuple(full.shape)}, "
+                         f"expected (3, {targets.shape[0]})")
 
 
 def _backward_args(logits, targets, lse, dlogp, rows):
@@ -348,14 +384,14 @@ def _backward_args(logits, targets, lse, dlogp, rows):
 
 
 def _backward_into(grad, logits, targets, lse, dlogp, rows, options, device, vocab_start=-1,
-                   vocab_size=0) -> None:
+                   vocab_size=0, ref_logits=None, full=None) -> None:
     """Writes dloss/dlogits into ``grad`` from arguments checked by ``_backward_args``; ``logits``
     None means in place (``grad`` holds the logits). With ``vocab_start`` >= 0 the logits are the
     columns [vocab_start, vocab_start + V_r) of a vocabulary of ``vocab_size`` (SPEC section 11)."""
     source = grad if logits is None else logits
     if device == "cuda":
-        if vocab_start >= 0:
-            raise ValueError("vppo_loss: vocab_group takes CPU tensors for now")
+        if vocab_start >= 0 or ref_logits is not None:
+            raise ValueError("vppo_loss: vocab_group and ref_logits take CPU tensors for now")
         _vppo.backward_cuda(
             grad.device.index, torch.cuda.current_stream(grad.device).cuda_stream, options,
             _dtype_name(source.dtype), source.shape[1],
@@ -370,6 +406,8 @@ def _backward_into(grad, logits, targets, lse, dlogp, rows, options, device, voc
         _dtype_name(grad.dtype), _raw(grad), _raw(targets), _raw(lse), _raw(dlogp),
         None if rows is None else _raw(rows),
         None if vocab_start < 0 else (vocab_start, vocab_size),
+        None if ref_logits is None else _raw(ref_logits),
+        None if full is None else _raw(full),
     )
 
 
@@ -385,19 +423,24 @@ def _loss_backward(
     grad_dtype: str,
     vocab_start: int = -1,
     vocab_size: int = 0,
+    ref_logits: Optional[Tensor] = None,
+    full: Optional[Tensor] = None,
 ) -> Tensor:
     """dloss/dlogits [R, V] (zero rows where no token reads) from the saved lse and dlogp; with
-    ``vocab_start`` >= 0, of this rank's vocabulary columns."""
+    ``vocab_start`` >= 0, of this rank's vocabulary columns; with ``ref_logits``, plus the gradient
+    of kl_penalty = full from ``full`` ([3, N]: lse_ref, ref_kl, dref_kl already scaled)."""
     targets, rows = _backward_args(logits, targets, lse, dlogp, rows)
+    _check_full(ref_logits, full, logits, targets)
     dtype = torch.float32 if grad_dtype == "f32" else logits.dtype
     grad = torch.empty(logits.shape, dtype=dtype, device=logits.device)
-    _backward_into(grad, logits, targets, lse, dlogp, rows, options, device, vocab_start, vocab_size)
+    _backward_into(grad, logits, targets, lse, dlogp, rows, options, device, vocab_start, vocab_size,
+                   ref_logits, full)
     return grad
 
 
 @_loss_backward.register_fake
 def _loss_backward_fake(logits, targets, lse, dlogp, rows, options, device, grad_dtype,
-                        vocab_start=-1, vocab_size=0):
+                        vocab_start=-1, vocab_size=0, ref_logits=None, full=None):
     dtype = torch.float32 if grad_dtype == "f32" else logits.dtype
     return logits.new_empty(logits.shape, dtype=dtype)
 
@@ -411,15 +454,19 @@ def _loss_backward_in_place(
     rows: Optional[Tensor],
     options: str,
     device: str,
+    ref_logits: Optional[Tensor] = None,
+    full: Optional[Tensor] = None,
 ) -> None:
     """dloss/dlogits written over ``logits`` (declared mutated: its version counter is bumped, so any
     other saved use of those logits raises in autograd instead of reading a gradient)."""
     targets, rows = _backward_args(logits, targets, lse, dlogp, rows)
-    _backward_into(logits, None, targets, lse, dlogp, rows, options, device)
+    _check_full(ref_logits, full, logits, targets)
+    _backward_into(logits, None, targets, lse, dlogp, rows, options, device, -1, 0, ref_logits, full)
 
 
 @_loss_backward_in_place.register_fake
-def _loss_backward_in_place_fake(logits, targets, lse, dlogp, rows, options, device):
+def _loss_backward_in_place_fake(logits, targets, lse, dlogp, rows, options, device, ref_logits=None,
+                                 full=None):
     return None
 
 
@@ -430,24 +477,33 @@ _DLOGP = 1 + TOKEN_OUTPUTS.index("dlogp")
 def _setup_context(ctx, inputs, output):
     (logits, _, targets, _, _, _, rows, _, _, options, device, grad_dtype, in_place, _, vocab_start,
      vocab_size) = inputs[:16]
-    ctx.save_for_backward(logits, targets, output[_LSE], output[_DLOGP], rows)
+    ref_logits = inputs[19] if len(inputs) > 19 else None
+    ctx.save_for_backward(logits, targets, output[_LSE], output[_DLOGP], rows, ref_logits, output[-1])
+    ctx.n_inputs = len(inputs)
     ctx.options, ctx.device, ctx.grad_dtype, ctx.in_place = options, device, grad_dtype, in_place
     ctx.vocab_start, ctx.vocab_size = vocab_start, vocab_size
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _backward(ctx, grad_loss, *_):
-    logits, targets, lse, dlogp, rows = ctx.saved_tensors
-    none = (None,) * 18
+    logits, targets, lse, dlogp, rows, ref_logits, full = ctx.saved_tensors
+    none = (None,) * (ctx.n_inputs - 1)
     if grad_loss is None:
         return (None,) + none
-    # dloss/dlogits is linear in dloss/dlogp: the incoming gradient of the loss scales dlogp.
-    dlogp = (dlogp * grad_loss.to(torch.float32)).contiguous()
+    # dloss/dlogits is linear in dloss/dlogp (and in dloss/dkl_t of the full KL): the incoming
+    # gradient of the loss scales both.
+    scale = grad_loss.to(torch.float32)
+    dlogp = (dlogp * scale).contiguous()
+    if ref_logits is None:
+        full = None
+    else:
+        full = torch.stack([full[0], full[1], full[2] * scale]).contiguous()
     if ctx.in_place:
-        _loss_backward_in_place(logits, targets, lse, dlogp, rows, ctx.options, ctx.device)
+        _loss_backward_in_place(logits, targets, lse, dlogp, rows, ctx.options, ctx.device,
+                                ref_logits, full)
         return (logits,) + none
     grad = _loss_backward(logits, targets, lse, dlogp, rows, ctx.options, ctx.device, ctx.grad_dtype,
-                          ctx.vocab_start, ctx.vocab_size)
+                          ctx.vocab_start, ctx.vocab_size, ref_logits, full)
     return (grad,) + none
 
 
@@ -470,6 +526,7 @@ def vppo_loss(
     rows: Optional[Tensor] = None,
     masked_rows: Optional[Tensor] = None,
     ref_logp: Optional[Tensor] = None,
+    ref_logits: Optional[Tensor] = None,
     device: Optional[str] = None,
     grad_dtype: str = "logits",
     in_place: bool = False,
@@ -493,7 +550,10 @@ def vppo_loss(
     official "kl" and "low_var_kl" too) with ``kl_coef=1e-3``, ...), plus ``tas_range=(lo, hi)``;
     defaults are the command line's. ``ref_logp`` [N] float32: the reference policy's log-prob of
     each target, which any ``kl_penalty`` but "none" needs (SPEC section 12); ``out["kl_loss"]`` is
-    the penalty before ``kl_coef``. ``device``: for CUDA tensors "cuda" (the default: the kernels on
+    the penalty before ``kl_coef``. ``ref_logits`` (the dtype and shape of ``logits``, read through
+    the same ``rows``): the reference policy's logits, which ``kl_penalty="full"`` needs: the exact
+    KL(pi || pi_ref) over the vocabulary per token (``out["ref_kl"]``), with its gradient in the
+    backward (CPU tensors for now). ``device``: for CUDA tensors "cuda" (the default: the kernels on
     the tensors' GPU, in place, ordered after torch's current stream there; ``process_group``,
     ``vocab_group`` and ``seq_group`` take CPU tensors for now); for CPU tensors "simt" (the default:
     the kernels on the SIMT executor) or "reference" (the f64 reference). ``grad_dtype``: "logits" (default) or "f32" (autograd then stores it in the
@@ -567,12 +627,15 @@ def vppo_loss(
         options_json = _options_json(options)
     result = _loss(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
                    ref_logp, options_json, device, grad_dtype, bool(in_place), names[2], start,
-                   int(total), seq, names[0], names[1])
+                   int(total), seq, names[0], names[1], ref_logits)
     names = TOKEN_OUTPUTS + RESPONSE_OUTPUTS
     out = {name: result[1 + i] for i, name in enumerate(names)}
     stats = result[1 + len(names)]
     for i, name in enumerate(STATS):
         out[name] = stats[i]
+    if ref_logits is not None:
+        # kl_penalty = full: KL(pi || pi_ref) of every token (SPEC section 12).
+        out["ref_kl"] = result[-1][1]
     return result[0], out
 
 
@@ -585,10 +648,11 @@ class VppoLoss(torch.nn.Module):
         self.options = dict(options)
 
     def forward(self, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, *, rows=None,
-                masked_rows=None, ref_logp=None, process_group=None, vocab_group=None,
-                vocab_start=None, seq_group=None, seq_continues=False):
+                masked_rows=None, ref_logp=None, ref_logits=None, process_group=None,
+                vocab_group=None, vocab_start=None, seq_group=None, seq_continues=False):
         return vppo_loss(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows=rows,
-                         masked_rows=masked_rows, ref_logp=ref_logp, process_group=process_group,
+                         masked_rows=masked_rows, ref_logp=ref_logp, ref_logits=ref_logits,
+                         process_group=process_group,
                          vocab_group=vocab_group, vocab_start=vocab_start, seq_group=seq_group,
                          seq_continues=seq_continues, **self.options)
 
