@@ -566,7 +566,11 @@ fn backward(
             Some((r, f))
         }
         (None, None) => None,
-        _ => return Err(bad("ref_logits and the full KL's saved tensors go together".into())),
+        _ => {
+            return Err(bad(
+                "ref_logits and the full KL's saved tensors go together".into(),
+            ))
+        }
     };
     py.detach(|| {
         // SAFETY: vppo/torch.py passes contiguous CPU tensors of these dtypes and counts, alive for
