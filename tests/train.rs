@@ -398,6 +398,29 @@ fn chain_task_reward_ignores_fillers_and_checks_reads() {
     assert!(tt.vocab.size() < v.size());
 }
 
+/// The presets of the official code's variants (SPEC section 12): `cispo` trains with the CISPO loss
+/// and `vppo-entropy` with VPPO's mask by perception or entropy, whose union selects at least the
+/// tokens VPPO's perception mask selects on the same seed (the same base model and first rollouts).
+#[test]
+fn variant_presets_train_with_their_loss() {
+    let cispo = Algo::Cispo.loss_config(8);
+    assert_eq!(cispo.loss_type, vppo::LossType::Cispo);
+    assert_eq!((cispo.dual_clip, cispo.logp_penalty), (None, 0.0));
+    let ent = Algo::VppoEntropy.loss_config(8);
+    assert_eq!(ent.mask_by, vppo::MaskBy::PerceptionOrEntropy);
+    assert_eq!(ent.top_fraction, vppo::VppoConfig::default().top_fraction);
+    let step = |algo| {
+        let mut t = Trainer::new(tiny_chain(algo, 3)).unwrap();
+        let m = t.step().unwrap();
+        assert!(m.loss.is_finite(), "{algo:?}: {m:?}");
+        m
+    };
+    let (c, e, v) = (step(Algo::Cispo), step(Algo::VppoEntropy), step(Algo::Vppo));
+    assert_eq!(c.selected_fraction, 1.0, "cispo: every token");
+    assert!(e.selected_fraction >= v.selected_fraction, "{e:?} vs {v:?}");
+    assert!(e.selected_fraction < 1.0, "{e:?}");
+}
+
 #[test]
 fn chain_trainer_runs_the_ablations_and_resumes_bit_identically() {
     for algo in [Algo::TgfOnly, Algo::TasOnly] {

@@ -17,7 +17,8 @@ use crate::options::DeviceArg;
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainArgs {
     /// The algorithm: vppo (the official VPPO setting), dapo (every token, no shaping), grpo, tgf-only
-    /// (VPPO's mask, no shaping) or tas-only (VPPO's shaping, every token).
+    /// (VPPO's mask, no shaping), tas-only (VPPO's shaping, every token), gspo, cispo, or
+    /// vppo-entropy (VPPO's mask by perception or entropy).
     #[arg(long, value_enum, default_value = "vppo")]
     pub algo: Algo,
     /// Where the loss runs: cpu (the reference), simt (the kernels on the CPU) or cuda (GPU 0).

@@ -28,6 +28,13 @@ pub enum Algo {
     /// GSPO: the sequence-level ratio (loss type gspo, SPEC section 12) with the GSPO paper's clip
     /// 3e-4 / 4e-4, no dual clip, no logp penalty, every token, no shaping.
     Gspo,
+    /// CISPO: -A' logp times the clipped ratio held constant (loss type cispo, SPEC section 12), DAPO's
+    /// clip bounds, no dual clip, no logp penalty, every token, no shaping.
+    Cispo,
+    /// VPPO with the official entropy option (`use_vppo_on_entropy`): a token carries gradient when it
+    /// is among the top 40% of its response by perception or the top 20% by entropy (mask_by
+    /// perception-or-entropy).
+    VppoEntropy,
 }
 
 impl Algo {
@@ -40,6 +47,8 @@ impl Algo {
             Algo::TgfOnly => "tgf-only",
             Algo::TasOnly => "tas-only",
             Algo::Gspo => "gspo",
+            Algo::Cispo => "cispo",
+            Algo::VppoEntropy => "vppo-entropy",
         }
     }
 
@@ -69,6 +78,16 @@ impl Algo {
                 dual_clip: None,
                 logp_penalty: 0.0,
                 ..VppoConfig::dapo()
+            },
+            Algo::Cispo => VppoConfig {
+                loss_type: crate::LossType::Cispo,
+                dual_clip: None,
+                logp_penalty: 0.0,
+                ..VppoConfig::dapo()
+            },
+            Algo::VppoEntropy => VppoConfig {
+                mask_by: crate::MaskBy::PerceptionOrEntropy,
+                ..VppoConfig::default()
             },
         };
         VppoConfig { group_size, ..base }

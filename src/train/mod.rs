@@ -23,7 +23,9 @@
 //! [`crate::VppoConfig::dapo`] (every token, no shaping, same clipping); `grpo` is the plain GRPO surrogate:
 //! symmetric clip 0.2 / 0.2, no dual clip, no logp penalty, every token, no shaping (and, as in DAPO and
 //! the official VPPO recipe, no KL-to-reference term); `gspo` is GRPO with the sequence-level ratio of
-//! GSPO (loss type gspo) and its clip 3e-4 / 4e-4.
+//! GSPO (loss type gspo) and its clip 3e-4 / 4e-4; `cispo` is DAPO's clipping with the CISPO loss
+//! (loss type cispo: -A' logp times the clipped ratio held constant), no dual clip, no logp penalty;
+//! `vppo-entropy` is VPPO with the official entropy option (mask by perception or entropy).
 //!
 //! Random streams (ChaCha8, from `--seed`): stream 0 initialises and warms up the model, stream 1 drives
 //! RL (problems, masks, sampling), stream 2 draws the held-out evaluation problems. Everything runs on
