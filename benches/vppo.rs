@@ -139,7 +139,10 @@ fn cpu_benches(c: &mut Criterion) {
 }
 
 /// Pass 1, pass 2a and pass 2b one at a time on the SIMT executor (issue 12: the loss benchmarked
-/// against pass 1 where CI can run it), and the loss's share of pass 1.
+/// against pass 1 where CI can run it), and the loss's share of pass 1; then pass 1 once more with
+/// `logits_masked` one element (2 bytes) off the 16-byte phase of `logits`, the cliff of the `Batch`
+/// docs: its rows take the element-at-a-time path (the executor's CPU work, a proxy for the
+/// instruction count, not a GPU's time).
 fn simt_stages(c: &mut Criterion) {
     let (n, v, b) = if small() {
         (512, 1_024, 8)
@@ -152,16 +155,44 @@ fn simt_stages(c: &mut Criterion) {
     let cfg = VppoConfig::default();
     let stages = HostStages::new(&batch, &cfg, LaneOrder::Forward).expect("SIMT stages");
     let want = stages.loss_value().expect("loss");
+    // The same values one bf16 element into a bigger buffer: every row 2 bytes out of phase.
+    let masked = owned.logits_masked.to_f32();
+    let mut shifted = vec![bf16::ZERO; masked.len() + 1];
+    for (d, &x) in shifted[1..].iter_mut().zip(&masked) {
+        *d = bf16::from_f32(x);
+    }
+    let off_phase = vppo::Batch {
+        logits_masked: vppo::Logits::Bf16(&shifted[1..]),
+        ..batch
+    };
+    let off_stages = HostStages::new(&off_phase, &cfg, LaneOrder::Forward).expect("SIMT stages");
+    // The same values, summed in another order by the scalar path: equal to rounding.
+    let off_loss = off_stages.loss_value().expect("loss");
+    assert!(
+        (off_loss - want).abs() <= 1e-5 * (1.0 + want.abs()),
+        "the out-of-phase batch has the same values: loss {off_loss} vs {want}"
+    );
     let mut g = c.benchmark_group(format!("cpu/simt_stages/N={n},V={v},B={b},bf16"));
     g.sampling_mode(SamplingMode::Flat);
-    let mut samples: [Samples; 3] = Default::default();
+    let mut samples: [Samples; 4] = Default::default();
     type Stage<'s> = &'s dyn Fn() -> vppo::Result<()>;
-    let (pass1, select, loss): (Stage, Stage, Stage) =
-        (&|| stages.perception(), &|| stages.select(), &|| {
-            stages.loss()
-        });
-    let names = ["pass1_perception", "pass2a_select", "pass2b_loss"];
-    for ((name, run), s) in names.iter().zip([pass1, select, loss]).zip(&mut samples) {
+    let (pass1, select, loss, off): (Stage, Stage, Stage, Stage) = (
+        &|| stages.perception(),
+        &|| stages.select(),
+        &|| stages.loss(),
+        &|| off_stages.perception(),
+    );
+    let names = [
+        "pass1_perception",
+        "pass2a_select",
+        "pass2b_loss",
+        "pass1_perception_out_of_phase",
+    ];
+    for ((name, run), s) in names
+        .iter()
+        .zip([pass1, select, loss, off])
+        .zip(&mut samples)
+    {
         g.bench_function(*name, |bch| {
             bch.iter_custom(|iters| {
                 let t = Instant::now();
@@ -180,11 +211,15 @@ fn simt_stages(c: &mut Criterion) {
         want.to_bits(),
         "SIMT stages: loss {got} after the reruns, {want} before"
     );
-    if let [Some(p1), Some(sel), Some(l)] = samples.each_ref().map(Samples::median) {
+    if let [Some(p1), Some(sel), Some(l), Some(o)] = samples.each_ref().map(Samples::median) {
         println!(
             "vppo-simt N={n},V={v},B={b}: median pass 1 {p1:.3} ms, pass 2a (select) {sel:.3} ms = {:.2}% of pass 1, pass 2b (loss: prep, tiles, finish) {l:.3} ms = {:.2}% of pass 1 (the SIMT executor's CPU work, not a GPU's time)",
             100.0 * sel / p1,
             100.0 * l / p1
+        );
+        println!(
+            "vppo-simt N={n},V={v},B={b}: pass 1 with logits_masked out of 16-byte phase {o:.3} ms = {:.2}x the in-phase pass 1 (element-at-a-time loads for every row)",
+            o / p1
         );
     }
 }

@@ -1,9 +1,11 @@
 //! The reference of the general KL op (`vppo.torch.kl`, SPEC section 13), in f64: per token t,
 //! with a = p_logits[p_row(t)] / tau, b = q_logits[q_row(t)] / tau, p = softmax(a), q = softmax(b),
 //!
-//!     kl_t = KL(p || q) = sum_v p_v (log p_v - log q_v)          (terms with p_v = 0 add nothing)
-//!     d kl_t / d a_v = p_v ((log p_v - log q_v) - kl_t) / tau     (pulled back through a = p_logits / tau)
-//!     d kl_t / d b_v = (q_v - p_v) / tau
+//! ```text
+//! kl_t = KL(p || q) = sum_v p_v (log p_v - log q_v)          (terms with p_v = 0 add nothing)
+//! d kl_t / d a_v = p_v ((log p_v - log q_v) - kl_t) / tau     (pulled back through a = p_logits / tau)
+//! d kl_t / d b_v = (q_v - p_v) / tau
+//! ```
 //!
 //! The kernels: the forward is the perception kernel in partial mode (kernels/perception.cu), the
 //! backward kernels/kl_div.cu, launched by src/exec/kl_div.rs; the API src/kl_div.rs; tested
