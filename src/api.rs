@@ -219,11 +219,7 @@ impl Vppo {
         match self.device {
             Device::Reference => {
                 // The reference writes from f64: widen the logits first, then overwrite them.
-                let widened: Vec<f32> = match &logits {
-                    GradMut::F32(x) => x.to_vec(),
-                    GradMut::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
-                    GradMut::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
-                };
+                let widened = logits.to_f32();
                 let lse: Vec<f64> = out.tokens.lse.iter().map(|&x| x as f64).collect();
                 let dlogp: Vec<f64> = out.tokens.dlogp.iter().map(|&x| x as f64).collect();
                 crate::reference::backward::grad_logits(
@@ -265,16 +261,7 @@ impl Vppo {
         let len = logits.as_ref().map_or(grad.len(), |x| x.len());
         let dtype = logits.as_ref().map_or(grad.dtype(), |x| x.dtype());
         saved.check(len, grad.len(), vocab)?;
-        if grad.dtype() != Dtype::F32 && grad.dtype() != dtype {
-            return Err(VppoError::Shape {
-                tensor: Tensor::GradLogits,
-                detail: format!(
-                    "dtype {} is neither f32 nor the logits dtype {}",
-                    grad.dtype().name(),
-                    dtype.name()
-                ),
-            });
-        }
+        crate::batch::check_grad_dtype(dtype, grad.dtype())?;
         self.check_grad_bound(saved.dlogp)?;
         match self.device {
             Device::Reference => {
@@ -284,11 +271,7 @@ impl Vppo {
                 let logits = match logits {
                     Some(x) => x,
                     None => {
-                        widened = match &grad {
-                            GradMut::F32(x) => x.to_vec(),
-                            GradMut::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
-                            GradMut::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
-                        };
+                        widened = grad.to_f32();
                         crate::batch::Logits::F32(&widened)
                     }
                 };
@@ -348,16 +331,7 @@ impl Vppo {
         let dtype = logits.as_ref().map_or(grad.dtype(), |x| x.dtype());
         saved.check(len, grad.len(), vocab)?;
         full.check(len, dtype, saved.targets.len())?;
-        if grad.dtype() != Dtype::F32 && grad.dtype() != dtype {
-            return Err(VppoError::Shape {
-                tensor: Tensor::GradLogits,
-                detail: format!(
-                    "dtype {} is neither f32 nor the logits dtype {}",
-                    grad.dtype().name(),
-                    dtype.name()
-                ),
-            });
-        }
+        crate::batch::check_grad_dtype(dtype, grad.dtype())?;
         self.check_grad_bound(saved.dlogp)?;
         match self.device {
             Device::Reference => {
@@ -365,11 +339,7 @@ impl Vppo {
                 let logits = match logits {
                     Some(x) => x,
                     None => {
-                        widened = match &grad {
-                            GradMut::F32(x) => x.to_vec(),
-                            GradMut::F16(x) => x.iter().map(|v| v.to_f32()).collect(),
-                            GradMut::Bf16(x) => x.iter().map(|v| v.to_f32()).collect(),
-                        };
+                        widened = grad.to_f32();
                         crate::batch::Logits::F32(&widened)
                     }
                 };

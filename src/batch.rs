@@ -456,18 +456,23 @@ impl GradMut<'_> {
                 ),
             });
         }
-        if self.dtype() != Dtype::F32 && self.dtype() != batch.logits.dtype() {
-            return Err(VppoError::Shape {
-                tensor: Tensor::GradLogits,
-                detail: format!(
-                    "dtype {} is neither f32 nor the logits dtype {}",
-                    self.dtype().name(),
-                    batch.logits.dtype().name()
-                ),
-            });
-        }
-        Ok(())
+        check_grad_dtype(batch.logits.dtype(), self.dtype())
     }
+}
+
+/// A gradient buffer has the logits dtype or f32.
+pub(crate) fn check_grad_dtype(logits: Dtype, grad: Dtype) -> Result<()> {
+    if grad != Dtype::F32 && grad != logits {
+        return Err(VppoError::Shape {
+            tensor: Tensor::GradLogits,
+            detail: format!(
+                "dtype {} is neither f32 nor the logits dtype {}",
+                grad.name(),
+                logits.name()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// See [`Batch::masked_index`].

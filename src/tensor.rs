@@ -208,6 +208,14 @@ impl<'a> Logits<'a> {
     }
 }
 
+impl GradMut<'_> {
+    /// A copy of the buffer widened exactly to f32 (what the reference reads before an in-place
+    /// backward overwrites the logits held here).
+    pub fn to_f32(&self) -> Vec<f32> {
+        on_dtype!(self, x => x.iter().map(|&v| v.to_f64() as f32).collect())
+    }
+}
+
 impl<'a> DeviceLogitsMut<'a> {
     /// The same buffer, borrowed for reading.
     pub fn as_ref(&self) -> DeviceLogits<'_> {

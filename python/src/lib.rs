@@ -46,16 +46,19 @@ fn bad(msg: String) -> PyErr {
 /// `_`, values as the command line takes them; null = the default; true = a flag given), plus the
 /// Python-only `tas_range` ([lo, hi]).
 fn build(device: &str, options: &str) -> PyResult<Vppo> {
-    let device = match device {
-        "reference" => Device::Reference,
-        "simt" => Device::Simt(LaneOrder::Forward),
-        other => {
-            return Err(bad(format!(
-                "device must be \"simt\" or \"reference\" for CPU tensors, not {other:?}"
-            )))
-        }
-    };
-    build_on(device, options)
+    build_on(cpu_device(device)?, options)
+}
+
+/// The executor for CPU tensors named `device`: "simt" (the kernels on the SIMT executor) or
+/// "reference" (the f64 reference).
+fn cpu_device(device: &str) -> PyResult<Device> {
+    match device {
+        "reference" => Ok(Device::Reference),
+        "simt" => Ok(Device::Simt(LaneOrder::Forward)),
+        other => Err(bad(format!(
+            "device must be \"simt\" or \"reference\" for CPU tensors, not {other:?}"
+        ))),
+    }
 }
 
 /// [`build`] on an explicit executor (`Device::Cuda(ordinal)` for CUDA tensors).
@@ -628,16 +631,7 @@ fn backward(
 
 /// The executor of the KL op for CPU tensors.
 fn kl_op(device: &str, temperature: f64) -> PyResult<KlDiv> {
-    let device = match device {
-        "reference" => Device::Reference,
-        "simt" => Device::Simt(LaneOrder::Forward),
-        other => {
-            return Err(bad(format!(
-                "device must be \"simt\" or \"reference\" for CPU tensors, not {other:?}"
-            )))
-        }
-    };
-    KlDiv::new(temperature, device).map_err(value_error)
+    KlDiv::new(temperature, cpu_device(device)?).map_err(value_error)
 }
 
 /// The KL op's batch at these buffers.

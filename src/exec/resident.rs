@@ -497,7 +497,7 @@ pub(crate) fn backward_saved_device(
         rows: host_rows.as_deref(),
     }
     .check(logits_len, grad.len(), vocab)?;
-    check_grad_dtype(input_dtype, grad.dtype())?;
+    crate::batch::check_grad_dtype(input_dtype, grad.dtype())?;
     check_dlogp(&host_dlogp)?;
     let n = host_targets.len();
     if n == 0 || vocab == 0 {
@@ -528,21 +528,6 @@ pub(crate) fn backward_saved_device(
     // before any buffer can be dropped.
     unsafe { launch_backward_kernel(&l, kernel, &addrs, n, vocab, cfg)? };
     gpu.synchronize()
-}
-
-/// A gradient buffer has the logits dtype or f32.
-fn check_grad_dtype(logits: Dtype, grad: Dtype) -> Result<()> {
-    if grad != Dtype::F32 && grad != logits {
-        return Err(VppoError::Shape {
-            tensor: Tensor::GradLogits,
-            detail: format!(
-                "dtype {} is neither f32 nor the logits dtype {}",
-                grad.name(),
-                logits.name()
-            ),
-        });
-    }
-    Ok(())
 }
 
 // -------------------------------------------------------------------------------------------------
