@@ -3,15 +3,18 @@
 
 What it does, for each size:
   1. writes a random packed batch (SPEC section 1) with the `safetensors` package to a temp dir;
-  2. check: runs `vppo loss` on it and compares the eager PyTorch implementation below with the
-     crate's outputs (loss, per-token score/kl/k3/logp/entropy, the mask where no near-tie decides it,
+  2. check: compares the eager PyTorch implementation below with the crate's outputs (from the op
+     `vt.vppo_loss` in-process, or from `vppo loss` with --vppo-impl cli) (loss, per-token score/kl/k3/logp/entropy, the mask where no near-tie decides it,
      sbar/alpha, dloss/dlogits) with the tolerances stated in CHECK_TOL;
   3. times eager PyTorch: forward, and forward + backward (autograd), median of --iters after
      --warmup, with torch.cuda.Event on a GPU and time.perf_counter on the CPU; peak extra memory with
      torch.cuda.max_memory_allocated on a GPU, and on the CPU the process's peak resident set (VmHWM,
      reset through /proc/self/clear_refs) minus the resident set before;
-  4. times the crate with `vppo bench --input FILE --json` (the file is read once by vppo, outside
-     its timings; see src/bench.rs);
+  4. times the crate: in-process by default, `vt.vppo_loss` forward and forward + backward on the same
+     tensors as eager PyTorch (CUDA tensors used in place on a GPU; the SIMT executor on the CPU), peak
+     memory as torch's allocator peak plus the crate's own allocations; or, with --vppo-impl cli (or
+     when the package is not installed), `vppo bench --input FILE --json` (the file is read once by
+     vppo, outside its timings; see src/bench.rs);
   5. on a GPU, when `import liger_kernel` works: times Liger's triton_grpo_loss plus a separate
      full-vocabulary KL pass (the closest existing fused alternative; see time_liger);
 and prints one table. Nothing is installed: torch, numpy and safetensors must be importable.
@@ -240,11 +243,39 @@ def run_vppo(cmd):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def check_against_crate(args, path, batch, workdir):
-    """Runs `vppo loss` and compares the eager implementation; returns a list of failures."""
+def crate_outputs_cli(args, path, workdir):
+    """The crate's outputs for the batch file at `path`, from `vppo loss` (the f64 reference)."""
     out_path = os.path.join(workdir, "out.safetensors")
     run_vppo([args.vppo_bin, "loss", "--input", path, "--output", out_path, "--device", "cpu"])
-    crate = load_file(out_path)
+    return load_file(out_path)
+
+
+def crate_outputs_op(batch, device):
+    """The crate's outputs for `batch`, from the op in-process: vt.vppo_loss on CUDA tensors for
+    --device cuda (the kernels on the GPU), on CPU tensors through the SIMT executor otherwise, and its
+    backward op for dloss/dlogits in f32 (unrounded, as `vppo loss` writes it)."""
+    import vppo.torch as vt
+
+    on, op_device = ("cuda", "cuda") if device == "cuda" else ("cpu", "simt")
+    b = to_device(batch, on)
+    loss, out = vt.vppo_loss(b["logits"], b["logits_masked"], b["targets"], b["old_logp"],
+                             b["advantages"], b["cu_seqlens"], device=op_device)
+    grad = vt._loss_backward(b["logits"], b["targets"], out["lse"], out["dlogp"], None, "{}",
+                             op_device, "f32")
+    crate = {k: out[k].cpu().numpy() for k in ("logp", "entropy", "kl", "k3", "score", "sbar",
+                                                "alpha", "mask")}
+    crate["loss"] = np.array([loss.item()])
+    crate["grad_logits"] = grad.cpu().numpy()
+    return crate
+
+
+def check_against_crate(args, path, batch, workdir):
+    """Compares the eager implementation with the crate's outputs (from the op in-process with
+    --vppo-impl op, else from `vppo loss`); returns a list of failures."""
+    if args.vppo_impl == "op":
+        crate = crate_outputs_op(batch, args.device)
+    else:
+        crate = crate_outputs_cli(args, path, workdir)
     # autograd on an f32 copy of the logits (exactly widened), so the gradient is compared in f32
     logits = batch["logits"].float().requires_grad_(True)
     loss, outs = vppo_loss_eager(
@@ -433,6 +464,47 @@ def time_vppo(args, path, vppo_device):
     return report
 
 
+def time_op(batch, device, warmup, iters):
+    """The crate in-process: vt.vppo_loss forward, and forward + backward (the gradient in the logits
+    dtype), on the tensors eager PyTorch times (CUDA tensors for --device cuda, used in place on
+    torch's current stream; CPU tensors through the SIMT executor otherwise). Peak memory: torch's
+    allocator peak beyond the inputs (the gradient and the outputs) plus, on a GPU, every byte the crate
+    allocated itself during one forward + backward (`_vppo.cuda_allocated_bytes`, which torch's
+    allocator does not see; an upper bound on what it held)."""
+    import vppo.torch as vt
+    from vppo import _vppo
+
+    b = to_device(batch, device)
+    op_device = "cuda" if device == "cuda" else "simt"
+    logits = b["logits"].clone().requires_grad_(True)
+    args = (b["logits_masked"], b["targets"], b["old_logp"], b["advantages"], b["cu_seqlens"])
+
+    def fwd():
+        with torch.no_grad():
+            loss, _ = vt.vppo_loss(logits, *args, device=op_device)
+        return loss
+
+    def fwd_bwd():
+        logits.grad = None
+        loss, _ = vt.vppo_loss(logits, *args, device=op_device)
+        loss.backward()
+
+    with PeakMemory(device) as m_fwd:
+        t_fwd = time_fn(fwd, device, warmup, iters)
+    logits.grad = None
+    with PeakMemory(device) as m_bwd:
+        t_bwd = time_fn(fwd_bwd, device, warmup, iters)
+    crate_bytes = 0
+    if device == "cuda":
+        before = _vppo.cuda_allocated_bytes(torch.cuda.current_device())
+        fwd_bwd()
+        torch.cuda.synchronize()
+        crate_bytes = _vppo.cuda_allocated_bytes(torch.cuda.current_device()) - before
+    logits.grad = None
+    peak = None if m_bwd.extra is None else m_bwd.extra + crate_bytes
+    return t_fwd, t_bwd, peak, crate_bytes
+
+
 def time_liger(batch, warmup, iters):
     """Liger-Kernel's triton_grpo_loss (one fused pass over the policy logits, gradient in place) plus a
     separate full-vocabulary KL pass for the score (Liger has no fused two-logits KL), the top-k mask
@@ -523,6 +595,10 @@ def main():
     p.add_argument("--check-only", action="store_true", help="check against the crate, no timing")
     p.add_argument("--check-size", type=int, default=96,
                    help="N of the check batch (its V is min(--vocab, 4096)); 0 skips the check")
+    p.add_argument("--vppo-impl", choices=["auto", "op", "cli"], default="auto",
+                   help="how the crate is called: op = vt.vppo_loss in-process (the package of "
+                        "python/, installed), cli = the `vppo bench` / `vppo loss` binary; auto = op "
+                        "when `import vppo.torch` works, else cli")
     p.add_argument("--vppo-bin", default="target/release/vppo", help="path to the vppo binary")
     p.add_argument("--vppo-devices", default=None,
                    help="comma-separated vppo --device values to time [default: cpu for --device cpu, "
@@ -531,11 +607,21 @@ def main():
     p.add_argument("--json-out", default=None, help="also write every row as JSON here")
     args = p.parse_args()
 
-    if not os.path.exists(args.vppo_bin):
-        sys.exit(f"no vppo binary at {args.vppo_bin}: run `cargo build --release` or pass --vppo-bin")
+    if args.vppo_impl == "auto":
+        try:
+            import vppo.torch  # noqa: F401
+            args.vppo_impl = "op"
+        except ImportError:
+            args.vppo_impl = "cli"
+    if args.vppo_impl == "cli" and not os.path.exists(args.vppo_bin):
+        sys.exit(f"no vppo binary at {args.vppo_bin}: run `cargo build --release` or pass --vppo-bin "
+                 "(or install the Python package, pip install ./python, for --vppo-impl op)")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda, but torch sees no GPU")
     vppo_devices = (args.vppo_devices or ("cuda" if args.device == "cuda" else "cpu")).split(",")
+    if args.vppo_impl == "op":
+        # In-process, the crate runs where the tensors are: the GPU, or the SIMT executor on the CPU.
+        vppo_devices = ["op:cuda" if args.device == "cuda" else "op:simt"]
     dtypes = args.dtype.split(",")
     for d in dtypes:
         if d not in DTYPES:
@@ -546,6 +632,8 @@ def main():
     else:
         machine = f"CPU, {os.cpu_count()} logical cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     print(f"# {machine}", flush=True)
+    print(f"# the crate: {'vt.vppo_loss in-process' if args.vppo_impl == 'op' else args.vppo_bin}",
+          flush=True)
 
     with tempfile.TemporaryDirectory(prefix="vppo-compare-") as workdir:
         failures = []
@@ -602,16 +690,27 @@ def main():
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
                 for vd in vppo_devices:
-                    r = time_vppo(args, path, vd)
+                    if args.vppo_impl == "op":
+                        o_fwd, o_bwd, v_mem, crate_bytes = time_op(batch, args.device, args.warmup,
+                                                                   args.iters)
+                        r = dict(forward=dict(median_ms=o_fwd[0], min_ms=o_fwd[1]),
+                                 forward_backward=dict(median_ms=o_bwd[0], min_ms=o_bwd[1]),
+                                 crate_allocated_bytes=crate_bytes)
+                    else:
+                        r = time_vppo(args, path, vd)
                     v_fwd = r["forward"]["median_ms"]
                     v_bwd = r["forward_backward"]["median_ms"]
-                    if vd == "cuda":
+                    if args.vppo_impl == "op":
+                        v_mem_note = ("torch.cuda.max_memory_allocated + the crate's own allocations"
+                                      if args.device == "cuda" else "process VmHWM")
+                    elif vd == "cuda":
                         v_mem = r["gpu_peak_used_bytes"]
                         v_mem_note = "GPU used (NVML), incl. context and input copies"
                     else:
                         v_mem = r["peak_extra_bytes_forward_backward"]
                         v_mem_note = "host VmHWM"
-                    ratio = (m_bwd / v_mem) if (m_bwd and v_mem) else None
+                    # a ratio against less than 1 MiB says more about the measurement than the memory
+                    ratio = (m_bwd / v_mem) if (m_bwd and v_mem and v_mem >= 2**20) else None
                     row = dict(n=n, vocab=args.vocab, dtype=d, responses=n_resp, torch_device=args.device,
                                torch_fwd_ms=t_fwd[0], torch_fwd_bwd_ms=t_bwd[0], torch_peak_fwd=m_fwd,
                                torch_peak_fwd_bwd=m_bwd, vppo_device=vd, vppo_fwd_ms=v_fwd,
@@ -635,7 +734,9 @@ def main():
                 os.remove(path)
         print("# times: median of --iters; peak memory: extra bytes beyond the inputs (torch: "
               + ("torch.cuda.max_memory_allocated" if args.device == "cuda" else "process VmHWM")
-              + "; vppo: " + ("GPU used memory sampled by NVML" if "cuda" in vppo_devices else "process VmHWM")
+              + "; vppo: " + ({"op:cuda": "torch.cuda.max_memory_allocated + the crate's own "
+                               "allocations (_vppo.cuda_allocated_bytes)", "cuda": "GPU used memory "
+                               "sampled by NVML"}.get(vppo_devices[0], "process VmHWM"))
               + "), forward + backward, gradient included")
         if args.json_out:
             with open(args.json_out, "w") as f:

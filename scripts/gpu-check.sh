@@ -2,10 +2,14 @@
 # gpu-check.sh: everything that needs a GPU, in one call on a GPU machine.
 #
 #   detect the card (nvidia-smi) -> build with VPPO_CUDA_ARCHS = that card's arch and VPPO_REQUIRE_NVCC=1
-#   -> GPU tests (VPPO_TEST_DEVICE=cuda cargo test --release) -> compute-sanitizer memcheck and racecheck
-#   on the test binaries -> examples/copy_bandwidth -> cargo bench -> bench/compare_torch.py (eager PyTorch,
-#   and Liger-Kernel when importable, against `vppo bench`; skipped without torch) -> a docs/PERFORMANCE.md section
-#   named after the card. Logs and results also go to $OUT (default target/gpu-check).
+#   -> GPU tests (VPPO_TEST_DEVICE=cuda cargo test --release; the NCCL tests with a group of one rank
+#   when libnccl is found) -> the Python package on CUDA tensors (pytest python/tests/test_cuda.py:
+#   against the SIMT executor, the reference and eager PyTorch, in place, a side stream, opcheck,
+#   torch.compile, and no [N, V] allocation besides the gradient) -> compute-sanitizer memcheck and
+#   racecheck on the test binaries -> examples/copy_bandwidth -> cargo bench -> Nsight Compute on passes
+#   1 and 3 -> bench/compare_torch.py (vt.vppo_loss in-process against eager PyTorch, and Liger-Kernel's
+#   GRPO loss + a KL pass when importable; skipped without torch) -> a docs/PERFORMANCE.md section named
+#   after the card. Logs and results also go to $OUT (default target/gpu-check).
 #
 # Usage: scripts/gpu-check.sh [MODE] [--steps LIST] [--out DIR]
 #   (no mode)          on a GPU machine with cargo: build there and run every step.
@@ -13,10 +17,13 @@
 #                      must fail with a clean "no GPU" error). Writes $OUT/PERFORMANCE.md only.
 #   --bundle DIR       on a machine with cargo and nvcc (no GPU needed): build the release test, bench
 #                      and example binaries (for VPPO_CUDA_ARCHS, default 90 = H100/H200) and copy them,
-#                      stripped, into DIR, for a GPU machine without Rust.
+#                      stripped, into DIR, for a GPU machine without Rust; and the Python package's
+#                      wheel (abi3, with the same kernels) into DIR/wheels, built with the Python that
+#                      has maturin ($VPPO_TORCH_VENV/bin/python, default ~/.cache/vppo/torch-venv, as
+#                      .ci/run installs it, or python3).
 #   --from-bundle DIR  on the GPU machine: run the steps with the binaries from DIR instead of cargo.
 #                      Chosen automatically when cargo is missing and .gpu-bundle exists.
-#   --steps LIST       comma-separated subset of: build,tests,sanitizer,bandwidth,bench,ncu,torch,report
+#   --steps LIST       comma-separated subset of: build,tests,pytest,sanitizer,bandwidth,bench,ncu,torch,report
 #                      (default: all), e.g. to split the work over several calls.
 #   --out DIR          where logs and results go (default: $OUT if set, else target/gpu-check).
 #
@@ -38,7 +45,7 @@ ROOT=$(pwd)
 
 MODE=gpu
 BUNDLE=""
-STEPS="build,tests,sanitizer,bandwidth,bench,ncu,torch,report"
+STEPS="build,tests,pytest,sanitizer,bandwidth,bench,ncu,torch,report"
 RESULTS=${OUT:-$ROOT/target/gpu-check}
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -214,6 +221,17 @@ if [ "$MODE" = bundle ]; then
         echo "$kind $name bin/$kind-$name" >>"$BUNDLE/manifest.txt"
     done < <(sort -u "$BUNDLE/artifacts.txt")
     rm "$BUNDLE/artifacts.txt"
+    # The Python package: one abi3 wheel (any CPython >= 3.9, any torch >= 2.4), the same kernels.
+    WHEEL_PY=${VPPO_TORCH_VENV:-$HOME/.cache/vppo/torch-venv}/bin/python
+    [ -x "$WHEEL_PY" ] || WHEEL_PY=python3
+    if "$WHEEL_PY" -c 'import maturin' 2>/dev/null; then
+        PATH="$(dirname "$WHEEL_PY"):$PATH" "$WHEEL_PY" -m pip wheel --no-deps --no-build-isolation \
+            -w "$BUNDLE/wheels" ./python || { echo "the wheel did not build"; exit 1; }
+        ls -l "$BUNDLE"/wheels/*.whl
+    else
+        echo "warning: no Python with maturin ($WHEEL_PY): the bundle has no wheel, and the GPU's"
+        echo "pytest and compare_torch steps will be skipped (install maturin, or run .ci/run once)"
+    fi
     {
         echo "manifest_dir $ROOT"
         echo "archs ${VPPO_CUDA_ARCHS}"
@@ -236,6 +254,40 @@ if [ "$MODE" = bundle ]; then
 fi
 
 # ------------------------------------------------------------------------------------------------
+# The Python package for the pytest and torch steps: the bundle's wheel, or `pip install ./python` here
+# (cargo and maturin needed), into $RESULTS/py-site, put first on PYTHONPATH. Once per run.
+PY_SITE_STATE=""
+python_site() {
+    if [ -n "$PY_SITE_STATE" ]; then [ "$PY_SITE_STATE" = ok ]; return; fi
+    PY_SITE_STATE=failed
+    local site="$RESULTS/py-site"
+    rm -rf "$site"
+    if [ $FROM_BUNDLE = 1 ]; then
+        local whl
+        whl=$(ls "$BUNDLE"/wheels/vppo-*.whl 2>/dev/null | head -1)
+        [ -n "$whl" ] || { echo "the bundle has no wheel (built without maturin?)"; return 1; }
+        python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$whl" || return 1
+    else
+        python3 -m pip install -q --no-deps --no-build-isolation --target "$site" ./python || return 1
+    fi
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    python3 -c 'import vppo.torch' || return 1
+    PY_SITE_STATE=ok
+}
+
+# NCCL for the NCCL tests: cudarc opens libnccl.so, while the PyPI wheel nvidia-nccl-cu13 (in the GPU
+# image, with torch) ships libnccl.so.2 only: link it into $RESULTS/nccl-lib, put first on
+# LD_LIBRARY_PATH. Without any libnccl the NCCL tests skip themselves.
+find_nccl() {
+    local d
+    for d in $(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null) \
+        /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64 /usr/local/nccl/lib; do
+        if [ -e "$d/libnccl.so.2" ]; then echo "$d/libnccl.so.2"; return 0; fi
+    done
+    return 1
+}
+
+# ------------------------------------------------------------------------------------------------
 # How each step runs its binaries: through cargo, or from the bundle.
 if [ $FROM_BUNDLE = 1 ]; then
     note "running the binaries of bundle $BUNDLE ($(grep '^commit' "$BUNDLE/build-info.txt" 2>/dev/null))"
@@ -250,6 +302,13 @@ fi
 
 if [ "$MODE" = gpu ]; then
     export VPPO_TEST_DEVICE=cuda
+    if NCCL_SO=$(find_nccl); then
+        mkdir -p "$RESULTS/nccl-lib" && ln -sf "$NCCL_SO" "$RESULTS/nccl-lib/libnccl.so"
+        export LD_LIBRARY_PATH="$RESULTS/nccl-lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        note "NCCL: $NCCL_SO (linked as libnccl.so): the NCCL tests run with a group of one rank per GPU"
+    else
+        note "NCCL: no libnccl.so.2 found: the NCCL tests skip themselves"
+    fi
 fi
 BENCH_ARGS=()
 if [ "$MODE" = cpu ]; then
@@ -313,6 +372,33 @@ if step_enabled tests; then
         fail "tests"
     fi
     note "tests: $TEST_SUMMARY"
+fi
+
+# ------------------------------------------------------------------------------------------------
+PYTEST_SUMMARY="not run"
+if step_enabled pytest; then
+    section "The Python package on CUDA tensors (pytest python/tests/test_cuda.py)"
+    if ! python3 -c 'import torch, pytest' 2>/dev/null; then
+        PYTEST_SUMMARY="skipped: python3 cannot import torch and pytest"
+    elif ! python_site; then
+        PYTEST_SUMMARY="FAILED: the package did not install"
+        fail "pytest (install)"
+    else
+        # The rest of python/tests runs on the CPU in CI; this file is what needs the GPU (it skips
+        # itself without one, as in --cpu-only mode).
+        PYTHONUNBUFFERED=1 python3 -m pytest python/tests/test_cuda.py -q -rs -p no:cacheprovider \
+            2>&1 | tee "$RESULTS/pytest.txt"
+        rc=${PIPESTATUS[0]}
+        PYTEST_SUMMARY=$(grep -E '^[0-9]+ (passed|failed|skipped)|^=+ .*(passed|failed|skipped)' \
+            "$RESULTS/pytest.txt" | tail -1 | tr -d '=' | xargs)
+        if [ "$rc" = 0 ]; then
+            PYTEST_SUMMARY="passed: ${PYTEST_SUMMARY:-?}"
+        else
+            PYTEST_SUMMARY="FAILED: ${PYTEST_SUMMARY:-exit $rc}"
+            fail "pytest"
+        fi
+    fi
+    note "pytest: $PYTEST_SUMMARY"
 fi
 
 # ------------------------------------------------------------------------------------------------
@@ -465,17 +551,23 @@ if step_enabled torch; then
         VPPO_BIN=${CARGO_TARGET_DIR:-target}/release/vppo
         [ -x "$VPPO_BIN" ] || cargo build --release --bin vppo >/dev/null 2>&1
     fi
+    TORCH_IMPL=cli
+    if python3 -c 'import torch' 2>/dev/null && python_site; then
+        TORCH_IMPL=op  # vt.vppo_loss in-process, on the same CUDA tensors as eager PyTorch
+    fi
     if ! python3 -c 'import torch, numpy, safetensors' 2>/dev/null; then
         TORCH_SUMMARY="skipped: python3 cannot import torch, numpy and safetensors"
-    elif [ -z "$VPPO_BIN" ] || [ ! -x "$VPPO_BIN" ]; then
-        TORCH_SUMMARY="skipped: no vppo binary"
+    elif [ $TORCH_IMPL = cli ] && { [ -z "$VPPO_BIN" ] || [ ! -x "$VPPO_BIN" ]; }; then
+        TORCH_SUMMARY="skipped: neither the Python package nor a vppo binary"
     else
+        note "torch: the crate through $([ $TORCH_IMPL = op ] && echo 'vt.vppo_loss in-process' || echo "$VPPO_BIN")"
         if [ "$MODE" = gpu ]; then
             TORCH_ARGS=(--device cuda --sizes 1024,4096,16384 --vocab 151936 --dtype bf16 --iters 5)
         else
             TORCH_ARGS=(--device cpu --sizes 64 --vocab 4096 --dtype bf16 --iters 2)
         fi
-        PYTHONUNBUFFERED=1 python3 bench/compare_torch.py "${TORCH_ARGS[@]}" --vppo-bin "$VPPO_BIN" \
+        PYTHONUNBUFFERED=1 python3 bench/compare_torch.py "${TORCH_ARGS[@]}" --vppo-impl $TORCH_IMPL \
+            --vppo-bin "${VPPO_BIN:-target/release/vppo}" \
             --json-out "$RESULTS/torch.json" 2>&1 | tee "$RESULTS/torch.txt"
         rc=${PIPESTATUS[0]}
         if [ "$rc" = 0 ]; then TORCH_SUMMARY="ran (table below)"; else TORCH_SUMMARY="FAILED (exit $rc)"; fail "compare_torch"; fi
@@ -487,7 +579,7 @@ fi
 if step_enabled report; then
     section "PERFORMANCE.md section for: $CARD"
     NVCC_LINE=$(grep -m1 '^nvcc: ' "$RESULTS/resource_report.txt" 2>/dev/null | sed 's/^nvcc: //')
-    export CARD DRIVER TEST_SUMMARY SANITIZER_SUMMARY BANDWIDTH_SUMMARY BENCH_SUMMARY TORCH_SUMMARY NVCC_LINE NCU_SUMMARY
+    export CARD DRIVER TEST_SUMMARY PYTEST_SUMMARY SANITIZER_SUMMARY BANDWIDTH_SUMMARY BENCH_SUMMARY TORCH_SUMMARY NVCC_LINE NCU_SUMMARY
     export RESULTS_DIR=$RESULTS COMMIT=$(git rev-parse --short HEAD 2>/dev/null || grep '^commit' "${BUNDLE:-/dev/null}/build-info.txt" 2>/dev/null | cut -c8-15)
     TARGET_DOC="$RESULTS/PERFORMANCE.md"
     [ -f docs/PERFORMANCE.md ] && cp docs/PERFORMANCE.md "$TARGET_DOC"
@@ -540,6 +632,7 @@ lines = [
     "",
     f"- nvcc: {env.get('NVCC_LINE') or 'n/a'}",
     f"- tests: {env['TEST_SUMMARY']}",
+    f"- the Python package on CUDA tensors (python/tests/test_cuda.py): {env.get('PYTEST_SUMMARY', 'not run')}",
     f"- compute-sanitizer: {env['SANITIZER_SUMMARY']}",
     f"- device-to-device copy (bytes read + written): {env['BANDWIDTH_SUMMARY']}",
     f"- benchmarks: {env['BENCH_SUMMARY']}",
@@ -592,7 +685,7 @@ fi
 
 rm -f "$RESULTS/.build.json"
 section "Summary"
-printf '%s\n' "card:      $CARD" "tests:     $TEST_SUMMARY" "sanitizer: $SANITIZER_SUMMARY" \
+printf '%s\n' "card:      $CARD" "tests:     $TEST_SUMMARY" "pytest:    $PYTEST_SUMMARY" "sanitizer: $SANITIZER_SUMMARY" \
     "bandwidth: $BANDWIDTH_SUMMARY" "bench:     $BENCH_SUMMARY" "ncu:       $NCU_SUMMARY" "torch:     $TORCH_SUMMARY" \
     "results:   $RESULTS"
 if [ ${#FAILED[@]} -gt 0 ]; then

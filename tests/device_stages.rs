@@ -277,11 +277,17 @@ fn host_path_traffic_on_the_fake_driver() {
     // Host forward: five kernels (perception, select, and the loss's prep, tiles and finish); six inputs uploaded (each logits tensor once) into six buffers plus
     // one workspace arena, whose status word is the seventh copy up; one copy back (the arena, pass 1's
     // status word in it).
+    // Gpu::allocated_bytes (what python/tests/test_cuda.py reads across a call on a GPU, where torch's
+    // allocator does not see the crate's buffers) counts every byte the driver was asked for.
+    let allocated = || gpu.allocated_bytes();
     let s0 = stats();
+    let a0 = allocated();
     let out = vppo.forward(&host).unwrap();
     let s1 = stats();
     let d = s1.since(&s0);
     eprintln!("forward: {d:?}");
+    assert_eq!(allocated() - a0, d.alloc_bytes, "{d:?}");
+    assert!(d.alloc_bytes >= 2 * nv_bytes, "{d:?}");
     assert_eq!(
         (d.launches, d.allocs, d.htod_copies, d.dtoh_copies),
         (5, 7, 7, 1),
@@ -316,10 +322,13 @@ fn host_path_traffic_on_the_fake_driver() {
     let db = on_device.batch();
     let mut grad_dev: CudaSlice<bf16> = gpu.alloc_zeros((n * v) as usize).unwrap();
     let s3 = stats();
+    let a3 = allocated();
     let fwd = vppo.forward_device(&db).unwrap();
     let s4 = stats();
     let d = s4.since(&s3);
     eprintln!("forward_device: {d:?}");
+    assert_eq!(allocated() - a3, d.alloc_bytes, "{d:?}");
+    assert!(d.alloc_bytes <= small, "an [N, V] buffer: {d:?}");
     assert_eq!(fwd.output, out);
     assert_eq!(
         (d.launches, d.allocs, d.dtoh_copies, d.htod_bytes),
@@ -335,6 +344,10 @@ fn host_path_traffic_on_the_fake_driver() {
     let s5 = stats();
     let d = s5.since(&s4);
     eprintln!("backward_device: {d:?}");
+    assert_eq!(
+        (allocated() - a3, d.alloc_bytes),
+        (s4.since(&s3).alloc_bytes, 0)
+    );
     assert_eq!(
         (
             d.launches,

@@ -991,6 +991,17 @@ fn _fake_cuda_hooks() -> (usize, usize) {
     )
 }
 
+/// Bytes of every buffer the crate has allocated on GPU `ordinal` since it was first used there
+/// (`Gpu::allocated_bytes`: never decreased when buffers are freed), so that the difference across a
+/// call bounds the device memory the crate took during it; torch's allocator statistics do not see
+/// these buffers. RuntimeError without a GPU or driver.
+#[pyfunction]
+fn cuda_allocated_bytes(ordinal: usize) -> PyResult<u64> {
+    Gpu::new(ordinal)
+        .map(|gpu| gpu.allocated_bytes())
+        .map_err(value_error)
+}
+
 /// Checks the loss options without computing anything (ValueError with the crate's message).
 #[pyfunction]
 fn check_options(device: &str, options: &str) -> PyResult<()> {
@@ -1006,6 +1017,7 @@ fn _vppo(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(backward_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(_fake_cuda_hooks, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_allocated_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(kl_forward, m)?)?;
     m.add_function(wrap_pyfunction!(kl_backward, m)?)?;
     Ok(())

@@ -196,6 +196,40 @@ except ValueError as e:
 print("ok")
 '''
 
+ALLOCATIONS = r'''
+# What the crate allocates on the device across a forward and backward (_vppo.cuda_allocated_bytes,
+# what test_cuda.py reads on a GPU) equals what the driver was asked for, and is O(N + B): no [N, V]
+# buffer besides the caller's gradient. The caller's buffers are made through the driver directly.
+class Stats(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_uint64) for f in ("launches", "htod_copies", "dtoh_copies", "htod_bytes",
+                "dtoh_bytes", "dtod_bytes", "memset_bytes", "allocs", "live_allocs", "live_bytes",
+                "alloc_bytes")]
+def driver_alloc_bytes():
+    ok(lib.cuStreamSynchronize(STREAM), "sync")
+    st = Stats()
+    lib.vppo_fake_cuda_stats(ctypes.byref(st))
+    return st.alloc_bytes
+options = vt._options_json({})
+b = batch(lengths=(60, 0, 40), vocab=4096, dtype=torch.bfloat16, seed=7)
+logits, targets = b[0], b[2]
+n, nb = targets.numel(), b[4].numel()
+dev = [upload(t) for t in b[:6]]
+outs = [empty(n, d) for d in TOKEN] + [empty(nb, d) for d in RESP]
+grad = empty(logits.numel(), torch.bfloat16)
+lse, dlogp = empty(n, torch.float32), empty(n, torch.float32)
+ok(lib.cuStreamSynchronize(STREAM), "sync")
+ours, driver = _vppo.cuda_allocated_bytes(0), driver_alloc_bytes()
+_vppo.forward_cuda(0, STREAM, options, "bfloat16", logits.shape[1], *dev, None, None, outs)
+lse, dlogp = outs[vt.TOKEN_OUTPUTS.index("lse")], outs[vt.TOKEN_OUTPUTS.index("dlogp")]
+_vppo.backward_cuda(0, STREAM, options, "bfloat16", logits.shape[1], dev[0], "bfloat16", grad,
+                    dev[2], lse, dlogp, None)
+took, asked = _vppo.cuda_allocated_bytes(0) - ours, driver_alloc_bytes() - driver
+assert took == asked, (took, asked)
+assert 0 < took <= 256 * (n + nb) + 65536, (took, n, nb)
+assert took < logits.numel() * logits.element_size() // 8, (took, logits.numel())
+print("ok")
+'''
+
 
 def _cc():
     cc = os.environ.get("CC", "").split() or ["cc"]
@@ -227,3 +261,7 @@ def test_cuda_forward_and_backward_on_the_fake_driver(tmp_path):
 
 def test_cuda_errors_on_the_fake_driver(tmp_path):
     _run(tmp_path, ERRORS)
+
+
+def test_cuda_allocations_are_o_of_n_on_the_fake_driver(tmp_path):
+    _run(tmp_path, ALLOCATIONS)

@@ -14,6 +14,7 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute, CUresult};
@@ -93,6 +94,9 @@ pub struct Gpu {
     compute_capability: (i32, i32),
     multiprocessors: u32,
     max_shared_optin: u32,
+    /// Bytes of every buffer allocated through this Gpu since it was created (see
+    /// [`Gpu::allocated_bytes`]).
+    allocated: AtomicU64,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -216,6 +220,7 @@ impl Gpu {
             compute_capability,
             multiprocessors,
             max_shared_optin,
+            allocated: AtomicU64::new(0),
         })
     }
 
@@ -379,9 +384,26 @@ impl Gpu {
         Ok(())
     }
 
+    /// Bytes of every buffer the crate has allocated on this GPU since it was first used (through
+    /// [`Gpu::alloc_zeros`], [`Gpu::upload`] and [`Gpu::alloc_uninit`], the only ways it allocates),
+    /// a count that never goes down when buffers are freed. The difference across a call is therefore
+    /// an upper bound on the device memory the crate held during it, whatever the caching allocator of
+    /// the framework around it reports: python/tests/test_cuda.py and tests/device_stages.rs use it to
+    /// show that a forward and backward allocate O(N + B) bytes, no [N, V] buffer.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
+    }
+
+    fn count_allocation<T>(&self, n: usize) {
+        // check_len has checked that n * size_of::<T>() does not overflow usize.
+        let bytes = n.saturating_mul(std::mem::size_of::<T>()) as u64;
+        self.allocated.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// A device buffer of `n` zeroed elements (`n` must be at least 1).
     pub fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>> {
         check_len::<T>("alloc_zeros", n)?;
+        self.count_allocation::<T>(n);
         self.stream
             .alloc_zeros::<T>(n)
             .map_err(|e| cuda_err(&format!("allocating {n} elements on the GPU"), e))
@@ -390,6 +412,7 @@ impl Gpu {
     /// A device copy of `data` (which must not be empty).
     pub fn upload<T: DeviceRepr>(&self, data: &[T]) -> Result<CudaSlice<T>> {
         check_len::<T>("upload", data.len())?;
+        self.count_allocation::<T>(data.len());
         self.stream
             .clone_htod(data)
             .map_err(|e| cuda_err(&format!("copying {} elements to the GPU", data.len()), e))
@@ -435,6 +458,7 @@ impl Gpu {
     /// `Pod`, so whatever bits are there are a valid T if they are ever read back.
     pub fn alloc_uninit<T: DeviceRepr + bytemuck::Pod>(&self, n: usize) -> Result<CudaSlice<T>> {
         check_len::<T>("alloc_uninit", n)?;
+        self.count_allocation::<T>(n);
         // SAFETY: cudarc marks this unsafe because the memory is not initialised. Device memory is
         // never a Rust reference; reading it back copies bytes into host Ts, and every bit pattern is
         // a valid T (Pod). The slice's length is n elements of T, as allocated.

@@ -27,6 +27,7 @@ pub struct Stats {
     pub allocs: u64,
     pub live_allocs: u64,
     pub live_bytes: u64,
+    pub alloc_bytes: u64,
 }
 
 impl Stats {
@@ -43,6 +44,7 @@ impl Stats {
             allocs: self.allocs - earlier.allocs,
             live_allocs: self.live_allocs.wrapping_sub(earlier.live_allocs),
             live_bytes: self.live_bytes.wrapping_sub(earlier.live_bytes),
+            alloc_bytes: self.alloc_bytes - earlier.alloc_bytes,
         }
     }
 }

@@ -160,6 +160,7 @@ typedef struct VppoFakeCudaStats {
     uint64_t allocs;
     uint64_t live_allocs;
     uint64_t live_bytes;
+    uint64_t alloc_bytes; /* bytes of every allocation, never decreased */
 } VppoFakeCudaStats;
 
 typedef struct {
@@ -540,6 +541,7 @@ static CUresult mem_alloc(CUdeviceptr *out, size_t bytes) {
     g_stats.allocs++;
     g_stats.live_allocs++;
     g_stats.live_bytes += bytes;
+    g_stats.alloc_bytes += bytes;
     *out = (CUdeviceptr)(uintptr_t)p;
     return CUDA_SUCCESS;
 }
