@@ -9,6 +9,7 @@ pub use crate::tensor::{Dtype, Logits};
 
 mod kl_div;
 pub use kl_div::KlBatch;
+pub(crate) use kl_div::KlShape;
 
 /// A packed batch of B responses with N tokens in all over a vocabulary of V (SPEC section 1).
 ///

@@ -5,14 +5,15 @@
 //! Files of the op, all named `kl_div`: the inputs src/batch/kl_div.rs ([`KlBatch`]); the f64
 //! reference src/reference/kl_div.rs; the kernels, launched by src/exec/kl_div.rs (forward: the
 //! perception kernel in partial mode; backward: kernels/kl_div.cu); tests/kl_div.rs; the Python
-//! op `vppo::kl` (python/vppo/torch.py).
+//! op `vppo::kl` (python/vppo/torch.py). [`KlDiv::forward_device`] and [`KlDiv::backward_device`]
+//! run the same kernels on the caller's GPU buffers in place ([`DeviceKlBatch`]).
 
 use crate::batch::KlBatch;
 use crate::device::Device;
 use crate::error::Result;
-pub use crate::exec::KlSaved;
+pub use crate::exec::{DeviceKlBatch, DeviceKlSaved, KlSaved};
 use crate::reference::kl_div as reference;
-use crate::tensor::GradMut;
+use crate::tensor::{DeviceLogitsMut, GradMut};
 
 /// The forward's per-token outputs, each [N] f32: what the backward reads back ([`KlOutput::saved`]).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -134,5 +135,59 @@ impl KlDiv {
                 device,
             ),
         }
+    }
+
+    /// The GPU this op runs on (for the device calls).
+    fn gpu(&self) -> Result<std::sync::Arc<crate::cuda::Gpu>> {
+        match self.device {
+            Device::Cuda(ordinal) => crate::cuda::Gpu::new(ordinal),
+            other => Err(crate::VppoError::Shape {
+                tensor: crate::Tensor::PLogits,
+                detail: format!(
+                    "GPU-resident tensors need Device::Cuda, this KlDiv runs on {other:?}"
+                ),
+            }),
+        }
+    }
+
+    /// [`KlDiv::forward`] on tensors that already live on the GPU (no copy of the logits): the
+    /// outputs, O(N), come back to the host. Needs [`Device::Cuda`]. The row indices are copied back
+    /// and checked before the launch, and the work is ordered after what is queued on each buffer's
+    /// stream. Equal to [`KlDiv::forward`] of the same batch on the same GPU, errors included, but
+    /// below temperature 1 the rows are not all checked on the host first (that would read every
+    /// row back): a flagged row's error is the reference's for that row, and a finite logit whose
+    /// quotient by the temperature is below -f32::MAX is taken as -inf instead of being refused.
+    pub fn forward_device(&self, batch: &DeviceKlBatch) -> Result<KlOutput> {
+        let gpu = self.gpu()?;
+        let (kl, lse_p, lse_q) = crate::exec::kl_div_forward_device(&gpu, batch, self.temperature)?;
+        Ok(KlOutput { kl, lse_p, lse_q })
+    }
+
+    /// [`KlDiv::backward`] into the caller's GPU buffers `grad_p` and `grad_q` (the shapes and dtype
+    /// of the logits; rows no token reads are zero), from the forward's values saved on the GPU
+    /// ([`DeviceKlSaved`]) and the upstream gradient `grad_kl` [N]. Needs [`Device::Cuda`]. The O(N)
+    /// tensors are copied back once and checked before the launch (errors as [`KlDiv::backward`]'s);
+    /// the gradients are not read back to look for an overflow: each token's bound
+    /// |u| (2 kl + 1) / tau must fit the dtype, else it is an overflow error naming `grad_p` and both
+    /// buffers are zero. The saved values must be the forward's of these logits. Returns once the
+    /// gradients are written (the GPU is synchronized).
+    pub fn backward_device(
+        &self,
+        batch: &DeviceKlBatch,
+        saved: &DeviceKlSaved,
+        grad_kl: &cudarc::driver::CudaSlice<f32>,
+        grad_p: DeviceLogitsMut,
+        grad_q: DeviceLogitsMut,
+    ) -> Result<()> {
+        let gpu = self.gpu()?;
+        crate::exec::kl_div_backward_device(
+            &gpu,
+            batch,
+            self.temperature,
+            saved,
+            grad_kl,
+            grad_p,
+            grad_q,
+        )
     }
 }

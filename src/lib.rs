@@ -63,7 +63,7 @@ pub use error::{Location, Result, Tensor, VppoError};
 pub use exec::{DeviceBatch, DeviceForward, DeviceSaved, FullKlSaved, SavedForward};
 pub use grpo::grpo_advantages;
 pub use io::{OwnedBatch, OwnedLogits};
-pub use kl_div::{KlDiv, KlOutput, KlSaved};
+pub use kl_div::{DeviceKlBatch, DeviceKlSaved, KlDiv, KlOutput, KlSaved};
 pub use output::{ResponseOutputs, Stats, TokenOutputs, VppoOutput};
 pub use parallel::{Collective, NcclGroup, NcclId, ReduceOp, ThreadGroup, VocabShard};
 pub use tensor::{ByDtype, DeviceLogits, DeviceLogitsMut};

@@ -990,3 +990,124 @@ fn foreign_memory_and_stream_are_used_in_place() {
     drop(grad);
     theirs.synchronize().unwrap();
 }
+
+/// The KL op on device buffers (`KlDiv::forward_device` / `backward_device`, the Python op's CUDA
+/// path) moves only O(N) bytes between host and device (the indices, the saved values, the
+/// forward's row states; never a logits or gradient row), and bad input is refused before any
+/// launch: indices out of order or of the wrong length, saved values that are not finite, a
+/// gradient of the wrong shape.
+#[test]
+fn kl_on_device_buffers_copies_no_rows_and_refuses_before_launching() {
+    let _serial = common::fake_cuda::serial();
+    let Some(gpu) = gpu() else {
+        eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda or fake-cuda");
+        return;
+    };
+    let counting = common::fake_cuda::active();
+    let stats = || counting.then(common::fake_cuda::stats);
+    let s = gpu.stream();
+    let (n, r, v) = (6usize, 9usize, 1031usize);
+    let p: Vec<f32> = (0..r * v).map(|i| ((i * 37 % 101) as f32) / 25.0).collect();
+    let q: Vec<f32> = (0..r * v).map(|i| ((i * 53 % 97) as f32) / 30.0).collect();
+    let (dp, dq) = (s.clone_htod(&p).unwrap(), s.clone_htod(&q).unwrap());
+    let rows = s.clone_htod(&[0i64, 2, 3, 5, 7, 8]).unwrap();
+    let op = vppo::KlDiv::new(1.0, Device::Cuda(0)).unwrap();
+    let batch = vppo::DeviceKlBatch {
+        p_logits: DeviceLogits::F32(&dp),
+        q_logits: DeviceLogits::F32(&dq),
+        vocab: v,
+        p_rows: Some(&rows),
+        q_rows: None,
+    };
+    gpu.synchronize().unwrap();
+    let before = stats();
+    let out = op.forward_device(&batch).unwrap();
+    let row_bytes = (v * 4) as u64;
+    if let (Some(a), Some(b)) = (before, stats()) {
+        let d = b.since(&a);
+        assert!(d.launches >= 1, "{d:?}");
+        assert!(
+            d.dtoh_bytes < row_bytes && d.htod_bytes < row_bytes,
+            "the forward copied O(V) bytes: {d:?}"
+        );
+    }
+    let up = |x: &[f32]| s.clone_htod(x).unwrap();
+    let (kl, lse_p, lse_q, u) = (
+        up(&out.kl),
+        up(&out.lse_p),
+        up(&out.lse_q),
+        up(&vec![1.0; n]),
+    );
+    let saved = vppo::DeviceKlSaved {
+        kl: &kl,
+        lse_p: &lse_p,
+        lse_q: &lse_q,
+    };
+    let mut gp = s.alloc_zeros::<f32>(r * v).unwrap();
+    let mut gq = s.alloc_zeros::<f32>(r * v).unwrap();
+    gpu.synchronize().unwrap();
+    let before = stats();
+    op.backward_device(
+        &batch,
+        &saved,
+        &u,
+        DeviceLogitsMut::F32(&mut gp),
+        DeviceLogitsMut::F32(&mut gq),
+    )
+    .unwrap();
+    if let (Some(a), Some(b)) = (before, stats()) {
+        let d = b.since(&a);
+        assert_eq!(d.launches, 1, "{d:?}");
+        assert!(
+            d.dtoh_bytes < row_bytes && d.htod_bytes < row_bytes,
+            "the backward copied O(V) bytes: {d:?}"
+        );
+    }
+    // Refused before any launch.
+    let dec = s.clone_htod(&[0i64, 3, 2, 5, 7, 8]).unwrap();
+    let short = s.clone_htod(&[0i64, 2, 3]).unwrap();
+    let bad_lse = up(&[1.0, 2.0, f32::INFINITY, 1.0, 1.0, 1.0]);
+    let mut small = s.alloc_zeros::<f32>(r * v - 1).unwrap();
+    gpu.synchronize().unwrap();
+    let before = stats();
+    let e = op
+        .forward_device(&vppo::DeviceKlBatch {
+            p_rows: Some(&dec),
+            ..batch
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("p_rows position 2"), "{e}");
+    let e = op
+        .forward_device(&vppo::DeviceKlBatch {
+            q_rows: Some(&short),
+            ..batch
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("q_rows"), "{e}");
+    let e = op
+        .backward_device(
+            &batch,
+            &vppo::DeviceKlSaved {
+                lse_p: &bad_lse,
+                ..saved
+            },
+            &u,
+            DeviceLogitsMut::F32(&mut gp),
+            DeviceLogitsMut::F32(&mut gq),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("lse_p"), "{e}");
+    let e = op
+        .backward_device(
+            &batch,
+            &saved,
+            &u,
+            DeviceLogitsMut::F32(&mut small),
+            DeviceLogitsMut::F32(&mut gq),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("grad_p"), "{e}");
+    if let (Some(a), Some(b)) = (before, stats()) {
+        assert_eq!(b.since(&a).launches, 0, "a refused call launched a kernel");
+    }
+}

@@ -691,3 +691,297 @@ fn no_tokens() {
         assert!(gp.iter().chain(&gq).all(|x| *x == 0.0), "{device:?}");
     }
 }
+
+/// The GPU, on a GPU (VPPO_TEST_DEVICE=cuda) or the fake driver; None (skipped) elsewhere.
+fn gpu_for_device_buffers() -> Option<std::sync::Arc<vppo::cuda::Gpu>> {
+    if kernel_devices() != [Device::Cuda(0)] {
+        return None;
+    }
+    Some(vppo::cuda::Gpu::new(0).expect("the GPU of VPPO_TEST_DEVICE"))
+}
+
+/// Bits of a gradient, for exact comparison (-0.0 and +0.0 differ).
+fn grad_bits(x: &OwnedLogits) -> Vec<u64> {
+    widened(x).iter().map(|x| x.to_bits()).collect()
+}
+
+/// `OwnedLogits` uploaded on `stream`.
+fn upload_logits(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    x: &OwnedLogits,
+) -> vppo::tensor::DeviceTensor {
+    match x {
+        OwnedLogits::F32(v) => vppo::ByDtype::F32(stream.clone_htod(v).unwrap()),
+        OwnedLogits::F16(v) => vppo::ByDtype::F16(stream.clone_htod(v).unwrap()),
+        OwnedLogits::Bf16(v) => vppo::ByDtype::Bf16(stream.clone_htod(v).unwrap()),
+    }
+}
+
+fn download_logits(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    x: &vppo::tensor::DeviceTensor,
+) -> OwnedLogits {
+    match x {
+        vppo::ByDtype::F32(v) => OwnedLogits::F32(stream.clone_dtoh(v).unwrap()),
+        vppo::ByDtype::F16(v) => OwnedLogits::F16(stream.clone_dtoh(v).unwrap()),
+        vppo::ByDtype::Bf16(v) => OwnedLogits::Bf16(stream.clone_dtoh(v).unwrap()),
+    }
+}
+
+/// The op on the caller's GPU buffers (`KlDiv::forward_device` / `backward_device`, the Python op's
+/// CUDA path) against the host path on the same GPU (and so, on the fake driver, the SIMT executor
+/// in the lane order of the run): the same kl, lse_p and lse_q bit for bit, and the same gradients
+/// bit for bit into buffers of NaN (every element written), with and without rows, in every dtype,
+/// above and below temperature 1. The inputs are uploaded on a stream of the caller's (on the fake
+/// driver it runs only when waited for): the op orders itself after it. Then the errors: the same
+/// error as the host path for bad rows, bad indices, bad saved values and an overflow (both
+/// gradients zero then), and nothing written for a refused call.
+#[test]
+fn device_buffers_match_the_host_path() {
+    let Some(gpu) = gpu_for_device_buffers() else {
+        eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda or fake-cuda");
+        return;
+    };
+    let theirs = gpu.context().new_stream().unwrap();
+    let up_rows = |r: &Option<Vec<i64>>| r.as_ref().map(|r| theirs.clone_htod(r).unwrap());
+    let cases = shapes().into_iter().filter(|s| s.1 <= 1024);
+    for (seed, (dtype, v, n, rows, tau)) in cases.enumerate() {
+        let seed = seed as u64 + 100;
+        let case = random_case(seed, dtype, v, n, rows);
+        let u = upstream(seed, n);
+        let at = format!("{dtype:?} V={v} N={n} rows={rows} tau={tau} seed={seed}");
+        let op = KlDiv::new(tau, Device::Cuda(0)).unwrap();
+        let want = op.forward(&case.batch()).unwrap();
+        let want_g = backward(&op, &case, &want, &u).unwrap();
+
+        let (p, q) = (
+            upload_logits(&theirs, &case.p),
+            upload_logits(&theirs, &case.q),
+        );
+        let (p_rows, q_rows) = (up_rows(&case.p_rows), up_rows(&case.q_rows));
+        let db = vppo::DeviceKlBatch {
+            p_logits: p.view(),
+            q_logits: q.view(),
+            vocab: v,
+            p_rows: p_rows.as_ref(),
+            q_rows: q_rows.as_ref(),
+        };
+        let got = op.forward_device(&db).unwrap();
+        let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (name, g, w) in [
+            ("kl", &got.kl, &want.kl),
+            ("lse_p", &got.lse_p, &want.lse_p),
+            ("lse_q", &got.lse_q, &want.lse_q),
+        ] {
+            assert_eq!(bits(g), bits(w), "{name} {at}");
+        }
+        let up = |x: &[f32]| theirs.clone_htod(x).unwrap();
+        let (kl, lse_p, lse_q, grad_kl) = (up(&want.kl), up(&want.lse_p), up(&want.lse_q), up(&u));
+        let saved = vppo::DeviceKlSaved {
+            kl: &kl,
+            lse_p: &lse_p,
+            lse_q: &lse_q,
+        };
+        let mut gp = upload_logits(&theirs, &to_dtype(vec![f32::NAN; case.p.len()], dtype));
+        let mut gq = upload_logits(&theirs, &to_dtype(vec![f32::NAN; case.q.len()], dtype));
+        op.backward_device(&db, &saved, &grad_kl, gp.as_mut(), gq.as_mut())
+            .unwrap();
+        // backward_device returned after the kernel: the caller's stream reads the result at once
+        assert_eq!(
+            grad_bits(&download_logits(&theirs, &gp)),
+            grad_bits(&want_g.p),
+            "grad_p {at}"
+        );
+        assert_eq!(
+            grad_bits(&download_logits(&theirs, &gq)),
+            grad_bits(&want_g.q),
+            "grad_q {at}"
+        );
+    }
+
+    // Errors: the host path's, for the same batch.
+    let f32s = |x: &[f32]| theirs.clone_htod(x).unwrap();
+    let device_err = |p: &[f32], q: &[f32], vocab: usize, tau: f64| -> VppoError {
+        let (dp, dq) = (f32s(p), f32s(q));
+        KlDiv::new(tau, Device::Cuda(0))
+            .unwrap()
+            .forward_device(&vppo::DeviceKlBatch {
+                p_logits: vppo::ByDtype::F32(&dp),
+                q_logits: vppo::ByDtype::F32(&dq),
+                vocab,
+                p_rows: None,
+                q_rows: None,
+            })
+            .expect_err("bad input must be an error")
+    };
+    let good = [0.0f32, 1.0, 2.0];
+    let ninf = f32::NEG_INFINITY;
+    let bad_rows: [(Vec<f32>, Vec<f32>, usize, f64); 6] = [
+        (
+            [good, [0.0, f32::NAN, 1.0]].concat(),
+            [good, good].concat(),
+            3,
+            1.0,
+        ),
+        (
+            [good, good].concat(),
+            [good, [f32::INFINITY, 0.0, 0.0]].concat(),
+            3,
+            1.0,
+        ),
+        ([[ninf; 3], good].concat(), [good, good].concat(), 3, 1.0),
+        (
+            [good, [ninf, 1.0, 0.0]].concat(),
+            [good, [0.0, 1.0, ninf]].concat(),
+            3,
+            1.0,
+        ),
+        (
+            [good, [ninf, 1.0, 0.0]].concat(),
+            [good, [0.0, 1.0, ninf]].concat(),
+            3,
+            0.5,
+        ),
+        (vec![0.0, 1e38, 0.0, 0.0], vec![0.0; 4], 2, 0.1),
+    ];
+    for (p, q, vocab, tau) in bad_rows {
+        let host = forward_err(&p, &q, vocab, tau, Device::Cuda(0));
+        let got = device_err(&p, &q, vocab, tau);
+        // the same error, a NaN value compared as NaN
+        assert_eq!(
+            format!("{got:?}"),
+            format!("{host:?}"),
+            "{p:?} {q:?} tau={tau}"
+        );
+    }
+
+    // Bad indices and shapes: the host path's error, and nothing launched (checked on the copy).
+    let case = random_case(7, Dtype::F32, 5, 3, true);
+    let (p, q) = (
+        upload_logits(&theirs, &case.p),
+        upload_logits(&theirs, &case.q),
+    );
+    let op = KlDiv::new(1.0, Device::Cuda(0)).unwrap();
+    let decreasing: Vec<i64> = case
+        .p_rows
+        .as_ref()
+        .unwrap()
+        .iter()
+        .rev()
+        .copied()
+        .collect();
+    let dec = theirs.clone_htod(&decreasing).unwrap();
+    let short = theirs.clone_htod(&decreasing[..2]).unwrap();
+    for (p_rows, q_rows) in [(Some(&dec), None), (None, Some(&short))] {
+        let db = vppo::DeviceKlBatch {
+            p_logits: p.view(),
+            q_logits: q.view(),
+            vocab: 5,
+            p_rows,
+            q_rows,
+        };
+        let host_p: Option<Vec<i64>> = p_rows.map(|r| theirs.clone_dtoh(r).unwrap());
+        let host_q: Option<Vec<i64>> = q_rows.map(|r| theirs.clone_dtoh(r).unwrap());
+        let hb = KlBatch {
+            p_rows: host_p.as_deref(),
+            q_rows: host_q.as_deref(),
+            ..case.batch()
+        };
+        let want = op.forward(&hb).unwrap_err();
+        assert_eq!(op.forward_device(&db).unwrap_err(), want);
+    }
+
+    // The backward: bad saved values, grad_kl and gradients are refused before anything is written;
+    // an overflow of the dtype is an error with both gradients zero.
+    let case = random_case(3, Dtype::Bf16, 6, 3, false);
+    let (p, q) = (
+        upload_logits(&theirs, &case.p),
+        upload_logits(&theirs, &case.q),
+    );
+    let db = vppo::DeviceKlBatch {
+        p_logits: p.view(),
+        q_logits: q.view(),
+        vocab: 6,
+        p_rows: None,
+        q_rows: None,
+    };
+    let out = op.forward_device(&db).unwrap();
+    let (kl, lse_p, lse_q) = (f32s(&out.kl), f32s(&out.lse_p), f32s(&out.lse_q));
+    let lse_short = f32s(&out.lse_q[..2]);
+    let saved = vppo::DeviceKlSaved {
+        kl: &kl,
+        lse_p: &lse_p,
+        lse_q: &lse_q,
+    };
+    let nan_grads = || {
+        (
+            upload_logits(
+                &theirs,
+                &to_dtype(vec![f32::NAN; case.p.len()], Dtype::Bf16),
+            ),
+            upload_logits(
+                &theirs,
+                &to_dtype(vec![f32::NAN; case.q.len()], Dtype::Bf16),
+            ),
+        )
+    };
+    let untouched = |g: &vppo::tensor::DeviceTensor| {
+        widened(&download_logits(&theirs, g))
+            .iter()
+            .all(|x| x.is_nan())
+    };
+    let (ok_u, nan_u, short_u) = (
+        f32s(&[1.0; 3]),
+        f32s(&[1.0, f32::NAN, 1.0]),
+        f32s(&[1.0; 2]),
+    );
+    let short_saved = vppo::DeviceKlSaved {
+        lse_q: &lse_short,
+        ..saved
+    };
+    for (s, u, named) in [
+        (
+            &saved,
+            &nan_u,
+            "grad_kl has a non-finite value (NaN) at row 1",
+        ),
+        (&saved, &short_u, "grad_kl"),
+        (&short_saved, &ok_u, "lse_q"),
+    ] {
+        let (mut gp, mut gq) = nan_grads();
+        let e = op
+            .backward_device(&db, s, u, gp.as_mut(), gq.as_mut())
+            .unwrap_err();
+        assert!(e.to_string().contains(named), "{named}: {e}");
+        assert!(
+            untouched(&gp) && untouched(&gq),
+            "{named}: a gradient was written"
+        );
+    }
+    let (_, mut gq) = nan_grads();
+    let mut gp32 = upload_logits(&theirs, &zeros(case.p.len(), Dtype::F32));
+    let e = op
+        .backward_device(&db, &saved, &ok_u, gp32.as_mut(), gq.as_mut())
+        .unwrap_err();
+    assert!(e.to_string().contains("grad_p"), "{e}");
+    assert!(untouched(&gq));
+    let (mut gp, mut gq) = nan_grads();
+    let huge = f32s(&[3e38; 3]);
+    let e = op
+        .backward_device(&db, &saved, &huge, gp.as_mut(), gq.as_mut())
+        .unwrap_err();
+    assert!(matches!(e, VppoError::Overflow { .. }), "{e}");
+    for g in [&gp, &gq] {
+        assert!(widened(&download_logits(&theirs, g))
+            .iter()
+            .all(|x| *x == 0.0));
+    }
+    // A KlDiv on another device refuses device buffers.
+    let simt = KlDiv::new(1.0, Device::Reference).unwrap();
+    assert!(simt
+        .forward_device(&db)
+        .unwrap_err()
+        .to_string()
+        .contains("Device::Cuda"));
+    theirs.synchronize().unwrap();
+}

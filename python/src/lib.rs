@@ -12,9 +12,9 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use vppo::cuda::{Borrowed, Gpu};
 use vppo::{
-    Batch, Collective, Device, DeviceBatch, DeviceLogits, DeviceLogitsMut, DeviceSaved, Dtype,
-    GradMut, KlBatch, KlDiv, KlSaved, LaneOrder, Logits, ReduceOp, SavedForward, Tensor,
-    VocabShard, Vppo, VppoError,
+    Batch, Collective, Device, DeviceBatch, DeviceKlBatch, DeviceKlSaved, DeviceLogits,
+    DeviceLogitsMut, DeviceSaved, Dtype, GradMut, KlBatch, KlDiv, KlSaved, LaneOrder, Logits,
+    ReduceOp, SavedForward, Tensor, VocabShard, Vppo, VppoError,
 };
 
 /// A tensor as Python passes it: its data pointer (an address in this process) and element count.
@@ -980,6 +980,177 @@ fn backward_cuda(
     .map_err(value_error)
 }
 
+/// The KL op's batch at the caller's device buffers, borrowed; see [`borrow`].
+struct BorrowedKl {
+    p_logits: BorrowedLogits,
+    q_logits: BorrowedLogits,
+    p_rows: Option<Borrowed<i64>>,
+    q_rows: Option<Borrowed<i64>>,
+    vocab: usize,
+}
+
+impl BorrowedKl {
+    /// # Safety
+    /// As [`borrow`] for each buffer: the logits of `dtype`, the indices i64.
+    unsafe fn new(
+        gpu: &Gpu,
+        dtype: Dtype,
+        vocab: usize,
+        p_logits: DeviceRaw,
+        q_logits: DeviceRaw,
+        p_rows: Option<DeviceRaw>,
+        q_rows: Option<DeviceRaw>,
+    ) -> BorrowedKl {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            BorrowedKl {
+                p_logits: BorrowedLogits::new(gpu, dtype, p_logits),
+                q_logits: BorrowedLogits::new(gpu, dtype, q_logits),
+                p_rows: p_rows.map(|r| borrow(gpu, r)),
+                q_rows: q_rows.map(|r| borrow(gpu, r)),
+                vocab,
+            }
+        }
+    }
+
+    fn batch(&self) -> DeviceKlBatch<'_> {
+        DeviceKlBatch {
+            p_logits: self.p_logits.view(),
+            q_logits: self.q_logits.view(),
+            vocab: self.vocab,
+            p_rows: self.p_rows.as_deref(),
+            q_rows: self.q_rows.as_deref(),
+        }
+    }
+}
+
+/// The KL op for CUDA tensors of GPU `ordinal`.
+fn kl_op_cuda(ordinal: usize, temperature: f64) -> PyResult<KlDiv> {
+    KlDiv::new(temperature, Device::Cuda(ordinal)).map_err(value_error)
+}
+
+/// The element count of a tensor named `name` as a byte count of `size`-byte elements, checked.
+fn bytes_of(name: &str, raw: &DeviceRaw, size: usize) -> PyResult<()> {
+    raw.1
+        .checked_mul(size)
+        .map(|_| ())
+        .ok_or_else(|| bad(format!("{name}: {} elements overflow", raw.1)))
+}
+
+/// [`kl_forward`] on CUDA tensors of GPU `ordinal`, used in place: kl, lse_p and lse_q are device
+/// buffers ([N] float32, torch.empty on the device) that this fills. Ordered after torch's current
+/// stream `stream` there, and what is queued there afterwards sees the outputs (the call also
+/// synchronizes: it copies the O(N) indices and row states back, never a logits row unless one
+/// is bad).
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn kl_forward_cuda(
+    py: Python<'_>,
+    ordinal: usize,
+    stream: u64,
+    temperature: f64,
+    dtype: &str,
+    vocab: usize,
+    p_logits: DeviceRaw,
+    q_logits: DeviceRaw,
+    p_rows: Option<DeviceRaw>,
+    q_rows: Option<DeviceRaw>,
+    kl: DeviceRaw,
+    lse_p: DeviceRaw,
+    lse_q: DeviceRaw,
+) -> PyResult<()> {
+    let op = kl_op_cuda(ordinal, temperature)?;
+    let dtype = parse_dtype(dtype)?;
+    bytes_of("p_logits", &p_logits, dtype.size())?;
+    bytes_of("q_logits", &q_logits, dtype.size())?;
+    py.detach(|| -> PyResult<()> {
+        // SAFETY: vppo/torch.py passes torch's current stream of this device.
+        let gpu = unsafe { gpu_after(ordinal, stream) }.map_err(value_error)?;
+        // SAFETY: vppo/torch.py passes contiguous CUDA tensors of device `ordinal` with these dtypes
+        // and element counts, alive for the call, that nothing writes meanwhile.
+        let b = unsafe { BorrowedKl::new(&gpu, dtype, vocab, p_logits, q_logits, p_rows, q_rows) };
+        let out = op.forward_device(&b.batch()).map_err(value_error)?;
+        for (name, dst, src) in [
+            ("kl", kl, &out.kl),
+            ("lse_p", lse_p, &out.lse_p),
+            ("lse_q", lse_q, &out.lse_q),
+        ] {
+            want_len(name, dst.1, src.len())?;
+            if src.is_empty() {
+                continue;
+            }
+            // SAFETY: a fresh float32 CUDA tensor of N elements (checked), written only here.
+            let mut d = unsafe { borrow::<f32>(&gpu, dst) };
+            gpu.upload_into(src, &mut d).map_err(value_error)?;
+        }
+        // SAFETY: as gpu_after.
+        unsafe { gpu.order_foreign_stream_after(stream) }.map_err(value_error)?;
+        gpu.synchronize().map_err(value_error)
+    })
+}
+
+/// [`kl_backward`] on CUDA tensors of GPU `ordinal` (`KlDiv::backward_device`): grad_p and grad_q
+/// are fresh device buffers of the logits' shapes and dtype. Ordered after torch's current stream
+/// `stream`, and synchronized.
+#[pyfunction]
+#[allow(clippy::too_many_arguments)]
+fn kl_backward_cuda(
+    py: Python<'_>,
+    ordinal: usize,
+    stream: u64,
+    temperature: f64,
+    dtype: &str,
+    vocab: usize,
+    p_logits: DeviceRaw,
+    q_logits: DeviceRaw,
+    p_rows: Option<DeviceRaw>,
+    q_rows: Option<DeviceRaw>,
+    kl: DeviceRaw,
+    lse_p: DeviceRaw,
+    lse_q: DeviceRaw,
+    grad_kl: DeviceRaw,
+    grad_p: DeviceRaw,
+    grad_q: DeviceRaw,
+) -> PyResult<()> {
+    let op = kl_op_cuda(ordinal, temperature)?;
+    let dtype = parse_dtype(dtype)?;
+    for (name, raw) in [
+        ("p_logits", &p_logits),
+        ("q_logits", &q_logits),
+        ("grad_p", &grad_p),
+        ("grad_q", &grad_q),
+    ] {
+        bytes_of(name, raw, dtype.size())?;
+    }
+    py.detach(|| {
+        // SAFETY: vppo/torch.py passes torch's current stream of this device.
+        let gpu = unsafe { gpu_after(ordinal, stream) }?;
+        // SAFETY: contiguous CUDA tensors of device `ordinal` with these dtypes and counts, alive
+        // for the call; grad_p and grad_q are fresh torch.empty buffers of the logits' dtype,
+        // distinct from every input and from each other, and no other view of them exists here.
+        let (b, k, lp, lq, u, mut gp, mut gq) = unsafe {
+            (
+                BorrowedKl::new(&gpu, dtype, vocab, p_logits, q_logits, p_rows, q_rows),
+                borrow::<f32>(&gpu, kl),
+                borrow::<f32>(&gpu, lse_p),
+                borrow::<f32>(&gpu, lse_q),
+                borrow::<f32>(&gpu, grad_kl),
+                BorrowedLogits::new(&gpu, dtype, grad_p),
+                BorrowedLogits::new(&gpu, dtype, grad_q),
+            )
+        };
+        let saved = DeviceKlSaved {
+            kl: &k,
+            lse_p: &lp,
+            lse_q: &lq,
+        };
+        op.backward_device(&b.batch(), &saved, &u, gp.view_mut(), gq.view_mut())?;
+        // SAFETY: as gpu_after.
+        unsafe { gpu.order_foreign_stream_after(stream) }
+    })
+    .map_err(value_error)
+}
+
 /// The two callbacks the fake CUDA driver's `vppo_fake_cuda_install` takes, as addresses: the kernel
 /// resolver and the params' pointer fields (`vppo::hooks`), for the tests that run the CUDA path on
 /// the fake driver (python/tests/test_cuda_fake.py). Not API.
@@ -1020,5 +1191,7 @@ fn _vppo(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_allocated_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(kl_forward, m)?)?;
     m.add_function(wrap_pyfunction!(kl_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(kl_forward_cuda, m)?)?;
+    m.add_function(wrap_pyfunction!(kl_backward_cuda, m)?)?;
     Ok(())
 }

@@ -8,7 +8,8 @@ for). The PyPI torch wheel here has no CUDA, so device memory is made through th
 Each test runs in a fresh Python process (the fake driver must be loaded before the extension first
 loads libcuda, and cannot be unloaded). Compared with the extension's CPU path on the SIMT executor
 (the same kernels, same lane order): bit-identical outputs and gradients, with and without rows, in
-place, and bad input refused before anything is written.
+place, and bad input refused before anything is written. The same for the KL op's CUDA path
+(``_vppo.kl_forward_cuda`` / ``kl_backward_cuda``, what ``vppo.torch.kl`` calls for CUDA tensors).
 """
 
 import os
@@ -231,6 +232,93 @@ print("ok")
 '''
 
 
+KL = r"""
+def opt(t):
+    return None if t is None else raw(t)
+
+def dopt(t):
+    return None if t is None else upload(t)
+
+def kl_cpu(tau, p, q, p_rows, q_rows, u):
+    n = p.shape[0] if p_rows is None else p_rows.numel()
+    outs = [torch.empty(n) for _ in range(3)]
+    name, v = vt._dtype_name(p.dtype), p.shape[1]
+    _vppo.kl_forward("simt", tau, name, v, raw(p), raw(q), opt(p_rows), opt(q_rows),
+                     *[raw(o) for o in outs])
+    gp, gq = torch.empty(p.shape, dtype=p.dtype), torch.empty(q.shape, dtype=q.dtype)
+    _vppo.kl_backward("simt", tau, name, v, raw(p), raw(q), opt(p_rows), opt(q_rows),
+                      *[raw(o) for o in outs], raw(u), raw(gp), raw(gq))
+    return outs, gp, gq
+
+g = torch.Generator().manual_seed(7)
+n, v = 7, 37
+for dtype, rows, own_q_rows, tau in [(torch.float32, False, False, 1.0),
+                                     (torch.bfloat16, True, False, 0.7),
+                                     (torch.float16, True, True, 1.6),
+                                     (torch.float32, True, True, 1.0)]:
+    rp, rq = (11, 13 if own_q_rows else 11) if rows else (n, n)
+    p = (torch.randn(rp, v, generator=g) * 2).to(dtype)
+    q = (torch.randn(rq, v, generator=g) + (p.float() if rq == rp else 0.0)).to(dtype)
+    p_rows = torch.sort(torch.randperm(rp, generator=g)[:n]).values if rows else None
+    q_rows = torch.sort(torch.randperm(rq, generator=g)[:n]).values if own_q_rows else None
+    u = torch.randn(n, generator=g)
+    u[2] = 0.0
+    want, want_gp, want_gq = kl_cpu(tau, p, q, p_rows, q_rows, u)
+    dp, dq, dpr, dqr = upload(p), upload(q), dopt(p_rows), dopt(q_rows)
+    outs = [empty(n, torch.float32) for _ in range(3)]
+    name = vt._dtype_name(dtype)
+    _vppo.kl_forward_cuda(0, STREAM, tau, name, v, dp, dq, dpr, dqr, *outs)
+    for what, o, w in zip(("kl", "lse_p", "lse_q"), outs, want):
+        assert same(download(o, torch.float32), w), (what, dtype, rows)
+    # The backward from the saved tensors on the device, into buffers of NaN bytes.
+    gp, gq = empty(p.numel(), dtype), empty(q.numel(), dtype)
+    _vppo.kl_backward_cuda(0, STREAM, tau, name, v, dp, dq, dpr, dqr, *outs, upload(u), gp, gq)
+    assert same(download(gp, dtype).view(p.shape), want_gp), (dtype, rows)
+    assert same(download(gq, dtype).view(q.shape), want_gq), (dtype, rows)
+    if rows:
+        hit = torch.zeros(rp, dtype=torch.bool)
+        hit[p_rows] = True
+        assert (want_gp[~hit] == 0).all()
+
+# Bad input: ValueError naming the tensor, nothing written.
+p = torch.randn(4, 5, generator=g)
+q = torch.randn(4, 5, generator=g)
+bad = p.clone()
+bad[2, 1] = float("nan")
+outs = [empty(4, torch.float32) for _ in range(3)]
+for args, named in [((upload(bad), upload(q), None, None), "p_logits"),
+                    ((upload(p), upload(q), upload(torch.tensor([0, 2, 1, 3])), None), "p_rows"),
+                    ((upload(p), upload(q[:3]), None, None), "q_logits")]:
+    try:
+        _vppo.kl_forward_cuda(0, STREAM, 1.0, "float32", 5, *args, *outs)
+        raise SystemExit(f"no error naming {named}")
+    except ValueError as e:
+        assert named in str(e), (named, e)
+    for o in outs:
+        assert (download(o, torch.float32).view(torch.uint8) == 255).all(), named
+# An output of the wrong length.
+try:
+    _vppo.kl_forward_cuda(0, STREAM, 1.0, "float32", 5, upload(p), upload(q), None, None,
+                          empty(3, torch.float32), *outs[1:])
+    raise SystemExit("no error for a short kl")
+except ValueError as e:
+    assert "kl" in str(e), e
+# The backward refuses a non-finite saved lse_p before writing either gradient.
+(kl, lse_p, lse_q), _, _ = kl_cpu(1.0, p, q, None, None, torch.ones(4))
+lse_p[1] = float("inf")
+gp, gq = empty(20, torch.float32), empty(20, torch.float32)
+try:
+    _vppo.kl_backward_cuda(0, STREAM, 1.0, "float32", 5, upload(p), upload(q), None, None,
+                           upload(kl), upload(lse_p), upload(lse_q), upload(torch.ones(4)), gp, gq)
+    raise SystemExit("no error for an infinite lse_p")
+except ValueError as e:
+    assert "lse_p" in str(e), e
+for x in (gp, gq):
+    assert (download(x, torch.float32).view(torch.uint8) == 255).all()
+print("ok")
+"""
+
+
 def _cc():
     cc = os.environ.get("CC", "").split() or ["cc"]
     return cc if shutil.which(cc[0]) else None
@@ -265,3 +353,7 @@ def test_cuda_errors_on_the_fake_driver(tmp_path):
 
 def test_cuda_allocations_are_o_of_n_on_the_fake_driver(tmp_path):
     _run(tmp_path, ALLOCATIONS)
+
+
+def test_kl_forward_and_backward_on_the_fake_driver(tmp_path):
+    _run(tmp_path, KL)

@@ -197,6 +197,20 @@ def test_bad_input_raises_value_error_naming_the_tensor(device):
         vt.kl(p.t().contiguous().t(), q, device=device)
 
 
+
+def test_devices_are_checked():
+    """device="cuda" needs CUDA tensors (these are on the CPU), an unknown device is refused, and a
+    tensor on a device that is neither CPU nor CUDA is never copied (the CUDA path itself runs on
+    the fake driver in test_cuda_fake.py, and on a GPU in test_cuda.py)."""
+    p, q, _, _ = pair(seed=9, n=3, v=6)
+    with pytest.raises(ValueError, match=r'vppo.torch.kl: device="cuda" needs CUDA tensors'):
+        vt.kl(p, q, device="cuda")
+    with pytest.raises(ValueError, match="vppo.torch.kl: device must be"):
+        vt.kl(p, q, device="gpu")
+    with pytest.raises(RuntimeError, match="q_logits is on meta"):
+        vt.kl(p, q.to("meta"))
+
+
 def test_empty():
     p = torch.zeros(0, 5, requires_grad=True)
     kl = vt.kl(p, torch.zeros(0, 5))

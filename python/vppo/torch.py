@@ -667,17 +667,24 @@ class VppoLoss(torch.nn.Module):
 __all__ += ["kl"]
 
 
-def _kl_check(name: str, t: Tensor, dtypes, dim: int) -> None:
-    """``_check`` with the op's own name in the message."""
+def _kl_named(f, *args) -> None:
+    """``f(*args)`` with the op's own name in its error message."""
     try:
-        _check(name, t, dtypes, dim)
+        f(*args)
     except (ValueError, RuntimeError, TypeError) as e:
         raise type(e)(str(e).replace("vppo_loss:", "vppo.torch.kl:", 1)) from None
 
 
+def _kl_check(name: str, t: Tensor, dtypes, dim: int, on: Optional[torch.device] = None) -> None:
+    """``_check`` with the op's own name in the message; ``on``: the CUDA device of ``p_logits``
+    (None: the CPU)."""
+    _kl_named(_check, name, t, dtypes, dim, on)
+
+
 def _kl_inputs(p_logits, q_logits, p_rows, q_rows, device):
-    _kl_check("p_logits", p_logits, _LOGITS_DTYPES, 2)
-    _kl_check("q_logits", q_logits, _LOGITS_DTYPES, 2)
+    on = _on(p_logits)
+    _kl_check("p_logits", p_logits, _LOGITS_DTYPES, 2, on)
+    _kl_check("q_logits", q_logits, _LOGITS_DTYPES, 2, on)
     if q_logits.dtype != p_logits.dtype:
         raise ValueError(
             f"vppo.torch.kl: q_logits has dtype {_dtype_name(q_logits.dtype)}, p_logits "
@@ -687,13 +694,12 @@ def _kl_inputs(p_logits, q_logits, p_rows, q_rows, device):
         raise ValueError(f"vppo.torch.kl: q_logits has V = {q_logits.shape[1]}, p_logits V = "
                          f"{p_logits.shape[1]}")
     if p_rows is not None:
-        _kl_check("p_rows", p_rows, _INT_DTYPES, 1)
+        _kl_check("p_rows", p_rows, _INT_DTYPES, 1, on)
         p_rows = _as("p_rows", p_rows, torch.int64)
     if q_rows is not None:
-        _kl_check("q_rows", q_rows, _INT_DTYPES, 1)
+        _kl_check("q_rows", q_rows, _INT_DTYPES, 1, on)
         q_rows = _as("q_rows", q_rows, torch.int64)
-    if device not in _DEVICES:
-        raise ValueError(f'vppo.torch.kl: device must be "simt" or "reference", not {device!r}')
+    _kl_named(_check_device, device, on)
     return p_rows, q_rows
 
 
@@ -711,10 +717,14 @@ def _kl(p_logits: Tensor, q_logits: Tensor, p_rows: Optional[Tensor], q_rows: Op
     """(kl, lse_p, lse_q), each [N] float32."""
     p_rows, q_rows = _kl_inputs(p_logits, q_logits, p_rows, q_rows, device)
     n = _kl_tokens(p_logits, p_rows)
-    kl, lse_p, lse_q = (torch.empty(n, dtype=torch.float32) for _ in range(3))
-    _vppo.kl_forward(device, float(temperature), _dtype_name(p_logits.dtype), p_logits.shape[1],
-                     _raw(p_logits), _raw(q_logits), _opt_raw(p_rows), _opt_raw(q_rows),
-                     _raw(kl), _raw(lse_p), _raw(lse_q))
+    on = p_logits.device
+    kl, lse_p, lse_q = (torch.empty(n, dtype=torch.float32, device=on) for _ in range(3))
+    args = (float(temperature), _dtype_name(p_logits.dtype), p_logits.shape[1], _raw(p_logits),
+            _raw(q_logits), _opt_raw(p_rows), _opt_raw(q_rows), _raw(kl), _raw(lse_p), _raw(lse_q))
+    if device == "cuda":
+        _vppo.kl_forward_cuda(on.index, torch.cuda.current_stream(on).cuda_stream, *args)
+    else:
+        _vppo.kl_forward(device, *args)
     return kl, lse_p, lse_q
 
 
@@ -731,13 +741,18 @@ def _kl_backward(p_logits: Tensor, q_logits: Tensor, p_rows: Optional[Tensor],
     """(d/dp_logits, d/dq_logits) of sum_t grad_kl[t] kl_t, in the logits' shapes and dtype; rows
     that no token reads are zero."""
     p_rows, q_rows = _kl_inputs(p_logits, q_logits, p_rows, q_rows, device)
+    on = p_logits.device
     for name, t in (("kl", kl), ("lse_p", lse_p), ("lse_q", lse_q), ("grad_kl", grad_kl)):
-        _kl_check(name, t, (torch.float32,), 1)
-    grad_p = torch.empty(p_logits.shape, dtype=p_logits.dtype)
-    grad_q = torch.empty(q_logits.shape, dtype=q_logits.dtype)
-    _vppo.kl_backward(device, float(temperature), _dtype_name(p_logits.dtype), p_logits.shape[1],
-                      _raw(p_logits), _raw(q_logits), _opt_raw(p_rows), _opt_raw(q_rows),
-                      _raw(kl), _raw(lse_p), _raw(lse_q), _raw(grad_kl), _raw(grad_p), _raw(grad_q))
+        _kl_check(name, t, (torch.float32,), 1, _on(p_logits))
+    grad_p = torch.empty(p_logits.shape, dtype=p_logits.dtype, device=on)
+    grad_q = torch.empty(q_logits.shape, dtype=q_logits.dtype, device=on)
+    args = (float(temperature), _dtype_name(p_logits.dtype), p_logits.shape[1], _raw(p_logits),
+            _raw(q_logits), _opt_raw(p_rows), _opt_raw(q_rows), _raw(kl), _raw(lse_p), _raw(lse_q),
+            _raw(grad_kl), _raw(grad_p), _raw(grad_q))
+    if device == "cuda":
+        _vppo.kl_backward_cuda(on.index, torch.cuda.current_stream(on).cuda_stream, *args)
+    else:
+        _vppo.kl_backward(device, *args)
     return grad_p, grad_q
 
 
@@ -781,8 +796,13 @@ def kl(p_logits: Tensor, q_logits: Tensor, *, temperature: float = 1.0,
     bfloat16, the same for both. The gradients have the shapes and dtype of the logits (rows no
     token reads are zero). A term with p_v = 0 (-inf logit) adds nothing; KL = +inf (q_v = 0 where
     p_v > 0) raises ValueError naming q_logits, the row and the column, as any bad input does.
-    ``device``: "simt" (default: the kernels on the SIMT executor) or "reference" (f64).
+    CUDA tensors run the kernels on their own GPU (``device="cuda"``, their default), in place (no
+    copy of either logits tensor; the outputs and gradients are allocated on that device), ordered
+    after torch's current stream there; every tensor must be on ``p_logits``' device (else
+    ValueError, never a silent copy). CPU tensors: ``device`` "simt" (default: the kernels on the
+    SIMT executor) or "reference" (f64).
     """
-    device = "simt" if device is None else device
+    if device is None:
+        device = "cuda" if _on(p_logits) is not None else "simt"
     p_rows, q_rows = _kl_inputs(p_logits, q_logits, p_rows, q_rows, device)
     return _kl(p_logits, q_logits, p_rows, q_rows, float(temperature), device)[0]

@@ -50,8 +50,10 @@ pub(crate) use backward::backward_saved_full;
 use backward::*;
 pub(crate) use backward::{backward_in_place, backward_into, backward_saved, backward_shard};
 pub use backward::{FullKlSaved, SavedForward};
-pub use kl_div::KlSaved;
-pub(crate) use kl_div::{kl_div_backward, kl_div_forward};
+pub(crate) use kl_div::{
+    kl_div_backward, kl_div_backward_device, kl_div_forward, kl_div_forward_device,
+};
+pub use kl_div::{DeviceKlBatch, DeviceKlSaved, KlSaved};
 use launcher::*;
 use perception::*;
 pub(crate) use perception::{mutant_perception, perception, perception_partial};

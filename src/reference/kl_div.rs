@@ -32,13 +32,24 @@ pub struct KlDivF64 {
 /// `tau` overflows f32, then KL = +inf (q_v = 0 where p_v > 0). Returns the two rows divided by tau.
 fn checked_rows(batch: &KlBatch, t: usize, tau: f64) -> Result<(Vec<f64>, Vec<f64>)> {
     let v = batch.vocab;
-    let row = |tensor: Tensor, r: usize| -> Result<Vec<f64>> {
-        let logits = if tensor == Tensor::PLogits {
-            &batch.p_logits
-        } else {
-            &batch.q_logits
-        };
-        let x = logits.row_f64(r, v);
+    check_token_rows(
+        batch.p_logits.row_f64(batch.p_row(t), v),
+        batch.q_logits.row_f64(batch.q_row(t), v),
+        t,
+        tau,
+    )
+}
+
+/// [`checked_rows`] on token t's two rows `a` (of p_logits) and `b` (of q_logits), widened to f64
+/// but not yet divided by `tau`, wherever they were read from (the GPU path copies back only the
+/// rows of a token its kernel flagged). Returns them divided by tau.
+pub(crate) fn check_token_rows(
+    a: Vec<f64>,
+    b: Vec<f64>,
+    t: usize,
+    tau: f64,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let row = |tensor: Tensor, x: Vec<f64>| -> Result<Vec<f64>> {
         if let Some(&value) = x.iter().find(|x| x.is_nan() || **x == f64::INFINITY) {
             return Err(VppoError::NonFinite {
                 tensor,
@@ -51,8 +62,8 @@ fn checked_rows(batch: &KlBatch, t: usize, tau: f64) -> Result<(Vec<f64>, Vec<f6
         }
         Ok(x)
     };
-    let a = row(Tensor::PLogits, batch.p_row(t))?;
-    let b = row(Tensor::QLogits, batch.q_row(t))?;
+    let a = row(Tensor::PLogits, a)?;
+    let b = row(Tensor::QLogits, b)?;
     for (tensor, x) in [(Tensor::PLogits, &a), (Tensor::QLogits, &b)] {
         if let Some(&value) = x
             .iter()
@@ -163,24 +174,35 @@ pub fn check_token_values(tensor: Tensor, x: &[f32], n: usize) -> Result<()> {
 
 /// Checks a gradient buffer of the KL op: the dtype of the logits and `len` elements.
 pub fn check_grad(tensor: Tensor, grad: &GradMut, batch: &KlBatch, len: usize) -> Result<()> {
-    let dtype = batch.p_logits.dtype();
-    if grad.dtype() != dtype {
+    check_grad_buffer(
+        tensor,
+        (grad.dtype(), grad.len()),
+        batch.p_logits.dtype(),
+        len,
+    )
+}
+
+/// [`check_grad`] on a buffer's (dtype, element count), wherever it lives.
+pub(crate) fn check_grad_buffer(
+    tensor: Tensor,
+    (grad_dtype, grad_len): (Dtype, usize),
+    dtype: Dtype,
+    len: usize,
+) -> Result<()> {
+    if grad_dtype != dtype {
         return Err(VppoError::Shape {
             tensor,
             detail: format!(
                 "dtype {} is not the logits dtype {}",
-                grad.dtype().name(),
+                grad_dtype.name(),
                 dtype.name()
             ),
         });
     }
-    if grad.len() != len {
+    if grad_len != len {
         return Err(VppoError::Shape {
             tensor,
-            detail: format!(
-                "has {} elements, expected the {len} of its logits",
-                grad.len()
-            ),
+            detail: format!("has {grad_len} elements, expected the {len} of its logits"),
         });
     }
     Ok(())
