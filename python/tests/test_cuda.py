@@ -1,7 +1,8 @@
 """vppo.torch on CUDA tensors, on a real GPU: the op's CUDA path (the crate's kernels on torch's
 memory and torch's current stream) against the same kernels on the SIMT executor, the f64 reference
 and the eager PyTorch loss of test_torch.py; rows, both gradient dtypes, in place, a side stream,
-opcheck, torch.compile, errors, and the device memory the op takes.
+opcheck, torch.compile, errors, and the device memory the op takes; and vt.kl on CUDA tensors against
+the SIMT executor and the eager port of test_kl.py.
 
 Skipped without a GPU: CI has none, and the PyPI torch wheel it installs has no CUDA. On a GPU,
 scripts/gpu-check.sh runs this file (step `pytest`). The same CUDA path runs in CI on the fake CUDA
@@ -18,6 +19,7 @@ import torch
 
 import vppo.torch as vt
 from vppo import _vppo
+from test_kl import eager_kl, pair, tolerance
 from test_torch import DTYPES, OPTION_SETS, eager_loss_and_grad, make_batch
 
 pytestmark = pytest.mark.skipif(
@@ -241,3 +243,41 @@ def test_cuda_empty_batch():
     b = to_cuda(make_batch(lengths=(0, 0), seed=10))
     loss, out, grad = run(b, "cuda")
     assert loss.item() == 0.0 and grad.shape == b["logits"].shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [False, True])
+def test_cuda_kl_matches_simt_and_eager(dtype, rows):
+    p, q, pr, qr = pair(seed=12, n=40, v=3000, dtype=dtype, rows_p=9 if rows else 0,
+                        rows_q=5 if rows else 0)
+    u = torch.linspace(-1.5, 2.0, 40)
+
+    def run_kl(p, q, pr, qr, u, device):
+        x, y = p.clone().requires_grad_(True), q.clone().requires_grad_(True)
+        kl = vt.kl(x, y, temperature=0.8, p_rows=pr, q_rows=qr, device=device)
+        (kl * u).sum().backward()
+        return kl, x.grad, y.grad
+
+    on = [None if t is None else t.to(GPU) for t in (p, q, pr, qr, u)]
+    kl, gp, gq = run_kl(*on, "cuda")
+    kl_s, gp_s, gq_s = run_kl(p, q, pr, qr, u, "simt")
+    assert kl.device == GPU and gp.device == GPU and gp.dtype == dtype
+    torch.testing.assert_close(kl.cpu(), kl_s, rtol=1e-5, atol=1e-6)
+    tol = 1e-5 if dtype == torch.float32 else rounding(dtype)
+    torch.testing.assert_close(gp.cpu(), gp_s, rtol=tol, atol=1e-7)
+    torch.testing.assert_close(gq.cpu(), gq_s, rtol=tol, atol=1e-7)
+    xe, ye = p.double().requires_grad_(True), q.double().requires_grad_(True)
+    want = eager_kl(xe, ye, 0.8, pr, qr)
+    (want * u.double()).sum().backward()
+    torch.testing.assert_close(kl.cpu().double(), want.detach(), atol=2e-6, rtol=2e-4)
+    torch.testing.assert_close(gp.cpu().double(), xe.grad, atol=1e-6, rtol=tolerance(dtype))
+    torch.testing.assert_close(gq.cpu().double(), ye.grad, atol=1e-6, rtol=tolerance(dtype))
+
+
+def test_cuda_kl_opcheck_and_errors():
+    p, q, pr, qr = [None if t is None else t.to(GPU) for t in pair(seed=13, n=4, v=8, rows_p=2,
+                                                                     rows_q=1)]
+    args = (p.clone().requires_grad_(True), q.clone().requires_grad_(True), pr, qr, 1.0, "cuda")
+    torch.library.opcheck(torch.ops.vppo.kl.default, args)
+    with pytest.raises(ValueError, match="q_logits is on cpu"):
+        vt.kl(p, q.cpu(), p_rows=pr, q_rows=qr)
