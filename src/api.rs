@@ -36,7 +36,7 @@ impl Vppo {
         Ok(Vppo { config, device })
     }
 
-    fn gpu(&self) -> Result<std::sync::Arc<crate::cuda::Gpu>> {
+    pub(crate) fn gpu(&self) -> Result<std::sync::Arc<crate::cuda::Gpu>> {
         match self.device {
             Device::Cuda(ordinal) => crate::cuda::Gpu::new(ordinal),
             other => Err(VppoError::Shape {

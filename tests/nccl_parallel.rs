@@ -5,6 +5,9 @@
 //! compared through their Debug text, which round-trips every f32 and f64), and together the
 //! single-process result to rounding (the mask exactly). Bad input on one rank is an error on every
 //! rank; ranks that disagree on a length, two ranks on one GPU, and a missing libnccl are clear errors.
+//! The layouts on batches in GPU memory (`DeviceBatch`: `forward_device_data_parallel`) give the
+//! host path's bits on the same GPUs, over thread and NCCL groups, and bad input on one rank is an
+//! error on every rank there too.
 //!
 //! `cargo test` runs the parent, which re-runs this binary with the fakes installed
 //! (`all_tests_through_the_fake_nccl_library`); the other tests run in that child only (and with
@@ -15,9 +18,12 @@ mod common;
 use std::sync::Arc;
 
 use common::{seeded_batch, BatchSpec};
+use cudarc::driver::CudaSlice;
+use vppo::cuda::{Borrowed, Gpu};
 use vppo::{
-    Aggregation, Collective, Device, Dtype, GradMut, NcclGroup, NcclId, OwnedBatch, ReduceOp,
-    ThreadGroup, VocabShard, Vppo, VppoConfig, VppoError, VppoOutput,
+    Aggregation, Collective, Device, DeviceBatch, DeviceLogits, DeviceLogitsMut, Dtype, GradMut,
+    NcclGroup, NcclId, OwnedBatch, ReduceOp, ThreadGroup, VocabShard, Vppo, VppoConfig, VppoError,
+    VppoOutput,
 };
 
 /// Fake devices in the child process, one per rank of the largest group.
@@ -652,4 +658,230 @@ fn the_fake_devices_keep_their_streams_apart() {
     // SAFETY: as above.
     unsafe { memset_d8_async(p, 0, 16, s1.cu_stream()) }.unwrap();
     s1.synchronize().unwrap();
+}
+
+// -------------------------------------------------------------------------------------------------
+// The layouts on batches in GPU memory (DeviceBatch): the same bits as the host path on that GPU
+// -------------------------------------------------------------------------------------------------
+
+/// A host batch copied to GPU `ordinal`, ref_logp included, lent as a [`DeviceBatch`] (an empty
+/// tensor as a borrowed view of 0 elements: CUDA has no buffers of 0 bytes, and the Python entry
+/// point passes empty tensors so).
+struct OnGpu {
+    gpu: Arc<Gpu>,
+    logits: DeviceOwned,
+    logits_masked: DeviceOwned,
+    targets: Slot<i32>,
+    old_logp: Slot<f32>,
+    advantages: Slot<f32>,
+    cu_seqlens: Slot<i32>,
+    ref_logp: Option<Slot<f32>>,
+    vocab: usize,
+}
+
+/// A device copy, or a view of 0 elements.
+enum Slot<T> {
+    Owned(CudaSlice<T>),
+    Empty(Borrowed<T>),
+}
+
+impl<T> std::ops::Deref for Slot<T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        match self {
+            Slot::Owned(x) => x,
+            Slot::Empty(x) => x,
+        }
+    }
+}
+
+fn slot<T: cudarc::driver::DeviceRepr>(gpu: &Gpu, x: &[T]) -> vppo::Result<Slot<T>> {
+    if x.is_empty() {
+        // SAFETY: a view of 0 elements reads no memory (any address).
+        return Ok(Slot::Empty(unsafe { Borrowed::new(gpu, 0, 0) }));
+    }
+    Ok(Slot::Owned(gpu.upload(x)?))
+}
+
+enum DeviceOwned {
+    F32(Slot<f32>),
+    F16(Slot<half::f16>),
+    Bf16(Slot<half::bf16>),
+}
+
+impl DeviceOwned {
+    fn view(&self) -> DeviceLogits<'_> {
+        match self {
+            DeviceOwned::F32(x) => DeviceLogits::F32(x),
+            DeviceOwned::F16(x) => DeviceLogits::F16(x),
+            DeviceOwned::Bf16(x) => DeviceLogits::Bf16(x),
+        }
+    }
+}
+
+impl OnGpu {
+    fn new(ordinal: usize, b: &OwnedBatch) -> vppo::Result<OnGpu> {
+        let gpu = Gpu::new(ordinal)?;
+        let up = |l: &vppo::OwnedLogits| -> vppo::Result<DeviceOwned> {
+            Ok(match l {
+                vppo::OwnedLogits::F32(x) => DeviceOwned::F32(slot(&gpu, x)?),
+                vppo::OwnedLogits::F16(x) => DeviceOwned::F16(slot(&gpu, x)?),
+                vppo::OwnedLogits::Bf16(x) => DeviceOwned::Bf16(slot(&gpu, x)?),
+            })
+        };
+        Ok(OnGpu {
+            logits: up(&b.logits)?,
+            logits_masked: up(&b.logits_masked)?,
+            targets: slot(&gpu, &b.targets)?,
+            old_logp: slot(&gpu, &b.old_logp)?,
+            advantages: slot(&gpu, &b.advantages)?,
+            cu_seqlens: slot(&gpu, &b.cu_seqlens)?,
+            ref_logp: b.ref_logp.as_ref().map(|r| slot(&gpu, r)).transpose()?,
+            vocab: b.vocab,
+            gpu,
+        })
+    }
+
+    fn batch(&self) -> DeviceBatch<'_> {
+        DeviceBatch {
+            logits: self.logits.view(),
+            logits_masked: self.logits_masked.view(),
+            targets: &self.targets,
+            old_logp: &self.old_logp,
+            advantages: &self.advantages,
+            cu_seqlens: &self.cu_seqlens,
+            vocab: self.vocab,
+            ref_logp: self.ref_logp.as_deref(),
+            rows: None,
+            masked_rows: None,
+        }
+    }
+
+    /// The f32 gradient of `fwd` on the GPU, copied back (empty without tokens).
+    fn grad(&self, vppo: &Vppo, fwd: &vppo::DeviceForward) -> vppo::Result<Vec<f32>> {
+        let len = self.targets.len() * self.vocab;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let mut g = self.gpu.alloc_zeros::<f32>(len)?;
+        vppo.backward_device(fwd, &self.batch(), DeviceLogitsMut::F32(&mut g))?;
+        self.gpu.download(&g)
+    }
+}
+
+/// Data parallel on device memory (`Vppo::forward_device_data_parallel`, then the group config's
+/// `backward_device`): the outputs and gradient of every rank are the host data-parallel path's
+/// bits on the same GPUs, over thread groups and NCCL groups of 1, 2 and 4 ranks.
+#[test]
+fn device_data_parallel_is_the_host_path_s_bits() {
+    let Some(gpus) = gpus() else { return };
+    for seed in 0..2u64 {
+        let spec = BatchSpec {
+            dtype: [Dtype::Bf16, Dtype::F32][seed as usize % 2],
+            groups: (4, 5),
+            group_size: 2,
+            max_len: 7,
+            ..BatchSpec::default()
+        };
+        let full = with_ref_logp(seeded_batch(seed + 10, &spec));
+        let b_count = full.advantages.len();
+        for cfg in configs() {
+            for size in sizes(gpus) {
+                // whole groups of 2 responses per rank, uneven, the last rank possibly empty
+                let mut cut: Vec<usize> = (0..size).map(|r| (b_count / 2 * r / size) * 2).collect();
+                cut.push(b_count);
+                let case = format!("seed {seed}, {cfg:?}, {size} ranks {cut:?}");
+                let (f, c, k) = (full.clone(), cut.clone(), cfg.clone());
+                let host = on_thread_ranks(size, move |rank, g| {
+                    let mine = common::part(&f, c[rank], c[rank + 1], 0, f.vocab);
+                    let vppo = Vppo::new(k.clone(), Device::Cuda(rank))?;
+                    let (out, global) = vppo.forward_data_parallel(&mine.batch(), g)?;
+                    let gr = grad(&global, &mine.batch(), &out)?;
+                    Ok::<_, VppoError>((out, gr))
+                });
+                let work = {
+                    let (full, cut, cfg) = (full.clone(), cut.clone(), cfg.clone());
+                    Arc::new(move |rank: usize, g: &dyn Collective| {
+                        let mine = common::part(&full, cut[rank], cut[rank + 1], 0, full.vocab);
+                        let on = OnGpu::new(rank, &mine)?;
+                        let vppo = Vppo::new(cfg.clone(), Device::Cuda(rank))?;
+                        let (fwd, global) = vppo.forward_device_data_parallel(&on.batch(), g)?;
+                        let gr = on.grad(&global, &fwd)?;
+                        Ok::<_, VppoError>((fwd.output.clone(), gr))
+                    })
+                };
+                let w = work.clone();
+                let threads = on_thread_ranks(size, move |rank, g| w(rank, g));
+                let w = work.clone();
+                let nccl = on_nccl_ranks(size, move |rank, g| w(rank, g));
+                let unwrap = |v: Vec<vppo::Result<(VppoOutput, Vec<f32>)>>| -> Vec<_> {
+                    v.into_iter()
+                        .map(|r| r.unwrap_or_else(|e| panic!("{case}: {e}")))
+                        .collect()
+                };
+                let (host, threads, nccl) = (unwrap(host), unwrap(threads), unwrap(nccl));
+                assert_eq!(text(&threads), text(&host), "{case}: device vs host");
+                assert_eq!(text(&nccl), text(&host), "{case}: device over NCCL vs host");
+            }
+        }
+    }
+}
+
+/// Bad input on one rank of a device data-parallel group (a shape error found in the O(N + B)
+/// checks, a NaN found by pass 1 on the GPU) is an error on every rank, not a hang.
+#[test]
+fn bad_device_input_on_one_rank_is_an_error_on_every_rank() {
+    let Some(gpus) = gpus() else { return };
+    if gpus < 2 {
+        return;
+    }
+    let spec = BatchSpec {
+        groups: (4, 4),
+        group_size: 1,
+        max_len: 9,
+        ..BatchSpec::default()
+    };
+    let full = Arc::new(seeded_batch(3, &spec));
+    // two responses per rank, with tokens on rank 1 (for the NaN)
+    assert!(
+        full.cu_seqlens[4] > full.cu_seqlens[2],
+        "{:?}",
+        full.cu_seqlens
+    );
+    for spoil in 0..2 {
+        let full = full.clone();
+        let got = on_thread_ranks(2, move |rank, g| {
+            let mut mine = common::part(&full, 2 * rank, 2 * rank + 2, 0, full.vocab);
+            if rank == 1 {
+                match spoil {
+                    0 => mine.old_logp.push(0.0), // one too many: a shape error
+                    _ => match &mut mine.logits {
+                        vppo::OwnedLogits::F32(x) => x[0] = f32::NAN,
+                        _ => unreachable!("f32 batch"),
+                    },
+                }
+            }
+            let on = OnGpu::new(rank, &mine)?;
+            Vppo::new(VppoConfig::default(), Device::Cuda(rank))?
+                .forward_device_data_parallel(&on.batch(), g)
+                .map(|(f, _)| f.output)
+        });
+        match spoil {
+            0 => assert!(
+                matches!(got[1], Err(VppoError::Shape { .. })),
+                "{:?}",
+                got[1]
+            ),
+            _ => assert!(
+                matches!(got[1], Err(VppoError::NonFinite { .. })),
+                "{:?}",
+                got[1]
+            ),
+        }
+        assert!(
+            matches!(got[0], Err(VppoError::GroupFailed { rank: 0, failed: 1 })),
+            "{:?}",
+            got[0]
+        );
+    }
 }

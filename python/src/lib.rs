@@ -824,10 +824,11 @@ unsafe fn gpu_after(ordinal: usize, stream: u64) -> vppo::Result<std::sync::Arc<
 /// the 13 outputs are device buffers (torch.empty on the device) that this fills. `stream` is
 /// torch's current stream: the work is ordered after what is queued there, and what is queued there
 /// afterwards sees the outputs (the call also synchronizes: it copies the O(N + B) tensors back once
-/// for validation, as `Vppo::forward_device` does). No group: the parallel layouts take CPU
-/// tensors for now.
+/// for validation, as `Vppo::forward_device` does). `group` is the data group (SPEC 11,
+/// `Vppo::forward_device_data_parallel`): a few scalars cross it, through the Python reducer (NCCL
+/// or gloo), and an error on this rank before its reductions is reported to it first.
 #[pyfunction]
-#[pyo3(signature = (ordinal, stream, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, ref_logp=None))]
+#[pyo3(signature = (ordinal, stream, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, ref_logp=None, group=None))]
 #[allow(clippy::too_many_arguments)]
 fn forward_cuda(
     py: Python<'_>,
@@ -846,8 +847,14 @@ fn forward_cuda(
     masked_rows: Option<DeviceRaw>,
     out: Vec<DeviceRaw>,
     ref_logp: Option<DeviceRaw>,
+    group: Option<(usize, usize, Py<PyAny>)>,
 ) -> PyResult<(f64, f64, f64, f64, f64, f64, f64)> {
-    let vppo = build_on(Device::Cuda(ordinal), options)?;
+    let groups = Groups {
+        data: group.map(|(rank, size, reduce)| PyGroup { rank, size, reduce }),
+        vocab: None,
+        seq: None,
+    };
+    let vppo = build_on(Device::Cuda(ordinal), options).map_err(|e| groups.fail(py, e))?;
     let host = |r: &DeviceRaw| (r.0 as usize, r.1);
     forward_checks(
         vocab,
@@ -860,11 +867,16 @@ fn forward_cuda(
         &masked_rows.as_ref().map(host),
         &ref_logp.as_ref().map(host),
         &out.iter().map(host).collect::<Vec<_>>(),
-    )?;
-    let dtype = parse_dtype(dtype)?;
+    )
+    .map_err(|e| groups.fail(py, e))?;
+    let dtype = parse_dtype(dtype).map_err(|e| groups.fail(py, e))?;
+    let gpu = py
+        .detach(|| {
+            // SAFETY: vppo/torch.py passes torch's current stream of this device.
+            unsafe { gpu_after(ordinal, stream) }
+        })
+        .map_err(|e| groups.fail(py, value_error(e)))?;
     py.detach(|| -> PyResult<_> {
-        // SAFETY: vppo/torch.py passes torch's current stream of this device.
-        let gpu = unsafe { gpu_after(ordinal, stream) }.map_err(value_error)?;
         // SAFETY: vppo/torch.py passes contiguous CUDA tensors of device `ordinal` with these dtypes
         // and element counts (checked above against each other), alive for the call; the outputs are
         // fresh torch.empty buffers nothing else uses.
@@ -893,7 +905,11 @@ fn forward_cuda(
             rows: r.as_deref(),
             masked_rows: mr.as_deref(),
         };
-        let fwd = vppo.forward_device(&batch).map_err(value_error)?;
+        let fwd = match &groups.data {
+            Some(g) => vppo.forward_device_data_parallel(&batch, g).map(|(f, _)| f),
+            None => vppo.forward_device(&batch),
+        }
+        .map_err(value_error)?;
         let cols = OutputColumns::of(&fwd.output)?;
         let upload_err = |e: VppoError| value_error(e);
         for (src, dst) in cols.floats {

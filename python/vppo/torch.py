@@ -292,10 +292,9 @@ def _loss(
                       masked_rows, device, grad_dtype)
         _check_ref_logp(ref_logp, _on(logits))
         _check_ref_logits(ref_logits, logits)
-        if device == "cuda" and (group is not None or vocab_group is not None
-                                 or seq_group is not None):
-            raise ValueError("vppo_loss: process_group, vocab_group and seq_group take CPU tensors "
-                             "for now (the parallel layouts are not on the CUDA path yet)")
+        if device == "cuda" and (vocab_group is not None or seq_group is not None):
+            raise ValueError("vppo_loss: vocab_group and seq_group take CPU tensors for now (of "
+                             "the parallel layouts, only process_group is on the CUDA path yet)")
         targets = _as("targets", targets, torch.int32)
         cu_seqlens = _as("cu_seqlens", cu_seqlens, torch.int32)
         rows = None if rows is None else _as("rows", rows, torch.int64)
@@ -318,6 +317,7 @@ def _loss(
             None if masked_rows is None else _raw(masked_rows),
             [_raw(t) for t in token + resp],
             None if ref_logp is None else _raw(ref_logp),
+            data_r,
         )
         loss = torch.tensor(scalars[0], dtype=torch.float32, device=on)
         stats = torch.tensor(scalars[1:], dtype=torch.float64, device=on)
@@ -554,13 +554,14 @@ def vppo_loss(
     the same ``rows``): the reference policy's logits, which ``kl_penalty="full"`` needs: the exact
     KL(pi || pi_ref) over the vocabulary per token (``out["ref_kl"]``), with its gradient in the
     backward (CPU tensors for now). ``device``: for CUDA tensors "cuda" (the default: the kernels on
-    the tensors' GPU, in place, ordered after torch's current stream there; ``process_group``,
-    ``vocab_group`` and ``seq_group`` take CPU tensors for now); for CPU tensors "simt" (the default:
+    the tensors' GPU, in place, ordered after torch's current stream there; ``vocab_group`` and
+    ``seq_group`` take CPU tensors for now); for CPU tensors "simt" (the default:
     the kernels on the SIMT executor) or "reference" (the f64 reference). ``grad_dtype``: "logits" (default) or "f32" (autograd then stores it in the
     logits' dtype). ``in_place=True``: the backward writes the gradient over ``logits``.
 
     ``process_group``: data parallel (SPEC section 11). Each rank passes its own whole responses;
-    the op reduces over the group (torch.distributed: gloo for CPU tensors) the token count Z, the
+    the op reduces over the group (torch.distributed: gloo for CPU tensors, NCCL for CUDA tensors,
+    whose batch stays on the GPU) the token count Z, the
     count B' of non-empty responses, the Sbar range and, for mean-preserving shaping, the sum of n_b,
     so that the sum over ranks of the returned losses is the loss of the concatenated batch and
     every rank's gradient rows are that loss's. An engine that averages gradients over ranks must

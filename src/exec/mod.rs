@@ -59,6 +59,7 @@ use perception::*;
 pub(crate) use perception::{mutant_perception, perception, perception_partial};
 pub(crate) use resident::{
     backward_device, backward_device_in_place, backward_saved_device, forward_device,
+    forward_device_then, ThenFn,
 };
 pub use resident::{DeviceBatch, DeviceForward, DeviceSaved, DeviceStages};
 pub(crate) use select_loss::select;

@@ -247,6 +247,24 @@ pub(crate) fn forward_device(
     batch: &DeviceBatch,
     cfg: &VppoConfig,
 ) -> Result<DeviceForward> {
+    forward_device_then(gpu, batch, cfg, &mut |_, _| Ok(None))
+}
+
+/// What a data-parallel forward calls after pass 1: the first output and the batch's cu_seqlens
+/// in, the config pass 2 reruns under (or None: no rerun) out.
+pub(crate) type ThenFn<'a> = dyn FnMut(&VppoOutput, &[i32]) -> Result<Option<VppoConfig>> + 'a;
+
+/// [`forward_device`], then pass 2 once more under the config `then` derives from the first output
+/// and the batch's cu_seqlens (copied back for validation), if it returns one: the device form of
+/// [`super::forward_then`] (data parallel, src/parallel/mod.rs). Pass 1 runs once; the second
+/// select + loss rewrites mask, dlogp, alpha and the totals in the workspace, so the backward of
+/// the result reads the second config's dlogp.
+pub(crate) fn forward_device_then(
+    gpu: &Arc<Gpu>,
+    batch: &DeviceBatch,
+    cfg: &VppoConfig,
+    then: &mut ThenFn,
+) -> Result<DeviceForward> {
     cfg.validate()?;
     if cfg.needs_ref_logits() {
         return Err(VppoError::MissingTensor {
@@ -291,8 +309,13 @@ pub(crate) fn forward_device(
     let n_rows = logits_len.checked_div(batch.vocab).unwrap_or(n);
     let z = cfg.token_normalizer.unwrap_or(n as f64);
     if n == 0 {
+        let first = empty_output(z, b);
+        let output = match then(&first, &cu_seqlens)? {
+            Some(c) => empty_output(c.token_normalizer.unwrap_or(0.0), b),
+            None => first,
+        };
         return Ok(DeviceForward {
-            output: empty_output(z, b),
+            output,
             gpu: gpu.clone(),
             ws: None,
             targets,
@@ -321,7 +344,12 @@ pub(crate) fn forward_device(
         let row = index.map_or(token, |r| r[token] as usize);
         logits.row_f64(gpu, row, batch.vocab)
     };
-    let output = run_passes(&l, dims, cfg, &inputs, &ws, &targets, &row_of)?;
+    let mut output = run_passes(&l, dims, cfg, &inputs, &ws, &targets, &row_of)?;
+    if let Some(second) = then(&output, &cu_seqlens)? {
+        run_select_loss(&l, dims, &second, &inputs, &ws)?;
+        let copy = ws.download(&l)?;
+        output = output_from(&ws, &copy, second.token_normalizer.unwrap_or(n as f64));
+    }
     let rows = rows.map(|r| gpu.upload(&r)).transpose()?;
     Ok(DeviceForward {
         output,

@@ -41,6 +41,7 @@ use crate::api::Vppo;
 use crate::batch::Batch;
 use crate::config::{Shaping, TasScope, VppoConfig};
 use crate::error::{Result, VppoError};
+use crate::exec::{DeviceBatch, DeviceForward, ThenFn};
 use crate::output::VppoOutput;
 use crate::reference::shaping::{TAS_MEAN_EPS, TAS_MIN_SPREAD};
 
@@ -326,11 +327,44 @@ impl Vppo {
         batch: &Batch,
         group: &dyn Collective,
     ) -> Result<(VppoOutput, Vppo)> {
+        self.data_parallel(group, &mut |then| {
+            self.forward_then(batch, &mut |local| then(local, batch.cu_seqlens))
+        })
+    }
+
+    /// [`Vppo::forward_data_parallel`] on a batch in GPU memory ([`Vppo::forward_device`]'s): the
+    /// same reductions (the module's table, a few scalars through `group`; what crosses to the host
+    /// is the O(N + B) outputs [`Vppo::forward_device`] copies back anyway), then pass 2 again on
+    /// the GPU under the group's config. The result keeps the workspace the backward reads: the
+    /// returned [`Vppo`]'s [`Vppo::backward_device`] with it gives this rank's rows of the
+    /// gradient (the forward's dloss/dlogp is already the group's). The same bits as
+    /// [`Vppo::forward_data_parallel`] on a host copy of the batch on the same GPU.
+    pub fn forward_device_data_parallel(
+        &self,
+        batch: &DeviceBatch,
+        group: &dyn Collective,
+    ) -> Result<(DeviceForward, Vppo)> {
+        self.data_parallel(group, &mut |then| {
+            let fwd = crate::exec::forward_device_then(&self.gpu()?, batch, self.config(), then)?;
+            fwd.output.check_finite()?;
+            Ok(fwd)
+        })
+    }
+
+    /// The protocol of a data-parallel forward around `run`, which runs pass 1 and calls the
+    /// closure it is given with the first output and the batch's cu_seqlens (at most once: the
+    /// reductions, which return pass 2's config), then pass 2 again. A rank whose `run` fails before
+    /// that call takes part in round 1 as a failed rank ([`report_failure`]).
+    fn data_parallel<T>(
+        &self,
+        group: &dyn Collective,
+        run: &mut dyn FnMut(&mut ThenFn) -> Result<T>,
+    ) -> Result<(T, Vppo)> {
         let cfg = self.config();
         let (mut reached, mut global) = (false, None);
-        let result = self.forward_then(batch, &mut |local: &VppoOutput| {
+        let result = run(&mut |local: &VppoOutput, cu_seqlens: &[i32]| {
             reached = true;
-            let g = agree(cfg, batch.cu_seqlens, local, group)?;
+            let g = agree(cfg, cu_seqlens, local, group)?;
             global = Some(g.clone());
             Ok(Some(g))
         });
