@@ -104,6 +104,31 @@ impl Vppo {
             logits,
             vocab,
             saved,
+            None,
+            grad,
+            &self.config,
+            &|dlogp| self.check_grad_bound(dlogp),
+        )
+    }
+
+    /// [`Vppo::backward_saved_device`] for `kl_penalty = full` (the GPU form of
+    /// [`Vppo::backward_saved_full`]): `full` holds ref_logits (the shape and dtype of the logits,
+    /// read through `saved.rows`) and the forward's per-token lse_ref, ref_kl and dref_kl on the GPU,
+    /// copied back with the other O(N) saved tensors and checked before the launch.
+    pub fn backward_saved_full_device(
+        &self,
+        logits: Option<crate::DeviceLogits>,
+        vocab: usize,
+        saved: &crate::exec::DeviceSaved,
+        full: &crate::exec::DeviceFullKlSaved,
+        grad: crate::DeviceLogitsMut,
+    ) -> Result<()> {
+        crate::exec::backward_saved_device(
+            &self.gpu()?,
+            logits,
+            vocab,
+            saved,
+            Some(full),
             grad,
             &self.config,
             &|dlogp| self.check_grad_bound(dlogp),

@@ -206,6 +206,19 @@ pub(crate) fn check_ref_logits(
     logits: Logits,
     ref_logits: Option<Logits>,
 ) -> Result<()> {
+    check_ref_logits_shape(
+        config,
+        (logits.dtype(), logits.len()),
+        ref_logits.map(|r| (r.dtype(), r.len())),
+    )
+}
+
+/// [`check_ref_logits`] on (dtype, element count) pairs, wherever the tensors live.
+pub(crate) fn check_ref_logits_shape(
+    config: &VppoConfig,
+    logits: (Dtype, usize),
+    ref_logits: Option<(Dtype, usize)>,
+) -> Result<()> {
     match ref_logits {
         None if config.needs_ref_logits() => Err(VppoError::MissingTensor {
             tensor: Tensor::RefLogits,
@@ -215,21 +228,20 @@ pub(crate) fn check_ref_logits(
                     .into(),
         }),
         None => Ok(()),
-        Some(r) if r.dtype() != logits.dtype() => Err(VppoError::Shape {
+        Some(r) if r.0 != logits.0 => Err(VppoError::Shape {
             tensor: Tensor::RefLogits,
             detail: format!(
                 "dtype {} differs from logits dtype {}",
-                r.dtype().name(),
-                logits.dtype().name()
+                r.0.name(),
+                logits.0.name()
             ),
         }),
-        Some(r) if r.len() != logits.len() => Err(VppoError::Shape {
+        Some(r) if r.1 != logits.1 => Err(VppoError::Shape {
             tensor: Tensor::RefLogits,
             detail: format!(
                 "has {} elements, logits {}: ref_logits has the shape of logits (read through \
                  the same rows)",
-                r.len(),
-                logits.len()
+                r.1, logits.1
             ),
         }),
         Some(_) => Ok(()),

@@ -524,6 +524,7 @@ impl UploadedBatch {
             ref_logp: None,
             rows: None,
             masked_rows: None,
+            ref_logits: None,
         }
     }
 }

@@ -60,7 +60,9 @@ pub use config::{
     VppoConfig,
 };
 pub use error::{Location, Result, Tensor, VppoError};
-pub use exec::{DeviceBatch, DeviceForward, DeviceSaved, FullKlSaved, SavedForward};
+pub use exec::{
+    DeviceBatch, DeviceForward, DeviceFullKlSaved, DeviceSaved, FullKlSaved, SavedForward,
+};
 pub use grpo::grpo_advantages;
 pub use io::{OwnedBatch, OwnedLogits};
 pub use kl_div::{DeviceKlBatch, DeviceKlSaved, KlDiv, KlOutput, KlSaved};

@@ -613,6 +613,7 @@ fn caller_streams_are_waited_for() {
         ref_logp: None,
         rows: None,
         masked_rows: None,
+        ref_logits: None,
     };
     let vppo = Vppo::new(VppoConfig::default(), Device::Cuda(0)).unwrap();
     let fwd = vppo.forward_device(&db).unwrap();
@@ -742,6 +743,7 @@ fn device_rows_and_saved_backward_match_the_host_path() {
             ref_logp: None,
             rows: Some(&rows),
             masked_rows: Some(&masked_rows),
+            ref_logits: None,
         };
         let fwd = vppo.forward_device(&db).unwrap();
         let want = vppo.forward(&host).unwrap();
@@ -961,6 +963,7 @@ fn foreign_memory_and_stream_are_used_in_place() {
             ref_logp: None,
             rows: None,
             masked_rows: None,
+            ref_logits: None,
         };
         if common::fake_cuda::active() && n > 0 {
             // Not joined: the caller's uploads have not run yet.
@@ -1109,5 +1112,200 @@ fn kl_on_device_buffers_copies_no_rows_and_refuses_before_launching() {
     assert!(e.to_string().contains("grad_p"), "{e}");
     if let (Some(a), Some(b)) = (before, stats()) {
         assert_eq!(b.since(&a).launches, 0, "a refused call launched a kernel");
+    }
+}
+
+/// `kl_penalty = full` on the GPU path: a device batch with `ref_logits` (read through the same
+/// rows as the logits; the unread rows hold junk) gives the host path's outputs bit for bit
+/// (ref_kl, lse_ref, dref_kl, kl_loss, the loss), `backward_device` its gradient, and the stateless
+/// `backward_saved_full_device` (the Python op's CUDA path) that of `backward_saved_full`, into a
+/// new buffer and in place. Missing or misshapen ref_logits, and a non-finite saved dref_kl, are
+/// errors naming ref_logits before any launch; the in-place stateful backward refuses `full` as the
+/// host one does.
+#[test]
+fn device_full_kl_matches_the_host_path() {
+    let _serial = common::fake_cuda::serial();
+    let Some(gpu) = gpu() else {
+        eprintln!("skipped: needs VPPO_TEST_DEVICE=cuda or fake-cuda");
+        return;
+    };
+    use rand::Rng;
+    let s = gpu.stream();
+    let cfg = VppoConfig {
+        kl_penalty: vppo::KlPenalty::Full,
+        kl_coef: 0.25,
+        ..VppoConfig::default()
+    };
+    let vppo = Vppo::new(cfg, Device::Cuda(0)).unwrap();
+    let bits = |x: &[f32]| x.iter().map(|g| g.to_bits()).collect::<Vec<_>>();
+    for seed in 0..4u64 {
+        let (owned, mut rng) = small_f32_batch(seed + 40);
+        let with_rows = seed % 2 == 1;
+        let spread = common::spread(&owned, &mut rng);
+        let (logits, masked, r) = if with_rows {
+            (spread.logits.clone(), spread.masked.clone(), spread.r)
+        } else {
+            let n = owned.targets.len();
+            (owned.logits.to_f32(), owned.logits_masked.to_f32(), n)
+        };
+        let reference: Vec<f32> = logits
+            .iter()
+            .map(|&x| x + rng.gen_range(-1.0f32..1.0))
+            .collect();
+        let v = owned.vocab;
+        let host = vppo::Batch {
+            logits: vppo::Logits::F32(&logits),
+            logits_masked: vppo::Logits::F32(&masked),
+            rows: with_rows.then_some(&spread.rows[..]),
+            masked_rows: with_rows.then_some(&spread.masked_rows[..]),
+            ref_logits: Some(vppo::Logits::F32(&reference)),
+            ..owned.batch()
+        };
+        let up = |x: &[f32]| s.clone_htod(x).unwrap();
+        let (dl, dm, dr) = (up(&logits), up(&masked), up(&reference));
+        let (old_logp, advantages) = (up(&owned.old_logp), up(&owned.advantages));
+        let targets = s.clone_htod(&owned.targets).unwrap();
+        let cu_seqlens = s.clone_htod(&owned.cu_seqlens).unwrap();
+        let rows = s.clone_htod(&spread.rows).unwrap();
+        let masked_rows = s.clone_htod(&spread.masked_rows).unwrap();
+        let db = DeviceBatch {
+            logits: DeviceLogits::F32(&dl),
+            logits_masked: DeviceLogits::F32(&dm),
+            targets: &targets,
+            old_logp: &old_logp,
+            advantages: &advantages,
+            cu_seqlens: &cu_seqlens,
+            vocab: v,
+            ref_logp: None,
+            rows: with_rows.then_some(&rows),
+            masked_rows: with_rows.then_some(&masked_rows),
+            ref_logits: Some(DeviceLogits::F32(&dr)),
+        };
+        let want = vppo.forward(&host).unwrap();
+        let fwd = vppo.forward_device(&db).unwrap();
+        assert_eq!(fwd.output, want, "seed {seed}");
+        assert!(want.kl_loss > 0.0 && want.tokens.ref_kl.len() == owned.targets.len());
+
+        let mut want_grad = vec![0.0f32; r * v];
+        vppo.backward_into(&host, &want, GradMut::F32(&mut want_grad))
+            .unwrap();
+        let mut grad = s.clone_htod(&vec![f32::NAN; r * v]).unwrap();
+        vppo.backward_device(&fwd, &db, DeviceLogitsMut::F32(&mut grad))
+            .unwrap();
+        assert_eq!(
+            bits(&s.clone_dtoh(&grad).unwrap()),
+            bits(&want_grad),
+            "seed {seed}"
+        );
+        let mut in_place = up(&logits);
+        let e = vppo
+            .backward_device_in_place(&fwd, DeviceLogitsMut::F32(&mut in_place), &targets)
+            .unwrap_err();
+        assert!(e.to_string().contains("ref_logits"), "{e}");
+
+        // The stateless backward from the saved tensors, as the Python op calls it.
+        let host_saved = vppo::SavedForward {
+            targets: &owned.targets,
+            lse: &want.tokens.lse,
+            dlogp: &want.tokens.dlogp,
+            rows: host.rows,
+        };
+        let host_full = vppo::FullKlSaved {
+            ref_logits: vppo::Logits::F32(&reference),
+            lse_ref: &want.tokens.lse_ref,
+            ref_kl: &want.tokens.ref_kl,
+            dref_kl: &want.tokens.dref_kl,
+        };
+        let mut saved_want = vec![0.0f32; r * v];
+        vppo.backward_saved_full(
+            Some(vppo::Logits::F32(&logits)),
+            v,
+            &host_saved,
+            &host_full,
+            GradMut::F32(&mut saved_want),
+        )
+        .unwrap();
+        let (lse, dlogp) = (up(&want.tokens.lse), up(&want.tokens.dlogp));
+        let (lse_ref, ref_kl, dref_kl) = (
+            up(&want.tokens.lse_ref),
+            up(&want.tokens.ref_kl),
+            up(&want.tokens.dref_kl),
+        );
+        let saved = vppo::DeviceSaved {
+            targets: &targets,
+            lse: &lse,
+            dlogp: &dlogp,
+            rows: db.rows,
+        };
+        let full = vppo::DeviceFullKlSaved {
+            ref_logits: DeviceLogits::F32(&dr),
+            lse_ref: &lse_ref,
+            ref_kl: &ref_kl,
+            dref_kl: &dref_kl,
+        };
+        let mut grad = s.clone_htod(&vec![f32::NAN; r * v]).unwrap();
+        vppo.backward_saved_full_device(
+            Some(DeviceLogits::F32(&dl)),
+            v,
+            &saved,
+            &full,
+            DeviceLogitsMut::F32(&mut grad),
+        )
+        .unwrap();
+        assert_eq!(
+            bits(&s.clone_dtoh(&grad).unwrap()),
+            bits(&saved_want),
+            "seed {seed}"
+        );
+        let mut in_place = up(&logits);
+        vppo.backward_saved_full_device(
+            None,
+            v,
+            &saved,
+            &full,
+            DeviceLogitsMut::F32(&mut in_place),
+        )
+        .unwrap();
+        assert_eq!(bits(&s.clone_dtoh(&in_place).unwrap()), bits(&saved_want));
+
+        // Refused before any launch, naming ref_logits.
+        let counting = common::fake_cuda::active();
+        let before = counting.then(common::fake_cuda::stats);
+        let short = up(&reference[..reference.len() - 1]);
+        for bad in [
+            DeviceBatch {
+                ref_logits: None,
+                ..db
+            },
+            DeviceBatch {
+                ref_logits: Some(DeviceLogits::F32(&short)),
+                ..db
+            },
+        ] {
+            let e = vppo.forward_device(&bad).unwrap_err();
+            assert!(e.to_string().contains("ref_logits"), "{e}");
+        }
+        let mut bad_dkl = want.tokens.dref_kl.clone();
+        bad_dkl[0] = f32::NAN;
+        let bad_dkl = up(&bad_dkl);
+        let mut grad = s.clone_htod(&vec![f32::NAN; r * v]).unwrap();
+        let e = vppo
+            .backward_saved_full_device(
+                Some(DeviceLogits::F32(&dl)),
+                v,
+                &saved,
+                &vppo::DeviceFullKlSaved {
+                    dref_kl: &bad_dkl,
+                    ..full
+                },
+                DeviceLogitsMut::F32(&mut grad),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("ref_kl"), "{e}");
+        if let Some(before) = before {
+            let d = common::fake_cuda::stats().since(&before);
+            assert_eq!(d.launches, 0, "a refused call launched a kernel: {d:?}");
+        }
+        assert!(s.clone_dtoh(&grad).unwrap().iter().all(|g| g.is_nan()));
     }
 }

@@ -754,6 +754,7 @@ impl OnGpu {
             ref_logp: self.ref_logp.as_deref(),
             rows: None,
             masked_rows: None,
+            ref_logits: None,
         }
     }
 

@@ -12,9 +12,9 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use vppo::cuda::{Borrowed, Gpu};
 use vppo::{
-    Batch, Collective, Device, DeviceBatch, DeviceKlBatch, DeviceKlSaved, DeviceLogits,
-    DeviceLogitsMut, DeviceSaved, Dtype, GradMut, KlBatch, KlDiv, KlSaved, LaneOrder, Logits,
-    ReduceOp, SavedForward, Tensor, VocabShard, Vppo, VppoError,
+    Batch, Collective, Device, DeviceBatch, DeviceFullKlSaved, DeviceKlBatch, DeviceKlSaved,
+    DeviceLogits, DeviceLogitsMut, DeviceSaved, Dtype, GradMut, KlBatch, KlDiv, KlSaved, LaneOrder,
+    Logits, ReduceOp, SavedForward, Tensor, VocabShard, Vppo, VppoError,
 };
 
 /// A tensor as Python passes it: its data pointer (an address in this process) and element count.
@@ -808,6 +808,15 @@ impl BorrowedLogits {
     }
 }
 
+/// 3N, the element count of the full KL's [3, N] saved tensors, checked.
+fn three_n(n: usize) -> PyResult<usize> {
+    n.checked_mul(3).ok_or_else(|| {
+        bad(format!(
+            "the full KL's saved tensors: 3 N = 3 * {n} overflows"
+        ))
+    })
+}
+
 /// The GPU `ordinal`, with `stream` (torch's current stream there, a raw `cudaStream_t`) joined: our
 /// work is queued after what the caller queued so far.
 ///
@@ -828,7 +837,7 @@ unsafe fn gpu_after(ordinal: usize, stream: u64) -> vppo::Result<std::sync::Arc<
 /// `Vppo::forward_device_data_parallel`): a few scalars cross it, through the Python reducer (NCCL
 /// or gloo), and an error on this rank before its reductions is reported to it first.
 #[pyfunction]
-#[pyo3(signature = (ordinal, stream, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, ref_logp=None, group=None))]
+#[pyo3(signature = (ordinal, stream, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, ref_logp=None, group=None, ref_logits=None, full_out=None))]
 #[allow(clippy::too_many_arguments)]
 fn forward_cuda(
     py: Python<'_>,
@@ -848,7 +857,10 @@ fn forward_cuda(
     out: Vec<DeviceRaw>,
     ref_logp: Option<DeviceRaw>,
     group: Option<(usize, usize, Py<PyAny>)>,
+    ref_logits: Option<DeviceRaw>,
+    full_out: Option<DeviceRaw>,
 ) -> PyResult<(f64, f64, f64, f64, f64, f64, f64)> {
+    // `ref_logits` and `full_out` ([3, N] f32: lse_ref, ref_kl, dref_kl) as in [`forward`].
     let groups = Groups {
         data: group.map(|(rank, size, reduce)| PyGroup { rank, size, reduce }),
         vocab: None,
@@ -870,6 +882,12 @@ fn forward_cuda(
     )
     .map_err(|e| groups.fail(py, e))?;
     let dtype = parse_dtype(dtype).map_err(|e| groups.fail(py, e))?;
+    let n = targets.1;
+    if let Some(f) = full_out {
+        three_n(n)
+            .and_then(|len| want_len("the full KL's saved tensors", f.1, len))
+            .map_err(|e| groups.fail(py, e))?;
+    }
     let gpu = py
         .detach(|| {
             // SAFETY: vppo/torch.py passes torch's current stream of this device.
@@ -893,6 +911,8 @@ fn forward_cuda(
                 ref_logp.map(|x| borrow::<f32>(&gpu, x)),
             )
         };
+        // SAFETY: as above (ref_logits a CUDA tensor of the logits' dtype; the crate checks its count).
+        let rf = ref_logits.map(|x| unsafe { BorrowedLogits::new(&gpu, dtype, x) });
         let batch = DeviceBatch {
             logits: a.view(),
             logits_masked: b.view(),
@@ -904,6 +924,7 @@ fn forward_cuda(
             ref_logp: rl.as_deref(),
             rows: r.as_deref(),
             masked_rows: mr.as_deref(),
+            ref_logits: rf.as_ref().map(|x| x.view()),
         };
         let fwd = match &groups.data {
             Some(g) => vppo.forward_device_data_parallel(&batch, g).map(|(f, _)| f),
@@ -926,6 +947,20 @@ fn forward_cuda(
         // SAFETY: a fresh int32 CUDA tensor of B elements.
         let mut d = unsafe { borrow::<i32>(&gpu, out[K]) };
         gpu.upload_into(&cols.k, &mut d).map_err(upload_err)?;
+        if let Some(f) = full_out {
+            let t = &fwd.output.tokens;
+            // Empty (torch.zeros left) unless kl_penalty = full computed them.
+            for (i, src) in [&t.lse_ref, &t.ref_kl, &t.dref_kl].into_iter().enumerate() {
+                if src.is_empty() {
+                    continue;
+                }
+                want_len("a full KL output", src.len(), n)?;
+                // SAFETY: row i of the fresh [3, N] float32 CUDA tensor `full_out` (3N elements,
+                // checked): N elements at byte offset 4 i N.
+                let mut d = unsafe { borrow::<f32>(&gpu, (f.0 + (4 * i * n) as u64, n)) };
+                gpu.upload_into(src, &mut d).map_err(upload_err)?;
+            }
+        }
         // SAFETY: as gpu_after.
         unsafe { gpu.order_foreign_stream_after(stream) }.map_err(value_error)?;
         gpu.synchronize().map_err(value_error)?;
@@ -936,7 +971,7 @@ fn forward_cuda(
 /// [`backward`] on CUDA tensors of GPU `ordinal` (`Vppo::backward_saved_device`): `logits` None
 /// means in place over `grad`. Ordered after torch's current stream `stream`, and synchronized.
 #[pyfunction]
-#[pyo3(signature = (ordinal, stream, options, dtype, vocab, logits, grad_dtype, grad, targets, lse, dlogp, rows))]
+#[pyo3(signature = (ordinal, stream, options, dtype, vocab, logits, grad_dtype, grad, targets, lse, dlogp, rows, ref_logits=None, full=None))]
 #[allow(clippy::too_many_arguments)]
 fn backward_cuda(
     py: Python<'_>,
@@ -952,7 +987,11 @@ fn backward_cuda(
     lse: DeviceRaw,
     dlogp: DeviceRaw,
     rows: Option<DeviceRaw>,
+    ref_logits: Option<DeviceRaw>,
+    full: Option<DeviceRaw>,
 ) -> PyResult<()> {
+    // With `ref_logits`, `full` is the forward's [3, N] lse_ref, ref_kl and dref_kl (the last scaled
+    // by the incoming gradient of the loss): `kl_penalty = full`'s backward, as in [`backward`].
     let vppo = build_on(Device::Cuda(ordinal), options)?;
     let dtype = parse_dtype(dtype)?;
     let grad_dtype = parse_dtype(grad_dtype)?;
@@ -967,9 +1006,32 @@ fn backward_cuda(
         want_len("grad_logits", grad.1, l.1)?;
     }
     rows_of("grad_logits", grad.1, vocab)?;
+    let n = targets.1;
+    let full = match (ref_logits, full) {
+        (Some(r), Some(f)) => {
+            want_len("the full KL's saved tensors", f.1, three_n(n)?)?;
+            Some((r, f))
+        }
+        (None, None) => None,
+        _ => {
+            return Err(bad(
+                "ref_logits and the full KL's saved tensors go together".into(),
+            ))
+        }
+    };
     py.detach(|| {
         // SAFETY: vppo/torch.py passes torch's current stream of this device.
         let gpu = unsafe { gpu_after(ordinal, stream) }?;
+        // SAFETY: ref_logits a CUDA tensor of the logits' dtype (the crate checks its count), and
+        // full a [3, N] float32 CUDA tensor (3N elements, checked): its rows at byte offsets 0, 4N
+        // and 8N, N elements each; all alive for the call and only read.
+        let full = full.map(|(r, f)| unsafe {
+            let row = |i: usize| borrow::<f32>(&gpu, (f.0 + (4 * i * n) as u64, n));
+            (
+                BorrowedLogits::new(&gpu, dtype, r),
+                [row(0), row(1), row(2)],
+            )
+        });
         // SAFETY: contiguous CUDA tensors of device `ordinal` with these dtypes and counts, alive
         // for the call; `grad` is a fresh torch.empty buffer or (in place) the logits the op declares
         // it mutates, and no other view of it exists here.
@@ -989,7 +1051,24 @@ fn backward_cuda(
             dlogp: &d,
             rows: r.as_deref(),
         };
-        vppo.backward_saved_device(x.as_ref().map(|x| x.view()), vocab, &saved, g.view_mut())?;
+        match &full {
+            Some((r, [lse_ref, ref_kl, dref_kl])) => {
+                let full = DeviceFullKlSaved {
+                    ref_logits: r.view(),
+                    lse_ref,
+                    ref_kl,
+                    dref_kl,
+                };
+                let logits = x.as_ref().map(|x| x.view());
+                vppo.backward_saved_full_device(logits, vocab, &saved, &full, g.view_mut())?
+            }
+            None => vppo.backward_saved_device(
+                x.as_ref().map(|x| x.view()),
+                vocab,
+                &saved,
+                g.view_mut(),
+            )?,
+        }
         // SAFETY: as gpu_after.
         unsafe { gpu.order_foreign_stream_after(stream) }
     })

@@ -319,6 +319,66 @@ print("ok")
 """
 
 
+FULL_KL = r"""
+# kl_penalty = full with ref_logits (SPEC section 12) on the CUDA path: the forward's outputs and the
+# [3, N] lse_ref, ref_kl, dref_kl, and the backward's gradient (new buffer and in place), equal to
+# the CPU path's on the SIMT executor bit for bit.
+options = vt._options_json({"kl_penalty": "full", "kl_coef": 0.25})
+for dtype, rows_total in [(torch.float32, None), (torch.bfloat16, 23)]:
+    b = batch(dtype=dtype, seed=4, rows_total=rows_total)
+    logits, masked, targets, old_logp, adv, cu, rows = b
+    g = torch.Generator().manual_seed(9)
+    ref = (logits.float() + torch.randn(logits.shape, generator=g)).to(dtype)
+    n, nb = targets.numel(), adv.numel()
+    name, v = vt._dtype_name(dtype), logits.shape[1]
+    outs = [torch.empty(n, dtype=d) for d in TOKEN] + [torch.empty(nb, dtype=d) for d in RESP]
+    full_want = torch.zeros(3, n)
+    want = _vppo.forward("simt", options, name, v, raw(logits), raw(masked), raw(targets),
+                         raw(old_logp), raw(adv), raw(cu), None if rows is None else raw(rows), None,
+                         [raw(o) for o in outs], ref_logits=raw(ref), full_out=raw(full_want))
+    assert (full_want[1] > 0).any()
+    dev = [upload(t) for t in (logits, masked, targets, old_logp, adv, cu)]
+    drows = None if rows is None else upload(rows)
+    dref = upload(ref)
+    douts = [empty(n, d) for d in TOKEN] + [empty(nb, d) for d in RESP]
+    dfull = upload(torch.zeros(3, n))
+    got = _vppo.forward_cuda(0, STREAM, options, name, v, *dev, drows, None, douts,
+                             ref_logits=dref, full_out=dfull)
+    assert got == want, (got, want)
+    for o, d, w in zip(douts, TOKEN + RESP, outs):
+        assert same(download(o, d), w)
+    assert same(download(dfull, torch.float32).view(3, n), full_want)
+    lse = outs[vt.TOKEN_OUTPUTS.index("lse")]
+    dlogp = outs[vt.TOKEN_OUTPUTS.index("dlogp")]
+    grad_want = torch.empty(logits.shape, dtype=dtype)
+    _vppo.backward("simt", options, name, v, raw(logits), name, raw(grad_want), raw(targets),
+                   raw(lse), raw(dlogp), None if rows is None else raw(rows), None, raw(ref),
+                   raw(full_want))
+    grad = empty(logits.numel(), dtype)
+    dlse, ddlogp = upload(lse), upload(dlogp)
+    _vppo.backward_cuda(0, STREAM, options, name, v, dev[0], name, grad, dev[2], dlse, ddlogp,
+                        drows, dref, dfull)
+    assert same(download(grad, dtype).view(logits.shape), grad_want), (dtype, rows_total)
+    _vppo.backward_cuda(0, STREAM, options, name, v, None, name, dev[0], dev[2], dlse, ddlogp,
+                        drows, dref, dfull)
+    assert same(download(dev[0], dtype).view(logits.shape), grad_want)
+    # ref_logits without its saved tensors, and a missing ref_logits, are refused.
+    for args in [(dref, None), (None, dfull)]:
+        try:
+            _vppo.backward_cuda(0, STREAM, options, name, v, dev[1], name, grad, dev[2], dlse,
+                                ddlogp, drows, *args)
+            raise SystemExit("no error for half of the full KL's tensors")
+        except ValueError as e:
+            assert "go together" in str(e), e
+    try:
+        _vppo.forward_cuda(0, STREAM, options, name, v, *dev, drows, None, douts)
+        raise SystemExit("no error for a missing ref_logits")
+    except ValueError as e:
+        assert "ref_logits" in str(e), e
+print("ok")
+"""
+
+
 def _cc():
     cc = os.environ.get("CC", "").split() or ["cc"]
     return cc if shutil.which(cc[0]) else None
@@ -357,3 +417,7 @@ def test_cuda_allocations_are_o_of_n_on_the_fake_driver(tmp_path):
 
 def test_kl_forward_and_backward_on_the_fake_driver(tmp_path):
     _run(tmp_path, KL)
+
+
+def test_full_kl_on_the_fake_driver(tmp_path):
+    _run(tmp_path, FULL_KL)

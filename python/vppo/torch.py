@@ -307,8 +307,6 @@ def _loss(
             for name in RESPONSE_OUTPUTS]
     full = torch.zeros((3, n if ref_logits is not None else 0), dtype=torch.float32, device=on)
     if device == "cuda":
-        if ref_logits is not None:
-            raise ValueError("vppo_loss: ref_logits (kl_penalty=\"full\") takes CPU tensors for now")
         scalars = _vppo.forward_cuda(
             on.index, torch.cuda.current_stream(on).cuda_stream, options,
             _dtype_name(logits.dtype), logits.shape[1],
@@ -318,6 +316,8 @@ def _loss(
             [_raw(t) for t in token + resp],
             None if ref_logp is None else _raw(ref_logp),
             data_r,
+            ref_logits=None if ref_logits is None else _raw(ref_logits),
+            full_out=None if ref_logits is None else _raw(full),
         )
         loss = torch.tensor(scalars[0], dtype=torch.float32, device=on)
         stats = torch.tensor(scalars[1:], dtype=torch.float64, device=on)
@@ -390,14 +390,16 @@ def _backward_into(grad, logits, targets, lse, dlogp, rows, options, device, voc
     columns [vocab_start, vocab_start + V_r) of a vocabulary of ``vocab_size`` (SPEC section 11)."""
     source = grad if logits is None else logits
     if device == "cuda":
-        if vocab_start >= 0 or ref_logits is not None:
-            raise ValueError("vppo_loss: vocab_group and ref_logits take CPU tensors for now")
+        if vocab_start >= 0:
+            raise ValueError("vppo_loss: vocab_group takes CPU tensors for now")
         _vppo.backward_cuda(
             grad.device.index, torch.cuda.current_stream(grad.device).cuda_stream, options,
             _dtype_name(source.dtype), source.shape[1],
             None if logits is None else _raw(logits),
             _dtype_name(grad.dtype), _raw(grad), _raw(targets), _raw(lse), _raw(dlogp),
             None if rows is None else _raw(rows),
+            None if ref_logits is None else _raw(ref_logits),
+            None if full is None else _raw(full),
         )
         return
     _vppo.backward(
@@ -553,7 +555,7 @@ def vppo_loss(
     the penalty before ``kl_coef``. ``ref_logits`` (the dtype and shape of ``logits``, read through
     the same ``rows``): the reference policy's logits, which ``kl_penalty="full"`` needs: the exact
     KL(pi || pi_ref) over the vocabulary per token (``out["ref_kl"]``), with its gradient in the
-    backward (CPU tensors for now). ``device``: for CUDA tensors "cuda" (the default: the kernels on
+    backward (CPU and CUDA tensors). ``device``: for CUDA tensors "cuda" (the default: the kernels on
     the tensors' GPU, in place, ordered after torch's current stream there; ``vocab_group`` and
     ``seq_group`` take CPU tensors for now); for CPU tensors "simt" (the default:
     the kernels on the SIMT executor) or "reference" (the f64 reference). ``grad_dtype``: "logits" (default) or "f32" (autograd then stores it in the

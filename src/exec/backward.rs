@@ -6,10 +6,6 @@
 #[allow(unused_imports)]
 use super::*;
 
-pub(super) fn backward_kernel(input: Dtype, output: Dtype) -> Result<Kernel<VppoBackwardParams>> {
-    backward_kernel_for(input, output, false)
-}
-
 /// The backward kernel of these dtypes; with `full`, the version that adds the `full` KL penalty's
 /// gradient (vppo_backward_full_*, SPEC section 12).
 pub(super) fn backward_kernel_for(
@@ -132,23 +128,38 @@ impl FullKlSaved<'_> {
     /// ref_logits of `logits_len` elements of `dtype`, and N finite values of each per-token tensor.
     pub fn check(&self, logits_len: usize, dtype: Dtype, n: usize) -> Result<()> {
         let r = &self.ref_logits;
-        if r.dtype() != dtype || r.len() != logits_len {
+        check_full_saved(
+            (r.dtype(), r.len()),
+            [self.lse_ref, self.ref_kl, self.dref_kl],
+            logits_len,
+            dtype,
+            n,
+        )
+    }
+}
+
+/// [`FullKlSaved::check`] on ref_logits' (dtype, element count), wherever it lives, and host
+/// copies of lse_ref, ref_kl and dref_kl.
+pub(super) fn check_full_saved(
+    (ref_dtype, ref_len): (Dtype, usize),
+    values: [&[f32]; 3],
+    logits_len: usize,
+    dtype: Dtype,
+    n: usize,
+) -> Result<()> {
+    {
+        if ref_dtype != dtype || ref_len != logits_len {
             return Err(VppoError::Shape {
                 tensor: Tensor::RefLogits,
                 detail: format!(
-                    "{} elements of {}, expected the {logits_len} of the logits' dtype {} (the \
-                     shape of logits, read through the same rows)",
-                    r.len(),
-                    r.dtype().name(),
+                    "{ref_len} elements of {}, expected the {logits_len} of the logits' dtype {} \
+                     (the shape of logits, read through the same rows)",
+                    ref_dtype.name(),
                     dtype.name()
                 ),
             });
         }
-        for (what, values) in [
-            ("lse_ref", self.lse_ref),
-            ("ref_kl", self.ref_kl),
-            ("dref_kl", self.dref_kl),
-        ] {
+        for (what, values) in ["lse_ref", "ref_kl", "dref_kl"].into_iter().zip(values) {
             if values.len() != n {
                 return Err(VppoError::Shape {
                     tensor: Tensor::RefLogits,

@@ -33,10 +33,35 @@ pub(super) fn full_kl_pass(
             needed_by: "kl_penalty = full needs the reference policy's logits".into(),
         });
     };
+    let v = batch.vocab;
+    let row_of = |tensor: Tensor, t: usize| -> Result<Vec<f64>> {
+        let r = batch.logits_row(t);
+        Ok(if tensor == Tensor::Logits {
+            batch.logits.row_f64(r, v)
+        } else {
+            reference.row_f64(r, v)
+        })
+    };
+    let ref_input = Input::logits(l, &reference)?;
+    full_kl_launch(l, dims, cfg, inputs, ref_input, batch.targets, &row_of)
+}
+
+/// The reference launch of pass 1 with `ref_logits` at `ref_input` (the shape and dtype of the
+/// logits of `inputs`, validated), or the first bad row of ref_logits as an error naming it;
+/// `row_of(Logits | RefLogits, t)` is token t's row of either, to name a bad value.
+pub(super) fn full_kl_launch(
+    l: &Launcher,
+    dims: Dims,
+    cfg: &VppoConfig,
+    inputs: &Inputs,
+    ref_input: Input,
+    targets: &[i32],
+    row_of: &dyn Fn(Tensor, usize) -> Result<Vec<f64>>,
+) -> Result<FullKl> {
     let at = Input::borrowed;
     let ref_inputs = Inputs {
         logits: at(inputs.logits.addr),
-        logits_masked: Input::logits(l, &reference)?,
+        logits_masked: ref_input,
         targets: at(inputs.targets.addr),
         old_logp: at(inputs.old_logp.addr),
         advantages: at(inputs.advantages.addr),
@@ -60,18 +85,26 @@ pub(super) fn full_kl_pass(
         &ws,
     )?;
     let copy = ws.download(l)?;
-    let v = batch.vocab;
-    let row_of = |tensor: Tensor, t: usize| -> Result<Vec<f64>> {
-        let r = batch.logits_row(t);
-        Ok(if tensor == Tensor::Logits {
-            batch.logits.row_f64(r, v)
-        } else {
-            reference.row_f64(r, v)
-        })
+    let row_of = |tensor: Tensor, t: usize| {
+        // The "masked" rows of this launch are ref_logits'.
+        row_of(
+            if tensor == Tensor::LogitsMasked {
+                Tensor::RefLogits
+            } else {
+                tensor
+            },
+            t,
+        )
     };
     // The "masked" rows of this launch are ref_logits': errors name it.
-    status_error(copy.status(&ws), batch.targets, v, cfg.temperature, &row_of)
-        .map_err(as_ref_logits)?;
+    status_error(
+        copy.status(&ws),
+        targets,
+        dims.vocab,
+        cfg.temperature,
+        &row_of,
+    )
+    .map_err(as_ref_logits)?;
     let kl: Vec<f32> = copy.get(ws.kl);
     if let Some(t) = kl.iter().position(|&k| k == f32::INFINITY) {
         let (a, c) = (row_of(Tensor::Logits, t)?, row_of(Tensor::RefLogits, t)?);

@@ -61,7 +61,7 @@ pub(crate) use resident::{
     backward_device, backward_device_in_place, backward_saved_device, forward_device,
     forward_device_then, ThenFn,
 };
-pub use resident::{DeviceBatch, DeviceForward, DeviceSaved, DeviceStages};
+pub use resident::{DeviceBatch, DeviceForward, DeviceFullKlSaved, DeviceSaved, DeviceStages};
 pub(crate) use select_loss::select;
 use select_loss::*;
 pub use stages::HostStages;

@@ -67,6 +67,9 @@ pub struct DeviceBatch<'a> {
     /// [N] optional row of `logits_masked` each token reads (any order); None: through `rows` when
     /// both tensors have the same shape, else [N, V].
     pub masked_rows: Option<&'a CudaSlice<i64>>,
+    /// Optional: the reference policy's logits, read by `kl_penalty = full` (SPEC section 12; required
+    /// then): the shape and dtype of `logits`, read through the same `rows`.
+    pub ref_logits: Option<DeviceLogits<'a>>,
 }
 
 /// The result of a forward pass on GPU-resident inputs: every output copied to the host (O(N + B)),
@@ -204,6 +207,7 @@ impl<'a> DeviceBatch<'a> {
         all.extend(self.ref_logp.map(|r| residence(Tensor::RefLogp, r)));
         all.extend(self.rows.map(|r| residence(Tensor::Rows, r)));
         all.extend(self.masked_rows.map(|r| residence(Tensor::MaskedRows, r)));
+        all.extend(self.ref_logits.map(|r| r.residence(Tensor::RefLogits)));
         all
     }
 }
@@ -266,13 +270,6 @@ pub(crate) fn forward_device_then(
     then: &mut ThenFn,
 ) -> Result<DeviceForward> {
     cfg.validate()?;
-    if cfg.needs_ref_logits() {
-        return Err(VppoError::MissingTensor {
-            tensor: Tensor::RefLogits,
-            needed_by: "kl_penalty = full: a DeviceBatch has no ref_logits yet (pass a host Batch)"
-                .into(),
-        });
-    }
     join_caller_streams(gpu, &batch.residences())?;
     let SmallHost {
         targets,
@@ -298,6 +295,11 @@ pub(crate) fn forward_device_then(
     }
     .validate(cfg.group_size, cfg.needs_groups())?;
     crate::batch::check_ref_logp_given(cfg, ref_logp.is_some())?;
+    crate::batch::check_ref_logits_shape(
+        cfg,
+        (batch.logits.dtype(), logits_len),
+        batch.ref_logits.map(|r| (r.dtype(), r.len())),
+    )?;
     let (n, b) = (targets.len(), advantages.len());
     let dims = Dims {
         n,
@@ -345,10 +347,34 @@ pub(crate) fn forward_device_then(
         logits.row_f64(gpu, row, batch.vocab)
     };
     let mut output = run_passes(&l, dims, cfg, &inputs, &ws, &targets, &row_of)?;
+    // kl_penalty = full: the reference launch of pass 1 over ref_logits, in place (exec/full_kl.rs),
+    // added on the host, and again after a rerun of pass 2 (as super::forward_then does)
+    let full = match (cfg.needs_ref_logits(), batch.ref_logits) {
+        (true, Some(reference)) => {
+            let ref_row_of = |tensor: Tensor, token: usize| {
+                let row = rows.as_deref().map_or(token, |r| r[token] as usize);
+                let logits = if tensor == Tensor::Logits {
+                    &batch.logits
+                } else {
+                    &reference
+                };
+                logits.row_f64(gpu, row, batch.vocab)
+            };
+            let ref_input = Input::borrowed(reference.addr(gpu));
+            let full =
+                full_kl::full_kl_launch(&l, dims, cfg, &inputs, ref_input, &targets, &ref_row_of)?;
+            full_kl::apply_full_kl(&mut output, &full, &cu_seqlens, cfg);
+            Some(full)
+        }
+        _ => None,
+    };
     if let Some(second) = then(&output, &cu_seqlens)? {
         run_select_loss(&l, dims, &second, &inputs, &ws)?;
         let copy = ws.download(&l)?;
         output = output_from(&ws, &copy, second.token_normalizer.unwrap_or(n as f64));
+        if let Some(full) = &full {
+            full_kl::apply_full_kl(&mut output, full, &cu_seqlens, &second);
+        }
     }
     let rows = rows.map(|r| gpu.upload(&r)).transpose()?;
     Ok(DeviceForward {
@@ -367,6 +393,7 @@ pub(crate) fn forward_device_then(
 /// (f32, or the logits dtype) from the logits at `logits_addr`, which with `targets` must be the
 /// buffers the forward read (lengths are checked). It does not wait: the caller synchronizes (or
 /// records an event and waits for it) before any of the buffers is dropped or read on the host.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn launch_backward(
     fwd: &DeviceForward,
     logits_addr: u64,
@@ -375,11 +402,33 @@ pub(super) fn launch_backward(
     targets: &CudaSlice<i32>,
     grad: &mut DeviceLogitsMut,
     cfg: &VppoConfig,
+    ref_logits: Option<DeviceLogits>,
 ) -> Result<()> {
     let n = fwd.targets.len();
     // R rows of V (R = N without rows), as the forward read.
     check_elements(Tensor::Logits, logits_len, fwd.n_rows, fwd.vocab)?;
     check_elements(Tensor::GradLogits, grad.len(), fwd.n_rows, fwd.vocab)?;
+    // kl_penalty = full: ref_logits of the logits' shape and dtype (the forward's per-token values
+    // are in its output).
+    let reference = match (cfg.needs_ref_logits(), ref_logits) {
+        (false, _) => None,
+        (true, None) => {
+            return Err(VppoError::MissingTensor {
+                tensor: Tensor::RefLogits,
+                needed_by: "kl_penalty = full: the in-place backward has no ref_logits; use \
+                            backward_device"
+                    .into(),
+            })
+        }
+        (true, Some(r)) => {
+            crate::batch::check_ref_logits_shape(
+                cfg,
+                (fwd.dtype, logits_len),
+                Some((r.dtype(), r.len())),
+            )?;
+            Some(r)
+        }
+    };
     if targets.len() != n {
         return Err(VppoError::Shape {
             tensor: Tensor::Targets,
@@ -392,6 +441,7 @@ pub(super) fn launch_backward(
         grad.residence(Tensor::GradLogits),
     ];
     buffers.extend(logits_residence);
+    buffers.extend(reference.map(|r| r.residence(Tensor::RefLogits)));
     join_caller_streams(gpu, &buffers)?;
     let Some(ws) = &fwd.ws else {
         // No token reads a row, but with rows the gradient is still [R, V]: all zeros (SPEC
@@ -400,7 +450,18 @@ pub(super) fn launch_backward(
             .map_err(|e| crate::cuda::cuda_err("zeroing the gradient", e));
     };
     let l = Launcher::Cuda(gpu.clone());
-    let kernel = backward_kernel(fwd.dtype, grad.dtype())?;
+    let kernel = backward_kernel_for(fwd.dtype, grad.dtype(), reference.is_some())?;
+    // The forward's lse_ref, ref_kl and dref_kl (N each, from its output), uploaded.
+    let tokens = &fwd.output.tokens;
+    let full_values = reference
+        .map(|_| -> Result<[CudaSlice<f32>; 3]> {
+            Ok([
+                gpu.upload(&tokens.lse_ref)?,
+                gpu.upload(&tokens.ref_kl)?,
+                gpu.upload(&tokens.dref_kl)?,
+            ])
+        })
+        .transpose()?;
     let addrs = BackwardAddrs {
         logits: logits_addr,
         lse: ws.addr(&l, ws.lse),
@@ -409,10 +470,20 @@ pub(super) fn launch_backward(
         grad: grad.addr(gpu),
         rows: fwd.rows.as_ref().map_or(0, |r| gpu.device_ptr_u64(r)),
         n_rows: fwd.n_rows,
-        full: None,
+        full: match (reference, &full_values) {
+            (Some(r), Some([lse_ref, ref_kl, dref_kl])) => Some(FullAddrs {
+                ref_logits: r.addr(gpu),
+                lse_ref: gpu.device_ptr_u64(lse_ref),
+                ref_kl: gpu.device_ptr_u64(ref_kl),
+                dref_kl: gpu.device_ptr_u64(dref_kl),
+            }),
+            _ => None,
+        },
     };
     // SAFETY: logits and grad hold R * V elements of their dtypes (checked above), lse, dlogp and
-    // targets N, rows (the forward's validated copy) N strictly increasing values in [0, R); grad is borrowed mutably by the caller for this call; the kernel is queued on the
+    // targets N, rows (the forward's validated copy) N strictly increasing values in [0, R); with
+    // full, ref_logits R * V elements of the logits' dtype (checked above) and lse_ref, ref_kl,
+    // dref_kl our uploads of the forward's N values; grad is borrowed mutably by the caller for this call; the kernel is queued on the
     // one stream every buffer of this Gpu lives on, and a CudaSlice is freed in stream order (or
     // after a synchronize), so every buffer outlives the kernel even when the caller does not wait.
     unsafe { launch_backward_kernel(&l, kernel, &addrs, n, fwd.vocab, cfg) }
@@ -434,6 +505,7 @@ pub(crate) fn backward_device(
         batch.targets,
         &mut grad,
         cfg,
+        batch.ref_logits,
     )?;
     fwd.gpu.synchronize()
 }
@@ -449,7 +521,16 @@ pub(crate) fn backward_device_in_place(
 ) -> Result<()> {
     fwd.check_logits_dtype(logits.dtype())?;
     let addr = logits.addr(&fwd.gpu);
-    launch_backward(fwd, addr, logits.len(), None, targets, &mut logits, cfg)?;
+    launch_backward(
+        fwd,
+        addr,
+        logits.len(),
+        None,
+        targets,
+        &mut logits,
+        cfg,
+        None,
+    )?;
     fwd.gpu.synchronize()
 }
 
@@ -468,6 +549,21 @@ pub struct DeviceSaved<'a> {
     pub rows: Option<&'a CudaSlice<i64>>,
 }
 
+/// What the backward of `kl_penalty = full` reads besides [`DeviceSaved`], on the GPU: the device
+/// form of [`FullKlSaved`] (ref_logits of the logits' shape and dtype, read through the same rows,
+/// and the forward's per-token lse_ref, ref_kl and dref_kl, [N] f32 each).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceFullKlSaved<'a> {
+    /// [N, V] or [R, V]: the reference policy's logits.
+    pub ref_logits: DeviceLogits<'a>,
+    /// [N] logsumexp(ref_logits[row] / tau).
+    pub lse_ref: &'a CudaSlice<f32>,
+    /// [N] kl_t = KL(pi || pi_ref).
+    pub ref_kl: &'a CudaSlice<f32>,
+    /// [N] dloss/dkl_t.
+    pub dref_kl: &'a CudaSlice<f32>,
+}
+
 /// dloss/dlogits from a [`DeviceSaved`] into the caller's device buffer `grad`, reading `logits`,
 /// or, with `logits` None, reading the logits from `grad` and overwriting them (in place).
 ///
@@ -476,11 +572,13 @@ pub struct DeviceSaved<'a> {
 /// dlogp finite) before any launch; the kernel then indexes rows through a crate-owned copy of the
 /// checked rows. Ordered after the work queued on every buffer's stream; synchronizes before it
 /// returns.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_saved_device(
     gpu: &Arc<Gpu>,
     logits: Option<DeviceLogits>,
     vocab: usize,
     saved: &DeviceSaved,
+    full: Option<&DeviceFullKlSaved>,
     mut grad: DeviceLogitsMut,
     cfg: &VppoConfig,
     check_dlogp: &dyn Fn(&[f32]) -> Result<()>,
@@ -493,6 +591,12 @@ pub(crate) fn backward_saved_device(
     ];
     buffers.extend(logits.map(|x| x.residence(Tensor::Logits)));
     buffers.extend(saved.rows.map(|r| residence(Tensor::Rows, r)));
+    if let Some(f) = full {
+        buffers.push(f.ref_logits.residence(Tensor::RefLogits));
+        for x in [f.lse_ref, f.ref_kl, f.dref_kl] {
+            buffers.push(residence(Tensor::RefLogits, x));
+        }
+    }
     join_caller_streams(gpu, &buffers)?;
 
     let mut layout = ArenaLayout::new(16);
@@ -500,6 +604,8 @@ pub(crate) fn backward_saved_device(
     let lse = layout.array::<f32>(saved.lse.len());
     let dlogp = layout.array::<f32>(saved.dlogp.len());
     let rows = saved.rows.map(|r| (r, layout.array::<i64>(r.len())));
+    let full_values =
+        full.map(|f| [f.lse_ref, f.ref_kl, f.dref_kl].map(|x| (x, layout.array::<f32>(x.len()))));
     let mut raw = vec![0u8; layout.end];
     if layout.end > 0 {
         let mut staging = gpu.alloc_uninit::<u8>(layout.end)?;
@@ -509,9 +615,14 @@ pub(crate) fn backward_saved_device(
         if let Some((r, region)) = rows {
             gpu.copy_bytes_on_device(r, &mut staging, region.offset)?;
         }
+        for (x, region) in full_values.iter().flatten() {
+            gpu.copy_bytes_on_device(*x, &mut staging, region.offset)?;
+        }
         gpu.download_range_into(&staging, 0, &mut raw)?;
     }
     let copy = ArenaCopy(raw);
+    let host_full: Option<[Vec<f32>; 3]> =
+        full_values.map(|v| v.map(|(_, region)| copy.get(region)));
     let host_targets: Vec<i32> = copy.get(targets);
     let host_lse: Vec<f32> = copy.get(lse);
     let host_dlogp: Vec<f32> = copy.get(dlogp);
@@ -526,6 +637,16 @@ pub(crate) fn backward_saved_device(
     }
     .check(logits_len, grad.len(), vocab)?;
     crate::batch::check_grad_dtype(input_dtype, grad.dtype())?;
+    if let (Some(f), Some([lse_ref, ref_kl, dref_kl])) = (full, &host_full) {
+        let r = f.ref_logits;
+        super::backward::check_full_saved(
+            (r.dtype(), r.len()),
+            [lse_ref, ref_kl, dref_kl],
+            logits_len,
+            input_dtype,
+            host_targets.len(),
+        )?;
+    }
     check_dlogp(&host_dlogp)?;
     let n = host_targets.len();
     if n == 0 || vocab == 0 {
@@ -536,7 +657,7 @@ pub(crate) fn backward_saved_device(
     }
     let checked_rows = host_rows.map(|r| gpu.upload(&r)).transpose()?;
     let l = Launcher::Cuda(gpu.clone());
-    let kernel = backward_kernel(input_dtype, grad.dtype())?;
+    let kernel = backward_kernel_for(input_dtype, grad.dtype(), full.is_some())?;
     let grad_addr = grad.addr(gpu);
     let addrs = BackwardAddrs {
         logits: logits.map_or(grad_addr, |x| x.addr(gpu)),
@@ -546,12 +667,18 @@ pub(crate) fn backward_saved_device(
         grad: grad_addr,
         rows: checked_rows.as_ref().map_or(0, |r| gpu.device_ptr_u64(r)),
         n_rows: grad.len() / vocab,
-        full: None,
+        full: full.map(|f| FullAddrs {
+            ref_logits: f.ref_logits.addr(gpu),
+            lse_ref: gpu.device_ptr_u64(f.lse_ref),
+            ref_kl: gpu.device_ptr_u64(f.ref_kl),
+            dref_kl: gpu.device_ptr_u64(f.dref_kl),
+        }),
     };
     // SAFETY: logits and grad hold R * V elements of their dtypes (R = N without rows), lse, dlogp
     // and targets N (all checked above against the copies just made of them), rows the crate's own
     // upload of the checked N strictly increasing values in [0, R); targets are only compared with
-    // column indices. In place, each element is loaded and then stored by one thread
+    // column indices. With full, ref_logits has the logits' shape and dtype and lse_ref, ref_kl,
+    // dref_kl N values (check_full_saved above), only read. In place, each element is loaded and then stored by one thread
     // (kernels/backward.cu). `grad` is borrowed mutably for this call, and the call synchronizes
     // before any buffer can be dropped.
     unsafe { launch_backward_kernel(&l, kernel, &addrs, n, vocab, cfg)? };
@@ -647,6 +774,7 @@ impl<'a> DeviceStages<'a> {
             self.batch.targets,
             &mut grad,
             &self.cfg,
+            self.batch.ref_logits,
         )
     }
 
@@ -664,6 +792,7 @@ impl<'a> DeviceStages<'a> {
             self.batch.targets,
             &mut logits,
             &self.cfg,
+            None,
         )
     }
 }
