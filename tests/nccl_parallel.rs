@@ -676,6 +676,7 @@ struct OnGpu {
     advantages: Slot<f32>,
     cu_seqlens: Slot<i32>,
     ref_logp: Option<Slot<f32>>,
+    ref_logits: Option<DeviceOwned>,
     vocab: usize,
 }
 
@@ -737,6 +738,7 @@ impl OnGpu {
             advantages: slot(&gpu, &b.advantages)?,
             cu_seqlens: slot(&gpu, &b.cu_seqlens)?,
             ref_logp: b.ref_logp.as_ref().map(|r| slot(&gpu, r)).transpose()?,
+            ref_logits: b.ref_logits.as_ref().map(up).transpose()?,
             vocab: b.vocab,
             gpu,
         })
@@ -754,7 +756,7 @@ impl OnGpu {
             ref_logp: self.ref_logp.as_deref(),
             rows: None,
             masked_rows: None,
-            ref_logits: None,
+            ref_logits: self.ref_logits.as_ref().map(|r| r.view()),
         }
     }
 
@@ -772,7 +774,8 @@ impl OnGpu {
 
 /// Data parallel on device memory (`Vppo::forward_device_data_parallel`, then the group config's
 /// `backward_device`): the outputs and gradient of every rank are the host data-parallel path's
-/// bits on the same GPUs, over thread groups and NCCL groups of 1, 2 and 4 ranks.
+/// bits on the same GPUs, over thread groups and NCCL groups of 1, 2 and 4 ranks; also with
+/// `kl_penalty = full` (ref_logits on the GPU, the penalty added again after pass 2's rerun).
 #[test]
 fn device_data_parallel_is_the_host_path_s_bits() {
     let Some(gpus) = gpus() else { return };
@@ -784,9 +787,28 @@ fn device_data_parallel_is_the_host_path_s_bits() {
             max_len: 7,
             ..BatchSpec::default()
         };
-        let full = with_ref_logp(seeded_batch(seed + 10, &spec));
+        let mut batch = seeded_batch(seed + 10, &spec);
+        // ref_logits: the logits shifted by a pattern (ignored by every penalty but full)
+        let shifted: Vec<f32> = (batch.logits.to_f32().iter().enumerate())
+            .map(|(i, &x)| x + ((i % 7) as f32 - 3.0) / 4.0)
+            .collect();
+        batch.ref_logits = Some(match batch.logits {
+            vppo::OwnedLogits::F32(_) => vppo::OwnedLogits::F32(shifted),
+            vppo::OwnedLogits::F16(_) => {
+                vppo::OwnedLogits::F16(shifted.into_iter().map(half::f16::from_f32).collect())
+            }
+            vppo::OwnedLogits::Bf16(_) => {
+                vppo::OwnedLogits::Bf16(shifted.into_iter().map(half::bf16::from_f32).collect())
+            }
+        });
+        let full = with_ref_logp(batch);
         let b_count = full.advantages.len();
-        for cfg in configs() {
+        let full_kl = VppoConfig {
+            kl_penalty: vppo::KlPenalty::Full,
+            kl_coef: 0.5,
+            ..VppoConfig::default()
+        };
+        for cfg in configs().into_iter().chain([full_kl]) {
             for size in sizes(gpus) {
                 // whole groups of 2 responses per rank, uneven, the last rank possibly empty
                 let mut cut: Vec<usize> = (0..size).map(|r| (b_count / 2 * r / size) * 2).collect();
