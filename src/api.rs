@@ -108,6 +108,7 @@ impl Vppo {
             grad,
             &self.config,
             &|dlogp| self.check_grad_bound(dlogp),
+            None,
         )
     }
 
@@ -132,6 +133,7 @@ impl Vppo {
             grad,
             &self.config,
             &|dlogp| self.check_grad_bound(dlogp),
+            None,
         )
     }
 

@@ -908,3 +908,209 @@ fn bad_device_input_on_one_rank_is_an_error_on_every_rank() {
         );
     }
 }
+
+impl OnGpu {
+    /// The saved tensors of `out` (lse, dlogp) on the GPU, with the batch's targets.
+    fn saved_grad(
+        &self,
+        out: &VppoOutput,
+        backward: impl FnOnce(&vppo::DeviceSaved, DeviceLogitsMut) -> vppo::Result<()>,
+    ) -> vppo::Result<Vec<f32>> {
+        let len = self.targets.len() * self.vocab;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let (lse, dlogp) = (
+            self.gpu.upload(&out.tokens.lse)?,
+            self.gpu.upload(&out.tokens.dlogp)?,
+        );
+        let saved = vppo::DeviceSaved {
+            targets: &self.targets,
+            lse: &lse,
+            dlogp: &dlogp,
+            rows: None,
+        };
+        let mut g = self.gpu.upload(&vec![f32::NAN; len])?;
+        backward(&saved, DeviceLogitsMut::F32(&mut g))?;
+        self.gpu.download(&g)
+    }
+}
+
+/// Vocabulary parallel on device memory (`forward_device_vocab_parallel`, then
+/// `backward_saved_device_vocab_parallel`): every rank's outputs and gradient columns are the
+/// host path's bits on the same GPUs; a NaN in one shard is an error on every rank.
+#[test]
+fn device_vocab_parallel_is_the_host_path_s_bits() {
+    let Some(gpus) = gpus() else { return };
+    for seed in 0..2u64 {
+        let spec = BatchSpec {
+            dtype: [Dtype::F16, Dtype::F32][seed as usize % 2],
+            vocab: (5, 200),
+            groups: (1, 3),
+            max_len: 8,
+            ..BatchSpec::default()
+        };
+        let full = with_ref_logp(seeded_batch(seed + 20, &spec));
+        let v = full.vocab;
+        for cfg in configs() {
+            for size in sizes(gpus).into_iter().filter(|&s| s <= v) {
+                let mut cut: Vec<usize> = (0..size).map(|r| (v * r * r) / (size * size)).collect();
+                for r in 1..size {
+                    cut[r] = cut[r].max(cut[r - 1] + 1);
+                }
+                cut.push(v);
+                let case = format!("seed {seed}, V {v}, {cfg:?}, {size} shards {cut:?}");
+                let run = |on_device: bool| {
+                    let (full, cut, cfg) = (full.clone(), cut.clone(), cfg.clone());
+                    on_thread_ranks(size, move |rank, g| {
+                        let all = full.advantages.len();
+                        let mine = common::part(&full, 0, all, cut[rank], cut[rank + 1]);
+                        let at = VocabShard {
+                            start: cut[rank],
+                            total: full.vocab,
+                        };
+                        let vppo = Vppo::new(cfg.clone(), Device::Cuda(rank))?;
+                        if !on_device {
+                            let out = vppo.forward_vocab_parallel(&mine.batch(), at, g)?;
+                            let mut gr = vec![0.0f32; mine.targets.len() * mine.vocab];
+                            vppo.backward_vocab_parallel(
+                                &mine.batch(),
+                                at,
+                                &out,
+                                GradMut::F32(&mut gr),
+                            )?;
+                            return Ok::<_, VppoError>((out, gr));
+                        }
+                        let on = OnGpu::new(rank, &mine)?;
+                        let out = vppo.forward_device_vocab_parallel(&on.batch(), at, g, None)?;
+                        let gr = on.saved_grad(&out, |saved, grad| {
+                            vppo.backward_saved_device_vocab_parallel(
+                                on.logits.view(),
+                                on.vocab,
+                                at,
+                                saved,
+                                grad,
+                            )
+                        })?;
+                        Ok((out, gr))
+                    })
+                };
+                let unwrap = |v: Vec<vppo::Result<(VppoOutput, Vec<f32>)>>| -> Vec<_> {
+                    v.into_iter()
+                        .map(|r| r.unwrap_or_else(|e| panic!("{case}: {e}")))
+                        .collect()
+                };
+                let (host, device) = (unwrap(run(false)), unwrap(run(true)));
+                assert_eq!(text(&device), text(&host), "{case}: device vs host");
+            }
+        }
+    }
+    // A NaN in rank 1's shard: its error, and GroupFailed on rank 0.
+    let spec = BatchSpec {
+        vocab: (20, 20),
+        groups: (2, 2),
+        max_len: 6,
+        ..BatchSpec::default()
+    };
+    let full = Arc::new(seeded_batch(5, &spec));
+    assert!(!full.targets.is_empty());
+    let got = on_thread_ranks(2, move |rank, g| {
+        let mut mine = common::part(&full, 0, full.advantages.len(), 10 * rank, 10 * rank + 10);
+        if rank == 1 {
+            match &mut mine.logits_masked {
+                vppo::OwnedLogits::F32(x) => x[3] = f32::INFINITY,
+                _ => unreachable!("f32 batch"),
+            }
+        }
+        let on = OnGpu::new(rank, &mine)?;
+        let at = VocabShard {
+            start: 10 * rank,
+            total: 20,
+        };
+        Vppo::new(VppoConfig::default(), Device::Cuda(rank))?.forward_device_vocab_parallel(
+            &on.batch(),
+            at,
+            g,
+            None,
+        )
+    });
+    assert!(
+        matches!(
+            got[1],
+            Err(VppoError::NonFinite {
+                tensor: vppo::Tensor::LogitsMasked,
+                value,
+                ..
+            }) if value == f64::INFINITY
+        ),
+        "{:?}",
+        got[1]
+    );
+    assert!(
+        matches!(got[0], Err(VppoError::GroupFailed { rank: 0, failed: 1 })),
+        "{:?}",
+        got[0]
+    );
+}
+
+/// Sequence parallel on device memory (`forward_device_sequence_parallel`, then
+/// `backward_saved_device`): every rank's outputs and gradient rows are the host path's bits on the
+/// same GPUs, responses split across ranks.
+#[test]
+fn device_sequence_parallel_is_the_host_path_s_bits() {
+    let Some(gpus) = gpus() else { return };
+    for seed in 0..2u64 {
+        let spec = BatchSpec {
+            dtype: [Dtype::Bf16, Dtype::F32][seed as usize % 2],
+            groups: (2, 3),
+            group_size: 2,
+            max_len: 12,
+            ..BatchSpec::default()
+        };
+        let full = with_ref_logp(seeded_batch(seed + 30, &spec));
+        let n = full.targets.len();
+        for cfg in configs() {
+            for size in sizes(gpus).into_iter().filter(|&s| s <= n) {
+                let cut: Vec<usize> = (0..=size).map(|r| n * r / size).collect();
+                let case = format!("seed {seed}, {cfg:?}, {size} ranks, cuts {cut:?}");
+                let run = |on_device: bool| {
+                    let (full, cut, cfg) = (full.clone(), cut.clone(), cfg.clone());
+                    on_thread_ranks(size, move |rank, g| {
+                        let (mine, continues) = common::pieces(&full, cut[rank], cut[rank + 1]);
+                        let vppo = Vppo::new(cfg.clone(), Device::Cuda(rank))?;
+                        if !on_device {
+                            let out =
+                                vppo.forward_sequence_parallel(&mine.batch(), continues, g)?;
+                            let mut gr = vec![0.0f32; mine.targets.len() * mine.vocab];
+                            vppo.backward_sequence_parallel(
+                                &mine.batch(),
+                                &out,
+                                GradMut::F32(&mut gr),
+                            )?;
+                            return Ok::<_, VppoError>((out, gr));
+                        }
+                        let on = OnGpu::new(rank, &mine)?;
+                        let out =
+                            vppo.forward_device_sequence_parallel(&on.batch(), continues, g, None)?;
+                        let gr = on.saved_grad(&out, |saved, grad| {
+                            vppo.backward_saved_device(
+                                Some(on.logits.view()),
+                                on.vocab,
+                                saved,
+                                grad,
+                            )
+                        })?;
+                        Ok((out, gr))
+                    })
+                };
+                let unwrap = |v: Vec<vppo::Result<(VppoOutput, Vec<f32>)>>| -> Vec<_> {
+                    v.into_iter()
+                        .map(|r| r.unwrap_or_else(|e| panic!("{case}: {e}")))
+                        .collect()
+                };
+                let (host, device) = (unwrap(run(false)), unwrap(run(true)));
+                assert_eq!(text(&device), text(&host), "{case}: device vs host");
+            }
+        }
+    }
+}

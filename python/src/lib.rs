@@ -291,6 +291,40 @@ struct Groups {
 }
 
 impl Groups {
+    /// The groups of a call from the Python reducers.
+    fn of(
+        data: Option<(usize, usize, Py<PyAny>)>,
+        vocab: Option<(usize, usize, Py<PyAny>)>,
+        seq: Option<(usize, usize, Py<PyAny>)>,
+    ) -> Groups {
+        let g = |g: Option<(usize, usize, Py<PyAny>)>| {
+            g.map(|(rank, size, reduce)| PyGroup { rank, size, reduce })
+        };
+        Groups {
+            data: g(data),
+            vocab: g(vocab),
+            seq: g(seq),
+        }
+    }
+
+    /// Each layout's group comes with its argument: the vocabulary group with this rank's shard
+    /// (start, V), the sequence group with whether this rank continues the previous one.
+    fn check_layout(
+        &self,
+        vocab_shard: Option<(usize, usize)>,
+        seq_continues: Option<bool>,
+    ) -> PyResult<()> {
+        match (&self.vocab, vocab_shard, &self.seq, seq_continues) {
+            (Some(_), None, ..) | (None, Some(_), ..) => {
+                Err(bad("vocab_group and vocab_shard go together".into()))
+            }
+            (.., Some(_), None) | (.., None, Some(_)) => {
+                Err(bad("seq_group and seq_continues go together".into()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// `e`, after telling each group that this rank failed before the reductions, in the order the
     /// crate runs their first rounds (vocabulary, sequence, data), so that no other rank waits for
     /// it (`vppo::parallel::report_failure`).
@@ -350,29 +384,13 @@ fn forward(
     // `group` is the data group, `vocab_group` (with vocab_shard: start, V) the vocabulary group,
     // `seq_group` (with seq_continues: whether this rank's first response continues the previous
     // rank's) the sequence group (SPEC 11); any of them may be absent.
-    let py_group = |g: Option<(usize, usize, Py<PyAny>)>| {
-        g.map(|(rank, size, reduce)| PyGroup { rank, size, reduce })
-    };
-    let groups = Groups {
-        data: py_group(group),
-        vocab: py_group(vocab_group),
-        seq: py_group(seq_group),
-    };
+    let groups = Groups::of(group, vocab_group, seq_group);
     let vppo = match build(device, options) {
         Ok(v) => v,
         Err(e) => return Err(groups.fail(py, e)),
     };
-    let layout = match (&groups.vocab, vocab_shard, &groups.seq, seq_continues) {
-        (Some(_), None, ..) | (None, Some(_), ..) => {
-            Some("vocab_group and vocab_shard go together")
-        }
-        (.., Some(_), None) | (.., None, Some(_)) => {
-            Some("seq_group and seq_continues go together")
-        }
-        _ => None,
-    };
-    if let Some(msg) = layout {
-        return Err(groups.fail(py, bad(msg.into())));
+    if let Err(e) = groups.check_layout(vocab_shard, seq_continues) {
+        return Err(groups.fail(py, e));
     }
     let checked = forward_checks(
         vocab,
@@ -835,9 +853,12 @@ unsafe fn gpu_after(ordinal: usize, stream: u64) -> vppo::Result<std::sync::Arc<
 /// afterwards sees the outputs (the call also synchronizes: it copies the O(N + B) tensors back once
 /// for validation, as `Vppo::forward_device` does). `group` is the data group (SPEC 11,
 /// `Vppo::forward_device_data_parallel`): a few scalars cross it, through the Python reducer (NCCL
-/// or gloo), and an error on this rank before its reductions is reported to it first.
+/// or gloo), and an error on this rank before its reductions is reported to it first; so are
+/// `vocab_group` (with `vocab_shard`) and `seq_group` (with `seq_continues`), as for [`forward`]:
+/// pass 1 runs on the GPU, its partial states or per-token values come back (O(N)), and the merge
+/// and pass 2 run on the host, the same on every rank.
 #[pyfunction]
-#[pyo3(signature = (ordinal, stream, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, ref_logp=None, group=None, ref_logits=None, full_out=None))]
+#[pyo3(signature = (ordinal, stream, options, dtype, vocab, logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows, out, ref_logp=None, group=None, ref_logits=None, full_out=None, vocab_shard=None, seq_continues=None, vocab_group=None, seq_group=None))]
 #[allow(clippy::too_many_arguments)]
 fn forward_cuda(
     py: Python<'_>,
@@ -859,14 +880,17 @@ fn forward_cuda(
     group: Option<(usize, usize, Py<PyAny>)>,
     ref_logits: Option<DeviceRaw>,
     full_out: Option<DeviceRaw>,
+    vocab_shard: Option<(usize, usize)>,
+    seq_continues: Option<bool>,
+    vocab_group: Option<(usize, usize, Py<PyAny>)>,
+    seq_group: Option<(usize, usize, Py<PyAny>)>,
 ) -> PyResult<(f64, f64, f64, f64, f64, f64, f64)> {
     // `ref_logits` and `full_out` ([3, N] f32: lse_ref, ref_kl, dref_kl) as in [`forward`].
-    let groups = Groups {
-        data: group.map(|(rank, size, reduce)| PyGroup { rank, size, reduce }),
-        vocab: None,
-        seq: None,
-    };
+    let groups = Groups::of(group, vocab_group, seq_group);
     let vppo = build_on(Device::Cuda(ordinal), options).map_err(|e| groups.fail(py, e))?;
+    groups
+        .check_layout(vocab_shard, seq_continues)
+        .map_err(|e| groups.fail(py, e))?;
     let host = |r: &DeviceRaw| (r.0 as usize, r.1);
     forward_checks(
         vocab,
@@ -926,12 +950,26 @@ fn forward_cuda(
             masked_rows: mr.as_deref(),
             ref_logits: rf.as_ref().map(|x| x.view()),
         };
-        let fwd = match &groups.data {
-            Some(g) => vppo.forward_device_data_parallel(&batch, g).map(|(f, _)| f),
-            None => vppo.forward_device(&batch),
+        let data = groups.data.as_ref().map(|d| d as &dyn Collective);
+        let output = match (&groups.vocab, vocab_shard, &groups.seq, seq_continues) {
+            (Some(v), Some((start, total)), Some(s), Some(c)) => {
+                let at = VocabShard { start, total };
+                vppo.forward_device_vocab_sequence_parallel(&batch, at, c, v, s, data)
+            }
+            (Some(v), Some((start, total)), _, _) => {
+                let at = VocabShard { start, total };
+                vppo.forward_device_vocab_parallel(&batch, at, v, data)
+            }
+            (_, _, Some(s), Some(c)) => vppo.forward_device_sequence_parallel(&batch, c, s, data),
+            _ => match data {
+                Some(d) => vppo
+                    .forward_device_data_parallel(&batch, d)
+                    .map(|(f, _)| f.output),
+                None => vppo.forward_device(&batch).map(|f| f.output),
+            },
         }
         .map_err(value_error)?;
-        let cols = OutputColumns::of(&fwd.output)?;
+        let cols = OutputColumns::of(&output)?;
         let upload_err = |e: VppoError| value_error(e);
         for (src, dst) in cols.floats {
             want_len("an output", src.len(), out[dst].1)?;
@@ -948,7 +986,7 @@ fn forward_cuda(
         let mut d = unsafe { borrow::<i32>(&gpu, out[K]) };
         gpu.upload_into(&cols.k, &mut d).map_err(upload_err)?;
         if let Some(f) = full_out {
-            let t = &fwd.output.tokens;
+            let t = &output.tokens;
             // Empty (torch.zeros left) unless kl_penalty = full computed them.
             for (i, src) in [&t.lse_ref, &t.ref_kl, &t.dref_kl].into_iter().enumerate() {
                 if src.is_empty() {
@@ -964,14 +1002,14 @@ fn forward_cuda(
         // SAFETY: as gpu_after.
         unsafe { gpu.order_foreign_stream_after(stream) }.map_err(value_error)?;
         gpu.synchronize().map_err(value_error)?;
-        Ok(scalars(&fwd.output))
+        Ok(scalars(&output))
     })
 }
 
 /// [`backward`] on CUDA tensors of GPU `ordinal` (`Vppo::backward_saved_device`): `logits` None
 /// means in place over `grad`. Ordered after torch's current stream `stream`, and synchronized.
 #[pyfunction]
-#[pyo3(signature = (ordinal, stream, options, dtype, vocab, logits, grad_dtype, grad, targets, lse, dlogp, rows, ref_logits=None, full=None))]
+#[pyo3(signature = (ordinal, stream, options, dtype, vocab, logits, grad_dtype, grad, targets, lse, dlogp, rows, ref_logits=None, full=None, vocab_shard=None))]
 #[allow(clippy::too_many_arguments)]
 fn backward_cuda(
     py: Python<'_>,
@@ -989,6 +1027,7 @@ fn backward_cuda(
     rows: Option<DeviceRaw>,
     ref_logits: Option<DeviceRaw>,
     full: Option<DeviceRaw>,
+    vocab_shard: Option<(usize, usize)>,
 ) -> PyResult<()> {
     // With `ref_logits`, `full` is the forward's [3, N] lse_ref, ref_kl and dref_kl (the last scaled
     // by the incoming gradient of the loss): `kl_penalty = full`'s backward, as in [`backward`].
@@ -1051,8 +1090,8 @@ fn backward_cuda(
             dlogp: &d,
             rows: r.as_deref(),
         };
-        match &full {
-            Some((r, [lse_ref, ref_kl, dref_kl])) => {
+        match (&full, vocab_shard, &x) {
+            (Some((r, [lse_ref, ref_kl, dref_kl])), None, _) => {
                 let full = DeviceFullKlSaved {
                     ref_logits: r.view(),
                     lse_ref,
@@ -1062,7 +1101,26 @@ fn backward_cuda(
                 let logits = x.as_ref().map(|x| x.view());
                 vppo.backward_saved_full_device(logits, vocab, &saved, &full, g.view_mut())?
             }
-            None => vppo.backward_saved_device(
+            (Some(_), Some(_), _) => {
+                return Err(VppoError::Shape {
+                    tensor: vppo::Tensor::RefLogits,
+                    detail: "kl_penalty = full is not combined with a vocabulary shard".into(),
+                })
+            }
+            (None, Some((start, total)), Some(x)) => vppo.backward_saved_device_vocab_parallel(
+                x.view(),
+                vocab,
+                VocabShard { start, total },
+                &saved,
+                g.view_mut(),
+            )?,
+            (None, Some(_), None) => {
+                return Err(VppoError::Shape {
+                    tensor: vppo::Tensor::GradLogits,
+                    detail: "a vocabulary shard's backward is not in place".into(),
+                })
+            }
+            (None, None, _) => vppo.backward_saved_device(
                 x.as_ref().map(|x| x.view()),
                 vocab,
                 &saved,

@@ -4,11 +4,12 @@ of one batch in (fake) device memory, handed to ``_vppo.forward_cuda`` / ``backw
 addresses with the reducer ``vppo.torch`` builds for a process group (``_group_reducer``: gloo here,
 NCCL on GPUs). See test_cuda_fake.py for the driver and why each run is a fresh process.
 
-Data parallel: every rank's outputs and gradient rows are bit-identical to the CPU data-parallel path
-on the SIMT executor (the same kernels, the same reductions), and together equal the single-process
-result on the whole batch (the mask exactly, the loss to rounding). Bad input on one rank (a short
-old_logp, refused before the collectives; a NaN found by pass 1 on the device) raises on every rank,
-with no hang (a deadline on each run).
+Data, vocabulary and sequence parallel: every rank's outputs and gradient (rows, or columns of a
+vocabulary shard) are bit-identical to the same layout's CPU path on the SIMT executor (the same
+kernels, the same reductions and merges), and together equal the single-process result on the whole
+batch (the mask exactly, the loss to rounding). Bad input on one rank (a short old_logp, refused
+before the collectives; a NaN found by pass 1 on the device) raises on every rank, with no hang (a
+deadline on each run).
 """
 
 import os
@@ -48,18 +49,35 @@ def cpu_call(options, b, **groups):
                             None, None, [raw(o) for o in outs], **groups)
     return scalars, outs
 
-def cpu_grad(options, b, outs):
+def cpu_grad(options, b, outs, shard=None):
     logits, targets = b[0], b[2]
     lse, dlogp = outs[vt.TOKEN_OUTPUTS.index("lse")], outs[vt.TOKEN_OUTPUTS.index("dlogp")]
     g = torch.empty(logits.shape, dtype=torch.float32)
     if g.numel():
         _vppo.backward("simt", options, vt._dtype_name(logits.dtype), logits.shape[1], raw(logits),
-                       "float32", raw(g), raw(targets), raw(lse), raw(dlogp), None)
+                       "float32", raw(g), raw(targets), raw(lse), raw(dlogp), None, shard)
     return g
+
+def columns(b, c0, c1):
+    """Columns [c0, c1) of both logits tensors of batch b, fresh copies."""
+    return (b[0][:, c0:c1].contiguous(), b[1][:, c0:c1].contiguous()) + tuple(b[2:])
+
+def pieces(b, t0, t1):
+    """Tokens [t0, t1) of batch b as a sequence-parallel rank holds them: its pieces of responses,
+    one advantage per piece, and whether its first piece continues the previous rank's."""
+    logits, masked, targets, old_logp, adv, cu, _ = b
+    cu = cu.tolist()
+    keep = [i for i in range(len(cu) - 1) if cu[i] < t1 and cu[i + 1] > t0]
+    bounds = [0] + [min(cu[i + 1], t1) - t0 for i in keep]
+    continues = bool(keep) and cu[keep[0]] < t0
+    return ((logits[t0:t1].clone(), masked[t0:t1].clone(), targets[t0:t1].clone(),
+             old_logp[t0:t1].clone(), adv[keep].clone(), torch.tensor(bounds, dtype=torch.int32),
+             None), continues)
 
 def cuda_call(options, b, **kw):
     """The CUDA path on the fake device: scalars, the 13 outputs (copied back) and the f32
-    gradient from the device outputs (lse, dlogp) by backward_cuda."""
+    gradient from the device outputs (lse, dlogp) by backward_cuda (of the shard's columns with
+    vocab_shard)."""
     logits, masked, targets, old_logp, adv, cu, _ = b
     n, nb = targets.numel(), adv.numel()
     dev = [upload(t) for t in (logits, masked, targets, old_logp, adv, cu)]
@@ -71,7 +89,8 @@ def cuda_call(options, b, **kw):
     if grad[1]:
         _vppo.backward_cuda(0, STREAM, options, vt._dtype_name(logits.dtype), logits.shape[1], dev[0],
                             "float32", grad, dev[2], outs[vt.TOKEN_OUTPUTS.index("lse")],
-                            outs[vt.TOKEN_OUTPUTS.index("dlogp")], None)
+                            outs[vt.TOKEN_OUTPUTS.index("dlogp")], None,
+                            vocab_shard=kw.get("vocab_shard"))
     return scalars, host, download(grad, torch.float32).view(logits.shape)
 
 def gather(t):
@@ -177,3 +196,78 @@ def _spawn(tmp_path, body, size):
 
 def test_data_parallel_on_the_fake_driver_is_the_cpu_path(tmp_path):
     _spawn(tmp_path, DATA, 2)
+
+
+VOCAB = r'''
+CUTS = [0, 11, 29]  # uneven shards of V = 29
+for options, dtype in [(vt._options_json({}), torch.float32),
+                       (vt._options_json({"perception": "k3"}), torch.bfloat16)]:
+    full = batch(lengths=%r, vocab=29, dtype=dtype, seed=9)
+    c0, c1 = CUTS[RANK], CUTS[RANK + 1]
+    mine = columns(full, c0, c1)
+    shard = dict(vocab_shard=(c0, 29), vocab_group=WORLD)
+    got, got_outs, got_grad = cuda_call(options, mine, **shard)
+    want, want_outs = cpu_call(options, mine, **shard)
+    assert got == want, (options, got, want)
+    for name, x, y in zip(vt.TOKEN_OUTPUTS + vt.RESPONSE_OUTPUTS, got_outs, want_outs):
+        assert same(x, y), name
+    assert same(got_grad, cpu_grad(options, mine, want_outs, (c0, 29)))
+    # Every rank the same outputs; together the unsharded result.
+    one, one_outs = cpu_call(options, full)
+    assert abs(got[0] - one[0]) <= 1e-5 * max(1.0, abs(one[0])), (got[0], one[0])
+    mask = vt.TOKEN_OUTPUTS.index("mask")
+    assert torch.equal(got_outs[mask], one_outs[mask])
+    grads = gather(got_grad.t().contiguous()).t()  # the shards' columns side by side
+    torch.testing.assert_close(grads, cpu_grad(options, full, one_outs), rtol=2e-5, atol=1e-6)
+    scores = [torch.empty_like(got_outs[0]) for _ in range(SIZE)]
+    dist.all_gather(scores, got_outs[0])
+    assert same(scores[0], scores[1])
+# A NaN in rank 1's shard: every rank raises.
+full = batch(lengths=(3, 4), vocab=29, seed=4)
+b = list(columns(full, CUTS[RANK], CUTS[RANK + 1]))
+if RANK == 1:
+    b[1][2, 5] = float("nan")
+try:
+    cuda_call(vt._options_json({}), b, vocab_shard=(CUTS[RANK], 29), vocab_group=WORLD)
+    raise SystemExit("no error for a NaN in a shard")
+except ValueError as e:
+    want = "logits_masked" if RANK == 1 else "rank(s) of the group reported an error"
+    assert want in str(e), e
+dist.barrier()
+dist.destroy_process_group()
+print("ok")
+''' % (LENGTHS,)
+
+SEQUENCE = r'''
+CUT = 14  # inside response 3 ([12, 16)): split across the two ranks
+for options, dtype in [(vt._options_json({}), torch.float32),
+                       (vt._options_json({"aggregation": "seq_mean_token_mean"}), torch.bfloat16)]:
+    full = batch(lengths=%r, vocab=29, dtype=dtype, seed=11)
+    n = full[2].numel()
+    mine, continues = pieces(full, *[(0, CUT), (CUT, n)][RANK])
+    assert continues == (RANK == 1)
+    seq = dict(seq_continues=continues, seq_group=WORLD)
+    got, got_outs, got_grad = cuda_call(options, mine, **seq)
+    want, want_outs = cpu_call(options, mine, **seq)
+    assert got == want, (options, got, want)
+    for name, x, y in zip(vt.TOKEN_OUTPUTS + vt.RESPONSE_OUTPUTS, got_outs, want_outs):
+        assert same(x, y), name
+    assert same(got_grad, cpu_grad(options, mine, want_outs))
+    one, one_outs = cpu_call(options, full)
+    assert abs(got[0] - one[0]) <= 1e-5 * max(1.0, abs(one[0])), (got[0], one[0])
+    mask = vt.TOKEN_OUTPUTS.index("mask")
+    assert torch.equal(gather(got_outs[mask]), one_outs[mask])
+    torch.testing.assert_close(gather(got_grad), cpu_grad(options, full, one_outs), rtol=1e-5,
+                               atol=1e-6)
+dist.barrier()
+dist.destroy_process_group()
+print("ok")
+''' % (LENGTHS,)
+
+
+def test_vocabulary_parallel_on_the_fake_driver_is_the_cpu_path(tmp_path):
+    _spawn(tmp_path, VOCAB, 2)
+
+
+def test_sequence_parallel_on_the_fake_driver_is_the_cpu_path(tmp_path):
+    _spawn(tmp_path, SEQUENCE, 2)

@@ -292,9 +292,6 @@ def _loss(
                       masked_rows, device, grad_dtype)
         _check_ref_logp(ref_logp, _on(logits))
         _check_ref_logits(ref_logits, logits)
-        if device == "cuda" and (vocab_group is not None or seq_group is not None):
-            raise ValueError("vppo_loss: vocab_group and seq_group take CPU tensors for now (of "
-                             "the parallel layouts, only process_group is on the CUDA path yet)")
         targets = _as("targets", targets, torch.int32)
         cu_seqlens = _as("cu_seqlens", cu_seqlens, torch.int32)
         rows = None if rows is None else _as("rows", rows, torch.int64)
@@ -318,6 +315,10 @@ def _loss(
             data_r,
             ref_logits=None if ref_logits is None else _raw(ref_logits),
             full_out=None if ref_logits is None else _raw(full),
+            vocab_shard=None if vocab_start < 0 else (vocab_start, vocab_size),
+            seq_continues=None if seq_continues < 0 else bool(seq_continues),
+            vocab_group=vocab_r,
+            seq_group=seq_r,
         )
         loss = torch.tensor(scalars[0], dtype=torch.float32, device=on)
         stats = torch.tensor(scalars[1:], dtype=torch.float64, device=on)
@@ -390,8 +391,6 @@ def _backward_into(grad, logits, targets, lse, dlogp, rows, options, device, voc
     columns [vocab_start, vocab_start + V_r) of a vocabulary of ``vocab_size`` (SPEC section 11)."""
     source = grad if logits is None else logits
     if device == "cuda":
-        if vocab_start >= 0:
-            raise ValueError("vppo_loss: vocab_group takes CPU tensors for now")
         _vppo.backward_cuda(
             grad.device.index, torch.cuda.current_stream(grad.device).cuda_stream, options,
             _dtype_name(source.dtype), source.shape[1],
@@ -400,6 +399,7 @@ def _backward_into(grad, logits, targets, lse, dlogp, rows, options, device, voc
             None if rows is None else _raw(rows),
             None if ref_logits is None else _raw(ref_logits),
             None if full is None else _raw(full),
+            None if vocab_start < 0 else (vocab_start, vocab_size),
         )
         return
     _vppo.backward(
@@ -556,8 +556,8 @@ def vppo_loss(
     the same ``rows``): the reference policy's logits, which ``kl_penalty="full"`` needs: the exact
     KL(pi || pi_ref) over the vocabulary per token (``out["ref_kl"]``), with its gradient in the
     backward (CPU and CUDA tensors). ``device``: for CUDA tensors "cuda" (the default: the kernels on
-    the tensors' GPU, in place, ordered after torch's current stream there; ``vocab_group`` and
-    ``seq_group`` take CPU tensors for now); for CPU tensors "simt" (the default:
+    the tensors' GPU, in place, ordered after torch's current stream there, with every parallel
+    layout below); for CPU tensors "simt" (the default:
     the kernels on the SIMT executor) or "reference" (the f64 reference). ``grad_dtype``: "logits" (default) or "f32" (autograd then stores it in the
     logits' dtype). ``in_place=True``: the backward writes the gradient over ``logits``.
 

@@ -58,8 +58,9 @@ use launcher::*;
 use perception::*;
 pub(crate) use perception::{mutant_perception, perception, perception_partial};
 pub(crate) use resident::{
-    backward_device, backward_device_in_place, backward_saved_device, forward_device,
-    forward_device_then, ThenFn,
+    backward_device, backward_device_in_place, backward_saved_device, device_small_tensors,
+    device_token_row, forward_device, forward_device_then, perception_device,
+    perception_partial_device, SmallHost, ThenFn,
 };
 pub use resident::{DeviceBatch, DeviceForward, DeviceFullKlSaved, DeviceSaved, DeviceStages};
 pub(crate) use select_loss::select;

@@ -111,7 +111,7 @@ impl std::fmt::Debug for DeviceForward {
 }
 
 /// Host copies of the O(N + B) tensors of a device batch.
-pub(super) struct SmallHost {
+pub(crate) struct SmallHost {
     pub(super) targets: Vec<i32>,
     pub(super) old_logp: Vec<f32>,
     pub(super) advantages: Vec<f32>,
@@ -564,6 +564,10 @@ pub struct DeviceFullKlSaved<'a> {
     pub dref_kl: &'a CudaSlice<f32>,
 }
 
+/// A vocabulary shard's targets from the global ones (src/parallel/vocab.rs: checked against the
+/// whole vocabulary, minus the shard's first column).
+pub(crate) type ShardTargets<'a> = dyn Fn(&[i32]) -> Result<Vec<i32>> + 'a;
+
 /// dloss/dlogits from a [`DeviceSaved`] into the caller's device buffer `grad`, reading `logits`,
 /// or, with `logits` None, reading the logits from `grad` and overwriting them (in place).
 ///
@@ -582,6 +586,7 @@ pub(crate) fn backward_saved_device(
     mut grad: DeviceLogitsMut,
     cfg: &VppoConfig,
     check_dlogp: &dyn Fn(&[f32]) -> Result<()>,
+    shard: Option<&ShardTargets<'_>>,
 ) -> Result<()> {
     let mut buffers = vec![
         residence(Tensor::Targets, saved.targets),
@@ -629,13 +634,24 @@ pub(crate) fn backward_saved_device(
     let host_rows: Option<Vec<i64>> = rows.map(|(_, region)| copy.get(region));
     let logits_len = logits.map_or(grad.len(), |x| x.len());
     let input_dtype = logits.map_or(grad.dtype(), |x| x.dtype());
-    SavedForward {
+    let host_saved = SavedForward {
         targets: &host_targets,
         lse: &host_lse,
         dlogp: &host_dlogp,
         rows: host_rows.as_deref(),
-    }
-    .check(logits_len, grad.len(), vocab)?;
+    };
+    // A vocabulary shard's targets are checked against the whole vocabulary and taken into the
+    // shard (any value: the kernel only compares them with its columns).
+    let local_targets = match shard {
+        Some(local) => {
+            host_saved.check_lengths(logits_len, grad.len(), vocab)?;
+            Some(local(&host_targets)?)
+        }
+        None => {
+            host_saved.check(logits_len, grad.len(), vocab)?;
+            None
+        }
+    };
     crate::batch::check_grad_dtype(input_dtype, grad.dtype())?;
     if let (Some(f), Some([lse_ref, ref_kl, dref_kl])) = (full, &host_full) {
         let r = f.ref_logits;
@@ -656,6 +672,7 @@ pub(crate) fn backward_saved_device(
         return gpu.synchronize();
     }
     let checked_rows = host_rows.map(|r| gpu.upload(&r)).transpose()?;
+    let local_targets = local_targets.map(|y| gpu.upload(&y)).transpose()?;
     let l = Launcher::Cuda(gpu.clone());
     let kernel = backward_kernel_for(input_dtype, grad.dtype(), full.is_some())?;
     let grad_addr = grad.addr(gpu);
@@ -663,7 +680,7 @@ pub(crate) fn backward_saved_device(
         logits: logits.map_or(grad_addr, |x| x.addr(gpu)),
         lse: gpu.device_ptr_u64(saved.lse),
         dlogp: gpu.device_ptr_u64(saved.dlogp),
-        targets: gpu.device_ptr_u64(saved.targets),
+        targets: gpu.device_ptr_u64(local_targets.as_ref().unwrap_or(saved.targets)),
         grad: grad_addr,
         rows: checked_rows.as_ref().map_or(0, |r| gpu.device_ptr_u64(r)),
         n_rows: grad.len() / vocab,
@@ -676,9 +693,10 @@ pub(crate) fn backward_saved_device(
     };
     // SAFETY: logits and grad hold R * V elements of their dtypes (R = N without rows), lse, dlogp
     // and targets N (all checked above against the copies just made of them), rows the crate's own
-    // upload of the checked N strictly increasing values in [0, R); targets are only compared with
-    // column indices. With full, ref_logits has the logits' shape and dtype and lse_ref, ref_kl,
-    // dref_kl N values (check_full_saved above), only read. In place, each element is loaded and then stored by one thread
+    // upload of the checked N strictly increasing values in [0, R); targets (the caller's, or the
+    // crate's upload of a shard's N local targets) are only compared with column indices. With
+    // full, ref_logits has the logits' shape and dtype and lse_ref, ref_kl, dref_kl N values
+    // (check_full_saved above), only read. In place, each element is loaded and then stored by one thread
     // (kernels/backward.cu). `grad` is borrowed mutably for this call, and the call synchronizes
     // before any buffer can be dropped.
     unsafe { launch_backward_kernel(&l, kernel, &addrs, n, vocab, cfg)? };
@@ -795,4 +813,185 @@ impl<'a> DeviceStages<'a> {
             None,
         )
     }
+}
+
+// -------------------------------------------------------------------------------------------------
+// Pass 1 alone on a device batch, for the vocabulary and sequence layouts (src/parallel/)
+// -------------------------------------------------------------------------------------------------
+
+impl SmallHost {
+    /// A host batch of these O(N + B) tensors and no logits (empty, `vocab` V): what the host
+    /// stages after pass 1 read (the merge, pass 2).
+    pub(crate) fn batch(&self, vocab: usize) -> Batch<'_> {
+        Batch {
+            targets: &self.targets,
+            old_logp: &self.old_logp,
+            advantages: &self.advantages,
+            cu_seqlens: &self.cu_seqlens,
+            vocab,
+            rows: self.rows.as_deref(),
+            masked_rows: self.masked_rows.as_deref(),
+            ref_logp: self.ref_logp.as_deref(),
+            ..Default::default()
+        }
+    }
+
+    /// Checks these tensors with the shapes of `batch`'s logits, as [`forward_device`] does, with
+    /// `targets` in place of the batch's (a vocabulary shard's, taken into the shard).
+    fn validate(&self, batch: &DeviceBatch, targets: &[i32], cfg: &VppoConfig) -> Result<()> {
+        crate::batch::SmallTensors {
+            logits: (batch.logits.dtype(), batch.logits.len()),
+            logits_masked: (batch.logits_masked.dtype(), batch.logits_masked.len()),
+            targets,
+            old_logp: &self.old_logp,
+            advantages: &self.advantages,
+            cu_seqlens: &self.cu_seqlens,
+            vocab: batch.vocab,
+            rows: self.rows.as_deref(),
+            masked_rows: self.masked_rows.as_deref(),
+            ref_logp: self.ref_logp.as_deref(),
+        }
+        .validate(cfg.group_size, cfg.needs_groups())?;
+        crate::batch::check_ref_logp_given(cfg, self.ref_logp.is_some())
+    }
+}
+
+/// The O(N + B) tensors of a device batch on the host, after ordering `gpu`'s stream after the
+/// batch's streams (one transfer, as [`forward_device`] makes).
+pub(crate) fn device_small_tensors(gpu: &Gpu, batch: &DeviceBatch) -> Result<SmallHost> {
+    join_caller_streams(gpu, &batch.residences())?;
+    download_small_tensors(gpu, batch)
+}
+
+/// The logits row token `token` of `batch` reads (through its rows), copied back and widened to
+/// f64: to name a bad value.
+pub(crate) fn device_token_row(
+    gpu: &Gpu,
+    batch: &DeviceBatch,
+    small: &SmallHost,
+    tensor: Tensor,
+    token: usize,
+) -> Result<Vec<f64>> {
+    let masked_index = crate::batch::effective_masked_rows(
+        small.rows.as_deref(),
+        small.masked_rows.as_deref(),
+        batch.logits.len(),
+        batch.logits_masked.len(),
+    );
+    let (logits, index) = if tensor == Tensor::Logits {
+        (&batch.logits, small.rows.as_deref())
+    } else {
+        (&batch.logits_masked, masked_index)
+    };
+    let row = index.map_or(token, |r| r[token] as usize);
+    logits.row_f64(gpu, row, batch.vocab)
+}
+
+/// Pass 1 alone over a device batch (the per-token outputs, mask and dlogp empty), or the first
+/// bad row's error, as [`forward_device`] reports it; `small` is the batch's
+/// [`device_small_tensors`], checked here. For the sequence layout, whose pass 2 runs on the host
+/// over the whole group's pieces.
+pub(crate) fn perception_device(
+    gpu: &Arc<Gpu>,
+    batch: &DeviceBatch,
+    small: &SmallHost,
+    cfg: &VppoConfig,
+) -> Result<TokenOutputs> {
+    cfg.validate()?;
+    small.validate(batch, &small.targets, cfg)?;
+    let (n, b) = (small.targets.len(), small.advantages.len());
+    if n == 0 {
+        return Ok(TokenOutputs::default());
+    }
+    let dims = Dims {
+        n,
+        b,
+        vocab: batch.vocab,
+        dtype: batch.logits.dtype(),
+    };
+    let l = Launcher::Cuda(gpu.clone());
+    let inputs = Inputs::device(gpu, batch);
+    let ws = Workspace::new(&l, n, b)?;
+    run_perception(&l, perception_kernel(dims.dtype), dims, cfg, &inputs, &ws)?;
+    let copy = ws.download(&l)?;
+    let row_of = |tensor: Tensor, token: usize| device_token_row(gpu, batch, small, tensor, token);
+    status_error(
+        copy.status(&ws),
+        &small.targets,
+        batch.vocab,
+        cfg.temperature,
+        &row_of,
+    )?;
+    Ok(perception_outputs(&ws, &copy))
+}
+
+/// [`perception_partial`] on a device batch (a vocabulary shard in GPU memory): per row the
+/// shard's state, `VPPO_PARTIAL_STATE_FLOATS` f32 each, copied back (9 N floats). `small` is the
+/// batch's [`device_small_tensors`] (checked here with the targets taken into the shard);
+/// `local_targets` the targets minus the shard's first column, uploaded for the kernel.
+pub(crate) fn perception_partial_device(
+    gpu: &Arc<Gpu>,
+    batch: &DeviceBatch,
+    small: &SmallHost,
+    local_targets: &[i32],
+    cfg: &VppoConfig,
+) -> Result<Vec<f32>> {
+    cfg.validate()?;
+    let v = batch.vocab;
+    let clamped: Vec<i32> = local_targets
+        .iter()
+        .map(|&y| y.clamp(0, v.saturating_sub(1) as i32))
+        .collect();
+    small.validate(batch, &clamped, cfg)?;
+    let n = small.targets.len();
+    if local_targets.len() != n {
+        return Err(VppoError::Shape {
+            tensor: Tensor::Targets,
+            detail: format!("has {} shard-local targets, N = {n}", local_targets.len()),
+        });
+    }
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let floats = n
+        .checked_mul(VPPO_PARTIAL_STATE_FLOATS as usize)
+        .ok_or_else(|| VppoError::Shape {
+            tensor: Tensor::Targets,
+            detail: format!("N = {n} partial states overflow"),
+        })?;
+    let l = Launcher::Cuda(gpu.clone());
+    let inputs = Inputs::device(gpu, batch);
+    let status = l.alloc(8)?;
+    let targets = Input::new(&l, local_targets)?;
+    let partial = l.alloc(floats * 4)?;
+    let p = VppoPerceptionParams {
+        logits: inputs.logits.addr as *const c_void,
+        logits_masked: inputs.logits_masked.addr as *const c_void,
+        targets: targets.addr as *const i32,
+        old_logp: inputs.old_logp.addr as *const f32,
+        status: l.addr(&status) as *mut std::os::raw::c_longlong,
+        rows: inputs.rows.addr as *const i64,
+        masked_rows: inputs.masked_rows.addr as *const i64,
+        n_tokens: n as i64,
+        vocab: v as i64,
+        inv_temperature: (1.0 / cfg.temperature) as f32,
+        score_clamp: cfg.score_clamp as f32,
+        partial: l.addr(&partial) as *mut f32,
+        ..Default::default()
+    };
+    // SAFETY: the caller's logits and logits_masked hold R * V elements of the kernel's dtype
+    // (validated above against N, V and the rows, which lie in [0, R)), old_logp N, the uploaded
+    // targets N, partial N * 9 floats, status 1; in partial mode the kernel writes only `partial`
+    // and reads a target column only when it is in [0, V). Every buffer lives until the download
+    // below, which waits for the kernel on the one stream it is queued on.
+    unsafe {
+        l.launch(
+            perception_kernel(batch.logits.dtype()),
+            l.row_grid(n),
+            PERCEPTION_THREADS,
+            PERCEPTION_THREADS * PERCEPTION_STATE_BYTES,
+            &p,
+        )?
+    };
+    l.download(&partial, floats)
 }

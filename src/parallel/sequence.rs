@@ -97,6 +97,35 @@ fn pass1(vppo: &Vppo, piece: &Batch) -> Result<Local> {
     }
 }
 
+/// [`pass1`] on pieces in GPU memory (`small`: their O(N + B) tensors, copied back): the perception
+/// kernel alone, its per-token values copied back.
+fn pass1_device(
+    vppo: &Vppo,
+    gpu: &std::sync::Arc<crate::cuda::Gpu>,
+    piece: &crate::exec::DeviceBatch,
+    small: &crate::exec::SmallHost,
+) -> Result<Local> {
+    super::refuse_full_kl(vppo.config(), "sequence parallel")?;
+    // A rank's pieces need not be whole groups (the group's batch is checked for that in pass 2).
+    let cfg = &VppoConfig {
+        group_size: 1,
+        ..vppo.config().clone()
+    };
+    let tokens = crate::exec::perception_device(gpu, piece, small, cfg)?;
+    let widen = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+    let (score, entropy, logp) = (
+        widen(&tokens.score),
+        widen(&tokens.entropy),
+        widen(&tokens.logp),
+    );
+    Ok(Local {
+        tokens,
+        score,
+        entropy,
+        logp,
+    })
+}
+
 /// A layout error every rank finds alike (from gathered values).
 fn layout_error(detail: String) -> VppoError {
     VppoError::Shape {
@@ -182,6 +211,93 @@ impl Vppo {
             shard,
             continues,
             seq,
+            data.map(|d| (d, &mut reached)),
+        );
+        match data {
+            Some(d) if result.is_err() && !reached => {
+                report_failure(d)?;
+                result
+            }
+            _ => result,
+        }
+    }
+
+    /// [`Vppo::forward_sequence_parallel`] (with `data`: [`Vppo::forward_sequence_data_parallel`])
+    /// on pieces in GPU memory ([`Vppo::forward_device`]'s batch): pass 1 on the GPU, its per-token
+    /// values and the O(N + B) tensors copied back, then the same gathers and host pass 2, so the
+    /// outputs are the host path's bits on the same GPU. The backward is
+    /// [`Vppo::backward_saved_device`] from the output's lse and dlogp (the rank's own rows).
+    pub fn forward_device_sequence_parallel(
+        &self,
+        piece: &crate::exec::DeviceBatch,
+        continues: bool,
+        group: &dyn Collective,
+        data: Option<&dyn Collective>,
+    ) -> Result<VppoOutput> {
+        let small = self.gpu().and_then(|gpu| {
+            let small = crate::exec::device_small_tensors(&gpu, piece)?;
+            Ok((gpu, small))
+        });
+        let (local, small) = match small {
+            Ok((gpu, small)) => (pass1_device(self, &gpu, piece, &small), Some(small)),
+            Err(e) => (Err(e), None),
+        };
+        let batch = small
+            .as_ref()
+            .map(|s| s.batch(piece.vocab))
+            .unwrap_or_default();
+        self.join_then_data(local, &batch, continues, group, data)
+    }
+
+    /// [`Vppo::forward_vocab_sequence_parallel`] on a shard of pieces in GPU memory: the
+    /// vocabulary group's merged pass 1 from states computed on the GPU
+    /// ([`Vppo::forward_device_vocab_parallel`]'s), then the sequence group's gathers and host
+    /// pass 2, under the data group's values with `data`. The outputs are the host path's bits on
+    /// the same GPU; the backward is [`Vppo::backward_saved_device_vocab_parallel`].
+    pub fn forward_device_vocab_sequence_parallel(
+        &self,
+        shard: &crate::exec::DeviceBatch,
+        at: super::VocabShard,
+        continues: bool,
+        vocab: &dyn Collective,
+        seq: &dyn Collective,
+        data: Option<&dyn Collective>,
+    ) -> Result<VppoOutput> {
+        let pieces_cfg = VppoConfig {
+            group_size: 1,
+            ..self.config().clone()
+        };
+        let local = match Vppo::new(pieces_cfg, self.device()) {
+            Ok(v) => v.vocab_perception_device(shard, at, vocab),
+            Err(e) => report_failure(vocab).and(Err(e)),
+        };
+        let (local, small) = match local {
+            Ok((p, small)) => (Ok(Local::of(p)), Some(small)),
+            Err(e) => (Err(e), None),
+        };
+        let batch = small
+            .as_ref()
+            .map(|s| s.batch(shard.vocab))
+            .unwrap_or_default();
+        self.join_then_data(local, &batch, continues, seq, data)
+    }
+
+    /// [`Vppo::join_pieces`], then, where it failed before the data group's first round, that
+    /// failure reported to the data group.
+    fn join_then_data(
+        &self,
+        local: Result<Local>,
+        piece: &Batch,
+        continues: bool,
+        group: &dyn Collective,
+        data: Option<&dyn Collective>,
+    ) -> Result<VppoOutput> {
+        let mut reached = false;
+        let result = self.join_pieces(
+            local,
+            piece,
+            continues,
+            group,
             data.map(|d| (d, &mut reached)),
         );
         match data {

@@ -202,15 +202,6 @@ fn merge(states: impl Iterator<Item = RowState> + Clone) -> Merged {
     m
 }
 
-/// The first entry of shard row `row` that is NaN or +inf, for the error naming it.
-fn first_bad(logits: &crate::batch::Logits, row: usize, vocab: usize) -> f64 {
-    logits
-        .row_f64(row, vocab)
-        .into_iter()
-        .find(|x| x.is_nan() || *x == f64::INFINITY)
-        .unwrap_or(f64::NAN)
-}
-
 /// This rank's shard states, checked: a NaN or +inf, or (below temperature 1) a logit that
 /// overflows f32 divided by tau, is this rank's error (the group learns of it in round 1).
 fn shard_states(vppo: &Vppo, shard: &Batch, local_targets: &[i32]) -> Result<Vec<RowState>> {
@@ -254,7 +245,7 @@ fn shard_states(vppo: &Vppo, shard: &Batch, local_targets: &[i32]) -> Result<Vec
             }
         }
     }
-    let states: Vec<RowState> = match vppo.device() {
+    let states = match vppo.device() {
         Device::Reference => (0..n)
             .map(|t| {
                 let scaled = |l: &crate::batch::Logits, r: usize| -> Vec<f64> {
@@ -265,30 +256,69 @@ fn shard_states(vppo: &Vppo, shard: &Batch, local_targets: &[i32]) -> Result<Vec
                 RowState::of_rows(&a, &b, local_targets[t] as i64)
             })
             .collect(),
-        device => crate::exec::perception_partial(&valid, local_targets, device)?
-            .chunks_exact(STATE)
-            .map(|x| RowState::from_kernel(x, tau))
-            .collect(),
+        device => kernel_states(
+            &crate::exec::perception_partial(&valid, local_targets, device)?,
+            tau,
+        ),
     };
+    check_states(&states, &|tensor, t| {
+        Ok(match tensor {
+            Tensor::Logits => shard.logits.row_f64(shard.logits_row(t), v),
+            _ => shard.logits_masked.row_f64(shard.masked_row(t), v),
+        })
+    })?;
+    Ok(states)
+}
+
+fn kernel_states(raw: &[f32], tau: f64) -> Vec<RowState> {
+    raw.chunks_exact(STATE)
+        .map(|x| RowState::from_kernel(x, tau))
+        .collect()
+}
+
+/// A NaN sum (a NaN or +inf in the shard's row) is this rank's error, naming the first bad value of
+/// the row `row_of(tensor, token)` gives.
+fn check_states(
+    states: &[RowState],
+    row_of: &dyn Fn(Tensor, usize) -> Result<Vec<f64>>,
+) -> Result<()> {
     for (t, s) in states.iter().enumerate() {
-        for (tensor, sum, logits, row) in [
-            (Tensor::Logits, s.s_a, &shard.logits, shard.logits_row(t)),
-            (
-                Tensor::LogitsMasked,
-                s.s_b,
-                &shard.logits_masked,
-                shard.masked_row(t),
-            ),
-        ] {
+        for (tensor, sum) in [(Tensor::Logits, s.s_a), (Tensor::LogitsMasked, s.s_b)] {
             if sum.is_nan() {
+                let value = row_of(tensor, t)?
+                    .into_iter()
+                    .find(|x| x.is_nan() || *x == f64::INFINITY)
+                    .unwrap_or(f64::NAN);
                 return Err(VppoError::NonFinite {
                     tensor,
                     location: Location::Row(t),
-                    value: first_bad(logits, row, v),
+                    value,
                 });
             }
         }
     }
+    Ok(())
+}
+
+/// This rank's shard states from a shard in GPU memory (`small`: its O(N + B) tensors, copied
+/// back), checked as [`shard_states`] checks a host shard, but for the O(N V) host check below
+/// temperature 1 ([`Vppo::forward_device`] does not make it either: a row whose sums overflow is
+/// found on the merged rows).
+fn device_states(
+    vppo: &Vppo,
+    gpu: &std::sync::Arc<crate::cuda::Gpu>,
+    shard: &crate::exec::DeviceBatch,
+    small: &crate::exec::SmallHost,
+    at: VocabShard,
+) -> Result<Vec<RowState>> {
+    let cfg = vppo.config();
+    super::refuse_full_kl(cfg, "vocabulary parallel")?;
+    let y = local_targets(&small.batch(shard.vocab), at)?;
+    let raw = crate::exec::perception_partial_device(gpu, shard, small, &y, cfg)?;
+    let states = kernel_states(&raw, cfg.temperature);
+    check_states(&states, &|tensor, t| {
+        crate::exec::device_token_row(gpu, shard, small, tensor, t)
+    })?;
     Ok(states)
 }
 
@@ -418,6 +448,39 @@ impl Vppo {
         result
     }
 
+    /// [`Vppo::forward_vocab_parallel`] on a shard in GPU memory ([`Vppo::forward_device`]'s
+    /// batch, with this rank's columns): pass 1 in partial mode on the GPU, the states (9 N
+    /// floats) copied back, then the same gather, merge and host pass 2, so every rank's outputs
+    /// are the same bits, and those of the host path on the same GPU. With `data`, inside a data
+    /// group (as [`Vppo::forward_vocab_data_parallel`]). The backward is
+    /// [`Vppo::backward_saved_device_vocab_parallel`] from the output's lse and dlogp.
+    pub fn forward_device_vocab_parallel(
+        &self,
+        shard: &crate::exec::DeviceBatch,
+        at: VocabShard,
+        group: &dyn Collective,
+        data: Option<&dyn Collective>,
+    ) -> Result<VppoOutput> {
+        let (perception, small) = match self.vocab_perception_device(shard, at, group) {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some(d) = data {
+                    report_failure(d)?;
+                }
+                return Err(e);
+            }
+        };
+        let batch = small.batch(shard.vocab);
+        let out = crate::reference::output_of(&super::pass2_across(
+            perception,
+            &batch,
+            self.config(),
+            data,
+        )?);
+        out.check_finite()?;
+        Ok(out)
+    }
+
     fn forward_vocab_parallel_in(
         &self,
         shard: &Batch,
@@ -450,6 +513,44 @@ impl Vppo {
         let local = super::refuse_full_kl(cfg, "vocabulary parallel")
             .and_then(|_| local_targets(shard, at))
             .and_then(|y| shard_states(self, shard, &y));
+        self.merge_shards(local, shard, at, group)
+    }
+
+    /// [`Vppo::vocab_perception`] of a shard in GPU memory: its pass-1 values and its O(N + B)
+    /// tensors on the host (copied back once), or the error every rank of `group` agrees on.
+    pub(super) fn vocab_perception_device(
+        &self,
+        shard: &crate::exec::DeviceBatch,
+        at: VocabShard,
+        group: &dyn Collective,
+    ) -> Result<(PerceptionF64, crate::exec::SmallHost)> {
+        let small = self.gpu().and_then(|gpu| {
+            let small = crate::exec::device_small_tensors(&gpu, shard)?;
+            Ok((gpu, small))
+        });
+        let (gpu, small) = match small {
+            Ok(x) => x,
+            Err(e) => {
+                report_failure(group)?;
+                return Err(e);
+            }
+        };
+        let local = device_states(self, &gpu, shard, &small, at);
+        let p = self.merge_shards(local, &small.batch(shard.vocab), at, group)?;
+        Ok((p, small))
+    }
+
+    /// Round 1, the tiling check and the merge (the module docs' steps 2 and 3 up to pass 2) on
+    /// this rank's states `local` (or its error, which this rank then reports to `group`); `shard`'s
+    /// logits are not read.
+    fn merge_shards(
+        &self,
+        local: Result<Vec<RowState>>,
+        shard: &Batch,
+        at: VocabShard,
+        group: &dyn Collective,
+    ) -> Result<PerceptionF64> {
+        let cfg = self.config();
         let states = match local {
             Ok(s) => s,
             Err(e) => {
@@ -523,6 +624,38 @@ impl Vppo {
             rows: shard.rows,
         };
         self.backward_saved_vocab_parallel(shard.logits, shard.vocab, at, &saved, grad)
+    }
+
+    /// [`Vppo::backward_saved_vocab_parallel`] in GPU memory (as [`Vppo::backward_saved_device`]):
+    /// `logits` are this rank's `vocab` columns starting at `at.start` ([N, V_r], or [R, V_r]
+    /// through `saved.rows`), `saved` the forward's global targets, merged lse and dlogp on the GPU;
+    /// writes `grad` (the shape of `logits`, f32 or their dtype). No collective.
+    pub fn backward_saved_device_vocab_parallel(
+        &self,
+        logits: crate::DeviceLogits,
+        vocab: usize,
+        at: VocabShard,
+        saved: &crate::exec::DeviceSaved,
+        grad: crate::DeviceLogitsMut,
+    ) -> Result<()> {
+        let local = move |targets: &[i32]| {
+            let probe = Batch {
+                targets,
+                ..Default::default()
+            };
+            local_targets(&probe, at)
+        };
+        crate::exec::backward_saved_device(
+            &self.gpu()?,
+            Some(logits),
+            vocab,
+            saved,
+            None,
+            grad,
+            self.config(),
+            &|dlogp| self.check_grad_bound(dlogp),
+            Some(&local),
+        )
     }
 
     /// [`Vppo::backward_vocab_parallel`] from what the forward saved (global targets, the merged
