@@ -115,7 +115,8 @@ impl Vppo {
     /// [`Vppo::backward_saved_device`] for `kl_penalty = full` (the GPU form of
     /// [`Vppo::backward_saved_full`]): `full` holds ref_logits (the shape and dtype of the logits,
     /// read through `saved.rows`) and the forward's per-token lse_ref, ref_kl and dref_kl on the GPU,
-    /// copied back with the other O(N) saved tensors and checked before the launch.
+    /// copied back with the other O(N) saved tensors and checked before the launch. Under any
+    /// other penalty `full` is ignored, as the forward ignores ref_logits then.
     pub fn backward_saved_full_device(
         &self,
         logits: Option<crate::DeviceLogits>,
@@ -124,6 +125,9 @@ impl Vppo {
         full: &crate::exec::DeviceFullKlSaved,
         grad: crate::DeviceLogitsMut,
     ) -> Result<()> {
+        if !self.config.needs_ref_logits() {
+            return self.backward_saved_device(logits, vocab, saved, grad);
+        }
         crate::exec::backward_saved_device(
             &self.gpu()?,
             logits,
@@ -345,7 +349,9 @@ impl Vppo {
     /// reference logits (the shape and dtype of `logits`, read through `saved.rows`) and the
     /// forward's per-token lse_ref, ref_kl and dref_kl; the row gains
     /// d_t p_v ((a_v - lse_t) - (c_v - lse_ref_t) - kl_t) / tau. Reads `logits` (or, None, the logits
-    /// in `grad`, overwritten in place).
+    /// in `grad`, overwritten in place). Under any other penalty `full` is ignored (the gradient of
+    /// [`Vppo::backward_saved`]), as the forward ignores ref_logits then: the full kernel would read
+    /// them, and a -inf there against a finite logit would make a NaN.
     pub fn backward_saved_full(
         &self,
         logits: Option<crate::batch::Logits>,
@@ -354,6 +360,9 @@ impl Vppo {
         full: &crate::exec::FullKlSaved,
         grad: GradMut,
     ) -> Result<()> {
+        if !self.config.needs_ref_logits() {
+            return self.backward_saved(logits, vocab, saved, grad);
+        }
         let len = logits.as_ref().map_or(grad.len(), |x| x.len());
         let dtype = logits.as_ref().map_or(grad.dtype(), |x| x.dtype());
         saved.check(len, grad.len(), vocab)?;

@@ -1182,7 +1182,7 @@ fn device_full_kl_matches_the_host_path() {
             ref_logits: Some(DeviceLogits::F32(&dr)),
         };
         let want = vppo.forward(&host).unwrap();
-        let fwd = vppo.forward_device(&db).unwrap();
+        let mut fwd = vppo.forward_device(&db).unwrap();
         assert_eq!(fwd.output, want, "seed {seed}");
         assert!(want.kl_loss > 0.0 && want.tokens.ref_kl.len() == owned.targets.len());
 
@@ -1190,6 +1190,30 @@ fn device_full_kl_matches_the_host_path() {
         vppo.backward_into(&host, &want, GradMut::F32(&mut want_grad))
             .unwrap();
         let mut grad = s.clone_htod(&vec![f32::NAN; r * v]).unwrap();
+        // backward_device reads the forward's lse_ref, ref_kl and dref_kl from its output, which
+        // is the caller's to change: too few of them, or one not finite, is refused before any
+        // launch (the kernel reads N of each).
+        let spoilers: [fn(&mut vppo::TokenOutputs); 3] = [
+            |t| drop(t.dref_kl.pop()),
+            |t| t.lse_ref[0] = f32::NAN,
+            |t| t.ref_kl[0] = f32::INFINITY,
+        ];
+        for spoil in spoilers {
+            spoil(&mut fwd.output.tokens);
+            let before = common::fake_cuda::active().then(common::fake_cuda::stats);
+            let e = vppo
+                .backward_device(&fwd, &db, DeviceLogitsMut::F32(&mut grad))
+                .unwrap_err();
+            assert!(
+                e.to_string().contains("ref_kl") || e.to_string().contains("ref_logits"),
+                "{e}"
+            );
+            if let Some(before) = before {
+                let d = common::fake_cuda::stats().since(&before);
+                assert_eq!(d.launches, 0, "a refused backward launched a kernel: {d:?}");
+            }
+            fwd.output.tokens = want.tokens.clone();
+        }
         vppo.backward_device(&fwd, &db, DeviceLogitsMut::F32(&mut grad))
             .unwrap();
         assert_eq!(

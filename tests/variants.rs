@@ -1510,6 +1510,55 @@ fn full_kl_penalty_errors() {
                 "{device:?}: {x} vs {y}"
             );
         }
+        // Under another penalty `full` is ignored, as the forward ignores ref_logits: the gradient
+        // of backward_saved, bit for bit, and no NaN from a -inf in ref_logits (the full kernel
+        // would make one, 0 * inf, from a finite logit against it).
+        let plain = Vppo::new(
+            VppoConfig {
+                kl_penalty: KlPenalty::None,
+                ..cfg.clone()
+            },
+            device,
+        )
+        .unwrap();
+        let out = plain.forward(&ob.batch()).unwrap();
+        let saved = vppo::SavedForward {
+            targets: &ob.targets,
+            lse: &out.tokens.lse,
+            dlogp: &out.tokens.dlogp,
+            rows: None,
+        };
+        let zeros = vec![0.0f32; ob.targets.len()];
+        let ignored = vppo::FullKlSaved {
+            ref_logits: inf.view(),
+            lse_ref: &zeros,
+            ref_kl: &zeros,
+            dref_kl: &zeros,
+        };
+        let mut want = vec![0.0f32; ob.logits.len()];
+        plain
+            .backward_saved(
+                Some(ob.logits.view()),
+                v,
+                &saved,
+                vppo::GradMut::F32(&mut want),
+            )
+            .unwrap();
+        plain
+            .backward_saved_full(
+                Some(ob.logits.view()),
+                v,
+                &saved,
+                &ignored,
+                vppo::GradMut::F32(&mut g),
+            )
+            .unwrap();
+        assert!(g.iter().all(|x| x.is_finite()), "{device:?}");
+        assert_eq!(
+            g.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            "{device:?}"
+        );
     }
 }
 

@@ -221,6 +221,33 @@ def test_full_kl_penalty_errors():
         call(b, kl_penalty="full", ref_logits=b["logits"][:-1].contiguous())
 
 
+@pytest.mark.parametrize("device", ["simt", "reference"])
+def test_ref_logits_are_ignored_under_other_penalties(device):
+    """SPEC 12: ref_logits are read by kl_penalty="full" only. Under another penalty the loss and the
+    gradient are those without them, and a -inf in them against finite logits makes no NaN: through
+    vt.vppo_loss, and through the op itself, whose backward then gets [3, N] zeros for `full`."""
+    b = make_batch(seed=24)
+    ref = b["logits"].clone()
+    ref[2, 5] = float("-inf")
+    kw = dict(kl_penalty="k1", ref_logp=b["old_logp"] - 0.1, device=device)
+    x = b["logits"].clone().requires_grad_(True)
+    loss, out = call(dict(b, logits=x), ref_logits=ref, **kw)
+    loss.backward()
+    y = b["logits"].clone().requires_grad_(True)
+    want, _ = call(dict(b, logits=y), **kw)
+    want.backward()
+    assert loss.item() == want.item() and "ref_kl" not in out
+    assert torch.isfinite(x.grad).all() and torch.equal(x.grad, y.grad)
+    # The op itself, given ref_logits under kl_penalty none (the backward's full path ignored).
+    args = op_args(b)
+    z = args[0]
+    result = vt._loss(*args, None, None, ref)
+    result[0].backward()
+    w = b["logits"].clone().requires_grad_(True)
+    call(dict(b, logits=w))[0].backward()
+    assert torch.isfinite(z.grad).all() and torch.equal(z.grad, w.grad)
+
+
 def test_opcheck_full_kl():
     b = make_batch(seed=23)
     # (the op's vocab_group, seq_group, then ref_logits)

@@ -628,6 +628,10 @@ def vppo_loss(
             raise ValueError('vppo_loss: in_place=True writes the gradient in the logits dtype: '
                              'grad_dtype must be "logits"')
         options_json = _options_json(options)
+    if options.get("kl_penalty", "none") != "full":
+        # Read by kl_penalty = full only (SPEC section 12), ignored otherwise: not carried into the
+        # op, so no [3, N] output and no second read of an [N, V] tensor.
+        ref_logits = None
     result = _loss(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows, masked_rows,
                    ref_logp, options_json, device, grad_dtype, bool(in_place), names[2], start,
                    int(total), seq, names[0], names[1], ref_logits)

@@ -426,6 +426,17 @@ pub(super) fn launch_backward(
                 (fwd.dtype, logits_len),
                 Some((r.dtype(), r.len())),
             )?;
+            // The forward's lse_ref, ref_kl and dref_kl, which the kernel reads N of each: its
+            // output is the caller's to change, so N finite values are checked here, as the saved
+            // backward checks them.
+            let t = &fwd.output.tokens;
+            super::backward::check_full_saved(
+                (r.dtype(), r.len()),
+                [&t.lse_ref, &t.ref_kl, &t.dref_kl],
+                logits_len,
+                fwd.dtype,
+                n,
+            )?;
             Some(r)
         }
     };
@@ -451,7 +462,7 @@ pub(super) fn launch_backward(
     };
     let l = Launcher::Cuda(gpu.clone());
     let kernel = backward_kernel_for(fwd.dtype, grad.dtype(), reference.is_some())?;
-    // The forward's lse_ref, ref_kl and dref_kl (N each, from its output), uploaded.
+    // The forward's lse_ref, ref_kl and dref_kl (N finite values each, checked above), uploaded.
     let tokens = &fwd.output.tokens;
     let full_values = reference
         .map(|_| -> Result<[CudaSlice<f32>; 3]> {
