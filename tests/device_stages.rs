@@ -1194,7 +1194,9 @@ fn device_full_kl_matches_the_host_path() {
         // is the caller's to change: too few of them, or one not finite, is refused before any
         // launch (the kernel reads N of each).
         let spoilers: [fn(&mut vppo::TokenOutputs); 3] = [
-            |t| drop(t.dref_kl.pop()),
+            |t| {
+                t.dref_kl.pop();
+            },
             |t| t.lse_ref[0] = f32::NAN,
             |t| t.ref_kl[0] = f32::INFINITY,
         ];
