@@ -835,6 +835,16 @@ fn three_n(n: usize) -> PyResult<usize> {
     })
 }
 
+/// The address of row `i` of a [rows, n] float32 tensor at `base`: base + 4 i n, checked (an error,
+/// never a wrapped address).
+fn f32_row_address(base: u64, i: usize, n: usize) -> PyResult<u64> {
+    4usize
+        .checked_mul(i)
+        .and_then(|x| x.checked_mul(n))
+        .and_then(|x| base.checked_add(x as u64))
+        .ok_or_else(|| bad(format!("row {i} of a [3, {n}] float32 tensor overflows an address")))
+}
+
 /// The GPU `ordinal`, with `stream` (torch's current stream there, a raw `cudaStream_t`) joined: our
 /// work is queued after what the caller queued so far.
 ///
@@ -971,8 +981,20 @@ fn forward_cuda(
         .map_err(value_error)?;
         let cols = OutputColumns::of(&output)?;
         let upload_err = |e: VppoError| value_error(e);
+        // Every length first, so that nothing is written when one is wrong.
+        for (src, dst) in &cols.floats {
+            want_len("an output", src.len(), out[*dst].1)?;
+        }
+        want_len("mask", cols.mask.len(), out[MASK].1)?;
+        want_len("k", cols.k.len(), out[K].1)?;
+        let t = &output.tokens;
+        let full_rows = [&t.lse_ref, &t.ref_kl, &t.dref_kl];
+        if full_out.is_some() {
+            for src in full_rows.iter().filter(|x| !x.is_empty()) {
+                want_len("a full KL output", src.len(), n)?;
+            }
+        }
         for (src, dst) in cols.floats {
-            want_len("an output", src.len(), out[dst].1)?;
             // SAFETY: out[dst] is a fresh f32 CUDA tensor of this count (checked).
             let mut d = unsafe { borrow::<f32>(&gpu, out[dst]) };
             gpu.upload_into(src, &mut d).map_err(upload_err)?;
@@ -986,16 +1008,15 @@ fn forward_cuda(
         let mut d = unsafe { borrow::<i32>(&gpu, out[K]) };
         gpu.upload_into(&cols.k, &mut d).map_err(upload_err)?;
         if let Some(f) = full_out {
-            let t = &output.tokens;
             // Empty (torch.zeros left) unless kl_penalty = full computed them.
-            for (i, src) in [&t.lse_ref, &t.ref_kl, &t.dref_kl].into_iter().enumerate() {
+            for (i, src) in full_rows.into_iter().enumerate() {
                 if src.is_empty() {
                     continue;
                 }
-                want_len("a full KL output", src.len(), n)?;
+                let at = f32_row_address(f.0, i, n)?;
                 // SAFETY: row i of the fresh [3, N] float32 CUDA tensor `full_out` (3N elements,
                 // checked): N elements at byte offset 4 i N.
-                let mut d = unsafe { borrow::<f32>(&gpu, (f.0 + (4 * i * n) as u64, n)) };
+                let mut d = unsafe { borrow::<f32>(&gpu, (at, n)) };
                 gpu.upload_into(src, &mut d).map_err(upload_err)?;
             }
         }
@@ -1049,7 +1070,12 @@ fn backward_cuda(
     let full = match (ref_logits, full) {
         (Some(r), Some(f)) => {
             want_len("the full KL's saved tensors", f.1, three_n(n)?)?;
-            Some((r, f))
+            let rows = [
+                f32_row_address(f.0, 0, n)?,
+                f32_row_address(f.0, 1, n)?,
+                f32_row_address(f.0, 2, n)?,
+            ];
+            Some((r, rows))
         }
         (None, None) => None,
         _ => {
@@ -1064,11 +1090,10 @@ fn backward_cuda(
         // SAFETY: ref_logits a CUDA tensor of the logits' dtype (the crate checks its count), and
         // full a [3, N] float32 CUDA tensor (3N elements, checked): its rows at byte offsets 0, 4N
         // and 8N, N elements each; all alive for the call and only read.
-        let full = full.map(|(r, f)| unsafe {
-            let row = |i: usize| borrow::<f32>(&gpu, (f.0 + (4 * i * n) as u64, n));
+        let full = full.map(|(r, rows)| unsafe {
             (
                 BorrowedLogits::new(&gpu, dtype, r),
-                [row(0), row(1), row(2)],
+                rows.map(|at| borrow::<f32>(&gpu, (at, n))),
             )
         });
         // SAFETY: contiguous CUDA tensors of device `ordinal` with these dtypes and counts, alive

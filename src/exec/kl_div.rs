@@ -635,9 +635,8 @@ pub(crate) fn kl_div_backward_device(
         shape.q.1,
     )?;
     let zero_both = |grad_p: &mut DeviceLogitsMut, grad_q: &mut DeviceLogitsMut| -> Result<()> {
-        let err = |e| crate::cuda::cuda_err("zeroing a gradient", e);
-        on_dtype!(grad_p, g => gpu.stream().memset_zeros(&mut **g)).map_err(err)?;
-        on_dtype!(grad_q, g => gpu.stream().memset_zeros(&mut **g)).map_err(err)?;
+        super::resident::zero_gradient(gpu, grad_p)?;
+        super::resident::zero_gradient(gpu, grad_q)?;
         gpu.synchronize()
     };
     if n == 0 || v == 0 {

@@ -393,6 +393,16 @@ pub(crate) fn forward_device_then(
 /// (f32, or the logits dtype) from the logits at `logits_addr`, which with `targets` must be the
 /// buffers the forward read (lengths are checked). It does not wait: the caller synchronizes (or
 /// records an event and waits for it) before any of the buffers is dropped or read on the host.
+/// Zeroes a gradient on the GPU's stream; nothing for an empty one (torch's empty CUDA tensor may
+/// have a null address, which the driver's memset need not accept, even for 0 bytes).
+pub(super) fn zero_gradient(gpu: &Gpu, grad: &mut DeviceLogitsMut) -> Result<()> {
+    if grad.is_empty() {
+        return Ok(());
+    }
+    on_dtype!(grad, g => gpu.stream().memset_zeros(&mut **g))
+        .map_err(|e| crate::cuda::cuda_err("zeroing a gradient", e))
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn launch_backward(
     fwd: &DeviceForward,
@@ -457,8 +467,7 @@ pub(super) fn launch_backward(
     let Some(ws) = &fwd.ws else {
         // No token reads a row, but with rows the gradient is still [R, V]: all zeros (SPEC
         // section 10), as the host backward and the reference write.
-        return on_dtype!(grad, g => gpu.stream().memset_zeros(&mut **g))
-            .map_err(|e| crate::cuda::cuda_err("zeroing the gradient", e));
+        return zero_gradient(gpu, grad);
     };
     let l = Launcher::Cuda(gpu.clone());
     let kernel = backward_kernel_for(fwd.dtype, grad.dtype(), reference.is_some())?;
@@ -678,8 +687,7 @@ pub(crate) fn backward_saved_device(
     let n = host_targets.len();
     if n == 0 || vocab == 0 {
         // No token reads a row: the [R, V] gradient is all zeros (SPEC section 10), in place too.
-        on_dtype!(&mut grad, g => gpu.stream().memset_zeros(&mut **g))
-            .map_err(|e| crate::cuda::cuda_err("zeroing the gradient", e))?;
+        zero_gradient(gpu, &mut grad)?;
         return gpu.synchronize();
     }
     let checked_rows = host_rows.map(|r| gpu.upload(&r)).transpose()?;
