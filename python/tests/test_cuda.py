@@ -281,3 +281,72 @@ def test_cuda_kl_opcheck_and_errors():
     torch.library.opcheck(torch.ops.vppo.kl.default, args)
     with pytest.raises(ValueError, match="q_logits is on cpu"):
         vt.kl(p, q.cpu(), p_rows=pr, q_rows=qr)
+
+
+@pytest.mark.parametrize("rows_total,in_place", [(None, False), (60, False), (None, True)])
+def test_cuda_full_kl_matches_simt(rows_total, in_place):
+    """kl_penalty="full" on CUDA tensors: ref_logits read in place through the same rows, the [3, N]
+    saved tensor on the device, the backward's KL term; against the same call on the SIMT executor."""
+    b = make_batch(lengths=(20, 0, 31), vocab=600, dtype=torch.bfloat16, seed=15,
+                   rows_total=rows_total)
+    g = torch.Generator().manual_seed(5)
+    ref = (b["logits"].float() + torch.randn(b["logits"].shape, generator=g)).to(torch.bfloat16)
+    kw = dict(kl_penalty="full", kl_coef=0.5)
+
+    def full_run(b, ref, device):
+        x = b["logits"].clone().requires_grad_(True)
+        source = x * 1.0 if in_place else x
+        if in_place:
+            source.retain_grad()
+        loss, out = vt.vppo_loss(source, b["logits_masked"], b["targets"], b["old_logp"],
+                                 b["advantages"], b["cu_seqlens"], rows=b.get("rows"),
+                                 ref_logits=ref, device=device, in_place=in_place, **kw)
+        loss.backward()
+        return loss, out, x.grad
+
+    loss, out, grad = full_run(to_cuda(b), ref.to(GPU), "cuda")
+    loss_s, out_s, grad_s = full_run(b, ref, "simt")
+    assert loss.item() == pytest.approx(loss_s.item(), rel=1e-5, abs=1e-7)
+    assert out["kl_loss"].item() == pytest.approx(out_s["kl_loss"].item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(out["ref_kl"].cpu(), out_s["ref_kl"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.cpu(), grad_s, rtol=rounding(torch.bfloat16), atol=1e-7)
+
+
+# One rank of NCCL is what one GPU allows: the collectives run (through torch.distributed, on the
+# device), and the single-process result must come out. The layouts' own tests with 2 to 4 ranks run
+# in CI on gloo (test_distributed.py) and on the fake driver (test_cuda_fake_distributed.py).
+BACKEND = "nccl"
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    import torch.distributed as dist
+
+    if not dist.is_available() or (BACKEND == "nccl" and not dist.is_nccl_available()):
+        pytest.skip(f"this torch has no {BACKEND}")
+    if GPU.type == "cuda":
+        torch.cuda.set_device(GPU)
+    dist.init_process_group(BACKEND, init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layout", ["data", "vocab", "seq", "data+vocab+seq"])
+def test_cuda_parallel_layouts_with_one_nccl_rank(one_rank, layout):
+    b = to_cuda(make_batch(lengths=(30, 0, 45, 17), vocab=777, dtype=torch.bfloat16, seed=16))
+    kw = {}
+    if "data" in layout:
+        kw["process_group"] = one_rank.new_group([0])
+    if "vocab" in layout:
+        kw.update(vocab_group=one_rank.new_group([0]), vocab_start=0, vocab_size=777)
+    if "seq" in layout:
+        kw["seq_group"] = one_rank.new_group([0])
+    loss, out, grad = run(b, "cuda", **kw)
+    want, out_w, grad_w = run(b, "cuda")
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    assert torch.equal(out["mask"], out_w["mask"]) and torch.equal(out["k"], out_w["k"])
+    torch.testing.assert_close(out["kl"], out_w["kl"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, grad_w, rtol=rounding(torch.bfloat16), atol=1e-7)
