@@ -693,6 +693,32 @@ fn gpu_benches(c: &mut Criterion, gpu: &Arc<Gpu>, vppo: &Vppo) {
             copy_gbs,
             " (bf16 gradient; includes the API's O(N + B) copies and syncs)",
         );
+
+        // Vocabulary parallel with a group of one rank (issue 13): pass 1 in partial mode, the
+        // states (9 N floats) back to the host, the gather (in-process for one rank), the merge in
+        // rank order and pass 2 on the host in f64. Its time less pass 1's is the merge stage.
+        let group = ok("group", vppo::ThreadGroup::new(1))
+            .pop()
+            .expect("a group of one rank");
+        let at = vppo::VocabShard { start: 0, total: v };
+        let mut svp = Samples::default();
+        g.throughput(Throughput::Bytes(fwd_bytes as u64));
+        g.bench_function("vocab_parallel_forward_1rank", |b| {
+            b.iter_custom(|iters| {
+                timed(iters, &mut svp, &mut || {
+                    vppo.forward_device_vocab_parallel(&db, at, &group, None)
+                        .map(|_| ())
+                })
+            })
+        });
+        if let (Some(tv), Some(t1)) = (svp.median(), t1) {
+            println!(
+                "vppo-gpu {}: median {tv:.4} ms; the merge stage (this less pass 1's {t1:.4} ms: the states copied back, the gather, the merge and the host pass 2) = {:.4} ms = {:.2}% of pass 1; goal < 2%",
+                label("vocab_parallel_forward_1rank"),
+                tv - t1,
+                100.0 * (tv - t1) / t1
+            );
+        }
         g.finish();
         ok("sync", gpu.synchronize());
     }
