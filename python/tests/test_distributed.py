@@ -2,8 +2,8 @@
 rank holds whole responses of one batch, ``process_group``: the sum over ranks of the losses, every
 token's dlogp and mask, every response's alpha and every rank's gradient rows equal the
 single-process result on the whole batch), vocabulary parallel (``vocab_group``), sequence parallel
-(``seq_group``), and the combined layouts on a 2 x 2 grid of 4 ranks (data x vocabulary, data x
-sequence, sequence x vocabulary). Bad input on one rank raises on every rank (no hang: each run has a deadline)."""
+(``seq_group``), the combined layouts on a 2 x 2 grid of 4 ranks (data x vocabulary, data x
+sequence, sequence x vocabulary), and all three at once on a 2 x 2 x 2 grid of 8. Bad input on one rank raises on every rank (no hang: each run has a deadline)."""
 
 import os
 import tempfile
@@ -504,3 +504,83 @@ def test_vocabulary_shards_of_sequence_pieces_give_the_single_process_loss(grid)
         grad = torch.cat([torch.cat([ranks[2 * s][2], ranks[2 * s + 1][2]], dim=1) for s in (0, 1)])
         torch.testing.assert_close(grad, logits.grad.float(), rtol=1e-5, atol=1e-6)
     check_grid_errors(got)
+
+
+def cube_groups(rank):
+    """The groups of `rank` = 4 d + 2 s + v on a 2 x 2 x 2 grid of 8 ranks: its vocabulary group (the
+    two v of its (d, s)), its sequence group (the two s of its (d, v)) and its data group (the two d
+    of its (s, v)), each of the 12 groups created on every rank in the same order."""
+    at = lambda d, s, v: 4 * d + 2 * s + v  # noqa: E731
+    vocab = {(d, s): dist.new_group([at(d, s, 0), at(d, s, 1)]) for d in (0, 1) for s in (0, 1)}
+    seq = {(d, v): dist.new_group([at(d, 0, v), at(d, 1, v)]) for d in (0, 1) for v in (0, 1)}
+    data = {(s, v): dist.new_group([at(0, s, v), at(1, s, v)]) for s in (0, 1) for v in (0, 1)}
+    d, s, v = rank // 4, (rank // 2) % 2, rank % 2
+    return vocab[(d, s)], seq[(d, v)], data[(s, v)]
+
+
+def cube_worker(rank, size, init, out_dir, dtype_name, bad_rank):
+    """Data x sequence x vocabulary on 8 ranks: replica d holds responses pieces(2)[d:d + 2], cut at
+    data_seq_cut(d) between its two sequence positions s, each piece's columns vocab_cuts(2)[v:v + 2]
+    on its two vocabulary ranks v (float32; the default config, then a NaN on rank 7)."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    try:
+        vocab_g, seq_g, data_g = cube_groups(rank)
+        d, s, v = rank // 4, (rank // 2) % 2, rank % 2
+        full = make_batch(lengths=LENGTHS, vocab=VOCAB, dtype=torch.float32, seed=33)
+        b0, b1 = pieces(2)[d:d + 2]
+        whole = rank_batch(full, b0, b1)
+        cut, n = data_seq_cut(d), int(whole["cu_seqlens"][-1])
+        t0, t1 = [(0, cut), (cut, n)][s]
+        mine, continues = seq_piece(whole, t0, t1)
+        c0, c1 = vocab_cuts(2)[v:v + 2]
+        mine["logits"] = mine["logits"][:, c0:c1].contiguous()
+        mine["logits_masked"] = mine["logits_masked"][:, c0:c1].contiguous()
+        groups = dict(process_group=data_g, vocab_group=vocab_g, vocab_start=c0, seq_group=seq_g,
+                      seq_continues=continues)
+        logits = mine["logits"].clone().requires_grad_(True)
+        loss, out = call(dict(mine, logits=logits), **groups)
+        loss.backward()
+        results = [(loss.item(), {k: out[k] for k in TOKEN_KEYS}, logits.grad.float())]
+        bad = dict(mine)
+        if rank == 7:
+            bad["logits_masked"] = mine["logits_masked"].clone()
+            bad["logits_masked"][0, 0] = float("nan")
+        try:
+            call(bad, **groups)
+            results.append(("ok",))
+        except ValueError as e:
+            results.append(("error", str(e)))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        _close()
+
+
+def test_data_sequence_and_vocabulary_at_once_give_the_single_process_loss():
+    """All three layouts in one call (SPEC section 11), 8 gloo ranks: the sum over the two data
+    replicas of their loss (the same on every rank of a replica) is the single-process loss; the
+    per-token outputs are bit-identical over each vocabulary group and, concatenated in (replica,
+    sequence position) order, those of the whole batch; the gradient tiles the single-process one;
+    a NaN on one rank raises on all eight."""
+    got = run(8, torch.float32, fn=cube_worker)
+    full = make_batch(lengths=LENGTHS, vocab=VOCAB, dtype=torch.float32, seed=33)
+    logits = full["logits"].clone().requires_grad_(True)
+    loss, out = call(dict(full, logits=logits))
+    loss.backward()
+    ranks = [r[0] for r in got]
+    for r in range(0, 8, 2):  # bit-identical over each vocabulary group
+        assert all(torch.equal(ranks[r][1][k], ranks[r + 1][1][k]) for k in TOKEN_KEYS), r
+    for d in (0, 1):  # one loss per replica, on each of its four ranks
+        assert len({ranks[4 * d + i][0] for i in range(4)}) == 1, d
+    total, want = ranks[0][0] + ranks[4][0], loss.item()
+    assert abs(total - want) <= 1e-5 * max(1.0, abs(want)), (total, want)
+    order = [0, 2, 4, 6]  # (d, s) in token order, v = 0
+    assert torch.equal(torch.cat([ranks[r][1]["mask"] for r in order]), out["mask"])
+    for k in ("score", "lse", "dlogp"):
+        torch.testing.assert_close(torch.cat([ranks[r][1][k] for r in order]), out[k], rtol=2e-5,
+                                   atol=1e-6)
+    grad = torch.cat([torch.cat([ranks[r][2], ranks[r + 1][2]], dim=1) for r in order])
+    torch.testing.assert_close(grad, logits.grad.float(), rtol=1e-5, atol=1e-6)
+    for rank, x in enumerate(r[1] for r in got):
+        assert x[0] == "error", (rank, x)
+        want = "logits_masked" if rank == 7 else "rank(s) of the group reported an error"
+        assert want in x[1], (rank, x[1])
