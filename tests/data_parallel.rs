@@ -114,7 +114,7 @@ fn the_sum_over_ranks_is_the_single_process_loss() {
     let seeds = if std::env::var_os("VPPO_TEST_DEVICE").is_some() {
         3
     } else {
-        8
+        6
     };
     let mut checked = 0;
     for seed in 0..seeds {

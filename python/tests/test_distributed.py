@@ -190,7 +190,8 @@ def vocab_worker(rank, size, init, out_dir, dtype_name, bad_rank):
 VOCAB_BAD_RANK = {3: 2}
 
 
-@pytest.mark.parametrize("size,dtype", [(2, torch.float32), (3, torch.bfloat16)])
+# Groups of 2 vocabulary ranks run in the grid and cube tests below (each spawn costs CI seconds).
+@pytest.mark.parametrize("size,dtype", [(3, torch.bfloat16)])
 def test_vocabulary_shards_give_the_unsharded_loss(size, dtype):
     got = run(size, dtype, bad_rank=VOCAB_BAD_RANK.get(size, -1), fn=vocab_worker)
     full = make_batch(lengths=LENGTHS, vocab=VOCAB, dtype=dtype, seed=10 + size)
@@ -273,7 +274,8 @@ def seq_worker(rank, size, init, out_dir, dtype_name, bad_rank):
         _close()
 
 
-@pytest.mark.parametrize("size", [2, 3])
+# Groups of 2 sequence ranks run in the grid and cube tests below.
+@pytest.mark.parametrize("size", [3])
 def test_sequence_pieces_give_the_unsplit_mask_and_gradient(size):
     got = run(size, torch.float32, fn=seq_worker)
     full = make_batch(lengths=LENGTHS, vocab=23, dtype=torch.float32, seed=20 + size)
