@@ -430,7 +430,9 @@ def _loss_backward(
 ) -> Tensor:
     """dloss/dlogits [R, V] (zero rows where no token reads) from the saved lse and dlogp; with
     ``vocab_start`` >= 0, of this rank's vocabulary columns; with ``ref_logits``, plus the gradient
-    of kl_penalty = full from ``full`` ([3, N]: lse_ref, ref_kl, dref_kl already scaled)."""
+    of kl_penalty = full from ``full`` ([3, N]: lse_ref, ref_kl, dref_kl already scaled). ``lse``
+    must be the forward's for these logits (autograd passes it): it is checked to be finite, not
+    recomputed, and another finite value could make p = exp(a / tau - lse) overflow."""
     targets, rows = _backward_args(logits, targets, lse, dlogp, rows)
     _check_full(ref_logits, full, logits, targets)
     dtype = torch.float32 if grad_dtype == "f32" else logits.dtype
@@ -746,7 +748,9 @@ def _kl_backward(p_logits: Tensor, q_logits: Tensor, p_rows: Optional[Tensor],
                  q_rows: Optional[Tensor], kl: Tensor, lse_p: Tensor, lse_q: Tensor, grad_kl: Tensor,
                  temperature: float, device: str) -> Tuple[Tensor, Tensor]:
     """(d/dp_logits, d/dq_logits) of sum_t grad_kl[t] kl_t, in the logits' shapes and dtype; rows
-    that no token reads are zero."""
+    that no token reads are zero. ``kl``, ``lse_p`` and ``lse_q`` must be ``vppo::kl``'s outputs for
+    these logits (autograd passes them): they are checked to be finite, and on CUDA tensors the
+    gradients are not read back, so other finite values could give a gradient that overflows."""
     p_rows, q_rows = _kl_inputs(p_logits, q_logits, p_rows, q_rows, device)
     on = p_logits.device
     for name, t in (("kl", kl), ("lse_p", lse_p), ("lse_q", lse_q), ("grad_kl", grad_kl)):

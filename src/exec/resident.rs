@@ -42,6 +42,12 @@ impl DeviceLogitsMut<'_> {
 /// being written are not read early), and every call synchronizes before it returns. Every buffer
 /// must belong to the same context as the `Vppo`'s GPU (`vppo::cuda::Gpu::context`); a buffer of
 /// another context is an error, not a launch.
+///
+/// Validation: the small tensors are copied back once and checked before any launch; the kernels
+/// then read the caller's buffers (the backward indexes with a crate-owned copy of the checked
+/// rows). In safe Rust nothing can write them meanwhile (the batch borrows them). A caller holding
+/// raw device memory (`vppo::cuda::Borrowed`, the Python extension) must not have work writing them
+/// queued on a stream the call does not wait for, as for any CUDA kernel reading them.
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceBatch<'a> {
     /// [N, V] logits given the real image.
