@@ -225,6 +225,29 @@ fn bad_input_in_one_shard_is_an_error_on_every_rank() {
 
 #[test]
 fn shards_that_do_not_tile_the_vocabulary_are_an_error_on_every_rank() {
+    // A first column past i64 (or a vocabulary past int32): an error, never an overflow panic.
+    let spec = BatchSpec {
+        vocab: (7, 7),
+        ..BatchSpec::default()
+    };
+    let one = seeded_batch(5, &spec);
+    for at in [
+        VocabShard {
+            start: 1 << 63,
+            total: (1 << 63) + 7,
+        },
+        VocabShard {
+            start: usize::MAX - 6,
+            total: usize::MAX,
+        },
+    ] {
+        let g = vppo::ThreadGroup::new(1).unwrap().pop().unwrap();
+        let r = Vppo::new(VppoConfig::default(), Device::Reference)
+            .unwrap()
+            .forward_vocab_parallel(&one.batch(), at, &g);
+        assert!(r.is_err(), "{at:?}: {r:?}");
+    }
+
     let spec = BatchSpec {
         vocab: (30, 30),
         ..BatchSpec::default()

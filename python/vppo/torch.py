@@ -198,6 +198,24 @@ def _options_json(options: dict) -> str:
 _GROUPS: dict = {}
 
 
+def _check_vocab_shard(vocab_start, vocab_size, logits, in_place) -> Tuple[int, int]:
+    """This rank's (first column, V) of a vocabulary group, checked: 0 <= vocab_start,
+    vocab_start + V_r <= V < 2^31 (target ids are int32)."""
+    if in_place:
+        raise ValueError("vppo_loss: vocab_group is not combined with in_place yet")
+    if vocab_start is None:
+        raise ValueError("vppo_loss: vocab_group needs vocab_start, this rank's first column")
+    start, total = int(vocab_start), int(vocab_size)
+    width = logits.shape[-1] if isinstance(logits, Tensor) else 0
+    if start < 0 or total < 0 or total >= 2**31 or start + width > total:
+        raise ValueError(
+            f"vppo_loss: vocab_start {start} with {width} columns does not fit a vocabulary of "
+            f"vocab_size {total} (0 <= vocab_start, vocab_start + the shard's width <= vocab_size "
+            "< 2^31)"
+        )
+    return start, total
+
+
 def _group_name(group) -> str:
     name = f"vppo-group-{id(group)}"
     _GROUPS[name] = group
@@ -601,28 +619,27 @@ def vppo_loss(
     """
     if device is None:
         device = "cuda" if _on(logits) is not None else "simt"
-    if vocab_group is not None and in_place:
-        raise ValueError("vppo_loss: vocab_group is not combined with in_place yet")
     seq = -1
     if seq_group is not None:
         seq = int(bool(seq_continues))
-    start, total = -1, 0
-    if vocab_group is not None:
-        if vocab_start is None:
-            raise ValueError("vppo_loss: vocab_group needs vocab_start, this rank's first column")
-        start = int(vocab_start)
-        total = vocab_size
-        if total is None:
-            import torch.distributed as dist
+    start, total = -1, vocab_size
+    if vocab_group is not None and total is None:
+        # V from the shards' widths: a collective every rank of the group reaches.
+        import torch.distributed as dist
 
-            width = torch.tensor([logits.shape[-1] if isinstance(logits, Tensor) else 0],
-                                 dtype=torch.int64)
-            if dist.get_backend(vocab_group) == "nccl":
-                width = width.cuda()
-            dist.all_reduce(width, group=vocab_group)
-            total = int(width.item())
+        width = torch.tensor([logits.shape[-1] if isinstance(logits, Tensor) else 0],
+                             dtype=torch.int64)
+        if dist.get_backend(vocab_group) == "nccl":
+            width = width.cuda()
+        dist.all_reduce(width, group=vocab_group)
+        total = int(width.item())
     names = tuple(None if g is None else _group_name(g) for g in (vocab_group, seq_group, process_group))
+    # From here on an error on this rank is reported to its groups first (no rank waits on it).
     with _agreeing(_reducers(names)):
+        if vocab_group is not None:
+            start, total = _check_vocab_shard(vocab_start, total, logits, in_place)
+        else:
+            total = 0
         _check_inputs(logits, logits_masked, targets, old_logp, advantages, cu_seqlens, rows,
                       masked_rows, device, grad_dtype)
         _check_ref_logp(ref_logp)

@@ -404,7 +404,11 @@ fn local_targets(shard: &Batch, at: VocabShard) -> Result<Vec<i32>> {
                     vocab: at.total,
                 });
             }
-            i32::try_from(y as i64 - at.start as i64).map_err(|_| VppoError::Shape {
+            let local = i64::try_from(at.start)
+                .ok()
+                .and_then(|start| (y as i64).checked_sub(start))
+                .and_then(|d| i32::try_from(d).ok());
+            local.ok_or_else(|| VppoError::Shape {
                 tensor: Tensor::Targets,
                 detail: format!("vocab_start {} is beyond the int32 target ids", at.start),
             })
