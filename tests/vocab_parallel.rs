@@ -253,6 +253,31 @@ fn shards_that_do_not_tile_the_vocabulary_are_an_error_on_every_rank() {
         ..BatchSpec::default()
     };
     let full = Arc::new(seeded_batch(4, &spec));
+    // shards that tile, but rank 1's old_logp (or advantages) are not rank 0's: pass 2 would run
+    // on two batches, so every rank refuses
+    for spoil in [0, 1] {
+        let full2 = full.clone();
+        let got = common::on_ranks(2, move |rank, g| {
+            let (start, end) = [(0, 13), (13, 30)][rank];
+            let mut mine = common::part(&full2, 0, full2.advantages.len(), start, end);
+            if rank == 1 && spoil == 0 {
+                mine.old_logp[0] += 0.5;
+            }
+            if rank == 1 && spoil == 1 {
+                mine.advantages[0] = -mine.advantages[0] - 1.0;
+            }
+            let at = VocabShard { start, total: 30 };
+            Vppo::new(VppoConfig::default(), Device::Reference)
+                .unwrap()
+                .forward_vocab_parallel(&mine.batch(), at, g)
+        });
+        for r in &got {
+            assert!(
+                matches!(r, Err(VppoError::Shape { detail, .. }) if detail.contains("hold different tokens") && detail.contains("rank 1")),
+                "{spoil}: {r:?}"
+            );
+        }
+    }
     // a gap (rank 1 starts at 12 where rank 0 ends at 10), then a last shard short of V
     for shards in [[(0, 10), (12, 20), (20, 30)], [(0, 10), (10, 20), (20, 28)]] {
         let full2 = full.clone();

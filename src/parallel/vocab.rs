@@ -9,7 +9,8 @@
 //! 2. local checks (a NaN or +inf in this shard, a logit over f32 after the temperature), then
 //!    round 1, reached by every rank: an all-reduce of 1 + 6 values (failures; N, V and the config
 //!    fingerprint, each with its negative, so that every rank sees whether they agree), then an
-//!    all-gather of each rank's (v_r, V_r) to check that the shards tile [0, V);
+//!    all-gather of each rank's (v_r, V_r, V, N, a fingerprint of its small tensors) to check that
+//!    the shards tile [0, V) and that every rank holds the same tokens;
 //! 3. an all-gather of the states, 9 f64 per row (9 N per rank), merged in rank order in f64 on
 //!    the host, so every rank gets bit-identical per-token values, checks the merged rows (all -inf,
 //!    the target at -inf) alike, and runs pass 2 (mask, shaping, loss) alike: the reference's pass 2
@@ -416,6 +417,36 @@ fn local_targets(shard: &Batch, at: VocabShard) -> Result<Vec<i32>> {
         .collect()
 }
 
+/// A 53-bit FNV-1a hash (exact in an f64) of a shard's O(N + B) tensors, which every rank of a
+/// vocabulary group must hold alike: the targets, old_logp, advantages, cu_seqlens, the row indices
+/// and ref_logp (each tagged, so that a missing tensor differs from an empty one).
+fn fingerprint(shard: &Batch) -> f64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(bytemuck::cast_slice(shard.targets));
+    eat(b"|");
+    eat(bytemuck::cast_slice(shard.old_logp));
+    eat(b"|");
+    eat(bytemuck::cast_slice(shard.advantages));
+    eat(b"|");
+    eat(bytemuck::cast_slice(shard.cu_seqlens));
+    for x in [shard.rows, shard.masked_rows] {
+        eat(if x.is_some() { b"|some" } else { b"|none" });
+        eat(bytemuck::cast_slice(x.unwrap_or(&[])));
+    }
+    eat(if shard.ref_logp.is_some() {
+        b"|some"
+    } else {
+        b"|none"
+    });
+    eat(bytemuck::cast_slice(shard.ref_logp.unwrap_or(&[])));
+    (h >> 11) as f64
+}
+
 impl Vppo {
     /// The forward of this rank of a vocabulary-parallel group (module docs): `shard` holds this
     /// rank's columns [at.start, at.start + shard.vocab) of both logits tensors ([N, V_r], or rows of
@@ -565,10 +596,16 @@ impl Vppo {
         // Round 1: failures, and the config agrees (N and the tiling: the gather below)
         let n = shard.n_tokens() as f64;
         round_one(cfg, group, [0.0, 0.0], [n, -n])?;
-        let tiling =
-            group.all_gather(&[at.start as f64, shard.vocab as f64, at.total as f64, n])?;
+        let print = fingerprint(shard);
+        let tiling = group.all_gather(&[
+            at.start as f64,
+            shard.vocab as f64,
+            at.total as f64,
+            n,
+            print,
+        ])?;
         let mut next = 0.0;
-        for (r, s) in tiling.chunks_exact(4).enumerate() {
+        for (r, s) in tiling.chunks_exact(5).enumerate() {
             if s[0] != next || s[2] != at.total as f64 || s[3] != n {
                 return Err(VppoError::Shape {
                     tensor: Tensor::Logits,
@@ -593,6 +630,21 @@ impl Vppo {
                 detail: format!(
                     "the vocabulary shards cover [0, {next}), not [0, {}) (V = {})",
                     at.total, at.total
+                ),
+            });
+        }
+        // Every rank of the group reads the same tokens: their small tensors must be the same, or
+        // pass 2 would run on different batches and the ranks' outputs differ silently.
+        if let Some(r) = tiling.chunks_exact(5).position(|s| s[4] != tiling[4]) {
+            return Err(VppoError::Shape {
+                tensor: Tensor::Targets,
+                detail: format!(
+                    "the ranks of a vocabulary group hold different tokens: the targets, old_logp, \
+                     advantages, cu_seqlens, rows, masked_rows or ref_logp of rank {r} differ \
+                     from rank 0's (fingerprints {:.0} and {:.0}); every rank must hold the same \
+                     rows",
+                    tiling[5 * r + 4],
+                    tiling[4]
                 ),
             });
         }
