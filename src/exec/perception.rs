@@ -254,7 +254,8 @@ pub(crate) fn perception_partial(
     };
     // SAFETY: logits and logits_masked hold N * V elements of the kernel's dtype (or R * V through
     // rows validated in range), targets and old_logp N, partial N * 9 floats, status 1; in partial
-    // mode the kernel writes only `partial` and reads a target column only when it is in [0, V).
+    // mode the kernel writes only `partial` and reads the target's column when it is in [0, V),
+    // else column 0 (in bounds: V > 0 whenever N > 0).
     unsafe {
         l.launch(
             perception_kernel(batch.logits.dtype()),

@@ -1007,7 +1007,8 @@ pub(crate) fn perception_partial_device(
     // SAFETY: the caller's logits and logits_masked hold R * V elements of the kernel's dtype
     // (validated above against N, V and the rows, which lie in [0, R)), old_logp N, the uploaded
     // targets N, partial N * 9 floats, status 1; in partial mode the kernel writes only `partial`
-    // and reads a target column only when it is in [0, V). Every buffer lives until the download
+    // and reads the target's column when it is in [0, V), else column 0 (in bounds: V > 0 whenever
+    // N > 0). Every buffer lives until the download
     // below, which waits for the kernel on the one stream it is queued on.
     unsafe {
         l.launch(
