@@ -214,7 +214,29 @@ pub(crate) fn perception_partial(
     device: Device,
 ) -> Result<Vec<f32>> {
     let (batch, cfg) = (valid.batch(), valid.config());
-    let n = batch.n_tokens();
+    let Some(floats) = partial_floats(local_targets, batch.n_tokens())? else {
+        return Ok(Vec::new());
+    };
+    let l = Launcher::for_device(device)?;
+    let inputs = Inputs::new(&l, batch, false)?;
+    // SAFETY: logits and logits_masked hold N * V elements of the kernel's dtype (or R * V through
+    // rows validated in range), old_logp N, all uploaded by Inputs::new.
+    unsafe {
+        launch_partial(
+            &l,
+            &inputs,
+            local_targets,
+            floats,
+            batch.vocab,
+            batch.logits.dtype(),
+            cfg,
+        )
+    }
+}
+
+/// The f32s of N partial states, checked: None for N = 0 (nothing to launch); an error when
+/// `local_targets` is not N long or the product overflows.
+pub(super) fn partial_floats(local_targets: &[i32], n: usize) -> Result<Option<usize>> {
     if local_targets.len() != n {
         return Err(VppoError::Shape {
             tensor: Tensor::Targets,
@@ -222,20 +244,37 @@ pub(crate) fn perception_partial(
         });
     }
     if n == 0 {
-        return Ok(Vec::new());
+        return Ok(None);
     }
-    let floats = n
-        .checked_mul(VPPO_PARTIAL_STATE_FLOATS as usize)
+    n.checked_mul(VPPO_PARTIAL_STATE_FLOATS as usize)
+        .map(Some)
         .ok_or_else(|| VppoError::Shape {
             tensor: Tensor::Targets,
             detail: format!("N = {n} partial states overflow"),
-        })?;
-    let l = Launcher::for_device(device)?;
-    let inputs = Inputs::new(&l, batch, false)?;
+        })
+}
+
+/// The partial-mode launch of pass 1 on `inputs` ([`perception_partial`], and its GPU-resident
+/// form in resident.rs) with `local_targets` uploaded: the `floats` f32s of the states, copied back.
+///
+/// # Safety
+/// `inputs`' logits and logits_masked must hold R * V elements of `dtype` (N * V without rows, its
+/// rows in [0, R)) and its old_logp N = local_targets.len() values, live until this returns;
+/// `floats` is [`partial_floats`]'s value for them.
+pub(super) unsafe fn launch_partial(
+    l: &Launcher,
+    inputs: &Inputs,
+    local_targets: &[i32],
+    floats: usize,
+    vocab: usize,
+    dtype: Dtype,
+    cfg: &VppoConfig,
+) -> Result<Vec<f32>> {
+    let n = local_targets.len();
     // In partial mode the kernel writes no output and no status; the status word is still a live
     // buffer (8 bytes), not the whole workspace of a forward.
     let status = l.alloc(8)?;
-    let targets = Input::new(&l, local_targets)?;
+    let targets = Input::new(l, local_targets)?;
     let partial = l.alloc(floats * 4)?;
     let p = VppoPerceptionParams {
         logits: inputs.logits.addr as *const c_void,
@@ -246,19 +285,20 @@ pub(crate) fn perception_partial(
         rows: inputs.rows.addr as *const i64,
         masked_rows: inputs.masked_rows.addr as *const i64,
         n_tokens: n as i64,
-        vocab: batch.vocab as i64,
+        vocab: vocab as i64,
         inv_temperature: (1.0 / cfg.temperature) as f32,
         score_clamp: cfg.score_clamp as f32,
         partial: l.addr(&partial) as *mut f32,
         ..Default::default()
     };
-    // SAFETY: logits and logits_masked hold N * V elements of the kernel's dtype (or R * V through
-    // rows validated in range), targets and old_logp N, partial N * 9 floats, status 1; in partial
-    // mode the kernel writes only `partial` and reads the target's column when it is in [0, V),
-    // else column 0 (in bounds: V > 0 whenever N > 0).
+    // SAFETY: the logits, logits_masked and old_logp as the caller guarantees; targets N (uploaded
+    // here), partial N * 9 floats, status 1. In partial mode the kernel writes only `partial` and
+    // reads the target's column when it is in [0, V), else column 0 (in bounds: V > 0 whenever
+    // N > 0). Every buffer lives until the download below, which waits for the kernel on the one
+    // stream it is queued on.
     unsafe {
         l.launch(
-            perception_kernel(batch.logits.dtype()),
+            perception_kernel(dtype),
             l.row_grid(n),
             PERCEPTION_THREADS,
             PERCEPTION_THREADS * PERCEPTION_STATE_BYTES,

@@ -968,56 +968,24 @@ pub(crate) fn perception_partial_device(
         .map(|&y| y.clamp(0, v.saturating_sub(1) as i32))
         .collect();
     small.validate(batch, &clamped, cfg)?;
-    let n = small.targets.len();
-    if local_targets.len() != n {
-        return Err(VppoError::Shape {
-            tensor: Tensor::Targets,
-            detail: format!("has {} shard-local targets, N = {n}", local_targets.len()),
-        });
-    }
-    if n == 0 {
+    let Some(floats) = super::perception::partial_floats(local_targets, small.targets.len())?
+    else {
         return Ok(Vec::new());
-    }
-    let floats = n
-        .checked_mul(VPPO_PARTIAL_STATE_FLOATS as usize)
-        .ok_or_else(|| VppoError::Shape {
-            tensor: Tensor::Targets,
-            detail: format!("N = {n} partial states overflow"),
-        })?;
+    };
     let l = Launcher::Cuda(gpu.clone());
     let inputs = Inputs::device(gpu, batch);
-    let status = l.alloc(8)?;
-    let targets = Input::new(&l, local_targets)?;
-    let partial = l.alloc(floats * 4)?;
-    let p = VppoPerceptionParams {
-        logits: inputs.logits.addr as *const c_void,
-        logits_masked: inputs.logits_masked.addr as *const c_void,
-        targets: targets.addr as *const i32,
-        old_logp: inputs.old_logp.addr as *const f32,
-        status: l.addr(&status) as *mut std::os::raw::c_longlong,
-        rows: inputs.rows.addr as *const i64,
-        masked_rows: inputs.masked_rows.addr as *const i64,
-        n_tokens: n as i64,
-        vocab: v as i64,
-        inv_temperature: (1.0 / cfg.temperature) as f32,
-        score_clamp: cfg.score_clamp as f32,
-        partial: l.addr(&partial) as *mut f32,
-        ..Default::default()
-    };
-    // SAFETY: the caller's logits and logits_masked hold R * V elements of the kernel's dtype
-    // (validated above against N, V and the rows, which lie in [0, R)), old_logp N, the uploaded
-    // targets N, partial N * 9 floats, status 1; in partial mode the kernel writes only `partial`
-    // and reads the target's column when it is in [0, V), else column 0 (in bounds: V > 0 whenever
-    // N > 0). Every buffer lives until the download
-    // below, which waits for the kernel on the one stream it is queued on.
+    // SAFETY: the caller's logits and logits_masked hold R * V elements of the kernel's dtype and
+    // old_logp N (validated above against N, V and the rows, which lie in [0, R)), borrowed by
+    // `batch` for this call.
     unsafe {
-        l.launch(
-            perception_kernel(batch.logits.dtype()),
-            l.row_grid(n),
-            PERCEPTION_THREADS,
-            PERCEPTION_THREADS * PERCEPTION_STATE_BYTES,
-            &p,
-        )?
-    };
-    l.download(&partial, floats)
+        super::perception::launch_partial(
+            &l,
+            &inputs,
+            local_targets,
+            floats,
+            v,
+            batch.logits.dtype(),
+            cfg,
+        )
+    }
 }
