@@ -289,11 +289,7 @@ impl Vppo {
         grad: GradMut,
     ) -> Result<()> {
         self.refuse_full_kl("backward_saved")?;
-        let len = logits.as_ref().map_or(grad.len(), |x| x.len());
-        let dtype = logits.as_ref().map_or(grad.dtype(), |x| x.dtype());
-        saved.check(len, grad.len(), vocab)?;
-        crate::batch::check_grad_dtype(dtype, grad.dtype())?;
-        self.check_grad_bound(saved.dlogp)?;
+        self.check_saved(logits.as_ref(), vocab, saved, &grad)?;
         match self.device {
             Device::Reference => {
                 // The reference writes from f64: widen the logits first (in place they are about
@@ -330,6 +326,24 @@ impl Vppo {
         }
     }
 
+    /// What the saved backwards read, checked: `saved` against the logits (None: those in `grad`, in
+    /// place), the gradient's dtype, and the gradient bound of `saved.dlogp`. Returns the logits'
+    /// length and dtype.
+    fn check_saved(
+        &self,
+        logits: Option<&crate::batch::Logits>,
+        vocab: usize,
+        saved: &crate::exec::SavedForward,
+        grad: &GradMut,
+    ) -> Result<(usize, Dtype)> {
+        let len = logits.map_or(grad.len(), |x| x.len());
+        let dtype = logits.map_or(grad.dtype(), |x| x.dtype());
+        saved.check(len, grad.len(), vocab)?;
+        crate::batch::check_grad_dtype(dtype, grad.dtype())?;
+        self.check_grad_bound(saved.dlogp)?;
+        Ok((len, dtype))
+    }
+
     /// The backwards that know no ref_logits: an error with `kl_penalty = full`, whose gradient needs
     /// them ([`Vppo::backward_into`] or [`Vppo::backward_saved_full`]).
     fn refuse_full_kl(&self, what: &str) -> Result<()> {
@@ -363,12 +377,8 @@ impl Vppo {
         if !self.config.needs_ref_logits() {
             return self.backward_saved(logits, vocab, saved, grad);
         }
-        let len = logits.as_ref().map_or(grad.len(), |x| x.len());
-        let dtype = logits.as_ref().map_or(grad.dtype(), |x| x.dtype());
-        saved.check(len, grad.len(), vocab)?;
+        let (len, dtype) = self.check_saved(logits.as_ref(), vocab, saved, &grad)?;
         full.check(len, dtype, saved.targets.len())?;
-        crate::batch::check_grad_dtype(dtype, grad.dtype())?;
-        self.check_grad_bound(saved.dlogp)?;
         match self.device {
             Device::Reference => {
                 let widened: Vec<f32>;
