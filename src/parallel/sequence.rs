@@ -162,13 +162,7 @@ impl Vppo {
         group: &dyn Collective,
         data: &dyn Collective,
     ) -> Result<VppoOutput> {
-        let mut reached = false;
-        let local = pass1(self, piece);
-        let result = self.join_pieces(local, piece, continues, group, Some((data, &mut reached)));
-        if result.is_err() && !reached {
-            report_failure(data)?;
-        }
-        result
+        self.join_then_data(pass1(self, piece), piece, continues, group, Some(data))
     }
 
     /// Vocabulary parallel inside sequence parallel, optionally inside data parallel (SPEC 11, the
@@ -195,7 +189,6 @@ impl Vppo {
         seq: &dyn Collective,
         data: Option<&dyn Collective>,
     ) -> Result<VppoOutput> {
-        let mut reached = false;
         // A rank's pieces need not be whole groups of G responses (the sequence group's batch is
         // checked for that in pass 2), so the vocabulary stage checks them with G = 1.
         let pieces_cfg = VppoConfig {
@@ -206,20 +199,7 @@ impl Vppo {
             Ok(v) => v.vocab_perception(shard, at, vocab).map(Local::of),
             Err(e) => report_failure(vocab).and(Err(e)),
         };
-        let result = self.join_pieces(
-            local,
-            shard,
-            continues,
-            seq,
-            data.map(|d| (d, &mut reached)),
-        );
-        match data {
-            Some(d) if result.is_err() && !reached => {
-                report_failure(d)?;
-                result
-            }
-            _ => result,
-        }
+        self.join_then_data(local, shard, continues, seq, data)
     }
 
     /// [`Vppo::forward_sequence_parallel`] (with `data`: [`Vppo::forward_sequence_data_parallel`])
