@@ -394,27 +394,34 @@ def time_fn(fn, device, warmup, iters):
     return statistics.median(samples), min(samples)
 
 
-def time_torch(batch, device, warmup, iters):
+def time_loss(loss_of, batch, device, warmup, iters):
+    """Forward (no grad) and forward + backward of `loss_of(logits, *rest)` on `batch` (on `device`):
+    the two times and the peak extra memory of each, and the forward + backward step itself."""
     b = to_device(batch, device)
     logits = b["logits"].clone().requires_grad_(True)
     args = (b["logits_masked"], b["targets"], b["old_logp"], b["advantages"], b["cu_seqlens"])
 
     def fwd():
         with torch.no_grad():
-            loss, _ = vppo_loss_eager(logits, *args, DEFAULTS)
-        return loss
+            return loss_of(logits, *args)
 
     def fwd_bwd():
         logits.grad = None  # a fresh gradient each step, as a training step makes
-        loss, _ = vppo_loss_eager(logits, *args, DEFAULTS)
-        loss.backward()
+        loss_of(logits, *args).backward()
 
     with PeakMemory(device) as m_fwd:
         t_fwd = time_fn(fwd, device, warmup, iters)
     logits.grad = None
     with PeakMemory(device) as m_bwd:
         t_bwd = time_fn(fwd_bwd, device, warmup, iters)
-    return t_fwd, t_bwd, m_fwd.extra, m_bwd.extra
+    return t_fwd, t_bwd, m_fwd.extra, m_bwd.extra, fwd_bwd
+
+
+def time_torch(batch, device, warmup, iters):
+    t_fwd, t_bwd, m_fwd, m_bwd, _ = time_loss(
+        lambda logits, *args: vppo_loss_eager(logits, *args, DEFAULTS)[0], batch, device, warmup,
+        iters)
+    return t_fwd, t_bwd, m_fwd, m_bwd
 
 
 class GpuMemorySampler:
@@ -474,34 +481,17 @@ def time_op(batch, device, warmup, iters):
     import vppo.torch as vt
     from vppo import _vppo
 
-    b = to_device(batch, device)
     op_device = "cuda" if device == "cuda" else "simt"
-    logits = b["logits"].clone().requires_grad_(True)
-    args = (b["logits_masked"], b["targets"], b["old_logp"], b["advantages"], b["cu_seqlens"])
-
-    def fwd():
-        with torch.no_grad():
-            loss, _ = vt.vppo_loss(logits, *args, device=op_device)
-        return loss
-
-    def fwd_bwd():
-        logits.grad = None
-        loss, _ = vt.vppo_loss(logits, *args, device=op_device)
-        loss.backward()
-
-    with PeakMemory(device) as m_fwd:
-        t_fwd = time_fn(fwd, device, warmup, iters)
-    logits.grad = None
-    with PeakMemory(device) as m_bwd:
-        t_bwd = time_fn(fwd_bwd, device, warmup, iters)
+    t_fwd, t_bwd, _, m_bwd, fwd_bwd = time_loss(
+        lambda logits, *args: vt.vppo_loss(logits, *args, device=op_device)[0], batch, device,
+        warmup, iters)
     crate_bytes = 0
     if device == "cuda":
         before = _vppo.cuda_allocated_bytes(torch.cuda.current_device())
         fwd_bwd()
         torch.cuda.synchronize()
         crate_bytes = _vppo.cuda_allocated_bytes(torch.cuda.current_device()) - before
-    logits.grad = None
-    peak = None if m_bwd.extra is None else m_bwd.extra + crate_bytes
+    peak = None if m_bwd is None else m_bwd + crate_bytes
     return t_fwd, t_bwd, peak, crate_bytes
 
 
