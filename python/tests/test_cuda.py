@@ -20,7 +20,7 @@ import torch
 import vppo.torch as vt
 from vppo import _vppo
 from test_kl import eager_kl, pair, tolerance
-from test_torch import DTYPES, OPTION_SETS, eager_loss_and_grad, make_batch
+from test_torch import DTYPES, OPTION_SETS, eager_loss_and_grad, make_batch, vppo_loss_and_grad
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -35,11 +35,7 @@ def to_cuda(b):
 
 def run(b, device, **kw):
     """Loss, outputs and dloss/dlogits of vt.vppo_loss on batch b (its tensors' device)."""
-    x = b["logits"].clone().requires_grad_(True)
-    loss, out = vt.vppo_loss(x, b["logits_masked"], b["targets"], b["old_logp"], b["advantages"],
-                             b["cu_seqlens"], rows=b.get("rows"), device=device, **kw)
-    loss.backward()
-    return loss, out, x.grad
+    return vppo_loss_and_grad(b, device=device, **kw)
 
 
 def rounding(dtype):
